@@ -1,0 +1,205 @@
+//! Checkpoints: the mapped file and its header, the inventory of what it holds, the model
+//! configuration, the built-in layouts, and the synthesizer that writes test checkpoints.
+
+pub mod config;
+pub mod header;
+pub mod inventory;
+pub mod layout;
+pub mod synth;
+
+use anyhow::{anyhow, bail, Context, Result};
+use config::{BuiltinModel, ModelConfig};
+use header::{Header, TensorInfo};
+use inventory::Inventory;
+use layout::{Precision, VibeVoiceParts};
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Checkpoint precision as the original's `--dtype` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointDtype {
+    /// `vibevoice7b_float8_e4m3fn.safetensors`.
+    Float8,
+    /// `vibevoice7b_bf16.safetensors`.
+    Bf16,
+}
+
+impl CheckpointDtype {
+    /// The file name the original looks for inside `--model-path`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            CheckpointDtype::Float8 => "vibevoice7b_float8_e4m3fn.safetensors",
+            CheckpointDtype::Bf16 => "vibevoice7b_bf16.safetensors",
+        }
+    }
+
+    /// The storage a built-in model of this dtype uses.
+    pub fn precision(self) -> Precision {
+        match self {
+            CheckpointDtype::Float8 => Precision::Float8Plain,
+            CheckpointDtype::Bf16 => Precision::BF16,
+        }
+    }
+}
+
+/// Turns `--model-path` into a checkpoint file: a directory means the original's file name
+/// inside it, anything else is the file itself.
+pub fn resolve_path(model_path: &Path, dtype: CheckpointDtype) -> PathBuf {
+    if model_path.is_dir() {
+        model_path.join(dtype.file_name())
+    } else {
+        model_path.to_path_buf()
+    }
+}
+
+/// A safetensors file, memory-mapped, with its validated header. Reading it touches only the
+/// header; tensor data is paged in when [`Checkpoint::data`] is read.
+pub struct Checkpoint {
+    /// Where it was opened from.
+    pub path: PathBuf,
+    /// Its header.
+    pub header: Header,
+    /// File size in bytes.
+    pub file_bytes: u64,
+    mmap: Mmap,
+}
+
+impl Checkpoint {
+    /// Maps the file and validates its header.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let shown = path.display().to_string();
+        let file = File::open(path).map_err(|e| {
+            anyhow!("cannot open checkpoint {shown}: {e}; pass --model-path with a checkpoint file or its directory, or write one with `vibeoffload synth`")
+        })?;
+        let file_bytes = file
+            .metadata()
+            .with_context(|| format!("cannot read the size of {shown}"))?
+            .len();
+        if file_bytes < 8 {
+            // Empty files cannot be mapped; the header parser words the error.
+            header::parse(&[], file_bytes, &shown)?;
+        }
+        // SAFETY: the map is read-only. Like every tool that maps checkpoints (candle,
+        // safetensors), we assume nobody truncates or rewrites the file while it is open.
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {shown}"))?;
+        let header = header::parse(&mmap, file_bytes, &shown)?;
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            header,
+            file_bytes,
+            mmap,
+        })
+    }
+
+    /// The bytes of one tensor of this checkpoint.
+    pub fn data(&self, tensor: &TensorInfo) -> &[u8] {
+        let start = (self.header.data_offset() + tensor.data_start) as usize;
+        let end = (self.header.data_offset() + tensor.data_end) as usize;
+        &self.mmap[start..end]
+    }
+}
+
+/// Where a model's configuration came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigSource {
+    /// A built-in model.
+    Builtin,
+    /// `config.json` beside the checkpoint.
+    ConfigJson,
+    /// Tensor shapes (no `config.json`).
+    TensorShapes,
+}
+
+/// Everything the planner needs to know about a model: its configuration and inventory, from a
+/// file or a built-in layout.
+pub struct ModelInfo {
+    /// A short description: the file path, or `built-in 7b float8`.
+    pub source: String,
+    /// The decoder configuration.
+    pub config: ModelConfig,
+    /// Where the configuration came from.
+    pub config_source: ConfigSource,
+    /// What the checkpoint holds.
+    pub inventory: Inventory,
+    /// The mapped file, for models read from disk.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+impl ModelInfo {
+    /// A built-in model laid out exactly as `synth` would write it.
+    pub fn builtin(model: BuiltinModel, dtype: CheckpointDtype) -> ModelInfo {
+        let config = model.config();
+        let specs = layout::vibevoice(&config, &VibeVoiceParts::real(&config), dtype.precision());
+        let mut offset = 0;
+        let tensors = specs
+            .into_iter()
+            .map(|s| {
+                let start = offset;
+                offset += s.size_bytes();
+                TensorInfo {
+                    name: s.name,
+                    dtype: s.dtype,
+                    shape: s.shape,
+                    data_start: start,
+                    data_end: offset,
+                }
+            })
+            .collect();
+        let inventory = Inventory::new(tensors).expect("built-in layouts are consistent");
+        let dtype_name = match dtype {
+            CheckpointDtype::Float8 => "float8",
+            CheckpointDtype::Bf16 => "bf16",
+        };
+        ModelInfo {
+            source: format!("built-in {} {dtype_name}", model.name()),
+            config,
+            config_source: ConfigSource::Builtin,
+            inventory,
+            checkpoint: None,
+        }
+    }
+
+    /// Opens a checkpoint, takes its configuration from `config.json` beside it (else from its
+    /// shapes), and checks the two agree.
+    pub fn open(path: &Path) -> Result<ModelInfo> {
+        let checkpoint = Checkpoint::open(path)?;
+        let shown = path.display();
+        let inventory = Inventory::new(checkpoint.header.tensors.clone())
+            .with_context(|| format!("in {shown}"))?;
+        let config_path = path.with_file_name("config.json");
+        let (config, config_source) = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("cannot read {}", config_path.display()))?;
+            (
+                ModelConfig::from_config_json(&text, &config_path)?,
+                ConfigSource::ConfigJson,
+            )
+        } else {
+            (
+                inventory
+                    .infer_config()
+                    .with_context(|| format!("in {shown}"))?,
+                ConfigSource::TensorShapes,
+            )
+        };
+        if let Err(e) = inventory.check_config(&config) {
+            match config_source {
+                ConfigSource::ConfigJson => {
+                    bail!("{shown} does not match {}: {e:#}", config_path.display())
+                }
+                _ => bail!("in {shown}: {e:#}"),
+            }
+        }
+        Ok(ModelInfo {
+            source: shown.to_string(),
+            config,
+            config_source,
+            inventory,
+            checkpoint: Some(checkpoint),
+        })
+    }
+}

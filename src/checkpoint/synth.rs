@@ -1,0 +1,311 @@
+//! Writes checkpoints with seeded random weights in the exact VibeVoice layout, plus their
+//! `config.json`. Data is generated and written in chunks, so a 9 GB file needs a few MB of
+//! memory; both files are written under temporary names and renamed when complete.
+
+use super::config::ModelConfig;
+use super::header;
+use super::layout::{self, Precision, Role, TensorSpec, VibeVoiceParts};
+use crate::dtype::{f32_to_bf16_bits, f32_to_f8e4m3, DType, F8E4M3_MAX};
+use crate::UsageError;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What to synthesize.
+#[derive(Clone, Debug)]
+pub struct SynthSpec {
+    /// Decoder configuration.
+    pub config: ModelConfig,
+    /// Sizes of the parts around the decoder.
+    pub parts: VibeVoiceParts,
+    /// How weights are stored.
+    pub precision: Precision,
+    /// Seed: the same seed gives the same bytes.
+    pub seed: u64,
+}
+
+/// What `synth` wrote.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SynthReport {
+    /// The checkpoint.
+    pub path: PathBuf,
+    /// Its `config.json`.
+    pub config_path: PathBuf,
+    /// Size of the checkpoint file.
+    pub file_bytes: u64,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Standard deviation of synthetic weights: about what trained Qwen2 matrices have.
+const WEIGHT_STD: f32 = 0.02;
+/// Standard deviation of float8 codes in scaled checkpoints: uses the format's range.
+const SCALED_CODE_STD: f32 = F8E4M3_MAX / 4.0;
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// Writes `spec` to `out` and `config.json` beside it. `progress` is called with the bytes
+/// written so far. Existing files are replaced only when `force` is set.
+pub fn write(
+    spec: &SynthSpec,
+    out: &Path,
+    force: bool,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<SynthReport> {
+    let started = Instant::now();
+    spec.config.validate()?;
+    let config_path = out.with_file_name("config.json");
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!(UsageError::new(format!(
+            "cannot write {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        )));
+    }
+    for existing in [out, config_path.as_path()] {
+        if existing.exists() && !force {
+            bail!(UsageError::new(format!(
+                "refusing to overwrite {}; pass --force to replace it",
+                existing.display()
+            )));
+        }
+    }
+
+    let specs = layout::vibevoice(&spec.config, &spec.parts, spec.precision);
+    let listed: Vec<(String, DType, Vec<u64>)> = specs
+        .iter()
+        .map(|s| (s.name.clone(), s.dtype, s.shape.clone()))
+        .collect();
+    let metadata = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("generator".to_string(), "vibeoffload synth".to_string()),
+        ("seed".to_string(), spec.seed.to_string()),
+    ]);
+    let prefix = header::encode(&listed, &metadata);
+    let total = prefix.len() as u64 + specs.iter().map(TensorSpec::size_bytes).sum::<u64>();
+
+    let mut file = temp_file_in(&dir)?;
+    let write_err = || format!("cannot write {}", out.display());
+    {
+        let mut writer = BufWriter::with_capacity(CHUNK_BYTES, file.as_file_mut());
+        writer.write_all(&prefix).with_context(write_err)?;
+        let mut written = prefix.len() as u64;
+        let tables = ValueTables::new(matches!(spec.precision, Precision::Float8Scaled(..)));
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES);
+        for s in &specs {
+            let mut rng = Rng::for_tensor(spec.seed, &s.name);
+            let mut remaining = s.size_bytes();
+            while remaining > 0 {
+                let n = remaining.min(CHUNK_BYTES as u64) as usize;
+                chunk.clear();
+                tables.fill(s, &mut rng, n, &mut chunk);
+                writer.write_all(&chunk).with_context(write_err)?;
+                remaining -= n as u64;
+                written += n as u64;
+                progress(written, total);
+            }
+        }
+        writer.flush().with_context(write_err)?;
+    }
+    file.as_file().sync_all().with_context(write_err)?;
+
+    let config_json = serde_json::to_string_pretty(&config_json(spec))?;
+    let mut config_file = temp_file_in(&dir)?;
+    config_file
+        .write_all(config_json.as_bytes())
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+
+    file.persist(out)
+        .with_context(|| format!("cannot rename the finished checkpoint to {}", out.display()))?;
+    config_file.persist(&config_path).with_context(|| {
+        format!(
+            "cannot rename the finished config to {}",
+            config_path.display()
+        )
+    })?;
+    Ok(SynthReport {
+        path: out.to_path_buf(),
+        config_path,
+        file_bytes: total,
+        tensors: specs.len(),
+        layers: spec.config.num_hidden_layers,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A hidden temporary file in `dir` that becomes a regular, world-readable file when renamed.
+fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".vibeoffload-synth-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    builder
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
+}
+
+/// The VibeVoice-style `config.json` for a synthesized checkpoint.
+fn config_json(spec: &SynthSpec) -> serde_json::Value {
+    let c = &spec.config;
+    let torch_dtype = match spec.precision {
+        Precision::BF16 => "bfloat16",
+        _ => "float8_e4m3fn",
+    };
+    serde_json::json!({
+        "model_type": "vibevoice",
+        "torch_dtype": torch_dtype,
+        "acoustic_vae_dim": spec.parts.acoustic_dim,
+        "semantic_vae_dim": spec.parts.semantic_dim,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "decoder_config": {
+            "model_type": "qwen2",
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "num_hidden_layers": c.num_hidden_layers,
+            "vocab_size": c.vocab_size,
+            "rope_theta": c.rope_theta,
+            "rms_norm_eps": c.rms_norm_eps,
+            "tie_word_embeddings": c.tie_word_embeddings,
+        },
+        "diffusion_head_config": {
+            "hidden_size": c.hidden_size,
+            "head_layers": spec.parts.head_layers,
+            "head_ffn_ratio": spec.parts.head_ffn_dim as f64 / c.hidden_size as f64,
+            "latent_size": spec.parts.acoustic_dim,
+            "frequency_embedding_size": spec.parts.frequency_embedding_size,
+        },
+    })
+}
+
+/// SplitMix64: tiny, fast, and the same on every platform and version.
+struct Rng(u64);
+
+impl Rng {
+    fn for_tensor(seed: u64, name: &str) -> Rng {
+        // FNV-1a of the name, so a tensor's values do not depend on the others.
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        Rng(seed ^ hash)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn next_unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 + 1.0) / (1u64 << 24) as f32
+    }
+
+    fn next_normal(&mut self) -> f32 {
+        let (u, v) = (self.next_unit(), self.next_unit());
+        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    }
+}
+
+/// 65,536 pre-encoded samples per value distribution: each output element is one table entry
+/// picked by 16 random bits, which is fast enough to write gigabytes in seconds.
+struct ValueTables {
+    /// Float8 linear weights use the whole code range, with scales that bring them back.
+    scaled: bool,
+    weight_f8: Vec<u8>,
+    norm_f8: Vec<u8>,
+    scaled_f8: Vec<u8>,
+    weight_bf16: Vec<u16>,
+    norm_bf16: Vec<u16>,
+}
+
+impl ValueTables {
+    fn new(scaled: bool) -> ValueTables {
+        let samples = |mean: f32, std: f32| -> Vec<f32> {
+            let mut rng = Rng(0x5eed);
+            (0..1 << 16)
+                .map(|_| mean + std * rng.next_normal())
+                .collect()
+        };
+        let weight = samples(0.0, WEIGHT_STD);
+        let norm = samples(1.0, WEIGHT_STD);
+        ValueTables {
+            scaled,
+            weight_f8: weight.iter().map(|&x| f32_to_f8e4m3(x)).collect(),
+            norm_f8: norm.iter().map(|&x| f32_to_f8e4m3(x)).collect(),
+            scaled_f8: samples(0.0, SCALED_CODE_STD)
+                .iter()
+                .map(|&x| f32_to_f8e4m3(x))
+                .collect(),
+            weight_bf16: weight.iter().map(|&x| f32_to_bf16_bits(x)).collect(),
+            norm_bf16: norm.iter().map(|&x| f32_to_bf16_bits(x)).collect(),
+        }
+    }
+
+    /// Appends `n` bytes of `spec`'s data to `out`.
+    fn fill(&self, spec: &TensorSpec, rng: &mut Rng, n: usize, out: &mut Vec<u8>) {
+        match (spec.dtype, spec.role) {
+            (DType::F32, Role::Scale) => {
+                // Scales that map the code distribution back to weights of WEIGHT_STD, with
+                // +-10% variation between channels.
+                for _ in 0..n / 4 {
+                    let jitter = 0.9 + 0.2 * rng.next_unit();
+                    out.extend_from_slice(&(WEIGHT_STD / SCALED_CODE_STD * jitter).to_le_bytes());
+                }
+            }
+            (DType::F8E4M3, role) => {
+                let table = match role {
+                    Role::Norm => &self.norm_f8,
+                    Role::Linear if self.scaled => &self.scaled_f8,
+                    _ => &self.weight_f8,
+                };
+                fill_from(table, rng, n, out, |v, out| out.push(v));
+            }
+            (DType::BF16, role) => {
+                let table = if role == Role::Norm {
+                    &self.norm_bf16
+                } else {
+                    &self.weight_bf16
+                };
+                fill_from(table, rng, n / 2, out, |v, out| {
+                    out.extend_from_slice(&v.to_le_bytes())
+                });
+            }
+            (dtype, role) => unreachable!("the layout stores no {role:?} tensor as {dtype}"),
+        }
+    }
+}
+
+fn fill_from<T: Copy>(
+    table: &[T],
+    rng: &mut Rng,
+    n: usize,
+    out: &mut Vec<u8>,
+    push: impl Fn(T, &mut Vec<u8>),
+) {
+    let mut left = n;
+    while left > 0 {
+        let bits = rng.next_u64();
+        for k in 0..4.min(left) {
+            push(table[((bits >> (16 * k)) & 0xffff) as usize], out);
+        }
+        left -= 4.min(left);
+    }
+}

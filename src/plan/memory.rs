@@ -1,0 +1,161 @@
+//! Buffer sizes: the one source of truth for how much device and pinned memory each buffer
+//! takes. The estimator adds these up; the engine sizes its allocations with the same
+//! functions, so the estimate cannot drift from the code.
+//!
+//! Calibration: the constants in the "calibration" block are the only numbers not derived
+//! from the model. They are first guesses (2026-11-27, not yet measured on a GPU) and are to
+//! be replaced by values measured against NVML with the card and date beside them.
+
+use crate::checkpoint::config::ModelConfig;
+use crate::checkpoint::header::TensorInfo;
+use crate::checkpoint::inventory::{Inventory, Part};
+use crate::dtype::DType;
+use serde::{Deserialize, Serialize};
+
+const MIB: u64 = 1 << 20;
+
+// ---- calibration ----------------------------------------------------------------------------
+
+/// Device memory taken by the CUDA context, cuBLAS workspace and loaded kernel modules before
+/// the model allocates anything. Uncalibrated guess.
+pub const CUDA_CONTEXT_BYTES: u64 = 600 * MIB;
+/// Headroom for allocator rounding and fragmentation. Uncalibrated guess.
+pub const MARGIN_BYTES: u64 = 256 * MIB;
+
+// ---- engine constants -----------------------------------------------------------------------
+
+/// Alignment of each tensor inside a packed layer buffer (pinned host copy and GPU slot).
+pub const TENSOR_ALIGN_BYTES: u64 = 256;
+/// GPU slots that offloaded layers stream through.
+pub const DEFAULT_STREAM_SLOTS: usize = 2;
+/// Longest run of prompt tokens one forward pass processes; longer prompts are prefilled in
+/// chunks of this size, which bounds the attention scores' memory.
+pub const PREFILL_CHUNK_TOKENS: u64 = 512;
+/// Rows of a float8 LM head decoded at a time.
+pub const LM_HEAD_CHUNK_ROWS: u64 = 16384;
+/// Bytes per activation element (bf16).
+pub const ACTIVATION_BYTES: u64 = 2;
+/// Bytes per cached key or value element (bf16).
+pub const KV_BYTES: u64 = 2;
+/// Bytes per attention score and logit (f32, for a stable softmax).
+pub const SCORE_BYTES: u64 = 4;
+
+/// Rounds `bytes` up to [`TENSOR_ALIGN_BYTES`].
+pub fn align_up(bytes: u64) -> u64 {
+    bytes.div_ceil(TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES
+}
+
+/// Size of one layer packed into a single buffer, each tensor aligned: the size of its pinned
+/// host copy and of a GPU slot that can hold it.
+pub fn packed_layer_bytes<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> u64 {
+    tensors.into_iter().map(|t| align_up(t.size_bytes())).sum()
+}
+
+/// The packed size of decoder layer `layer`.
+pub fn packed_layer_bytes_of(inventory: &Inventory, layer: usize) -> u64 {
+    packed_layer_bytes(inventory.part_tensors(Part::Layer(layer)))
+}
+
+/// Keys and values of `layers` layers for `sequences` sequences of up to `max_seq_len` tokens.
+pub fn kv_cache_bytes(config: &ModelConfig, sequences: u64, max_seq_len: u64, layers: u64) -> u64 {
+    let per_token = 2 * (config.num_key_value_heads * config.head_dim) as u64 * KV_BYTES;
+    layers * sequences * max_seq_len * per_token
+}
+
+/// Device memory a forward pass needs beyond weights and cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingMemory {
+    /// The largest float8 matrix decoded to bf16 at once (0 for bf16 checkpoints).
+    pub dequant_scratch_bytes: u64,
+    /// Residual stream, projections and MLP intermediates of the tokens in flight.
+    pub activations_bytes: u64,
+    /// Attention scores and probabilities.
+    pub attention_scores_bytes: u64,
+    /// Last-position logits.
+    pub logits_bytes: u64,
+}
+
+impl WorkingMemory {
+    /// Sum of the terms.
+    pub fn total_bytes(&self) -> u64 {
+        self.dequant_scratch_bytes
+            + self.activations_bytes
+            + self.attention_scores_bytes
+            + self.logits_bytes
+    }
+}
+
+/// Working memory of one forward step over `step_tokens` new tokens of each of `sequences`
+/// sequences, attending to `kv_len` positions.
+pub fn working_memory(
+    config: &ModelConfig,
+    inventory: &Inventory,
+    sequences: u64,
+    step_tokens: u64,
+    kv_len: u64,
+    with_logits: bool,
+) -> WorkingMemory {
+    let h = config.hidden_size as u64;
+    let q = (config.num_attention_heads * config.head_dim) as u64;
+    let kv = (config.num_key_value_heads * config.head_dim) as u64;
+    let i = config.intermediate_size as u64;
+    let tokens = sequences * step_tokens;
+    // Residual, normed input, attention output, o_proj output (4h); q, k, v and their rotated
+    // copies (2(q + 2kv)); gate, up and their product (3i).
+    let activations_bytes = tokens * (4 * h + 2 * (q + 2 * kv) + 3 * i) * ACTIVATION_BYTES;
+    // Scores and softmax probabilities.
+    let attention_scores_bytes =
+        2 * sequences * config.num_attention_heads as u64 * step_tokens * kv_len * SCORE_BYTES;
+    let logits_bytes = if with_logits {
+        sequences * config.vocab_size as u64 * SCORE_BYTES
+    } else {
+        0
+    };
+    WorkingMemory {
+        dequant_scratch_bytes: dequant_scratch_bytes(config, inventory),
+        activations_bytes,
+        attention_scores_bytes,
+        logits_bytes,
+    }
+}
+
+/// The largest float8 matrix the engine decodes to bf16 at once: a decoder-layer projection,
+/// or a chunk of [`LM_HEAD_CHUNK_ROWS`] rows of the LM head.
+pub fn dequant_scratch_bytes(config: &ModelConfig, inventory: &Inventory) -> u64 {
+    let layer_max = inventory
+        .part_tensors(Part::Layer(0))
+        .filter(|t| t.dtype == DType::F8E4M3 && t.shape.len() == 2)
+        .map(TensorInfo::numel)
+        .max()
+        .unwrap_or(0);
+    let head = if config.tie_word_embeddings {
+        inventory.part_tensors(Part::Embeddings).next()
+    } else {
+        inventory.part_tensors(Part::LmHead).next()
+    };
+    let head_chunk = head.filter(|t| t.dtype == DType::F8E4M3).map_or(0, |_| {
+        LM_HEAD_CHUNK_ROWS.min(config.vocab_size as u64) * config.hidden_size as u64
+    });
+    layer_max.max(head_chunk) * ACTIVATION_BYTES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::config::BuiltinModel;
+
+    #[test]
+    fn kv_cache_of_7b_at_4096_tokens() {
+        // 28 layers x 4096 tokens x 2 (k, v) x 4 heads x 128 x 2 bytes = 224 MiB.
+        let c = BuiltinModel::Large7b.config();
+        assert_eq!(kv_cache_bytes(&c, 1, 4096, 28), 224 * MIB);
+    }
+
+    #[test]
+    fn alignment() {
+        assert_eq!(align_up(0), 0);
+        assert_eq!(align_up(1), 256);
+        assert_eq!(align_up(256), 256);
+        assert_eq!(align_up(257), 512);
+    }
+}

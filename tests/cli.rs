@@ -1,0 +1,561 @@
+//! Drives the real binary on small synthesized checkpoints and checks typed `--json` output,
+//! messages and exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use vibeoffload::report::{InspectReport, PlanReport, TableReport};
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn vibeoffload(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("binary runs");
+    let o = Output {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8(out.stdout).expect("utf-8"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8"),
+    };
+    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
+    o
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = vibeoffload(dir, args);
+    assert_eq!(o.code, 0, "{args:?} failed: {}", o.stderr);
+    o.stdout
+}
+
+/// Runs a command that must fail with `code` and one line on stderr containing each of `words`.
+fn fails(dir: &Path, args: &[&str], code: i32, words: &[&str]) {
+    let o = vibeoffload(dir, args);
+    assert_eq!(o.code, code, "{args:?}: {}", o.stderr);
+    let first = o
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error"))
+        .unwrap_or_default();
+    for w in words {
+        assert!(first.contains(w), "{args:?}: {w:?} not in {:?}", o.stderr);
+    }
+    assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
+}
+
+/// A tiny float8 VibeVoice checkpoint (4 layers) in a fresh directory.
+fn tiny(extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "synth",
+        "m.safetensors",
+        "--size",
+        "custom",
+        "--layers",
+        "4",
+    ];
+    args.extend_from_slice(extra);
+    ok(dir.path(), &args);
+    let path = dir.path().join("m.safetensors");
+    (dir, path)
+}
+
+/// Reads a safetensors header as JSON, lets `edit` change it, and writes the file back with
+/// the same data section.
+fn rewrite_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+fn header_tensor_bytes(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| {
+            v["data_offsets"][1].as_u64().unwrap() - v["data_offsets"][0].as_u64().unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn print_table_without_a_model_file_covers_every_fourth_layer_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = ok(dir.path(), &["--print-table"]);
+    assert!(
+        text.contains("built-in 7b float8") && text.contains("Common GPUs"),
+        "{text}"
+    );
+    let report: TableReport =
+        serde_json::from_str(&ok(dir.path(), &["--print-table", "--json"])).unwrap();
+    let counts: Vec<usize> = report.rows.iter().map(|r| r.estimate.gpu_layers).collect();
+    assert_eq!(counts, [28, 24, 20, 16, 12, 8, 4, 0]);
+    assert_eq!(report.model.layer_bytes, 233_057_792);
+    // `table` is the same command.
+    let again: TableReport = serde_json::from_str(&ok(dir.path(), &["table", "--json"])).unwrap();
+    assert_eq!(again, report);
+    let sizes: Vec<u64> = report.gpu_classes.iter().map(|g| g.vram_gib).collect();
+    assert_eq!(sizes, [8, 12, 16, 24, 48, 80]);
+}
+
+#[test]
+fn auto_picks_the_largest_layer_count_that_fits_80_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let all: Vec<String> = (0..=28).map(|n| n.to_string()).collect();
+    let table: TableReport = serde_json::from_str(&ok(
+        dir.path(),
+        &[
+            "table",
+            "--json",
+            "--vram",
+            "1GiB",
+            "--layers",
+            &all.join(","),
+        ],
+    ))
+    .unwrap();
+    for (vram, gib) in [("8GiB", 8u64), ("12GiB", 12)] {
+        let budget = (gib << 30) as f64 * 0.8;
+        let expected = table
+            .rows
+            .iter()
+            .filter(|r| r.estimate.total_bytes as f64 <= budget)
+            .map(|r| r.estimate.gpu_layers)
+            .max()
+            .unwrap();
+        for args in [
+            vec!["auto", "--vram", vram, "--json"],
+            vec!["--auto", "--vram", vram, "--json"],
+        ] {
+            let plan: PlanReport = serde_json::from_str(&ok(dir.path(), &args)).unwrap();
+            assert_eq!(plan.estimate.gpu_layers, expected, "{args:?}");
+            assert_eq!(plan.budget.unwrap().budget_bytes, budget as u64);
+        }
+    }
+}
+
+#[test]
+fn flag_form_follows_the_originals_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = |args: &[&str]| -> PlanReport {
+        let mut all = args.to_vec();
+        all.extend(["--json", "--vram", "24GiB"]);
+        serde_json::from_str(&ok(dir.path(), &all)).unwrap()
+    };
+    assert_eq!(plan(&["--num-gpu-layers", "8"]).estimate.gpu_layers, 8);
+    assert_eq!(plan(&["--config", "consumer"]).estimate.gpu_layers, 12);
+    assert_eq!(
+        plan(&["--config", "aggressive", "--num-gpu-layers", "3"])
+            .estimate
+            .gpu_layers,
+        8
+    );
+    assert_eq!(
+        plan(&["--no-offload", "--config", "minimal"])
+            .estimate
+            .gpu_layers,
+        28
+    );
+    let text = ok(dir.path(), &["--print-table", "--no-offload"]);
+    assert!(text.contains("Common GPUs"));
+}
+
+#[test]
+fn inspect_totals_equal_the_headers_bytes() {
+    for extra in [
+        &[][..],
+        &["--dtype", "bf16"],
+        &["--scale", "channel"],
+        &["--scale", "scalar", "--scale-convention", "weight-scale"],
+        &["--tie-embeddings", "--kv-heads", "1"],
+    ] {
+        let (dir, path) = tiny(extra);
+        let report: InspectReport =
+            serde_json::from_str(&ok(dir.path(), &["inspect", "m.safetensors", "--json"])).unwrap();
+        assert_eq!(
+            report.model.total_bytes,
+            header_tensor_bytes(&path),
+            "{extra:?}"
+        );
+        assert_eq!(report.layer_bytes.len(), 4);
+        assert!(report
+            .layer_bytes
+            .iter()
+            .all(|&b| b == report.model.layer_bytes));
+        let groups: u64 = report.groups.iter().map(|g| g.bytes).sum();
+        assert_eq!(groups + report.layers_total_bytes, report.model.total_bytes);
+        assert_eq!(report.file_bytes, std::fs::metadata(&path).unwrap().len());
+    }
+}
+
+#[test]
+fn inspect_recognises_scale_conventions() {
+    let (dir, _) = tiny(&["--scale", "channel"]);
+    let r: InspectReport =
+        serde_json::from_str(&ok(dir.path(), &["inspect", "m.safetensors", "--json"])).unwrap();
+    assert_eq!(r.scales.convention, "scale_weight");
+    assert!(r.scales.scaled_fp8_marker);
+    assert_eq!(r.scales.granularity["per_channel"], r.scales.scaled_weights);
+    assert_eq!(r.scales.unscaled_float8_matrices, 0);
+    let (dir, _) = tiny(&[]);
+    let r: InspectReport =
+        serde_json::from_str(&ok(dir.path(), &["inspect", "m.safetensors", "--json"])).unwrap();
+    assert_eq!(
+        (r.scales.convention.as_str(), r.scales.scaled_weights),
+        ("none", 0)
+    );
+}
+
+#[test]
+fn builtin_inventory_matches_a_synthesized_file() {
+    // The built-in 1.5B layout and `synth --size 1.5b` share one tensor list; a tiny model
+    // proves the file side: the config read back from disk equals the one written.
+    let (dir, _) = tiny(&[
+        "--hidden",
+        "128",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--vocab",
+        "300",
+    ]);
+    let r: InspectReport =
+        serde_json::from_str(&ok(dir.path(), &["inspect", "m.safetensors", "--json"])).unwrap();
+    assert_eq!(
+        (r.model.config.hidden_size, r.model.config.head_dim),
+        (128, 32)
+    );
+    let builtin: InspectReport =
+        serde_json::from_str(&ok(dir.path(), &["inspect", "--builtin", "1.5b", "--json"])).unwrap();
+    assert_eq!(builtin.model.layers, 28);
+    assert!(
+        builtin
+            .groups
+            .iter()
+            .any(|g| g.name == "lm_head" && g.tensors == 0),
+        "1.5B is tied"
+    );
+}
+
+#[test]
+fn config_is_inferred_from_shapes_without_config_json() {
+    let (dir, _) = tiny(&[
+        "--hidden",
+        "256",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--intermediate",
+        "96",
+    ]);
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let r: InspectReport =
+        serde_json::from_str(&ok(dir.path(), &["inspect", "m.safetensors", "--json"])).unwrap();
+    let c = &r.model.config;
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size
+        ),
+        (256, 2, 1, 96)
+    );
+}
+
+#[test]
+fn model_path_directory_uses_the_originals_file_name() {
+    let (dir, _) = tiny(&[]);
+    std::fs::create_dir(dir.path().join("converted")).unwrap();
+    for f in ["m.safetensors", "config.json"] {
+        let to = if f == "config.json" {
+            f
+        } else {
+            "vibevoice7b_float8_e4m3fn.safetensors"
+        };
+        std::fs::rename(dir.path().join(f), dir.path().join("converted").join(to)).unwrap();
+    }
+    let plan: PlanReport = serde_json::from_str(&ok(
+        dir.path(),
+        &[
+            "--model-path",
+            "converted",
+            "--num-gpu-layers",
+            "2",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!((plan.model.layers, plan.estimate.offloaded_layers), (4, 2));
+    fails(
+        dir.path(),
+        &[
+            "--model-path",
+            "converted",
+            "--dtype",
+            "bf16",
+            "--print-table",
+        ],
+        1,
+        &["vibevoice7b_bf16.safetensors"],
+    );
+}
+
+#[test]
+fn synth_is_deterministic_and_refuses_to_overwrite() {
+    let (dir, path) = tiny(&["--seed", "7"]);
+    let first = std::fs::read(&path).unwrap();
+    fails(
+        dir.path(),
+        &[
+            "synth",
+            "m.safetensors",
+            "--size",
+            "custom",
+            "--layers",
+            "4",
+        ],
+        2,
+        &["refusing to overwrite"],
+    );
+    ok(
+        dir.path(),
+        &[
+            "synth",
+            "m.safetensors",
+            "--size",
+            "custom",
+            "--layers",
+            "4",
+            "--seed",
+            "7",
+            "--force",
+        ],
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), first);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    fails(
+        dir.path(),
+        &["synth", "nowhere/m.safetensors"],
+        2,
+        &["does not exist"],
+    );
+    fails(
+        dir.path(),
+        &["synth", "x.safetensors", "--hidden", "8"],
+        2,
+        &["--size custom"],
+    );
+    fails(
+        dir.path(),
+        &["synth", "x.safetensors", "--size", "custom", "--heads", "3"],
+        2,
+        &["not a multiple"],
+    );
+}
+
+#[test]
+fn bad_checkpoints_fail_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fails(
+        d,
+        &["inspect", "missing.safetensors"],
+        1,
+        &["cannot open checkpoint missing.safetensors"],
+    );
+    std::fs::write(
+        d.join("text.safetensors"),
+        "hello, this is not a model at all",
+    )
+    .unwrap();
+    fails(
+        d,
+        &["inspect", "text.safetensors"],
+        1,
+        &["not a safetensors file"],
+    );
+    std::fs::write(d.join("short.safetensors"), [1u8, 2, 3]).unwrap();
+    fails(d, &["inspect", "short.safetensors"], 1, &["too short"]);
+    let mut beyond = 1000u64.to_le_bytes().to_vec();
+    beyond.extend_from_slice(b"{}");
+    std::fs::write(d.join("beyond.safetensors"), beyond).unwrap();
+    fails(
+        d,
+        &["inspect", "beyond.safetensors"],
+        1,
+        &["header length", "1000"],
+    );
+    let mut malformed = 12u64.to_le_bytes().to_vec();
+    malformed.extend_from_slice(b"{\"a\": [1, 2");
+    malformed.push(b' ');
+    std::fs::write(d.join("malformed.safetensors"), malformed).unwrap();
+    fails(
+        d,
+        &["inspect", "malformed.safetensors"],
+        1,
+        &["not valid JSON"],
+    );
+}
+
+type HeaderEdit = Box<dyn FnOnce(&mut serde_json::Map<String, serde_json::Value>)>;
+
+#[test]
+fn corrupt_headers_name_the_tensor() {
+    let layer = |rest: &str| format!("model.language_model.layers.2.{rest}");
+    let cases: Vec<(&str, HeaderEdit, &[&str])> = vec![
+        (
+            "offsets out of range",
+            Box::new(|h| {
+                let t = h.get_mut("model.language_model.norm.weight").unwrap();
+                t["data_offsets"] = serde_json::json!([10_000_000, 10_000_064]);
+            }),
+            &["model.language_model.norm.weight", "past the end"],
+        ),
+        (
+            "overlap",
+            Box::new(|h| {
+                let a = h["model.language_model.embed_tokens.weight"]["data_offsets"].clone();
+                let t = h.get_mut("model.language_model.norm.weight").unwrap();
+                let start = a[0].as_u64().unwrap();
+                t["data_offsets"] = serde_json::json!([start, start + 64]);
+            }),
+            &["overlap"],
+        ),
+        (
+            "unknown dtype",
+            Box::new(|h| {
+                h.get_mut("model.language_model.norm.weight").unwrap()["dtype"] = "F4".into();
+            }),
+            &["unknown dtype \"F4\"", "model.language_model.norm.weight"],
+        ),
+        (
+            "inconsistent layer",
+            Box::new(move |h| {
+                // Same bytes, different shape: [128, 64] -> [64, 128].
+                h.get_mut(&layer("mlp.up_proj.weight")).unwrap()["shape"] =
+                    serde_json::json!([64, 128]);
+            }),
+            &[
+                "layers.2.mlp.up_proj.weight",
+                "all decoder layers must match",
+            ],
+        ),
+        (
+            "missing layer tensor",
+            Box::new(|h| {
+                h.remove("model.language_model.layers.3.self_attn.k_proj.weight");
+            }),
+            &["decoder layer 3 lacks self_attn.k_proj.weight"],
+        ),
+        (
+            "missing layer",
+            Box::new(|h| {
+                h.retain(|k, _| !k.starts_with("model.language_model.layers.1."));
+            }),
+            &["decoder layer 1 is missing"],
+        ),
+    ];
+    for (what, edit, words) in cases {
+        let (dir, path) = tiny(&[]);
+        rewrite_header(&path, edit);
+        let o = vibeoffload(dir.path(), &["inspect", "m.safetensors"]);
+        assert_eq!(o.code, 1, "{what}: {}", o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "{what}: {}", o.stderr);
+        for w in words {
+            assert!(o.stderr.contains(w), "{what}: {w:?} not in {}", o.stderr);
+        }
+    }
+}
+
+#[test]
+fn config_json_that_disagrees_names_the_tensor() {
+    let (dir, _) = tiny(&[]);
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 256");
+    std::fs::write(&cfg, text).unwrap();
+    fails(
+        dir.path(),
+        &["inspect", "m.safetensors"],
+        1,
+        &["mlp.gate_proj.weight", "config.json"],
+    );
+}
+
+#[test]
+fn bad_command_lines_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fails(
+        d,
+        &["--num-gpu-layers", "29", "--vram", "8GiB"],
+        2,
+        &["more than the model's 28 layers"],
+    );
+    fails(
+        d,
+        &["--config", "turbo"],
+        2,
+        &["unknown preset 'turbo'", "consumer"],
+    );
+    fails(d, &["auto", "--vram", "8"], 2, &["--vram 8", "no unit"]);
+    fails(d, &["auto", "--vram", "lots"], 2, &["--vram lots"]);
+    fails(d, &["auto", "--vram", "0GiB"], 2, &["positive"]);
+    fails(d, &["auto", "--vram", "-8GiB"], 2, &["--vram -8GiB"]);
+    fails(d, &["table", "--batch", "0"], 2, &["--batch"]);
+    fails(d, &["table", "--max-seq-len", "0"], 2, &["--max-seq-len"]);
+    fails(
+        d,
+        &["auto", "--vram", "8GiB", "--target-utilization", "1.5"],
+        2,
+        &["--target-utilization"],
+    );
+    let (tiny_dir, _) = tiny(&[]);
+    fails(
+        tiny_dir.path(),
+        &["--model-path", "m.safetensors", "--config", "consumer"],
+        2,
+        &["keeps 12 layers", "has 4"],
+    );
+    // clap's own errors keep clap's wording and exit 2.
+    let o = vibeoffload(d, &["--num-gpu-layers", "-1"]);
+    assert_eq!(o.code, 2);
+    let o = vibeoffload(d, &["run"]);
+    assert_eq!(o.code, 2, "run does not exist until the engine does");
+}
+
+#[test]
+fn nothing_fits_says_by_how_much() {
+    let dir = tempfile::tempdir().unwrap();
+    fails(
+        dir.path(),
+        &["auto", "--vram", "2GiB"],
+        1,
+        &["nothing fits", "over the budget"],
+    );
+}
