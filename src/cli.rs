@@ -32,6 +32,11 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write a checkpoint with seeded random weights in the exact VibeVoice layout.
     Synth(SynthArgs),
+    /// Load the language model with N layers resident, run timed generation, print transfer
+    /// statistics. Without --model-path: a small model synthesized on the fly.
+    Run(RunArgs),
+    /// Measure each layer count: prefill, decode, VRAM against the estimate, copy bandwidth.
+    Bench(BenchArgs),
 }
 
 /// The original script's flag form.
@@ -52,15 +57,130 @@ pub struct LegacyArgs {
     /// Keep every layer on the GPU.
     #[arg(long)]
     pub no_offload: bool,
+    /// Load the model and time forward passes over 128 random tokens (same as `run --test-speed`).
+    #[arg(long)]
+    pub test_speed: bool,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub plan: PlanArgs,
     #[command(flatten)]
     pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub timing: TimingArgs,
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Keep N decoder layers on the GPU.
+    #[arg(long, value_name = "N")]
+    pub num_gpu_layers: Option<usize>,
+    /// Use a preset (high_end, mid_range, consumer, budget, minimal, or an alias).
+    #[arg(long, visible_alias = "config", value_name = "PRESET")]
+    pub preset: Option<String>,
+    /// Choose the layer count from free VRAM (the default on CUDA).
+    #[arg(long)]
+    pub auto: bool,
+    /// Keep every layer on the GPU.
+    #[arg(long)]
+    pub no_offload: bool,
+    /// Time forward passes over 128 random tokens (the original's test) instead of decoding.
+    #[arg(long)]
+    pub test_speed: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub timing: TimingArgs,
+    /// Run one forward pass on these token ids (comma-separated) instead of timing.
+    #[arg(long, value_delimiter = ',', value_name = "ID,ID,...")]
+    pub input_ids: Option<Vec<u32>>,
+    /// With --input-ids: write the final hidden states and the last token's logits as safetensors.
+    #[arg(long, value_name = "PATH")]
+    pub dump: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Layer counts to measure, in order (default: all layers, then every 4 fewer, down to 0).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub layers: Option<Vec<usize>>,
+    /// Draw ms/token and VRAM (estimate and measurement) against GPU layers into this SVG.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
+    /// An earlier `bench --json`: exit 1 when a configuration got slower by more than --threshold.
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
+    /// Allowed slowdown against --baseline (0.10 = 10%).
+    #[arg(long, default_value_t = 0.10)]
+    pub threshold: f64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub timing: TimingArgs,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How the engine runs.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Where to run: cuda when built with CUDA and a GPU is present, else cpu.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Copies issued ahead of use (at most slots - 1).
+    #[arg(long, value_name = "N")]
+    pub prefetch_depth: Option<usize>,
+    /// Copy each streamed layer only when it is needed.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Keep streamed layers in ordinary (pageable) host memory.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+/// Prompt and generation lengths for timing.
+#[derive(Args, Debug, Clone)]
+pub struct TimingArgs {
+    /// Prompt tokens in decode mode (and tokens per pass in test-speed mode).
+    #[arg(long, default_value_t = 128, value_name = "TOKENS")]
+    pub prompt_len: usize,
+    /// Tokens to generate in decode mode.
+    #[arg(long, default_value_t = 32, value_name = "TOKENS")]
+    pub gen_tokens: usize,
+    /// Timed passes in test-speed mode.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Seed of the random prompt.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 /// Which model to plan for.

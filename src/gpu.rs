@@ -44,3 +44,15 @@ pub fn query(index: u32) -> Result<GpuInfo> {
         free_bytes: memory.free,
     })
 }
+
+/// GPU memory in use on GPU `index` (all processes), per NVML.
+pub fn used_bytes(index: u32) -> Result<u64> {
+    let nvml = Nvml::init().map_err(|e| anyhow!("NVML is not available ({e})"))?;
+    let device = nvml
+        .device_by_index(index)
+        .map_err(|e| anyhow!("cannot read GPU {index}: {e}"))?;
+    let memory = device
+        .memory_info()
+        .map_err(|e| anyhow!("cannot read the memory of GPU {index}: {e}"))?;
+    Ok(memory.used)
+}

@@ -6,8 +6,9 @@ mod cli;
 use anyhow::Result;
 use clap::Parser;
 use cli::{
-    AutoArgs, BuiltinArg, Cli, Command, ConventionArg, DtypeArg, GpuArgs, InspectArgs, LegacyArgs,
-    ModelArgs, PlacementArg, PlanArgs, ScaleArg, SizeArg, SynthArgs, TableArgs,
+    AutoArgs, BenchArgs, BuiltinArg, Cli, Command, ConventionArg, DeviceArg, DtypeArg, EngineArgs,
+    GpuArgs, InspectArgs, LegacyArgs, ModelArgs, PlacementArg, PlanArgs, RunArgs, ScaleArg,
+    SizeArg, SynthArgs, TableArgs,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -19,8 +20,13 @@ use vibeoffload::checkpoint::layout::{
 };
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
+use vibeoffload::engine::{DeviceChoice, Engine, EngineOptions};
 use vibeoffload::plan::{self, presets, Placement, PlanOptions, Scope};
-use vibeoffload::report::{Budget, Choice, InspectReport, PlanReport, TableReport};
+use vibeoffload::report::{
+    gib, Budget, Choice, ForwardResult, InspectReport, ModelSummary, PlanReport, RunReport,
+    TableReport, VramUse,
+};
+use vibeoffload::run::{BenchOptions, BenchReport};
 use vibeoffload::{gpu, UsageError};
 
 fn main() -> ExitCode {
@@ -65,12 +71,35 @@ fn run(cli: Cli) -> Result<String> {
         Some(Command::Auto(a)) => auto(a),
         Some(Command::Inspect(a)) => inspect(a),
         Some(Command::Synth(a)) => synth(a),
+        Some(Command::Run(a)) => run_engine(a),
+        Some(Command::Bench(a)) => bench(a),
         None => legacy(cli.legacy),
     }
 }
 
-/// The original's precedence: `--print-table`, then `--no-offload`, `--config`,
-/// `--num-gpu-layers`, else auto.
+/// A layer-count choice as the flags give it.
+struct ChoiceFlags<'a> {
+    no_offload: bool,
+    preset: Option<&'a str>,
+    num_gpu_layers: Option<usize>,
+}
+
+/// The original's precedence: `--no-offload`, then `--config`, then `--num-gpu-layers`;
+/// `None` means auto.
+fn fixed_choice(model: &ModelInfo, f: &ChoiceFlags) -> Result<Option<(Choice, usize)>> {
+    let num_layers = model.inventory.num_layers();
+    Ok(if f.no_offload {
+        Some((Choice::NoOffload, num_layers))
+    } else if let Some(name) = f.preset {
+        let (name, layers) = presets::resolve(name, num_layers)?;
+        Some((Choice::Preset { name }, layers))
+    } else {
+        f.num_gpu_layers.map(|n| (Choice::NumGpuLayers, n))
+    })
+}
+
+/// The original's precedence: `--print-table`, then `--test-speed` (which loads the model),
+/// then `--no-offload`, `--config`, `--num-gpu-layers`, else auto.
 fn legacy(a: LegacyArgs) -> Result<String> {
     if a.print_table {
         return table(TableArgs {
@@ -81,17 +110,31 @@ fn legacy(a: LegacyArgs) -> Result<String> {
             json: a.json,
         });
     }
+    if a.test_speed {
+        return run_engine(RunArgs {
+            num_gpu_layers: a.num_gpu_layers,
+            preset: a.config,
+            auto: a.auto,
+            no_offload: a.no_offload,
+            test_speed: true,
+            model: a.model,
+            plan: a.plan,
+            gpu: a.gpu,
+            engine: a.engine,
+            timing: a.timing,
+            input_ids: None,
+            dump: None,
+            json: a.json,
+        });
+    }
     let model = load_model(&a.model)?;
     let options = plan_options(&a.plan)?;
-    let num_layers = model.inventory.num_layers();
-    let (choice, layers) = if a.no_offload {
-        (Choice::NoOffload, num_layers)
-    } else if let Some(name) = &a.config {
-        let (name, layers) = presets::resolve(name, num_layers)?;
-        (Choice::Preset { name }, layers)
-    } else if let Some(n) = a.num_gpu_layers {
-        (Choice::NumGpuLayers, n)
-    } else {
+    let flags = ChoiceFlags {
+        no_offload: a.no_offload,
+        preset: a.config.as_deref(),
+        num_gpu_layers: a.num_gpu_layers,
+    };
+    let Some((choice, layers)) = fixed_choice(&model, &flags)? else {
         return auto_plan(&model, &options, &a.gpu, a.json);
     };
     let budget = optional_budget(&a.gpu)?;
@@ -102,19 +145,19 @@ fn legacy(a: LegacyArgs) -> Result<String> {
     let reason = match (&budget, fits) {
         (Some(b), Some(true)) => format!(
             "fits: the estimate is {} GiB, within the budget of {} GiB",
-            vibeoffload::report::gib(estimate.total_bytes),
-            vibeoffload::report::gib(b.budget_bytes)
+            gib(estimate.total_bytes),
+            gib(b.budget_bytes)
         ),
         (Some(b), _) => format!(
             "does NOT fit: the estimate is {} GiB, over the budget of {} GiB; try `vibeoffload --auto`",
-            vibeoffload::report::gib(estimate.total_bytes),
-            vibeoffload::report::gib(b.budget_bytes)
+            gib(estimate.total_bytes),
+            gib(b.budget_bytes)
         ),
         (None, _) => "no GPU reading, so fit was not checked (pass --vram SIZE to check)".into(),
     };
     let report = PlanReport {
         schema: "vibeoffload.plan/1".into(),
-        model: vibeoffload::report::ModelSummary::of(&model),
+        model: ModelSummary::of(&model),
         options,
         budget,
         choice,
@@ -151,33 +194,33 @@ fn auto_plan(model: &ModelInfo, options: &PlanOptions, g: &GpuArgs, json: bool) 
         anyhow::bail!(
             "nothing fits: even with all {} layers streamed the estimate is {} GiB, over the budget of {} GiB ({:.0}% of {} GiB free); free VRAM, or lower --max-seq-len / --batch",
             model.inventory.num_layers(),
-            vibeoffload::report::gib(floor.total_bytes),
-            vibeoffload::report::gib(budget.budget_bytes),
+            gib(floor.total_bytes),
+            gib(budget.budget_bytes),
             budget.target_utilization * 100.0,
-            vibeoffload::report::gib(budget.free_bytes)
+            gib(budget.free_bytes)
         );
     };
     let num_layers = model.inventory.num_layers();
     let reason = if estimate.gpu_layers == num_layers {
         format!(
             "every layer fits: {} GiB within the budget of {} GiB, so nothing is streamed",
-            vibeoffload::report::gib(estimate.total_bytes),
-            vibeoffload::report::gib(budget.budget_bytes)
+            gib(estimate.total_bytes),
+            gib(budget.budget_bytes)
         )
     } else {
         let next = plan::estimate(model, options, estimate.gpu_layers + 1)?;
         format!(
             "{} layers need {} GiB, within the budget of {} GiB; {} would need {} GiB",
             estimate.gpu_layers,
-            vibeoffload::report::gib(estimate.total_bytes),
-            vibeoffload::report::gib(budget.budget_bytes),
+            gib(estimate.total_bytes),
+            gib(budget.budget_bytes),
             estimate.gpu_layers + 1,
-            vibeoffload::report::gib(next.total_bytes)
+            gib(next.total_bytes)
         )
     };
     let report = PlanReport {
         schema: "vibeoffload.plan/1".into(),
-        model: vibeoffload::report::ModelSummary::of(model),
+        model: ModelSummary::of(model),
         options: options.clone(),
         fits: Some(true),
         budget: Some(budget),
@@ -296,6 +339,277 @@ fn synth(a: SynthArgs) -> Result<String> {
     })
 }
 
+/// The checkpoint `run` and `bench` load: `--model-path`, else the embedded model written to a
+/// temporary directory (returned, to keep it alive).
+fn engine_checkpoint(a: &ModelArgs) -> Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
+    let dtype = match a.dtype {
+        DtypeArg::Float8 => CheckpointDtype::Float8,
+        DtypeArg::Bf16 => CheckpointDtype::Bf16,
+    };
+    match &a.model_path {
+        Some(path) => Ok((checkpoint::resolve_path(path, dtype), None)),
+        None => {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("embedded.safetensors");
+            synth::write(&SynthSpec::embedded(), &path, false, |_, _| {})?;
+            Ok((path, Some(dir)))
+        }
+    }
+}
+
+/// Engine options from the flags; the layer count is filled in later.
+fn engine_options(e: &EngineArgs, plan: &PlanOptions, g: &GpuArgs) -> Result<EngineOptions> {
+    let device = match e.device {
+        DeviceArg::Cpu => DeviceChoice::Cpu,
+        DeviceArg::Cuda => DeviceChoice::Cuda(g.gpu as usize),
+        DeviceArg::Auto if cfg!(feature = "cuda") && gpu::query(g.gpu).is_ok() => {
+            DeviceChoice::Cuda(g.gpu as usize)
+        }
+        DeviceArg::Auto => DeviceChoice::Cpu,
+    };
+    if matches!(device, DeviceChoice::Cuda(_)) && !cfg!(feature = "cuda") {
+        anyhow::bail!(UsageError::new(
+            "--device cuda needs a build with CUDA: cargo build --release --features cuda (see scripts/build-cuda.sh)"
+        ));
+    }
+    Ok(EngineOptions {
+        device,
+        gpu_layers: 0,
+        placement: plan.placement,
+        slots: plan.stream_slots,
+        prefetch_depth: if e.no_prefetch {
+            0
+        } else {
+            e.prefetch_depth
+                .unwrap_or(plan.stream_slots.saturating_sub(1))
+        },
+        pin_memory: !e.no_pin,
+        max_seq_len: plan.max_seq_len as usize,
+    })
+}
+
+/// Planner options for what the engine loads: the language model, one sequence.
+fn engine_plan(a: &PlanArgs) -> Result<PlanOptions> {
+    let mut plan = plan_options(a)?;
+    plan.scope = Scope::LanguageModel;
+    plan.batch = 1;
+    Ok(plan)
+}
+
+fn run_engine(a: RunArgs) -> Result<String> {
+    let (path, _embedded_dir) = engine_checkpoint(&a.model)?;
+    let mut model = ModelInfo::open(&path)?;
+    if _embedded_dir.is_some() {
+        model.source = "embedded test model (8 layers, hidden 256, float8)".into();
+    }
+    let plan = engine_plan(&a.plan)?;
+    let mut options = engine_options(&a.engine, &plan, &a.gpu)?;
+    let device = options.device;
+    let flags = ChoiceFlags {
+        no_offload: a.no_offload,
+        preset: a.preset.as_deref(),
+        num_gpu_layers: a.num_gpu_layers,
+    };
+    let num_layers = model.inventory.num_layers();
+    let (choice, gpu_layers) = match fixed_choice(&model, &flags)? {
+        Some(c) => c,
+        None if device == DeviceChoice::Cpu && a.gpu.vram.is_none() => {
+            (Choice::NoOffload, num_layers)
+        }
+        None => {
+            let budget = required_budget(&a.gpu)?;
+            let fit = plan::fit(&model, &plan, budget.budget_bytes)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "nothing fits in {} GiB ({:.0}% of {} GiB free); free VRAM or lower --max-seq-len",
+                    gib(budget.budget_bytes),
+                    budget.target_utilization * 100.0,
+                    gib(budget.free_bytes)
+                )
+            })?;
+            (Choice::Auto, fit.gpu_layers)
+        }
+    };
+    let estimate = plan::estimate(&model, &plan, gpu_layers)?;
+    options.gpu_layers = gpu_layers;
+    let gpu_reading = match device {
+        DeviceChoice::Cuda(i) => gpu::query(i as u32).ok(),
+        DeviceChoice::Cpu => None,
+    };
+    let used = |index: u32| gpu::used_bytes(index).ok();
+    let nvml_before = gpu_reading.as_ref().and_then(|g| used(g.index));
+    let device_name = gpu_reading.as_ref().map_or_else(
+        || "cpu".to_string(),
+        |g| format!("GPU {} {}", g.index, g.name),
+    );
+
+    let bar = progress_bar("loading layers", num_layers as u64);
+    let started = std::time::Instant::now();
+    let engine = Engine::load(model, &options, |done, _| bar.set_position(done as u64));
+    bar.finish_and_clear();
+    let mut engine = engine.map_err(|e| oom_hint(e, &estimate, gpu_layers))?;
+    engine.synchronize()?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    let mut peak = nvml_before;
+    let mut sample = || {
+        if let (Some(g), Some(p)) = (&gpu_reading, peak.as_mut()) {
+            if let Some(u) = used(g.index) {
+                *p = (*p).max(u);
+            }
+        }
+    };
+    let vocab = engine.info().config.vocab_size;
+    let (mut test_speed, mut decode, mut forward) = (None, None, None);
+    if let Some(ids) = &a.input_ids {
+        let hidden = engine.forward(ids)?;
+        let last = hidden.get(ids.len() - 1)?;
+        let logits = engine.logits(&last)?;
+        let next_token = logits.argmax(0)?.to_scalar::<u32>()?;
+        let hidden_sum = hidden
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        if let Some(path) = &a.dump {
+            vibeoffload::engine::dump(path, &hidden, Some(&logits))?;
+        }
+        sample();
+        forward = Some(ForwardResult {
+            input_ids: ids.clone(),
+            hidden_sum,
+            next_token,
+            dump: a.dump.clone(),
+        });
+    } else if a.test_speed {
+        let ids = vibeoffload::run::random_ids(a.timing.prompt_len, a.timing.seed, vocab);
+        test_speed = Some(vibeoffload::run::test_speed(
+            &mut engine,
+            &ids,
+            1,
+            a.timing.runs,
+            &mut sample,
+        )?);
+    } else {
+        let ids = vibeoffload::run::random_ids(a.timing.prompt_len, a.timing.seed, vocab);
+        decode = Some(vibeoffload::run::decode(
+            &mut engine,
+            &ids,
+            a.timing.gen_tokens,
+            &mut sample,
+        )?);
+    }
+    if a.dump.is_some() && forward.is_none() {
+        anyhow::bail!(UsageError::new("--dump needs --input-ids"));
+    }
+    let vram = VramUse {
+        engine_weight_bytes: engine.device_weight_bytes(),
+        engine_kv_cache_bytes: engine.kv_cache_bytes(),
+        nvml_used_before_bytes: nvml_before,
+        nvml_used_peak_bytes: peak,
+        measured_peak_bytes: nvml_before.zip(peak).map(|(b, p)| p.saturating_sub(b)),
+    };
+    let report = RunReport {
+        schema: "vibeoffload.run/1".into(),
+        model: ModelSummary::of(engine.info()),
+        device: device_name,
+        engine: options,
+        choice,
+        estimate,
+        load_ms,
+        test_speed,
+        decode,
+        forward,
+        vram,
+    };
+    render(&report, a.json, RunReport::render)
+}
+
+fn bench(a: BenchArgs) -> Result<String> {
+    if a.threshold.is_nan() || a.threshold < 0.0 {
+        anyhow::bail!(UsageError::new(
+            "--threshold must be 0 or more (0.10 = 10%)"
+        ));
+    }
+    let baseline = match &a.baseline {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read the baseline {}: {e}", p.display()))?;
+            Some(serde_json::from_str::<BenchReport>(&text).map_err(|e| {
+                anyhow::anyhow!("{} is not a `bench --json` report: {e}", p.display())
+            })?)
+        }
+        None => None,
+    };
+    let (path, _embedded_dir) = engine_checkpoint(&a.model)?;
+    let layers = ModelInfo::open(&path)?.inventory.num_layers();
+    let layer_counts = a
+        .layers
+        .clone()
+        .unwrap_or_else(|| (0..=layers).rev().step_by(4).collect());
+    if let Some(&n) = layer_counts.iter().find(|&&n| n > layers) {
+        anyhow::bail!(UsageError::new(format!(
+            "--layers {n} is more than the model's {layers} layers"
+        )));
+    }
+    let plan = engine_plan(&a.plan)?;
+    let options = BenchOptions {
+        engine: engine_options(&a.engine, &plan, &a.gpu)?,
+        plan,
+        layer_counts,
+        prompt_len: a.timing.prompt_len,
+        gen_tokens: a.timing.gen_tokens,
+        runs: a.timing.runs,
+        seed: a.timing.seed,
+    };
+    let spinner = ProgressBar::new_spinner();
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = vibeoffload::run::bench(&path, &options, |m| spinner.set_message(m));
+    spinner.finish_and_clear();
+    let mut report = report?;
+    if _embedded_dir.is_some() {
+        report.model.source = "embedded test model (8 layers, hidden 256, float8)".into();
+    }
+    if let Some(plot) = &a.plot {
+        vibeoffload::report::plot_bench(&report, plot)
+            .map_err(|e| anyhow::anyhow!("cannot draw {}: {e:#}", plot.display()))?;
+    }
+    let text = render(&report, a.json, BenchReport::render)?;
+    if let Some(old) = &baseline {
+        let slower = vibeoffload::run::regressions(old, &report, a.threshold);
+        if !slower.is_empty() {
+            print!("{text}");
+            anyhow::bail!(
+                "slower than the baseline by more than {:.0}%: {}",
+                a.threshold * 100.0,
+                slower.join("; ")
+            );
+        }
+    }
+    Ok(text)
+}
+
+/// Adds to an out-of-memory error what was planned and what fits.
+fn oom_hint(e: anyhow::Error, estimate: &plan::VramEstimate, gpu_layers: usize) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("OUT_OF_MEMORY") || text.contains("out of memory") {
+        anyhow::anyhow!(
+            "{text}; the plan for {gpu_layers} GPU layers estimated {} GiB: try fewer layers (`vibeoffload auto` says the largest N that fits)",
+            gib(estimate.total_bytes)
+        )
+    } else {
+        e
+    }
+}
+
+fn progress_bar(message: &str, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}
+
 fn render<T: Serialize>(report: &T, json: bool, text: impl Fn(&T) -> String) -> Result<String> {
     Ok(if json {
         serde_json::to_string_pretty(report)? + "\n"
@@ -344,7 +658,7 @@ fn plan_options(a: &PlanArgs) -> Result<PlanOptions> {
 
 fn target_utilization(g: &GpuArgs) -> Result<f64> {
     let t = g.target_utilization;
-    if !(t > 0.0 && t <= 1.0) {
+    if t.is_nan() || t <= 0.0 || t > 1.0 {
         anyhow::bail!(UsageError::new(format!(
             "--target-utilization {t} must be above 0 and at most 1 (e.g. 0.8)"
         )));

@@ -585,3 +585,298 @@ impl InspectReport {
         out
     }
 }
+
+/// VRAM as measured during a run, beside the estimate.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VramUse {
+    /// Device bytes the engine allocated for weights and streaming slots.
+    pub engine_weight_bytes: u64,
+    /// Device bytes of the KV cache as allocated.
+    pub engine_kv_cache_bytes: u64,
+    /// GPU memory in use (all processes) before the engine started, per NVML.
+    pub nvml_used_before_bytes: Option<u64>,
+    /// Highest GPU memory in use seen after timed passes, per NVML.
+    pub nvml_used_peak_bytes: Option<u64>,
+    /// `nvml_used_peak_bytes - nvml_used_before_bytes`: what this run took.
+    pub measured_peak_bytes: Option<u64>,
+}
+
+/// One forward pass on given token ids.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForwardResult {
+    /// The ids.
+    pub input_ids: Vec<u32>,
+    /// Sum of the final hidden states (f32), a quick fingerprint.
+    pub hidden_sum: f64,
+    /// The most likely next token after the last id, if the model has an LM head.
+    pub next_token: u32,
+    /// Where the dump was written.
+    pub dump: Option<std::path::PathBuf>,
+}
+
+/// `vibeoffload run`: the engine's configuration, timings and transfer statistics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// `vibeoffload.run/1`.
+    pub schema: String,
+    /// The model.
+    pub model: ModelSummary,
+    /// `cpu` or the GPU's name.
+    pub device: String,
+    /// Engine options.
+    pub engine: crate::engine::EngineOptions,
+    /// How the layer count was chosen.
+    pub choice: Choice,
+    /// The planner's estimate for this configuration (language model only).
+    pub estimate: VramEstimate,
+    /// Load time.
+    pub load_ms: f64,
+    /// Test-speed results (`--test-speed`).
+    pub test_speed: Option<crate::run::TestSpeed>,
+    /// Decode results (default mode).
+    pub decode: Option<crate::run::Decode>,
+    /// A single forward pass (`--input-ids`).
+    pub forward: Option<ForwardResult>,
+    /// VRAM measured.
+    pub vram: VramUse,
+}
+
+impl RunReport {
+    /// The report as text.
+    pub fn render(&self) -> String {
+        let e = &self.engine;
+        let mut out = format!(
+            "model: {} ({} layers of {} bytes)\nengine: {} on {}, {} layers resident ({} placement), {} streamed through {} slots, prefetch depth {}, {} host memory; loaded in {:.0} ms\n",
+            self.model.source,
+            self.model.layers,
+            self.model.layer_bytes,
+            match e.device {
+                crate::engine::DeviceChoice::Cpu => "f32",
+                crate::engine::DeviceChoice::Cuda(_) => "bf16",
+            },
+            self.device,
+            e.gpu_layers,
+            e.placement,
+            self.model.layers - e.gpu_layers,
+            e.slots.min(self.model.layers - e.gpu_layers),
+            e.prefetch_depth,
+            match (e.device, e.pin_memory) {
+                (crate::engine::DeviceChoice::Cpu, _) => "ordinary",
+                (_, true) => "pinned",
+                (_, false) => "pageable",
+            },
+            self.load_ms
+        );
+        let transfer = if let Some(t) = &self.test_speed {
+            let runs: Vec<String> = t.runs_ms.iter().map(|ms| format!("{ms:.1}")).collect();
+            out.push_str(&format!(
+                "test-speed: {} tokens, {} warm-up; runs {} ms; average {:.2} ms; avg transfer per layer {:.2} ms; estimated overhead {:.1}%\n",
+                t.tokens,
+                t.warmup_runs,
+                runs.join(", "),
+                t.avg_ms,
+                t.transfer.avg_transfer_time_ms,
+                t.estimated_overhead_pct
+            ));
+            Some(&t.transfer)
+        } else if let Some(d) = &self.decode {
+            out.push_str(&format!(
+                "decode: {} prompt tokens, {} generated; time to first token {:.1} ms; {:.2} ms/token ({:.1} tokens/s)\n",
+                d.prompt_tokens, d.generated_tokens, d.ttft_ms, d.ms_per_token, d.tokens_per_s
+            ));
+            Some(&d.transfer)
+        } else {
+            None
+        };
+        if let Some(f) = &self.forward {
+            out.push_str(&format!(
+                "forward: {} tokens; sum of final hidden states {:.6}; next token {}{}\n",
+                f.input_ids.len(),
+                f.hidden_sum,
+                f.next_token,
+                f.dump
+                    .as_ref()
+                    .map_or(String::new(), |p| format!("; dumped to {}", p.display()))
+            ));
+        }
+        if let Some(t) = transfer {
+            let mut table = comfy_table::Table::new();
+            table.load_style(UTF8_FULL_CONDENSED).set_header(vec![
+                "transfers",
+                "bytes",
+                "copy ms",
+                "avg ms/layer",
+                "GB/s",
+                "compute waited ms",
+                "overlap %",
+            ]);
+            table.add_row(vec![
+                t.total_transfers.to_string(),
+                t.total_bytes.to_string(),
+                format!("{:.2}", t.total_transfer_time_ms),
+                format!("{:.3}", t.avg_transfer_time_ms),
+                format!("{:.2}", t.achieved_gbps),
+                format!("{:.2}", t.compute_wait_ms),
+                format!("{:.1}", t.overlap_pct),
+            ]);
+            align_numbers(&mut table, 0);
+            out.push_str(&format!("{table}\n"));
+        }
+        let v = &self.vram;
+        out.push_str(&format!(
+            "VRAM: estimate {} GiB; engine weights + slots {} GiB, KV cache {} GiB{}\n",
+            gib(self.estimate.total_bytes),
+            gib(v.engine_weight_bytes),
+            gib(v.engine_kv_cache_bytes),
+            v.measured_peak_bytes.map_or(String::new(), |m| format!(
+                "; measured peak (NVML) {} GiB",
+                gib(m)
+            ))
+        ));
+        out
+    }
+}
+
+impl crate::run::BenchReport {
+    /// The report as a table.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "model: {} ({} layers of {} bytes) on {}\npinned host-to-device bandwidth: {}\nprefill {} tokens; decode {} tokens after a {}-token prompt\n",
+            self.model.source,
+            self.model.layers,
+            self.model.layer_bytes,
+            self.device,
+            self.pinned_gbps.map_or("not measured (CPU)".into(), |g| format!("{g:.1} GB/s")),
+            self.prompt_len,
+            self.gen_tokens,
+            self.prompt_len
+        );
+        let mut t = table(vec![
+            "GPU layers",
+            "load s",
+            "prefill ms",
+            "ms/token",
+            "bound ms",
+            "vs bound",
+            "GB/s",
+            "of pinned",
+            "overlap %",
+            "estimate GiB",
+            "measured GiB",
+            "error %",
+        ]);
+        let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+        for r in &self.rows {
+            t.add_row(vec![
+                r.gpu_layers.to_string(),
+                format!("{:.1}", r.load_ms / 1e3),
+                format!("{:.2}", r.test_speed_ms),
+                format!("{:.2}", r.decode_ms_per_token),
+                opt(r.bound_ms_per_token, 2),
+                opt(r.vs_bound, 2),
+                format!("{:.1}", r.achieved_gbps),
+                opt(r.pinned_fraction, 2),
+                format!("{:.1}", r.overlap_pct),
+                gib(r.estimate_bytes),
+                r.measured_peak_bytes.map_or("-".into(), gib),
+                opt(r.estimate_error_pct, 1),
+            ]);
+        }
+        align_numbers(&mut t, 0);
+        out.push_str(&format!("{t}\n"));
+        out
+    }
+}
+
+/// Draws decode ms/token and VRAM (estimate beside measurement) against GPU layers as an SVG.
+pub fn plot_bench(report: &crate::run::BenchReport, path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let tmp = crate::temp_file_beside(path)?;
+    {
+        let root = SVGBackend::new(tmp.path(), (1000, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(500);
+        let layers = report.model.layers as i32;
+        let max_ms = report
+            .rows
+            .iter()
+            .map(|r| {
+                r.decode_ms_per_token
+                    .max(r.bound_ms_per_token.unwrap_or(0.0))
+            })
+            .fold(0.0, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(&left)
+            .caption("decode ms/token", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0..layers, 0.0..max_ms.max(1e-3))?;
+        chart
+            .configure_mesh()
+            .x_desc("GPU layers")
+            .y_desc("ms/token")
+            .draw()?;
+        let points = |f: &dyn Fn(&crate::run::BenchRow) -> Option<f64>| -> Vec<(i32, f64)> {
+            let mut v: Vec<(i32, f64)> = report
+                .rows
+                .iter()
+                .filter_map(|r| f(r).map(|y| (r.gpu_layers as i32, y)))
+                .collect();
+            v.sort_by_key(|p| p.0);
+            v
+        };
+        chart
+            .draw_series(LineSeries::new(
+                points(&|r| Some(r.decode_ms_per_token)),
+                BLUE.stroke_width(2),
+            ))?
+            .label("measured")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(
+                points(&|r| r.bound_ms_per_token),
+                BLACK.stroke_width(1),
+            ))?
+            .label("bound")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
+        chart.configure_series_labels().border_style(BLACK).draw()?;
+
+        let to_gib = |b: u64| b as f64 / GIB;
+        let max_gib = report
+            .rows
+            .iter()
+            .map(|r| to_gib(r.estimate_bytes).max(r.measured_peak_bytes.map_or(0.0, to_gib)))
+            .fold(0.0, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(&right)
+            .caption("VRAM", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0..layers, 0.0..max_gib.max(1e-3))?;
+        chart
+            .configure_mesh()
+            .x_desc("GPU layers")
+            .y_desc("GiB")
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(
+                points(&|r| Some(to_gib(r.estimate_bytes))),
+                RED.stroke_width(2),
+            ))?
+            .label("estimate")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
+        chart
+            .draw_series(LineSeries::new(
+                points(&|r| r.measured_peak_bytes.map(to_gib)),
+                GREEN.stroke_width(2),
+            ))?
+            .label("measured (NVML)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN));
+        chart.configure_series_labels().border_style(BLACK).draw()?;
+        root.present()?;
+    }
+    tmp.persist(path)?;
+    Ok(())
+}

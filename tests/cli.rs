@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vibeoffload::report::{InspectReport, PlanReport, TableReport};
+use vibeoffload::report::{InspectReport, PlanReport, RunReport, TableReport};
 
 struct Output {
     code: i32,
@@ -545,8 +545,23 @@ fn bad_command_lines_exit_2() {
     // clap's own errors keep clap's wording and exit 2.
     let o = vibeoffload(d, &["--num-gpu-layers", "-1"]);
     assert_eq!(o.code, 2);
-    let o = vibeoffload(d, &["run"]);
-    assert_eq!(o.code, 2, "run does not exist until the engine does");
+    fails(d, &["run", "--device", "cuda"], 2, &["--features cuda"]);
+    fails(
+        d,
+        &[
+            "run",
+            "--dump",
+            "x.safetensors",
+            "--num-gpu-layers",
+            "2",
+            "--prompt-len",
+            "4",
+            "--gen-tokens",
+            "1",
+        ],
+        2,
+        &["--dump needs --input-ids"],
+    );
 }
 
 #[test]
@@ -558,4 +573,161 @@ fn nothing_fits_says_by_how_much() {
         1,
         &["nothing fits", "over the budget"],
     );
+}
+
+#[test]
+fn run_works_without_a_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "run",
+        "--num-gpu-layers",
+        "4",
+        "--prompt-len",
+        "8",
+        "--gen-tokens",
+        "3",
+        "--json",
+    ];
+    let r: RunReport = serde_json::from_str(&ok(dir.path(), &args)).unwrap();
+    let d = r.decode.expect("decode mode by default");
+    assert_eq!(
+        (d.prompt_tokens, d.generated_tokens, d.tokens.len()),
+        (8, 3, 3)
+    );
+    assert!(d.ms_per_token > 0.0 && d.ttft_ms > 0.0);
+    assert_eq!((r.engine.gpu_layers, r.model.layers), (4, 8));
+    // 4 streamed layers through 2 slots: every layer of every timed pass is copied.
+    assert!(d.transfer.total_transfers >= 3 * 4, "{:?}", d.transfer);
+    assert_eq!(d.transfer.per_layer.len(), 4);
+}
+
+#[test]
+fn test_speed_flag_form_times_five_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--num-gpu-layers",
+        "5",
+        "--test-speed",
+        "--prompt-len",
+        "16",
+        "--json",
+    ];
+    let r: RunReport = serde_json::from_str(&ok(dir.path(), &args)).unwrap();
+    let t = r.test_speed.expect("test-speed mode");
+    assert_eq!((t.tokens, t.warmup_runs, t.runs_ms.len()), (16, 1, 5));
+    // 3 streamed layers through 2 slots: each copied once per timed pass.
+    assert_eq!(t.transfer.total_transfers, 5 * 3);
+    assert!(r.decode.is_none());
+}
+
+#[test]
+fn dumps_compare_equal_across_configurations() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sums = Vec::new();
+    for (n, file) in [("8", "resident.safetensors"), ("1", "streamed.safetensors")] {
+        let args = [
+            "run",
+            "--num-gpu-layers",
+            n,
+            "--input-ids",
+            "1,2,3,4,5",
+            "--dump",
+            file,
+            "--json",
+        ];
+        let r: RunReport = serde_json::from_str(&ok(dir.path(), &args)).unwrap();
+        sums.push(r.forward.expect("forward mode").hidden_sum);
+    }
+    assert_eq!(sums[0], sums[1]);
+    let a = std::fs::read(dir.path().join("resident.safetensors")).unwrap();
+    let b = std::fs::read(dir.path().join("streamed.safetensors")).unwrap();
+    assert_eq!(a, b, "the dumps are byte-identical");
+    let tensors = candle_core::safetensors::load(
+        dir.path().join("resident.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(tensors["hidden_states"].dims(), [5, 256]);
+    assert_eq!(tensors["logits"].dims(), [1024]);
+}
+
+#[test]
+fn bench_measures_each_layer_count_and_guards_a_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "bench",
+        "--layers",
+        "8,2",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--runs",
+        "1",
+        "--plot",
+        "b.svg",
+        "--json",
+    ];
+    let text = ok(d, &args);
+    let r: vibeoffload::run::BenchReport = serde_json::from_str(&text).unwrap();
+    let counts: Vec<usize> = r.rows.iter().map(|x| x.gpu_layers).collect();
+    assert_eq!(counts, [8, 2]);
+    assert!(r
+        .rows
+        .iter()
+        .all(|x| x.decode_ms_per_token > 0.0 && x.test_speed_ms > 0.0));
+    assert_eq!(
+        r.rows[0].streamed_bytes_per_token, 0,
+        "nothing streams with every layer resident"
+    );
+    assert!(r.rows[1].streamed_bytes_per_token > 0);
+    let svg = std::fs::read_to_string(d.join("b.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("ms/token"),
+        "{}",
+        &svg[..100.min(svg.len())]
+    );
+
+    // A baseline far faster than anything possible: every row regresses, exit 1.
+    let mut fast = r.clone();
+    for row in &mut fast.rows {
+        row.decode_ms_per_token = 1e-6;
+        row.test_speed_ms = 1e-6;
+    }
+    std::fs::write(d.join("fast.json"), serde_json::to_string(&fast).unwrap()).unwrap();
+    let base = [
+        "bench",
+        "--layers",
+        "8,2",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--runs",
+        "1",
+        "--baseline",
+    ];
+    let o = vibeoffload(d, &[&base[..], &["fast.json"]].concat());
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("slower than the baseline") && o.stderr.contains("N=8"),
+        "{}",
+        o.stderr
+    );
+    // A slow baseline passes.
+    let mut slow = r;
+    for row in &mut slow.rows {
+        row.decode_ms_per_token = 1e9;
+        row.test_speed_ms = 1e9;
+    }
+    std::fs::write(d.join("slow.json"), serde_json::to_string(&slow).unwrap()).unwrap();
+    ok(d, &[&base[..], &["slow.json"]].concat());
+    fails(
+        d,
+        &["bench", "--baseline", "missing.json"],
+        1,
+        &["cannot read the baseline"],
+    );
+    fails(d, &["bench", "--layers", "9"], 2, &["--layers 9"]);
 }

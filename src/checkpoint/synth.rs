@@ -27,6 +27,31 @@ pub struct SynthSpec {
     pub seed: u64,
 }
 
+impl SynthSpec {
+    /// The small model `run` synthesizes when given no checkpoint: 8 float8 layers, hidden
+    /// 256, grouped-query attention; small enough to run on a CPU at once.
+    pub fn embedded() -> SynthSpec {
+        let config = ModelConfig {
+            hidden_size: 256,
+            intermediate_size: 704,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 64,
+            num_hidden_layers: 8,
+            vocab_size: 1024,
+            rope_theta: 1e6,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: false,
+        };
+        SynthSpec {
+            parts: VibeVoiceParts::small(&config),
+            config,
+            precision: Precision::Float8Plain,
+            seed: 0,
+        }
+    }
+}
+
 /// What `synth` wrote.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SynthReport {
@@ -94,7 +119,7 @@ pub fn write(
     let prefix = header::encode(&listed, &metadata);
     let total = prefix.len() as u64 + specs.iter().map(TensorSpec::size_bytes).sum::<u64>();
 
-    let mut file = temp_file_in(&dir)?;
+    let mut file = crate::temp_file_beside(out)?;
     let write_err = || format!("cannot write {}", out.display());
     {
         let mut writer = BufWriter::with_capacity(CHUNK_BYTES, file.as_file_mut());
@@ -120,7 +145,7 @@ pub fn write(
     file.as_file().sync_all().with_context(write_err)?;
 
     let config_json = serde_json::to_string_pretty(&config_json(spec))?;
-    let mut config_file = temp_file_in(&dir)?;
+    let mut config_file = crate::temp_file_beside(&config_path)?;
     config_file
         .write_all(config_json.as_bytes())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
@@ -141,20 +166,6 @@ pub fn write(
         layers: spec.config.num_hidden_layers,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// A hidden temporary file in `dir` that becomes a regular, world-readable file when renamed.
-fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".vibeoffload-synth-");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o644));
-    }
-    builder
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
 }
 
 /// The VibeVoice-style `config.json` for a synthesized checkpoint.

@@ -45,10 +45,21 @@ pub fn align_up(bytes: u64) -> u64 {
     bytes.div_ceil(TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES
 }
 
-/// Size of one layer packed into a single buffer, each tensor aligned: the size of its pinned
-/// host copy and of a GPU slot that can hold it.
+/// Where each tensor of a layer goes when the layer is packed into one buffer (each tensor
+/// aligned), and the buffer's size: the layout of its pinned host copy and of a GPU slot.
+pub fn packed_layout<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> (Vec<u64>, u64) {
+    let mut offsets = Vec::new();
+    let mut end = 0;
+    for t in tensors {
+        offsets.push(end);
+        end += align_up(t.size_bytes());
+    }
+    (offsets, end)
+}
+
+/// Size of one layer packed into a single buffer (see [`packed_layout`]).
 pub fn packed_layer_bytes<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> u64 {
-    tensors.into_iter().map(|t| align_up(t.size_bytes())).sum()
+    packed_layout(tensors).1
 }
 
 /// The packed size of decoder layer `layer`.

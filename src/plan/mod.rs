@@ -121,7 +121,8 @@ pub struct VramEstimate {
     pub offloaded_layers: usize,
     /// CUDA context, cuBLAS workspace, kernels.
     pub cuda_context_bytes: u64,
-    /// Embeddings, final norm, LM head and (full scope) the other VibeVoice parts.
+    /// Final norm, LM head (the embedding when tied) and, in full scope, the other VibeVoice
+    /// parts; the embedding itself stays in host memory.
     pub non_layer_weights_bytes: u64,
     /// The resident decoder layers.
     pub resident_layers_bytes: u64,
@@ -168,7 +169,14 @@ pub fn estimate(
     let slots = options.stream_slots.min(offloaded_packed.len()) as u64;
     let stream_buffers_bytes = slots * offloaded_packed.iter().copied().max().unwrap_or(0);
 
-    let mut parts = vec![Part::Embeddings, Part::FinalNorm, Part::LmHead];
+    // The token embedding stays in the mapped file (only the rows in use are uploaded), unless
+    // it doubles as the LM head.
+    let head = if model.config.tie_word_embeddings {
+        Part::Embeddings
+    } else {
+        Part::LmHead
+    };
+    let mut parts = vec![Part::FinalNorm, head];
     if options.scope == Scope::Full {
         parts.extend([
             Part::AcousticConnector,
@@ -313,9 +321,8 @@ mod tests {
         let inv = &m.inventory;
         assert_eq!(
             lm.non_layer_weights_bytes,
-            inv.part_bytes(Part::Embeddings)
-                + inv.part_bytes(Part::FinalNorm)
-                + inv.part_bytes(Part::LmHead)
+            inv.part_bytes(Part::FinalNorm) + inv.part_bytes(Part::LmHead),
+            "the embedding stays in host memory"
         );
         assert_eq!(
             full.kv_cache_bytes,

@@ -1,0 +1,353 @@
+//! CUDA pieces of the engine: the dequantisation kernel (compiled by NVRTC at first use),
+//! pinned host buffers, and the streaming slots with their copy stream and events.
+
+use super::dequant::Dequantize;
+use super::streamer::{CopyTiming, HostLayer};
+use crate::dtype::DType as StoredDType;
+use anyhow::{anyhow, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    result, sys, CudaEvent, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Device, Layout, Shape, Tensor};
+use std::sync::{Arc, OnceLock};
+
+const MODULE: &str = "vibeoffload_dequant";
+
+/// Decodes float8 E4M3, bf16, f16 or f32 bytes to f32 or bf16, times an optional scale
+/// (scalar, per row, or per row and column block). One thread per element.
+const KERNELS: &str = r#"
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float f8e4m3(u8 c) {
+    u32 s = c >> 7, e = (c >> 3) & 15u, m = c & 7u;
+    float v;
+    if (e == 15u && m == 7u) v = __int_as_float(0x7fc00000);
+    else if (e == 0u) v = (float)m * 0.001953125f;
+    else v = __int_as_float((int)(((e + 120u) << 23) | (m << 20)));
+    return s ? -v : v;
+}
+
+__device__ __forceinline__ float f16f(u16 h) {
+    u32 s = (h >> 15) & 1u, e = (h >> 10) & 31u, m = h & 1023u;
+    float v;
+    if (e == 0u) v = (float)m * 5.9604644775390625e-8f;
+    else if (e == 31u) v = __int_as_float((int)(0x7f800000u | (m << 13)));
+    else v = __int_as_float((int)(((e + 112u) << 23) | (m << 13)));
+    return s ? -v : v;
+}
+
+__device__ __forceinline__ u16 to_bf16(float x) {
+    u32 b = (u32)__float_as_int(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return (u16)(b >> 16);
+}
+
+template <int SRC, bool BF16>
+__device__ void dequant(const u8* src, void* dst, const float* scale, int has_scale,
+                        long long scale_rows, long long blocks, long long cols, long long n) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    long long block_width = cols / blocks;
+    if (block_width < 1) block_width = 1;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float v;
+        if (SRC == 0) v = f8e4m3(src[i]);
+        else if (SRC == 1) v = __int_as_float((int)(((u32)src[2 * i] | ((u32)src[2 * i + 1] << 8)) << 16));
+        else if (SRC == 2) v = f16f((u16)(src[2 * i] | (src[2 * i + 1] << 8)));
+        else v = __int_as_float((int)((u32)src[4 * i] | ((u32)src[4 * i + 1] << 8) |
+                                      ((u32)src[4 * i + 2] << 16) | ((u32)src[4 * i + 3] << 24)));
+        if (has_scale) {
+            long long row = i / cols, col = i % cols;
+            long long r = scale_rows == 1 ? 0 : row;
+            v *= scale[r * blocks + col / block_width];
+        }
+        if (BF16) ((u16*)dst)[i] = to_bf16(v);
+        else ((float*)dst)[i] = v;
+    }
+}
+
+#define DEQUANT(NAME, SRC, BF16) \
+extern "C" __global__ void NAME(const u8* src, void* dst, const float* scale, int has_scale, \
+                                long long scale_rows, long long blocks, long long cols, long long n) { \
+    dequant<SRC, BF16>(src, dst, scale, has_scale, scale_rows, blocks, cols, n); }
+
+DEQUANT(dequant_f8_bf16, 0, true)
+DEQUANT(dequant_bf16_bf16, 1, true)
+DEQUANT(dequant_f16_bf16, 2, true)
+DEQUANT(dequant_f32_bf16, 3, true)
+DEQUANT(dequant_f8_f32, 0, false)
+DEQUANT(dequant_bf16_f32, 1, false)
+DEQUANT(dequant_f16_f32, 2, false)
+DEQUANT(dequant_f32_f32, 3, false)
+"#;
+
+fn ptx() -> candle_core::Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(KERNELS)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("NVRTC could not compile the dequantisation kernels: {e}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// The CUDA side of [`Dequantize`].
+pub fn dequantize(
+    op: &Dequantize,
+    (_rows, cols): (usize, usize),
+    storage: &CudaStorage,
+    layout: &Layout,
+    scale: Option<(&CudaStorage, &Layout)>,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = storage.device().clone();
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("dequantize: raw bytes must be contiguous".into())
+    })?;
+    let src = storage.as_cuda_slice::<u8>()?.slice(start..end);
+    let n: usize = op.shape.iter().product();
+    let src_name = match op.src {
+        StoredDType::F8E4M3 => "f8",
+        StoredDType::BF16 => "bf16",
+        StoredDType::F16 => "f16",
+        StoredDType::F32 => "f32",
+        other => candle_core::bail!("dequantize: cannot decode {other}"),
+    };
+    let bf16_out = match op.out {
+        candle_core::DType::BF16 => true,
+        candle_core::DType::F32 => false,
+        other => candle_core::bail!("dequantize: cannot produce {other:?}"),
+    };
+    let name = format!(
+        "dequant_{src_name}_{}",
+        if bf16_out { "bf16" } else { "f32" }
+    );
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let (scale_rows, blocks) = op
+        .scale
+        .map_or((1, 1), |s| (s.rows as i64, s.blocks as i64));
+    let (has_scale, cols, n_arg) = (i32::from(scale.is_some()), cols as i64, n as i64);
+    let config = LaunchConfig::for_num_elems(n as u32);
+    let scale_view = match scale {
+        Some((s, l)) => {
+            let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("dequantize: scales must be contiguous".into())
+            })?;
+            Some(s.as_cuda_slice::<f32>()?.slice(a..b))
+        }
+        None => None,
+    };
+    macro_rules! launch {
+        ($t:ty) => {{
+            // SAFETY: `out` is written in full by the kernel before it is read.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let mut b = func.builder();
+            b.arg(&src);
+            b.arg(&out);
+            match &scale_view {
+                Some(v) => b.arg(v),
+                // Never read when has_scale is 0.
+                None => b.arg(&src),
+            };
+            b.arg(&has_scale);
+            b.arg(&scale_rows);
+            b.arg(&blocks);
+            b.arg(&cols);
+            b.arg(&n_arg);
+            // SAFETY: the argument list matches the kernel's signature above.
+            unsafe { b.launch(config) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = if bf16_out {
+        launch!(half::bf16)
+    } else {
+        launch!(f32)
+    };
+    Ok((out, Shape::from(op.shape.clone())))
+}
+
+/// Page-locked host memory for one packed layer.
+pub struct PinnedBytes {
+    slice: PinnedHostSlice<u8>,
+    ptr: *mut u8,
+}
+
+// SAFETY: the pointer is owned by `slice` (which is Send and Sync) and only read or written
+// through `&self` / `&mut self`.
+unsafe impl Send for PinnedBytes {}
+unsafe impl Sync for PinnedBytes {}
+
+impl PinnedBytes {
+    /// Allocates `size` bytes of plain (not write-combined) pinned memory.
+    pub fn new(dev: &CudaDevice, size: usize) -> Result<PinnedBytes> {
+        let ctx = dev.cuda_stream().context().clone();
+        // SAFETY: the memory is filled by the caller before any copy reads it.
+        let mut slice = unsafe { ctx.alloc_pinned_with_flags::<u8>(size.max(1), 0) }
+            .map_err(|e| anyhow!("cannot pin {size} bytes of host memory: {e}"))?;
+        let ptr = slice
+            .as_mut_ptr()
+            .map_err(|e| anyhow!("pinned memory: {e}"))?;
+        Ok(PinnedBytes { slice, ptr })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points at `len` bytes owned by `slice`; copies only read them.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.slice.len()) }
+    }
+
+    /// The bytes, to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` excludes copies in flight from this thread's view.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.slice.len()) }
+    }
+}
+
+struct PendingCopy {
+    layer: usize,
+    bytes: u64,
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+/// Device slots, a copy stream, and the events that order copies and compute both ways.
+pub struct CudaSlots {
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    tensors: Vec<Tensor>,
+    pointers: Vec<sys::CUdeviceptr>,
+    copy_done: Vec<CudaEvent>,
+    compute_done: Vec<CudaEvent>,
+    pending: Vec<PendingCopy>,
+    waits: Vec<(CudaEvent, CudaEvent)>,
+}
+
+fn timing_event(stream: &Arc<CudaStream>) -> Result<CudaEvent> {
+    let event = stream
+        .context()
+        .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+    event.record(stream)?;
+    Ok(event)
+}
+
+impl CudaSlots {
+    /// `count` slots of `bytes` bytes each on `dev`.
+    pub fn new(dev: &CudaDevice, count: usize, bytes: usize) -> Result<CudaSlots> {
+        let compute = dev.cuda_stream();
+        let ctx = compute.context().clone();
+        let copy = ctx.new_stream()?;
+        let mut tensors = Vec::with_capacity(count);
+        let mut pointers = Vec::with_capacity(count);
+        for i in 0..count {
+            let t = Tensor::zeros(bytes, candle_core::DType::U8, &Device::Cuda(dev.clone()))
+                .map_err(|e| anyhow!("cannot allocate streaming slot {i} ({bytes} bytes): {e}"))?;
+            let ptr = {
+                let (storage, _) = t.storage_and_layout();
+                let candle_core::Storage::Cuda(s) = &*storage else {
+                    unreachable!("allocated on CUDA");
+                };
+                let (ptr, _record) = s.as_cuda_slice::<u8>()?.device_ptr(&copy);
+                ptr
+            };
+            tensors.push(t);
+            pointers.push(ptr);
+        }
+        let events = |n: usize| -> Result<Vec<CudaEvent>> {
+            (0..n).map(|_| Ok(ctx.new_event(None)?)).collect()
+        };
+        Ok(CudaSlots {
+            copy_done: events(count)?,
+            compute_done: events(count)?,
+            compute,
+            copy,
+            tensors,
+            pointers,
+            pending: Vec::new(),
+            waits: Vec::new(),
+        })
+    }
+
+    /// Copies `host` into `slot` on the copy stream once the slot's last reader is done.
+    pub fn upload(&mut self, slot: usize, host: &HostLayer) -> Result<()> {
+        let src = host.bytes.as_slice();
+        self.copy.wait(&self.compute_done[slot])?;
+        let start = timing_event(&self.copy)?;
+        // SAFETY: the slot holds at least `src.len()` bytes (sized for the largest layer), the
+        // copy stream waited for every kernel that reads it, and `src` lives as long as the
+        // streamer, beyond the copy.
+        unsafe { result::memcpy_htod_async(self.pointers[slot], src, self.copy.cu_stream()) }?;
+        let end = timing_event(&self.copy)?;
+        self.copy_done[slot].record(&self.copy)?;
+        self.pending.push(PendingCopy {
+            layer: host.layer,
+            bytes: src.len() as u64,
+            start,
+            end,
+        });
+        Ok(())
+    }
+
+    /// Makes the compute stream wait for the slot's copy, timing the wait.
+    pub fn wait(&mut self, slot: usize) -> Result<()> {
+        let before = timing_event(&self.compute)?;
+        self.compute.wait(&self.copy_done[slot])?;
+        let after = timing_event(&self.compute)?;
+        self.waits.push((before, after));
+        Ok(())
+    }
+
+    /// Marks the slot free once the compute issued so far is done.
+    pub fn release(&mut self, slot: usize) -> Result<()> {
+        Ok(self.compute_done[slot].record(&self.compute)?)
+    }
+
+    /// The slot's bytes as a U8 tensor.
+    pub fn tensor(&self, slot: usize) -> Tensor {
+        self.tensors[slot].clone()
+    }
+
+    /// Timings of finished copies and waits (blocks until they finish).
+    pub fn drain(&mut self) -> Result<(Vec<CopyTiming>, f64)> {
+        let mut timings = Vec::with_capacity(self.pending.len());
+        for p in self.pending.drain(..) {
+            timings.push(CopyTiming {
+                layer: p.layer,
+                bytes: p.bytes,
+                copy_ms: f64::from(p.start.elapsed_ms(&p.end)?),
+            });
+        }
+        let mut wait_ms = 0.0;
+        for (a, b) in self.waits.drain(..) {
+            wait_ms += f64::from(a.elapsed_ms(&b)?);
+        }
+        Ok((timings, wait_ms))
+    }
+}
+
+/// Host-to-device bandwidth from pinned memory in GB/s: one warm-up copy of `bytes`, then five
+/// timed with events on a stream of their own.
+pub fn pinned_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
+    let stream = dev.cuda_stream().context().new_stream()?;
+    let host = PinnedBytes::new(dev, bytes)?;
+    let target = stream.alloc_zeros::<u8>(bytes)?;
+    let (ptr, _record) = target.device_ptr(&stream);
+    let copy = || -> Result<()> {
+        // SAFETY: `target` holds `bytes` bytes and outlives the copies (synchronized below).
+        unsafe { result::memcpy_htod_async(ptr, host.as_slice(), stream.cu_stream()) }?;
+        Ok(())
+    };
+    copy()?;
+    let start = timing_event(&stream)?;
+    for _ in 0..5 {
+        copy()?;
+    }
+    let end = timing_event(&stream)?;
+    let ms = f64::from(start.elapsed_ms(&end)?);
+    stream.synchronize()?;
+    Ok(5.0 * bytes as f64 / (ms * 1e6))
+}

@@ -1,0 +1,429 @@
+//! The engine: VibeVoice's language model on candle (CPU, or CUDA with the `cuda` feature),
+//! with N decoder layers resident on the device and the rest streamed from host memory by the
+//! [`LayerStreamer`]. Buffers are sized with `plan::memory`, as the estimate is.
+
+pub mod dequant;
+pub mod model;
+pub mod streamer;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::checkpoint::header::TensorInfo;
+use crate::checkpoint::inventory::{Part, SCALE_SUFFIXES};
+use crate::checkpoint::ModelInfo;
+use crate::plan::{memory, Placement};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::kv_cache::KvCache;
+use dequant::{dequantize, RawTensor};
+use model::{LayerWeights, Rope};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use streamer::{HostBytes, HostLayer, LayerStreamer, PackedTensor, Residency, Slots};
+
+pub use streamer::TransferStats;
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// candle's CPU backend (f32 compute).
+    Cpu,
+    /// A CUDA GPU by ordinal (bf16 compute); needs the `cuda` feature.
+    Cuda(usize),
+}
+
+/// How to load the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineOptions {
+    /// Device.
+    pub device: DeviceChoice,
+    /// Decoder layers resident on the device.
+    pub gpu_layers: usize,
+    /// Which layers are resident.
+    pub placement: Placement,
+    /// Device slots streamed layers pass through.
+    pub slots: usize,
+    /// Copies issued ahead of use (capped at slots - 1); 0 disables prefetch.
+    pub prefetch_depth: usize,
+    /// Keep streamed layers in pinned (page-locked) host memory.
+    pub pin_memory: bool,
+    /// Longest sequence the KV cache holds.
+    pub max_seq_len: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: DeviceChoice::Cpu,
+            gpu_layers: 0,
+            placement: Placement::Last,
+            slots: memory::DEFAULT_STREAM_SLOTS,
+            prefetch_depth: memory::DEFAULT_STREAM_SLOTS - 1,
+            pin_memory: true,
+            max_seq_len: 4096,
+        }
+    }
+}
+
+/// A loaded language model, ready to run.
+pub struct Engine {
+    info: ModelInfo,
+    device: Device,
+    dtype: DType,
+    norm: RawTensor,
+    head: (RawTensor, Option<RawTensor>),
+    embed: TensorInfo,
+    rope: Rope,
+    streamer: LayerStreamer,
+    caches: Vec<KvCache>,
+    position: usize,
+    max_seq_len: usize,
+    device_weight_bytes: u64,
+}
+
+impl Engine {
+    /// Loads `info`'s checkpoint: resident layers go straight from the mapped file to the
+    /// device, streamed layers are packed into host memory. `progress` is told the layers
+    /// loaded so far.
+    pub fn load(
+        info: ModelInfo,
+        options: &EngineOptions,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Engine> {
+        let Some(checkpoint) = &info.checkpoint else {
+            bail!("the engine needs a checkpoint file (a built-in layout has no weights); pass --model-path, or write one with `vibeoffload synth`");
+        };
+        let inventory = &info.inventory;
+        let num_layers = inventory.num_layers();
+        if options.gpu_layers > num_layers {
+            bail!(crate::UsageError::new(format!(
+                "--num-gpu-layers {} is more than the model's {num_layers} layers",
+                options.gpu_layers
+            )));
+        }
+        let (device, dtype) = open_device(options.device)?;
+        let upload = |t: &TensorInfo| -> Result<RawTensor> {
+            let bytes = checkpoint.data(t);
+            Ok(RawTensor {
+                dtype: t.dtype,
+                shape: t.shape.iter().map(|&d| d as usize).collect(),
+                bytes: Tensor::from_slice(bytes, bytes.len(), &device).with_context(|| {
+                    format!(
+                        "cannot upload {} ({} bytes) to the device",
+                        t.name,
+                        bytes.len()
+                    )
+                })?,
+            })
+        };
+        let prefix = format!("{}layers.", inventory.layout.lm_prefix());
+        let rest = |t: &TensorInfo, layer: usize| {
+            t.name[prefix.len() + layer.to_string().len() + 1..].to_string()
+        };
+
+        let resident = options.placement.resident(num_layers, options.gpu_layers);
+        let mut layers = Vec::with_capacity(num_layers);
+        let mut host = Vec::new();
+        let mut device_weight_bytes = 0;
+        for (i, &is_resident) in resident.iter().enumerate() {
+            let tensors: Vec<&TensorInfo> = inventory.part_tensors(Part::Layer(i)).collect();
+            if is_resident {
+                let mut weights = LayerWeights::default();
+                for t in &tensors {
+                    weights.tensors.insert(rest(t, i), upload(t)?);
+                    device_weight_bytes += t.size_bytes();
+                }
+                layers.push(Residency::Resident(weights));
+            } else {
+                let (offsets, size) = memory::packed_layout(tensors.iter().copied());
+                let mut bytes = host_buffer(&device, size as usize, options.pin_memory)?;
+                let mut packed = Vec::with_capacity(tensors.len());
+                for (t, &offset) in tensors.iter().zip(&offsets) {
+                    let data = checkpoint.data(t);
+                    bytes.as_mut_slice()[offset as usize..offset as usize + data.len()]
+                        .copy_from_slice(data);
+                    packed.push(PackedTensor {
+                        name: rest(t, i),
+                        dtype: t.dtype,
+                        shape: t.shape.iter().map(|&d| d as usize).collect(),
+                        offset: offset as usize,
+                        len: data.len(),
+                    });
+                }
+                layers.push(Residency::Streamed(host.len()));
+                host.push(HostLayer {
+                    layer: i,
+                    tensors: packed,
+                    bytes: bytes.into_host_bytes(),
+                });
+            }
+            progress(i + 1, num_layers);
+        }
+        let slot_count = options.slots.min(host.len());
+        let slot_bytes = host
+            .iter()
+            .map(|h| h.bytes.as_slice().len())
+            .max()
+            .unwrap_or(0);
+        let slots = make_slots(&device, slot_count, slot_bytes)?;
+        let streamer = LayerStreamer::new(layers, host, slots, slot_count, options.prefetch_depth)?;
+        device_weight_bytes += (slot_count * slot_bytes) as u64;
+
+        let lm = inventory.layout.lm_prefix();
+        let norm_info = inventory
+            .tensor(&format!("{lm}norm.weight"))
+            .ok_or_else(|| anyhow!("no final norm"))?;
+        let norm = upload(norm_info)?;
+        let embed = inventory
+            .tensor(&format!("{lm}embed_tokens.weight"))
+            .ok_or_else(|| anyhow!("no embedding"))?
+            .clone();
+        let head_name = if info.config.tie_word_embeddings {
+            embed.name.clone()
+        } else {
+            "lm_head.weight".to_string()
+        };
+        let head_info = inventory
+            .tensor(&head_name)
+            .ok_or_else(|| anyhow!("no {head_name}"))?;
+        let head_scale = SCALE_SUFFIXES.iter().find_map(|s| {
+            inventory.tensor(&format!(
+                "{}{s}",
+                head_name.strip_suffix("weight").unwrap_or(&head_name)
+            ))
+        });
+        let head = (upload(head_info)?, head_scale.map(upload).transpose()?);
+        device_weight_bytes += norm_info.size_bytes()
+            + head_info.size_bytes()
+            + head_scale.map_or(0, |s| s.size_bytes());
+        let rope = Rope::new(&info.config, options.max_seq_len, dtype, &device)?;
+        let caches = (0..num_layers)
+            .map(|_| KvCache::new(2, options.max_seq_len))
+            .collect();
+        Ok(Engine {
+            device,
+            dtype,
+            norm,
+            head,
+            embed,
+            rope,
+            streamer,
+            caches,
+            position: 0,
+            max_seq_len: options.max_seq_len,
+            device_weight_bytes,
+            info,
+        })
+    }
+
+    /// Runs `ids` (one sequence) through the model after the tokens already in the cache and
+    /// returns the final-normed hidden states, `[ids.len(), hidden]`, in the compute dtype.
+    pub fn forward(&mut self, ids: &[u32]) -> Result<Tensor> {
+        let t = ids.len();
+        if t == 0 {
+            bail!("no input tokens");
+        }
+        if self.position + t > self.max_seq_len {
+            bail!(
+                "the sequence would reach {} tokens, beyond --max-seq-len {}",
+                self.position + t,
+                self.max_seq_len
+            );
+        }
+        let mut x = self.embed(ids)?.unsqueeze(0)?;
+        let config = &self.info.config;
+        for (i, cache) in self.caches.iter_mut().enumerate() {
+            let weights = self.streamer.acquire(i)?;
+            x = model::decoder_layer(config, &weights, &x, &self.rope, cache, self.position)
+                .with_context(|| format!("decoder layer {i}"))?;
+            drop(weights);
+            self.streamer.release(i)?;
+        }
+        self.position += t;
+        model::rms_norm(&x.squeeze(0)?, &self.norm, config.rms_norm_eps)
+    }
+
+    /// Logits (f32, `[vocab]`) for one final-normed hidden state (`[hidden]`).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = hidden.reshape((1, hidden.elem_count()))?;
+        let rows = memory::LM_HEAD_CHUNK_ROWS as usize;
+        Ok(model::lm_head(&x, &self.head.0, self.head.1.as_ref(), rows)?.squeeze(0)?)
+    }
+
+    /// Empties the KV cache.
+    pub fn reset(&mut self) {
+        self.position = 0;
+        for c in &mut self.caches {
+            c.reset();
+        }
+    }
+
+    /// Waits for the device to finish queued work (for timing).
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.device.synchronize()?)
+    }
+
+    /// Transfer statistics so far.
+    pub fn transfer_stats(&mut self) -> Result<TransferStats> {
+        self.streamer.stats()
+    }
+
+    /// Forgets the transfer statistics (after a warm-up).
+    pub fn reset_stats(&mut self) -> Result<()> {
+        self.streamer.reset_stats()
+    }
+
+    /// The model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The compute dtype (f32 on CPU, bf16 on CUDA).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device bytes the engine allocated for weights and slots.
+    pub fn device_weight_bytes(&self) -> u64 {
+        self.device_weight_bytes
+    }
+
+    /// Device bytes the KV cache holds now (allocated at full length on first use).
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.caches
+            .iter()
+            .flat_map(|c| [c.k_cache(), c.v_cache()])
+            .filter_map(|c| c.all_data().as_ref())
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
+    /// Token embeddings stay in the mapped file: only the rows of `ids` go to the device.
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let checkpoint = self.info.checkpoint.as_ref().expect("checked at load");
+        let data = checkpoint.data(&self.embed);
+        let (vocab, hidden) = (self.embed.shape[0] as usize, self.embed.shape[1] as usize);
+        let row = hidden * self.embed.dtype.size_bytes() as usize;
+        let mut bytes = Vec::with_capacity(ids.len() * row);
+        for &id in ids {
+            if id as usize >= vocab {
+                bail!("token id {id} is outside the vocabulary of {vocab}");
+            }
+            bytes.extend_from_slice(&data[id as usize * row..(id as usize + 1) * row]);
+        }
+        let n = bytes.len();
+        let raw = RawTensor {
+            dtype: self.embed.dtype,
+            shape: vec![ids.len(), hidden],
+            bytes: Tensor::from_vec(bytes, n, &self.device)?,
+        };
+        Ok(dequantize(&raw, None, self.dtype)?)
+    }
+}
+
+fn open_device(choice: DeviceChoice) -> Result<(Device, DType)> {
+    match choice {
+        DeviceChoice::Cpu => Ok((Device::Cpu, DType::F32)),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(i) => Ok((
+            Device::new_cuda(i).map_err(|e| anyhow!("cannot open CUDA device {i}: {e}"))?,
+            DType::BF16,
+        )),
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => bail!(crate::UsageError::new(
+            "--device cuda needs a build with CUDA: cargo build --release --features cuda (see scripts/build-cuda.sh)"
+        )),
+    }
+}
+
+/// A host buffer for one packed layer: pinned when asked and on CUDA, else ordinary memory.
+enum HostBuffer {
+    Pageable(Vec<u8>),
+    #[cfg(feature = "cuda")]
+    Pinned(cuda::PinnedBytes),
+}
+
+impl HostBuffer {
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            HostBuffer::Pageable(v) => v,
+            #[cfg(feature = "cuda")]
+            HostBuffer::Pinned(p) => p.as_mut_slice(),
+        }
+    }
+
+    fn into_host_bytes(self) -> HostBytes {
+        match self {
+            HostBuffer::Pageable(v) => HostBytes::Pageable(v),
+            #[cfg(feature = "cuda")]
+            HostBuffer::Pinned(p) => HostBytes::Pinned(p),
+        }
+    }
+}
+
+fn host_buffer(device: &Device, size: usize, pin: bool) -> Result<HostBuffer> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) if pin => Ok(HostBuffer::Pinned(cuda::PinnedBytes::new(d, size)?)),
+        _ => {
+            let _ = pin;
+            Ok(HostBuffer::Pageable(vec![0; size]))
+        }
+    }
+}
+
+fn make_slots(device: &Device, count: usize, bytes: usize) -> Result<Slots> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => Ok(Slots::Cuda(cuda::CudaSlots::new(d, count, bytes)?)),
+        _ => {
+            let _ = bytes;
+            Ok(Slots::Cpu {
+                tensors: vec![None; count],
+                timings: Vec::new(),
+                wait_ms: 0.0,
+            })
+        }
+    }
+}
+
+/// Host-to-device bandwidth from pinned memory in GB/s on `device` (`None` on the CPU), the
+/// copy engine's limit that streamed decoding is measured against.
+pub fn pinned_bandwidth_gbps(device: DeviceChoice) -> Result<Option<f64>> {
+    match device {
+        DeviceChoice::Cpu => Ok(None),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(i) => {
+            let (Device::Cuda(d), _) = open_device(device)? else {
+                unreachable!("a CUDA choice opens a CUDA device");
+            };
+            let _ = i;
+            Ok(Some(cuda::pinned_bandwidth_gbps(&d, 256 << 20)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => open_device(device).map(|_| None),
+    }
+}
+
+/// Writes hidden states and logits as safetensors to `path` (through a temporary file).
+pub fn dump(path: &std::path::Path, hidden: &Tensor, logits: Option<&Tensor>) -> Result<()> {
+    let mut tensors = HashMap::new();
+    tensors.insert(
+        "hidden_states".to_string(),
+        hidden.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+    );
+    if let Some(l) = logits {
+        tensors.insert(
+            "logits".to_string(),
+            l.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+        );
+    }
+    let tmp = crate::temp_file_beside(path)?;
+    candle_core::safetensors::save(&tensors, tmp.path())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot rename the dump to {}", path.display()))?;
+    Ok(())
+}

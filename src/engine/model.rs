@@ -1,0 +1,221 @@
+//! VibeVoice's language model, a Qwen2 decoder: RMSNorm, grouped-query attention with q/k/v
+//! biases and rotary embeddings, SiLU MLP. Weights arrive per layer as raw checkpoint bytes
+//! (from resident memory or a streaming slot: the decoder cannot tell) and are decoded at use.
+
+use super::dequant::{dequantize, RawTensor};
+use crate::checkpoint::config::ModelConfig;
+use crate::checkpoint::inventory::SCALE_SUFFIXES;
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+use std::collections::HashMap;
+
+/// One decoder layer's tensors, by name relative to `layers.{i}.`.
+#[derive(Clone, Debug, Default)]
+pub struct LayerWeights {
+    /// Raw tensors.
+    pub tensors: HashMap<String, RawTensor>,
+}
+
+impl LayerWeights {
+    fn raw(&self, name: &str) -> Result<&RawTensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("decoder layer has no tensor {name}"))
+    }
+
+    /// A vector (norm weight, bias) in `dtype`.
+    fn vector(&self, name: &str, dtype: DType) -> Result<Tensor> {
+        Ok(dequantize(self.raw(name)?, None, dtype)?)
+    }
+
+    /// `x @ W^T (+ b)` for the linear layer `prefix` (`self_attn.q_proj`), decoding W with
+    /// its scale, if it has one.
+    fn linear(&self, x: &Tensor, prefix: &str, bias: bool) -> Result<Tensor> {
+        let weight = self.raw(&format!("{prefix}.weight"))?;
+        let scale = SCALE_SUFFIXES
+            .iter()
+            .find_map(|s| self.tensors.get(&format!("{prefix}.{s}")));
+        let w = dequantize(weight, scale, x.dtype())?;
+        let y = x.broadcast_matmul(&w.t()?)?;
+        Ok(if bias {
+            y.broadcast_add(&self.vector(&format!("{prefix}.bias"), x.dtype())?)?
+        } else {
+            y
+        })
+    }
+}
+
+/// Rotary embedding tables, built once for the longest sequence and sliced per step.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for positions `0..max_len`.
+    pub fn new(
+        config: &ModelConfig,
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rope> {
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf(2.0 * i as f64 / config.head_dim as f64) as f32
+            })
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions = Tensor::arange(0u32, max_len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_len, 1))?;
+        let freqs = positions.broadcast_mul(&inv_freq)?;
+        Ok(Rope {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+/// Runs one decoder layer on `x` (`[batch, tokens, hidden]`) whose first token sits at
+/// position `offset`, appending its keys and values to `cache`.
+pub fn decoder_layer(
+    config: &ModelConfig,
+    w: &LayerWeights,
+    x: &Tensor,
+    rope: &Rope,
+    cache: &mut KvCache,
+    offset: usize,
+) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let dtype = x.dtype();
+    let eps = config.rms_norm_eps as f32;
+    let (heads, kv_heads, hd) = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
+
+    let normed = candle_nn::ops::rms_norm(x, &w.vector("input_layernorm.weight", dtype)?, eps)?;
+    let q = w.linear(&normed, "self_attn.q_proj", true)?;
+    let k = w.linear(&normed, "self_attn.k_proj", true)?;
+    let v = w.linear(&normed, "self_attn.v_proj", true)?;
+    let q = q.reshape((b, t, heads, hd))?.transpose(1, 2)?;
+    let k = k.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
+    let v = v
+        .reshape((b, t, kv_heads, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let q = rope.apply(&q, offset)?;
+    let k = rope.apply(&k, offset)?;
+    let (k, v) = cache.append(&k, &v)?;
+    let k = repeat_kv(k, heads / kv_heads)?;
+    let v = repeat_kv(v, heads / kv_heads)?;
+
+    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.to_dtype(DType::F32)?;
+    let scores = if t > 1 {
+        scores.broadcast_add(&causal_mask(t, offset, x.device())?)?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let attn = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * hd))?;
+    let x = (x + w.linear(&attn, "self_attn.o_proj", false)?)?;
+
+    let normed = candle_nn::ops::rms_norm(
+        &x,
+        &w.vector("post_attention_layernorm.weight", dtype)?,
+        eps,
+    )?;
+    let gate = candle_nn::ops::silu(&w.linear(&normed, "mlp.gate_proj", false)?)?;
+    let up = w.linear(&normed, "mlp.up_proj", false)?;
+    let mlp = w.linear(&(gate * up)?, "mlp.down_proj", false)?;
+    Ok((x + mlp)?)
+}
+
+/// `[b, kv_heads, T, d]` -> `[b, kv_heads * n_rep, T, d]`, each kv head repeated for its
+/// query group.
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))?)
+}
+
+/// `[t, offset + t]`: 0 where query i may see key j (j <= offset + i), -inf elsewhere.
+fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let total = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, total), device)?)
+}
+
+/// RMSNorm with a raw weight, for the final norm.
+pub fn rms_norm(x: &Tensor, weight: &RawTensor, eps: f64) -> Result<Tensor> {
+    let w = dequantize(weight, None, x.dtype())?;
+    Ok(candle_nn::ops::rms_norm(x, &w, eps as f32)?)
+}
+
+/// Logits of the last position: `x @ head^T`, decoding the head `rows_per_chunk` rows at a
+/// time so the bf16 copy never exceeds one chunk.
+pub fn lm_head(
+    x: &Tensor,
+    head: &RawTensor,
+    scale: Option<&RawTensor>,
+    rows_per_chunk: usize,
+) -> Result<Tensor> {
+    let rows = head.shape[0];
+    let cols = head.shape[1];
+    let row_bytes = cols * head.dtype.size_bytes() as usize;
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let n = rows_per_chunk.min(rows - start);
+        let chunk = RawTensor {
+            dtype: head.dtype,
+            shape: vec![n, cols],
+            bytes: head.bytes.narrow(0, start * row_bytes, n * row_bytes)?,
+        };
+        let chunk_scale = match scale {
+            Some(s) if s.shape.iter().product::<usize>() > 1 => {
+                let per_row = s.shape.iter().product::<usize>() / rows;
+                let bytes = per_row * s.dtype.size_bytes() as usize;
+                Some(RawTensor {
+                    dtype: s.dtype,
+                    shape: vec![n, per_row],
+                    bytes: s.bytes.narrow(0, start * bytes, n * bytes)?,
+                })
+            }
+            other => other.cloned(),
+        };
+        let w = dequantize(&chunk, chunk_scale.as_ref(), x.dtype())?;
+        parts.push(x.broadcast_matmul(&w.t()?)?.to_dtype(DType::F32)?);
+        start += n;
+    }
+    Ok(Tensor::cat(&parts, D::Minus1)?)
+}

@@ -1,0 +1,408 @@
+//! Timed generation on a loaded engine: the original's test-speed (one forward pass over 128
+//! random tokens, 1 warm-up, 5 timed runs) and decoding with the KV cache.
+
+use crate::engine::{Engine, TransferStats};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// The original's test: forward passes over one sequence of random tokens, no LM head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TestSpeed {
+    /// Tokens per pass.
+    pub tokens: usize,
+    /// Untimed passes first.
+    pub warmup_runs: usize,
+    /// Each timed pass.
+    pub runs_ms: Vec<f64>,
+    /// Their mean.
+    pub avg_ms: f64,
+    /// Copies during the timed passes.
+    pub transfer: TransferStats,
+    /// Share of the timed passes' time the compute stream waited for copies.
+    pub estimated_overhead_pct: f64,
+}
+
+/// Greedy decoding with the KV cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decode {
+    /// Prompt tokens (prefilled in one pass).
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Prefill plus the first token.
+    pub ttft_ms: f64,
+    /// Mean time of each further token.
+    pub ms_per_token: f64,
+    /// `1000 / ms_per_token`.
+    pub tokens_per_s: f64,
+    /// The generated ids.
+    pub tokens: Vec<u32>,
+    /// Copies during the timed decode.
+    pub transfer: TransferStats,
+}
+
+/// `n` token ids from a seeded generator, below `min(1000, vocab)` as the original draws them.
+pub fn random_ids(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let limit = vocab.min(1000) as u64;
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % limit) as u32
+        })
+        .collect()
+}
+
+/// Runs `warmup` untimed and `runs` timed forward passes over `ids` from an empty cache.
+/// `after_pass` is called after each timed pass (to sample VRAM, say).
+pub fn test_speed(
+    engine: &mut Engine,
+    ids: &[u32],
+    warmup: usize,
+    runs: usize,
+    mut after_pass: impl FnMut(),
+) -> Result<TestSpeed> {
+    for _ in 0..warmup {
+        engine.reset();
+        engine.forward(ids)?;
+        engine.synchronize()?;
+    }
+    engine.reset_stats()?;
+    let mut runs_ms = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        engine.reset();
+        let started = Instant::now();
+        engine.forward(ids)?;
+        engine.synchronize()?;
+        runs_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        after_pass();
+    }
+    let transfer = engine.transfer_stats()?;
+    let total: f64 = runs_ms.iter().sum();
+    Ok(TestSpeed {
+        tokens: ids.len(),
+        warmup_runs: warmup,
+        avg_ms: total / runs.max(1) as f64,
+        estimated_overhead_pct: if total > 0.0 {
+            100.0 * transfer.compute_wait_ms / total
+        } else {
+            0.0
+        },
+        runs_ms,
+        transfer,
+    })
+}
+
+/// Prefills `prompt`, then generates `tokens` tokens greedily. A short untimed warm-up (the
+/// prompt and two tokens) runs first.
+pub fn decode(
+    engine: &mut Engine,
+    prompt: &[u32],
+    tokens: usize,
+    mut after_token: impl FnMut(),
+) -> Result<Decode> {
+    let tokens = tokens.max(1);
+    let step = |engine: &mut Engine, ids: &[u32]| -> Result<u32> {
+        let hidden = engine.forward(ids)?;
+        let last = hidden.get(ids.len() - 1)?;
+        Ok(engine.logits(&last)?.argmax(0)?.to_scalar::<u32>()?)
+    };
+    engine.reset();
+    let mut next = step(engine, prompt)?;
+    for _ in 0..2 {
+        next = step(engine, &[next])?;
+    }
+    engine.synchronize()?;
+    engine.reset();
+    engine.reset_stats()?;
+
+    let started = Instant::now();
+    let mut generated = vec![step(engine, prompt)?];
+    let ttft_ms = started.elapsed().as_secs_f64() * 1e3;
+    let decode_started = Instant::now();
+    while generated.len() < tokens {
+        let last = *generated.last().expect("one token");
+        generated.push(step(engine, &[last])?);
+        after_token();
+    }
+    let rest_ms = decode_started.elapsed().as_secs_f64() * 1e3;
+    let ms_per_token = if tokens > 1 {
+        rest_ms / (tokens - 1) as f64
+    } else {
+        ttft_ms
+    };
+    Ok(Decode {
+        prompt_tokens: prompt.len(),
+        generated_tokens: generated.len(),
+        ttft_ms,
+        ms_per_token,
+        tokens_per_s: 1e3 / ms_per_token,
+        tokens: generated,
+        transfer: engine.transfer_stats()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_ids_are_seeded_and_bounded() {
+        let a = random_ids(128, 0, 152064);
+        assert_eq!(a, random_ids(128, 0, 152064));
+        assert_ne!(a, random_ids(128, 1, 152064));
+        assert!(a.iter().all(|&i| i < 1000));
+        assert!(random_ids(64, 3, 10).iter().all(|&i| i < 10));
+    }
+}
+
+/// One layer count measured by `bench`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchRow {
+    /// Decoder layers resident.
+    pub gpu_layers: usize,
+    /// Load time.
+    pub load_ms: f64,
+    /// Mean test-speed pass (prefill of `prompt_len` tokens, no LM head).
+    pub test_speed_ms: f64,
+    /// Time to first token in decode mode.
+    pub ttft_ms: f64,
+    /// Decode time per token.
+    pub decode_ms_per_token: f64,
+    /// Layer bytes streamed per decoded token.
+    pub streamed_bytes_per_token: u64,
+    /// Lower bound of decode time: max(streamed bytes / pinned bandwidth, resident decode time
+    /// measured at N = all layers in the same run, where measured).
+    pub bound_ms_per_token: Option<f64>,
+    /// `decode_ms_per_token / bound_ms_per_token`.
+    pub vs_bound: Option<f64>,
+    /// Host-to-device GB/s achieved by the decode copies.
+    pub achieved_gbps: f64,
+    /// `achieved_gbps` over the pinned bandwidth measured at the start.
+    pub pinned_fraction: Option<f64>,
+    /// Share of copy time hidden behind compute.
+    pub overlap_pct: f64,
+    /// The planner's estimate (language model, batch 1, this run's max length).
+    pub estimate_bytes: u64,
+    /// Peak VRAM this configuration took, per NVML.
+    pub measured_peak_bytes: Option<u64>,
+    /// `100 x (estimate - measured) / measured`.
+    pub estimate_error_pct: Option<f64>,
+}
+
+/// `vibeoffload bench`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// `vibeoffload.bench/1`.
+    pub schema: String,
+    /// The model.
+    pub model: crate::report::ModelSummary,
+    /// `cpu` or the GPU's name.
+    pub device: String,
+    /// Pinned host-to-device bandwidth measured at the start (GPU only).
+    pub pinned_gbps: Option<f64>,
+    /// Prompt tokens (test-speed pass and decode prefill).
+    pub prompt_len: usize,
+    /// Tokens decoded per configuration.
+    pub gen_tokens: usize,
+    /// One row per layer count.
+    pub rows: Vec<BenchRow>,
+}
+
+/// What `bench` measures.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Engine settings other than the layer count (which `layer_counts` supplies).
+    pub engine: crate::engine::EngineOptions,
+    /// Planner settings (language-model scope), for the estimate beside each measurement.
+    pub plan: crate::plan::PlanOptions,
+    /// Layer counts, in the order measured.
+    pub layer_counts: Vec<usize>,
+    /// Prompt tokens.
+    pub prompt_len: usize,
+    /// Tokens decoded.
+    pub gen_tokens: usize,
+    /// Timed test-speed passes.
+    pub runs: usize,
+    /// Prompt seed.
+    pub seed: u64,
+}
+
+/// Loads the checkpoint at `path` once per layer count and measures test-speed, decode, VRAM
+/// and copies; `progress` hears what is being measured.
+pub fn bench(
+    path: &std::path::Path,
+    o: &BenchOptions,
+    mut progress: impl FnMut(String),
+) -> Result<BenchReport> {
+    use crate::checkpoint::ModelInfo;
+    use crate::engine::{DeviceChoice, Engine};
+    let gpu_index = match o.engine.device {
+        DeviceChoice::Cuda(i) => Some(i as u32),
+        DeviceChoice::Cpu => None,
+    };
+    let used = || gpu_index.and_then(|i| crate::gpu::used_bytes(i).ok());
+    // Before anything touches the GPU: what other processes hold.
+    let baseline = used();
+    let device = match gpu_index {
+        Some(i) => crate::gpu::query(i)
+            .map_or_else(|_| format!("GPU {i}"), |g| format!("GPU {i} {}", g.name)),
+        None => "cpu".into(),
+    };
+    progress("measuring pinned host-to-device bandwidth".into());
+    let pinned_gbps = crate::engine::pinned_bandwidth_gbps(o.engine.device)?;
+    let first = ModelInfo::open(path)?;
+    let model = crate::report::ModelSummary::of(&first);
+    let ids = random_ids(o.prompt_len, o.seed, first.config.vocab_size);
+    drop(first);
+    let mut rows = Vec::new();
+    for &n in &o.layer_counts {
+        progress(format!("{n} GPU layers: loading"));
+        let info = ModelInfo::open(path)?;
+        let estimate = crate::plan::estimate(&info, &o.plan, n)?;
+        let options = crate::engine::EngineOptions {
+            gpu_layers: n,
+            ..o.engine.clone()
+        };
+        let started = Instant::now();
+        let mut engine = Engine::load(info, &options, |_, _| {})?;
+        engine.synchronize()?;
+        let load_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut peak = used();
+        let mut sample = || {
+            if let (Some(p), Some(u)) = (peak.as_mut(), used()) {
+                *p = (*p).max(u);
+            }
+        };
+        progress(format!("{n} GPU layers: test-speed"));
+        let speed = test_speed(&mut engine, &ids, 1, o.runs, &mut sample)?;
+        progress(format!("{n} GPU layers: decode"));
+        let dec = decode(&mut engine, &ids, o.gen_tokens, &mut sample)?;
+        drop(engine);
+        let measured_peak_bytes = baseline.zip(peak).map(|(b, p)| p.saturating_sub(b));
+        rows.push(BenchRow {
+            gpu_layers: n,
+            load_ms,
+            test_speed_ms: speed.avg_ms,
+            ttft_ms: dec.ttft_ms,
+            decode_ms_per_token: dec.ms_per_token,
+            streamed_bytes_per_token: estimate.pinned_host_bytes,
+            bound_ms_per_token: None,
+            vs_bound: None,
+            achieved_gbps: dec.transfer.achieved_gbps,
+            pinned_fraction: pinned_gbps
+                .filter(|_| dec.transfer.total_transfers > 0)
+                .map(|p| dec.transfer.achieved_gbps / p),
+            overlap_pct: dec.transfer.overlap_pct,
+            estimate_bytes: estimate.total_bytes,
+            estimate_error_pct: measured_peak_bytes
+                .filter(|&m| m > 0)
+                .map(|m| 100.0 * (estimate.total_bytes as f64 - m as f64) / m as f64),
+            measured_peak_bytes,
+        });
+    }
+    // The bound needs the resident decode time, measured in this same run.
+    let resident_ms = rows
+        .iter()
+        .find(|r| r.gpu_layers == model.layers)
+        .map(|r| r.decode_ms_per_token);
+    for r in &mut rows {
+        if let Some(gbps) = pinned_gbps {
+            let copy_ms = r.streamed_bytes_per_token as f64 / (gbps * 1e6);
+            let bound = resident_ms.map_or(copy_ms, |c| c.max(copy_ms));
+            r.bound_ms_per_token = Some(bound);
+            r.vs_bound = Some(r.decode_ms_per_token / bound);
+        }
+    }
+    Ok(BenchReport {
+        schema: "vibeoffload.bench/1".into(),
+        model,
+        device,
+        pinned_gbps,
+        prompt_len: o.prompt_len,
+        gen_tokens: o.gen_tokens,
+        rows,
+    })
+}
+
+/// Rows of `new` slower than the same layer count in `old` by more than `threshold`
+/// (0.10 = 10%), as one line each.
+pub fn regressions(old: &BenchReport, new: &BenchReport, threshold: f64) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in &new.rows {
+        let Some(o) = old.rows.iter().find(|o| o.gpu_layers == n.gpu_layers) else {
+            continue;
+        };
+        for (what, before, after) in [
+            (
+                "decode ms/token",
+                o.decode_ms_per_token,
+                n.decode_ms_per_token,
+            ),
+            ("test-speed ms", o.test_speed_ms, n.test_speed_ms),
+        ] {
+            if after > before * (1.0 + threshold) {
+                out.push(format!(
+                    "N={}: {what} {after:.2} vs {before:.2} (+{:.0}%)",
+                    n.gpu_layers,
+                    100.0 * (after / before - 1.0)
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod bench_tests {
+    use super::*;
+
+    fn report(ms: &[(usize, f64)]) -> BenchReport {
+        BenchReport {
+            schema: "vibeoffload.bench/1".into(),
+            model: crate::report::ModelSummary::of(&crate::checkpoint::ModelInfo::builtin(
+                crate::checkpoint::config::BuiltinModel::Small1_5b,
+                crate::checkpoint::CheckpointDtype::Float8,
+            )),
+            device: "cpu".into(),
+            pinned_gbps: None,
+            prompt_len: 1,
+            gen_tokens: 1,
+            rows: ms
+                .iter()
+                .map(|&(n, t)| BenchRow {
+                    gpu_layers: n,
+                    load_ms: 0.0,
+                    test_speed_ms: 1.0,
+                    ttft_ms: 0.0,
+                    decode_ms_per_token: t,
+                    streamed_bytes_per_token: 0,
+                    bound_ms_per_token: None,
+                    vs_bound: None,
+                    achieved_gbps: 0.0,
+                    pinned_fraction: None,
+                    overlap_pct: 0.0,
+                    estimate_bytes: 0,
+                    measured_peak_bytes: None,
+                    estimate_error_pct: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn regressions_beyond_the_threshold_only() {
+        let old = report(&[(28, 10.0), (8, 20.0)]);
+        let new = report(&[(28, 10.9), (8, 22.5), (4, 99.0)]);
+        let found = regressions(&old, &new, 0.10);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("N=8: decode ms/token 22.50 vs 20.00"),
+            "{found:?}"
+        );
+        assert!(regressions(&old, &new, 0.2).is_empty());
+    }
+}

@@ -1,0 +1,196 @@
+//! GPU checks (built with `--features cuda`, run on a machine with an NVIDIA GPU): the CUDA
+//! dequantisation kernel against the CPU decoder, and streamed against resident layers on the
+//! GPU, bit for bit.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use vibeoffload::checkpoint::config::ModelConfig;
+use vibeoffload::checkpoint::layout::{
+    Precision, ScaleConvention, ScaleGranularity, VibeVoiceParts,
+};
+use vibeoffload::checkpoint::synth::{self, SynthSpec};
+use vibeoffload::checkpoint::ModelInfo;
+use vibeoffload::dtype::DType as Stored;
+use vibeoffload::engine::dequant::{dequantize, RawTensor};
+use vibeoffload::engine::{DeviceChoice, Engine, EngineOptions};
+use vibeoffload::plan::Placement;
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("a CUDA GPU")
+}
+
+fn raw(dtype: Stored, shape: &[usize], bytes: &[u8], device: &Device) -> RawTensor {
+    RawTensor {
+        dtype,
+        shape: shape.to_vec(),
+        bytes: Tensor::from_slice(bytes, bytes.len(), device).unwrap(),
+    }
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v.iter()
+        .map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() })
+        .collect()
+}
+
+#[test]
+fn cuda_dequantisation_matches_the_cpu_for_every_code_and_scale() {
+    let gpu = cuda();
+    let codes: Vec<u8> = (0..=255).collect();
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let scales: [(Vec<usize>, Vec<f32>); 4] = [
+        (vec![], vec![]),
+        (vec![], vec![0.37]),
+        (vec![16, 1], (0..16).map(|i| 0.5 + i as f32 * 0.1).collect()),
+        (
+            vec![16, 4, 1],
+            (0..64).map(|i| 0.25 + i as f32 * 0.01).collect(),
+        ),
+    ];
+    for out in [DType::F32, DType::BF16] {
+        for (shape, values) in &scales {
+            let decode = |device: &Device| {
+                let w = raw(Stored::F8E4M3, &[16, 16], &codes, device);
+                let s =
+                    (!values.is_empty()).then(|| raw(Stored::F32, shape, &f32s(values), device));
+                bits(&dequantize(&w, s.as_ref(), out).unwrap())
+            };
+            assert_eq!(
+                decode(&Device::Cpu),
+                decode(&gpu),
+                "{out:?}, scale shape {shape:?}"
+            );
+        }
+    }
+    let bf16: Vec<u8> = (0..512u32)
+        .flat_map(|i| ((i * 131) as u16).to_le_bytes())
+        .collect();
+    let f16 = bf16.clone();
+    for (dtype, bytes) in [(Stored::BF16, &bf16), (Stored::F16, &f16)] {
+        let decode = |device: &Device| {
+            bits(&dequantize(&raw(dtype, &[512], bytes, device), None, DType::F32).unwrap())
+        };
+        assert_eq!(decode(&Device::Cpu), decode(&gpu), "{dtype:?}");
+    }
+}
+
+fn write_model(dir: &Path, precision: Precision) -> PathBuf {
+    let config = ModelConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        num_hidden_layers: 6,
+        vocab_size: 512,
+        rope_theta: 1e6,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: false,
+    };
+    let spec = SynthSpec {
+        parts: VibeVoiceParts::small(&config),
+        config,
+        precision,
+        seed: 9,
+    };
+    let path = dir.join("m.safetensors");
+    synth::write(&spec, &path, true, |_, _| {}).unwrap();
+    path
+}
+
+fn trace(path: &Path, options: &EngineOptions) -> Vec<Vec<u32>> {
+    let mut engine = Engine::load(ModelInfo::open(path).unwrap(), options, |_, _| {}).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        engine.reset();
+        let h = engine.forward(&[3, 1, 4, 1, 5, 9, 2, 6]).unwrap();
+        out.push(bits(&h));
+        for id in [5u32, 3, 5] {
+            let h = engine.forward(&[id]).unwrap();
+            out.push(bits(&h));
+            out.push(bits(&engine.logits(&h.get(0).unwrap()).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn streamed_layers_are_bit_identical_on_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    for precision in [
+        Precision::Float8Plain,
+        Precision::Float8Scaled(ScaleConvention::WeightScale, ScaleGranularity::PerChannel),
+        Precision::BF16,
+    ] {
+        let path = write_model(dir.path(), precision);
+        let base = EngineOptions {
+            device: DeviceChoice::Cuda(0),
+            gpu_layers: 6,
+            ..EngineOptions::default()
+        };
+        let reference = trace(&path, &base);
+        for (gpu_layers, placement, slots, depth, pin) in [
+            (0, Placement::Last, 2, 1, true),
+            (2, Placement::Last, 2, 1, true),
+            (2, Placement::First, 3, 2, true),
+            (3, Placement::Spread, 1, 0, true),
+            (1, Placement::Last, 2, 0, false),
+        ] {
+            let options = EngineOptions {
+                gpu_layers,
+                placement,
+                slots,
+                prefetch_depth: depth,
+                pin_memory: pin,
+                ..base.clone()
+            };
+            assert!(
+                trace(&path, &options) == reference,
+                "{precision:?}: {gpu_layers} resident, {placement:?}, {slots} slots, depth {depth}, pinned {pin}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_and_cpu_agree_to_bf16_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain);
+    let run = |device| {
+        let options = EngineOptions {
+            device,
+            gpu_layers: 3,
+            ..EngineOptions::default()
+        };
+        let mut engine =
+            Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+        let h = engine.forward(&[3, 1, 4, 1, 5]).unwrap();
+        let v: Vec<f32> = h
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v
+    };
+    let (cpu, gpu) = (run(DeviceChoice::Cpu), run(DeviceChoice::Cuda(0)));
+    let worst = cpu
+        .iter()
+        .zip(&gpu)
+        .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 0.05, "worst relative difference {worst}");
+}
