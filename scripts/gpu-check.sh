@@ -8,33 +8,7 @@
 #   4. checks that streamed and resident 7B runs dump byte-identical hidden states and logits,
 #   5. prints a short table.
 # Results go to $OUT (the device tool's folder) or ./gpu-results: results.jsonl and log.txt.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-gpu-results}
-mkdir -p "$out"
-exec > >(tee -a "$out/log.txt") 2>&1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-
-bin=dist/vibeoffload
-if [[ -d dist/pack ]]; then
-  mkdir -p /tmp/vibeoffload-dist/tests
-  for f in dist/pack/*.gz; do
-    name=$(basename "$f" .gz)
-    case $name in
-      vibeoffload) gunzip -c "$f" > /tmp/vibeoffload-dist/vibeoffload ;;
-      *) gunzip -c "$f" > "/tmp/vibeoffload-dist/tests/$name" ;;
-    esac
-  done
-  chmod +x /tmp/vibeoffload-dist/vibeoffload /tmp/vibeoffload-dist/tests/* 2>/dev/null || true
-  bin=/tmp/vibeoffload-dist/vibeoffload
-  tests_dir=/tmp/vibeoffload-dist/tests
-else
-  tests_dir=dist/tests
-fi
-results=$out/results.jsonl
-: > "$results"
-nvidia-smi --query-gpu=name,memory.total,memory.used,pcie.link.gen.current,pcie.link.width.current --format=csv
-echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  date: $(date -u +%F)"
+source "$(dirname "$0")/gpu-env.sh"
 
 echo "== 1. GPU tests"
 for t in "$tests_dir"/*; do
@@ -44,11 +18,6 @@ for t in "$tests_dir"/*; do
 done
 
 echo "== 2. 7B float8 checkpoint"
-model=${MODEL_DIR:-/tmp/vibeoffload-7b}
-mkdir -p "$model"
-if [[ ! -f $model/vibevoice7b_float8_e4m3fn.safetensors ]]; then
-  /usr/bin/time -f "synth: %e s, %M KB resident" "$bin" synth "$model/vibevoice7b_float8_e4m3fn.safetensors"
-fi
 "$bin" inspect --model-path "$model" | head -3
 
 echo "== 3. run for N = ${LAYER_COUNTS:=28 20 12 8 4}"

@@ -215,9 +215,10 @@ pub enum BuiltinArg {
 /// What the plan must hold besides weights.
 #[derive(Args, Debug, Clone)]
 pub struct PlanArgs {
-    /// Longest sequence (prompt + generated tokens) the KV cache holds.
-    #[arg(long, default_value_t = 4096, value_name = "TOKENS")]
-    pub max_seq_len: u64,
+    /// Longest sequence (prompt + generated tokens) the KV cache holds [default: 4096; bench:
+    /// what its prompt and generation need].
+    #[arg(long, value_name = "TOKENS")]
+    pub max_seq_len: Option<u64>,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     pub batch: u64,

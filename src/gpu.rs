@@ -45,14 +45,55 @@ pub fn query(index: u32) -> Result<GpuInfo> {
     })
 }
 
-/// GPU memory in use on GPU `index` (all processes), per NVML.
-pub fn used_bytes(index: u32) -> Result<u64> {
-    let nvml = Nvml::init().map_err(|e| anyhow!("NVML is not available ({e})"))?;
-    let device = nvml
-        .device_by_index(index)
-        .map_err(|e| anyhow!("cannot read GPU {index}: {e}"))?;
-    let memory = device
-        .memory_info()
-        .map_err(|e| anyhow!("cannot read the memory of GPU {index}: {e}"))?;
-    Ok(memory.used)
+/// Samples GPU memory in use (all processes) on a thread of its own, every millisecond, so
+/// that a run's peak is seen without timing the NVML calls as part of the run.
+pub struct PeakSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+    /// Memory in use when sampling started.
+    pub start_bytes: u64,
+}
+
+impl PeakSampler {
+    /// Starts sampling GPU `index`; fails when NVML cannot read it.
+    pub fn start(index: u32) -> Result<PeakSampler> {
+        let read = move || -> Result<(Nvml, u64)> {
+            let nvml = Nvml::init().map_err(|e| anyhow!("NVML is not available ({e})"))?;
+            let used = nvml
+                .device_by_index(index)
+                .and_then(|d| d.memory_info())
+                .map_err(|e| anyhow!("cannot read the memory of GPU {index}: {e}"))?
+                .used;
+            Ok((nvml, used))
+        };
+        let (nvml, start_bytes) = read()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = start_bytes;
+            let Ok(device) = nvml.device_by_index(index) else {
+                return peak;
+            };
+            loop {
+                if let Ok(m) = device.memory_info() {
+                    peak = peak.max(m.used);
+                }
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return peak;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+        Ok(PeakSampler {
+            stop,
+            thread,
+            start_bytes,
+        })
+    }
+
+    /// Stops sampling and returns the highest reading.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(self.start_bytes)
+    }
 }

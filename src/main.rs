@@ -435,8 +435,11 @@ fn run_engine(a: RunArgs) -> Result<String> {
         DeviceChoice::Cuda(i) => gpu::query(i as u32).ok(),
         DeviceChoice::Cpu => None,
     };
-    let used = |index: u32| gpu::used_bytes(index).ok();
-    let nvml_before = gpu_reading.as_ref().and_then(|g| used(g.index));
+    let nvml_before = gpu_reading.as_ref().and_then(|g| {
+        gpu::PeakSampler::start(g.index)
+            .ok()
+            .map(gpu::PeakSampler::finish)
+    });
     let device_name = gpu_reading.as_ref().map_or_else(
         || "cpu".to_string(),
         |g| format!("GPU {} {}", g.index, g.name),
@@ -450,14 +453,9 @@ fn run_engine(a: RunArgs) -> Result<String> {
     engine.synchronize()?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
 
-    let mut peak = nvml_before;
-    let mut sample = || {
-        if let (Some(g), Some(p)) = (&gpu_reading, peak.as_mut()) {
-            if let Some(u) = used(g.index) {
-                *p = (*p).max(u);
-            }
-        }
-    };
+    let sampler = gpu_reading
+        .as_ref()
+        .and_then(|g| gpu::PeakSampler::start(g.index).ok());
     let vocab = engine.info().config.vocab_size;
     let (mut test_speed, mut decode, mut forward) = (None, None, None);
     if let Some(ids) = &a.input_ids {
@@ -472,7 +470,6 @@ fn run_engine(a: RunArgs) -> Result<String> {
         if let Some(path) = &a.dump {
             vibeoffload::engine::dump(path, &hidden, Some(&logits))?;
         }
-        sample();
         forward = Some(ForwardResult {
             input_ids: ids.clone(),
             hidden_sum,
@@ -486,7 +483,6 @@ fn run_engine(a: RunArgs) -> Result<String> {
             &ids,
             1,
             a.timing.runs,
-            &mut sample,
         )?);
     } else {
         let ids = vibeoffload::run::random_ids(a.timing.prompt_len, a.timing.seed, vocab);
@@ -494,12 +490,12 @@ fn run_engine(a: RunArgs) -> Result<String> {
             &mut engine,
             &ids,
             a.timing.gen_tokens,
-            &mut sample,
         )?);
     }
     if a.dump.is_some() && forward.is_none() {
         anyhow::bail!(UsageError::new("--dump needs --input-ids"));
     }
+    let peak = sampler.map(gpu::PeakSampler::finish);
     let vram = VramUse {
         engine_weight_bytes: engine.device_weight_bytes(),
         engine_kv_cache_bytes: engine.kv_cache_bytes(),
@@ -550,7 +546,12 @@ fn bench(a: BenchArgs) -> Result<String> {
             "--layers {n} is more than the model's {layers} layers"
         )));
     }
-    let plan = engine_plan(&a.plan)?;
+    let mut plan = engine_plan(&a.plan)?;
+    if a.plan.max_seq_len.is_none() {
+        // Just what the runs need (decode's warm-up feeds the prompt and 2 tokens), so the
+        // estimate and the measurement describe the same buffers.
+        plan.max_seq_len = (a.timing.prompt_len + a.timing.gen_tokens.max(3)) as u64;
+    }
     let options = BenchOptions {
         engine: engine_options(&a.engine, &plan, &a.gpu)?,
         plan,
@@ -644,7 +645,7 @@ fn plan_options(a: &PlanArgs) -> Result<PlanOptions> {
         },
         offload_prediction_head: a.offload_prediction_head,
         batch: a.batch,
-        max_seq_len: a.max_seq_len,
+        max_seq_len: a.max_seq_len.unwrap_or(4096),
         placement: match a.placement {
             PlacementArg::Last => Placement::Last,
             PlacementArg::First => Placement::First,

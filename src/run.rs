@@ -57,13 +57,11 @@ pub fn random_ids(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
 }
 
 /// Runs `warmup` untimed and `runs` timed forward passes over `ids` from an empty cache.
-/// `after_pass` is called after each timed pass (to sample VRAM, say).
 pub fn test_speed(
     engine: &mut Engine,
     ids: &[u32],
     warmup: usize,
     runs: usize,
-    mut after_pass: impl FnMut(),
 ) -> Result<TestSpeed> {
     for _ in 0..warmup {
         engine.reset();
@@ -78,7 +76,6 @@ pub fn test_speed(
         engine.forward(ids)?;
         engine.synchronize()?;
         runs_ms.push(started.elapsed().as_secs_f64() * 1e3);
-        after_pass();
     }
     let transfer = engine.transfer_stats()?;
     let total: f64 = runs_ms.iter().sum();
@@ -98,12 +95,7 @@ pub fn test_speed(
 
 /// Prefills `prompt`, then generates `tokens` tokens greedily. A short untimed warm-up (the
 /// prompt and two tokens) runs first.
-pub fn decode(
-    engine: &mut Engine,
-    prompt: &[u32],
-    tokens: usize,
-    mut after_token: impl FnMut(),
-) -> Result<Decode> {
+pub fn decode(engine: &mut Engine, prompt: &[u32], tokens: usize) -> Result<Decode> {
     let tokens = tokens.max(1);
     let step = |engine: &mut Engine, ids: &[u32]| -> Result<u32> {
         let hidden = engine.forward(ids)?;
@@ -126,7 +118,6 @@ pub fn decode(
     while generated.len() < tokens {
         let last = *generated.last().expect("one token");
         generated.push(step(engine, &[last])?);
-        after_token();
     }
     let rest_ms = decode_started.elapsed().as_secs_f64() * 1e3;
     let ms_per_token = if tokens > 1 {
@@ -244,9 +235,10 @@ pub fn bench(
         DeviceChoice::Cuda(i) => Some(i as u32),
         DeviceChoice::Cpu => None,
     };
-    let used = || gpu_index.and_then(|i| crate::gpu::used_bytes(i).ok());
     // Before anything touches the GPU: what other processes hold.
-    let baseline = used();
+    let baseline = gpu_index
+        .and_then(|i| crate::gpu::PeakSampler::start(i).ok())
+        .map(crate::gpu::PeakSampler::finish);
     let device = match gpu_index {
         Some(i) => crate::gpu::query(i)
             .map_or_else(|_| format!("GPU {i}"), |g| format!("GPU {i} {}", g.name)),
@@ -271,16 +263,12 @@ pub fn bench(
         let mut engine = Engine::load(info, &options, |_, _| {})?;
         engine.synchronize()?;
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut peak = used();
-        let mut sample = || {
-            if let (Some(p), Some(u)) = (peak.as_mut(), used()) {
-                *p = (*p).max(u);
-            }
-        };
         progress(format!("{n} GPU layers: test-speed"));
-        let speed = test_speed(&mut engine, &ids, 1, o.runs, &mut sample)?;
+        let sampler = gpu_index.and_then(|i| crate::gpu::PeakSampler::start(i).ok());
+        let speed = test_speed(&mut engine, &ids, 1, o.runs)?;
         progress(format!("{n} GPU layers: decode"));
-        let dec = decode(&mut engine, &ids, o.gen_tokens, &mut sample)?;
+        let dec = decode(&mut engine, &ids, o.gen_tokens)?;
+        let peak = sampler.map(crate::gpu::PeakSampler::finish);
         drop(engine);
         let measured_peak_bytes = baseline.zip(peak).map(|(b, p)| p.saturating_sub(b));
         rows.push(BenchRow {

@@ -54,7 +54,10 @@ fn values(t: &Tensor) -> Vec<f32> {
 fn trace(engine: &mut Engine) -> Vec<Vec<f32>> {
     engine.reset();
     let mut out = Vec::new();
-    let hidden = engine.forward(&[5, 17, 99, 3, 150]).unwrap();
+    // 11 tokens: more than the fused decode path takes; then single tokens, which it takes.
+    let hidden = engine
+        .forward(&[5, 17, 99, 3, 150, 1, 2, 3, 4, 5, 6])
+        .unwrap();
     out.push(values(&hidden));
     for id in [7u32, 190, 0] {
         let hidden = engine.forward(&[id]).unwrap();
@@ -351,7 +354,8 @@ fn hidden_states_match_a_float64_reference() {
     ] {
         let path = write_model(dir.path(), precision, false);
         let c = config(false);
-        let ids = [5u32, 17, 99, 3, 150, 7];
+        // 12 prompt tokens take the dequantise-and-multiply path, the 13th the fused decode path.
+        let ids = [5u32, 17, 99, 3, 150, 7, 42, 8, 120, 61, 2, 77, 190];
         let want = reference(&path, &c, &ids);
         let mut engine = load(
             &path,
@@ -360,9 +364,16 @@ fn hidden_states_match_a_float64_reference() {
                 ..EngineOptions::default()
             },
         );
-        // Prefill five tokens, then the sixth through the KV cache.
-        let prefill = engine.forward(&ids[..5]).unwrap().to_vec2::<f32>().unwrap();
-        let step = engine.forward(&ids[5..]).unwrap().to_vec2::<f32>().unwrap();
+        let prefill = engine
+            .forward(&ids[..12])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let step = engine
+            .forward(&ids[12..])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let got: Vec<&Vec<f32>> = prefill.iter().chain(step.iter()).collect();
         let mut worst = 0.0f64;
         for (g, w) in got.iter().zip(&want) {
@@ -377,4 +388,22 @@ fn hidden_states_match_a_float64_reference() {
         let norms: f64 = want.iter().flatten().map(|v| v.abs()).sum();
         assert!(norms > 1.0, "the reference is not trivially zero");
     }
+}
+
+#[test]
+fn long_prompts_are_prefilled_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain, false);
+    let options = EngineOptions {
+        gpu_layers: 2,
+        ..EngineOptions::default()
+    };
+    let ids: Vec<u32> = (0..520).map(|i| (i * 7 % 200) as u32).collect();
+    let mut engine = load(&path, &options);
+    let whole = values(&engine.forward(&ids).unwrap());
+    engine.reset();
+    let mut split = values(&engine.forward(&ids[..512]).unwrap());
+    split.extend(values(&engine.forward(&ids[512..]).unwrap()));
+    assert_eq!(whole.len(), 520 * 64);
+    assert!(whole == split, "one call must equal 512 + 8 tokens");
 }

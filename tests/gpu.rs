@@ -113,7 +113,9 @@ fn trace(path: &Path, options: &EngineOptions) -> Vec<Vec<u32>> {
     let mut out = Vec::new();
     for _ in 0..2 {
         engine.reset();
-        let h = engine.forward(&[3, 1, 4, 1, 5, 9, 2, 6]).unwrap();
+        let h = engine
+            .forward(&[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+            .unwrap();
         out.push(bits(&h));
         for id in [5u32, 3, 5] {
             let h = engine.forward(&[id]).unwrap();
@@ -193,4 +195,46 @@ fn gpu_and_cpu_agree_to_bf16_precision() {
         .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
         .fold(0.0f32, f32::max);
     assert!(worst < 0.05, "worst relative difference {worst}");
+}
+
+#[test]
+fn fused_float8_matvec_matches_the_cpu() {
+    use vibeoffload::engine::matvec;
+    let (n_out, n_in) = (300, 512);
+    let codes: Vec<u8> = (0..n_out * n_in)
+        .map(|i| ((i * 37 + 11) % 251) as u8 & 0xf7)
+        .collect();
+    let x: Vec<f32> = (0..3 * n_in)
+        .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
+        .collect();
+    let scale: Vec<f32> = (0..n_out).map(|i| 0.5 + i as f32 * 0.01).collect();
+    let run = |device: &Device, per_row: bool| -> Vec<f32> {
+        let w = raw(Stored::F8E4M3, &[n_out, n_in], &codes, device);
+        let x = Tensor::from_slice(&x, (3, n_in), device)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let s = per_row.then(|| Tensor::from_slice(&scale, n_out, device).unwrap());
+        let y = matvec::linear(&x, &w, s.as_ref()).unwrap();
+        y.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for per_row in [false, true] {
+        let (cpu, gpu) = (run(&Device::Cpu, per_row), run(&cuda(), per_row));
+        let worst = cpu
+            .iter()
+            .zip(&gpu)
+            .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-2,
+            "scale per row {per_row}: worst relative difference {worst}"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! pinned host buffers, and the streaming slots with their copy stream and events.
 
 use super::dequant::Dequantize;
+use super::matvec::F8MatVec;
 use super::streamer::{CopyTiming, HostLayer};
 use crate::dtype::DType as StoredDType;
 use anyhow::{anyhow, Result};
@@ -83,6 +84,90 @@ DEQUANT(dequant_f8_f32, 0, false)
 DEQUANT(dequant_bf16_f32, 1, false)
 DEQUANT(dequant_f16_f32, 2, false)
 DEQUANT(dequant_f32_f32, 3, false)
+
+// Float8 to bf16, eight elements per thread (8-byte loads, 16-byte stores), for the common case:
+// n and the row length multiples of 8, the source 8-byte aligned, scale blocks multiples of 8.
+extern "C" __global__ void dequant_f8_bf16_x8(const u8* src, u16* dst, const float* scale, int has_scale,
+                                              long long scale_rows, long long blocks, long long cols, long long n8) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    long long block_width = cols / blocks;
+    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < n8; g += stride) {
+        uint2 p = ((const uint2*)src)[g];
+        float s = 1.f;
+        if (has_scale) {
+            long long i = g * 8, row = i / cols, col = i % cols;
+            s = scale[(scale_rows == 1 ? 0 : row) * blocks + col / block_width];
+        }
+        u32 out[4];
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            u32 word = j < 2 ? p.x : p.y;
+            u32 lo = (word >> ((j & 1) * 16)) & 0xffu, hi = (word >> ((j & 1) * 16 + 8)) & 0xffu;
+            out[j] = (u32)to_bf16(f8e4m3((u8)lo) * s) | ((u32)to_bf16(f8e4m3((u8)hi) * s) << 16);
+        }
+        ((uint4*)dst)[g] = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+}
+
+// y[r, o] = scale * sum_i f8(w[o, i]) * x[r, i] for up to 8 rows of x: one warp per output row,
+// 16 weight bytes per lane per step, f32 accumulation, each weight byte read once.
+__device__ __forceinline__ float f8fast(u32 c) {
+    if ((c & 0x7fu) == 0x7fu) return __int_as_float(0x7fc00000);
+    float v = __int_as_float((int)((c & 0x7fu) << 20)) * 1.329227995784916e36f; // 2^120
+    return (c & 0x80u) ? -v : v;
+}
+
+__device__ __forceinline__ float bf16f(u16 b) { return __int_as_float(((int)b) << 16); }
+
+extern "C" __global__ void f8_matvec_bf16(const u8* w, const u16* x, u16* y, const float* scale,
+                                          int scale_mode, int rows, int n_in, int n_out) {
+    int o = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (o >= n_out) return;
+    const u8* wr = w + (long long)o * n_in;
+    float acc[8];
+    #pragma unroll
+    for (int r = 0; r < 8; r++) acc[r] = 0.f;
+    bool vec = ((((unsigned long long)wr) | ((unsigned long long)x)) & 15ull) == 0 && (n_in & 15) == 0;
+    if (vec) {
+        for (int k = lane * 16; k < n_in; k += 32 * 16) {
+            uint4 p = *(const uint4*)(wr + k);
+            u32 words[4] = {p.x, p.y, p.z, p.w};
+            float wv[16];
+            #pragma unroll
+            for (int j = 0; j < 16; j++) wv[j] = f8fast((words[j >> 2] >> ((j & 3) * 8)) & 0xffu);
+            #pragma unroll
+            for (int r = 0; r < 8; r++) {
+                if (r < rows) {
+                    const uint4* xp = (const uint4*)(x + (long long)r * n_in + k);
+                    uint4 a = xp[0], b = xp[1];
+                    u32 xw[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+                    float s = 0.f;
+                    #pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        s += wv[2 * j] * __int_as_float((int)(xw[j] << 16));
+                        s += wv[2 * j + 1] * __int_as_float((int)(xw[j] & 0xffff0000u));
+                    }
+                    acc[r] += s;
+                }
+            }
+        }
+    } else {
+        for (int k = lane; k < n_in; k += 32) {
+            float wv = f8fast(wr[k]);
+            #pragma unroll
+            for (int r = 0; r < 8; r++) if (r < rows) acc[r] += wv * bf16f(x[(long long)r * n_in + k]);
+        }
+    }
+    float s = scale_mode == 0 ? 1.f : scale[scale_mode == 1 ? 0 : o];
+    #pragma unroll
+    for (int r = 0; r < 8; r++) {
+        float v = acc[r];
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0 && r < rows) y[(long long)r * n_out + o] = to_bf16(v * s);
+    }
+}
 "#;
 
 fn ptx() -> candle_core::Result<&'static str> {
@@ -122,16 +207,31 @@ pub fn dequantize(
         candle_core::DType::F32 => false,
         other => candle_core::bail!("dequantize: cannot produce {other:?}"),
     };
-    let name = format!(
-        "dequant_{src_name}_{}",
-        if bf16_out { "bf16" } else { "f32" }
-    );
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
     let (scale_rows, blocks) = op
         .scale
         .map_or((1, 1), |s| (s.rows as i64, s.blocks as i64));
-    let (has_scale, cols, n_arg) = (i32::from(scale.is_some()), cols as i64, n as i64);
-    let config = LaunchConfig::for_num_elems(n as u32);
+    // Eight elements per thread where rows, scale blocks and alignment allow it.
+    let by_eight = op.src == StoredDType::F8E4M3
+        && bf16_out
+        && n % 8 == 0
+        && cols % 8 == 0
+        && (cols as i64 / blocks) % 8 == 0
+        && start % 8 == 0;
+    let name = match by_eight {
+        true => "dequant_f8_bf16_x8".to_string(),
+        false => format!(
+            "dequant_{src_name}_{}",
+            if bf16_out { "bf16" } else { "f32" }
+        ),
+    };
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let per_thread = if by_eight { 8 } else { 1 };
+    let (has_scale, cols, n_arg) = (
+        i32::from(scale.is_some()),
+        cols as i64,
+        (n / per_thread) as i64,
+    );
+    let config = LaunchConfig::for_num_elems((n / per_thread) as u32);
     let scale_view = match scale {
         Some((s, l)) => {
             let (a, b) = l.contiguous_offsets().ok_or_else(|| {
@@ -350,4 +450,73 @@ pub fn pinned_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
     let ms = f64::from(start.elapsed_ms(&end)?);
     stream.synchronize()?;
     Ok(5.0 * bytes as f64 / (ms * 1e6))
+}
+
+/// The CUDA side of [`F8MatVec`]: bf16 activations, float8 weights, bf16 output.
+pub fn f8_matvec(
+    op: &F8MatVec,
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    scale: Option<(&CudaStorage, &Layout)>,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let contiguous = |l: &Layout| {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("f8 matvec: inputs must be contiguous".into()))
+    };
+    let (xa, xb) = contiguous(lx)?;
+    let (wa, wb) = contiguous(lw)?;
+    let xs = x.as_cuda_slice::<half::bf16>()?.slice(xa..xb);
+    let ws = w.as_cuda_slice::<u8>()?.slice(wa..wb);
+    let (n_in, n_out) = (op.in_features, op.out_features);
+    let rows = (xb - xa) / n_in;
+    if rows > super::matvec::MATVEC_MAX_ROWS {
+        candle_core::bail!(
+            "f8 matvec: {rows} rows, at most {}",
+            super::matvec::MATVEC_MAX_ROWS
+        );
+    }
+    let func = dev.get_or_load_custom_func("f8_matvec_bf16", MODULE, ptx()?)?;
+    // SAFETY: every element of `y` is written by lane 0 of its row's warp.
+    let y = unsafe { dev.alloc::<half::bf16>(rows * n_out)? };
+    let scale_view = match scale {
+        Some((s, l)) => {
+            let (a, b) = contiguous(l)?;
+            Some((s.as_cuda_slice::<f32>()?.slice(a..b), b - a))
+        }
+        None => None,
+    };
+    let scale_mode: i32 = match &scale_view {
+        None => 0,
+        Some((_, 1)) => 1,
+        Some(_) => 2,
+    };
+    let (rows_arg, in_arg, out_arg) = (rows as i32, n_in as i32, n_out as i32);
+    let mut b = func.builder();
+    b.arg(&ws);
+    b.arg(&xs);
+    b.arg(&y);
+    match &scale_view {
+        Some((v, _)) => b.arg(v),
+        // Never read when scale_mode is 0.
+        None => b.arg(&ws),
+    };
+    b.arg(&scale_mode);
+    b.arg(&rows_arg);
+    b.arg(&in_arg);
+    b.arg(&out_arg);
+    let threads = 256u32;
+    let config = LaunchConfig {
+        grid_dim: ((n_out as u32 * 32).div_ceil(threads), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the argument list matches the kernel's signature.
+    unsafe { b.launch(config) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev),
+        Shape::from((rows, n_out)),
+    ))
 }

@@ -3,6 +3,7 @@
 //! [`LayerStreamer`]. Buffers are sized with `plan::memory`, as the estimate is.
 
 pub mod dequant;
+pub mod matvec;
 pub mod model;
 pub mod streamer;
 
@@ -232,6 +233,19 @@ impl Engine {
                 self.max_seq_len
             );
         }
+        // Long prompts go through in chunks, which bounds the attention scores' memory
+        // (plan::memory::PREFILL_CHUNK_TOKENS, as the estimate assumes).
+        let mut outputs = Vec::new();
+        for chunk in ids.chunks(memory::PREFILL_CHUNK_TOKENS as usize) {
+            outputs.push(self.forward_chunk(chunk)?);
+        }
+        Ok(match outputs.len() {
+            1 => outputs.pop().expect("one chunk"),
+            _ => Tensor::cat(&outputs, 0)?,
+        })
+    }
+
+    fn forward_chunk(&mut self, ids: &[u32]) -> Result<Tensor> {
         let mut x = self.embed(ids)?.unsqueeze(0)?;
         let config = &self.info.config;
         for (i, cache) in self.caches.iter_mut().enumerate() {
@@ -241,7 +255,7 @@ impl Engine {
             drop(weights);
             self.streamer.release(i)?;
         }
-        self.position += t;
+        self.position += ids.len();
         model::rms_norm(&x.squeeze(0)?, &self.norm, config.rms_norm_eps)
     }
 
@@ -327,10 +341,18 @@ fn open_device(choice: DeviceChoice) -> Result<(Device, DType)> {
     match choice {
         DeviceChoice::Cpu => Ok((Device::Cpu, DType::F32)),
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(i) => Ok((
-            Device::new_cuda(i).map_err(|e| anyhow!("cannot open CUDA device {i}: {e}"))?,
-            DType::BF16,
-        )),
+        DeviceChoice::Cuda(i) => {
+            let device =
+                Device::new_cuda(i).map_err(|e| anyhow!("cannot open CUDA device {i}: {e}"))?;
+            if let Device::Cuda(d) = &device {
+                // SAFETY: every tensor is used on candle's one stream; the streamer's copy
+                // stream touches only slot memory, through raw pointers, ordered by its own
+                // events (engine::streamer, schedule points 1 and 2). cudarc's per-use event
+                // tracking would only add a record and a wait to every kernel launch.
+                unsafe { d.disable_event_tracking() };
+            }
+            Ok((device, DType::BF16))
+        }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => bail!(crate::UsageError::new(
             "--device cuda needs a build with CUDA: cargo build --release --features cuda (see scripts/build-cuda.sh)"

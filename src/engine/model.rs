@@ -3,6 +3,7 @@
 //! (from resident memory or a streaming slot: the decoder cannot tell) and are decoded at use.
 
 use super::dequant::{dequantize, RawTensor};
+use super::matvec;
 use crate::checkpoint::config::ModelConfig;
 use crate::checkpoint::inventory::SCALE_SUFFIXES;
 use anyhow::{anyhow, Result};
@@ -36,8 +37,13 @@ impl LayerWeights {
         let scale = SCALE_SUFFIXES
             .iter()
             .find_map(|s| self.tensors.get(&format!("{prefix}.{s}")));
-        let w = dequantize(weight, scale, x.dtype())?;
-        let y = x.broadcast_matmul(&w.t()?)?;
+        let y = if matvec::applies(x, weight, scale)? {
+            let scale = scale.map(|s| dequantize(s, None, DType::F32)).transpose()?;
+            matvec::linear(x, weight, scale.as_ref())?
+        } else {
+            let w = dequantize(weight, scale, x.dtype())?;
+            x.broadcast_matmul(&w.t()?)?
+        };
         Ok(if bias {
             y.broadcast_add(&self.vector(&format!("{prefix}.bias"), x.dtype())?)?
         } else {
@@ -181,14 +187,18 @@ pub fn rms_norm(x: &Tensor, weight: &RawTensor, eps: f64) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm(x, &w, eps as f32)?)
 }
 
-/// Logits of the last position: `x @ head^T`, decoding the head `rows_per_chunk` rows at a
-/// time so the bf16 copy never exceeds one chunk.
+/// Logits: `x @ head^T`, by the fused float8 path for a few rows, else decoding the head
+/// `rows_per_chunk` rows at a time so the bf16 copy never exceeds one chunk.
 pub fn lm_head(
     x: &Tensor,
     head: &RawTensor,
     scale: Option<&RawTensor>,
     rows_per_chunk: usize,
 ) -> Result<Tensor> {
+    if matvec::applies(x, head, scale)? {
+        let scale = scale.map(|s| dequantize(s, None, DType::F32)).transpose()?;
+        return Ok(matvec::linear(x, head, scale.as_ref())?.to_dtype(DType::F32)?);
+    }
     let rows = head.shape[0];
     let cols = head.shape[1];
     let row_bytes = cols * head.dtype.size_bytes() as usize;
