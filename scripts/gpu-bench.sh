@@ -3,7 +3,8 @@
 # tests, streamed-vs-resident identity on 7B, `bench` over the default layer counts (table,
 # JSON, plot), and the PyTorch baselines on the same checkpoint, all in one process tree so the
 # ratios are measured side by side. With BASELINE=path/to/bench.json it also fails on a
-# regression beyond 10% (the CI benchmark: `BASELINE=... scripts/gpu-bench.sh`).
+# regression beyond 10% (the CI benchmark: `BASELINE=... scripts/gpu-bench.sh`); SKIP_PYTORCH=1
+# leaves the PyTorch baselines out.
 # Results in $OUT: bench.json, bench.svg, pytorch.json, log.txt.
 source "$(dirname "$0")/gpu-env.sh"
 
@@ -38,7 +39,7 @@ for x in r["rows"]:
           f"{f(x['measured_peak_bytes'] and x['measured_peak_bytes']/2**30):>8} {f(x['estimate_error_pct'], 1):>6} {x['load_ms']/1e3:>6.1f}")
 PY
 
-if [[ -f scripts/pytorch_baseline.py ]]; then
+if [[ -f scripts/pytorch_baseline.py && -z ${SKIP_PYTORCH:-} ]]; then
   echo "== PyTorch baselines (same checkpoint, same prompt and generation lengths)"
   python3 scripts/pytorch_baseline.py "$model/vibevoice7b_float8_e4m3fn.safetensors" \
     --layers "${PT_LAYERS:-28,20,12,8,4}" --prompt-len 128 --gen-tokens 32 --device cuda --json "$out/pytorch.json" || echo "pytorch baseline failed"

@@ -238,3 +238,48 @@ fn fused_float8_matvec_matches_the_cpu() {
         );
     }
 }
+
+#[test]
+fn decode_attention_matches_the_cpu() {
+    use vibeoffload::engine::attention;
+    let (b, heads, kv, d, max, len) = (1, 28, 4, 128, 300, 257);
+    let run = |device: &Device| -> Vec<f32> {
+        let ramp = |n: usize, f: f64| {
+            Tensor::arange(0f32, n as f32, device)
+                .unwrap()
+                .affine(f, -0.3)
+                .unwrap()
+                .sin()
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let q = ramp(b * heads * d, 0.37).reshape((b, heads, 1, d)).unwrap();
+        let k = ramp(b * kv * max * d, 0.11)
+            .reshape((b, kv, max, d))
+            .unwrap()
+            .narrow(2, 0, len)
+            .unwrap();
+        let v = ramp(b * kv * max * d, 0.23)
+            .reshape((b, kv, max, d))
+            .unwrap()
+            .narrow(2, 0, len)
+            .unwrap();
+        let y = attention::attend(&q, &k, &v, kv).unwrap();
+        y.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
+    let worst = cpu
+        .iter()
+        .zip(&gpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 2e-2, "worst absolute difference {worst}");
+}

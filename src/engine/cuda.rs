@@ -1,6 +1,7 @@
 //! CUDA pieces of the engine: the dequantisation kernel (compiled by NVRTC at first use),
 //! pinned host buffers, and the streaming slots with their copy stream and events.
 
+use super::attention::DecodeAttention;
 use super::dequant::Dequantize;
 use super::matvec::F8MatVec;
 use super::streamer::{CopyTiming, HostLayer};
@@ -166,6 +167,68 @@ extern "C" __global__ void f8_matvec_bf16(const u8* w, const u16* x, u16* y, con
         #pragma unroll
         for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
         if (lane == 0 && r < rows) y[(long long)r * n_out + o] = to_bf16(v * s);
+    }
+}
+
+// One new token's attention for one (head, batch) per block: scores against the cache in
+// shared memory, softmax, weighted sum of values; K/V read in place with their strides.
+__device__ float block_reduce(float v, float* red, bool is_max) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int off = 16; off > 0; off >>= 1) {
+        float o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = is_max ? fmaxf(v, o) : v + o;
+    }
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float r = red[0];
+        for (int w = 1; w < warps; w++) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+        red[32] = r;
+    }
+    __syncthreads();
+    float r = red[32];
+    __syncthreads();
+    return r;
+}
+
+extern "C" __global__ void decode_attention_bf16(const u16* q, const u16* k, const u16* v, u16* out,
+                                                 int heads, int group, int len, int d, float scale,
+                                                 long long kb, long long kh, long long kt,
+                                                 long long vb, long long vh, long long vt) {
+    extern __shared__ float sh[];
+    float* qs = sh;
+    float* red = sh + d;
+    float* sc = red + 33;
+    int h = blockIdx.x, bi = blockIdx.y, kvh = h / group;
+    const u16* qh = q + ((long long)bi * heads + h) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = bf16f(qh[i]);
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const u16* kbase = k + bi * kb + kvh * kh;
+    for (int j = warp; j < len; j += warps) {
+        const u16* kr = kbase + (long long)j * kt;
+        float s = 0.f;
+        for (int i = lane; i < d; i += 32) s += qs[i] * bf16f(kr[i]);
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) sc[j] = s * scale;
+    }
+    __syncthreads();
+    float m = -3.402823466e38f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sc[j]);
+    m = block_reduce(m, red, true);
+    float total = 0.f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        float e = __expf(sc[j] - m);
+        sc[j] = e;
+        total += e;
+    }
+    total = block_reduce(total, red, false);
+    const u16* vbase = v + bi * vb + kvh * vh;
+    u16* o = out + ((long long)bi * heads + h) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < len; j++) acc += sc[j] * bf16f(vbase[(long long)j * vt + i]);
+        o[i] = to_bf16(acc / total);
     }
 }
 "#;
@@ -518,5 +581,63 @@ pub fn f8_matvec(
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev),
         Shape::from((rows, n_out)),
+    ))
+}
+
+/// The CUDA side of [`DecodeAttention`]: bf16 q, K, V; K and V as `(offset, batch, head,
+/// position)` strides into their storage.
+pub fn decode_attention(
+    op: &DecodeAttention,
+    q: &CudaStorage,
+    lq: &Layout,
+    k: &CudaStorage,
+    (ko, kb, kh, kt): (usize, usize, usize, usize),
+    v: &CudaStorage,
+    (vo, vb, vh, vt): (usize, usize, usize, usize),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = q.device().clone();
+    let (qa, qb) = lq
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("decode attention: q must be contiguous".into()))?;
+    let batch = lq.dims()[0];
+    let qs = q.as_cuda_slice::<half::bf16>()?.slice(qa..qb);
+    let ks = k.as_cuda_slice::<half::bf16>()?.slice(ko..);
+    let vs = v.as_cuda_slice::<half::bf16>()?.slice(vo..);
+    let func = dev.get_or_load_custom_func("decode_attention_bf16", MODULE, ptx()?)?;
+    let n = batch * op.heads * op.head_dim;
+    // SAFETY: each block writes its head's `head_dim` outputs.
+    let out = unsafe { dev.alloc::<half::bf16>(n)? };
+    let (heads, group, len, d) = (
+        op.heads as i32,
+        (op.heads / op.kv_heads) as i32,
+        op.len as i32,
+        op.head_dim as i32,
+    );
+    let scale = 1.0f32 / (op.head_dim as f32).sqrt();
+    let strides = [kb, kh, kt, vb, vh, vt].map(|s| s as i64);
+    let mut b = func.builder();
+    b.arg(&qs);
+    b.arg(&ks);
+    b.arg(&vs);
+    b.arg(&out);
+    b.arg(&heads);
+    b.arg(&group);
+    b.arg(&len);
+    b.arg(&d);
+    b.arg(&scale);
+    for s in &strides {
+        b.arg(s);
+    }
+    let config = LaunchConfig {
+        grid_dim: (op.heads as u32, batch as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: ((op.head_dim + 33 + op.len) * 4) as u32,
+    };
+    // SAFETY: the argument list matches the kernel's signature; shared memory holds q, the
+    // reduction scratch and `len` scores (at most 8192, checked by attention::applies).
+    unsafe { b.launch(config) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((batch, op.heads, 1, op.head_dim)),
     ))
 }

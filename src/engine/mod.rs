@@ -2,6 +2,7 @@
 //! with N decoder layers resident on the device and the rest streamed from host memory by the
 //! [`LayerStreamer`]. Buffers are sized with `plan::memory`, as the estimate is.
 
+pub mod attention;
 pub mod dequant;
 pub mod matvec;
 pub mod model;
@@ -21,6 +22,7 @@ use dequant::{dequantize, RawTensor};
 use model::{LayerWeights, Rope};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 use streamer::{HostBytes, HostLayer, LayerStreamer, PackedTensor, Residency, Slots};
 
 pub use streamer::TransferStats;
@@ -136,6 +138,7 @@ impl Engine {
                     weights.tensors.insert(rest(t, i), upload(t)?);
                     device_weight_bytes += t.size_bytes();
                 }
+                weights.vectors = Arc::new(LayerWeights::decode_vectors(&weights.tensors, dtype)?);
                 layers.push(Residency::Resident(weights));
             } else {
                 let (offsets, size) = memory::packed_layout(tensors.iter().copied());
@@ -153,11 +156,17 @@ impl Engine {
                         len: data.len(),
                     });
                 }
+                let vectors = tensors
+                    .iter()
+                    .filter(|t| t.shape.len() == 1)
+                    .map(|t| Ok((rest(t, i), upload(t)?)))
+                    .collect::<Result<HashMap<_, _>>>()?;
                 layers.push(Residency::Streamed(host.len()));
                 host.push(HostLayer {
                     layer: i,
                     tensors: packed,
                     bytes: bytes.into_host_bytes(),
+                    vectors: Arc::new(LayerWeights::decode_vectors(&vectors, dtype)?),
                 });
             }
             progress(i + 1, num_layers);

@@ -2,6 +2,7 @@
 //! biases and rotary embeddings, SiLU MLP. Weights arrive per layer as raw checkpoint bytes
 //! (from resident memory or a streaming slot: the decoder cannot tell) and are decoded at use.
 
+use super::attention;
 use super::dequant::{dequantize, RawTensor};
 use super::matvec;
 use crate::checkpoint::config::ModelConfig;
@@ -10,12 +11,16 @@ use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// One decoder layer's tensors, by name relative to `layers.{i}.`.
 #[derive(Clone, Debug, Default)]
 pub struct LayerWeights {
     /// Raw tensors.
     pub tensors: HashMap<String, RawTensor>,
+    /// Its vectors (norm weights, biases) decoded once at load in the compute dtype and kept
+    /// on the device: a few KB that would otherwise cost a decode per use.
+    pub vectors: Arc<HashMap<String, Tensor>>,
 }
 
 impl LayerWeights {
@@ -27,7 +32,22 @@ impl LayerWeights {
 
     /// A vector (norm weight, bias) in `dtype`.
     fn vector(&self, name: &str, dtype: DType) -> Result<Tensor> {
-        Ok(dequantize(self.raw(name)?, None, dtype)?)
+        match self.vectors.get(name) {
+            Some(v) if v.dtype() == dtype => Ok(v.clone()),
+            _ => Ok(dequantize(self.raw(name)?, None, dtype)?),
+        }
+    }
+
+    /// Decodes this layer's vectors (1-D tensors) into `dtype`, for [`LayerWeights::vectors`].
+    pub fn decode_vectors(
+        tensors: &HashMap<String, RawTensor>,
+        dtype: DType,
+    ) -> Result<HashMap<String, Tensor>> {
+        tensors
+            .iter()
+            .filter(|(_, t)| t.shape.len() == 1)
+            .map(|(name, t)| Ok((name.clone(), dequantize(t, None, dtype)?)))
+            .collect()
     }
 
     /// `x @ W^T (+ b)` for the linear layer `prefix` (`self_attn.q_proj`), decoding W with
@@ -125,20 +145,23 @@ pub fn decoder_layer(
     let q = rope.apply(&q, offset)?;
     let k = rope.apply(&k, offset)?;
     let (k, v) = cache.append(&k, &v)?;
-    let k = repeat_kv(k, heads / kv_heads)?;
-    let v = repeat_kv(v, heads / kv_heads)?;
-
-    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.to_dtype(DType::F32)?;
-    let scores = if t > 1 {
-        scores.broadcast_add(&causal_mask(t, offset, x.device())?)?
+    let attn = if attention::applies(&q, k.dim(2)?, hd)? {
+        attention::attend(&q, &k, &v, kv_heads)?.reshape((b, t, heads * hd))?
     } else {
-        scores
+        let k = repeat_kv(k, heads / kv_heads)?;
+        let v = repeat_kv(v, heads / kv_heads)?;
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.to_dtype(DType::F32)?;
+        let scores = if t > 1 {
+            scores.broadcast_add(&causal_mask(t, offset, x.device())?)?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, heads * hd))?
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    let attn = probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, t, heads * hd))?;
     let x = (x + w.linear(&attn, "self_attn.o_proj", false)?)?;
 
     let normed = candle_nn::ops::rms_norm(

@@ -7,9 +7,10 @@
 //! 1. Use u may be copied once the compute of use u - S (the slot's previous occupant) is done:
 //!    the copy stream waits for that event, so a slot is never overwritten while read.
 //! 2. Before layer u computes, the compute stream waits for u's copy to finish.
-//! 3. When u is requested, copies are issued ahead for uses up to u + depth (depth <= S - 1),
-//!    which crosses forward passes: the next token's first offloaded layers load while this
-//!    token's last (resident) layers compute.
+//! 3. When u is requested, copies are issued ahead for uses up to u + depth (depth <= S - 1);
+//!    when u is released, up to u + 1 + depth, since u's slot may now be refilled (point 1).
+//!    This crosses forward passes: the next token's first streamed layers load, into every
+//!    slot, while this token's resident layers compute.
 //! 4. With no more offloaded layers than slots, each slot keeps its layer: copied once.
 
 use super::dequant::RawTensor;
@@ -64,6 +65,8 @@ pub struct HostLayer {
     pub tensors: Vec<PackedTensor>,
     /// The packed bytes.
     pub bytes: HostBytes,
+    /// Its vectors, decoded and resident on the device (see [`LayerWeights::vectors`]).
+    pub vectors: std::sync::Arc<HashMap<String, Tensor>>,
 }
 
 /// Where each layer's weights are.
@@ -286,13 +289,7 @@ impl LayerStreamer {
             self.issue(u)?;
             self.issued = u + 1;
         }
-        // Schedule point 3: run copies ahead, never into a slot still being read.
-        if !self.is_static() {
-            while self.issued <= u + self.depth as u64 {
-                self.issue(self.issued)?;
-                self.issued += 1;
-            }
-        }
+        self.prefetch(u + self.depth as u64)?;
         let slot = self.slot_of(u);
         self.slots.wait(slot)?;
         self.current = Some(u);
@@ -312,7 +309,10 @@ impl LayerStreamer {
                 ))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        Ok(LayerWeights { tensors })
+        Ok(LayerWeights {
+            tensors,
+            vectors: host.vectors.clone(),
+        })
     }
 
     /// Says the compute that reads layer `layer`'s weights has been issued.
@@ -325,6 +325,22 @@ impl LayerStreamer {
             let slot = self.slot_of(u);
             self.slots.release(slot)?;
             self.next_use = u + 1;
+            if self.depth > 0 {
+                self.prefetch(u + 1 + self.depth as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Schedule point 3: issues copies for uses up to `last`, never into a slot whose reader
+    /// has not been released.
+    fn prefetch(&mut self, last: u64) -> Result<()> {
+        if self.is_static() {
+            return Ok(());
+        }
+        while self.issued <= last {
+            self.issue(self.issued)?;
+            self.issued += 1;
         }
         Ok(())
     }

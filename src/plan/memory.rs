@@ -67,6 +67,16 @@ pub fn packed_layer_bytes_of(inventory: &Inventory, layer: usize) -> u64 {
     packed_layer_bytes(inventory.part_tensors(Part::Layer(layer)))
 }
 
+/// Every decoder layer's vectors (norm weights, biases) decoded to bf16 and kept on the
+/// device, streamed layers included (engine::model::LayerWeights::vectors).
+pub fn decoded_vector_bytes(inventory: &Inventory) -> u64 {
+    (0..inventory.num_layers())
+        .flat_map(|i| inventory.part_tensors(Part::Layer(i)))
+        .filter(|t| t.shape.len() == 1)
+        .map(|t| t.numel() * ACTIVATION_BYTES)
+        .sum()
+}
+
 /// Keys and values of `layers` layers for `sequences` sequences of up to `max_seq_len` tokens.
 pub fn kv_cache_bytes(config: &ModelConfig, sequences: u64, max_seq_len: u64, layers: u64) -> u64 {
     let per_token = 2 * (config.num_key_value_heads * config.head_dim) as u64 * KV_BYTES;

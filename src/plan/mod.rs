@@ -121,8 +121,9 @@ pub struct VramEstimate {
     pub offloaded_layers: usize,
     /// CUDA context, cuBLAS workspace, kernels.
     pub cuda_context_bytes: u64,
-    /// Final norm, LM head (the embedding when tied) and, in full scope, the other VibeVoice
-    /// parts; the embedding itself stays in host memory.
+    /// Final norm, LM head (the embedding when tied), every layer's norm weights and biases
+    /// decoded to bf16 and, in full scope, the other VibeVoice parts; the embedding itself stays
+    /// in host memory.
     pub non_layer_weights_bytes: u64,
     /// The resident decoder layers.
     pub resident_layers_bytes: u64,
@@ -189,7 +190,8 @@ pub fn estimate(
             parts.push(Part::PredictionHead);
         }
     }
-    let non_layer_weights_bytes = parts.iter().map(|&p| inventory.part_bytes(p)).sum();
+    let non_layer_weights_bytes = parts.iter().map(|&p| inventory.part_bytes(p)).sum::<u64>()
+        + memory::decoded_vector_bytes(inventory);
 
     let config = &model.config;
     let sequences = options.sequences();
@@ -321,7 +323,9 @@ mod tests {
         let inv = &m.inventory;
         assert_eq!(
             lm.non_layer_weights_bytes,
-            inv.part_bytes(Part::FinalNorm) + inv.part_bytes(Part::LmHead),
+            inv.part_bytes(Part::FinalNorm)
+                + inv.part_bytes(Part::LmHead)
+                + memory::decoded_vector_bytes(inv),
             "the embedding stays in host memory"
         );
         assert_eq!(

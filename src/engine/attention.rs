@@ -1,0 +1,187 @@
+//! Attention of one new token against the KV cache, in one op: the decode path's scores,
+//! softmax and weighted sum, with grouped-query heads read in place from the cache (no
+//! repeated K/V copies, no f32 round trips through memory).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// `softmax(q K^T / sqrt(d)) V` for `q` `[b, heads, 1, d]` against `k`, `v` `[b, kv_heads, len, d]`
+/// (any strides, as the cache's views have); the result is `[b, heads, 1, d]`.
+#[derive(Clone, Debug)]
+pub struct DecodeAttention {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Cached positions.
+    pub len: usize,
+    /// Head width.
+    pub head_dim: usize,
+}
+
+/// Strides `[batch, head, position]` of a `[b, h, len, d]` view whose last dimension is dense.
+fn strides(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let s = l.stride();
+    if s.len() != 4 || s[3] != 1 {
+        candle_core::bail!("decode attention: K/V rows must be dense, got strides {s:?}");
+    }
+    Ok((l.start_offset(), s[0], s[1], s[2]))
+}
+
+impl DecodeAttention {
+    fn cpu_values(s: &CpuStorage) -> Result<(Vec<f32>, bool)> {
+        Ok(match s {
+            CpuStorage::F32(v) => (v.clone(), false),
+            CpuStorage::BF16(v) => (v.iter().map(|x| x.to_f32()).collect(), true),
+            _ => candle_core::bail!("decode attention: f32 or bf16 only"),
+        })
+    }
+}
+
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "vibeoffload-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, bf16) = Self::cpu_values(q)?;
+        let (k, _) = Self::cpu_values(k)?;
+        let (v, _) = Self::cpu_values(v)?;
+        let Some((qa, _)) = lq.contiguous_offsets() else {
+            candle_core::bail!("decode attention: q must be contiguous");
+        };
+        let (ko, kb, kh, kt) = strides(lk)?;
+        let (vo, vb, vh, vt) = strides(lv)?;
+        let (d, b) = (self.head_dim, lq.dims()[0]);
+        let group = self.heads / self.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; b * self.heads * d];
+        for bi in 0..b {
+            for h in 0..self.heads {
+                let qh = &q[qa + (bi * self.heads + h) * d..][..d];
+                let kvh = h / group;
+                let scores: Vec<f32> = (0..self.len)
+                    .map(|j| {
+                        let kr = &k[ko + bi * kb + kvh * kh + j * kt..][..d];
+                        qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f32 = exps.iter().sum();
+                let o = &mut out[(bi * self.heads + h) * d..][..d];
+                for (j, e) in exps.iter().enumerate() {
+                    let vr = &v[vo + bi * vb + kvh * vh + j * vt..][..d];
+                    for (acc, x) in o.iter_mut().zip(vr) {
+                        *acc += e / total * x;
+                    }
+                }
+            }
+        }
+        let storage = if bf16 {
+            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
+        } else {
+            CpuStorage::F32(out)
+        };
+        Ok((storage, Shape::from((b, self.heads, 1, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        lq: &Layout,
+        k: &candle_core::CudaStorage,
+        lk: &Layout,
+        v: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ko, kb, kh, kt) = strides(lk)?;
+        let (vo, vb, vh, vt) = strides(lv)?;
+        super::cuda::decode_attention(self, q, lq, k, (ko, kb, kh, kt), v, (vo, vb, vh, vt))
+    }
+}
+
+/// Whether [`attend`] takes this shape: one new token, head width at most 256 and a cache short
+/// enough for its scores to fit in shared memory.
+pub fn applies(q: &Tensor, len: usize, head_dim: usize) -> Result<bool> {
+    Ok(q.dim(2)? == 1 && head_dim <= 256 && len <= 8192)
+}
+
+/// Attention output `[b, heads, 1, d]` for `q` `[b, heads, 1, d]` and cache views `k`, `v`.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, kv_heads: usize) -> Result<Tensor> {
+    let (_, heads, _, d) = q.dims4()?;
+    let op = DecodeAttention {
+        heads,
+        kv_heads,
+        len: k.dim(2)?,
+        head_dim: d,
+    };
+    q.contiguous()?.apply_op3_no_bwd(k, v, &op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, D};
+
+    #[test]
+    fn matches_softmax_attention_on_cache_views() {
+        let dev = Device::Cpu;
+        let (b, heads, kv, d, max, len) = (2, 4, 2, 8, 10, 7);
+        let ramp = |n: usize, f: f32| {
+            Tensor::arange(0f32, n as f32, &dev)
+                .unwrap()
+                .affine(f as f64, -0.3)
+                .unwrap()
+                .sin()
+                .unwrap()
+        };
+        let q = ramp(b * heads * d, 0.37).reshape((b, heads, 1, d)).unwrap();
+        // Cache buffers longer than the filled part, viewed as the KV cache returns them.
+        let k_all = ramp(b * kv * max * d, 0.11)
+            .reshape((b, kv, max, d))
+            .unwrap();
+        let v_all = ramp(b * kv * max * d, 0.23)
+            .reshape((b, kv, max, d))
+            .unwrap();
+        let (k, v) = (
+            k_all.narrow(2, 0, len).unwrap(),
+            v_all.narrow(2, 0, len).unwrap(),
+        );
+        let fused = attend(&q, &k, &v, kv).unwrap();
+        let rep = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .expand((b, kv, heads / kv, len, d))
+                .unwrap()
+                .reshape((b, heads, len, d))
+                .unwrap()
+        };
+        let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let reference = probs.matmul(&rep(&v)).unwrap();
+        let diff = (fused - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_keepdim(D::Minus1)
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(
+            diff.to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-5
+        );
+    }
+}
