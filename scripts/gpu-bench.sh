@@ -4,8 +4,9 @@
 # JSON, plot), and the PyTorch baselines on the same checkpoint, all in one process tree so the
 # ratios are measured side by side. With BASELINE=path/to/bench.json it also fails on a
 # regression beyond 10% (the CI benchmark: `BASELINE=... scripts/gpu-bench.sh`); SKIP_PYTORCH=1
-# leaves the PyTorch baselines out.
-# Results in $OUT: bench.json, bench.svg, pytorch.json, log.txt.
+# leaves the PyTorch baselines out; BATCH=4 adds a bench of 4 sequences decoded together
+# (BATCH_LAYERS, default 28,8,0).
+# Results in $OUT: bench.json, bench.svg, bench-batch.json, pytorch.json, log.txt.
 source "$(dirname "$0")/gpu-env.sh"
 
 echo "== GPU tests"
@@ -38,6 +39,19 @@ for x in r["rows"]:
           f"{f(x['vs_bound']):>7} {x['achieved_gbps']:>6.1f} {x['overlap_pct']:>7.1f} {x['estimate_bytes']/2**30:>8.2f} "
           f"{f(x['measured_peak_bytes'] and x['measured_peak_bytes']/2**30):>8} {f(x['estimate_error_pct'], 1):>6} {x['load_ms']/1e3:>6.1f}")
 PY
+
+if [[ -n ${BATCH:-} ]]; then
+  echo "== bench, batch $BATCH (copies shared by the batch)"
+  "$bin" bench --model-path "$model" --batch "$BATCH" --layers "${BATCH_LAYERS:-28,8,0}" --json > "$out/bench-batch.json"
+  python3 - "$out/bench-batch.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for x in r["rows"]:
+    print(f"N={x['gpu_layers']:>2} batch {r['batch']}: {x['decode_ms_per_token']:.2f} ms/step, "
+          f"{x['tokens_per_s']:.1f} tokens/s, estimate {x['estimate_bytes']/2**30:.2f} GiB, "
+          f"measured {x['measured_peak_bytes']/2**30:.2f} GiB")
+PY
+fi
 
 if [[ -f scripts/pytorch_baseline.py && -z ${SKIP_PYTORCH:-} ]]; then
   echo "== PyTorch baselines (same checkpoint, same prompt and generation lengths)"

@@ -388,11 +388,10 @@ fn engine_options(e: &EngineArgs, plan: &PlanOptions, g: &GpuArgs) -> Result<Eng
     })
 }
 
-/// Planner options for what the engine loads: the language model, one sequence.
+/// Planner options for what the engine loads: the language model, `--batch` sequences.
 fn engine_plan(a: &PlanArgs) -> Result<PlanOptions> {
     let mut plan = plan_options(a)?;
     plan.scope = Scope::LanguageModel;
-    plan.batch = 1;
     Ok(plan)
 }
 
@@ -485,10 +484,15 @@ fn run_engine(a: RunArgs) -> Result<String> {
             a.timing.runs,
         )?);
     } else {
-        let ids = vibeoffload::run::random_ids(a.timing.prompt_len, a.timing.seed, vocab);
+        let prompts = vibeoffload::run::random_prompts(
+            plan.batch as usize,
+            a.timing.prompt_len,
+            a.timing.seed,
+            vocab,
+        );
         decode = Some(vibeoffload::run::decode(
             &mut engine,
-            &ids,
+            &prompts,
             a.timing.gen_tokens,
         )?);
     }
@@ -511,6 +515,7 @@ fn run_engine(a: RunArgs) -> Result<String> {
         choice,
         estimate,
         load_ms,
+        load_phases: engine.load_timings(),
         test_speed,
         decode,
         forward,

@@ -631,6 +631,8 @@ pub struct RunReport {
     pub estimate: VramEstimate,
     /// Load time.
     pub load_ms: f64,
+    /// Where load time went.
+    pub load_phases: crate::engine::LoadTimings,
     /// Test-speed results (`--test-speed`).
     pub test_speed: Option<crate::run::TestSpeed>,
     /// Decode results (default mode).
@@ -667,6 +669,11 @@ impl RunReport {
             },
             self.load_ms
         );
+        let p = &self.load_phases;
+        out.push_str(&format!(
+            "load: device {:.0} ms, pin {:.0} ms, read {:.0} ms, upload {:.0} ms\n",
+            p.device_ms, p.pin_ms, p.read_ms, p.upload_ms
+        ));
         let transfer = if let Some(t) = &self.test_speed {
             let runs: Vec<String> = t.runs_ms.iter().map(|ms| format!("{ms:.1}")).collect();
             out.push_str(&format!(
@@ -681,8 +688,8 @@ impl RunReport {
             Some(&t.transfer)
         } else if let Some(d) = &self.decode {
             out.push_str(&format!(
-                "decode: {} prompt tokens, {} generated; time to first token {:.1} ms; {:.2} ms/token ({:.1} tokens/s)\n",
-                d.prompt_tokens, d.generated_tokens, d.ttft_ms, d.ms_per_token, d.tokens_per_s
+                "decode: batch {}, {} prompt tokens, {} generated; time to first token {:.1} ms; {:.2} ms/token ({:.1} tokens/s)\n",
+                d.batch, d.prompt_tokens, d.generated_tokens, d.ttft_ms, d.ms_per_token, d.tokens_per_s
             ));
             Some(&d.transfer)
         } else {
@@ -741,7 +748,7 @@ impl crate::run::BenchReport {
     /// The report as a table.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "model: {} ({} layers of {} bytes) on {}\npinned host-to-device bandwidth: {}\nprefill {} tokens; decode {} tokens after a {}-token prompt\n",
+            "model: {} ({} layers of {} bytes) on {}\npinned host-to-device bandwidth: {}\nprefill {} tokens; decode {} tokens after a {}-token prompt, batch {}\n",
             self.model.source,
             self.model.layers,
             self.model.layer_bytes,
@@ -749,7 +756,8 @@ impl crate::run::BenchReport {
             self.pinned_gbps.map_or("not measured (CPU)".into(), |g| format!("{g:.1} GB/s")),
             self.prompt_len,
             self.gen_tokens,
-            self.prompt_len
+            self.prompt_len,
+            self.batch
         );
         let mut t = table(vec![
             "GPU layers",
@@ -772,6 +780,7 @@ impl crate::run::BenchReport {
                 format!("{:.1}", r.load_ms / 1e3),
                 format!("{:.2}", r.test_speed_ms),
                 format!("{:.2}", r.decode_ms_per_token),
+                format!("{:.1}", r.tokens_per_s),
                 opt(r.bound_ms_per_token, 2),
                 opt(r.vs_bound, 2),
                 format!("{:.1}", r.achieved_gbps),

@@ -23,20 +23,22 @@ pub struct TestSpeed {
     pub estimated_overhead_pct: f64,
 }
 
-/// Greedy decoding with the KV cache.
+/// Greedy decoding with the KV cache, a batch of sequences in lockstep.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Decode {
-    /// Prompt tokens (prefilled in one pass).
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Prompt tokens per sequence (prefilled in one pass).
     pub prompt_tokens: usize,
-    /// Tokens generated.
+    /// Tokens generated per sequence.
     pub generated_tokens: usize,
     /// Prefill plus the first token.
     pub ttft_ms: f64,
-    /// Mean time of each further token.
+    /// Mean time of each further decoding step (one token for every sequence).
     pub ms_per_token: f64,
-    /// `1000 / ms_per_token`.
+    /// Tokens per second over the batch: `batch x 1000 / ms_per_token`.
     pub tokens_per_s: f64,
-    /// The generated ids.
+    /// The first sequence's generated ids.
     pub tokens: Vec<u32>,
     /// Copies during the timed decode.
     pub transfer: TransferStats,
@@ -93,31 +95,34 @@ pub fn test_speed(
     })
 }
 
-/// Prefills `prompt`, then generates `tokens` tokens greedily. A short untimed warm-up (the
-/// prompt and two tokens) runs first.
-pub fn decode(engine: &mut Engine, prompt: &[u32], tokens: usize) -> Result<Decode> {
+/// Prefills each prompt (all of one length), then generates `tokens` tokens greedily for each
+/// in lockstep. A short untimed warm-up (the prompts and two tokens) runs first.
+pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Result<Decode> {
     let tokens = tokens.max(1);
-    let step = |engine: &mut Engine, ids: &[u32]| -> Result<u32> {
-        let hidden = engine.forward(ids)?;
-        let last = hidden.get(ids.len() - 1)?;
-        Ok(engine.logits(&last)?.argmax(0)?.to_scalar::<u32>()?)
+    let step = |engine: &mut Engine, batch: &[Vec<u32>]| -> Result<Vec<u32>> {
+        let rows: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        let hidden = engine.forward_batch(&rows)?;
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+        Ok(engine.logits(&last)?.argmax(1)?.to_vec1::<u32>()?)
     };
+    let as_batch = |next: &[u32]| next.iter().map(|&t| vec![t]).collect::<Vec<_>>();
     engine.reset();
-    let mut next = step(engine, prompt)?;
+    let mut next = step(engine, prompts)?;
     for _ in 0..2 {
-        next = step(engine, &[next])?;
+        next = step(engine, &as_batch(&next))?;
     }
     engine.synchronize()?;
     engine.reset();
     engine.reset_stats()?;
 
     let started = Instant::now();
-    let mut generated = vec![step(engine, prompt)?];
+    let mut next = step(engine, prompts)?;
     let ttft_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut generated = vec![next[0]];
     let decode_started = Instant::now();
     while generated.len() < tokens {
-        let last = *generated.last().expect("one token");
-        generated.push(step(engine, &[last])?);
+        next = step(engine, &as_batch(&next))?;
+        generated.push(next[0]);
     }
     let rest_ms = decode_started.elapsed().as_secs_f64() * 1e3;
     let ms_per_token = if tokens > 1 {
@@ -126,14 +131,22 @@ pub fn decode(engine: &mut Engine, prompt: &[u32], tokens: usize) -> Result<Deco
         ttft_ms
     };
     Ok(Decode {
-        prompt_tokens: prompt.len(),
+        batch: prompts.len(),
+        prompt_tokens: prompts[0].len(),
         generated_tokens: generated.len(),
         ttft_ms,
         ms_per_token,
-        tokens_per_s: 1e3 / ms_per_token,
+        tokens_per_s: prompts.len() as f64 * 1e3 / ms_per_token,
         tokens: generated,
         transfer: engine.transfer_stats()?,
     })
+}
+
+/// `batch` prompts of `len` seeded random ids (seeds `seed`, `seed + 1`, ...).
+pub fn random_prompts(batch: usize, len: usize, seed: u64, vocab: usize) -> Vec<Vec<u32>> {
+    (0..batch as u64)
+        .map(|i| random_ids(len, seed + i, vocab))
+        .collect()
 }
 
 #[cfg(test)]
@@ -157,12 +170,16 @@ pub struct BenchRow {
     pub gpu_layers: usize,
     /// Load time.
     pub load_ms: f64,
+    /// Where load time went.
+    pub load_phases: crate::engine::LoadTimings,
     /// Mean test-speed pass (prefill of `prompt_len` tokens, no LM head).
     pub test_speed_ms: f64,
     /// Time to first token in decode mode.
     pub ttft_ms: f64,
-    /// Decode time per token.
+    /// Decode time per step (one token for each sequence of the batch).
     pub decode_ms_per_token: f64,
+    /// Tokens per second over the batch.
+    pub tokens_per_s: f64,
     /// Layer bytes streamed per decoded token.
     pub streamed_bytes_per_token: u64,
     /// Lower bound of decode time: max(streamed bytes / pinned bandwidth, resident decode time
@@ -199,6 +216,8 @@ pub struct BenchReport {
     pub prompt_len: usize,
     /// Tokens decoded per configuration.
     pub gen_tokens: usize,
+    /// Sequences decoded together.
+    pub batch: usize,
     /// One row per layer count.
     pub rows: Vec<BenchRow>,
 }
@@ -249,6 +268,12 @@ pub fn bench(
     let first = ModelInfo::open(path)?;
     let model = crate::report::ModelSummary::of(&first);
     let ids = random_ids(o.prompt_len, o.seed, first.config.vocab_size);
+    let prompts = random_prompts(
+        o.plan.batch as usize,
+        o.prompt_len,
+        o.seed,
+        first.config.vocab_size,
+    );
     drop(first);
     let mut rows = Vec::new();
     for &n in &o.layer_counts {
@@ -267,16 +292,19 @@ pub fn bench(
         let sampler = gpu_index.and_then(|i| crate::gpu::PeakSampler::start(i).ok());
         let speed = test_speed(&mut engine, &ids, 1, o.runs)?;
         progress(format!("{n} GPU layers: decode"));
-        let dec = decode(&mut engine, &ids, o.gen_tokens)?;
+        let dec = decode(&mut engine, &prompts, o.gen_tokens)?;
+        let load_phases = engine.load_timings();
         let peak = sampler.map(crate::gpu::PeakSampler::finish);
         drop(engine);
         let measured_peak_bytes = baseline.zip(peak).map(|(b, p)| p.saturating_sub(b));
         rows.push(BenchRow {
             gpu_layers: n,
             load_ms,
+            load_phases,
             test_speed_ms: speed.avg_ms,
             ttft_ms: dec.ttft_ms,
             decode_ms_per_token: dec.ms_per_token,
+            tokens_per_s: dec.tokens_per_s,
             streamed_bytes_per_token: estimate.pinned_host_bytes,
             bound_ms_per_token: None,
             vs_bound: None,
@@ -312,6 +340,7 @@ pub fn bench(
         pinned_gbps,
         prompt_len: o.prompt_len,
         gen_tokens: o.gen_tokens,
+        batch: o.plan.batch as usize,
         rows,
     })
 }
@@ -359,14 +388,17 @@ mod bench_tests {
             pinned_gbps: None,
             prompt_len: 1,
             gen_tokens: 1,
+            batch: 1,
             rows: ms
                 .iter()
                 .map(|&(n, t)| BenchRow {
                     gpu_layers: n,
                     load_ms: 0.0,
+                    load_phases: Default::default(),
                     test_speed_ms: 1.0,
                     ttft_ms: 0.0,
                     decode_ms_per_token: t,
+                    tokens_per_s: 0.0,
                     streamed_bytes_per_token: 0,
                     bound_ms_per_token: None,
                     vs_bound: None,

@@ -731,3 +731,29 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
     );
     fails(d, &["bench", "--layers", "9"], 2, &["--layers 9"]);
 }
+
+#[test]
+fn run_decodes_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "run",
+        "--batch",
+        "3",
+        "--num-gpu-layers",
+        "4",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "3",
+        "--json",
+    ];
+    let r: RunReport = serde_json::from_str(&ok(dir.path(), &args)).unwrap();
+    let d = r.decode.unwrap();
+    assert_eq!((d.batch, d.generated_tokens), (3, 3));
+    assert!((d.tokens_per_s - 3e3 / d.ms_per_token).abs() < 1e-6 * d.tokens_per_s);
+    // The estimate's KV cache holds the batch: 2 (k, v) x layers x 3 x 4096 x kv heads x dim x 2 bytes.
+    let c = &r.model.config;
+    let kv = 2 * c.num_hidden_layers * 3 * 4096 * c.num_key_value_heads * c.head_dim * 2;
+    assert_eq!(r.estimate.kv_cache_bytes, kv as u64);
+    assert!(r.load_phases.total_ms >= r.load_phases.upload_ms);
+}

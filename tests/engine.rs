@@ -407,3 +407,43 @@ fn long_prompts_are_prefilled_in_chunks() {
     assert_eq!(whole.len(), 520 * 64);
     assert!(whole == split, "one call must equal 512 + 8 tokens");
 }
+
+#[test]
+fn a_batch_decodes_each_sequence_as_if_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain, false);
+    let options = EngineOptions {
+        gpu_layers: 1,
+        ..EngineOptions::default()
+    };
+    let prompts: [&[u32]; 3] = [
+        &[5, 17, 99, 3, 150, 1, 2, 3, 4, 5],
+        &[9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+        &[1; 10],
+    ];
+    let mut engine = load(&path, &options);
+    let batched = engine.forward_batch(&prompts).unwrap();
+    let step = engine.forward_batch(&[&[7], &[8], &[9]]).unwrap();
+    assert_eq!(batched.dims(), [3, 10, 64]);
+    for (i, prompt) in prompts.iter().enumerate() {
+        engine.reset();
+        let alone = values(&engine.forward(prompt).unwrap());
+        let alone_step = values(&engine.forward(&[7 + i as u32]).unwrap());
+        let worst = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max)
+        };
+        assert!(
+            worst(&alone, &values(&batched.get(i).unwrap())) < 1e-5,
+            "prefill row {i}"
+        );
+        assert!(
+            worst(&alone_step, &values(&step.get(i).unwrap())) < 1e-5,
+            "decode row {i}"
+        );
+    }
+    let e = engine.forward_batch(&[&[1, 2], &[3]]).unwrap_err();
+    assert!(format!("{e:#}").contains("same length"));
+}

@@ -23,6 +23,7 @@ use model::{LayerWeights, Rope};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 use streamer::{HostBytes, HostLayer, LayerStreamer, PackedTensor, Residency, Slots};
 
 pub use streamer::TransferStats;
@@ -84,6 +85,26 @@ pub struct Engine {
     position: usize,
     max_seq_len: usize,
     device_weight_bytes: u64,
+    timings: LoadTimings,
+}
+
+/// Where load time went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadTimings {
+    /// Opening the device (CUDA context, cuBLAS).
+    pub device_ms: f64,
+    /// Allocating pinned host buffers for streamed layers.
+    pub pin_ms: f64,
+    /// Copying streamed layers from the mapped file into those buffers (page-cache reads).
+    pub read_ms: f64,
+    /// Uploading resident tensors from the mapped file to the device.
+    pub upload_ms: f64,
+    /// All of loading, the above included.
+    pub total_ms: f64,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 impl Engine {
@@ -106,10 +127,17 @@ impl Engine {
                 options.gpu_layers
             )));
         }
+        let started = Instant::now();
         let (device, dtype) = open_device(options.device)?;
+        let mut timings = LoadTimings {
+            device_ms: ms_since(started),
+            ..LoadTimings::default()
+        };
+        let upload_ms = std::cell::Cell::new(0.0);
         let upload = |t: &TensorInfo| -> Result<RawTensor> {
+            let started = Instant::now();
             let bytes = checkpoint.data(t);
-            Ok(RawTensor {
+            let raw = RawTensor {
                 dtype: t.dtype,
                 shape: t.shape.iter().map(|&d| d as usize).collect(),
                 bytes: Tensor::from_slice(bytes, bytes.len(), &device).with_context(|| {
@@ -119,7 +147,9 @@ impl Engine {
                         bytes.len()
                     )
                 })?,
-            })
+            };
+            upload_ms.set(upload_ms.get() + ms_since(started));
+            Ok(raw)
         };
         let prefix = format!("{}layers.", inventory.layout.lm_prefix());
         let rest = |t: &TensorInfo, layer: usize| {
@@ -142,7 +172,10 @@ impl Engine {
                 layers.push(Residency::Resident(weights));
             } else {
                 let (offsets, size) = memory::packed_layout(tensors.iter().copied());
+                let pin_started = Instant::now();
                 let mut bytes = host_buffer(&device, size as usize, options.pin_memory)?;
+                timings.pin_ms += ms_since(pin_started);
+                let read_started = Instant::now();
                 let mut packed = Vec::with_capacity(tensors.len());
                 for (t, &offset) in tensors.iter().zip(&offsets) {
                     let data = checkpoint.data(t);
@@ -156,6 +189,7 @@ impl Engine {
                         len: data.len(),
                     });
                 }
+                timings.read_ms += ms_since(read_started);
                 let vectors = tensors
                     .iter()
                     .filter(|t| t.shape.len() == 1)
@@ -212,6 +246,9 @@ impl Engine {
         let caches = (0..num_layers)
             .map(|_| KvCache::new(2, options.max_seq_len))
             .collect();
+        device.synchronize()?;
+        timings.upload_ms = upload_ms.get();
+        timings.total_ms = ms_since(started);
         Ok(Engine {
             device,
             dtype,
@@ -224,6 +261,7 @@ impl Engine {
             position: 0,
             max_seq_len: options.max_seq_len,
             device_weight_bytes,
+            timings,
             info,
         })
     }
@@ -231,9 +269,19 @@ impl Engine {
     /// Runs `ids` (one sequence) through the model after the tokens already in the cache and
     /// returns the final-normed hidden states, `[ids.len(), hidden]`, in the compute dtype.
     pub fn forward(&mut self, ids: &[u32]) -> Result<Tensor> {
-        let t = ids.len();
+        Ok(self.forward_batch(&[ids])?.squeeze(0)?)
+    }
+
+    /// Runs a batch of sequences of equal length, one row each, after the tokens already in
+    /// the cache; returns `[batch, tokens, hidden]`. The batch shares every weight copy, which
+    /// is what makes streamed decoding scale with the batch.
+    pub fn forward_batch(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
+        let t = batch.first().map_or(0, |ids| ids.len());
         if t == 0 {
             bail!("no input tokens");
+        }
+        if batch.iter().any(|ids| ids.len() != t) {
+            bail!("the sequences of a batch must have the same length");
         }
         if self.position + t > self.max_seq_len {
             bail!(
@@ -244,18 +292,21 @@ impl Engine {
         }
         // Long prompts go through in chunks, which bounds the attention scores' memory
         // (plan::memory::PREFILL_CHUNK_TOKENS, as the estimate assumes).
+        let chunk = memory::PREFILL_CHUNK_TOKENS as usize;
         let mut outputs = Vec::new();
-        for chunk in ids.chunks(memory::PREFILL_CHUNK_TOKENS as usize) {
-            outputs.push(self.forward_chunk(chunk)?);
+        for start in (0..t).step_by(chunk) {
+            let end = (start + chunk).min(t);
+            let rows: Vec<&[u32]> = batch.iter().map(|ids| &ids[start..end]).collect();
+            outputs.push(self.forward_chunk(&rows)?);
         }
         Ok(match outputs.len() {
             1 => outputs.pop().expect("one chunk"),
-            _ => Tensor::cat(&outputs, 0)?,
+            _ => Tensor::cat(&outputs, 1)?,
         })
     }
 
-    fn forward_chunk(&mut self, ids: &[u32]) -> Result<Tensor> {
-        let mut x = self.embed(ids)?.unsqueeze(0)?;
+    fn forward_chunk(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
+        let mut x = self.embed(batch)?;
         let config = &self.info.config;
         for (i, cache) in self.caches.iter_mut().enumerate() {
             let weights = self.streamer.acquire(i)?;
@@ -264,15 +315,19 @@ impl Engine {
             drop(weights);
             self.streamer.release(i)?;
         }
-        self.position += ids.len();
-        model::rms_norm(&x.squeeze(0)?, &self.norm, config.rms_norm_eps)
+        self.position += batch[0].len();
+        model::rms_norm(&x, &self.norm, config.rms_norm_eps)
     }
 
-    /// Logits (f32, `[vocab]`) for one final-normed hidden state (`[hidden]`).
+    /// Logits (f32) for final-normed hidden states: `[vocab]` for `[hidden]`, `[rows, vocab]`
+    /// for `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = hidden.reshape((1, hidden.elem_count()))?;
         let rows = memory::LM_HEAD_CHUNK_ROWS as usize;
-        Ok(model::lm_head(&x, &self.head.0, self.head.1.as_ref(), rows)?.squeeze(0)?)
+        if hidden.rank() == 1 {
+            let x = hidden.unsqueeze(0)?;
+            return Ok(model::lm_head(&x, &self.head.0, self.head.1.as_ref(), rows)?.squeeze(0)?);
+        }
+        model::lm_head(hidden, &self.head.0, self.head.1.as_ref(), rows)
     }
 
     /// Empties the KV cache.
@@ -308,6 +363,11 @@ impl Engine {
         self.dtype
     }
 
+    /// Where load time went.
+    pub fn load_timings(&self) -> LoadTimings {
+        self.timings
+    }
+
     /// Device bytes the engine allocated for weights and slots.
     pub fn device_weight_bytes(&self) -> u64 {
         self.device_weight_bytes
@@ -324,13 +384,14 @@ impl Engine {
     }
 
     /// Token embeddings stay in the mapped file: only the rows of `ids` go to the device.
-    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+    fn embed(&self, batch: &[&[u32]]) -> Result<Tensor> {
         let checkpoint = self.info.checkpoint.as_ref().expect("checked at load");
         let data = checkpoint.data(&self.embed);
         let (vocab, hidden) = (self.embed.shape[0] as usize, self.embed.shape[1] as usize);
         let row = hidden * self.embed.dtype.size_bytes() as usize;
-        let mut bytes = Vec::with_capacity(ids.len() * row);
-        for &id in ids {
+        let (b, t) = (batch.len(), batch[0].len());
+        let mut bytes = Vec::with_capacity(b * t * row);
+        for &id in batch.iter().flat_map(|ids| ids.iter()) {
             if id as usize >= vocab {
                 bail!("token id {id} is outside the vocabulary of {vocab}");
             }
@@ -339,7 +400,7 @@ impl Engine {
         let n = bytes.len();
         let raw = RawTensor {
             dtype: self.embed.dtype,
-            shape: vec![ids.len(), hidden],
+            shape: vec![b, t, hidden],
             bytes: Tensor::from_vec(bytes, n, &self.device)?,
         };
         Ok(dequantize(&raw, None, self.dtype)?)
