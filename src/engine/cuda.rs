@@ -3,7 +3,7 @@
 
 use super::attention::DecodeAttention;
 use super::dequant::Dequantize;
-use super::matvec::F8MatVec;
+use super::matvec::FusedMatVec;
 use super::streamer::{CopyTiming, HostLayer};
 use crate::dtype::DType as StoredDType;
 use anyhow::{anyhow, Result};
@@ -120,15 +120,10 @@ __device__ __forceinline__ float f8fast(u32 c) {
 
 __device__ __forceinline__ float bf16f(u16 b) { return __int_as_float(((int)b) << 16); }
 
-extern "C" __global__ void f8_matvec_bf16(const u8* w, const u16* x, u16* y, const float* scale,
-                                          int scale_mode, int rows, int n_in, int n_out) {
-    int o = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5);
-    int lane = threadIdx.x & 31;
-    if (o >= n_out) return;
-    const u8* wr = w + (long long)o * n_in;
-    float acc[8];
-    #pragma unroll
-    for (int r = 0; r < 8; r++) acc[r] = 0.f;
+// Dot products of up to 8 rows of x with one float8 weight row, per lane; reduced across the
+// warp. (Two rows per warp sharing the loads of x measured slower on the H200: 9.09 against
+// 7.28 ms/token resident, see RESULTS.md.)
+__device__ __forceinline__ void dot_rows(const u8* wr, const u16* x, int rows, int n_in, int lane, float* acc) {
     bool vec = ((((unsigned long long)wr) | ((unsigned long long)x)) & 15ull) == 0 && (n_in & 15) == 0;
     if (vec) {
         for (int k = lane * 16; k < n_in; k += 32 * 16) {
@@ -160,13 +155,59 @@ extern "C" __global__ void f8_matvec_bf16(const u8* w, const u16* x, u16* y, con
             for (int r = 0; r < 8; r++) if (r < rows) acc[r] += wv * bf16f(x[(long long)r * n_in + k]);
         }
     }
-    float s = scale_mode == 0 ? 1.f : scale[scale_mode == 1 ? 0 : o];
+    #pragma unroll
+    for (int r = 0; r < 8; r++)
+        for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+}
+
+__device__ __forceinline__ float seg_scale(const float* s, int mode, int o) {
+    return mode == 0 ? 1.f : s[mode == 1 ? 0 : o];
+}
+
+// y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when gated.
+// One warp per output feature; each weight byte read once; f32 accumulation, one rounding.
+extern "C" __global__ void f8_matvec_fused(
+        const u16* x, int rows, int n_in,
+        const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
+        const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
+        const u16* bias, int has_bias, const u16* res, int has_res, int gated, u16* y) {
+    int o = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    int n_out = gated ? n0 : n0 + n1 + n2;
+    if (o >= n_out) return;
+    float acc[8], acc2[8];
+    #pragma unroll
+    for (int r = 0; r < 8; r++) { acc[r] = 0.f; acc2[r] = 0.f; }
+    float scale;
+    if (gated) {
+        dot_rows(w0 + (long long)o * n_in, x, rows, n_in, lane, acc);
+        dot_rows(w1 + (long long)o * n_in, x, rows, n_in, lane, acc2);
+        float sg = seg_scale(s0, m0, o), su = seg_scale(s1, m1, o);
+        #pragma unroll
+        for (int r = 0; r < 8; r++) {
+            float g = acc[r] * sg;
+            acc[r] = g / (1.f + __expf(-g)) * (acc2[r] * su);
+        }
+        scale = 1.f;
+    } else if (o < n0) {
+        dot_rows(w0 + (long long)o * n_in, x, rows, n_in, lane, acc);
+        scale = seg_scale(s0, m0, o);
+    } else if (o < n0 + n1) {
+        dot_rows(w1 + (long long)(o - n0) * n_in, x, rows, n_in, lane, acc);
+        scale = seg_scale(s1, m1, o - n0);
+    } else {
+        dot_rows(w2 + (long long)(o - n0 - n1) * n_in, x, rows, n_in, lane, acc);
+        scale = seg_scale(s2, m2, o - n0 - n1);
+    }
+    if (lane != 0) return;
+    float b = has_bias ? bf16f(bias[o]) : 0.f;
     #pragma unroll
     for (int r = 0; r < 8; r++) {
-        float v = acc[r];
-        #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0 && r < rows) y[(long long)r * n_out + o] = to_bf16(v * s);
+        if (r < rows) {
+            float v = acc[r] * scale + b;
+            if (has_res) v += bf16f(res[(long long)r * n_out + o]);
+            y[(long long)r * n_out + o] = to_bf16(v);
+        }
     }
 }
 
@@ -515,75 +556,6 @@ pub fn pinned_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
     Ok(5.0 * bytes as f64 / (ms * 1e6))
 }
 
-/// The CUDA side of [`F8MatVec`]: bf16 activations, float8 weights, bf16 output.
-pub fn f8_matvec(
-    op: &F8MatVec,
-    x: &CudaStorage,
-    lx: &Layout,
-    w: &CudaStorage,
-    lw: &Layout,
-    scale: Option<(&CudaStorage, &Layout)>,
-) -> candle_core::Result<(CudaStorage, Shape)> {
-    let dev = x.device().clone();
-    let contiguous = |l: &Layout| {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("f8 matvec: inputs must be contiguous".into()))
-    };
-    let (xa, xb) = contiguous(lx)?;
-    let (wa, wb) = contiguous(lw)?;
-    let xs = x.as_cuda_slice::<half::bf16>()?.slice(xa..xb);
-    let ws = w.as_cuda_slice::<u8>()?.slice(wa..wb);
-    let (n_in, n_out) = (op.in_features, op.out_features);
-    let rows = (xb - xa) / n_in;
-    if rows > super::matvec::MATVEC_MAX_ROWS {
-        candle_core::bail!(
-            "f8 matvec: {rows} rows, at most {}",
-            super::matvec::MATVEC_MAX_ROWS
-        );
-    }
-    let func = dev.get_or_load_custom_func("f8_matvec_bf16", MODULE, ptx()?)?;
-    // SAFETY: every element of `y` is written by lane 0 of its row's warp.
-    let y = unsafe { dev.alloc::<half::bf16>(rows * n_out)? };
-    let scale_view = match scale {
-        Some((s, l)) => {
-            let (a, b) = contiguous(l)?;
-            Some((s.as_cuda_slice::<f32>()?.slice(a..b), b - a))
-        }
-        None => None,
-    };
-    let scale_mode: i32 = match &scale_view {
-        None => 0,
-        Some((_, 1)) => 1,
-        Some(_) => 2,
-    };
-    let (rows_arg, in_arg, out_arg) = (rows as i32, n_in as i32, n_out as i32);
-    let mut b = func.builder();
-    b.arg(&ws);
-    b.arg(&xs);
-    b.arg(&y);
-    match &scale_view {
-        Some((v, _)) => b.arg(v),
-        // Never read when scale_mode is 0.
-        None => b.arg(&ws),
-    };
-    b.arg(&scale_mode);
-    b.arg(&rows_arg);
-    b.arg(&in_arg);
-    b.arg(&out_arg);
-    let threads = 256u32;
-    let config = LaunchConfig {
-        grid_dim: ((n_out as u32 * 32).div_ceil(threads), 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the argument list matches the kernel's signature.
-    unsafe { b.launch(config) }.w()?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev),
-        Shape::from((rows, n_out)),
-    ))
-}
-
 /// The CUDA side of [`DecodeAttention`]: bf16 q, K, V; K and V as `(offset, batch, head,
 /// position)` strides into their storage.
 pub fn decode_attention(
@@ -639,5 +611,135 @@ pub fn decode_attention(
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((batch, op.heads, 1, op.head_dim)),
+    ))
+}
+
+/// A tensor's CUDA slice, offset by its layout (which must be contiguous).
+fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let candle_core::Storage::Cuda(s) = storage else {
+        candle_core::bail!("fused matvec: every operand must be on the GPU");
+    };
+    let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("fused matvec: operands must be contiguous".into())
+    })?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// The CUDA side of [`FusedMatVec`]: bf16 activations, float8 weights, bf16 output.
+pub fn fused_matvec(
+    op: &FusedMatVec,
+    x: &CudaStorage,
+    lx: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let (xa, xb) = lx
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused matvec: x must be contiguous".into()))?;
+    let xs = x.as_cuda_slice::<half::bf16>()?.slice(xa..xb);
+    let n_in = op.in_features;
+    let rows = (xb - xa) / n_in;
+    if rows > super::matvec::MATVEC_MAX_ROWS || op.segments.is_empty() || op.segments.len() > 3 {
+        candle_core::bail!("fused matvec: {rows} rows, {} weights", op.segments.len());
+    }
+    // Every operand's storage stays locked (read) until the launch is queued.
+    let weights: Vec<_> = op
+        .segments
+        .iter()
+        .map(|s| s.bytes.storage_and_layout())
+        .collect();
+    let scales: Vec<_> = op
+        .segments
+        .iter()
+        .map(|s| s.scale.as_ref().map(|t| t.storage_and_layout()))
+        .collect();
+    let bias = op.bias.as_ref().map(|t| t.storage_and_layout());
+    let residual = op.residual.as_ref().map(|t| t.storage_and_layout());
+    let w_views = weights
+        .iter()
+        .map(|(s, l)| cuda_view::<u8>(s, l))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let s_views = scales
+        .iter()
+        .map(|g| g.as_ref().map(|(s, l)| cuda_view::<f32>(s, l)).transpose())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let b_view = bias
+        .as_ref()
+        .map(|(s, l)| cuda_view::<half::bf16>(s, l))
+        .transpose()?;
+    let r_view = residual
+        .as_ref()
+        .map(|(s, l)| cuda_view::<half::bf16>(s, l))
+        .transpose()?;
+
+    let n_out = op.out_features();
+    let func = dev.get_or_load_custom_func("f8_matvec_fused", MODULE, ptx()?)?;
+    // SAFETY: every element of `y` is written by lane 0 of its feature's warp.
+    let y = unsafe { dev.alloc::<half::bf16>(rows * n_out)? };
+    let mut n = [0i32; 3];
+    let mut modes = [0i32; 3];
+    for (i, seg) in op.segments.iter().enumerate() {
+        n[i] = seg.rows as i32;
+        modes[i] = match seg.scale.as_ref().map(|s| s.elem_count()) {
+            None => 0,
+            Some(1) => 1,
+            Some(_) => 2,
+        };
+    }
+    let (rows_arg, in_arg) = (rows as i32, n_in as i32);
+    let (has_bias, has_res, gated) = (
+        i32::from(b_view.is_some()),
+        i32::from(r_view.is_some()),
+        i32::from(op.gated),
+    );
+    let mut b = func.builder();
+    b.arg(&xs);
+    b.arg(&rows_arg);
+    b.arg(&in_arg);
+    // Absent weights, scales, bias and residual are never read; x stands in for their pointers.
+    for i in 0..3 {
+        match w_views.get(i) {
+            Some(v) => b.arg(v),
+            None => b.arg(&xs),
+        };
+    }
+    for v in &n {
+        b.arg(v);
+    }
+    for i in 0..3 {
+        match s_views.get(i).and_then(Option::as_ref) {
+            Some(v) => b.arg(v),
+            None => b.arg(&xs),
+        };
+    }
+    for m in &modes {
+        b.arg(m);
+    }
+    match &b_view {
+        Some(v) => b.arg(v),
+        None => b.arg(&xs),
+    };
+    b.arg(&has_bias);
+    match &r_view {
+        Some(v) => b.arg(v),
+        None => b.arg(&xs),
+    };
+    b.arg(&has_res);
+    b.arg(&gated);
+    b.arg(&y);
+    // One warp per output feature.
+    let threads = 256u32;
+    let config = LaunchConfig {
+        grid_dim: ((n_out as u32 * 32).div_ceil(threads), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the argument list matches the kernel's signature.
+    unsafe { b.launch(config) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev),
+        Shape::from((rows, n_out)),
     ))
 }

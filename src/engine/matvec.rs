@@ -1,85 +1,134 @@
-//! The decode path: `y = x W^T` for a float8 `W` and a few rows of `x`, reading each weight
-//! byte once instead of first writing a bf16 copy of `W`. Decoding one token is bound by
-//! reading the weights, so this is where its time goes.
+//! The decode path: `y = x W^T` for float8 `W` and a few rows of `x`, reading each weight byte
+//! once instead of first writing a bf16 copy of `W`, with the work around it fused in: several
+//! weights side by side (q, k, v), a bias, a residual to add, or the MLP's `silu(gate) * up`.
+//! Decoding one token is bound by reading weights and by the number of launches, so this is
+//! where its time goes.
 
 use super::dequant::RawTensor;
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
 /// Most rows of `x` the fused path takes; more rows (prefill) decode `W` once and multiply.
 pub const MATVEC_MAX_ROWS: usize = 8;
 
-/// `x [rows, in] @ W^T` with `W` as float8 bytes `[out, in]`, times a scale that is one value
-/// or one per output row.
+/// One weight of a fused product: float8 bytes `[rows, in]` and an optional f32 scale (one
+/// value, or one per row).
 #[derive(Clone, Debug)]
-pub struct F8MatVec {
-    /// Output features (rows of `W`).
-    pub out_features: usize,
+pub struct Segment {
+    /// The weight's bytes (U8).
+    pub bytes: Tensor,
+    /// Its rows (output features).
+    pub rows: usize,
+    /// Its decoded scale.
+    pub scale: Option<Tensor>,
+}
+
+/// `x [rows, in]` times the segments' weights, their outputs side by side; then `+ bias`,
+/// `+ residual`; or, when `gated`, `silu(x W0^T) * (x W1^T)` for two segments of equal size.
+#[derive(Clone, Debug)]
+pub struct FusedMatVec {
+    /// One to three weights.
+    pub segments: Vec<Segment>,
     /// Input features.
     pub in_features: usize,
+    /// Added to each output row (`[outputs]`, the activation dtype).
+    pub bias: Option<Tensor>,
+    /// Added to the output (`[rows, outputs]`, the activation dtype).
+    pub residual: Option<Tensor>,
+    /// `silu(first) * second` instead of the two side by side.
+    pub gated: bool,
 }
 
-impl F8MatVec {
-    fn cpu(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-        scale: Option<&[f32]>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (xs, bf16) = match x {
-            CpuStorage::F32(v) => (v.as_slice().to_vec(), false),
-            CpuStorage::BF16(v) => (v.iter().map(|b| b.to_f32()).collect(), true),
+impl FusedMatVec {
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        if self.gated {
+            self.segments[0].rows
+        } else {
+            self.segments.iter().map(|s| s.rows).sum()
+        }
+    }
+}
+
+/// A CPU tensor's values as f32 (f32, bf16) and whether it was bf16.
+fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.flatten_all()?;
+    match t.dtype() {
+        candle_core::DType::F32 => t.to_vec1::<f32>(),
+        _ => t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>(),
+    }
+}
+
+impl CustomOp1 for FusedMatVec {
+    fn name(&self) -> &'static str {
+        "vibeoffload-fused-f8-matvec"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((xa, xb)) = lx.contiguous_offsets() else {
+            candle_core::bail!("f8 matvec: x must be contiguous");
+        };
+        let (xs, bf16): (Vec<f32>, bool) = match x {
+            CpuStorage::F32(v) => (v[xa..xb].to_vec(), false),
+            CpuStorage::BF16(v) => (v[xa..xb].iter().map(|b| b.to_f32()).collect(), true),
             _ => candle_core::bail!("f8 matvec: x must be f32 or bf16"),
         };
-        let (Some((xa, xb)), Some((wa, wb))) = (lx.contiguous_offsets(), lw.contiguous_offsets())
-        else {
-            candle_core::bail!("f8 matvec: inputs must be contiguous");
-        };
-        let CpuStorage::U8(wbytes) = w else {
-            candle_core::bail!("f8 matvec: weights must be U8 bytes");
-        };
-        let (xs, w) = (&xs[xa..xb], &wbytes[wa..wb]);
-        let (n_in, n_out) = (self.in_features, self.out_features);
+        let n_in = self.in_features;
         let rows = xs.len() / n_in;
         let lut: Vec<f32> = (0..=255u8).map(f8e4m3_to_f32).collect();
-        let mut y = vec![0f32; rows * n_out];
-        for r in 0..rows {
-            let xr = &xs[r * n_in..(r + 1) * n_in];
-            for o in 0..n_out {
-                let wr = &w[o * n_in..(o + 1) * n_in];
-                let acc: f32 = wr.iter().zip(xr).map(|(&c, &v)| lut[c as usize] * v).sum();
-                let s = match scale {
-                    Some(s) if s.len() == 1 => s[0],
-                    Some(s) => s[o],
-                    None => 1.0,
-                };
-                y[r * n_out + o] = acc * s;
+        // Each segment's products, [rows, segment rows].
+        let mut parts = Vec::with_capacity(self.segments.len());
+        for seg in &self.segments {
+            let w = seg.bytes.flatten_all()?.to_vec1::<u8>()?;
+            let scale = seg.scale.as_ref().map(cpu_f32).transpose()?;
+            let mut y = vec![0f32; rows * seg.rows];
+            for r in 0..rows {
+                let xr = &xs[r * n_in..(r + 1) * n_in];
+                for o in 0..seg.rows {
+                    let wr = &w[o * n_in..(o + 1) * n_in];
+                    let acc: f32 = wr.iter().zip(xr).map(|(&c, &v)| lut[c as usize] * v).sum();
+                    let s = scale
+                        .as_ref()
+                        .map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[o] });
+                    y[r * seg.rows + o] = acc * s;
+                }
+            }
+            parts.push(y);
+        }
+        let n_out = self.out_features();
+        let mut out = vec![0f32; rows * n_out];
+        if self.gated {
+            for (i, o) in out.iter_mut().enumerate() {
+                let g = parts[0][i];
+                *o = g / (1.0 + (-g).exp()) * parts[1][i];
+            }
+        } else {
+            let mut col = 0;
+            for (seg, part) in self.segments.iter().zip(&parts) {
+                for r in 0..rows {
+                    out[r * n_out + col..r * n_out + col + seg.rows]
+                        .copy_from_slice(&part[r * seg.rows..(r + 1) * seg.rows]);
+                }
+                col += seg.rows;
             }
         }
-        let out = if bf16 {
-            CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect())
+        if let Some(b) = &self.bias {
+            let b = cpu_f32(b)?;
+            for (i, o) in out.iter_mut().enumerate() {
+                *o += b[i % n_out];
+            }
+        }
+        if let Some(res) = &self.residual {
+            for (o, r) in out.iter_mut().zip(cpu_f32(res)?) {
+                *o += r;
+            }
+        }
+        let storage = if bf16 {
+            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
         } else {
-            CpuStorage::F32(y)
+            CpuStorage::F32(out)
         };
-        Ok((out, Shape::from((rows, n_out))))
-    }
-}
-
-impl CustomOp2 for F8MatVec {
-    fn name(&self) -> &'static str {
-        "vibeoffload-f8-matvec"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu(x, lx, w, lw, None)
+        Ok((storage, Shape::from((rows, n_out))))
     }
 
     #[cfg(feature = "cuda")]
@@ -87,44 +136,8 @@ impl CustomOp2 for F8MatVec {
         &self,
         x: &candle_core::CudaStorage,
         lx: &Layout,
-        w: &candle_core::CudaStorage,
-        lw: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::f8_matvec(self, x, lx, w, lw, None)
-    }
-}
-
-impl CustomOp3 for F8MatVec {
-    fn name(&self) -> &'static str {
-        "vibeoffload-f8-matvec-scaled"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-        s: &CpuStorage,
-        ls: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(scale), Some((a, b))) = (s, ls.contiguous_offsets()) else {
-            candle_core::bail!("f8 matvec: scales must be contiguous f32");
-        };
-        self.cpu(x, lx, w, lw, Some(&scale[a..b]))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        lx: &Layout,
-        w: &candle_core::CudaStorage,
-        lw: &Layout,
-        s: &candle_core::CudaStorage,
-        ls: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::f8_matvec(self, x, lx, w, lw, Some((s, ls)))
+        super::cuda::fused_matvec(self, x, lx)
     }
 }
 
@@ -139,21 +152,28 @@ pub fn applies(x: &Tensor, w: &RawTensor, scale: Option<&RawTensor>) -> Result<b
     Ok(w.dtype == Stored::F8E4M3 && w.shape.len() == 2 && rows <= MATVEC_MAX_ROWS && simple_scale)
 }
 
+/// Runs `op` on `x` (`[..., in]`); the result has `x`'s leading dimensions.
+pub fn apply(x: &Tensor, op: &FusedMatVec) -> Result<Tensor> {
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("x has a last dimension") = op.out_features();
+    let x2 = x.reshape(((), op.in_features))?.contiguous()?;
+    x2.apply_op1_no_bwd(op)?.reshape(out_dims)
+}
+
 /// `x @ w^T` (times the decoded `scale`) by the fused path; `x` is `[..., in]`.
 pub fn linear(x: &Tensor, w: &RawTensor, scale: Option<&Tensor>) -> Result<Tensor> {
-    let (n_out, n_in) = (w.shape[0], w.shape[1]);
-    let mut out_dims = x.dims().to_vec();
-    *out_dims.last_mut().expect("x has a last dimension") = n_out;
-    let x2 = x.reshape(((), n_in))?.contiguous()?;
-    let op = F8MatVec {
-        out_features: n_out,
-        in_features: n_in,
+    let op = FusedMatVec {
+        segments: vec![Segment {
+            bytes: w.bytes.clone(),
+            rows: w.shape[0],
+            scale: scale.map(|s| s.flatten_all()).transpose()?,
+        }],
+        in_features: w.shape[1],
+        bias: None,
+        residual: None,
+        gated: false,
     };
-    let y = match scale {
-        None => x2.apply_op2_no_bwd(&w.bytes, &op)?,
-        Some(s) => x2.apply_op3_no_bwd(&w.bytes, &s.flatten_all()?.contiguous()?, &op)?,
-    };
-    y.reshape(out_dims)
+    apply(x, &op)
 }
 
 #[cfg(test)]
@@ -162,17 +182,36 @@ mod tests {
     use crate::engine::dequant::dequantize;
     use candle_core::Device;
 
-    #[test]
-    fn matches_dequantize_then_matmul() {
-        let (n_out, n_in) = (24, 64);
+    fn weight(n_out: usize, n_in: usize, salt: usize) -> RawTensor {
         let codes: Vec<u8> = (0..n_out * n_in)
-            .map(|i| ((i * 37 + 11) % 255) as u8 & 0xf7)
+            .map(|i| ((i * 37 + salt) % 255) as u8 & 0xf7)
             .collect();
-        let w = RawTensor {
+        RawTensor {
             dtype: Stored::F8E4M3,
             shape: vec![n_out, n_in],
             bytes: Tensor::from_vec(codes, n_out * n_in, &Device::Cpu).unwrap(),
-        };
+        }
+    }
+
+    fn dense(w: &RawTensor) -> Tensor {
+        dequantize(w, None, candle_core::DType::F32).unwrap()
+    }
+
+    /// Largest |a - b| / (1 + |b|): the float8 test weights reach 448, so products are large.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let rel = ((a - b).unwrap().abs().unwrap() / (b.abs().unwrap() + 1.0).unwrap()).unwrap();
+        rel.flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_dequantize_then_matmul() {
+        let (n_out, n_in) = (24, 64);
+        let w = weight(n_out, n_in, 11);
         let x = Tensor::arange(0f32, (3 * n_in) as f32, &Device::Cpu)
             .unwrap()
             .affine(0.001, -0.05)
@@ -182,21 +221,58 @@ mod tests {
         let scale = Tensor::arange(1f32, (n_out + 1) as f32, &Device::Cpu).unwrap();
         for s in [None, Some(&scale)] {
             let fused = linear(&x, &w, s).unwrap();
-            let mut full = dequantize(&w, None, candle_core::DType::F32).unwrap();
+            let mut full = dense(&w);
             if let Some(s) = s {
                 full = full.broadcast_mul(&s.reshape((n_out, 1)).unwrap()).unwrap();
             }
             let reference = x.broadcast_matmul(&full.t().unwrap()).unwrap();
             assert_eq!(fused.dims(), [1, 3, n_out]);
-            let diff = (fused - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-3, "max difference {diff}");
+            assert!(max_diff(&fused, &reference) < 1e-3);
         }
+    }
+
+    #[test]
+    fn fuses_segments_bias_residual_and_the_gate() {
+        let n_in = 32;
+        let (a, b, c) = (weight(8, n_in, 1), weight(4, n_in, 2), weight(4, n_in, 3));
+        let x = Tensor::arange(0f32, (2 * n_in) as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.01, -0.3)
+            .unwrap()
+            .reshape((2, n_in))
+            .unwrap();
+        let seg = |w: &RawTensor| Segment {
+            bytes: w.bytes.clone(),
+            rows: w.shape[0],
+            scale: None,
+        };
+        let bias = Tensor::arange(0f32, 16f32, &Device::Cpu).unwrap();
+        let residual = Tensor::ones((2, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let op = FusedMatVec {
+            segments: vec![seg(&a), seg(&b), seg(&c)],
+            in_features: n_in,
+            bias: Some(bias.clone()),
+            residual: Some(residual.clone()),
+            gated: false,
+        };
+        let mm = |w: &RawTensor| x.matmul(&dense(w).t().unwrap()).unwrap();
+        let reference = Tensor::cat(&[mm(&a), mm(&b), mm(&c)], 1)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            .add(&residual)
+            .unwrap();
+        assert!(max_diff(&apply(&x, &op).unwrap(), &reference) < 1e-4);
+
+        let (g, u) = (weight(8, n_in, 5), weight(8, n_in, 6));
+        let gated = FusedMatVec {
+            segments: vec![seg(&g), seg(&u)],
+            in_features: n_in,
+            bias: None,
+            residual: None,
+            gated: true,
+        };
+        let reference = (candle_nn::ops::silu(&mm(&g)).unwrap() * mm(&u)).unwrap();
+        assert!(max_diff(&apply(&x, &gated).unwrap(), &reference) < 1e-4);
     }
 }

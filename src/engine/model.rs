@@ -13,6 +13,10 @@ use candle_nn::kv_cache::KvCache;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+const QKV: [&str; 3] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
+const QKV_BIAS: &str = "self_attn.qkv_proj.bias";
+const MLP: [&str; 3] = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
 /// One decoder layer's tensors, by name relative to `layers.{i}.`.
 #[derive(Clone, Debug, Default)]
 pub struct LayerWeights {
@@ -34,20 +38,87 @@ impl LayerWeights {
     fn vector(&self, name: &str, dtype: DType) -> Result<Tensor> {
         match self.vectors.get(name) {
             Some(v) if v.dtype() == dtype => Ok(v.clone()),
+            _ if name == QKV_BIAS => {
+                let parts = QKV
+                    .iter()
+                    .map(|p| self.vector(&format!("{p}.bias"), dtype))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            }
             _ => Ok(dequantize(self.raw(name)?, None, dtype)?),
         }
     }
 
-    /// Decodes this layer's vectors (1-D tensors) into `dtype`, for [`LayerWeights::vectors`].
+    /// Decodes this layer's vectors (1-D tensors) into `dtype`, for [`LayerWeights::vectors`],
+    /// plus the q, k and v biases side by side (`self_attn.qkv_proj.bias`) for the fused
+    /// projection.
     pub fn decode_vectors(
         tensors: &HashMap<String, RawTensor>,
         dtype: DType,
     ) -> Result<HashMap<String, Tensor>> {
-        tensors
+        let mut vectors = tensors
             .iter()
             .filter(|(_, t)| t.shape.len() == 1)
             .map(|(name, t)| Ok((name.clone(), dequantize(t, None, dtype)?)))
-            .collect()
+            .collect::<Result<HashMap<_, _>>>()?;
+        let qkv: Option<Vec<Tensor>> = QKV
+            .iter()
+            .map(|p| vectors.get(&format!("{p}.bias")).cloned())
+            .collect();
+        if let Some(parts) = qkv {
+            vectors.insert(QKV_BIAS.into(), Tensor::cat(&parts, 0)?);
+        }
+        Ok(vectors)
+    }
+
+    fn scale(&self, prefix: &str) -> Option<&RawTensor> {
+        SCALE_SUFFIXES
+            .iter()
+            .find_map(|s| self.tensors.get(&format!("{prefix}.{s}")))
+    }
+
+    /// Whether every projection of this layer can take the fused decode path for `x`.
+    fn fusable(&self, x: &Tensor) -> Result<bool> {
+        for prefix in QKV.iter().chain(&["self_attn.o_proj"]).chain(&MLP) {
+            let w = self.raw(&format!("{prefix}.weight"))?;
+            if !matvec::applies(x, w, self.scale(prefix))? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// One fused launch over the projections `prefixes` (see [`matvec::FusedMatVec`]).
+    fn fused(
+        &self,
+        x: &Tensor,
+        prefixes: &[&str],
+        bias: Option<&str>,
+        residual: Option<&Tensor>,
+        gated: bool,
+    ) -> Result<Tensor> {
+        let segments = prefixes
+            .iter()
+            .map(|p| {
+                let w = self.raw(&format!("{p}.weight"))?;
+                Ok(matvec::Segment {
+                    bytes: w.bytes.clone(),
+                    rows: w.shape[0],
+                    scale: self
+                        .scale(p)
+                        .map(|s| dequantize(s, None, DType::F32).and_then(|t| t.flatten_all()))
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let op = matvec::FusedMatVec {
+            segments,
+            in_features: x.dim(D::Minus1)?,
+            bias: bias.map(|b| self.vector(b, x.dtype())).transpose()?,
+            residual: residual.map(|r| r.contiguous()).transpose()?,
+            gated,
+        };
+        Ok(matvec::apply(x, &op)?)
     }
 
     /// `x @ W^T (+ b)` for the linear layer `prefix` (`self_attn.q_proj`), decoding W with
@@ -133,15 +204,30 @@ pub fn decoder_layer(
     );
 
     let normed = candle_nn::ops::rms_norm(x, &w.vector("input_layernorm.weight", dtype)?, eps)?;
-    let q = w.linear(&normed, "self_attn.q_proj", true)?;
-    let k = w.linear(&normed, "self_attn.k_proj", true)?;
-    let v = w.linear(&normed, "self_attn.v_proj", true)?;
-    let q = q.reshape((b, t, heads, hd))?.transpose(1, 2)?;
-    let k = k.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
-    let v = v
-        .reshape((b, t, kv_heads, hd))?
-        .transpose(1, 2)?
-        .contiguous()?;
+    // Decoding a few rows: every projection in a handful of fused launches.
+    let fused = w.fusable(&normed)?;
+    let (q, k, v) = if fused {
+        let qkv = w
+            .fused(&normed, &QKV, Some(QKV_BIAS), None, false)?
+            .reshape((b, t, heads + 2 * kv_heads, hd))?;
+        (
+            qkv.narrow(2, 0, heads)?,
+            qkv.narrow(2, heads, kv_heads)?,
+            qkv.narrow(2, heads + kv_heads, kv_heads)?,
+        )
+    } else {
+        (
+            w.linear(&normed, "self_attn.q_proj", true)?
+                .reshape((b, t, heads, hd))?,
+            w.linear(&normed, "self_attn.k_proj", true)?
+                .reshape((b, t, kv_heads, hd))?,
+            w.linear(&normed, "self_attn.v_proj", true)?
+                .reshape((b, t, kv_heads, hd))?,
+        )
+    };
+    let q = q.transpose(1, 2)?;
+    let k = k.transpose(1, 2)?;
+    let v = v.transpose(1, 2)?.contiguous()?;
     let q = rope.apply(&q, offset)?;
     let k = rope.apply(&k, offset)?;
     let (k, v) = cache.append(&k, &v)?;
@@ -162,13 +248,21 @@ pub fn decoder_layer(
             .transpose(1, 2)?
             .reshape((b, t, heads * hd))?
     };
-    let x = (x + w.linear(&attn, "self_attn.o_proj", false)?)?;
+    let x = if fused {
+        w.fused(&attn, &["self_attn.o_proj"], None, Some(x), false)?
+    } else {
+        (x + w.linear(&attn, "self_attn.o_proj", false)?)?
+    };
 
     let normed = candle_nn::ops::rms_norm(
         &x,
         &w.vector("post_attention_layernorm.weight", dtype)?,
         eps,
     )?;
+    if fused {
+        let act = w.fused(&normed, &MLP[..2], None, None, true)?;
+        return w.fused(&act, &MLP[2..], None, Some(&x), false);
+    }
     let gate = candle_nn::ops::silu(&w.linear(&normed, "mlp.gate_proj", false)?)?;
     let up = w.linear(&normed, "mlp.up_proj", false)?;
     let mlp = w.linear(&(gate * up)?, "mlp.down_proj", false)?;

@@ -68,12 +68,16 @@ pub fn packed_layer_bytes_of(inventory: &Inventory, layer: usize) -> u64 {
 }
 
 /// Every decoder layer's vectors (norm weights, biases) decoded to bf16 and kept on the
-/// device, streamed layers included (engine::model::LayerWeights::vectors).
+/// device, streamed layers included, with the q, k and v biases held a second time side by
+/// side for the fused projection (engine::model::LayerWeights::vectors).
 pub fn decoded_vector_bytes(inventory: &Inventory) -> u64 {
     (0..inventory.num_layers())
         .flat_map(|i| inventory.part_tensors(Part::Layer(i)))
         .filter(|t| t.shape.len() == 1)
-        .map(|t| t.numel() * ACTIVATION_BYTES)
+        .map(|t| {
+            let copies = if t.name.ends_with("_proj.bias") { 2 } else { 1 };
+            copies * t.numel() * ACTIVATION_BYTES
+        })
         .sum()
 }
 
