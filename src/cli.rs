@@ -45,18 +45,8 @@ pub struct LegacyArgs {
     /// Print the VRAM table and exit (same as `table`).
     #[arg(long)]
     pub print_table: bool,
-    /// Choose the layer count automatically (the default when no other choice is given).
-    #[arg(long)]
-    pub auto: bool,
-    /// Use a preset: high_end, mid_range, consumer, budget, minimal (or an alias).
-    #[arg(long, value_name = "PRESET")]
-    pub config: Option<String>,
-    /// Keep N decoder layers on the GPU.
-    #[arg(long, value_name = "N")]
-    pub num_gpu_layers: Option<usize>,
-    /// Keep every layer on the GPU.
-    #[arg(long)]
-    pub no_offload: bool,
+    #[command(flatten)]
+    pub choice: ChoiceArgs,
     /// Load the model and time forward passes over 128 random tokens (same as `run --test-speed`).
     #[arg(long)]
     pub test_speed: bool,
@@ -77,18 +67,8 @@ pub struct LegacyArgs {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Keep N decoder layers on the GPU.
-    #[arg(long, value_name = "N")]
-    pub num_gpu_layers: Option<usize>,
-    /// Use a preset (high_end, mid_range, consumer, budget, minimal, or an alias).
-    #[arg(long, visible_alias = "config", value_name = "PRESET")]
-    pub preset: Option<String>,
-    /// Choose the layer count from free VRAM (the default on CUDA).
-    #[arg(long)]
-    pub auto: bool,
-    /// Keep every layer on the GPU.
-    #[arg(long)]
-    pub no_offload: bool,
+    #[command(flatten)]
+    pub choice: ChoiceArgs,
     /// Time forward passes over 128 random tokens (the original's test) instead of decoding.
     #[arg(long)]
     pub test_speed: bool,
@@ -181,6 +161,24 @@ pub enum DeviceArg {
     Auto,
     Cpu,
     Cuda,
+}
+
+/// How many decoder layers stay on the GPU (the original's flags; precedence: --no-offload,
+/// then --config, then --num-gpu-layers, else auto).
+#[derive(Args, Debug, Clone)]
+pub struct ChoiceArgs {
+    /// Choose the layer count from free VRAM (the default when no other choice is given).
+    #[arg(long)]
+    pub auto: bool,
+    /// Use a preset: high_end, mid_range, consumer, budget, minimal (or an alias).
+    #[arg(long, visible_alias = "preset", value_name = "PRESET")]
+    pub config: Option<String>,
+    /// Keep N decoder layers on the GPU.
+    #[arg(long, value_name = "N")]
+    pub num_gpu_layers: Option<usize>,
+    /// Keep every layer on the GPU.
+    #[arg(long)]
+    pub no_offload: bool,
 }
 
 /// Which model to plan for.

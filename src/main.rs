@@ -6,9 +6,9 @@ mod cli;
 use anyhow::Result;
 use clap::Parser;
 use cli::{
-    AutoArgs, BenchArgs, BuiltinArg, Cli, Command, ConventionArg, DeviceArg, DtypeArg, EngineArgs,
-    GpuArgs, InspectArgs, LegacyArgs, ModelArgs, PlacementArg, PlanArgs, RunArgs, ScaleArg,
-    SizeArg, SynthArgs, TableArgs,
+    AutoArgs, BenchArgs, BuiltinArg, ChoiceArgs, Cli, Command, ConventionArg, DeviceArg, DtypeArg,
+    EngineArgs, GpuArgs, InspectArgs, LegacyArgs, ModelArgs, PlacementArg, PlanArgs, RunArgs,
+    ScaleArg, SizeArg, SynthArgs, TableArgs,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -77,20 +77,13 @@ fn run(cli: Cli) -> Result<String> {
     }
 }
 
-/// A layer-count choice as the flags give it.
-struct ChoiceFlags<'a> {
-    no_offload: bool,
-    preset: Option<&'a str>,
-    num_gpu_layers: Option<usize>,
-}
-
 /// The original's precedence: `--no-offload`, then `--config`, then `--num-gpu-layers`;
 /// `None` means auto.
-fn fixed_choice(model: &ModelInfo, f: &ChoiceFlags) -> Result<Option<(Choice, usize)>> {
+fn fixed_choice(model: &ModelInfo, f: &ChoiceArgs) -> Result<Option<(Choice, usize)>> {
     let num_layers = model.inventory.num_layers();
     Ok(if f.no_offload {
         Some((Choice::NoOffload, num_layers))
-    } else if let Some(name) = f.preset {
+    } else if let Some(name) = &f.config {
         let (name, layers) = presets::resolve(name, num_layers)?;
         Some((Choice::Preset { name }, layers))
     } else {
@@ -112,10 +105,7 @@ fn legacy(a: LegacyArgs) -> Result<String> {
     }
     if a.test_speed {
         return run_engine(RunArgs {
-            num_gpu_layers: a.num_gpu_layers,
-            preset: a.config,
-            auto: a.auto,
-            no_offload: a.no_offload,
+            choice: a.choice,
             test_speed: true,
             model: a.model,
             plan: a.plan,
@@ -129,12 +119,7 @@ fn legacy(a: LegacyArgs) -> Result<String> {
     }
     let model = load_model(&a.model)?;
     let options = plan_options(&a.plan)?;
-    let flags = ChoiceFlags {
-        no_offload: a.no_offload,
-        preset: a.config.as_deref(),
-        num_gpu_layers: a.num_gpu_layers,
-    };
-    let Some((choice, layers)) = fixed_choice(&model, &flags)? else {
+    let Some((choice, layers)) = fixed_choice(&model, &a.choice)? else {
         return auto_plan(&model, &options, &a.gpu, a.json);
     };
     let budget = optional_budget(&a.gpu)?;
@@ -404,13 +389,8 @@ fn run_engine(a: RunArgs) -> Result<String> {
     let plan = engine_plan(&a.plan)?;
     let mut options = engine_options(&a.engine, &plan, &a.gpu)?;
     let device = options.device;
-    let flags = ChoiceFlags {
-        no_offload: a.no_offload,
-        preset: a.preset.as_deref(),
-        num_gpu_layers: a.num_gpu_layers,
-    };
     let num_layers = model.inventory.num_layers();
-    let (choice, gpu_layers) = match fixed_choice(&model, &flags)? {
+    let (choice, gpu_layers) = match fixed_choice(&model, &a.choice)? {
         Some(c) => c,
         None if device == DeviceChoice::Cpu && a.gpu.vram.is_none() => {
             (Choice::NoOffload, num_layers)

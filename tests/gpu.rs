@@ -28,17 +28,21 @@ fn raw(dtype: Stored, shape: &[usize], bytes: &[u8], device: &Device) -> RawTens
     }
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    let v: Vec<f32> = t
-        .to_dtype(DType::F32)
+/// A tensor's values as f32 on the host.
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
         .unwrap()
         .to_device(&Device::Cpu)
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1()
-        .unwrap();
-    v.iter()
+        .unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    host_f32(t)
+        .iter()
         .map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() })
         .collect()
 }
@@ -177,16 +181,7 @@ fn gpu_and_cpu_agree_to_bf16_precision() {
         let mut engine =
             Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
         let h = engine.forward(&[3, 1, 4, 1, 5]).unwrap();
-        let v: Vec<f32> = h
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        v
+        host_f32(&h)
     };
     let (cpu, gpu) = (run(DeviceChoice::Cpu), run(DeviceChoice::Cuda(0)));
     let worst = cpu
@@ -215,15 +210,7 @@ fn fused_float8_matvec_matches_the_cpu() {
             .to_dtype(DType::BF16)
             .unwrap();
         let s = per_row.then(|| Tensor::from_slice(&scale, n_out, device).unwrap());
-        let y = matvec::linear(&x, &w, s.as_ref()).unwrap();
-        y.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        host_f32(&matvec::linear(&x, &w, s.as_ref()).unwrap())
     };
     for per_row in [false, true] {
         let (cpu, gpu) = (run(&Device::Cpu, per_row), run(&cuda(), per_row));
@@ -265,15 +252,7 @@ fn decode_attention_matches_the_cpu() {
             .unwrap()
             .narrow(2, 0, len)
             .unwrap();
-        let y = attention::attend(&q, &k, &v, kv).unwrap();
-        y.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        host_f32(&attention::attend(&q, &k, &v, kv).unwrap())
     };
     let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
     let worst = cpu
