@@ -324,6 +324,9 @@ fn synth(a: SynthArgs) -> Result<String> {
     })
 }
 
+/// How reports name the model `run` and `bench` synthesize without --model-path.
+const EMBEDDED_MODEL: &str = "embedded test model (8 layers, hidden 256, float8)";
+
 /// The checkpoint `run` and `bench` load: `--model-path`, else the embedded model written to a
 /// temporary directory (returned, to keep it alive).
 fn engine_checkpoint(a: &ModelArgs) -> Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
@@ -381,10 +384,10 @@ fn engine_plan(a: &PlanArgs) -> Result<PlanOptions> {
 }
 
 fn run_engine(a: RunArgs) -> Result<String> {
-    let (path, _embedded_dir) = engine_checkpoint(&a.model)?;
+    let (path, embedded_dir) = engine_checkpoint(&a.model)?;
     let mut model = ModelInfo::open(&path)?;
-    if _embedded_dir.is_some() {
-        model.source = "embedded test model (8 layers, hidden 256, float8)".into();
+    if embedded_dir.is_some() {
+        model.source = EMBEDDED_MODEL.into();
     }
     let plan = engine_plan(&a.plan)?;
     let mut options = engine_options(&a.engine, &plan, &a.gpu)?;
@@ -520,7 +523,7 @@ fn bench(a: BenchArgs) -> Result<String> {
         }
         None => None,
     };
-    let (path, _embedded_dir) = engine_checkpoint(&a.model)?;
+    let (path, embedded_dir) = engine_checkpoint(&a.model)?;
     let layers = ModelInfo::open(&path)?.inventory.num_layers();
     let layer_counts = a
         .layers
@@ -551,8 +554,8 @@ fn bench(a: BenchArgs) -> Result<String> {
     let report = vibeoffload::run::bench(&path, &options, |m| spinner.set_message(m));
     spinner.finish_and_clear();
     let mut report = report?;
-    if _embedded_dir.is_some() {
-        report.model.source = "embedded test model (8 layers, hidden 256, float8)".into();
+    if embedded_dir.is_some() {
+        report.model.source = EMBEDDED_MODEL.into();
     }
     if let Some(plot) = &a.plot {
         vibeoffload::report::plot_bench(&report, plot)

@@ -455,29 +455,25 @@ impl HostBuffer {
     }
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn host_buffer(device: &Device, size: usize, pin: bool) -> Result<HostBuffer> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) if pin => Ok(HostBuffer::Pinned(cuda::PinnedBytes::new(d, size)?)),
-        _ => {
-            let _ = pin;
-            Ok(HostBuffer::Pageable(vec![0; size]))
-        }
+        _ => Ok(HostBuffer::Pageable(vec![0; size])),
     }
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn make_slots(device: &Device, count: usize, bytes: usize) -> Result<Slots> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => Ok(Slots::Cuda(cuda::CudaSlots::new(d, count, bytes)?)),
-        _ => {
-            let _ = bytes;
-            Ok(Slots::Cpu {
-                tensors: vec![None; count],
-                timings: Vec::new(),
-                wait_ms: 0.0,
-            })
-        }
+        _ => Ok(Slots::Cpu {
+            tensors: vec![None; count],
+            timings: Vec::new(),
+            wait_ms: 0.0,
+        }),
     }
 }
 
@@ -487,11 +483,10 @@ pub fn pinned_bandwidth_gbps(device: DeviceChoice) -> Result<Option<f64>> {
     match device {
         DeviceChoice::Cpu => Ok(None),
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(i) => {
+        DeviceChoice::Cuda(_) => {
             let (Device::Cuda(d), _) = open_device(device)? else {
                 unreachable!("a CUDA choice opens a CUDA device");
             };
-            let _ = i;
             Ok(Some(cuda::pinned_bandwidth_gbps(&d, 256 << 20)?))
         }
         #[cfg(not(feature = "cuda"))]
