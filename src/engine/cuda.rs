@@ -120,31 +120,42 @@ __device__ __forceinline__ float f8fast(u32 c) {
 
 __device__ __forceinline__ float bf16f(u16 b) { return __int_as_float(((int)b) << 16); }
 
-// Dot products of up to 8 rows of x with one float8 weight row, per lane; reduced across the
-// warp. (Two rows per warp sharing the loads of x measured slower on the H200: 9.09 against
+// Dot products of R rows of x with one float8 weight row; reduced across the warp. R is a
+// template parameter so batch-1 decoding keeps one accumulator in registers (fewer registers,
+// more warps resident, more loads in flight); two 16-byte weight loads are issued per step.
+// (Two weight rows per warp sharing the loads of x measured slower on the H200: 9.09 against
 // 7.28 ms/token resident, see RESULTS.md.)
+template <int R>
 __device__ __forceinline__ void dot_rows(const u8* wr, const u16* x, int rows, int n_in, int lane, float* acc) {
     bool vec = ((((unsigned long long)wr) | ((unsigned long long)x)) & 15ull) == 0 && (n_in & 15) == 0;
     if (vec) {
-        for (int k = lane * 16; k < n_in; k += 32 * 16) {
-            uint4 p = *(const uint4*)(wr + k);
-            u32 words[4] = {p.x, p.y, p.z, p.w};
-            float wv[16];
+        for (int k0 = lane * 16; k0 < n_in; k0 += 2 * 32 * 16) {
+            int k1 = k0 + 32 * 16;
+            uint4 p0 = *(const uint4*)(wr + k0);
+            uint4 p1 = k1 < n_in ? *(const uint4*)(wr + k1) : make_uint4(0, 0, 0, 0);
             #pragma unroll
-            for (int j = 0; j < 16; j++) wv[j] = f8fast((words[j >> 2] >> ((j & 3) * 8)) & 0xffu);
-            #pragma unroll
-            for (int r = 0; r < 8; r++) {
-                if (r < rows) {
-                    const uint4* xp = (const uint4*)(x + (long long)r * n_in + k);
-                    uint4 a = xp[0], b = xp[1];
-                    u32 xw[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-                    float s = 0.f;
-                    #pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        s += wv[2 * j] * __int_as_float((int)(xw[j] << 16));
-                        s += wv[2 * j + 1] * __int_as_float((int)(xw[j] & 0xffff0000u));
+            for (int half = 0; half < 2; half++) {
+                int k = half ? k1 : k0;
+                if (k >= n_in) break;
+                uint4 p = half ? p1 : p0;
+                u32 words[4] = {p.x, p.y, p.z, p.w};
+                float wv[16];
+                #pragma unroll
+                for (int j = 0; j < 16; j++) wv[j] = f8fast((words[j >> 2] >> ((j & 3) * 8)) & 0xffu);
+                #pragma unroll
+                for (int r = 0; r < R; r++) {
+                    if (r < rows) {
+                        const uint4* xp = (const uint4*)(x + (long long)r * n_in + k);
+                        uint4 a = xp[0], b = xp[1];
+                        u32 xw[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+                        float s = 0.f;
+                        #pragma unroll
+                        for (int j = 0; j < 8; j++) {
+                            s += wv[2 * j] * __int_as_float((int)(xw[j] << 16));
+                            s += wv[2 * j + 1] * __int_as_float((int)(xw[j] & 0xffff0000u));
+                        }
+                        acc[r] += s;
                     }
-                    acc[r] += s;
                 }
             }
         }
@@ -152,11 +163,11 @@ __device__ __forceinline__ void dot_rows(const u8* wr, const u16* x, int rows, i
         for (int k = lane; k < n_in; k += 32) {
             float wv = f8fast(wr[k]);
             #pragma unroll
-            for (int r = 0; r < 8; r++) if (r < rows) acc[r] += wv * bf16f(x[(long long)r * n_in + k]);
+            for (int r = 0; r < R; r++) if (r < rows) acc[r] += wv * bf16f(x[(long long)r * n_in + k]);
         }
     }
     #pragma unroll
-    for (int r = 0; r < 8; r++)
+    for (int r = 0; r < R; r++)
         for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
 }
 
@@ -164,9 +175,11 @@ __device__ __forceinline__ float seg_scale(const float* s, int mode, int o) {
     return mode == 0 ? 1.f : s[mode == 1 ? 0 : o];
 }
 
-// y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when gated.
-// One warp per output feature; each weight byte read once; f32 accumulation, one rounding.
-extern "C" __global__ void f8_matvec_fused(
+// y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when gated,
+// for up to R rows of x. One warp per output feature; each weight byte read once; f32
+// accumulation, one rounding.
+template <int R>
+__device__ void matvec_fused(
         const u16* x, int rows, int n_in,
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
@@ -175,34 +188,34 @@ extern "C" __global__ void f8_matvec_fused(
     int lane = threadIdx.x & 31;
     int n_out = gated ? n0 : n0 + n1 + n2;
     if (o >= n_out) return;
-    float acc[8], acc2[8];
+    float acc[R], acc2[R];
     #pragma unroll
-    for (int r = 0; r < 8; r++) { acc[r] = 0.f; acc2[r] = 0.f; }
+    for (int r = 0; r < R; r++) { acc[r] = 0.f; acc2[r] = 0.f; }
     float scale;
     if (gated) {
-        dot_rows(w0 + (long long)o * n_in, x, rows, n_in, lane, acc);
-        dot_rows(w1 + (long long)o * n_in, x, rows, n_in, lane, acc2);
+        dot_rows<R>(w0 + (long long)o * n_in, x, rows, n_in, lane, acc);
+        dot_rows<R>(w1 + (long long)o * n_in, x, rows, n_in, lane, acc2);
         float sg = seg_scale(s0, m0, o), su = seg_scale(s1, m1, o);
         #pragma unroll
-        for (int r = 0; r < 8; r++) {
+        for (int r = 0; r < R; r++) {
             float g = acc[r] * sg;
             acc[r] = g / (1.f + __expf(-g)) * (acc2[r] * su);
         }
         scale = 1.f;
     } else if (o < n0) {
-        dot_rows(w0 + (long long)o * n_in, x, rows, n_in, lane, acc);
+        dot_rows<R>(w0 + (long long)o * n_in, x, rows, n_in, lane, acc);
         scale = seg_scale(s0, m0, o);
     } else if (o < n0 + n1) {
-        dot_rows(w1 + (long long)(o - n0) * n_in, x, rows, n_in, lane, acc);
+        dot_rows<R>(w1 + (long long)(o - n0) * n_in, x, rows, n_in, lane, acc);
         scale = seg_scale(s1, m1, o - n0);
     } else {
-        dot_rows(w2 + (long long)(o - n0 - n1) * n_in, x, rows, n_in, lane, acc);
+        dot_rows<R>(w2 + (long long)(o - n0 - n1) * n_in, x, rows, n_in, lane, acc);
         scale = seg_scale(s2, m2, o - n0 - n1);
     }
     if (lane != 0) return;
     float b = has_bias ? bf16f(bias[o]) : 0.f;
     #pragma unroll
-    for (int r = 0; r < 8; r++) {
+    for (int r = 0; r < R; r++) {
         if (r < rows) {
             float v = acc[r] * scale + b;
             if (has_res) v += bf16f(res[(long long)r * n_out + o]);
@@ -210,6 +223,20 @@ extern "C" __global__ void f8_matvec_fused(
         }
     }
 }
+
+#define MATVEC(NAME, R) \
+extern "C" __global__ void NAME( \
+        const u16* x, int rows, int n_in, \
+        const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
+        const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
+        const u16* bias, int has_bias, const u16* res, int has_res, int gated, u16* y) { \
+    matvec_fused<R>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
+                    bias, has_bias, res, has_res, gated, y); }
+
+MATVEC(f8_matvec_fused_r1, 1)
+MATVEC(f8_matvec_fused_r2, 2)
+MATVEC(f8_matvec_fused_r4, 4)
+MATVEC(f8_matvec_fused_r8, 8)
 
 // One new token's attention for one (head, batch) per block: scores against the cache in
 // shared memory, softmax, weighted sum of values; K/V read in place with their strides.
@@ -675,7 +702,14 @@ pub fn fused_matvec(
         .transpose()?;
 
     let n_out = op.out_features();
-    let func = dev.get_or_load_custom_func("f8_matvec_fused", MODULE, ptx()?)?;
+    // The kernel instantiated for the fewest accumulators that hold `rows`.
+    let name = match rows {
+        1 => "f8_matvec_fused_r1",
+        2 => "f8_matvec_fused_r2",
+        3 | 4 => "f8_matvec_fused_r4",
+        _ => "f8_matvec_fused_r8",
+    };
+    let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
     // SAFETY: every element of `y` is written by lane 0 of its feature's warp.
     let y = unsafe { dev.alloc::<half::bf16>(rows * n_out)? };
     let mut n = [0i32; 3];
