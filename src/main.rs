@@ -428,10 +428,19 @@ fn run_engine(a: RunArgs) -> Result<String> {
     );
 
     let bar = progress_bar("loading layers", num_layers as u64);
+    // What the planner says fits in this GPU's free memory, for an out-of-memory error.
+    let largest_fit = match &gpu_reading {
+        Some(g) => {
+            let budget = (g.free_bytes as f64 * target_utilization(&a.gpu)?) as u64;
+            plan::fit(&model, &plan, budget)?.map(|e| e.gpu_layers)
+        }
+        None => None,
+    };
+    let hint = |e| oom_hint(e, &estimate, gpu_layers, largest_fit);
     let started = std::time::Instant::now();
     let engine = Engine::load(model, &options, |done, _| bar.set_position(done as u64));
     bar.finish_and_clear();
-    let mut engine = engine.map_err(|e| oom_hint(e, &estimate, gpu_layers))?;
+    let mut engine = engine.map_err(&hint)?;
     engine.synchronize()?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
 
@@ -441,9 +450,9 @@ fn run_engine(a: RunArgs) -> Result<String> {
     let vocab = engine.info().config.vocab_size;
     let (mut test_speed, mut decode, mut forward) = (None, None, None);
     if let Some(ids) = &a.input_ids {
-        let hidden = engine.forward(ids)?;
+        let hidden = engine.forward(ids).map_err(&hint)?;
         let last = hidden.get(ids.len() - 1)?;
-        let logits = engine.logits(&last)?;
+        let logits = engine.logits(&last).map_err(&hint)?;
         let next_token = logits.argmax(0)?.to_scalar::<u32>()?;
         let hidden_sum = hidden
             .to_dtype(candle_core::DType::F64)?
@@ -460,12 +469,8 @@ fn run_engine(a: RunArgs) -> Result<String> {
         });
     } else if a.test_speed {
         let ids = vibeoffload::run::random_ids(a.timing.prompt_len, a.timing.seed, vocab);
-        test_speed = Some(vibeoffload::run::test_speed(
-            &mut engine,
-            &ids,
-            1,
-            a.timing.runs,
-        )?);
+        test_speed =
+            Some(vibeoffload::run::test_speed(&mut engine, &ids, 1, a.timing.runs).map_err(&hint)?);
     } else {
         let prompts = vibeoffload::run::random_prompts(
             plan.batch as usize,
@@ -473,11 +478,9 @@ fn run_engine(a: RunArgs) -> Result<String> {
             a.timing.seed,
             vocab,
         );
-        decode = Some(vibeoffload::run::decode(
-            &mut engine,
-            &prompts,
-            a.timing.gen_tokens,
-        )?);
+        decode = Some(
+            vibeoffload::run::decode(&mut engine, &prompts, a.timing.gen_tokens).map_err(&hint)?,
+        );
     }
     if a.dump.is_some() && forward.is_none() {
         anyhow::bail!(UsageError::new("--dump needs --input-ids"));
@@ -576,17 +579,28 @@ fn bench(a: BenchArgs) -> Result<String> {
     Ok(text)
 }
 
-/// Adds to an out-of-memory error what was planned and what fits.
-fn oom_hint(e: anyhow::Error, estimate: &plan::VramEstimate, gpu_layers: usize) -> anyhow::Error {
+/// Adds to an out-of-memory error what was planned and the largest layer count the planner
+/// says fits in the free memory read before loading.
+fn oom_hint(
+    e: anyhow::Error,
+    estimate: &plan::VramEstimate,
+    gpu_layers: usize,
+    largest_fit: Option<usize>,
+) -> anyhow::Error {
     let text = format!("{e:#}");
-    if text.contains("OUT_OF_MEMORY") || text.contains("out of memory") {
-        anyhow::anyhow!(
-            "{text}; the plan for {gpu_layers} GPU layers estimated {} GiB: try fewer layers (`vibeoffload auto` says the largest N that fits)",
-            gib(estimate.total_bytes)
-        )
-    } else {
-        e
+    if !(text.contains("OUT_OF_MEMORY") || text.contains("out of memory")) {
+        return e;
     }
+    let advice = match largest_fit {
+        Some(n) => {
+            format!("the planner says {n} layers fit in the free memory: try --num-gpu-layers {n}")
+        }
+        None => "try fewer layers (`vibeoffload auto` says the largest N that fits)".into(),
+    };
+    anyhow::anyhow!(
+        "{text}; the plan for {gpu_layers} GPU layers estimated {} GiB; {advice}",
+        gib(estimate.total_bytes)
+    )
 }
 
 fn progress_bar(message: &str, total: u64) -> ProgressBar {
@@ -684,4 +698,22 @@ fn required_budget(g: &GpuArgs) -> Result<Budget> {
         anyhow::anyhow!("{e:#}; to choose a layer count without a GPU reading, pass --vram SIZE (e.g. --vram 8GiB)")
     })?;
     Ok(Budget::new(Some(info.clone()), info.free_bytes, target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_errors_say_what_fits() {
+        let model = ModelInfo::builtin(BuiltinModel::Large7b, CheckpointDtype::Float8);
+        let estimate = plan::estimate(&model, &PlanOptions::default(), 28).unwrap();
+        let oom = anyhow::anyhow!("cannot upload model.language_model.layers.3.mlp.up_proj.weight (67895296 bytes) to the device: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let text = format!("{:#}", oom_hint(oom, &estimate, 28, Some(12)));
+        assert!(text.contains("mlp.up_proj.weight"), "{text}");
+        assert!(text.contains("28 GPU layers estimated 10.61 GiB"), "{text}");
+        assert!(text.contains("try --num-gpu-layers 12"), "{text}");
+        let other = oom_hint(anyhow::anyhow!("no such file"), &estimate, 28, Some(12));
+        assert_eq!(format!("{other:#}"), "no such file");
+    }
 }
