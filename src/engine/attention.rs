@@ -2,6 +2,7 @@
 //! softmax and weighted sum, with grouped-query heads read in place from the cache (no
 //! repeated K/V copies, no f32 round trips through memory).
 
+use super::dequant::{cpu_activations, cpu_storage};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `softmax(q K^T / sqrt(d)) V` for `q` `[b, heads, 1, d]` against `k`, `v` `[b, kv_heads, len, d]`
@@ -27,16 +28,6 @@ fn strides(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     Ok((l.start_offset(), s[0], s[1], s[2]))
 }
 
-impl DecodeAttention {
-    fn cpu_values(s: &CpuStorage) -> Result<(Vec<f32>, bool)> {
-        Ok(match s {
-            CpuStorage::F32(v) => (v.clone(), false),
-            CpuStorage::BF16(v) => (v.iter().map(|x| x.to_f32()).collect(), true),
-            _ => candle_core::bail!("decode attention: f32 or bf16 only"),
-        })
-    }
-}
-
 impl CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "vibeoffload-decode-attention"
@@ -51,9 +42,9 @@ impl CustomOp3 for DecodeAttention {
         v: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, bf16) = Self::cpu_values(q)?;
-        let (k, _) = Self::cpu_values(k)?;
-        let (v, _) = Self::cpu_values(v)?;
+        let (q, bf16) = cpu_activations(q)?;
+        let (k, _) = cpu_activations(k)?;
+        let (v, _) = cpu_activations(v)?;
         let Some((qa, _)) = lq.contiguous_offsets() else {
             candle_core::bail!("decode attention: q must be contiguous");
         };
@@ -85,11 +76,7 @@ impl CustomOp3 for DecodeAttention {
                 }
             }
         }
-        let storage = if bf16 {
-            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-        } else {
-            CpuStorage::F32(out)
-        };
+        let storage = cpu_storage(out, bf16);
         Ok((storage, Shape::from((b, self.heads, 1, d))))
     }
 

@@ -96,12 +96,10 @@ impl Dequantize {
             (Some(layout), Some(s)) => value(i) * s[layout.index(i / cols, i % cols, cols)],
             _ => value(i),
         });
-        Ok(match self.out {
-            candle_core::DType::BF16 => {
-                CpuStorage::BF16(values.map(half::bf16::from_f32).collect())
-            }
-            _ => CpuStorage::F32(values.collect()),
-        })
+        Ok(cpu_storage(
+            values.collect(),
+            self.out == candle_core::DType::BF16,
+        ))
     }
 
     fn check(&self) -> Result<()> {
@@ -112,6 +110,24 @@ impl Dequantize {
             candle_core::bail!("dequantize: cannot decode {}", self.src);
         }
         Ok(())
+    }
+}
+
+/// A CPU activation storage (f32 or bf16) as f32 values, and whether it was bf16.
+pub(crate) fn cpu_activations(s: &CpuStorage) -> Result<(Vec<f32>, bool)> {
+    Ok(match s {
+        CpuStorage::F32(v) => (v.clone(), false),
+        CpuStorage::BF16(v) => (v.iter().map(|x| x.to_f32()).collect(), true),
+        _ => candle_core::bail!("activations must be f32 or bf16"),
+    })
+}
+
+/// f32 values as a CPU activation storage, rounded to bf16 when `bf16`.
+pub(crate) fn cpu_storage(values: Vec<f32>, bf16: bool) -> CpuStorage {
+    if bf16 {
+        CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect())
+    } else {
+        CpuStorage::F32(values)
     }
 }
 

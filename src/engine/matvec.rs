@@ -4,7 +4,7 @@
 //! Decoding one token is bound by reading weights and by the number of launches, so this is
 //! where its time goes.
 
-use super::dequant::RawTensor;
+use super::dequant::{cpu_activations, cpu_storage, RawTensor};
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
@@ -68,11 +68,8 @@ impl CustomOp1 for FusedMatVec {
         let Some((xa, xb)) = lx.contiguous_offsets() else {
             candle_core::bail!("f8 matvec: x must be contiguous");
         };
-        let (xs, bf16): (Vec<f32>, bool) = match x {
-            CpuStorage::F32(v) => (v[xa..xb].to_vec(), false),
-            CpuStorage::BF16(v) => (v[xa..xb].iter().map(|b| b.to_f32()).collect(), true),
-            _ => candle_core::bail!("f8 matvec: x must be f32 or bf16"),
-        };
+        let (all, bf16) = cpu_activations(x)?;
+        let xs = &all[xa..xb];
         let n_in = self.in_features;
         let rows = xs.len() / n_in;
         let lut: Vec<f32> = (0..=255u8).map(f8e4m3_to_f32).collect();
@@ -123,11 +120,7 @@ impl CustomOp1 for FusedMatVec {
                 *o += r;
             }
         }
-        let storage = if bf16 {
-            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-        } else {
-            CpuStorage::F32(out)
-        };
+        let storage = cpu_storage(out, bf16);
         Ok((storage, Shape::from((rows, n_out))))
     }
 
