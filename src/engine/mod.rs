@@ -103,6 +103,10 @@ pub struct LoadTimings {
     pub total_ms: f64,
 }
 
+fn dims(t: &TensorInfo) -> Vec<usize> {
+    t.shape.iter().map(|&d| d as usize).collect()
+}
+
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -192,7 +196,7 @@ impl Engine {
                 timings.read_ms += ms_since(read_started);
                 let vectors = tensors
                     .iter()
-                    .filter(|t| t.shape.len() == 1)
+                    .filter(|t| model::decoded_once(&rest(t, i), &dims(t)))
                     .map(|t| Ok((rest(t, i), upload(t)?)))
                     .collect::<Result<HashMap<_, _>>>()?;
                 layers.push(Residency::Streamed(host.len()));

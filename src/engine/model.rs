@@ -17,13 +17,24 @@ const QKV: [&str; 3] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_pro
 const QKV_BIAS: &str = "self_attn.qkv_proj.bias";
 const MLP: [&str; 3] = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
 
+/// Whether a layer tensor is decoded once at load and kept on the device: its vectors (norm
+/// weights, biases) and its float8 scales.
+pub fn decoded_once(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 1 || is_scale(name)
+}
+
+fn is_scale(name: &str) -> bool {
+    SCALE_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
 /// One decoder layer's tensors, by name relative to `layers.{i}.`.
 #[derive(Clone, Debug, Default)]
 pub struct LayerWeights {
     /// Raw tensors.
     pub tensors: HashMap<String, RawTensor>,
-    /// Its vectors (norm weights, biases) decoded once at load in the compute dtype and kept
-    /// on the device: a few KB that would otherwise cost a decode per use.
+    /// Its vectors (norm weights, biases) decoded once at load in the compute dtype, and its
+    /// float8 scales in f32, kept on the device: a few KB that would otherwise cost a decode
+    /// per use.
     pub vectors: Arc<HashMap<String, Tensor>>,
 }
 
@@ -58,8 +69,17 @@ impl LayerWeights {
     ) -> Result<HashMap<String, Tensor>> {
         let mut vectors = tensors
             .iter()
-            .filter(|(_, t)| t.shape.len() == 1)
-            .map(|(name, t)| Ok((name.clone(), dequantize(t, None, dtype)?)))
+            .filter(|(name, t)| decoded_once(name, &t.shape))
+            .map(|(name, t)| {
+                // Scales stay f32, as the kernels read them; norms and biases take the
+                // activations' dtype.
+                let decoded = if is_scale(name) {
+                    dequantize(t, None, DType::F32)?.flatten_all()?
+                } else {
+                    dequantize(t, None, dtype)?
+                };
+                Ok((name.clone(), decoded))
+            })
             .collect::<Result<HashMap<_, _>>>()?;
         let qkv: Option<Vec<Tensor>> = QKV
             .iter()
@@ -69,6 +89,21 @@ impl LayerWeights {
             vectors.insert(QKV_BIAS.into(), Tensor::cat(&parts, 0)?);
         }
         Ok(vectors)
+    }
+
+    /// The f32 scale of projection `prefix`, decoded at load when it was (see
+    /// [`LayerWeights::vectors`]), else now.
+    fn decoded_scale(&self, prefix: &str) -> Result<Option<Tensor>> {
+        for suffix in SCALE_SUFFIXES {
+            let name = format!("{prefix}.{suffix}");
+            if let Some(t) = self.vectors.get(&name) {
+                return Ok(Some(t.clone()));
+            }
+            if let Some(raw) = self.tensors.get(&name) {
+                return Ok(Some(dequantize(raw, None, DType::F32)?.flatten_all()?));
+            }
+        }
+        Ok(None)
     }
 
     fn scale(&self, prefix: &str) -> Option<&RawTensor> {
@@ -104,10 +139,7 @@ impl LayerWeights {
                 Ok(matvec::Segment {
                     bytes: w.bytes.clone(),
                     rows: w.shape[0],
-                    scale: self
-                        .scale(p)
-                        .map(|s| dequantize(s, None, DType::F32).and_then(|t| t.flatten_all()))
-                        .transpose()?,
+                    scale: self.decoded_scale(p)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

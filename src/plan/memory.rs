@@ -10,7 +10,7 @@
 
 use crate::checkpoint::config::ModelConfig;
 use crate::checkpoint::header::TensorInfo;
-use crate::checkpoint::inventory::{Inventory, Part};
+use crate::checkpoint::inventory::{Inventory, Part, SCALE_SUFFIXES};
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,8 @@ pub const LM_HEAD_CHUNK_ROWS: u64 = 16384;
 pub const ACTIVATION_BYTES: u64 = 2;
 /// Bytes per cached key or value element (bf16).
 pub const KV_BYTES: u64 = 2;
+/// Bytes per decoded float8 scale (f32).
+pub const SCALE_BYTES: u64 = 4;
 /// Bytes per attention score and logit (f32, for a stable softmax).
 pub const SCORE_BYTES: u64 = 4;
 
@@ -69,16 +71,23 @@ pub fn packed_layer_bytes_of(inventory: &Inventory, layer: usize) -> u64 {
     packed_layer_bytes(inventory.part_tensors(Part::Layer(layer)))
 }
 
-/// Every decoder layer's vectors (norm weights, biases) decoded to bf16 and kept on the
-/// device, streamed layers included, with the q, k and v biases held a second time side by
-/// side for the fused projection (engine::model::LayerWeights::vectors).
+/// Every decoder layer's vectors (norm weights, biases) decoded to bf16 and its float8 scales
+/// decoded to f32, kept on the device, streamed layers included, with the q, k and v biases
+/// held a second time side by side for the fused projection
+/// (engine::model::LayerWeights::vectors).
 pub fn decoded_vector_bytes(inventory: &Inventory) -> u64 {
     (0..inventory.num_layers())
         .flat_map(|i| inventory.part_tensors(Part::Layer(i)))
-        .filter(|t| t.shape.len() == 1)
         .map(|t| {
-            let copies = if t.name.ends_with("_proj.bias") { 2 } else { 1 };
-            copies * t.numel() * ACTIVATION_BYTES
+            let scale = SCALE_SUFFIXES.iter().any(|s| t.name.ends_with(s));
+            if scale {
+                t.numel() * SCALE_BYTES
+            } else if t.shape.len() == 1 {
+                let copies = if t.name.ends_with("_proj.bias") { 2 } else { 1 };
+                copies * t.numel() * ACTIVATION_BYTES
+            } else {
+                0
+            }
         })
         .sum()
 }
@@ -176,6 +185,36 @@ mod tests {
         // 28 layers x 4096 tokens x 2 (k, v) x 4 heads x 128 x 2 bytes = 224 MiB.
         let c = BuiltinModel::Large7b.config();
         assert_eq!(kv_cache_bytes(&c, 1, 4096, 28), 224 * MIB);
+    }
+
+    #[test]
+    fn decoded_vectors_count_scales_in_f32_and_qkv_biases_twice() {
+        use crate::checkpoint::header::TensorInfo;
+        use crate::checkpoint::layout::{self, Precision, ScaleConvention, ScaleGranularity};
+        let c = BuiltinModel::Small1_5b.config();
+        let precision =
+            Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel);
+        let specs = layout::vibevoice(&c, &layout::VibeVoiceParts::small(&c), precision);
+        let tensors = specs
+            .into_iter()
+            .map(|s| TensorInfo {
+                data_end: s.size_bytes(),
+                name: s.name,
+                dtype: s.dtype,
+                shape: s.shape,
+                data_start: 0,
+            })
+            .collect();
+        let inventory = Inventory::new(tensors).unwrap();
+        // Per layer: two norms of 1536 and the q/k/v biases (1536 + 256 + 256, held twice) in
+        // bf16; per-channel scales for q, k, v, o, gate, up, down in f32.
+        let norms = 2 * 1536 * 2;
+        let biases = 2 * (1536 + 256 + 256) * 2;
+        let scales = (1536 + 256 + 256 + 1536 + 8960 + 8960 + 1536) * 4;
+        assert_eq!(
+            decoded_vector_bytes(&inventory),
+            28 * (norms + biases + scales)
+        );
     }
 
     #[test]
