@@ -6,6 +6,7 @@
 # Usage: scripts/build-cuda.sh [--tests] [extra cargo args...]
 #   (default)  cargo build --release --features cuda --target-dir target/cuda  -> dist/vibeoffload
 #   --tests    also cargo test --release --features cuda --no-run ...          -> dist/tests/<kind>-<name>
+#   --clippy   also cargo clippy --features cuda --all-targets -- -D warnings (CI cannot)
 #   --pack     gzip the binary and the GPU test binary into dist/pack (to carry under 64 MiB)
 #              (json-render-diagnostics: compile errors still show on stderr)
 # Env: CUDA_COMPUTE_CAP (default 90 = H100/H200; 80 gives PTX the driver can JIT for newer cards),
@@ -18,11 +19,13 @@ cd "$repo"
 
 tests=0
 pack=0
+clippy=0
 cargo_args=()
 for a in "$@"; do
   case $a in
     --tests) tests=1 ;;
     --pack) pack=1 ;;
+    --clippy) clippy=1 ;;
     *) cargo_args+=("$a") ;;
   esac
 done
@@ -47,6 +50,9 @@ copy() { # src dst
   echo "[build-cuda] $2 ($(du -h "$2" | cut -f1))" >&2
 }
 
+if (( clippy )); then
+  cargo clippy --features cuda --all-targets --target-dir target/cuda -- -D warnings
+fi
 cargo build "${common[@]}" ${cargo_args[@]+"${cargo_args[@]}"}
 copy target/cuda/release/vibeoffload "$dist/vibeoffload"
 

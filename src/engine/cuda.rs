@@ -344,10 +344,10 @@ pub fn dequantize(
     // Eight elements per thread where rows, scale blocks and alignment allow it.
     let by_eight = op.src == StoredDType::F8E4M3
         && bf16_out
-        && n % 8 == 0
-        && cols % 8 == 0
+        && n.is_multiple_of(8)
+        && cols.is_multiple_of(8)
         && (cols as i64 / blocks) % 8 == 0
-        && start % 8 == 0;
+        && start.is_multiple_of(8);
     let name = match by_eight {
         true => "dequant_f8_bf16_x8".to_string(),
         false => format!(
@@ -535,6 +535,11 @@ impl CudaSlots {
     /// Marks the slot free once the compute issued so far is done.
     pub fn release(&mut self, slot: usize) -> Result<()> {
         Ok(self.compute_done[slot].record(&self.compute)?)
+    }
+
+    /// Number of slots.
+    pub(crate) fn len(&self) -> usize {
+        self.tensors.len()
     }
 
     /// The slot's bytes as a U8 tensor.

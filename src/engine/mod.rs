@@ -216,7 +216,7 @@ impl Engine {
             .max()
             .unwrap_or(0);
         let slots = make_slots(&device, slot_count, slot_bytes)?;
-        let streamer = LayerStreamer::new(layers, host, slots, slot_count, options.prefetch_depth)?;
+        let streamer = LayerStreamer::new(layers, host, slots, options.prefetch_depth)?;
         device_weight_bytes += (slot_count * slot_bytes) as u64;
 
         let lm = inventory.layout.lm_prefix();

@@ -184,6 +184,15 @@ impl Slots {
         }
     }
 
+    /// Number of slots.
+    fn len(&self) -> usize {
+        match self {
+            Slots::Cpu { tensors, .. } => tensors.len(),
+            #[cfg(feature = "cuda")]
+            Slots::Cuda(c) => c.len(),
+        }
+    }
+
     fn tensor(&self, slot: usize) -> Result<Tensor> {
         match self {
             Slots::Cpu { tensors, .. } => tensors[slot]
@@ -231,9 +240,9 @@ impl LayerStreamer {
         layers: Vec<Residency>,
         host: Vec<HostLayer>,
         slots: Slots,
-        slot_count: usize,
         depth: usize,
     ) -> Result<LayerStreamer> {
+        let slot_count = slots.len();
         if !host.is_empty() && slot_count == 0 {
             bail!("streaming {} layers needs at least one slot", host.len());
         }
@@ -400,10 +409,5 @@ impl LayerStreamer {
         self.timings.clear();
         self.wait_ms = 0.0;
         Ok(())
-    }
-
-    /// Number of slots.
-    pub fn slot_count(&self) -> usize {
-        self.slot_count
     }
 }
