@@ -3,7 +3,7 @@
 # scripts/build-cuda.sh --tests --pack) and sets $bin, $tests_dir, $out (the device tool's $OUT or
 # ./gpu-results), $model (a 7B float8 checkpoint, synthesized here once: never carried).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1

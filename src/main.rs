@@ -539,9 +539,12 @@ fn bench(a: BenchArgs) -> Result<String> {
     }
     let mut plan = engine_plan(&a.plan)?;
     if a.plan.max_seq_len.is_none() {
-        // Just what the runs need (decode's warm-up feeds the prompt and 2 tokens), so the
-        // estimate and the measurement describe the same buffers.
-        plan.max_seq_len = (a.timing.prompt_len + a.timing.gen_tokens.max(3)) as u64;
+        // Just what the runs need (decode's warm-up feeds the prompt and 2 tokens; its queued
+        // steps follow the timed ones), so the estimate and the measurement describe the same
+        // buffers.
+        plan.max_seq_len = (a.timing.prompt_len
+            + a.timing.gen_tokens.max(3)
+            + vibeoffload::run::QUEUED_STEPS) as u64;
     }
     let options = BenchOptions {
         engine: engine_options(&a.engine, &plan, &a.gpu)?,

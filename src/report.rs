@@ -688,8 +688,18 @@ impl RunReport {
             Some(&t.transfer)
         } else if let Some(d) = &self.decode {
             out.push_str(&format!(
-                "decode: batch {}, {} prompt tokens, {} generated; time to first token {:.1} ms; {:.2} ms/token ({:.1} tokens/s)\n",
-                d.batch, d.prompt_tokens, d.generated_tokens, d.ttft_ms, d.ms_per_token, d.tokens_per_s
+                "decode: batch {}, {} prompt tokens, {} generated; time to first token {:.1} ms; {:.2} ms/token ({:.1} tokens/s){}\n",
+                d.batch,
+                d.prompt_tokens,
+                d.generated_tokens,
+                d.ttft_ms,
+                d.ms_per_token,
+                d.tokens_per_s,
+                match (d.gpu_ms_per_token, d.host_ms_per_token) {
+                    (Some(g), Some(h)) =>
+                        format!("; a step costs the GPU {g:.2} ms, the host {h:.2} ms to queue"),
+                    _ => String::new(),
+                }
             ));
             Some(&d.transfer)
         } else {
@@ -748,12 +758,13 @@ impl crate::run::BenchReport {
     /// The report as a table.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "model: {} ({} layers of {} bytes) on {}\npinned host-to-device bandwidth: {}\nprefill {} tokens; decode {} tokens after a {}-token prompt, batch {}\n",
+            "model: {} ({} layers of {} bytes) on {}\npinned host-to-device bandwidth: {}; device-memory bandwidth: {}\nprefill {} tokens; decode {} tokens after a {}-token prompt, batch {}\n",
             self.model.source,
             self.model.layers,
             self.model.layer_bytes,
             self.device,
             self.pinned_gbps.map_or("not measured (CPU)".into(), |g| format!("{g:.1} GB/s")),
+            self.device_gbps.map_or("not measured (CPU)".into(), |g| format!("{g:.0} GB/s")),
             self.prompt_len,
             self.gen_tokens,
             self.prompt_len,
@@ -764,6 +775,9 @@ impl crate::run::BenchReport {
             "load s",
             "prefill ms",
             "ms/token",
+            "tokens/s",
+            "GPU ms",
+            "host ms",
             "bound ms",
             "vs bound",
             "GB/s",
@@ -781,6 +795,8 @@ impl crate::run::BenchReport {
                 format!("{:.2}", r.test_speed_ms),
                 format!("{:.2}", r.decode_ms_per_token),
                 format!("{:.1}", r.tokens_per_s),
+                opt(r.decode_gpu_ms_per_token, 2),
+                opt(r.decode_host_ms_per_token, 2),
                 opt(r.bound_ms_per_token, 2),
                 opt(r.vs_bound, 2),
                 format!("{:.1}", r.achieved_gbps),

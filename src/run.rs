@@ -42,7 +42,16 @@ pub struct Decode {
     pub tokens: Vec<u32>,
     /// Copies during the timed decode.
     pub transfer: TransferStats,
+    /// GPU time of one step with its launches queued ahead (median of three, GPU only):
+    /// what a step costs the GPU when launching is free.
+    pub gpu_ms_per_token: Option<f64>,
+    /// Host time to queue one step (median of three, GPU only). When it exceeds
+    /// `gpu_ms_per_token`, decoding is bound by launching kernels, not by the GPU.
+    pub host_ms_per_token: Option<f64>,
 }
+
+/// Steps [`decode`] times queued behind a hold of the GPU, after the timed ones.
+pub const QUEUED_STEPS: usize = 3;
 
 /// `n` token ids from a seeded generator, below `min(1000, vocab)` as the original draws them.
 pub fn random_ids(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
@@ -99,11 +108,15 @@ pub fn test_speed(
 /// in lockstep. A short untimed warm-up (the prompts and two tokens) runs first.
 pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Result<Decode> {
     let tokens = tokens.max(1);
-    let step = |engine: &mut Engine, batch: &[Vec<u32>]| -> Result<Vec<u32>> {
+    // The next ids, left on the device: queuing a step never waits for it.
+    let queue_step = |engine: &mut Engine, batch: &[Vec<u32>]| -> Result<candle_core::Tensor> {
         let rows: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
         let hidden = engine.forward_batch(&rows)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        Ok(engine.logits(&last)?.argmax(1)?.to_vec1::<u32>()?)
+        Ok(engine.logits(&last)?.argmax(1)?)
+    };
+    let step = |engine: &mut Engine, batch: &[Vec<u32>]| -> Result<Vec<u32>> {
+        Ok(queue_step(engine, batch)?.to_vec1::<u32>()?)
     };
     let as_batch = |next: &[u32]| next.iter().map(|&t| vec![t]).collect::<Vec<_>>();
     engine.reset();
@@ -130,6 +143,20 @@ pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Resul
     } else {
         ttft_ms
     };
+    let transfer = engine.transfer_stats()?;
+    // Up to three more steps (not counted above, where the cache has room), each queued
+    // behind a hold of the GPU.
+    let steps = QUEUED_STEPS.min(engine.remaining_tokens());
+    let mut queued = Vec::new();
+    for _ in 0..steps {
+        let (ids, time) = engine.time_queued(|e| queue_step(e, &as_batch(&next)))?;
+        next = ids.to_vec1::<u32>()?;
+        queued.extend(time);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty() && v.len() == steps).then(|| v[v.len() / 2])
+    };
     Ok(Decode {
         batch: prompts.len(),
         prompt_tokens: prompts[0].len(),
@@ -138,7 +165,9 @@ pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Resul
         ms_per_token,
         tokens_per_s: prompts.len() as f64 * 1e3 / ms_per_token,
         tokens: generated,
-        transfer: engine.transfer_stats()?,
+        transfer,
+        gpu_ms_per_token: median(queued.iter().filter_map(|q| q.gpu_ms).collect()),
+        host_ms_per_token: median(queued.iter().map(|q| q.host_ms).collect()),
     })
 }
 
@@ -180,10 +209,20 @@ pub struct BenchRow {
     pub decode_ms_per_token: f64,
     /// Tokens per second over the batch.
     pub tokens_per_s: f64,
+    /// GPU time of a decode step with its launches queued ahead (see [`Decode`]).
+    pub decode_gpu_ms_per_token: Option<f64>,
+    /// Host time to queue a decode step.
+    pub decode_host_ms_per_token: Option<f64>,
+    /// Weight bytes a decode step reads from device memory (every layer, resident or
+    /// streamed, plus the final norm and LM head).
+    pub weight_read_bytes_per_token: u64,
+    /// Time to read them once at the device-memory bandwidth measured at the start.
+    pub weight_read_ms_per_token: Option<f64>,
     /// Layer bytes streamed per decoded token.
     pub streamed_bytes_per_token: u64,
-    /// Lower bound of decode time: max(streamed bytes / pinned bandwidth, resident decode time
-    /// measured at N = all layers in the same run, where measured).
+    /// Lower bound of decode time. All layers resident: reading the weights once at the
+    /// device-memory bandwidth. Otherwise: max(streamed bytes / pinned bandwidth, resident
+    /// decode time measured in the same run where measured, else the weight-read time).
     pub bound_ms_per_token: Option<f64>,
     /// `decode_ms_per_token / bound_ms_per_token`.
     pub vs_bound: Option<f64>,
@@ -212,6 +251,8 @@ pub struct BenchReport {
     pub device: String,
     /// Pinned host-to-device bandwidth measured at the start (GPU only).
     pub pinned_gbps: Option<f64>,
+    /// Device-memory bandwidth (device-to-device copies) measured at the start (GPU only).
+    pub device_gbps: Option<f64>,
     /// Prompt tokens (test-speed pass and decode prefill).
     pub prompt_len: usize,
     /// Tokens decoded per configuration.
@@ -265,6 +306,8 @@ pub fn bench(
     };
     progress("measuring pinned host-to-device bandwidth".into());
     let pinned_gbps = crate::engine::pinned_bandwidth_gbps(o.engine.device)?;
+    progress("measuring device-memory bandwidth".into());
+    let device_gbps = crate::engine::device_bandwidth_gbps(o.engine.device)?;
     let first = ModelInfo::open(path)?;
     let model = crate::report::ModelSummary::of(&first);
     let ids = random_ids(o.prompt_len, o.seed, first.config.vocab_size);
@@ -280,6 +323,9 @@ pub fn bench(
         progress(format!("{n} GPU layers: loading"));
         let info = ModelInfo::open(path)?;
         let estimate = crate::plan::estimate(&info, &o.plan, n)?;
+        let weight_read_bytes = estimate.resident_layers_bytes
+            + estimate.pinned_host_bytes
+            + estimate.non_layer_weights_bytes;
         let options = crate::engine::EngineOptions {
             gpu_layers: n,
             ..o.engine.clone()
@@ -305,6 +351,10 @@ pub fn bench(
             ttft_ms: dec.ttft_ms,
             decode_ms_per_token: dec.ms_per_token,
             tokens_per_s: dec.tokens_per_s,
+            decode_gpu_ms_per_token: dec.gpu_ms_per_token,
+            decode_host_ms_per_token: dec.host_ms_per_token,
+            weight_read_bytes_per_token: weight_read_bytes,
+            weight_read_ms_per_token: device_gbps.map(|g| weight_read_bytes as f64 / (g * 1e6)),
             streamed_bytes_per_token: estimate.pinned_host_bytes,
             bound_ms_per_token: None,
             vs_bound: None,
@@ -326,18 +376,23 @@ pub fn bench(
         .find(|r| r.gpu_layers == model.layers)
         .map(|r| r.decode_ms_per_token);
     for r in &mut rows {
-        if let Some(gbps) = pinned_gbps {
-            let copy_ms = r.streamed_bytes_per_token as f64 / (gbps * 1e6);
-            let bound = resident_ms.map_or(copy_ms, |c| c.max(copy_ms));
-            r.bound_ms_per_token = Some(bound);
-            r.vs_bound = Some(r.decode_ms_per_token / bound);
-        }
+        let bound = if r.gpu_layers == model.layers {
+            r.weight_read_ms_per_token
+        } else {
+            pinned_gbps.map(|gbps| {
+                let copy_ms = r.streamed_bytes_per_token as f64 / (gbps * 1e6);
+                copy_ms.max(resident_ms.or(r.weight_read_ms_per_token).unwrap_or(0.0))
+            })
+        };
+        r.bound_ms_per_token = bound;
+        r.vs_bound = bound.map(|b| r.decode_ms_per_token / b);
     }
     Ok(BenchReport {
         schema: "vibeoffload.bench/1".into(),
         model,
         device,
         pinned_gbps,
+        device_gbps,
         prompt_len: o.prompt_len,
         gen_tokens: o.gen_tokens,
         batch: o.plan.batch as usize,
@@ -386,6 +441,7 @@ mod bench_tests {
             )),
             device: "cpu".into(),
             pinned_gbps: None,
+            device_gbps: None,
             prompt_len: 1,
             gen_tokens: 1,
             batch: 1,
@@ -399,6 +455,10 @@ mod bench_tests {
                     ttft_ms: 0.0,
                     decode_ms_per_token: t,
                     tokens_per_s: 0.0,
+                    decode_gpu_ms_per_token: None,
+                    decode_host_ms_per_token: None,
+                    weight_read_bytes_per_token: 0,
+                    weight_read_ms_per_token: None,
                     streamed_bytes_per_token: 0,
                     bound_ms_per_token: None,
                     vs_bound: None,

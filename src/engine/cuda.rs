@@ -299,6 +299,13 @@ extern "C" __global__ void decode_attention_bf16(const u16* q, const u16* k, con
         o[i] = to_bf16(acc / total);
     }
 }
+// Busy-waits `ns` nanoseconds of the GPU's clock: holds a stream while the host queues work
+// behind it (see QueuedTimer).
+extern "C" __global__ void hold_stream(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
 "#;
 
 fn ptx() -> candle_core::Result<&'static str> {
@@ -586,6 +593,67 @@ pub fn pinned_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
     let ms = f64::from(start.elapsed_ms(&end)?);
     stream.synchronize()?;
     Ok(5.0 * bytes as f64 / (ms * 1e6))
+}
+
+/// Device-memory bandwidth in GB/s (bytes read plus bytes written by device-to-device copies of
+/// `bytes`): one warm-up copy, then five timed with events.
+pub fn device_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
+    let stream = dev.cuda_stream();
+    let src = stream.alloc_zeros::<u8>(bytes)?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes)?;
+    stream.memcpy_dtod(&src, &mut dst)?;
+    let start = timing_event(&stream)?;
+    for _ in 0..5 {
+        stream.memcpy_dtod(&src, &mut dst)?;
+    }
+    let end = timing_event(&stream)?;
+    let ms = f64::from(start.elapsed_ms(&end)?);
+    Ok(2.0 * 5.0 * bytes as f64 / (ms * 1e6))
+}
+
+/// Times the GPU work queued between [`QueuedTimer::start`] and [`QueuedTimer::finish`] with
+/// the cost of launching it hidden: a kernel holds the stream while the host queues the work
+/// behind it, so the GPU then runs it back to back.
+pub struct QueuedTimer {
+    stream: Arc<CudaStream>,
+    start: CudaEvent,
+    queued: std::time::Instant,
+    hold_ms: f64,
+}
+
+impl QueuedTimer {
+    /// Holds `dev`'s stream for `hold_ms` and starts timing behind the hold.
+    pub fn start(dev: &CudaDevice, hold_ms: f64) -> Result<QueuedTimer> {
+        let stream = dev.cuda_stream();
+        let func = dev.get_or_load_custom_func("hold_stream", MODULE, ptx()?)?;
+        let ns = (hold_ms * 1e6) as u64;
+        let mut b = func.builder();
+        b.arg(&ns);
+        let config = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { b.launch(config) }?;
+        let start = timing_event(&stream)?;
+        Ok(QueuedTimer {
+            stream,
+            start,
+            queued: std::time::Instant::now(),
+            hold_ms,
+        })
+    }
+
+    /// GPU milliseconds of the work queued since `start`, and the host milliseconds it took
+    /// to queue it; the GPU figure is `None` when queuing outlasted the hold (it would then
+    /// include the host's gaps).
+    pub fn finish(self) -> Result<(Option<f64>, f64)> {
+        let host_ms = self.queued.elapsed().as_secs_f64() * 1e3;
+        let end = timing_event(&self.stream)?;
+        let gpu_ms = f64::from(self.start.elapsed_ms(&end)?);
+        Ok(((host_ms < self.hold_ms).then_some(gpu_ms), host_ms))
+    }
 }
 
 /// The CUDA side of [`DecodeAttention`]: bf16 q, K, V; K and V as `(offset, batch, head,

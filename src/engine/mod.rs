@@ -88,6 +88,22 @@ pub struct Engine {
     timings: LoadTimings,
 }
 
+/// How long the GPU holds its stream while the host queues the work [`Engine::time_queued`]
+/// times: longer than queuing one decoding step takes.
+#[cfg(feature = "cuda")]
+const QUEUE_HOLD_MS: f64 = 100.0;
+
+/// Device work timed with its launch cost hidden: the GPU is held while the host queues the
+/// work, then runs it back to back. Against the wall-clock time, it tells launch-bound from
+/// GPU-bound.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueuedTime {
+    /// GPU time of the work; `None` when queuing it outlasted the hold.
+    pub gpu_ms: Option<f64>,
+    /// Host time to queue it.
+    pub host_ms: f64,
+}
+
 /// Where load time went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadTimings {
@@ -334,6 +350,11 @@ impl Engine {
         model::lm_head(hidden, &self.head.0, self.head.1.as_ref(), rows)
     }
 
+    /// Tokens the KV cache can still take.
+    pub fn remaining_tokens(&self) -> usize {
+        self.max_seq_len - self.position
+    }
+
     /// Empties the KV cache.
     pub fn reset(&mut self) {
         self.position = 0;
@@ -345,6 +366,24 @@ impl Engine {
     /// Waits for the device to finish queued work (for timing).
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.device.synchronize()?)
+    }
+
+    /// Runs `f`, timing the device work it queues with the cost of launching it hidden (see
+    /// [`QueuedTime`]); `None` on the CPU. `f` must not wait for the device.
+    pub fn time_queued<T>(
+        &mut self,
+        f: impl FnOnce(&mut Engine) -> Result<T>,
+    ) -> Result<(T, Option<QueuedTime>)> {
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                let timer = cuda::QueuedTimer::start(d, QUEUE_HOLD_MS)?;
+                let out = f(self)?;
+                let (gpu_ms, host_ms) = timer.finish()?;
+                Ok((out, Some(QueuedTime { gpu_ms, host_ms })))
+            }
+            _ => Ok((f(self)?, None)),
+        }
     }
 
     /// Transfer statistics so far.
@@ -492,6 +531,23 @@ pub fn pinned_bandwidth_gbps(device: DeviceChoice) -> Result<Option<f64>> {
                 unreachable!("a CUDA choice opens a CUDA device");
             };
             Ok(Some(cuda::pinned_bandwidth_gbps(&d, 256 << 20)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => open_device(device).map(|_| None),
+    }
+}
+
+/// Device-memory bandwidth in GB/s on `device` (`None` on the CPU): reading the weights once
+/// per token at this rate is the bound of resident decoding.
+pub fn device_bandwidth_gbps(device: DeviceChoice) -> Result<Option<f64>> {
+    match device {
+        DeviceChoice::Cpu => Ok(None),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(_) => {
+            let (Device::Cuda(d), _) = open_device(device)? else {
+                unreachable!("a CUDA choice opens a CUDA device");
+            };
+            Ok(Some(cuda::device_bandwidth_gbps(&d, 1 << 30)?))
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => open_device(device).map(|_| None),
