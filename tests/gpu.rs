@@ -194,35 +194,75 @@ fn gpu_and_cpu_agree_to_bf16_precision() {
 
 #[test]
 fn fused_float8_matvec_matches_the_cpu() {
-    use vibeoffload::engine::matvec;
-    let (n_out, n_in) = (300, 512);
-    let codes: Vec<u8> = (0..n_out * n_in)
-        .map(|i| ((i * 37 + 11) % 251) as u8 & 0xf7)
-        .collect();
-    let x: Vec<f32> = (0..3 * n_in)
-        .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
-        .collect();
-    let scale: Vec<f32> = (0..n_out).map(|i| 0.5 + i as f32 * 0.01).collect();
-    let run = |device: &Device, per_row: bool| -> Vec<f32> {
-        let w = raw(Stored::F8E4M3, &[n_out, n_in], &codes, device);
-        let x = Tensor::from_slice(&x, (3, n_in), device)
+    use vibeoffload::engine::matvec::{self, FusedMatVec, Segment};
+    let n_in = 512;
+    let codes = |rows: usize, salt: usize| -> Vec<u8> {
+        (0..rows * n_in)
+            .map(|i| ((i * 37 + salt) % 251) as u8 & 0xf7)
+            .collect()
+    };
+    let ramp = |n: usize, f: f32, device: &Device| {
+        let v: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * f).collect();
+        Tensor::from_slice(&v, n, device)
             .unwrap()
             .to_dtype(DType::BF16)
-            .unwrap();
-        let s = per_row.then(|| Tensor::from_slice(&scale, n_out, device).unwrap());
-        host_f32(&matvec::linear(&x, &w, s.as_ref()).unwrap())
+            .unwrap()
     };
-    for per_row in [false, true] {
-        let (cpu, gpu) = (run(&Device::Cpu, per_row), run(&cuda(), per_row));
-        let worst = cpu
-            .iter()
-            .zip(&gpu)
-            .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
-            .fold(0.0f32, f32::max);
-        assert!(
-            worst < 1e-2,
-            "scale per row {per_row}: worst relative difference {worst}"
-        );
+    // (weights as (rows, salt), per-row scales, bias, residual, gated)
+    type Case<'a> = (&'a [(usize, usize)], bool, bool, bool, bool);
+    let cases: [Case; 5] = [
+        (&[(304, 11)], false, false, false, false),
+        (&[(304, 11)], true, false, false, false),
+        (&[(304, 1), (64, 2), (48, 3)], false, true, true, false),
+        (&[(304, 1), (64, 2), (48, 3)], true, true, false, false),
+        (&[(160, 5), (160, 6)], true, false, false, true),
+    ];
+    for rows in [1, 3, 8] {
+        for (i, &(weights, scaled, bias, residual, gated)) in cases.iter().enumerate() {
+            let run = |device: &Device| -> Vec<f32> {
+                let segments = weights
+                    .iter()
+                    .map(|&(n, salt)| Segment {
+                        bytes: Tensor::from_vec(codes(n, salt), n * n_in, device).unwrap(),
+                        rows: n,
+                        scale: scaled.then(|| {
+                            Tensor::arange(0f32, n as f32, device)
+                                .unwrap()
+                                .affine(0.01, 0.5)
+                                .unwrap()
+                        }),
+                    })
+                    .collect();
+                let mut op = FusedMatVec {
+                    segments,
+                    in_features: n_in,
+                    bias: None,
+                    residual: None,
+                    gated,
+                };
+                let n_out = op.out_features();
+                op.bias = bias.then(|| ramp(n_out, 0.1, device));
+                op.residual = residual.then(|| {
+                    ramp(rows * n_out, 0.2, device)
+                        .reshape((rows, n_out))
+                        .unwrap()
+                });
+                let x = ramp(rows * n_in, 0.01, device)
+                    .reshape((rows, n_in))
+                    .unwrap();
+                host_f32(&matvec::apply(&x, &op).unwrap())
+            };
+            let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
+            let worst = cpu
+                .iter()
+                .zip(&gpu)
+                .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-2,
+                "case {i}, {rows} rows: worst relative difference {worst}"
+            );
+        }
     }
 }
 

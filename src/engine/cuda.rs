@@ -110,133 +110,7 @@ extern "C" __global__ void dequant_f8_bf16_x8(const u8* src, u16* dst, const flo
     }
 }
 
-// y[r, o] = scale * sum_i f8(w[o, i]) * x[r, i] for up to 8 rows of x: one warp per output row,
-// 16 weight bytes per lane per step, f32 accumulation, each weight byte read once.
-__device__ __forceinline__ float f8fast(u32 c) {
-    if ((c & 0x7fu) == 0x7fu) return __int_as_float(0x7fc00000);
-    float v = __int_as_float((int)((c & 0x7fu) << 20)) * 1.329227995784916e36f; // 2^120
-    return (c & 0x80u) ? -v : v;
-}
-
 __device__ __forceinline__ float bf16f(u16 b) { return __int_as_float(((int)b) << 16); }
-
-// Dot products of R rows of x with one float8 weight row; reduced across the warp. R is a
-// template parameter so batch-1 decoding keeps one accumulator in registers (fewer registers,
-// more warps resident, more loads in flight); two 16-byte weight loads are issued per step.
-// (Two weight rows per warp sharing the loads of x measured slower on the H200: 9.09 against
-// 7.28 ms/token resident, see RESULTS.md.)
-template <int R>
-__device__ __forceinline__ void dot_rows(const u8* wr, const u16* x, int rows, int n_in, int lane, float* acc) {
-    bool vec = ((((unsigned long long)wr) | ((unsigned long long)x)) & 15ull) == 0 && (n_in & 15) == 0;
-    if (vec) {
-        for (int k0 = lane * 16; k0 < n_in; k0 += 2 * 32 * 16) {
-            int k1 = k0 + 32 * 16;
-            uint4 p0 = *(const uint4*)(wr + k0);
-            uint4 p1 = k1 < n_in ? *(const uint4*)(wr + k1) : make_uint4(0, 0, 0, 0);
-            #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                int k = half ? k1 : k0;
-                if (k >= n_in) break;
-                uint4 p = half ? p1 : p0;
-                u32 words[4] = {p.x, p.y, p.z, p.w};
-                float wv[16];
-                #pragma unroll
-                for (int j = 0; j < 16; j++) wv[j] = f8fast((words[j >> 2] >> ((j & 3) * 8)) & 0xffu);
-                #pragma unroll
-                for (int r = 0; r < R; r++) {
-                    if (r < rows) {
-                        const uint4* xp = (const uint4*)(x + (long long)r * n_in + k);
-                        uint4 a = xp[0], b = xp[1];
-                        u32 xw[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-                        float s = 0.f;
-                        #pragma unroll
-                        for (int j = 0; j < 8; j++) {
-                            s += wv[2 * j] * __int_as_float((int)(xw[j] << 16));
-                            s += wv[2 * j + 1] * __int_as_float((int)(xw[j] & 0xffff0000u));
-                        }
-                        acc[r] += s;
-                    }
-                }
-            }
-        }
-    } else {
-        for (int k = lane; k < n_in; k += 32) {
-            float wv = f8fast(wr[k]);
-            #pragma unroll
-            for (int r = 0; r < R; r++) if (r < rows) acc[r] += wv * bf16f(x[(long long)r * n_in + k]);
-        }
-    }
-    #pragma unroll
-    for (int r = 0; r < R; r++)
-        for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-}
-
-__device__ __forceinline__ float seg_scale(const float* s, int mode, int o) {
-    return mode == 0 ? 1.f : s[mode == 1 ? 0 : o];
-}
-
-// y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when gated,
-// for up to R rows of x. One warp per output feature; each weight byte read once; f32
-// accumulation, one rounding.
-template <int R>
-__device__ void matvec_fused(
-        const u16* x, int rows, int n_in,
-        const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
-        const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
-        const u16* bias, int has_bias, const u16* res, int has_res, int gated, u16* y) {
-    int o = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5);
-    int lane = threadIdx.x & 31;
-    int n_out = gated ? n0 : n0 + n1 + n2;
-    if (o >= n_out) return;
-    float acc[R], acc2[R];
-    #pragma unroll
-    for (int r = 0; r < R; r++) { acc[r] = 0.f; acc2[r] = 0.f; }
-    float scale;
-    if (gated) {
-        dot_rows<R>(w0 + (long long)o * n_in, x, rows, n_in, lane, acc);
-        dot_rows<R>(w1 + (long long)o * n_in, x, rows, n_in, lane, acc2);
-        float sg = seg_scale(s0, m0, o), su = seg_scale(s1, m1, o);
-        #pragma unroll
-        for (int r = 0; r < R; r++) {
-            float g = acc[r] * sg;
-            acc[r] = g / (1.f + __expf(-g)) * (acc2[r] * su);
-        }
-        scale = 1.f;
-    } else if (o < n0) {
-        dot_rows<R>(w0 + (long long)o * n_in, x, rows, n_in, lane, acc);
-        scale = seg_scale(s0, m0, o);
-    } else if (o < n0 + n1) {
-        dot_rows<R>(w1 + (long long)(o - n0) * n_in, x, rows, n_in, lane, acc);
-        scale = seg_scale(s1, m1, o - n0);
-    } else {
-        dot_rows<R>(w2 + (long long)(o - n0 - n1) * n_in, x, rows, n_in, lane, acc);
-        scale = seg_scale(s2, m2, o - n0 - n1);
-    }
-    if (lane != 0) return;
-    float b = has_bias ? bf16f(bias[o]) : 0.f;
-    #pragma unroll
-    for (int r = 0; r < R; r++) {
-        if (r < rows) {
-            float v = acc[r] * scale + b;
-            if (has_res) v += bf16f(res[(long long)r * n_out + o]);
-            y[(long long)r * n_out + o] = to_bf16(v);
-        }
-    }
-}
-
-#define MATVEC(NAME, R) \
-extern "C" __global__ void NAME( \
-        const u16* x, int rows, int n_in, \
-        const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
-        const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
-        const u16* bias, int has_bias, const u16* res, int has_res, int gated, u16* y) { \
-    matvec_fused<R>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
-                    bias, has_bias, res, has_res, gated, y); }
-
-MATVEC(f8_matvec_fused_r1, 1)
-MATVEC(f8_matvec_fused_r2, 2)
-MATVEC(f8_matvec_fused_r4, 4)
-MATVEC(f8_matvec_fused_r8, 8)
 
 // One new token's attention for one (head, batch) per block: scores against the cache in
 // shared memory, softmax, weighted sum of values; K/V read in place with their strides.
@@ -299,6 +173,7 @@ extern "C" __global__ void decode_attention_bf16(const u16* q, const u16* k, con
         o[i] = to_bf16(acc / total);
     }
 }
+
 // Busy-waits `ns` nanoseconds of the GPU's clock: holds a stream while the host queues work
 // behind it (see QueuedTimer).
 extern "C" __global__ void hold_stream(unsigned long long ns) {
@@ -307,6 +182,241 @@ extern "C" __global__ void hold_stream(unsigned long long ns) {
     do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
 }
 "#;
+
+const MMA_MODULE: &str = "vibeoffload_mma";
+
+/// The decode path's float8 matrix-vector kernel, on tensor cores (sm_80 and newer; compiled
+/// for the device's architecture). One block per 16 output features: its warps split the
+/// input features, each step multiplying a 16 x 64 tile of float8 weights (decoded to f16 in
+/// registers) by up to 8 rows of x (bf16 converted to f16) with `mma.sync` and f32
+/// accumulation; the warps' sums meet in shared memory, where scale, bias, residual and the
+/// gate are applied. Each weight byte is read once, with loads that bypass L1.
+const MMA_KERNELS: &str = r#"
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define WARPS 8
+
+// Two float8 E4M3 codes (low byte first) as f16x2. From sm_89 the hardware converts exactly;
+// before, the bits are moved into place, which yields the value / 256 (F8_UNSCALE undoes it
+// after the sum; NaN codes then read as 480).
+#if __CUDA_ARCH__ >= 890
+#define F8_UNSCALE 1.0f
+__device__ __forceinline__ u32 f8x2(u32 two) {
+    u32 d;
+    unsigned short h = (unsigned short)two;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(h));
+    return d;
+}
+#else
+#define F8_UNSCALE 256.0f
+__device__ __forceinline__ u32 f8x2(u32 two) {
+    u32 t = (two & 0xffu) | ((two & 0xff00u) << 8);
+    return ((t & 0x007f007fu) << 7) | ((t & 0x00800080u) << 8);
+}
+#endif
+
+__device__ __forceinline__ u32 h2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+__device__ __forceinline__ float bf16f(u32 b) { return __int_as_float((int)(b << 16)); }
+
+__device__ __forceinline__ u16 to_bf16(float x) {
+    u32 b = (u32)__float_as_int(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return (u16)(b >> 16);
+}
+
+__device__ __forceinline__ uint4 load_stream(const u8* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One 16 x 64 weight tile (rows g and g + 8 of w, 16 bytes each at this lane's k) times the
+// lane's 16 x values, as four m16n8k16 products. The k order inside a product is permuted the
+// same way for weights and x, which leaves the dot products unchanged.
+__device__ __forceinline__ void tile(float* c, uint4 lo, uint4 hi, const u32* xb) {
+    u32 a[4] = {lo.x, lo.y, lo.z, lo.w}, b[4] = {hi.x, hi.y, hi.z, hi.w};
+    #pragma unroll
+    for (int j = 0; j < 4; j++)
+        mma(c, f8x2(a[j]), f8x2(b[j]), f8x2(a[j] >> 16), f8x2(b[j] >> 16), xb[2 * j], xb[2 * j + 1]);
+}
+
+// The lane's 16 x values of row g (zero beyond the rows) as eight f16x2.
+__device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k) {
+    if (g < rows) {
+        const u16* p = x + (long long)g * n_in + k;
+        u32 w[8];
+        asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+            : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+        asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+            : "=r"(w[4]), "=r"(w[5]), "=r"(w[6]), "=r"(w[7]) : "l"(p + 8));
+        #pragma unroll
+        for (int i = 0; i < 8; i++) xb[i] = h2(bf16f(w[i] & 0xffffu), bf16f(w[i] >> 16));
+    } else {
+        #pragma unroll
+        for (int i = 0; i < 8; i++) xb[i] = 0u;
+    }
+}
+
+// y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
+// for up to 8 rows of x; every segment's rows a multiple of 16, n_in a multiple of 64, weights
+// and x 16-byte aligned. U steps of 64 inputs are loaded before any is multiplied.
+template <bool GATED, int U>
+__device__ void matvec(
+        const u16* x, int rows, int n_in,
+        const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
+        const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
+        const u16* bias, int has_bias, const u16* res, int has_res, u16* y) {
+    __shared__ float red[GATED ? 2 : 1][WARPS][16][8];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int o0 = blockIdx.x * 16;
+    const u8* w;
+    const u8* wu = w1;
+    const float* s = s0;
+    int m = m0, local = o0;
+    if (GATED || o0 < n0) { w = w0; }
+    else if (o0 < n0 + n1) { w = w1; s = s1; m = m1; local = o0 - n0; }
+    else { w = w2; s = s2; m = m2; local = o0 - n0 - n1; }
+    const u8* r0 = w + (long long)(local + g) * n_in + q * 16;
+    const u8* r1 = r0 + 8LL * n_in;
+    const u8* u0 = wu + (long long)(local + g) * n_in + q * 16;
+    const u8* u1 = u0 + 8LL * n_in;
+    float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+    int steps = n_in >> 6;
+    for (int base = warp; base < steps; base += WARPS * U) {
+        uint4 lo[U], hi[U], ulo[U], uhi[U];
+        #pragma unroll
+        for (int i = 0; i < U; i++) {
+            int st = base + i * WARPS;
+            if (st < steps) {
+                lo[i] = load_stream(r0 + st * 64);
+                hi[i] = load_stream(r1 + st * 64);
+                if (GATED) {
+                    ulo[i] = load_stream(u0 + st * 64);
+                    uhi[i] = load_stream(u1 + st * 64);
+                }
+            }
+        }
+        #pragma unroll
+        for (int i = 0; i < U; i++) {
+            int st = base + i * WARPS;
+            if (st < steps) {
+                u32 xb[8];
+                load_x(xb, x, g, rows, n_in, st * 64 + q * 16);
+                tile(c, lo[i], hi[i], xb);
+                if (GATED) tile(cu, ulo[i], uhi[i], xb);
+            }
+        }
+    }
+    red[0][warp][g][2 * q] = c[0];
+    red[0][warp][g][2 * q + 1] = c[1];
+    red[0][warp][g + 8][2 * q] = c[2];
+    red[0][warp][g + 8][2 * q + 1] = c[3];
+    if (GATED) {
+        red[GATED ? 1 : 0][warp][g][2 * q] = cu[0];
+        red[GATED ? 1 : 0][warp][g][2 * q + 1] = cu[1];
+        red[GATED ? 1 : 0][warp][g + 8][2 * q] = cu[2];
+        red[GATED ? 1 : 0][warp][g + 8][2 * q + 1] = cu[3];
+    }
+    __syncthreads();
+    if (threadIdx.x >= 128) return;
+    int f = threadIdx.x >> 3, r = threadIdx.x & 7;
+    if (r >= rows) return;
+    float acc = 0.f, accu = 0.f;
+    #pragma unroll
+    for (int i = 0; i < WARPS; i++) {
+        acc += red[0][i][f][r];
+        if (GATED) accu += red[GATED ? 1 : 0][i][f][r];
+    }
+    int o = o0 + f, n_out = GATED ? n0 : n0 + n1 + n2;
+    float v;
+    if (GATED) {
+        float sg = F8_UNSCALE * (m0 == 0 ? 1.f : s0[m0 == 1 ? 0 : o]);
+        float su = F8_UNSCALE * (m1 == 0 ? 1.f : s1[m1 == 1 ? 0 : o]);
+        float gv = acc * sg;
+        v = gv / (1.f + __expf(-gv)) * (accu * su);
+    } else {
+        v = acc * F8_UNSCALE * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
+        if (has_bias) v += bf16f(bias[o]);
+    }
+    if (has_res) v += bf16f(res[(long long)r * n_out + o]);
+    y[(long long)r * n_out + o] = to_bf16(v);
+}
+
+#define MATVEC(NAME, GATED, U) \
+extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME( \
+        const u16* x, int rows, int n_in, \
+        const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
+        const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
+        const u16* bias, int has_bias, const u16* res, int has_res, u16* y) { \
+    matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
+                     bias, has_bias, res, has_res, y); }
+
+MATVEC(f8_matvec_mma, false, 4)
+MATVEC(f8_matvec_mma_gated, true, 2)
+"#;
+
+/// Compute capability of `dev` as `(major, minor)`.
+fn compute_capability(dev: &CudaDevice) -> candle_core::Result<(i32, i32)> {
+    let ctx = dev.cuda_stream().context().clone();
+    let major = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    let minor = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .w()?;
+    Ok((major, minor))
+}
+
+/// Whether `dev` has the tensor-core instructions the fused matvec uses (sm_80 or newer;
+/// asked of the first device only).
+pub fn has_mma(dev: &CudaDevice) -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| compute_capability(dev).is_ok_and(|(major, _)| major >= 8))
+}
+
+/// The MMA kernels' PTX for the first device that asks (sm_89 and newer convert float8 in
+/// hardware).
+fn mma_ptx(dev: &CudaDevice) -> candle_core::Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        let arch = match compute_capability(dev).map_err(|e| e.to_string())? {
+            (major, _) if major >= 9 => "compute_90",
+            (8, minor) if minor >= 9 => "compute_89",
+            (8, 6..) => "compute_86",
+            (8, _) => "compute_80",
+            (major, minor) => {
+                return Err(format!(
+                    "the fused matvec needs sm_80 or newer, not sm_{major}{minor}"
+                ))
+            }
+        };
+        let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            ..Default::default()
+        };
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(MMA_KERNELS, options)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("NVRTC could not compile the matvec kernels for {arch}: {e}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
 
 fn ptx() -> candle_core::Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -774,16 +884,27 @@ pub fn fused_matvec(
         .map(|(s, l)| cuda_view::<half::bf16>(s, l))
         .transpose()?;
 
+    let aligned = xa.is_multiple_of(8)
+        && n_in.is_multiple_of(super::matvec::TILE_INPUTS)
+        && op
+            .segments
+            .iter()
+            .all(|s| s.rows.is_multiple_of(super::matvec::TILE_ROWS))
+        && weights
+            .iter()
+            .all(|(_, l)| l.start_offset().is_multiple_of(16));
+    if !aligned {
+        candle_core::bail!(
+            "fused matvec: shapes or offsets off the kernel's tiles (see matvec::applies)"
+        );
+    }
     let n_out = op.out_features();
-    // The kernel instantiated for the fewest accumulators that hold `rows`.
-    let name = match rows {
-        1 => "f8_matvec_fused_r1",
-        2 => "f8_matvec_fused_r2",
-        3 | 4 => "f8_matvec_fused_r4",
-        _ => "f8_matvec_fused_r8",
+    let name = match op.gated {
+        true => "f8_matvec_mma_gated",
+        false => "f8_matvec_mma",
     };
-    let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
-    // SAFETY: every element of `y` is written by lane 0 of its feature's warp.
+    let func = dev.get_or_load_custom_func(name, MMA_MODULE, mma_ptx(&dev)?)?;
+    // SAFETY: every element of `y` is written by the block of its 16 features.
     let y = unsafe { dev.alloc::<half::bf16>(rows * n_out)? };
     let mut n = [0i32; 3];
     let mut modes = [0i32; 3];
@@ -796,11 +917,7 @@ pub fn fused_matvec(
         };
     }
     let (rows_arg, in_arg) = (rows as i32, n_in as i32);
-    let (has_bias, has_res, gated) = (
-        i32::from(b_view.is_some()),
-        i32::from(r_view.is_some()),
-        i32::from(op.gated),
-    );
+    let (has_bias, has_res) = (i32::from(b_view.is_some()), i32::from(r_view.is_some()));
     let mut b = func.builder();
     b.arg(&xs);
     b.arg(&rows_arg);
@@ -834,13 +951,11 @@ pub fn fused_matvec(
         None => b.arg(&xs),
     };
     b.arg(&has_res);
-    b.arg(&gated);
     b.arg(&y);
-    // One warp per output feature.
-    let threads = 256u32;
+    // One block of eight warps per 16 output features (super::matvec::TILE_ROWS).
     let config = LaunchConfig {
-        grid_dim: ((n_out as u32 * 32).div_ceil(threads), 1, 1),
-        block_dim: (threads, 1, 1),
+        grid_dim: ((n_out / super::matvec::TILE_ROWS) as u32, 1, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the argument list matches the kernel's signature.

@@ -11,6 +11,12 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 /// Most rows of `x` the fused path takes; more rows (prefill) decode `W` once and multiply.
 pub const MATVEC_MAX_ROWS: usize = 8;
 
+/// On the GPU, each weight's rows come in tiles of this many (one block each)...
+pub const TILE_ROWS: usize = 16;
+
+/// ...and its inputs in steps of this many (one tensor-core tile wide).
+pub const TILE_INPUTS: usize = 64;
+
 /// One weight of a fused product: float8 bytes `[rows, in]` and an optional f32 scale (one
 /// value, or one per row).
 #[derive(Clone, Debug)]
@@ -135,21 +141,42 @@ impl CustomOp1 for FusedMatVec {
 }
 
 /// Whether `x @ w^T` takes the fused path: float8 weights, a scale that is none, one value or
-/// one per output row, and at most [`MATVEC_MAX_ROWS`] rows.
+/// one per output row, and at most [`MATVEC_MAX_ROWS`] rows; on the GPU also tensor cores
+/// (sm_80 or newer) and a weight of whole tiles ([`TILE_ROWS`] x [`TILE_INPUTS`]).
 pub fn applies(x: &Tensor, w: &RawTensor, scale: Option<&RawTensor>) -> Result<bool> {
     let rows = x.elem_count() / x.dim(D::Minus1)?;
     let simple_scale = scale.is_none_or(|s| {
         let n: usize = s.shape.iter().product();
         n == 1 || n == w.shape[0]
     });
-    Ok(w.dtype == Stored::F8E4M3 && w.shape.len() == 2 && rows <= MATVEC_MAX_ROWS && simple_scale)
+    let fits =
+        w.dtype == Stored::F8E4M3 && w.shape.len() == 2 && rows <= MATVEC_MAX_ROWS && simple_scale;
+    Ok(fits && device_takes(x.device(), &w.shape))
+}
+
+/// Whether `device` runs the fused kernel for a weight of `shape` (`[out, in]`).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn device_takes(device: &candle_core::Device, shape: &[usize]) -> bool {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            super::cuda::has_mma(d)
+                && shape[0].is_multiple_of(TILE_ROWS)
+                && shape[1].is_multiple_of(TILE_INPUTS)
+        }
+        _ => true,
+    }
 }
 
 /// Runs `op` on `x` (`[..., in]`); the result has `x`'s leading dimensions.
 pub fn apply(x: &Tensor, op: &FusedMatVec) -> Result<Tensor> {
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("x has a last dimension") = op.out_features();
-    let x2 = x.reshape(((), op.in_features))?.contiguous()?;
+    let mut x2 = x.reshape(((), op.in_features))?.contiguous()?;
+    // The GPU kernel reads x 16 bytes at a time.
+    if !x2.layout().start_offset().is_multiple_of(8) {
+        x2 = x2.copy()?;
+    }
     x2.apply_op1_no_bwd(op)?.reshape(out_dims)
 }
 
