@@ -180,8 +180,12 @@ fn gpu_and_cpu_agree_to_bf16_precision() {
         };
         let mut engine =
             Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
-        let h = engine.forward(&[3, 1, 4, 1, 5]).unwrap();
-        host_f32(&h)
+        // A prompt, then two decoding steps (the fused norm, KV store and attention paths).
+        let mut h = host_f32(&engine.forward(&[3, 1, 4, 1, 5]).unwrap());
+        for id in [9, 2] {
+            h.extend(host_f32(&engine.forward(&[id]).unwrap()));
+        }
+        h
     };
     let (cpu, gpu) = (run(DeviceChoice::Cpu), run(DeviceChoice::Cuda(0)));
     let worst = cpu
@@ -239,6 +243,8 @@ fn fused_float8_matvec_matches_the_cpu() {
                     bias: None,
                     residual: None,
                     gated,
+                    norm: None,
+                    resident_weights: false,
                 };
                 let n_out = op.out_features();
                 op.bias = bias.then(|| ramp(n_out, 0.1, device));

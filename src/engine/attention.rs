@@ -1,12 +1,14 @@
-//! Attention of one new token against the KV cache, in one op: the decode path's scores,
-//! softmax and weighted sum, with grouped-query heads read in place from the cache (no
-//! repeated K/V copies, no f32 round trips through memory).
+//! Attention of one new token against the KV cache, in one op: the decode path's queries
+//! rotated (RoPE) straight from the q/k/v projection, scores, softmax and weighted sum, with
+//! grouped-query heads read in place from the cache (no repeated K/V copies, no f32 round
+//! trips through memory).
 
 use super::dequant::{cpu_activations, cpu_storage};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-/// `softmax(q K^T / sqrt(d)) V` for `q` `[b, heads, 1, d]` against `k`, `v` `[b, kv_heads, len, d]`
-/// (any strides, as the cache's views have); the result is `[b, heads, 1, d]`.
+/// `softmax(q K^T / sqrt(d)) V` for one query per sequence, its heads side by side
+/// (`q_stride` elements apart from one sequence to the next), against `k`, `v` `[b, kv_heads,
+/// len, d]` (any strides, as the cache's views have); the result is `[b, heads, 1, d]`.
 #[derive(Clone, Debug)]
 pub struct DecodeAttention {
     /// Query heads.
@@ -17,6 +19,18 @@ pub struct DecodeAttention {
     pub len: usize,
     /// Head width.
     pub head_dim: usize,
+    /// Elements from one sequence's query to the next.
+    pub q_stride: usize,
+    /// Rotates the queries first: the rotary table `[max_len, d]` (cosines, then sines) and
+    /// the query's position.
+    pub rope: Option<(Tensor, usize)>,
+}
+
+/// The rotary pair `(i, i + d/2)` of `x` at a table row `cs` (cosines, then sines).
+fn rotate(x: &[f32], cs: &[f32], i: usize) -> (f32, f32) {
+    let half = x.len() / 2;
+    let (c, s) = (cs[i], cs[half + i]);
+    (x[i] * c - x[i + half] * s, x[i + half] * c + x[i] * s)
 }
 
 /// Strides `[batch, head, position]` of a `[b, h, len, d]` view whose last dimension is dense.
@@ -53,10 +67,25 @@ impl CustomOp3 for DecodeAttention {
         let (d, b) = (self.head_dim, lq.dims()[0]);
         let group = self.heads / self.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
+        let table = match &self.rope {
+            Some((t, pos)) => Some((
+                t.flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?,
+                *pos,
+            )),
+            None => None,
+        };
         let mut out = vec![0f32; b * self.heads * d];
         for bi in 0..b {
             for h in 0..self.heads {
-                let qh = &q[qa + (bi * self.heads + h) * d..][..d];
+                let raw = &q[qa + bi * self.q_stride + h * d..][..d];
+                let mut qh = raw.to_vec();
+                if let Some((t, pos)) = &table {
+                    for i in 0..d / 2 {
+                        (qh[i], qh[i + d / 2]) = rotate(raw, &t[pos * d..][..d], i);
+                    }
+                }
                 let kvh = h / group;
                 let scores: Vec<f32> = (0..self.len)
                     .map(|j| {
@@ -96,10 +125,15 @@ impl CustomOp3 for DecodeAttention {
     }
 }
 
-/// Whether [`attend`] takes this shape: one new token, head width at most 256 and a cache short
-/// enough for its scores to fit in shared memory.
-pub fn applies(q: &Tensor, len: usize, head_dim: usize) -> Result<bool> {
-    Ok(q.dim(2)? == 1 && head_dim <= 256 && len <= 8192)
+/// Warps per (head, sequence) in the GPU kernel.
+pub const WARPS: usize = 16;
+
+/// Whether [`attend`] takes this shape: `tokens` = one new token, a head width of at most 256 in steps of
+/// 4 and a cache short enough for its scores, the rotated query and the warps' partial outputs
+/// to fit in 48 KiB of shared memory.
+pub fn applies(tokens: usize, len: usize, head_dim: usize) -> bool {
+    let shared = (len + (WARPS + 1) * head_dim) * 4;
+    tokens == 1 && head_dim <= 256 && head_dim.is_multiple_of(4) && shared <= 48 << 10
 }
 
 /// Attention output `[b, heads, 1, d]` for `q` `[b, heads, 1, d]` and cache views `k`, `v`.
@@ -110,8 +144,31 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, kv_heads: usize) -> Result<Ten
         kv_heads,
         len: k.dim(2)?,
         head_dim: d,
+        q_stride: heads * d,
+        rope: None,
     };
     q.contiguous()?.apply_op3_no_bwd(k, v, &op)
+}
+
+/// Attention output `[b, heads, 1, d]` for the queries in a q/k/v row `qkv` `[b, 1, (heads +
+/// 2 x kv_heads) x d]`, rotated at `pos` by `rope_table` here, and cache views `k`, `v`.
+pub fn attend_qkv(
+    qkv: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    rope_table: &Tensor,
+    pos: usize,
+) -> Result<Tensor> {
+    let op = DecodeAttention {
+        heads,
+        kv_heads,
+        len: k.dim(2)?,
+        head_dim,
+        q_stride: (heads + 2 * kv_heads) * head_dim,
+        rope: Some((rope_table.clone(), pos)),
+    };
+    qkv.contiguous()?.apply_op3_no_bwd(k, v, &op)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! pinned host buffers, and the streaming slots with their copy stream and events.
 
 use super::attention::DecodeAttention;
+use super::cache::StoreKv;
 use super::dequant::Dequantize;
 use super::matvec::FusedMatVec;
 use super::streamer::{CopyTiming, HostLayer};
@@ -112,68 +113,6 @@ extern "C" __global__ void dequant_f8_bf16_x8(const u8* src, u16* dst, const flo
 
 __device__ __forceinline__ float bf16f(u16 b) { return __int_as_float(((int)b) << 16); }
 
-// One new token's attention for one (head, batch) per block: scores against the cache in
-// shared memory, softmax, weighted sum of values; K/V read in place with their strides.
-__device__ float block_reduce(float v, float* red, bool is_max) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int off = 16; off > 0; off >>= 1) {
-        float o = __shfl_xor_sync(0xffffffffu, v, off);
-        v = is_max ? fmaxf(v, o) : v + o;
-    }
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float r = red[0];
-        for (int w = 1; w < warps; w++) r = is_max ? fmaxf(r, red[w]) : r + red[w];
-        red[32] = r;
-    }
-    __syncthreads();
-    float r = red[32];
-    __syncthreads();
-    return r;
-}
-
-extern "C" __global__ void decode_attention_bf16(const u16* q, const u16* k, const u16* v, u16* out,
-                                                 int heads, int group, int len, int d, float scale,
-                                                 long long kb, long long kh, long long kt,
-                                                 long long vb, long long vh, long long vt) {
-    extern __shared__ float sh[];
-    float* qs = sh;
-    float* red = sh + d;
-    float* sc = red + 33;
-    int h = blockIdx.x, bi = blockIdx.y, kvh = h / group;
-    const u16* qh = q + ((long long)bi * heads + h) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = bf16f(qh[i]);
-    __syncthreads();
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const u16* kbase = k + bi * kb + kvh * kh;
-    for (int j = warp; j < len; j += warps) {
-        const u16* kr = kbase + (long long)j * kt;
-        float s = 0.f;
-        for (int i = lane; i < d; i += 32) s += qs[i] * bf16f(kr[i]);
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane == 0) sc[j] = s * scale;
-    }
-    __syncthreads();
-    float m = -3.402823466e38f;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sc[j]);
-    m = block_reduce(m, red, true);
-    float total = 0.f;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) {
-        float e = __expf(sc[j] - m);
-        sc[j] = e;
-        total += e;
-    }
-    total = block_reduce(total, red, false);
-    const u16* vbase = v + bi * vb + kvh * vh;
-    u16* o = out + ((long long)bi * heads + h) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < len; j++) acc += sc[j] * bf16f(vbase[(long long)j * vt + i]);
-        o[i] = to_bf16(acc / total);
-    }
-}
-
 // Busy-waits `ns` nanoseconds of the GPU's clock: holds a stream while the host queues work
 // behind it (see QueuedTimer).
 extern "C" __global__ void hold_stream(unsigned long long ns) {
@@ -183,21 +122,47 @@ extern "C" __global__ void hold_stream(unsigned long long ns) {
 }
 "#;
 
-const MMA_MODULE: &str = "vibeoffload_mma";
+const DECODE_MODULE: &str = "vibeoffload_decode";
 
-/// The decode path's float8 matrix-vector kernel, on tensor cores (sm_80 and newer; compiled
-/// for the device's architecture). One block per 16 output features: its warps split the
+/// The decode path's kernels, compiled for the device's architecture: the KV store, decode
+/// attention and, on sm_80 and newer, the float8 matrix-vector kernel on tensor cores, whose
+/// launches overlap on sm_90 (programmatic dependent launch). One block per 16 output features: its warps split the
 /// input features, each step multiplying a 16 x 64 tile of float8 weights (decoded to f16 in
 /// registers) by up to 8 rows of x (bf16 converted to f16) with `mma.sync` and f32
 /// accumulation; the warps' sums meet in shared memory, where scale, bias, residual and the
 /// gate are applied. Each weight byte is read once, with loads that bypass L1.
-const MMA_KERNELS: &str = r#"
+const DECODE_KERNELS: &str = r#"
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
 #define WARPS 8
 
+__device__ __forceinline__ float bf16f(u32 b) { return __int_as_float((int)(b << 16)); }
+
+__device__ __forceinline__ u16 to_bf16(float x) {
+    u32 b = (u32)__float_as_int(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return (u16)(b >> 16);
+}
+
+// Programmatic dependent launch (sm_90): a kernel lets the next one start once all its
+// blocks run, and the next one waits for it only where it reads its results, so the weights a
+// kernel streams can load during the tail of the kernel before.
+__device__ __forceinline__ void pdl_launch_next() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait_previous() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+#if __CUDA_ARCH__ >= 800
 // Two float8 E4M3 codes (low byte first) as f16x2. From sm_89 the hardware converts exactly;
 // before, the bits are moved into place, which yields the value / 256 (F8_UNSCALE undoes it
 // after the sum; NaN codes then read as 480).
@@ -221,15 +186,6 @@ __device__ __forceinline__ u32 h2(float lo, float hi) {
     u32 d;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
     return d;
-}
-
-__device__ __forceinline__ float bf16f(u32 b) { return __int_as_float((int)(b << 16)); }
-
-__device__ __forceinline__ u16 to_bf16(float x) {
-    u32 b = (u32)__float_as_int(x);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    b += 0x7fffu + ((b >> 16) & 1u);
-    return (u16)(b >> 16);
 }
 
 __device__ __forceinline__ uint4 load_stream(const u8* p) {
@@ -256,17 +212,31 @@ __device__ __forceinline__ void tile(float* c, uint4 lo, uint4 hi, const u32* xb
         mma(c, f8x2(a[j]), f8x2(b[j]), f8x2(a[j] >> 16), f8x2(b[j] >> 16), xb[2 * j], xb[2 * j + 1]);
 }
 
-// The lane's 16 x values of row g (zero beyond the rows) as eight f16x2.
-__device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k) {
+__device__ __forceinline__ void load8(u32* w, const u16* p) {
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+
+// The lane's 16 x values of row g (zero beyond the rows) as eight f16x2; RMS-normalised
+// (times `inv`, the row's 1/rms, and the norm weight `nw`) when `nw` is given.
+__device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
+                                       const u16* nw, float inv) {
     if (g < rows) {
         const u16* p = x + (long long)g * n_in + k;
-        u32 w[8];
-        asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
-            : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
-        asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
-            : "=r"(w[4]), "=r"(w[5]), "=r"(w[6]), "=r"(w[7]) : "l"(p + 8));
-        #pragma unroll
-        for (int i = 0; i < 8; i++) xb[i] = h2(bf16f(w[i] & 0xffffu), bf16f(w[i] >> 16));
+        u32 w[8], n[8];
+        load8(w, p);
+        load8(w + 4, p + 8);
+        if (nw) {
+            load8(n, nw + k);
+            load8(n + 4, nw + k + 8);
+            #pragma unroll
+            for (int i = 0; i < 8; i++)
+                xb[i] = h2(bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu),
+                           bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16));
+        } else {
+            #pragma unroll
+            for (int i = 0; i < 8; i++) xb[i] = h2(bf16f(w[i] & 0xffffu), bf16f(w[i] >> 16));
+        }
     } else {
         #pragma unroll
         for (int i = 0; i < 8; i++) xb[i] = 0u;
@@ -274,15 +244,19 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
 }
 
 // y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
-// for up to 8 rows of x; every segment's rows a multiple of 16, n_in a multiple of 64, weights
-// and x 16-byte aligned. U steps of 64 inputs are loaded before any is multiplied.
+// for up to 8 rows of x, RMS-normalised first with weight `nw` when it is given; every
+// segment's rows a multiple of 16, n_in a multiple of 64, weights and x 16-byte aligned. U
+// steps of 64 inputs are loaded before any is multiplied (the first before the norm's sums).
 template <bool GATED, int U>
 __device__ void matvec(
         const u16* x, int rows, int n_in,
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
-        const u16* bias, int has_bias, const u16* res, int has_res, u16* y) {
+        const u16* bias, int has_bias, const u16* res, int has_res,
+        const u16* nw, float eps, u16* y) {
     __shared__ float red[GATED ? 2 : 1][WARPS][16][8];
+    __shared__ float inv_rms[8];
+    pdl_launch_next();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     int o0 = blockIdx.x * 16;
     const u8* w;
@@ -298,8 +272,8 @@ __device__ void matvec(
     const u8* u1 = u0 + 8LL * n_in;
     float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
     int steps = n_in >> 6;
-    for (int base = warp; base < steps; base += WARPS * U) {
-        uint4 lo[U], hi[U], ulo[U], uhi[U];
+    uint4 lo[U], hi[U], ulo[U], uhi[U];
+    auto load = [&](int base) {
         #pragma unroll
         for (int i = 0; i < U; i++) {
             int st = base + i * WARPS;
@@ -312,12 +286,39 @@ __device__ void matvec(
                 }
             }
         }
+    };
+    load(warp);
+    // Everything below reads what earlier kernels wrote.
+    pdl_wait_previous();
+    float inv = 1.f;
+    if (nw) {
+        // Warp w sums the squares of row w while the first loads are in flight.
+        if (warp < rows) {
+            const u16* xr = x + (long long)warp * n_in;
+            float ss = 0.f;
+            for (int k = lane * 8; k < n_in; k += 256) {
+                u32 v[4];
+                load8(v, xr + k);
+                #pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float a = bf16f(v[j] & 0xffffu), b = bf16f(v[j] >> 16);
+                    ss += a * a + b * b;
+                }
+            }
+            for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+            if (lane == 0) inv_rms[warp] = rsqrtf(ss / (float)n_in + eps);
+        }
+        __syncthreads();
+        inv = g < rows ? inv_rms[g] : 0.f;
+    }
+    for (int base = warp; base < steps; base += WARPS * U) {
+        if (base != warp) load(base);
         #pragma unroll
         for (int i = 0; i < U; i++) {
             int st = base + i * WARPS;
             if (st < steps) {
                 u32 xb[8];
-                load_x(xb, x, g, rows, n_in, st * 64 + q * 16);
+                load_x(xb, x, g, rows, n_in, st * 64 + q * 16, nw, inv);
                 tile(c, lo[i], hi[i], xb);
                 if (GATED) tile(cu, ulo[i], uhi[i], xb);
             }
@@ -363,12 +364,178 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME( \
         const u16* x, int rows, int n_in, \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
-        const u16* bias, int has_bias, const u16* res, int has_res, u16* y) { \
+        const u16* bias, int has_bias, const u16* res, int has_res, \
+        const u16* nw, float eps, u16* y) { \
     matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
-                     bias, has_bias, res, has_res, y); }
+                     bias, has_bias, res, has_res, nw, eps, y); }
 
 MATVEC(f8_matvec_mma, false, 4)
 MATVEC(f8_matvec_mma_gated, true, 2)
+#endif
+
+// One new token's attention for one (head, batch) per block of 16 warps: each warp takes every
+// 16th cached position, each lane four (or eight) of the head's dimensions, with four
+// positions' loads in flight; scores and softmax in shared memory, the warps' partial sums of
+// values meet there too. K and V are read in place with their strides (rows dense, 8-byte
+// aligned).
+#define ATT_WARPS 16
+
+__device__ float block_reduce(float v, float* red, bool is_max) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int off = 16; off > 0; off >>= 1) {
+        float o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = is_max ? fmaxf(v, o) : v + o;
+    }
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float r = red[0];
+        for (int w = 1; w < warps; w++) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+        red[32] = r;
+    }
+    __syncthreads();
+    float r = red[32];
+    __syncthreads();
+    return r;
+}
+
+// Four bf16 (8 bytes) of `p` at element `i`, or zeros past `d`.
+__device__ __forceinline__ uint2 load4(const u16* p, int i, int d, bool ok) {
+    return ok && i < d ? *(const uint2*)(p + i) : make_uint2(0u, 0u);
+}
+
+__device__ __forceinline__ float dot4(const float* a, uint2 b) {
+    return a[0] * __int_as_float((int)(b.x << 16)) + a[1] * __int_as_float((int)(b.x & 0xffff0000u))
+         + a[2] * __int_as_float((int)(b.y << 16)) + a[3] * __int_as_float((int)(b.y & 0xffff0000u));
+}
+
+// The query is head h of a row `q_stride` elements per sequence, rotated at `pos` by `table`
+// (cosines, then sines, d per position) when `rope` is set.
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf16(
+        const u16* q, long long q_stride, int rope, const u16* table, int pos,
+        const u16* k, const u16* v, u16* out,
+        int heads, int group, int len, int d, float scale,
+        long long kb, long long kh, long long kt, long long vb, long long vh, long long vt) {
+    pdl_launch_next();
+    pdl_wait_previous();
+    extern __shared__ float sh[];
+    float* sc = sh;
+    float* red = sh + len;
+    float* qs = red + ATT_WARPS * d;
+    int h = blockIdx.x, bi = blockIdx.y, kvh = h / group;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u16* qh = q + bi * q_stride + (long long)h * d;
+    int half = d / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x1 = bf16f(qh[i]), x2 = bf16f(qh[i + half]);
+        if (rope) {
+            const u16* cs = table + (long long)pos * d;
+            float c = bf16f(cs[i]), s = bf16f(cs[half + i]);
+            qs[i] = x1 * c - x2 * s;
+            qs[i + half] = x2 * c + x1 * s;
+        } else {
+            qs[i] = x1;
+            qs[i + half] = x2;
+        }
+    }
+    __syncthreads();
+    float qv[8];
+    #pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int i = (e >> 2) * 128 + lane * 4 + (e & 3);
+        qv[e] = i < d ? qs[i] : 0.f;
+    }
+    const u16* kbase = k + bi * kb + kvh * kh;
+    for (int j0 = warp; j0 < len; j0 += ATT_WARPS * 4) {
+        uint2 r[4][2];
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * ATT_WARPS;
+            const u16* row = kbase + (long long)j * kt;
+            r[u][0] = load4(row, lane * 4, d, j < len);
+            r[u][1] = load4(row, 128 + lane * 4, d, j < len);
+        }
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            float s = dot4(qv, r[u][0]) + dot4(qv + 4, r[u][1]);
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            int j = j0 + u * ATT_WARPS;
+            if (lane == 0 && j < len) sc[j] = s * scale;
+        }
+    }
+    __syncthreads();
+    float m = -3.402823466e38f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sc[j]);
+    m = block_reduce(m, red, true);
+    float total = 0.f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        float e = __expf(sc[j] - m);
+        sc[j] = e;
+        total += e;
+    }
+    total = block_reduce(total, red, false);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const u16* vbase = v + bi * vb + kvh * vh;
+    for (int j0 = warp; j0 < len; j0 += ATT_WARPS * 4) {
+        uint2 r[4][2];
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * ATT_WARPS;
+            const u16* row = vbase + (long long)j * vt;
+            r[u][0] = load4(row, lane * 4, d, j < len);
+            r[u][1] = load4(row, 128 + lane * 4, d, j < len);
+        }
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * ATT_WARPS;
+            float p = j < len ? sc[j] : 0.f;
+            #pragma unroll
+            for (int c = 0; c < 2; c++) {
+                acc[4 * c] += p * __int_as_float((int)(r[u][c].x << 16));
+                acc[4 * c + 1] += p * __int_as_float((int)(r[u][c].x & 0xffff0000u));
+                acc[4 * c + 2] += p * __int_as_float((int)(r[u][c].y << 16));
+                acc[4 * c + 3] += p * __int_as_float((int)(r[u][c].y & 0xffff0000u));
+            }
+        }
+    }
+    #pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int i = (e >> 2) * 128 + lane * 4 + (e & 3);
+        if (i < d) red[warp * d + i] = acc[e];
+    }
+    __syncthreads();
+    u16* o = out + ((long long)bi * heads + h) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float sum = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) sum += red[w * d + i];
+        o[i] = to_bf16(sum / total);
+    }
+}
+
+// Stores new keys (rotated) and values from q/k/v rows [b, t, (heads + 2 kv_heads) d] into the
+// cache [2, b, kv_heads, max_len, d] at `pos`: one block per (kv head, token, sequence), one
+// thread per rotary pair.
+extern "C" __global__ void store_kv_bf16(const u16* qkv, const u16* table, u16* kv,
+                                         int heads, int kv_heads, int d, int t, int pos,
+                                         long long max_len, int batch) {
+    pdl_launch_next();
+    pdl_wait_previous();
+    int kh = blockIdx.x, ti = blockIdx.y, bi = blockIdx.z, half = d / 2;
+    const u16* row = qkv + (long long)(bi * t + ti) * (heads + 2 * kv_heads) * d;
+    const u16* kr = row + (long long)(heads + kh) * d;
+    const u16* vr = row + (long long)(heads + kv_heads + kh) * d;
+    const u16* cs = table + (long long)(pos + ti) * d;
+    long long at = (((long long)bi * kv_heads + kh) * max_len + pos + ti) * d;
+    long long values = (long long)batch * kv_heads * max_len * d;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float c = bf16f(cs[i]), s = bf16f(cs[half + i]);
+        float x1 = bf16f(kr[i]), x2 = bf16f(kr[i + half]);
+        kv[at + i] = to_bf16(x1 * c - x2 * s);
+        kv[at + i + half] = to_bf16(x2 * c + x1 * s);
+        kv[values + at + i] = vr[i];
+        kv[values + at + i + half] = vr[i + half];
+    }
+}
 "#;
 
 /// Compute capability of `dev` as `(major, minor)`.
@@ -390,32 +557,98 @@ pub fn has_mma(dev: &CudaDevice) -> bool {
     *HAS.get_or_init(|| compute_capability(dev).is_ok_and(|(major, _)| major >= 8))
 }
 
-/// The MMA kernels' PTX for the first device that asks (sm_89 and newer convert float8 in
-/// hardware).
-fn mma_ptx(dev: &CudaDevice) -> candle_core::Result<&'static str> {
+/// The decode kernels' PTX, compiled for the architecture of the first device that asks
+/// (sm_89 and newer convert float8 in hardware, sm_90 overlaps launches).
+fn decode_ptx(dev: &CudaDevice) -> candle_core::Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     PTX.get_or_init(|| {
-        let arch = match compute_capability(dev).map_err(|e| e.to_string())? {
-            (major, _) if major >= 9 => "compute_90",
-            (8, minor) if minor >= 9 => "compute_89",
-            (8, 6..) => "compute_86",
-            (8, _) => "compute_80",
-            (major, minor) => {
-                return Err(format!(
-                    "the fused matvec needs sm_80 or newer, not sm_{major}{minor}"
-                ))
-            }
-        };
+        let (major, minor) = compute_capability(dev).map_err(|e| e.to_string())?;
+        // Newer GPUs run the sm_90 PTX (the driver compiles it for them).
+        let (major, minor) = if major > 9 { (9, 0) } else { (major, minor) };
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
             arch: Some(arch),
             ..Default::default()
         };
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(MMA_KERNELS, options)
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(DECODE_KERNELS, options)
             .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile the matvec kernels for {arch}: {e}"))
+            .map_err(|e| format!("NVRTC could not compile the decode kernels for {arch}: {e}"))
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// Whether `dev` overlaps dependent launches (sm_90 and newer; asked of the first device).
+fn has_pdl(dev: &CudaDevice) -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| compute_capability(dev).is_ok_and(|(major, _)| major >= 9))
+}
+
+/// Kernel arguments by value, each in an 8-byte slot (4-byte ones in its low half).
+#[derive(Default)]
+struct RawArgs(Vec<[u8; 8]>);
+
+impl RawArgs {
+    fn ptr<T>(&mut self, view: &impl DevicePtr<T>, stream: &CudaStream) -> &mut Self {
+        let (ptr, _record) = view.device_ptr(stream);
+        self.u64(ptr)
+    }
+
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.push(v.to_le_bytes());
+        self
+    }
+
+    fn i32(&mut self, v: i32) -> &mut Self {
+        let mut slot = [0u8; 8];
+        slot[..4].copy_from_slice(&v.to_le_bytes());
+        self.0.push(slot);
+        self
+    }
+
+    fn f32(&mut self, v: f32) -> &mut Self {
+        self.i32(v.to_bits() as i32)
+    }
+
+    /// Launches `func` (of a module candle keeps loaded) on `dev`'s stream with these
+    /// arguments; `overlap` lets it start during the previous kernel (programmatic dependent
+    /// launch, where the device has it).
+    fn launch(
+        &mut self,
+        dev: &CudaDevice,
+        func: sys::CUfunction,
+        config: LaunchConfig,
+        overlap: bool,
+    ) -> candle_core::Result<()> {
+        let stream = dev.cuda_stream();
+        let mut params: Vec<*mut std::ffi::c_void> = self
+            .0
+            .iter_mut()
+            .map(|slot| slot.as_mut_ptr().cast())
+            .collect();
+        // SAFETY: zero is a valid bit pattern for this plain C struct.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: config.grid_dim.0,
+            gridDimY: config.grid_dim.1,
+            gridDimZ: config.grid_dim.2,
+            blockDimX: config.block_dim.0,
+            blockDimY: config.block_dim.1,
+            blockDimZ: config.block_dim.2,
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(overlap && has_pdl(dev)),
+        };
+        // SAFETY: `params` point at one value per kernel parameter, in order and of its size
+        // (each caller matches its kernel's signature), alive until the launch is queued; the
+        // buffers they name are held by the caller's storage guards for as long.
+        unsafe { sys::cuLaunchKernelEx(&cfg, func, params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .w()
+    }
 }
 
 fn ptx() -> candle_core::Result<&'static str> {
@@ -785,7 +1018,13 @@ pub fn decode_attention(
     let qs = q.as_cuda_slice::<half::bf16>()?.slice(qa..qb);
     let ks = k.as_cuda_slice::<half::bf16>()?.slice(ko..);
     let vs = v.as_cuda_slice::<half::bf16>()?.slice(vo..);
-    let func = dev.get_or_load_custom_func("decode_attention_bf16", MODULE, ptx()?)?;
+    let table = op.rope.as_ref().map(|(t, _)| t.storage_and_layout());
+    let table_view = table
+        .as_ref()
+        .map(|(s, l)| cuda_view::<half::bf16>(s, l))
+        .transpose()?;
+    let func =
+        dev.get_or_load_custom_func("decode_attention_bf16", DECODE_MODULE, decode_ptx(&dev)?)?;
     let n = batch * op.heads * op.head_dim;
     // SAFETY: each block writes its head's `head_dim` outputs.
     let out = unsafe { dev.alloc::<half::bf16>(n)? };
@@ -797,31 +1036,85 @@ pub fn decode_attention(
     );
     let scale = 1.0f32 / (op.head_dim as f32).sqrt();
     let strides = [kb, kh, kt, vb, vh, vt].map(|s| s as i64);
-    let mut b = func.builder();
-    b.arg(&qs);
-    b.arg(&ks);
-    b.arg(&vs);
-    b.arg(&out);
-    b.arg(&heads);
-    b.arg(&group);
-    b.arg(&len);
-    b.arg(&d);
-    b.arg(&scale);
-    for s in &strides {
-        b.arg(s);
+    let (rope, pos) = (
+        i32::from(op.rope.is_some()),
+        op.rope.as_ref().map_or(0, |(_, p)| *p as i32),
+    );
+    let aligned = [ko, kb, kh, kt, vo, vb, vh, vt, op.head_dim]
+        .iter()
+        .all(|s| s.is_multiple_of(4));
+    if !aligned {
+        candle_core::bail!("decode attention: K/V rows must start on 8 bytes");
     }
+    let stream = dev.cuda_stream();
+    let mut args = RawArgs::default();
+    args.ptr(&qs, &stream).u64(op.q_stride as u64).i32(rope);
+    // Without rotation the table is never read; q stands in for its pointer.
+    match &table_view {
+        Some(t) => args.ptr(t, &stream),
+        None => args.ptr(&qs, &stream),
+    };
+    args.i32(pos)
+        .ptr(&ks, &stream)
+        .ptr(&vs, &stream)
+        .ptr(&out, &stream);
+    args.i32(heads).i32(group).i32(len).i32(d).f32(scale);
+    for s in strides {
+        args.u64(s as u64);
+    }
+    let warps = super::attention::WARPS;
     let config = LaunchConfig {
         grid_dim: (op.heads as u32, batch as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: ((op.head_dim + 33 + op.len) * 4) as u32,
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: ((op.len + (warps + 1) * op.head_dim) * 4) as u32,
     };
-    // SAFETY: the argument list matches the kernel's signature; shared memory holds q, the
-    // reduction scratch and `len` scores (at most 8192, checked by attention::applies).
-    unsafe { b.launch(config) }.w()?;
+    // The arguments match the kernel's signature; shared memory holds `len` scores, each
+    // warp's partial output and the query (at most 48 KiB, checked by attention::applies).
+    // The kernel reads nothing before the previous kernel ends.
+    args.launch(&dev, func.cu_function(), config, true)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((batch, op.heads, 1, op.head_dim)),
     ))
+}
+
+/// The CUDA side of [`StoreKv`]: bf16 q/k/v rows, rotary table and cache.
+pub fn store_kv(
+    op: &StoreKv,
+    cache: &mut CudaStorage,
+    qkv: &CudaStorage,
+    lq: &Layout,
+    table: &CudaStorage,
+    lt: &Layout,
+) -> candle_core::Result<()> {
+    let dev = qkv.device().clone();
+    let (Some((qa, qb)), Some((ta, tb))) = (lq.contiguous_offsets(), lt.contiguous_offsets())
+    else {
+        candle_core::bail!("store kv: q/k/v and the rotary table must be contiguous");
+    };
+    let qs = qkv.as_cuda_slice::<half::bf16>()?.slice(qa..qb);
+    let ts = table.as_cuda_slice::<half::bf16>()?.slice(ta..tb);
+    let kv = cache.as_cuda_slice_mut::<half::bf16>()?;
+    let func = dev.get_or_load_custom_func("store_kv_bf16", DECODE_MODULE, decode_ptx(&dev)?)?;
+    let ints = [op.heads, op.kv_heads, op.head_dim, op.tokens, op.pos].map(|v| v as i32);
+    let (max_len, batch) = (op.max_len as i64, op.batch as i32);
+    let stream = dev.cuda_stream();
+    let mut args = RawArgs::default();
+    args.ptr(&qs, &stream).ptr(&ts, &stream).ptr(kv, &stream);
+    for v in ints {
+        args.i32(v);
+    }
+    args.u64(max_len as u64).i32(batch);
+    let config = LaunchConfig {
+        grid_dim: (op.kv_heads as u32, op.tokens as u32, op.batch as u32),
+        block_dim: ((op.head_dim as u32 / 2).clamp(1, 1024), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // The arguments match the kernel's signature; the cache holds `[2, batch, kv_heads,
+    // max_len, head_dim]` and `pos + tokens <= max_len` (checked by KvCache::store). The
+    // kernel reads and writes nothing before the previous kernel ends.
+    args.launch(&dev, func.cu_function(), config, true)?;
+    Ok(())
 }
 
 /// A tensor's CUDA slice, offset by its layout (which must be contiguous).
@@ -867,6 +1160,7 @@ pub fn fused_matvec(
         .collect();
     let bias = op.bias.as_ref().map(|t| t.storage_and_layout());
     let residual = op.residual.as_ref().map(|t| t.storage_and_layout());
+    let norm = op.norm.as_ref().map(|(t, _)| t.storage_and_layout());
     let w_views = weights
         .iter()
         .map(|(s, l)| cuda_view::<u8>(s, l))
@@ -883,6 +1177,18 @@ pub fn fused_matvec(
         .as_ref()
         .map(|(s, l)| cuda_view::<half::bf16>(s, l))
         .transpose()?;
+    let n_view = norm
+        .as_ref()
+        .map(|(s, l)| cuda_view::<half::bf16>(s, l))
+        .transpose()?;
+    let eps = op.norm.as_ref().map_or(0.0f32, |(_, e)| *e);
+    // The kernel reads the norm weight 16 bytes at a time.
+    if norm
+        .as_ref()
+        .is_some_and(|(_, l)| !l.start_offset().is_multiple_of(8))
+    {
+        candle_core::bail!("fused matvec: the norm weight must start on 16 bytes");
+    }
 
     let aligned = xa.is_multiple_of(8)
         && n_in.is_multiple_of(super::matvec::TILE_INPUTS)
@@ -903,7 +1209,7 @@ pub fn fused_matvec(
         true => "f8_matvec_mma_gated",
         false => "f8_matvec_mma",
     };
-    let func = dev.get_or_load_custom_func(name, MMA_MODULE, mma_ptx(&dev)?)?;
+    let func = dev.get_or_load_custom_func(name, DECODE_MODULE, decode_ptx(&dev)?)?;
     // SAFETY: every element of `y` is written by the block of its 16 features.
     let y = unsafe { dev.alloc::<half::bf16>(rows * n_out)? };
     let mut n = [0i32; 3];
@@ -918,48 +1224,52 @@ pub fn fused_matvec(
     }
     let (rows_arg, in_arg) = (rows as i32, n_in as i32);
     let (has_bias, has_res) = (i32::from(b_view.is_some()), i32::from(r_view.is_some()));
-    let mut b = func.builder();
-    b.arg(&xs);
-    b.arg(&rows_arg);
-    b.arg(&in_arg);
+    let stream = dev.cuda_stream();
+    let mut args = RawArgs::default();
+    args.ptr(&xs, &stream).i32(rows_arg).i32(in_arg);
     // Absent weights, scales, bias and residual are never read; x stands in for their pointers.
     for i in 0..3 {
         match w_views.get(i) {
-            Some(v) => b.arg(v),
-            None => b.arg(&xs),
+            Some(v) => args.ptr(v, &stream),
+            None => args.ptr(&xs, &stream),
         };
     }
-    for v in &n {
-        b.arg(v);
+    for v in n {
+        args.i32(v);
     }
     for i in 0..3 {
         match s_views.get(i).and_then(Option::as_ref) {
-            Some(v) => b.arg(v),
-            None => b.arg(&xs),
+            Some(v) => args.ptr(v, &stream),
+            None => args.ptr(&xs, &stream),
         };
     }
-    for m in &modes {
-        b.arg(m);
+    for m in modes {
+        args.i32(m);
     }
     match &b_view {
-        Some(v) => b.arg(v),
-        None => b.arg(&xs),
+        Some(v) => args.ptr(v, &stream),
+        None => args.ptr(&xs, &stream),
     };
-    b.arg(&has_bias);
+    args.i32(has_bias);
     match &r_view {
-        Some(v) => b.arg(v),
-        None => b.arg(&xs),
+        Some(v) => args.ptr(v, &stream),
+        None => args.ptr(&xs, &stream),
     };
-    b.arg(&has_res);
-    b.arg(&y);
+    args.i32(has_res);
+    // The kernel tells "no norm" by a null pointer.
+    match &n_view {
+        Some(v) => args.ptr(v, &stream),
+        None => args.u64(0),
+    };
+    args.f32(eps).ptr(&y, &stream);
     // One block of eight warps per 16 output features (super::matvec::TILE_ROWS).
     let config = LaunchConfig {
         grid_dim: ((n_out / super::matvec::TILE_ROWS) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the argument list matches the kernel's signature.
-    unsafe { b.launch(config) }.w()?;
+    // Resident weights may be read before the previous kernel ends; a slot's may not.
+    args.launch(&dev, func.cu_function(), config, op.resident_weights)?;
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev),
         Shape::from((rows, n_out)),

@@ -29,8 +29,9 @@ pub struct Segment {
     pub scale: Option<Tensor>,
 }
 
-/// `x [rows, in]` times the segments' weights, their outputs side by side; then `+ bias`,
-/// `+ residual`; or, when `gated`, `silu(x W0^T) * (x W1^T)` for two segments of equal size.
+/// `x [rows, in]` (RMS-normalised first when `norm` is given) times the segments' weights,
+/// their outputs side by side; then `+ bias`, `+ residual`; or, when `gated`,
+/// `silu(x W0^T) * (x W1^T)` for two segments of equal size.
 #[derive(Clone, Debug)]
 pub struct FusedMatVec {
     /// One to three weights.
@@ -43,6 +44,11 @@ pub struct FusedMatVec {
     pub residual: Option<Tensor>,
     /// `silu(first) * second` instead of the two side by side.
     pub gated: bool,
+    /// RMSNorm of each row of x first: its weight (`[in]`, the activation dtype) and epsilon.
+    pub norm: Option<(Tensor, f32)>,
+    /// The weights never change while the engine lives, so on the GPU the kernel may load
+    /// them before the kernel before it has finished (programmatic dependent launch).
+    pub resident_weights: bool,
 }
 
 impl FusedMatVec {
@@ -75,9 +81,19 @@ impl CustomOp1 for FusedMatVec {
             candle_core::bail!("f8 matvec: x must be contiguous");
         };
         let (all, bf16) = cpu_activations(x)?;
-        let xs = &all[xa..xb];
         let n_in = self.in_features;
+        let mut xs = all[xa..xb].to_vec();
         let rows = xs.len() / n_in;
+        if let Some((weight, eps)) = &self.norm {
+            let w = cpu_f32(weight)?;
+            for row in xs.chunks_mut(n_in) {
+                let mean = row.iter().map(|v| v * v).sum::<f32>() / n_in as f32;
+                let inv = 1.0 / (mean + eps).sqrt();
+                for (v, w) in row.iter_mut().zip(&w) {
+                    *v *= inv * w;
+                }
+            }
+        }
         let lut: Vec<f32> = (0..=255u8).map(f8e4m3_to_f32).collect();
         // Each segment's products, [rows, segment rows].
         let mut parts = Vec::with_capacity(self.segments.len());
@@ -180,8 +196,9 @@ pub fn apply(x: &Tensor, op: &FusedMatVec) -> Result<Tensor> {
     x2.apply_op1_no_bwd(op)?.reshape(out_dims)
 }
 
-/// `x @ w^T` (times the decoded `scale`) by the fused path; `x` is `[..., in]`.
-pub fn linear(x: &Tensor, w: &RawTensor, scale: Option<&Tensor>) -> Result<Tensor> {
+/// `x @ w^T` (times the decoded `scale`) by the fused path; `x` is `[..., in]`; `resident`
+/// as in [`FusedMatVec::resident_weights`].
+pub fn linear(x: &Tensor, w: &RawTensor, scale: Option<&Tensor>, resident: bool) -> Result<Tensor> {
     let op = FusedMatVec {
         segments: vec![Segment {
             bytes: w.bytes.clone(),
@@ -192,6 +209,8 @@ pub fn linear(x: &Tensor, w: &RawTensor, scale: Option<&Tensor>) -> Result<Tenso
         bias: None,
         residual: None,
         gated: false,
+        norm: None,
+        resident_weights: resident,
     };
     apply(x, &op)
 }
@@ -240,7 +259,7 @@ mod tests {
             .unwrap();
         let scale = Tensor::arange(1f32, (n_out + 1) as f32, &Device::Cpu).unwrap();
         for s in [None, Some(&scale)] {
-            let fused = linear(&x, &w, s).unwrap();
+            let fused = linear(&x, &w, s, false).unwrap();
             let mut full = dense(&w);
             if let Some(s) = s {
                 full = full.broadcast_mul(&s.reshape((n_out, 1)).unwrap()).unwrap();
@@ -274,6 +293,8 @@ mod tests {
             bias: Some(bias.clone()),
             residual: Some(residual.clone()),
             gated: false,
+            norm: None,
+            resident_weights: false,
         };
         let mm = |w: &RawTensor| x.matmul(&dense(w).t().unwrap()).unwrap();
         let reference = Tensor::cat(&[mm(&a), mm(&b), mm(&c)], 1)
@@ -291,6 +312,8 @@ mod tests {
             bias: None,
             residual: None,
             gated: true,
+            norm: None,
+            resident_weights: false,
         };
         let reference = (candle_nn::ops::silu(&mm(&g)).unwrap() * mm(&u)).unwrap();
         assert!(max_diff(&apply(&x, &gated).unwrap(), &reference) < 1e-4);

@@ -3,6 +3,7 @@
 //! [`LayerStreamer`]. Buffers are sized with `plan::memory`, as the estimate is.
 
 pub mod attention;
+pub mod cache;
 pub mod dequant;
 pub mod matvec;
 pub mod model;
@@ -16,8 +17,8 @@ use crate::checkpoint::inventory::{Part, SCALE_SUFFIXES};
 use crate::checkpoint::ModelInfo;
 use crate::plan::{memory, Placement};
 use anyhow::{anyhow, bail, Context, Result};
+use cache::KvCache;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::kv_cache::KvCache;
 use dequant::{dequantize, RawTensor};
 use model::{LayerWeights, Rope};
 use serde::{Deserialize, Serialize};
@@ -183,7 +184,10 @@ impl Engine {
         for (i, &is_resident) in resident.iter().enumerate() {
             let tensors: Vec<&TensorInfo> = inventory.part_tensors(Part::Layer(i)).collect();
             if is_resident {
-                let mut weights = LayerWeights::default();
+                let mut weights = LayerWeights {
+                    resident: true,
+                    ..LayerWeights::default()
+                };
                 for t in &tensors {
                     weights.tensors.insert(rest(t, i), upload(t)?);
                     device_weight_bytes += t.size_bytes();
@@ -264,7 +268,7 @@ impl Engine {
             + head_scale.map_or(0, |s| s.size_bytes());
         let rope = Rope::new(&info.config, options.max_seq_len, dtype, &device)?;
         let caches = (0..num_layers)
-            .map(|_| KvCache::new(2, options.max_seq_len))
+            .map(|_| KvCache::new(options.max_seq_len))
             .collect();
         device.synchronize()?;
         timings.upload_ms = upload_ms.get();
@@ -358,9 +362,6 @@ impl Engine {
     /// Empties the KV cache.
     pub fn reset(&mut self) {
         self.position = 0;
-        for c in &mut self.caches {
-            c.reset();
-        }
     }
 
     /// Waits for the device to finish queued work (for timing).
@@ -418,12 +419,7 @@ impl Engine {
 
     /// Device bytes the KV cache holds now (allocated at full length on first use).
     pub fn kv_cache_bytes(&self) -> u64 {
-        self.caches
-            .iter()
-            .flat_map(|c| [c.k_cache(), c.v_cache()])
-            .filter_map(|c| c.all_data().as_ref())
-            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-            .sum()
+        self.caches.iter().map(KvCache::bytes).sum()
     }
 
     /// Token embeddings stay in the mapped file: only the rows of `ids` go to the device.

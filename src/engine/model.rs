@@ -3,13 +3,13 @@
 //! (from resident memory or a streaming slot: the decoder cannot tell) and are decoded at use.
 
 use super::attention;
+use super::cache::KvCache;
 use super::dequant::{dequantize, RawTensor};
 use super::matvec;
 use crate::checkpoint::config::ModelConfig;
 use crate::checkpoint::inventory::SCALE_SUFFIXES;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::kv_cache::KvCache;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -36,6 +36,9 @@ pub struct LayerWeights {
     /// float8 scales in f32, kept on the device: a few KB that would otherwise cost a decode
     /// per use.
     pub vectors: Arc<HashMap<String, Tensor>>,
+    /// The weights stay where they are while the engine lives (a resident layer, not a
+    /// streaming slot), so a kernel may start reading them before the kernel before it ends.
+    pub resident: bool,
 }
 
 impl LayerWeights {
@@ -123,14 +126,15 @@ impl LayerWeights {
         Ok(true)
     }
 
-    /// One fused launch over the projections `prefixes` (see [`matvec::FusedMatVec`]).
+    /// One fused launch over the projections `prefixes` (see [`matvec::FusedMatVec`]), x
+    /// RMS-normalised first by the norm weight named `norm` when given.
     fn fused(
         &self,
         x: &Tensor,
         prefixes: &[&str],
         bias: Option<&str>,
         residual: Option<&Tensor>,
-        gated: bool,
+        (gated, norm): (bool, Option<(&str, f32)>),
     ) -> Result<Tensor> {
         let segments = prefixes
             .iter()
@@ -149,6 +153,10 @@ impl LayerWeights {
             bias: bias.map(|b| self.vector(b, x.dtype())).transpose()?,
             residual: residual.map(|r| r.contiguous()).transpose()?,
             gated,
+            resident_weights: self.resident,
+            norm: norm
+                .map(|(name, eps)| Ok::<_, anyhow::Error>((self.vector(name, x.dtype())?, eps)))
+                .transpose()?,
         };
         Ok(matvec::apply(x, &op)?)
     }
@@ -162,7 +170,7 @@ impl LayerWeights {
             .find_map(|s| self.tensors.get(&format!("{prefix}.{s}")));
         let y = if matvec::applies(x, weight, scale)? {
             let scale = scale.map(|s| dequantize(s, None, DType::F32)).transpose()?;
-            matvec::linear(x, weight, scale.as_ref())?
+            matvec::linear(x, weight, scale.as_ref(), self.resident)?
         } else {
             let w = dequantize(weight, scale, x.dtype())?;
             x.broadcast_matmul(&w.t()?)?
@@ -179,6 +187,9 @@ impl LayerWeights {
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// Cosines then sines, `[max_len, head_dim]`, for the fused ops (cache::StoreKv,
+    /// attention::attend_qkv).
+    table: Tensor,
 }
 
 impl Rope {
@@ -202,9 +213,11 @@ impl Rope {
             .to_dtype(DType::F32)?
             .reshape((max_len, 1))?;
         let freqs = positions.broadcast_mul(&inv_freq)?;
+        let (cos, sin) = (freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?);
         Ok(Rope {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            table: Tensor::cat(&[&cos, &sin], 1)?,
+            cos,
+            sin,
         })
     }
 
@@ -217,7 +230,7 @@ impl Rope {
 }
 
 /// Runs one decoder layer on `x` (`[batch, tokens, hidden]`) whose first token sits at
-/// position `offset`, appending its keys and values to `cache`.
+/// position `offset`, storing its keys and values in `cache`.
 pub fn decoder_layer(
     config: &ModelConfig,
     w: &LayerWeights,
@@ -234,38 +247,34 @@ pub fn decoder_layer(
         config.num_key_value_heads,
         config.head_dim,
     );
+    let dims = (heads, kv_heads, hd);
 
-    let normed = candle_nn::ops::rms_norm(x, &w.vector("input_layernorm.weight", dtype)?, eps)?;
-    // Decoding a few rows: every projection in a handful of fused launches.
-    let fused = w.fusable(&normed)?;
-    let (q, k, v) = if fused {
-        let qkv = w
-            .fused(&normed, &QKV, Some(QKV_BIAS), None, false)?
-            .reshape((b, t, heads + 2 * kv_heads, hd))?;
-        (
-            qkv.narrow(2, 0, heads)?,
-            qkv.narrow(2, heads, kv_heads)?,
-            qkv.narrow(2, heads + kv_heads, kv_heads)?,
-        )
+    // Decoding a few rows: every projection in a handful of fused launches, the norms inside.
+    let fused = w.fusable(x)?;
+    let qkv = if fused {
+        let norm = Some(("input_layernorm.weight", eps));
+        w.fused(x, &QKV, Some(QKV_BIAS), None, (false, norm))?
     } else {
-        (
-            w.linear(&normed, "self_attn.q_proj", true)?
-                .reshape((b, t, heads, hd))?,
-            w.linear(&normed, "self_attn.k_proj", true)?
-                .reshape((b, t, kv_heads, hd))?,
-            w.linear(&normed, "self_attn.v_proj", true)?
-                .reshape((b, t, kv_heads, hd))?,
-        )
+        let normed = candle_nn::ops::rms_norm(x, &w.vector("input_layernorm.weight", dtype)?, eps)?;
+        let parts = QKV
+            .iter()
+            .map(|p| w.linear(&normed, p, true))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, D::Minus1)?
     };
-    let q = q.transpose(1, 2)?;
-    let k = k.transpose(1, 2)?;
-    let v = v.transpose(1, 2)?.contiguous()?;
-    let q = rope.apply(&q, offset)?;
-    let k = rope.apply(&k, offset)?;
-    let (k, v) = cache.append(&k, &v)?;
-    let attn = if attention::applies(&q, k.dim(2)?, hd)? {
-        attention::attend(&q, &k, &v, kv_heads)?.reshape((b, t, heads * hd))?
+    let (k, v) = cache.store(&qkv, &rope.table, dims, offset)?;
+    let attn = if attention::applies(t, k.dim(2)?, hd) {
+        attention::attend_qkv(&qkv, &k, &v, dims, &rope.table, offset)?.reshape((
+            b,
+            t,
+            heads * hd,
+        ))?
     } else {
+        let q = qkv
+            .narrow(D::Minus1, 0, heads * hd)?
+            .reshape((b, t, heads, hd))?
+            .transpose(1, 2)?;
+        let q = rope.apply(&q, offset)?;
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.to_dtype(DType::F32)?;
@@ -276,25 +285,26 @@ pub fn decoder_layer(
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         probs
-            .matmul(&v)?
+            .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
             .reshape((b, t, heads * hd))?
     };
     let x = if fused {
-        w.fused(&attn, &["self_attn.o_proj"], None, Some(x), false)?
+        w.fused(&attn, &["self_attn.o_proj"], None, Some(x), (false, None))?
     } else {
         (x + w.linear(&attn, "self_attn.o_proj", false)?)?
     };
 
+    if fused {
+        let norm = Some(("post_attention_layernorm.weight", eps));
+        let act = w.fused(&x, &MLP[..2], None, None, (true, norm))?;
+        return w.fused(&act, &MLP[2..], None, Some(&x), (false, None));
+    }
     let normed = candle_nn::ops::rms_norm(
         &x,
         &w.vector("post_attention_layernorm.weight", dtype)?,
         eps,
     )?;
-    if fused {
-        let act = w.fused(&normed, &MLP[..2], None, None, true)?;
-        return w.fused(&act, &MLP[2..], None, Some(&x), false);
-    }
     let gate = candle_nn::ops::silu(&w.linear(&normed, "mlp.gate_proj", false)?)?;
     let up = w.linear(&normed, "mlp.up_proj", false)?;
     let mlp = w.linear(&(gate * up)?, "mlp.down_proj", false)?;
@@ -346,7 +356,7 @@ pub fn lm_head(
 ) -> Result<Tensor> {
     if matvec::applies(x, head, scale)? {
         let scale = scale.map(|s| dequantize(s, None, DType::F32)).transpose()?;
-        return Ok(matvec::linear(x, head, scale.as_ref())?.to_dtype(DType::F32)?);
+        return Ok(matvec::linear(x, head, scale.as_ref(), true)?.to_dtype(DType::F32)?);
     }
     let rows = head.shape[0];
     let cols = head.shape[1];

@@ -321,6 +321,7 @@ impl LayerStreamer {
         Ok(LayerWeights {
             tensors,
             vectors: host.vectors.clone(),
+            resident: false,
         })
     }
 

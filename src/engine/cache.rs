@@ -1,0 +1,188 @@
+//! The KV cache: one buffer per layer holding its keys and values, `[2, batch, kv_heads,
+//! max_len, head_dim]`, allocated at full length on first use (as `plan::memory` counts it).
+//! New keys and values are stored by one op straight from the fused q/k/v projection, the keys
+//! rotated (RoPE) on the way, so decoding spends one launch here.
+
+use super::dequant::cpu_activations;
+use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
+
+/// Stores `t` new positions' keys (rotated) and values from a q/k/v row `[b, t, (heads + 2 x
+/// kv_heads) x head_dim]` into the cache buffer at `pos`; the second operand is the rotary
+/// table `[max_len, head_dim]` (cosines, then sines).
+#[derive(Clone, Debug)]
+pub struct StoreKv {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Sequences.
+    pub batch: usize,
+    /// New positions.
+    pub tokens: usize,
+    /// Position of the first.
+    pub pos: usize,
+    /// Positions the buffer holds.
+    pub max_len: usize,
+}
+
+impl StoreKv {
+    /// Index of key element `i` of (`b`, `h`, position `p`) in the buffer; values follow all
+    /// keys.
+    fn index(&self, b: usize, h: usize, p: usize, i: usize) -> usize {
+        ((b * self.kv_heads + h) * self.max_len + p) * self.head_dim + i
+    }
+
+    /// The rotated key pair and raw value pair `(i, i + half)` for (`b`, token `t`, `h`).
+    fn pairs(
+        &self,
+        qkv: &[f32],
+        table: &[f32],
+        b: usize,
+        t: usize,
+        h: usize,
+        i: usize,
+    ) -> [f32; 4] {
+        let d = self.head_dim;
+        let half = d / 2;
+        let row = (b * self.tokens + t) * (self.heads + 2 * self.kv_heads) * d;
+        let k = &qkv[row + (self.heads + h) * d..][..d];
+        let v = &qkv[row + (self.heads + self.kv_heads + h) * d..][..d];
+        let cs = &table[(self.pos + t) * d..][..d];
+        let (c, s) = (cs[i], cs[half + i]);
+        [
+            k[i] * c - k[i + half] * s,
+            k[i + half] * c + k[i] * s,
+            v[i],
+            v[i + half],
+        ]
+    }
+}
+
+impl InplaceOp3 for StoreKv {
+    fn name(&self) -> &'static str {
+        "vibeoffload-store-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        _dst_l: &Layout,
+        qkv: &CpuStorage,
+        lq: &Layout,
+        table: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<()> {
+        let (qkv, _) = cpu_activations(qkv)?;
+        let (table, _) = cpu_activations(table)?;
+        let (Some((qa, qb)), Some((ta, tb))) = (lq.contiguous_offsets(), lt.contiguous_offsets())
+        else {
+            candle_core::bail!("store kv: q/k/v and the rotary table must be contiguous");
+        };
+        let (qkv, table) = (&qkv[qa..qb], &table[ta..tb]);
+        let half = self.head_dim / 2;
+        let values_at = self.batch * self.kv_heads * self.max_len * self.head_dim;
+        let write = |set: &mut dyn FnMut(usize, f32)| {
+            for b in 0..self.batch {
+                for t in 0..self.tokens {
+                    for h in 0..self.kv_heads {
+                        for i in 0..half {
+                            let [k0, k1, v0, v1] = self.pairs(qkv, table, b, t, h, i);
+                            let at = self.index(b, h, self.pos + t, i);
+                            set(at, k0);
+                            set(at + half, k1);
+                            set(values_at + at, v0);
+                            set(values_at + at + half, v1);
+                        }
+                    }
+                }
+            }
+        };
+        match dst {
+            CpuStorage::F32(out) => write(&mut |i, x| out[i] = x),
+            CpuStorage::BF16(out) => write(&mut |i, x| out[i] = half::bf16::from_f32(x)),
+            _ => candle_core::bail!("store kv: the cache must be f32 or bf16"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        _dst_l: &Layout,
+        qkv: &candle_core::CudaStorage,
+        lq: &Layout,
+        table: &candle_core::CudaStorage,
+        lt: &Layout,
+    ) -> Result<()> {
+        super::cuda::store_kv(self, dst, qkv, lq, table, lt)
+    }
+}
+
+/// One layer's keys and values.
+#[derive(Debug)]
+pub struct KvCache {
+    buffer: Option<Tensor>,
+    max_len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for up to `max_len` positions (allocated on first use and kept: the
+    /// engine's position says how much of it is filled).
+    pub fn new(max_len: usize) -> KvCache {
+        KvCache {
+            buffer: None,
+            max_len,
+        }
+    }
+
+    /// Stores the keys and values of `qkv` (`[b, t, (heads + 2 x kv_heads) x d]`) at `pos`,
+    /// keys rotated with `rope_table`, and returns keys and values up to `pos + t` as views
+    /// `[b, kv_heads, pos + t, d]`.
+    pub fn store(
+        &mut self,
+        qkv: &Tensor,
+        rope_table: &Tensor,
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        pos: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = qkv.dims3()?;
+        if pos + t > self.max_len {
+            candle_core::bail!(
+                "the KV cache holds {} positions, not {}",
+                self.max_len,
+                pos + t
+            );
+        }
+        let shape = (2, b, kv_heads, self.max_len, head_dim);
+        let buffer = match &self.buffer {
+            Some(buf) if buf.dims() == [2, b, kv_heads, self.max_len, head_dim] => buf.clone(),
+            _ => {
+                let buf = Tensor::zeros(shape, qkv.dtype(), qkv.device())?;
+                self.buffer = Some(buf.clone());
+                buf
+            }
+        };
+        let op = StoreKv {
+            heads,
+            kv_heads,
+            head_dim,
+            batch: b,
+            tokens: t,
+            pos,
+            max_len: self.max_len,
+        };
+        buffer.inplace_op3(&qkv.contiguous()?, rope_table, &op)?;
+        let part = |i: usize| buffer.get(i)?.narrow(2, 0, pos + t);
+        Ok((part(0)?, part(1)?))
+    }
+
+    /// Device bytes the buffer takes (0 before first use).
+    pub fn bytes(&self) -> u64 {
+        self.buffer
+            .as_ref()
+            .map_or(0, |b| (b.elem_count() * b.dtype().size_in_bytes()) as u64)
+    }
+}
