@@ -228,4 +228,41 @@ mod tests {
                 < 1e-5
         );
     }
+
+    #[test]
+    fn rotates_queries_taken_from_the_qkv_row() {
+        let (b, heads, kv, d, max, pos) = (2, 4, 2, 8, 10, 5);
+        let (qkv, table, cos, sin) =
+            crate::engine::cache::tests::qkv_and_rope((b, 1, heads, kv, d, max));
+        let mut cache = crate::engine::cache::KvCache::new(max);
+        // Earlier positions hold something too.
+        let (early, ..) = crate::engine::cache::tests::qkv_and_rope((b, pos, heads, kv, d, max));
+        cache.store(&early, &table, (heads, kv, d), 0).unwrap();
+        let (k, v) = cache.store(&qkv, &table, (heads, kv, d), pos).unwrap();
+        let fused = attend_qkv(&qkv, &k, &v, (heads, kv, d), &table, pos).unwrap();
+        let q = qkv
+            .narrow(2, 0, heads * d)
+            .and_then(|x| x.reshape((b, 1, heads, d)))
+            .and_then(|x| x.transpose(1, 2))
+            .and_then(|x| x.contiguous())
+            .unwrap();
+        let q = candle_nn::rotary_emb::rope(
+            &q,
+            &cos.narrow(0, pos, 1).unwrap(),
+            &sin.narrow(0, pos, 1).unwrap(),
+        )
+        .unwrap();
+        let reference = attend(&q, &k, &v, kv).unwrap();
+        let diff = (fused - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
 }

@@ -186,3 +186,69 @@ impl KvCache {
             .map_or(0, |b| (b.elem_count() * b.dtype().size_in_bytes()) as u64)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A q/k/v row `[b, t, (heads + 2 kv) d]` of smooth values and a rotary table for `max`
+    /// positions, with its cosines and sines apart.
+    pub(crate) fn qkv_and_rope(
+        (b, t, heads, kv, d, max): (usize, usize, usize, usize, usize, usize),
+    ) -> (Tensor, Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let width = (heads + 2 * kv) * d;
+        let qkv = Tensor::arange(0f32, (b * t * width) as f32, &dev)
+            .and_then(|x| x.affine(0.37, -0.5))
+            .and_then(|x| x.sin())
+            .and_then(|x| x.reshape((b, t, width)))
+            .unwrap();
+        let half = d / 2;
+        let angles: Vec<f32> = (0..max)
+            .flat_map(|p| (0..half).map(move |i| p as f32 * 0.5f32.powi(i as i32)))
+            .collect();
+        let angles = Tensor::from_vec(angles, (max, half), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let table = Tensor::cat(&[&cos, &sin], 1).unwrap();
+        (qkv, table, cos, sin)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+
+    #[test]
+    fn stores_rotated_keys_and_values_at_the_position() {
+        let (b, t, heads, kv, d, max) = (2, 3, 4, 2, 8, 10);
+        let (qkv, table, cos, sin) = qkv_and_rope((b, t, heads, kv, d, max));
+        let mut cache = KvCache::new(max);
+        let pos = 4;
+        let (k, v) = cache.store(&qkv, &table, (heads, kv, d), pos).unwrap();
+        assert_eq!(k.dims(), [b, kv, pos + t, d]);
+        assert_eq!(cache.bytes(), (2 * b * kv * max * d * 4) as u64);
+        let part = |start: usize| {
+            qkv.narrow(2, start * d, kv * d)
+                .and_then(|x| x.reshape((b, t, kv, d)))
+                .and_then(|x| x.transpose(1, 2))
+                .and_then(|x| x.contiguous())
+                .unwrap()
+        };
+        let rotated = candle_nn::rotary_emb::rope(
+            &part(heads),
+            &cos.narrow(0, pos, t).unwrap(),
+            &sin.narrow(0, pos, t).unwrap(),
+        )
+        .unwrap();
+        assert!(max_diff(&k.narrow(2, pos, t).unwrap(), &rotated) < 1e-6);
+        assert!(max_diff(&v.narrow(2, pos, t).unwrap(), &part(heads + kv)) < 1e-6);
+        // The positions before stay as they were (never written: zero).
+        let before = k.narrow(2, 0, pos).unwrap();
+        assert_eq!(max_diff(&before, &before.zeros_like().unwrap()), 0.0);
+    }
+}

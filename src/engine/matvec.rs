@@ -318,4 +318,36 @@ mod tests {
         let reference = (candle_nn::ops::silu(&mm(&g)).unwrap() * mm(&u)).unwrap();
         assert!(max_diff(&apply(&x, &gated).unwrap(), &reference) < 1e-4);
     }
+
+    #[test]
+    fn normalises_rows_first_when_asked() {
+        let (n_out, n_in) = (16, 64);
+        let w = weight(n_out, n_in, 7);
+        let x = Tensor::arange(0f32, (2 * n_in) as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.05, -2.0)
+            .unwrap()
+            .reshape((2, n_in))
+            .unwrap();
+        let norm = Tensor::arange(0f32, n_in as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.01, 0.5)
+            .unwrap();
+        let op = FusedMatVec {
+            segments: vec![Segment {
+                bytes: w.bytes.clone(),
+                rows: n_out,
+                scale: None,
+            }],
+            in_features: n_in,
+            bias: None,
+            residual: None,
+            gated: false,
+            norm: Some((norm.clone(), 1e-6)),
+            resident_weights: false,
+        };
+        let normed = candle_nn::ops::rms_norm(&x, &norm, 1e-6).unwrap();
+        let reference = normed.matmul(&dense(&w).t().unwrap()).unwrap();
+        assert!(max_diff(&apply(&x, &op).unwrap(), &reference) < 1e-4);
+    }
 }
