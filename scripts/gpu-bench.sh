@@ -33,10 +33,11 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"pinned {r['pinned_gbps']:.1f} GB/s on {r['device']}")
 print(f"device memory {r['device_gbps']:.0f} GB/s")
-print(f"{'N':>3} {'prefill ms':>10} {'ms/token':>9} {'GPU ms':>7} {'host ms':>7} {'bound':>7} {'x bound':>7} {'GB/s':>6} {'overlap':>7} {'est GiB':>8} {'meas GiB':>8} {'err %':>6} {'load s':>6}")
+print(f"{'N':>3} {'prefill ms':>10} {'GPU ms':>7} {'host ms':>7} {'ms/token':>9} {'GPU ms':>7} {'host ms':>7} {'bound':>7} {'x bound':>7} {'GB/s':>6} {'overlap':>7} {'est GiB':>8} {'meas GiB':>8} {'err %':>6} {'load s':>6}")
 for x in r["rows"]:
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
-    print(f"{x['gpu_layers']:>3} {x['test_speed_ms']:>10.2f} {x['decode_ms_per_token']:>9.2f} "
+    print(f"{x['gpu_layers']:>3} {x['test_speed_ms']:>10.2f} {f(x.get('test_speed_gpu_ms')):>7} {f(x.get('test_speed_host_ms')):>7} "
+          f"{x['decode_ms_per_token']:>9.2f} "
           f"{f(x['decode_gpu_ms_per_token']):>7} {f(x['decode_host_ms_per_token']):>7} {f(x['bound_ms_per_token']):>7} "
           f"{f(x['vs_bound']):>7} {x['achieved_gbps']:>6.1f} {x['overlap_pct']:>7.1f} {x['estimate_bytes']/2**30:>8.2f} "
           f"{f(x['measured_peak_bytes'] and x['measured_peak_bytes']/2**30):>8} {f(x['estimate_error_pct'], 1):>6} {x['load_ms']/1e3:>6.1f}")

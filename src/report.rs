@@ -677,13 +677,18 @@ impl RunReport {
         let transfer = if let Some(t) = &self.test_speed {
             let runs: Vec<String> = t.runs_ms.iter().map(|ms| format!("{ms:.1}")).collect();
             out.push_str(&format!(
-                "test-speed: {} tokens, {} warm-up; runs {} ms; average {:.2} ms; avg transfer per layer {:.2} ms; estimated overhead {:.1}%\n",
+                "test-speed: {} tokens, {} warm-up; runs {} ms; average {:.2} ms; avg transfer per layer {:.2} ms; estimated overhead {:.1}%{}\n",
                 t.tokens,
                 t.warmup_runs,
                 runs.join(", "),
                 t.avg_ms,
                 t.transfer.avg_transfer_time_ms,
-                t.estimated_overhead_pct
+                t.estimated_overhead_pct,
+                match (t.gpu_ms, t.host_ms) {
+                    (Some(g), Some(h)) =>
+                        format!("; a pass costs the GPU {g:.2} ms, the host {h:.2} ms to queue"),
+                    _ => String::new(),
+                }
             ));
             Some(&t.transfer)
         } else if let Some(d) = &self.decode {

@@ -21,6 +21,12 @@ pub struct TestSpeed {
     pub transfer: TransferStats,
     /// Share of the timed passes' time the compute stream waited for copies.
     pub estimated_overhead_pct: f64,
+    /// GPU time of a pass with its launches queued ahead (median of three, GPU only; see
+    /// [`Decode::gpu_ms_per_token`]). `None` also when queuing the pass waits for the hold, as
+    /// a 7B prefill's does today (probably its ~1,100 launches overflowing the launch queue).
+    pub gpu_ms: Option<f64>,
+    /// Host time to queue a pass (median of three, GPU only).
+    pub host_ms: Option<f64>,
 }
 
 /// Greedy decoding with the KV cache, a batch of sequences in lockstep.
@@ -50,8 +56,22 @@ pub struct Decode {
     pub host_ms_per_token: Option<f64>,
 }
 
-/// Steps [`decode`] times queued behind a hold of the GPU, after the timed ones.
+/// Steps [`decode`] (and passes [`test_speed`]) times queued behind a hold of the GPU, after
+/// the timed ones.
 pub const QUEUED_STEPS: usize = 3;
+
+/// Median GPU and host times of `runs` queued runs; `None` where any is missing (the CPU, or
+/// a GPU figure whose queuing outlasted the hold).
+fn medians(queued: &[crate::engine::QueuedTime], runs: usize) -> (Option<f64>, Option<f64>) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (runs > 0 && v.len() == runs).then(|| v[v.len() / 2])
+    };
+    (
+        median(queued.iter().filter_map(|q| q.gpu_ms).collect()),
+        median(queued.iter().map(|q| q.host_ms).collect()),
+    )
+}
 
 /// `n` token ids from a seeded generator, below `min(1000, vocab)` as the original draws them.
 pub fn random_ids(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
@@ -90,7 +110,16 @@ pub fn test_speed(
     }
     let transfer = engine.transfer_stats()?;
     let total: f64 = runs_ms.iter().sum();
+    let mut queued = Vec::new();
+    for _ in 0..QUEUED_STEPS {
+        engine.reset();
+        queued.extend(engine.time_forward_queued(ids)?);
+        engine.synchronize()?;
+    }
+    let (gpu_ms, host_ms) = medians(&queued, QUEUED_STEPS);
     Ok(TestSpeed {
+        gpu_ms,
+        host_ms,
         tokens: ids.len(),
         warmup_runs: warmup,
         avg_ms: total / runs.max(1) as f64,
@@ -153,10 +182,7 @@ pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Resul
         next = ids.to_vec1::<u32>()?;
         queued.extend(time);
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (!v.is_empty() && v.len() == steps).then(|| v[v.len() / 2])
-    };
+    let (gpu_ms_per_token, host_ms_per_token) = medians(&queued, steps);
     Ok(Decode {
         batch: prompts.len(),
         prompt_tokens: prompts[0].len(),
@@ -166,8 +192,8 @@ pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Resul
         tokens_per_s: prompts.len() as f64 * 1e3 / ms_per_token,
         tokens: generated,
         transfer,
-        gpu_ms_per_token: median(queued.iter().filter_map(|q| q.gpu_ms).collect()),
-        host_ms_per_token: median(queued.iter().map(|q| q.host_ms).collect()),
+        gpu_ms_per_token,
+        host_ms_per_token,
     })
 }
 
@@ -203,6 +229,10 @@ pub struct BenchRow {
     pub load_phases: crate::engine::LoadTimings,
     /// Mean test-speed pass (prefill of `prompt_len` tokens, no LM head).
     pub test_speed_ms: f64,
+    /// GPU time of a test-speed pass with its launches queued ahead.
+    pub test_speed_gpu_ms: Option<f64>,
+    /// Host time to queue a test-speed pass.
+    pub test_speed_host_ms: Option<f64>,
     /// Time to first token in decode mode.
     pub ttft_ms: f64,
     /// Decode time per step (one token for each sequence of the batch).
@@ -348,6 +378,8 @@ pub fn bench(
             load_ms,
             load_phases,
             test_speed_ms: speed.avg_ms,
+            test_speed_gpu_ms: speed.gpu_ms,
+            test_speed_host_ms: speed.host_ms,
             ttft_ms: dec.ttft_ms,
             decode_ms_per_token: dec.ms_per_token,
             tokens_per_s: dec.tokens_per_s,
@@ -452,6 +484,8 @@ mod bench_tests {
                     load_ms: 0.0,
                     load_phases: Default::default(),
                     test_speed_ms: 1.0,
+                    test_speed_gpu_ms: None,
+                    test_speed_host_ms: None,
                     ttft_ms: 0.0,
                     decode_ms_per_token: t,
                     tokens_per_s: 0.0,

@@ -300,6 +300,39 @@ impl Engine {
     /// the cache; returns `[batch, tokens, hidden]`. The batch shares every weight copy, which
     /// is what makes streamed decoding scale with the batch.
     pub fn forward_batch(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
+        self.check_batch(batch)?;
+        // Long prompts go through in chunks, which bounds the attention scores' memory
+        // (plan::memory::PREFILL_CHUNK_TOKENS, as the estimate assumes).
+        let t = batch[0].len();
+        let chunk = memory::PREFILL_CHUNK_TOKENS as usize;
+        let mut outputs = Vec::new();
+        for start in (0..t).step_by(chunk) {
+            let end = (start + chunk).min(t);
+            let rows: Vec<&[u32]> = batch.iter().map(|ids| &ids[start..end]).collect();
+            let input = self.upload_chunk(&rows)?;
+            outputs.push(self.forward_chunk(input)?);
+        }
+        Ok(match outputs.len() {
+            1 => outputs.pop().expect("one chunk"),
+            _ => Tensor::cat(&outputs, 1)?,
+        })
+    }
+
+    /// Runs `ids` like [`Engine::forward`], timing the layers' device work queued behind a
+    /// hold of the GPU (see [`Engine::time_queued`]); the inputs are uploaded first, as a
+    /// pageable upload would wait for the hold. `None` on the CPU, or for more than one
+    /// prefill chunk of tokens.
+    pub fn time_forward_queued(&mut self, ids: &[u32]) -> Result<Option<QueuedTime>> {
+        self.check_batch(&[ids])?;
+        if ids.len() > memory::PREFILL_CHUNK_TOKENS as usize {
+            return Ok(None);
+        }
+        let input = self.upload_chunk(&[ids])?;
+        self.synchronize()?;
+        Ok(self.time_queued(|e| e.forward_chunk(input).map(drop))?.1)
+    }
+
+    fn check_batch(&self, batch: &[&[u32]]) -> Result<()> {
         let t = batch.first().map_or(0, |ids| ids.len());
         if t == 0 {
             bail!("no input tokens");
@@ -314,32 +347,31 @@ impl Engine {
                 self.max_seq_len
             );
         }
-        // Long prompts go through in chunks, which bounds the attention scores' memory
-        // (plan::memory::PREFILL_CHUNK_TOKENS, as the estimate assumes).
-        let chunk = memory::PREFILL_CHUNK_TOKENS as usize;
-        let mut outputs = Vec::new();
-        for start in (0..t).step_by(chunk) {
-            let end = (start + chunk).min(t);
-            let rows: Vec<&[u32]> = batch.iter().map(|ids| &ids[start..end]).collect();
-            outputs.push(self.forward_chunk(&rows)?);
-        }
-        Ok(match outputs.len() {
-            1 => outputs.pop().expect("one chunk"),
-            _ => Tensor::cat(&outputs, 1)?,
-        })
+        Ok(())
     }
 
-    fn forward_chunk(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
-        let mut x = self.embed(batch)?;
+    /// One chunk's inputs on the device: embeddings `[b, t, hidden]` and, for more than one
+    /// token, the causal mask (built once for every layer).
+    fn upload_chunk(&self, batch: &[&[u32]]) -> Result<(Tensor, Option<Tensor>)> {
+        let t = batch[0].len();
+        let mask = (t > 1)
+            .then(|| model::causal_mask(t, self.position, &self.device))
+            .transpose()?;
+        Ok((self.embed(batch)?, mask))
+    }
+
+    fn forward_chunk(&mut self, (mut x, mask): (Tensor, Option<Tensor>)) -> Result<Tensor> {
         let config = &self.info.config;
+        let t = x.dim(1)?;
         for (i, cache) in self.caches.iter_mut().enumerate() {
             let weights = self.streamer.acquire(i)?;
-            x = model::decoder_layer(config, &weights, &x, &self.rope, cache, self.position)
+            let at = (self.position, mask.as_ref());
+            x = model::decoder_layer(config, &weights, &x, &self.rope, cache, at)
                 .with_context(|| format!("decoder layer {i}"))?;
             drop(weights);
             self.streamer.release(i)?;
         }
-        self.position += batch[0].len();
+        self.position += t;
         model::rms_norm(&x, &self.norm, config.rms_norm_eps)
     }
 

@@ -230,14 +230,15 @@ impl Rope {
 }
 
 /// Runs one decoder layer on `x` (`[batch, tokens, hidden]`) whose first token sits at
-/// position `offset`, storing its keys and values in `cache`.
+/// position `offset`, storing its keys and values in `cache`; `mask` is [`causal_mask`] for
+/// more than one token, built once per pass.
 pub fn decoder_layer(
     config: &ModelConfig,
     w: &LayerWeights,
     x: &Tensor,
     rope: &Rope,
     cache: &mut KvCache,
-    offset: usize,
+    (offset, mask): (usize, Option<&Tensor>),
 ) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let dtype = x.dtype();
@@ -278,10 +279,10 @@ pub fn decoder_layer(
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.to_dtype(DType::F32)?;
-        let scores = if t > 1 {
-            scores.broadcast_add(&causal_mask(t, offset, x.device())?)?
-        } else {
-            scores
+        let scores = match mask {
+            Some(m) if t > 1 => scores.broadcast_add(m)?,
+            None if t > 1 => anyhow::bail!("a pass of {t} tokens needs its causal mask"),
+            _ => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         probs
@@ -324,7 +325,7 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 /// `[t, offset + t]`: 0 where query i may see key j (j <= offset + i), -inf elsewhere.
-fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let total = offset + t;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
