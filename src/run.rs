@@ -111,12 +111,13 @@ pub fn test_speed(
     let transfer = engine.transfer_stats()?;
     let total: f64 = runs_ms.iter().sum();
     let mut queued = Vec::new();
-    for _ in 0..QUEUED_STEPS {
+    let passes = if engine.on_gpu() { QUEUED_STEPS } else { 0 };
+    for _ in 0..passes {
         engine.reset();
         queued.extend(engine.time_forward_queued(ids)?);
         engine.synchronize()?;
     }
-    let (gpu_ms, host_ms) = medians(&queued, QUEUED_STEPS);
+    let (gpu_ms, host_ms) = medians(&queued, passes);
     Ok(TestSpeed {
         gpu_ms,
         host_ms,
@@ -175,7 +176,10 @@ pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Resul
     let transfer = engine.transfer_stats()?;
     // Up to three more steps (not counted above, where the cache has room), each queued
     // behind a hold of the GPU.
-    let steps = QUEUED_STEPS.min(engine.remaining_tokens());
+    let steps = match engine.on_gpu() {
+        true => QUEUED_STEPS.min(engine.remaining_tokens()),
+        false => 0,
+    };
     let mut queued = Vec::new();
     for _ in 0..steps {
         let (ids, time) = engine.time_queued(|e| queue_step(e, &as_batch(&next)))?;

@@ -324,7 +324,7 @@ impl Engine {
     /// prefill chunk of tokens.
     pub fn time_forward_queued(&mut self, ids: &[u32]) -> Result<Option<QueuedTime>> {
         self.check_batch(&[ids])?;
-        if ids.len() > memory::PREFILL_CHUNK_TOKENS as usize {
+        if !self.on_gpu() || ids.len() > memory::PREFILL_CHUNK_TOKENS as usize {
             return Ok(None);
         }
         let input = self.upload_chunk(&[ids])?;
@@ -384,6 +384,11 @@ impl Engine {
             return Ok(model::lm_head(&x, &self.head.0, self.head.1.as_ref(), rows)?.squeeze(0)?);
         }
         model::lm_head(hidden, &self.head.0, self.head.1.as_ref(), rows)
+    }
+
+    /// Whether the model runs on a GPU (where queued timing means something).
+    pub fn on_gpu(&self) -> bool {
+        self.device.is_cuda()
     }
 
     /// Tokens the KV cache can still take.
