@@ -1,5 +1,7 @@
-//! CUDA pieces of the engine: the dequantisation kernel (compiled by NVRTC at first use),
-//! pinned host buffers, and the streaming slots with their copy stream and events.
+//! CUDA pieces of the engine: the kernels (compiled by NVRTC at first use: dequantisation for
+//! any GPU, the decode path's for the device's architecture), pinned host buffers, the
+//! streaming slots with their copy stream and events, and the bandwidth and queued-time
+//! measurements `bench` reports.
 
 use super::attention::DecodeAttention;
 use super::cache::StoreKv;
@@ -19,7 +21,8 @@ use std::sync::{Arc, OnceLock};
 const MODULE: &str = "vibeoffload_dequant";
 
 /// Decodes float8 E4M3, bf16, f16 or f32 bytes to f32 or bf16, times an optional scale
-/// (scalar, per row, or per row and column block). One thread per element.
+/// (scalar, per row, or per row and column block), one thread per element; and the kernel
+/// that holds a stream for [`QueuedTimer`].
 const KERNELS: &str = r#"
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -111,8 +114,6 @@ extern "C" __global__ void dequant_f8_bf16_x8(const u8* src, u16* dst, const flo
     }
 }
 
-__device__ __forceinline__ float bf16f(u16 b) { return __int_as_float(((int)b) << 16); }
-
 // Busy-waits `ns` nanoseconds of the GPU's clock: holds a stream while the host queues work
 // behind it (see QueuedTimer).
 extern "C" __global__ void hold_stream(unsigned long long ns) {
@@ -125,12 +126,13 @@ extern "C" __global__ void hold_stream(unsigned long long ns) {
 const DECODE_MODULE: &str = "vibeoffload_decode";
 
 /// The decode path's kernels, compiled for the device's architecture: the KV store, decode
-/// attention and, on sm_80 and newer, the float8 matrix-vector kernel on tensor cores, whose
-/// launches overlap on sm_90 (programmatic dependent launch). One block per 16 output features: its warps split the
-/// input features, each step multiplying a 16 x 64 tile of float8 weights (decoded to f16 in
-/// registers) by up to 8 rows of x (bf16 converted to f16) with `mma.sync` and f32
-/// accumulation; the warps' sums meet in shared memory, where scale, bias, residual and the
-/// gate are applied. Each weight byte is read once, with loads that bypass L1.
+/// attention and, on sm_80 and newer, the float8 matrix-vector kernel on tensor cores; their
+/// launches overlap on sm_90 (programmatic dependent launch). The matvec has one block per 16
+/// output features: its warps split the input features, each step multiplying a 16 x 64 tile
+/// of float8 weights (decoded to f16 in registers) by up to 8 rows of x (bf16 converted to
+/// f16) with `mma.sync` and f32 accumulation; the warps' sums meet in shared memory, where
+/// scale, bias, residual and the gate are applied. Each weight byte is read once, with loads
+/// that bypass L1.
 const DECODE_KERNELS: &str = r#"
 typedef unsigned char u8;
 typedef unsigned short u16;
