@@ -338,10 +338,10 @@ pub fn bench(
             .map_or_else(|_| format!("GPU {i}"), |g| format!("GPU {i} {}", g.name)),
         None => "cpu".into(),
     };
-    progress("measuring pinned host-to-device bandwidth".into());
-    let pinned_gbps = crate::engine::pinned_bandwidth_gbps(o.engine.device)?;
-    progress("measuring device-memory bandwidth".into());
-    let device_gbps = crate::engine::device_bandwidth_gbps(o.engine.device)?;
+    progress("measuring host-to-device and device-memory bandwidth".into());
+    let bandwidths = crate::engine::bandwidths(o.engine.device)?;
+    let pinned_gbps = bandwidths.map(|b| b.pinned_gbps);
+    let device_gbps = bandwidths.map(|b| b.device_gbps);
     let first = ModelInfo::open(path)?;
     let model = crate::report::ModelSummary::of(&first);
     let ids = random_ids(o.prompt_len, o.seed, first.config.vocab_size);

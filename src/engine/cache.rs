@@ -156,9 +156,9 @@ impl KvCache {
                 pos + t
             );
         }
-        let shape = (2, b, kv_heads, self.max_len, head_dim);
+        let shape = candle_core::Shape::from((2, b, kv_heads, self.max_len, head_dim));
         let buffer = match &self.buffer {
-            Some(buf) if buf.dims() == [2, b, kv_heads, self.max_len, head_dim] => buf.clone(),
+            Some(buf) if buf.shape() == &shape => buf.clone(),
             _ => {
                 let buf = Tensor::zeros(shape, qkv.dtype(), qkv.device())?;
                 self.buffer = Some(buf.clone());

@@ -540,23 +540,24 @@ extern "C" __global__ void store_kv_bf16(const u16* qkv, const u16* table, u16* 
 }
 "#;
 
-/// Compute capability of `dev` as `(major, minor)`.
-fn compute_capability(dev: &CudaDevice) -> candle_core::Result<(i32, i32)> {
-    let ctx = dev.cuda_stream().context().clone();
-    let major = ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .w()?;
-    let minor = ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
-        .w()?;
-    Ok((major, minor))
+/// Compute capability `(major, minor)` of the first device that asks (queried once).
+fn compute_capability(dev: &CudaDevice) -> std::result::Result<(i32, i32), String> {
+    static CAPABILITY: OnceLock<std::result::Result<(i32, i32), String>> = OnceLock::new();
+    CAPABILITY
+        .get_or_init(|| {
+            let ctx = dev.cuda_stream().context().clone();
+            let attribute = |a| ctx.attribute(a).map_err(|e| e.to_string());
+            Ok((
+                attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            ))
+        })
+        .clone()
 }
 
-/// Whether `dev` has the tensor-core instructions the fused matvec uses (sm_80 or newer;
-/// asked of the first device only).
+/// Whether `dev` has the tensor-core instructions the fused matvec uses (sm_80 or newer).
 pub fn has_mma(dev: &CudaDevice) -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| compute_capability(dev).is_ok_and(|(major, _)| major >= 8))
+    compute_capability(dev).is_ok_and(|(major, _)| major >= 8)
 }
 
 /// The decode kernels' PTX, compiled for the architecture of the first device that asks
@@ -564,7 +565,7 @@ pub fn has_mma(dev: &CudaDevice) -> bool {
 fn decode_ptx(dev: &CudaDevice) -> candle_core::Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     PTX.get_or_init(|| {
-        let (major, minor) = compute_capability(dev).map_err(|e| e.to_string())?;
+        let (major, minor) = compute_capability(dev)?;
         // Newer GPUs run the sm_90 PTX (the driver compiles it for them).
         let (major, minor) = if major > 9 { (9, 0) } else { (major, minor) };
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
@@ -580,10 +581,9 @@ fn decode_ptx(dev: &CudaDevice) -> candle_core::Result<&'static str> {
     .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
-/// Whether `dev` overlaps dependent launches (sm_90 and newer; asked of the first device).
+/// Whether `dev` overlaps dependent launches (sm_90 and newer).
 fn has_pdl(dev: &CudaDevice) -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| compute_capability(dev).is_ok_and(|(major, _)| major >= 9))
+    compute_capability(dev).is_ok_and(|(major, _)| major >= 9)
 }
 
 /// Kernel arguments by value, each in an 8-byte slot (4-byte ones in its low half).
@@ -917,42 +917,40 @@ impl CudaSlots {
     }
 }
 
-/// Host-to-device bandwidth from pinned memory in GB/s: one warm-up copy of `bytes`, then five
-/// timed with events on a stream of their own.
+/// Milliseconds that five runs of `copy` take on `stream`, after one warm-up run, timed with
+/// events.
+fn time_five(stream: &Arc<CudaStream>, mut copy: impl FnMut() -> Result<()>) -> Result<f64> {
+    copy()?;
+    let start = timing_event(stream)?;
+    for _ in 0..5 {
+        copy()?;
+    }
+    let end = timing_event(stream)?;
+    Ok(f64::from(start.elapsed_ms(&end)?))
+}
+
+/// Host-to-device bandwidth from pinned memory in GB/s, copying `bytes` on a stream of its own.
 pub fn pinned_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
     let stream = dev.cuda_stream().context().new_stream()?;
     let host = PinnedBytes::new(dev, bytes)?;
     let target = stream.alloc_zeros::<u8>(bytes)?;
     let (ptr, _record) = target.device_ptr(&stream);
-    let copy = || -> Result<()> {
-        // SAFETY: `target` holds `bytes` bytes and outlives the copies (synchronized below).
+    let ms = time_five(&stream, || {
+        // SAFETY: `target` holds `bytes` bytes and outlives the copies (time_five waits for
+        // the last).
         unsafe { result::memcpy_htod_async(ptr, host.as_slice(), stream.cu_stream()) }?;
         Ok(())
-    };
-    copy()?;
-    let start = timing_event(&stream)?;
-    for _ in 0..5 {
-        copy()?;
-    }
-    let end = timing_event(&stream)?;
-    let ms = f64::from(start.elapsed_ms(&end)?);
-    stream.synchronize()?;
+    })?;
     Ok(5.0 * bytes as f64 / (ms * 1e6))
 }
 
-/// Device-memory bandwidth in GB/s (bytes read plus bytes written by device-to-device copies of
-/// `bytes`): one warm-up copy, then five timed with events.
+/// Device-memory bandwidth in GB/s: bytes read plus bytes written by device-to-device copies
+/// of `bytes`.
 pub fn device_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
     let stream = dev.cuda_stream();
     let src = stream.alloc_zeros::<u8>(bytes)?;
     let mut dst = stream.alloc_zeros::<u8>(bytes)?;
-    stream.memcpy_dtod(&src, &mut dst)?;
-    let start = timing_event(&stream)?;
-    for _ in 0..5 {
-        stream.memcpy_dtod(&src, &mut dst)?;
-    }
-    let end = timing_event(&stream)?;
-    let ms = f64::from(start.elapsed_ms(&end)?);
+    let ms = time_five(&stream, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
     Ok(2.0 * 5.0 * bytes as f64 / (ms * 1e6))
 }
 

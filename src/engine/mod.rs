@@ -553,26 +553,17 @@ fn make_slots(device: &Device, count: usize, bytes: usize) -> Result<Slots> {
     }
 }
 
-/// Host-to-device bandwidth from pinned memory in GB/s on `device` (`None` on the CPU), the
-/// copy engine's limit that streamed decoding is measured against.
-pub fn pinned_bandwidth_gbps(device: DeviceChoice) -> Result<Option<f64>> {
-    match device {
-        DeviceChoice::Cpu => Ok(None),
-        #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(_) => {
-            let (Device::Cuda(d), _) = open_device(device)? else {
-                unreachable!("a CUDA choice opens a CUDA device");
-            };
-            Ok(Some(cuda::pinned_bandwidth_gbps(&d, 256 << 20)?))
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda(_) => open_device(device).map(|_| None),
-    }
+/// The bandwidths decoding is measured against, in GB/s.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bandwidths {
+    /// Host-to-device from pinned memory: the copy engine's limit for streamed layers.
+    pub pinned_gbps: f64,
+    /// Device memory: reading the weights once per token at this rate bounds resident decoding.
+    pub device_gbps: f64,
 }
 
-/// Device-memory bandwidth in GB/s on `device` (`None` on the CPU): reading the weights once
-/// per token at this rate is the bound of resident decoding.
-pub fn device_bandwidth_gbps(device: DeviceChoice) -> Result<Option<f64>> {
+/// Both bandwidths on `device`, measured on one opening of it (`None` on the CPU).
+pub fn bandwidths(device: DeviceChoice) -> Result<Option<Bandwidths>> {
     match device {
         DeviceChoice::Cpu => Ok(None),
         #[cfg(feature = "cuda")]
@@ -580,7 +571,10 @@ pub fn device_bandwidth_gbps(device: DeviceChoice) -> Result<Option<f64>> {
             let (Device::Cuda(d), _) = open_device(device)? else {
                 unreachable!("a CUDA choice opens a CUDA device");
             };
-            Ok(Some(cuda::device_bandwidth_gbps(&d, 1 << 30)?))
+            Ok(Some(Bandwidths {
+                pinned_gbps: cuda::pinned_bandwidth_gbps(&d, 256 << 20)?,
+                device_gbps: cuda::device_bandwidth_gbps(&d, 1 << 30)?,
+            }))
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => open_device(device).map(|_| None),
