@@ -9,25 +9,29 @@
 # Results in $OUT: bench.json, bench.svg, bench-batch.json, pytorch.json, log.txt.
 source "$(dirname "$0")/gpu-env.sh"
 
+failed=0
+fail() { echo "FAIL: $*"; failed=1; }
+
 echo "== GPU tests"
 for t in "$tests_dir"/*; do
   [[ -x $t ]] || continue
-  "$t" --test-threads=1 2>&1 | grep -E "^test |test result|panicked|worst" || true
+  "$t" --test-threads=1 > /tmp/test.log 2>&1 || fail "$(basename "$t")"
+  grep -E "^test |test result|panicked|worst" /tmp/test.log || :
 done
 
 echo "== streamed vs resident, 7B"
 ids=151,9707,11,1879,0,752,374,279,4128,315
-"$bin" run --model-path "$model" --no-offload --input-ids "$ids" --dump /tmp/dump-resident.safetensors > /dev/null
+"$bin" run --device cuda --model-path "$model" --no-offload --input-ids "$ids" --dump /tmp/dump-resident.safetensors > /dev/null || fail "resident run"
 for variant in "--num-gpu-layers 8" "--num-gpu-layers 12 --placement spread --slots 3"; do
   # shellcheck disable=SC2086
-  "$bin" run --model-path "$model" $variant --input-ids "$ids" --dump /tmp/dump-streamed.safetensors > /dev/null
-  cmp -s /tmp/dump-resident.safetensors /tmp/dump-streamed.safetensors && echo "identical: $variant" || echo "DIFFERENT: $variant"
+  "$bin" run --device cuda --model-path "$model" $variant --input-ids "$ids" --dump /tmp/dump-streamed.safetensors > /dev/null || fail "run $variant"
+  cmp -s /tmp/dump-resident.safetensors /tmp/dump-streamed.safetensors && echo "identical: $variant" || fail "DIFFERENT: $variant"
 done
 
 echo "== bench"
-bench_flags=(--model-path "$model" --json --plot "$out/bench.svg" ${LAYERS:+--layers "$LAYERS"})
+bench_flags=(--device cuda --model-path "$model" --json --plot "$out/bench.svg" ${LAYERS:+--layers "$LAYERS"})
 [[ -n ${BASELINE:-} ]] && bench_flags+=(--baseline "$BASELINE")
-"$bin" bench "${bench_flags[@]}" > "$out/bench.json"
+"$bin" bench "${bench_flags[@]}" > "$out/bench.json" || fail "bench"
 python3 - "$out/bench.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -45,7 +49,7 @@ PY
 
 if [[ -n ${BATCH:-} ]]; then
   echo "== bench, batch $BATCH (copies shared by the batch)"
-  "$bin" bench --model-path "$model" --batch "$BATCH" --layers "${BATCH_LAYERS:-28,8,0}" --json > "$out/bench-batch.json"
+  "$bin" bench --device cuda --model-path "$model" --batch "$BATCH" --layers "${BATCH_LAYERS:-28,8,0}" --json > "$out/bench-batch.json"
   python3 - "$out/bench-batch.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -59,5 +63,10 @@ fi
 if [[ -f scripts/pytorch_baseline.py && -z ${SKIP_PYTORCH:-} ]]; then
   echo "== PyTorch baselines (same checkpoint, same prompt and generation lengths)"
   python3 scripts/pytorch_baseline.py "$model/vibevoice7b_float8_e4m3fn.safetensors" \
-    --layers "${PT_LAYERS:-28,20,12,8,4}" --prompt-len 128 --gen-tokens 32 --device cuda --json "$out/pytorch.json" || echo "pytorch baseline failed"
+    --layers "${PT_LAYERS:-28,20,12,8,4}" --prompt-len 128 --gen-tokens 32 --device cuda --json "$out/pytorch.json" || fail "pytorch baseline"
+fi
+
+if (( failed )); then
+  echo "== FAILED"
+  exit 1
 fi

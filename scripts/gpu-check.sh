@@ -10,11 +10,15 @@
 # Results go to $OUT (the device tool's folder) or ./gpu-results: results.jsonl and log.txt.
 source "$(dirname "$0")/gpu-env.sh"
 
+failed=0
+fail() { echo "FAIL: $*"; failed=1; }
+
 echo "== 1. GPU tests"
 for t in "$tests_dir"/*; do
   [[ -x $t ]] || continue
   echo "-- $(basename "$t")"
-  "$t" --test-threads=1 2>&1 | grep -E "^test |test result|panicked|worst" || true
+  "$t" --test-threads=1 > /tmp/test.log 2>&1 || fail "$(basename "$t")"
+  grep -E "^test |test result|panicked|worst" /tmp/test.log || :
 done
 
 echo "== 2. 7B float8 checkpoint"
@@ -23,26 +27,26 @@ echo "== 2. 7B float8 checkpoint"
 echo "== 3. run for N = ${LAYER_COUNTS:=28 20 12 8 4}"
 for n in $LAYER_COUNTS; do
   for mode in test-speed decode; do
-    flags=(--model-path "$model" --num-gpu-layers "$n" --json)
+    flags=(--device cuda --model-path "$model" --num-gpu-layers "$n" --json)
     [[ $mode == test-speed ]] && flags+=(--test-speed) || flags+=(--gen-tokens "${GEN_TOKENS:-32}")
     if "$bin" run "${flags[@]}" > /tmp/run.json 2> /tmp/run.err; then
       python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["mode"]=sys.argv[2]; print(json.dumps(d))' /tmp/run.json "$mode" >> "$results"
     else
-      echo "run N=$n $mode failed: $(cat /tmp/run.err)"
+      fail "run N=$n $mode: $(cat /tmp/run.err)"
     fi
   done
 done
 
 echo "== 4. streamed vs resident, 7B"
 ids=151,9707,11,1879,0,752,374,279,4128,315
-"$bin" run --model-path "$model" --no-offload --input-ids "$ids" --dump /tmp/dump-resident.safetensors > /dev/null
+"$bin" run --device cuda --model-path "$model" --no-offload --input-ids "$ids" --dump /tmp/dump-resident.safetensors > /dev/null || fail "resident run"
 for variant in "--num-gpu-layers 8" "--num-gpu-layers 0" "--num-gpu-layers 12 --placement spread --slots 3" "--num-gpu-layers 4 --no-pin --no-prefetch"; do
   # shellcheck disable=SC2086
-  "$bin" run --model-path "$model" $variant --input-ids "$ids" --dump /tmp/dump-streamed.safetensors > /dev/null
+  "$bin" run --device cuda --model-path "$model" $variant --input-ids "$ids" --dump /tmp/dump-streamed.safetensors > /dev/null || fail "run $variant"
   if cmp -s /tmp/dump-resident.safetensors /tmp/dump-streamed.safetensors; then
     echo "identical: $variant"
   else
-    echo "DIFFERENT: $variant"
+    fail "DIFFERENT: $variant"
   fi
 done
 
@@ -61,3 +65,8 @@ for r in rows:
           f"{tr.get('achieved_gbps', 0):>7.2f} {tr.get('overlap_pct', 0):>8.1f} {r['estimate']['total_bytes']/2**30:>8.2f} "
           f"{(peak or 0)/2**30:>8.2f} {r['load_ms']/1000:>7.1f}")
 PY
+
+if (( failed )); then
+  echo "== FAILED"
+  exit 1
+fi
