@@ -1,6 +1,8 @@
 //! The engine on candle's CPU backend: streamed layers give bit-identical results to resident
 //! ones, and hidden states match an independent float64 Qwen2 written here from the file.
 
+mod common;
+
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 use vibeoffload::checkpoint::config::ModelConfig;
@@ -148,202 +150,6 @@ fn sequences_beyond_max_seq_len_are_refused() {
     assert!(format!("{e:#}").contains("token id 500"), "{e:#}");
 }
 
-// ---- an independent float64 reference --------------------------------------------------------
-
-/// Tensors read straight from the safetensors file and decoded here, not by the library.
-struct Weights {
-    header: serde_json::Map<String, serde_json::Value>,
-    data: Vec<u8>,
-}
-
-impl Weights {
-    fn read(path: &Path) -> Weights {
-        let bytes = std::fs::read(path).unwrap();
-        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        Weights {
-            header: serde_json::from_slice(&bytes[8..8 + n]).unwrap(),
-            data: bytes[8 + n..].to_vec(),
-        }
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.header.contains_key(name)
-    }
-
-    /// Values as f64, row-major; with `.scale_weight` applied per row when present.
-    fn get(&self, name: &str) -> Vec<f64> {
-        let t = &self.header[name];
-        let start = t["data_offsets"][0].as_u64().unwrap() as usize;
-        let end = t["data_offsets"][1].as_u64().unwrap() as usize;
-        let b = &self.data[start..end];
-        let mut v: Vec<f64> = match t["dtype"].as_str().unwrap() {
-            "F8_E4M3" => b.iter().map(|&c| f8(c)).collect(),
-            "BF16" => b
-                .chunks(2)
-                .map(|c| f32::from_bits((u32::from(u16::from_le_bytes([c[0], c[1]]))) << 16) as f64)
-                .collect(),
-            "F32" => b
-                .chunks(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            other => panic!("{other}"),
-        };
-        let scale_name = name.replace(".weight", ".scale_weight");
-        if name.ends_with(".weight") && self.has(&scale_name) {
-            let scale = self.get(&scale_name);
-            let cols = v.len() / scale.len();
-            for (i, x) in v.iter_mut().enumerate() {
-                *x *= scale[i / cols];
-            }
-        }
-        v
-    }
-}
-
-fn f8(code: u8) -> f64 {
-    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
-    let e = ((code >> 3) & 15) as i32;
-    let m = (code & 7) as f64;
-    sign * if e == 0 {
-        m / 8.0 * 2f64.powi(-6)
-    } else {
-        (1.0 + m / 8.0) * 2f64.powi(e - 7)
-    }
-}
-
-fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
-    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-    let r = 1.0 / (ms + eps).sqrt();
-    x.iter().zip(w).map(|(v, w)| v * r * w).collect()
-}
-
-/// `W x (+ b)` for W `[out, in]`.
-fn linear(w: &[f64], x: &[f64], b: Option<&[f64]>) -> Vec<f64> {
-    let cols = x.len();
-    (0..w.len() / cols)
-        .map(|r| {
-            w[r * cols..(r + 1) * cols]
-                .iter()
-                .zip(x)
-                .map(|(a, b)| a * b)
-                .sum::<f64>()
-                + b.map_or(0.0, |b| b[r])
-        })
-        .collect()
-}
-
-fn rope(v: &mut [f64], pos: usize, hd: usize, theta: f64) {
-    let half = hd / 2;
-    for i in 0..half {
-        let angle = pos as f64 * theta.powf(-2.0 * i as f64 / hd as f64);
-        let (a, b) = (v[i], v[i + half]);
-        v[i] = a * angle.cos() - b * angle.sin();
-        v[i + half] = b * angle.cos() + a * angle.sin();
-    }
-}
-
-/// Final-normed hidden states of `ids` from an empty cache.
-fn reference(path: &Path, c: &ModelConfig, ids: &[u32]) -> Vec<Vec<f64>> {
-    let w = Weights::read(path);
-    let (h, hd, nh, nkv) = (
-        c.hidden_size,
-        c.head_dim,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-    );
-    let embed = w.get("model.language_model.embed_tokens.weight");
-    let mut xs: Vec<Vec<f64>> = ids
-        .iter()
-        .map(|&i| embed[i as usize * h..(i as usize + 1) * h].to_vec())
-        .collect();
-    for l in 0..c.num_hidden_layers {
-        let p = |n: &str| format!("model.language_model.layers.{l}.{n}");
-        let (wq, bq) = (
-            w.get(&p("self_attn.q_proj.weight")),
-            w.get(&p("self_attn.q_proj.bias")),
-        );
-        let (wk, bk) = (
-            w.get(&p("self_attn.k_proj.weight")),
-            w.get(&p("self_attn.k_proj.bias")),
-        );
-        let (wv, bv) = (
-            w.get(&p("self_attn.v_proj.weight")),
-            w.get(&p("self_attn.v_proj.bias")),
-        );
-        let wo = w.get(&p("self_attn.o_proj.weight"));
-        let (n1, n2) = (
-            w.get(&p("input_layernorm.weight")),
-            w.get(&p("post_attention_layernorm.weight")),
-        );
-        let (wg, wu, wd) = (
-            w.get(&p("mlp.gate_proj.weight")),
-            w.get(&p("mlp.up_proj.weight")),
-            w.get(&p("mlp.down_proj.weight")),
-        );
-        let mut qs = Vec::new();
-        let mut ks = Vec::new();
-        let mut vs = Vec::new();
-        for (pos, x) in xs.iter().enumerate() {
-            let n = rms_norm(x, &n1, c.rms_norm_eps);
-            let mut q = linear(&wq, &n, Some(&bq));
-            let mut k = linear(&wk, &n, Some(&bk));
-            for head in 0..nh {
-                rope(&mut q[head * hd..(head + 1) * hd], pos, hd, c.rope_theta);
-            }
-            for head in 0..nkv {
-                rope(&mut k[head * hd..(head + 1) * hd], pos, hd, c.rope_theta);
-            }
-            qs.push(q);
-            ks.push(k);
-            vs.push(linear(&wv, &n, Some(&bv)));
-        }
-        for (i, x) in xs.iter_mut().enumerate() {
-            let mut attn = vec![0.0; nh * hd];
-            for head in 0..nh {
-                let kvh = head / (nh / nkv);
-                let q = &qs[i][head * hd..(head + 1) * hd];
-                let scores: Vec<f64> = (0..=i)
-                    .map(|j| {
-                        q.iter()
-                            .zip(&ks[j][kvh * hd..(kvh + 1) * hd])
-                            .map(|(a, b)| a * b)
-                            .sum::<f64>()
-                            / (hd as f64).sqrt()
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = exps.iter().sum();
-                for (j, e) in exps.iter().enumerate() {
-                    for d in 0..hd {
-                        attn[head * hd + d] += e / total * vs[j][kvh * hd + d];
-                    }
-                }
-            }
-            let o = linear(&wo, &attn, None);
-            for (a, b) in x.iter_mut().zip(&o) {
-                *a += b;
-            }
-            let n = rms_norm(x, &n2, c.rms_norm_eps);
-            let g = linear(&wg, &n, None);
-            let u = linear(&wu, &n, None);
-            let act: Vec<f64> = g
-                .iter()
-                .zip(&u)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            let d = linear(&wd, &act, None);
-            for (a, b) in x.iter_mut().zip(&d) {
-                *a += b;
-            }
-        }
-    }
-    let norm = w.get("model.language_model.norm.weight");
-    xs.iter()
-        .map(|x| rms_norm(x, &norm, c.rms_norm_eps))
-        .collect()
-}
-
 #[test]
 fn hidden_states_match_a_float64_reference() {
     let dir = tempfile::tempdir().unwrap();
@@ -356,7 +162,7 @@ fn hidden_states_match_a_float64_reference() {
         let c = config(false);
         // 12 prompt tokens take the dequantise-and-multiply path, the 13th the fused decode path.
         let ids = [5u32, 17, 99, 3, 150, 7, 42, 8, 120, 61, 2, 77, 190];
-        let want = reference(&path, &c, &ids);
+        let (want, _) = common::reference(&path, &c, &ids);
         let mut engine = load(
             &path,
             &EngineOptions {
@@ -387,6 +193,77 @@ fn hidden_states_match_a_float64_reference() {
         );
         let norms: f64 = want.iter().flatten().map(|v| v.abs()).sum();
         assert!(norms > 1.0, "the reference is not trivially zero");
+    }
+}
+
+/// Values as large as real Qwen2 checkpoints carry (see common::make_massive), on the prefill
+/// path (12 tokens) and the fused decode path (1, 3 and 8 rows), resident and streamed.
+#[test]
+fn massive_activations_match_a_float64_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(
+        dir.path(),
+        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
+        false,
+    );
+    let c = config(false);
+    common::make_massive(&path, &c);
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 1) % 200).collect();
+    let (want, peaks) = common::reference(&path, &c, &ids);
+    assert!(peaks.mlp > 5e4, "{peaks:?}");
+    assert!(peaks.residual > 1e4, "{peaks:?}");
+    assert!(peaks.logit > 100.0, "{peaks:?}");
+    for gpu_layers in [0, LAYERS] {
+        let mut engine = load(
+            &path,
+            &EngineOptions {
+                gpu_layers,
+                ..EngineOptions::default()
+            },
+        );
+        let mut got = Vec::new();
+        for (a, b) in [(0, 12), (12, 13), (13, 16), (16, 24)] {
+            got.extend(
+                engine
+                    .forward(&ids[a..b])
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+            );
+        }
+        let worst = common::worst_row_error(&got, &want);
+        assert!(worst < 1e-5, "{gpu_layers} resident: worst error {worst:e}");
+    }
+}
+
+#[test]
+fn a_layer_that_makes_nan_is_named_and_fails_the_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(
+        dir.path(),
+        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
+        false,
+    );
+    // A NaN scale in layer 2's down projection poisons that layer's output and all after it.
+    let mut w = common::Weights::read(&path);
+    w.edit(
+        "model.language_model.layers.2.mlp.down_proj.scale_weight",
+        |s| s[5] = f64::NAN,
+    );
+    w.save(&path);
+    for (gpu_layers, ids) in [(LAYERS, &[1u32, 2, 3][..]), (0, &[1u32; 12][..])] {
+        let mut engine = load(
+            &path,
+            &EngineOptions {
+                gpu_layers,
+                ..EngineOptions::default()
+            },
+        );
+        let e = engine.forward(ids).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("decoder layer 2 produced NaN or infinite values"),
+            "{e:#}"
+        );
     }
 }
 

@@ -114,6 +114,27 @@ extern "C" __global__ void dequant_f8_bf16_x8(const u8* src, u16* dst, const flo
     }
 }
 
+// Lowers `*watch` to `tag` when any of the n values (bf16 when BF16, else f32) is NaN or
+// infinite (see engine::watch).
+template <bool BF16>
+__device__ void watch(const void* x, long long n, unsigned* word, unsigned tag) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    bool bad = false;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        if (BF16) bad |= (((const u16*)x)[i] & 0x7f80u) == 0x7f80u;
+        else bad |= (((const u32*)x)[i] & 0x7f800000u) == 0x7f800000u;
+    }
+    if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) atomicMin(word, tag);
+}
+
+extern "C" __global__ void watch_bf16(const u16* x, long long n, unsigned* word, unsigned tag) {
+    watch<true>(x, n, word, tag);
+}
+
+extern "C" __global__ void watch_f32(const float* x, long long n, unsigned* word, unsigned tag) {
+    watch<false>(x, n, word, tag);
+}
+
 // Busy-waits `ns` nanoseconds of the GPU's clock: holds a stream while the host queues work
 // behind it (see QueuedTimer).
 extern "C" __global__ void hold_stream(unsigned long long ns) {
@@ -129,10 +150,29 @@ const DECODE_MODULE: &str = "vibeoffload_decode";
 /// attention and, on sm_80 and newer, the float8 matrix-vector kernel on tensor cores; their
 /// launches overlap on sm_90 (programmatic dependent launch). The matvec has one block per 16
 /// output features: its warps split the input features, each step multiplying a 16 x 64 tile
-/// of float8 weights (decoded to f16 in registers) by up to 8 rows of x (bf16 converted to
-/// f16) with `mma.sync` and f32 accumulation; the warps' sums meet in shared memory, where
-/// scale, bias, residual and the gate are applied. Each weight byte is read once, with loads
-/// that bypass L1.
+/// of float8 weights (decoded to bf16 in registers) by up to 8 rows of x (bf16) with
+/// `mma.sync` and f32 accumulation; the warps' sums meet in shared memory, where scale, bias,
+/// residual and the gate are applied. Each weight byte is read once, with loads that bypass L1.
+///
+/// Range. Qwen2-family checkpoints carry activations far beyond float16's 65,504 (MLP
+/// intermediates near 1e5, residual channels near 3e4, large attention logits), so no value on
+/// the activation side is ever narrowed to f16. Every narrowing of the GPU path, and why it
+/// cannot overflow:
+/// - matvec weights: float8 E4M3 to bf16 is exact (3 mantissa bits, exponents 2^-9..2^8);
+/// - matvec inputs: bf16 as stored, or normalised in f32 and rounded to bf16, whose range is
+///   f32's; products and sums in f32, the output rounded to bf16 (f32's range again). The
+///   sum of squares of the fused RMSNorm is f32: it overflows only for inputs past ~1e17;
+/// - silu(g) * u in f32: `exp(-g)` may become infinite for g < -88, and g / (1 + inf) is the
+///   right limit, -0;
+/// - decode attention: q . k, the scores, their softmax (max subtracted first) and the
+///   weighted sum of values in f32, from bf16 q, K and V; the output rounded to bf16;
+/// - the KV store rotates keys in f32 and stores bf16; the residual stream is bf16;
+/// - prefill (more than 8 rows) decodes weights to bf16 (times their f32 scale, rounded to
+///   bf16) and multiplies with cuBLAS in bf16 with f32 accumulation; its attention scores come
+///   out of that product in bf16 (f32's range, 2^-8 relative precision, as the original's
+///   eager attention) and their softmax runs in f32; RMSNorm (candle) sums in f32.
+/// The CPU path computes in f32 throughout. A value that does become NaN or infinite is
+/// caught by the engine's watch (see `Watch`), never passed on as a result.
 const DECODE_KERNELS: &str = r#"
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -165,28 +205,29 @@ __device__ __forceinline__ void pdl_wait_previous() {
 }
 
 #if __CUDA_ARCH__ >= 800
-// Two float8 E4M3 codes (low byte first) as f16x2. From sm_89 the hardware converts exactly;
-// before, the bits are moved into place, which yields the value / 256 (F8_UNSCALE undoes it
-// after the sum; NaN codes then read as 480).
-#if __CUDA_ARCH__ >= 890
-#define F8_UNSCALE 1.0f
-__device__ __forceinline__ u32 f8x2(u32 two) {
+// Float8 E4M3 to bf16, exactly: every E4M3 value is a bf16 value. A code's bits moved into a
+// bf16's places read as its value times 2^-120 (subnormal codes as bf16 subnormals), and one
+// multiply by 2^120 (exact: the products are normal) restores it. NaN codes read as 480.
+__device__ __forceinline__ u32 times_2p120(u32 v) {
     u32 d;
-    unsigned short h = (unsigned short)two;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(h));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(0x7b807b80u), "r"(0x80008000u));
     return d;
 }
-#else
-#define F8_UNSCALE 256.0f
-__device__ __forceinline__ u32 f8x2(u32 two) {
-    u32 t = (two & 0xffu) | ((two & 0xff00u) << 8);
-    return ((t & 0x007f007fu) << 7) | ((t & 0x00800080u) << 8);
-}
-#endif
 
-__device__ __forceinline__ u32 h2(float lo, float hi) {
+// Bytes 0 and 2 of `w` as bf16x2 (byte 0 in the low half).
+__device__ __forceinline__ u32 f8_even(u32 w) {
+    return times_2p120(((w << 8) & 0x80008000u) | ((w << 4) & 0x07f007f0u));
+}
+
+// Bytes 1 and 3 of `w` as bf16x2 (byte 1 in the low half).
+__device__ __forceinline__ u32 f8_odd(u32 w) {
+    return times_2p120((w & 0x80008000u) | ((w >> 4) & 0x07f007f0u));
+}
+
+// Two f32 as bf16x2 (`lo` in the low half), rounded to nearest.
+__device__ __forceinline__ u32 bf2(float lo, float hi) {
     u32 d;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
     return d;
 }
 
@@ -198,20 +239,21 @@ __device__ __forceinline__ uint4 load_stream(const u8* p) {
 }
 
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // One 16 x 64 weight tile (rows g and g + 8 of w, 16 bytes each at this lane's k) times the
-// lane's 16 x values, as four m16n8k16 products. The k order inside a product is permuted the
-// same way for weights and x, which leaves the dot products unchanged.
+// lane's 16 x values, as four m16n8k16 products. Each product takes one 4-byte word of each
+// row: its bytes 0 and 2 as one k pair, 1 and 3 as the other; x comes paired the same way
+// (see load_x), which leaves the dot products unchanged.
 __device__ __forceinline__ void tile(float* c, uint4 lo, uint4 hi, const u32* xb) {
     u32 a[4] = {lo.x, lo.y, lo.z, lo.w}, b[4] = {hi.x, hi.y, hi.z, hi.w};
     #pragma unroll
     for (int j = 0; j < 4; j++)
-        mma(c, f8x2(a[j]), f8x2(b[j]), f8x2(a[j] >> 16), f8x2(b[j] >> 16), xb[2 * j], xb[2 * j + 1]);
+        mma(c, f8_even(a[j]), f8_even(b[j]), f8_odd(a[j]), f8_odd(b[j]), xb[2 * j], xb[2 * j + 1]);
 }
 
 __device__ __forceinline__ void load8(u32* w, const u16* p) {
@@ -219,8 +261,10 @@ __device__ __forceinline__ void load8(u32* w, const u16* p) {
         : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
 }
 
-// The lane's 16 x values of row g (zero beyond the rows) as eight f16x2; RMS-normalised
-// (times `inv`, the row's 1/rms, and the norm weight `nw`) when `nw` is given.
+// The lane's 16 x values of row g (zero beyond the rows) as eight bf16x2, paired as `tile`
+// pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
+// RMS-normalised (times `inv`, the row's 1/rms, and the norm weight `nw`) in f32 first when
+// `nw` is given; otherwise x's own bf16 values, unchanged.
 __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
                                        const u16* nw, float inv) {
     if (g < rows) {
@@ -231,13 +275,23 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
         if (nw) {
             load8(n, nw + k);
             load8(n + 4, nw + k + 8);
+            float v[16];
             #pragma unroll
-            for (int i = 0; i < 8; i++)
-                xb[i] = h2(bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu),
-                           bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16));
+            for (int i = 0; i < 8; i++) {
+                v[2 * i] = bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu);
+                v[2 * i + 1] = bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16);
+            }
+            #pragma unroll
+            for (int j = 0; j < 4; j++) {
+                xb[2 * j] = bf2(v[4 * j], v[4 * j + 2]);
+                xb[2 * j + 1] = bf2(v[4 * j + 1], v[4 * j + 3]);
+            }
         } else {
             #pragma unroll
-            for (int i = 0; i < 8; i++) xb[i] = h2(bf16f(w[i] & 0xffffu), bf16f(w[i] >> 16));
+            for (int j = 0; j < 4; j++) {
+                xb[2 * j] = __byte_perm(w[2 * j], w[2 * j + 1], 0x5410);
+                xb[2 * j + 1] = __byte_perm(w[2 * j], w[2 * j + 1], 0x7632);
+            }
         }
     } else {
         #pragma unroll
@@ -249,13 +303,14 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
 // for up to 8 rows of x, RMS-normalised first with weight `nw` when it is given; every
 // segment's rows a multiple of 16, n_in a multiple of 64, weights and x 16-byte aligned. U
 // steps of 64 inputs are loaded before any is multiplied (the first before the norm's sums).
+// When `watch` is given, an output that is NaN or infinite lowers it to `tag` (atomicMin).
 template <bool GATED, int U>
 __device__ void matvec(
         const u16* x, int rows, int n_in,
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
         const u16* bias, int has_bias, const u16* res, int has_res,
-        const u16* nw, float eps, u16* y) {
+        const u16* nw, float eps, u16* y, unsigned* watch, int tag) {
     __shared__ float red[GATED ? 2 : 1][WARPS][16][8];
     __shared__ float inv_rms[8];
     pdl_launch_next();
@@ -349,16 +404,19 @@ __device__ void matvec(
     int o = o0 + f, n_out = GATED ? n0 : n0 + n1 + n2;
     float v;
     if (GATED) {
-        float sg = F8_UNSCALE * (m0 == 0 ? 1.f : s0[m0 == 1 ? 0 : o]);
-        float su = F8_UNSCALE * (m1 == 0 ? 1.f : s1[m1 == 1 ? 0 : o]);
+        float sg = m0 == 0 ? 1.f : s0[m0 == 1 ? 0 : o];
+        float su = m1 == 0 ? 1.f : s1[m1 == 1 ? 0 : o];
         float gv = acc * sg;
         v = gv / (1.f + __expf(-gv)) * (accu * su);
     } else {
-        v = acc * F8_UNSCALE * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
+        v = acc * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
         if (has_bias) v += bf16f(bias[o]);
     }
     if (has_res) v += bf16f(res[(long long)r * n_out + o]);
-    y[(long long)r * n_out + o] = to_bf16(v);
+    u16 out = to_bf16(v);
+    y[(long long)r * n_out + o] = out;
+    // NaN or infinity (also a finite f32 that rounds to a bf16 infinity).
+    if (watch && (out & 0x7f80u) == 0x7f80u) atomicMin(watch, (unsigned)tag);
 }
 
 #define MATVEC(NAME, GATED, U) \
@@ -367,9 +425,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME( \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
         const u16* bias, int has_bias, const u16* res, int has_res, \
-        const u16* nw, float eps, u16* y) { \
+        const u16* nw, float eps, u16* y, unsigned* watch, int tag) { \
     matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
-                     bias, has_bias, res, has_res, nw, eps, y); }
+                     bias, has_bias, res, has_res, nw, eps, y, watch, tag); }
 
 MATVEC(f8_matvec_mma, false, 4)
 MATVEC(f8_matvec_mma_gated, true, 2)
@@ -754,6 +812,50 @@ pub fn dequantize(
     Ok((out, Shape::from(op.shape.clone())))
 }
 
+/// The CUDA side of [`Watch::check`](super::watch::Watch::check): queues a check of `x`
+/// (bf16 or f32) that lowers `word` to `tag` if `x` holds a NaN or an infinity.
+pub fn watch(x: &Tensor, word: &Tensor, tag: u32) -> Result<()> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let (word_storage, word_layout) = word.storage_and_layout();
+    let dev = match &*storage {
+        candle_core::Storage::Cuda(s) => s.device().clone(),
+        _ => anyhow::bail!("watch: the tensor is not on the GPU"),
+    };
+    let name = match x.dtype() {
+        candle_core::DType::BF16 => "watch_bf16",
+        candle_core::DType::F32 => "watch_f32",
+        other => anyhow::bail!("watch: cannot check {other:?} values"),
+    };
+    let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+    let n = x.elem_count() as i64;
+    let word_view = cuda_view::<u32>(&word_storage, word_layout)?;
+    let config = LaunchConfig {
+        grid_dim: ((x.elem_count().div_ceil(256)).clamp(1, 1024) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = func.builder();
+    let view_bf16;
+    let view_f32;
+    match x.dtype() {
+        candle_core::DType::BF16 => {
+            view_bf16 = cuda_view::<half::bf16>(&storage, layout)?;
+            b.arg(&view_bf16);
+        }
+        _ => {
+            view_f32 = cuda_view::<f32>(&storage, layout)?;
+            b.arg(&view_f32);
+        }
+    }
+    b.arg(&n);
+    b.arg(&word_view);
+    b.arg(&tag);
+    // SAFETY: the argument list matches the kernel's signature; `word` holds one u32.
+    unsafe { b.launch(config) }.w()?;
+    Ok(())
+}
+
 /// Page-locked host memory for one packed layer.
 pub struct PinnedBytes {
     slice: PinnedHostSlice<u8>,
@@ -1123,11 +1225,11 @@ fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
     layout: &Layout,
 ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
     let candle_core::Storage::Cuda(s) = storage else {
-        candle_core::bail!("fused matvec: every operand must be on the GPU");
+        candle_core::bail!("a kernel operand is not on the GPU");
     };
-    let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("fused matvec: operands must be contiguous".into())
-    })?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("kernel operands must be contiguous".into()))?;
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
@@ -1161,6 +1263,7 @@ pub fn fused_matvec(
     let bias = op.bias.as_ref().map(|t| t.storage_and_layout());
     let residual = op.residual.as_ref().map(|t| t.storage_and_layout());
     let norm = op.norm.as_ref().map(|(t, _)| t.storage_and_layout());
+    let watch = op.watch.as_ref().map(|(t, _)| t.storage_and_layout());
     let w_views = weights
         .iter()
         .map(|(s, l)| cuda_view::<u8>(s, l))
@@ -1180,6 +1283,10 @@ pub fn fused_matvec(
     let n_view = norm
         .as_ref()
         .map(|(s, l)| cuda_view::<half::bf16>(s, l))
+        .transpose()?;
+    let watch_view = watch
+        .as_ref()
+        .map(|(s, l)| cuda_view::<u32>(s, l))
         .transpose()?;
     let eps = op.norm.as_ref().map_or(0.0f32, |(_, e)| *e);
     // The kernel reads the norm weight 16 bytes at a time.
@@ -1262,6 +1369,12 @@ pub fn fused_matvec(
         None => args.u64(0),
     };
     args.f32(eps).ptr(&y, &stream);
+    // The kernel tells "no watch" by a null pointer.
+    match &watch_view {
+        Some(v) => args.ptr(v, &stream),
+        None => args.u64(0),
+    };
+    args.i32(op.watch.as_ref().map_or(0, |(_, tag)| *tag as i32));
     // One block of eight warps per 16 output features (super::matvec::TILE_ROWS).
     let config = LaunchConfig {
         grid_dim: ((n_out / super::matvec::TILE_ROWS) as u32, 1, 1),

@@ -49,6 +49,9 @@ pub struct FusedMatVec {
     /// The weights never change while the engine lives, so on the GPU the kernel may load
     /// them before the kernel before it has finished (programmatic dependent launch).
     pub resident_weights: bool,
+    /// On the GPU, a U32 word the kernel lowers to the tag when an output is NaN or infinite
+    /// (see [`crate::engine::watch`]); the CPU path leaves the check to the engine.
+    pub watch: Option<(Tensor, u32)>,
 }
 
 impl FusedMatVec {
@@ -211,6 +214,7 @@ pub fn linear(x: &Tensor, w: &RawTensor, scale: Option<&Tensor>, resident: bool)
         gated: false,
         norm: None,
         resident_weights: resident,
+        watch: None,
     };
     apply(x, &op)
 }
@@ -295,6 +299,7 @@ mod tests {
             gated: false,
             norm: None,
             resident_weights: false,
+            watch: None,
         };
         let mm = |w: &RawTensor| x.matmul(&dense(w).t().unwrap()).unwrap();
         let reference = Tensor::cat(&[mm(&a), mm(&b), mm(&c)], 1)
@@ -314,6 +319,7 @@ mod tests {
             gated: true,
             norm: None,
             resident_weights: false,
+            watch: None,
         };
         let reference = (candle_nn::ops::silu(&mm(&g)).unwrap() * mm(&u)).unwrap();
         assert!(max_diff(&apply(&x, &gated).unwrap(), &reference) < 1e-4);
@@ -345,6 +351,7 @@ mod tests {
             gated: false,
             norm: Some((norm.clone(), 1e-6)),
             resident_weights: false,
+            watch: None,
         };
         let normed = candle_nn::ops::rms_norm(&x, &norm, 1e-6).unwrap();
         let reference = normed.matmul(&dense(&w).t().unwrap()).unwrap();

@@ -8,6 +8,7 @@ pub mod dequant;
 pub mod matvec;
 pub mod model;
 pub mod streamer;
+pub mod watch;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -26,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use streamer::{HostBytes, HostLayer, LayerStreamer, PackedTensor, Residency, Slots};
+use watch::{Tag, Watch};
 
 pub use streamer::TransferStats;
 
@@ -87,6 +89,9 @@ pub struct Engine {
     max_seq_len: usize,
     device_weight_bytes: u64,
     timings: LoadTimings,
+    watch: Watch,
+    /// Inside [`Engine::time_queued`]: the watch is read after the timed work, not in it.
+    watch_deferred: bool,
 }
 
 /// How long the GPU holds its stream while the host queues the work [`Engine::time_queued`]
@@ -274,6 +279,8 @@ impl Engine {
         timings.upload_ms = upload_ms.get();
         timings.total_ms = ms_since(started);
         Ok(Engine {
+            watch: Watch::new(&device)?,
+            watch_deferred: false,
             device,
             dtype,
             norm,
@@ -312,6 +319,7 @@ impl Engine {
             let input = self.upload_chunk(&rows)?;
             outputs.push(self.forward_chunk(input)?);
         }
+        self.take_watch()?;
         Ok(match outputs.len() {
             1 => outputs.pop().expect("one chunk"),
             _ => Tensor::cat(&outputs, 1)?,
@@ -365,7 +373,12 @@ impl Engine {
         let t = x.dim(1)?;
         for (i, cache) in self.caches.iter_mut().enumerate() {
             let weights = self.streamer.acquire(i)?;
-            let at = (self.position, mask.as_ref());
+            let at = model::At {
+                offset: self.position,
+                mask: mask.as_ref(),
+                watch: &self.watch,
+                layer: i,
+            };
             x = model::decoder_layer(config, &weights, &x, &self.rope, cache, at)
                 .with_context(|| format!("decoder layer {i}"))?;
             drop(weights);
@@ -377,13 +390,27 @@ impl Engine {
 
     /// Logits (f32) for final-normed hidden states: `[vocab]` for `[hidden]`, `[rows, vocab]`
     /// for `[rows, hidden]`.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+    pub fn logits(&mut self, hidden: &Tensor) -> Result<Tensor> {
         let rows = memory::LM_HEAD_CHUNK_ROWS as usize;
-        if hidden.rank() == 1 {
-            let x = hidden.unsqueeze(0)?;
-            return Ok(model::lm_head(&x, &self.head.0, self.head.1.as_ref(), rows)?.squeeze(0)?);
+        let logits = match hidden.rank() {
+            1 => {
+                let x = hidden.unsqueeze(0)?;
+                model::lm_head(&x, &self.head.0, self.head.1.as_ref(), rows)?.squeeze(0)?
+            }
+            _ => model::lm_head(hidden, &self.head.0, self.head.1.as_ref(), rows)?,
+        };
+        self.watch.check(&logits, Tag::LmHead)?;
+        self.take_watch()?;
+        Ok(logits)
+    }
+
+    /// Fails if the work queued since the last look produced NaN or infinity (waiting for it
+    /// on the GPU), unless [`Engine::time_queued`] looks after its timed work instead.
+    fn take_watch(&mut self) -> Result<()> {
+        match self.watch_deferred {
+            true => Ok(()),
+            false => self.watch.take(),
         }
-        model::lm_head(hidden, &self.head.0, self.head.1.as_ref(), rows)
     }
 
     /// Whether the model runs on a GPU (where queued timing means something).
@@ -416,8 +443,12 @@ impl Engine {
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => {
                 let timer = cuda::QueuedTimer::start(d, QUEUE_HOLD_MS)?;
-                let out = f(self)?;
+                self.watch_deferred = true;
+                let out = f(self);
+                self.watch_deferred = false;
                 let (gpu_ms, host_ms) = timer.finish()?;
+                let out = out?;
+                self.watch.take()?;
                 Ok((out, Some(QueuedTime { gpu_ms, host_ms })))
             }
             _ => Ok((f(self)?, None)),

@@ -6,6 +6,7 @@ use super::attention;
 use super::cache::KvCache;
 use super::dequant::{dequantize, RawTensor};
 use super::matvec;
+use super::watch::{Tag, Watch};
 use crate::checkpoint::config::ModelConfig;
 use crate::checkpoint::inventory::SCALE_SUFFIXES;
 use anyhow::{anyhow, Result};
@@ -135,6 +136,7 @@ impl LayerWeights {
         bias: Option<&str>,
         residual: Option<&Tensor>,
         (gated, norm): (bool, Option<(&str, f32)>),
+        watch: Option<(Tensor, u32)>,
     ) -> Result<Tensor> {
         let segments = prefixes
             .iter()
@@ -157,6 +159,7 @@ impl LayerWeights {
             norm: norm
                 .map(|(name, eps)| Ok::<_, anyhow::Error>((self.vector(name, x.dtype())?, eps)))
                 .transpose()?,
+            watch,
         };
         Ok(matvec::apply(x, &op)?)
     }
@@ -229,17 +232,30 @@ impl Rope {
     }
 }
 
-/// Runs one decoder layer on `x` (`[batch, tokens, hidden]`) whose first token sits at
-/// position `offset`, storing its keys and values in `cache`; `mask` is [`causal_mask`] for
-/// more than one token, built once per pass.
+/// Where a layer runs in a pass: the position of the pass's first token, the causal mask
+/// (built once per pass for more than one token), and the watch with this layer's index.
+pub struct At<'a> {
+    /// Position of the first token.
+    pub offset: usize,
+    /// [`causal_mask`] for more than one token.
+    pub mask: Option<&'a Tensor>,
+    /// Checks the layer's output for NaN and infinity.
+    pub watch: &'a Watch,
+    /// The layer's index.
+    pub layer: usize,
+}
+
+/// Runs one decoder layer on `x` (`[batch, tokens, hidden]`), storing its keys and values in
+/// `cache`; its output is checked by the watch.
 pub fn decoder_layer(
     config: &ModelConfig,
     w: &LayerWeights,
     x: &Tensor,
     rope: &Rope,
     cache: &mut KvCache,
-    (offset, mask): (usize, Option<&Tensor>),
+    at: At<'_>,
 ) -> Result<Tensor> {
+    let (offset, mask, tag) = (at.offset, at.mask, Tag::Layer(at.layer));
     let (b, t, _) = x.dims3()?;
     let dtype = x.dtype();
     let eps = config.rms_norm_eps as f32;
@@ -254,7 +270,7 @@ pub fn decoder_layer(
     let fused = w.fusable(x)?;
     let qkv = if fused {
         let norm = Some(("input_layernorm.weight", eps));
-        w.fused(x, &QKV, Some(QKV_BIAS), None, (false, norm))?
+        w.fused(x, &QKV, Some(QKV_BIAS), None, (false, norm), None)?
     } else {
         let normed = candle_nn::ops::rms_norm(x, &w.vector("input_layernorm.weight", dtype)?, eps)?;
         let parts = QKV
@@ -291,15 +307,31 @@ pub fn decoder_layer(
             .reshape((b, t, heads * hd))?
     };
     let x = if fused {
-        w.fused(&attn, &["self_attn.o_proj"], None, Some(x), (false, None))?
+        w.fused(
+            &attn,
+            &["self_attn.o_proj"],
+            None,
+            Some(x),
+            (false, None),
+            None,
+        )?
     } else {
         (x + w.linear(&attn, "self_attn.o_proj", false)?)?
     };
 
     if fused {
         let norm = Some(("post_attention_layernorm.weight", eps));
-        let act = w.fused(&x, &MLP[..2], None, None, (true, norm))?;
-        return w.fused(&act, &MLP[2..], None, Some(&x), (false, None));
+        let act = w.fused(&x, &MLP[..2], None, None, (true, norm), None)?;
+        let down = |watch| w.fused(&act, &MLP[2..], None, Some(&x), (false, None), watch);
+        // On the GPU the kernel checks its own outputs; on the CPU they are scanned.
+        return match at.watch.word(tag) {
+            Some(word) => down(Some(word)),
+            None => {
+                let out = down(None)?;
+                at.watch.check(&out, tag)?;
+                Ok(out)
+            }
+        };
     }
     let normed = candle_nn::ops::rms_norm(
         &x,
@@ -309,7 +341,9 @@ pub fn decoder_layer(
     let gate = candle_nn::ops::silu(&w.linear(&normed, "mlp.gate_proj", false)?)?;
     let up = w.linear(&normed, "mlp.up_proj", false)?;
     let mlp = w.linear(&(gate * up)?, "mlp.down_proj", false)?;
-    Ok((x + mlp)?)
+    let out = (x + mlp)?;
+    at.watch.check(&out, tag)?;
+    Ok(out)
 }
 
 /// `[b, kv_heads, T, d]` -> `[b, kv_heads * n_rep, T, d]`, each kv head repeated for its
