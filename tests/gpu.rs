@@ -482,3 +482,41 @@ fn a_layer_that_makes_nan_is_named_on_the_gpu() {
         }
     }
 }
+
+/// Every float8 code through the tensor-core matvec, one code per output row (all of the
+/// row's weights, x all ones), so a code decoded wrongly, a subnormal flushed to zero
+/// included, shows as its own wrong output.
+#[test]
+fn fused_float8_matvec_decodes_every_code() {
+    use vibeoffload::engine::matvec::{self, FusedMatVec, Segment};
+    let n_in = 64;
+    // NaN codes (0x7f, 0xff) read as 480 on the tensor-core path: left out.
+    let code = |row: usize| if row & 0x7f == 0x7f { 0 } else { row as u8 };
+    let codes: Vec<u8> = (0..256 * n_in).map(|i| code(i / n_in)).collect();
+    let run = |device: &Device| -> Vec<f32> {
+        let op = FusedMatVec {
+            segments: vec![Segment {
+                bytes: Tensor::from_slice(&codes, codes.len(), device).unwrap(),
+                rows: 256,
+                scale: None,
+            }],
+            in_features: n_in,
+            bias: None,
+            residual: None,
+            gated: false,
+            norm: None,
+            resident_weights: false,
+            watch: None,
+        };
+        let x = Tensor::ones((1, n_in), DType::BF16, device).unwrap();
+        host_f32(&matvec::apply(&x, &op).unwrap())
+    };
+    let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
+    for (row, (a, b)) in cpu.iter().zip(&gpu).enumerate() {
+        assert!(
+            (a - b).abs() <= a.abs() / 128.0,
+            "code {row:#04x}: CPU {a}, GPU {b}"
+        );
+        assert_eq!(*a == 0.0, code(row) & 0x7f == 0, "code {row:#04x}: {a}");
+    }
+}

@@ -158,10 +158,13 @@ const DECODE_MODULE: &str = "vibeoffload_decode";
 /// intermediates near 1e5, residual channels near 3e4, large attention logits), so no value on
 /// the activation side is ever narrowed to f16. Every narrowing of the GPU path, and why it
 /// cannot overflow:
-/// - matvec weights: float8 E4M3 to bf16 is exact (3 mantissa bits, exponents 2^-9..2^8);
+/// - matvec weights: float8 E4M3 to bf16 is exact (3 mantissa bits, exponents 2^-9..2^8),
+///   held as value x 2^-120 (bits moved, no arithmetic);
 /// - matvec inputs: bf16 as stored, or normalised in f32 and rounded to bf16, whose range is
-///   f32's; products and sums in f32, the output rounded to bf16 (f32's range again). The
-///   sum of squares of the fused RMSNorm is f32: it overflows only for inputs past ~1e17;
+///   f32's, times 2^64 (exact; overflows only past 1.8e19, which the watch would report);
+///   products and sums in f32 at 2^-56 of their value (underflow only below 1e-21), the output
+///   rounded to bf16 (f32's range again). The sum of squares of the fused RMSNorm is f32: it
+///   overflows only for inputs past ~1e17;
 /// - silu(g) * u in f32: `exp(-g)` may become infinite for g < -88, and g / (1 + inf) is the
 ///   right limit, -0;
 /// - decode attention: q . k, the scores, their softmax (max subtracted first) and the
@@ -205,23 +208,32 @@ __device__ __forceinline__ void pdl_wait_previous() {
 }
 
 #if __CUDA_ARCH__ >= 800
-// Float8 E4M3 to bf16, exactly: every E4M3 value is a bf16 value. A code's bits moved into a
-// bf16's places read as its value times 2^-120 (subnormal codes as bf16 subnormals), and one
-// multiply by 2^120 (exact: the products are normal) restores it. NaN codes read as 480.
-__device__ __forceinline__ u32 times_2p120(u32 v) {
+// Float8 E4M3 to bf16 by moving bits, two codes per bf16x2: `prmt` puts each code in the low
+// byte of a 16-bit lane with its sign replicated above it, a shift and a mask leave sign,
+// exponent and mantissa where a bf16's go. That reads as the code's value times 2^-120, exactly
+// (subnormal codes become bf16 subnormals, which the tensor cores take as they are); the epilogue
+// undoes the factor (UNSCALE). NaN codes read as 480.
+__device__ __forceinline__ u32 f8_bf16(u32 w, u32 sel) {
+    u32 t;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(t) : "r"(w), "r"(0u), "r"(sel));
+    return (t << 4) & 0x87f087f0u;
+}
+
+// Bytes 0 and 2 of `w` (byte 0 in the low half); bytes 1 and 3.
+__device__ __forceinline__ u32 f8_even(u32 w) { return f8_bf16(w, 0xa280u); }
+__device__ __forceinline__ u32 f8_odd(u32 w) { return f8_bf16(w, 0xb391u); }
+
+// x enters the products times 2^64 (exact, a power of two) so that with the weights' 2^-120
+// the products sit at 2^-56 of their value: far from f32's underflow for any product above
+// 1e-21, and x overflows only past 1.8e19. The sum is multiplied back by 2^56.
+#define X_SCALE 18446744073709551616.0f
+#define X_SCALE_BF16X2 0x5f805f80u
+#define UNSCALE 72057594037927936.0f
+
+__device__ __forceinline__ u32 scale_x(u32 v) {
     u32 d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(0x7b807b80u), "r"(0x80008000u));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(X_SCALE_BF16X2), "r"(0x80008000u));
     return d;
-}
-
-// Bytes 0 and 2 of `w` as bf16x2 (byte 0 in the low half).
-__device__ __forceinline__ u32 f8_even(u32 w) {
-    return times_2p120(((w << 8) & 0x80008000u) | ((w << 4) & 0x07f007f0u));
-}
-
-// Bytes 1 and 3 of `w` as bf16x2 (byte 1 in the low half).
-__device__ __forceinline__ u32 f8_odd(u32 w) {
-    return times_2p120((w & 0x80008000u) | ((w >> 4) & 0x07f007f0u));
 }
 
 // Two f32 as bf16x2 (`lo` in the low half), rounded to nearest.
@@ -261,10 +273,10 @@ __device__ __forceinline__ void load8(u32* w, const u16* p) {
         : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
 }
 
-// The lane's 16 x values of row g (zero beyond the rows) as eight bf16x2, paired as `tile`
-// pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
-// RMS-normalised (times `inv`, the row's 1/rms, and the norm weight `nw`) in f32 first when
-// `nw` is given; otherwise x's own bf16 values, unchanged.
+// The lane's 16 x values of row g (zero beyond the rows) times X_SCALE as eight bf16x2, paired
+// as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
+// RMS-normalised (times `inv`, the row's 1/rms times X_SCALE, and the norm weight `nw`) in f32
+// first when `nw` is given; otherwise x's own bf16 values, scaled exactly.
 __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
                                        const u16* nw, float inv) {
     if (g < rows) {
@@ -289,8 +301,8 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
         } else {
             #pragma unroll
             for (int j = 0; j < 4; j++) {
-                xb[2 * j] = __byte_perm(w[2 * j], w[2 * j + 1], 0x5410);
-                xb[2 * j + 1] = __byte_perm(w[2 * j], w[2 * j + 1], 0x7632);
+                xb[2 * j] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410));
+                xb[2 * j + 1] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632));
             }
         }
     } else {
@@ -366,7 +378,7 @@ __device__ void matvec(
             if (lane == 0) inv_rms[warp] = rsqrtf(ss / (float)n_in + eps);
         }
         __syncthreads();
-        inv = g < rows ? inv_rms[g] : 0.f;
+        inv = g < rows ? inv_rms[g] * X_SCALE : 0.f;
     }
     for (int base = warp; base < steps; base += WARPS * U) {
         if (base != warp) load(base);
@@ -404,12 +416,12 @@ __device__ void matvec(
     int o = o0 + f, n_out = GATED ? n0 : n0 + n1 + n2;
     float v;
     if (GATED) {
-        float sg = m0 == 0 ? 1.f : s0[m0 == 1 ? 0 : o];
-        float su = m1 == 0 ? 1.f : s1[m1 == 1 ? 0 : o];
+        float sg = UNSCALE * (m0 == 0 ? 1.f : s0[m0 == 1 ? 0 : o]);
+        float su = UNSCALE * (m1 == 0 ? 1.f : s1[m1 == 1 ? 0 : o]);
         float gv = acc * sg;
         v = gv / (1.f + __expf(-gv)) * (accu * su);
     } else {
-        v = acc * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
+        v = acc * UNSCALE * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
         if (has_bias) v += bf16f(bias[o]);
     }
     if (has_res) v += bf16f(res[(long long)r * n_out + o]);
