@@ -6,6 +6,7 @@
 //! report (tables and JSON, in the binary).
 #![deny(missing_docs)]
 
+pub mod arch;
 pub mod checkpoint;
 pub mod dtype;
 pub mod engine;

@@ -14,10 +14,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::io::Write;
 use std::process::ExitCode;
-use vibeoffload::checkpoint::config::{BuiltinModel, ModelConfig};
-use vibeoffload::checkpoint::layout::{
-    Precision, ScaleConvention, ScaleGranularity, VibeVoiceParts,
-};
+use vibeoffload::arch::config::{BuiltinModel, ModelConfig};
+use vibeoffload::arch::vibevoice::VibeVoiceParts;
+use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{DeviceChoice, Engine, EngineOptions};

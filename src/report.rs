@@ -1,7 +1,7 @@
 //! What the commands report: serializable structs (the `--json` schema, documented in the
 //! README) and their rendering as tables. Nothing here prints.
 
-use crate::checkpoint::config::ModelConfig;
+use crate::arch::config::ModelConfig;
 use crate::checkpoint::inventory::{LayoutKind, Part, ScaleSummary};
 use crate::checkpoint::{ConfigSource, ModelInfo};
 use crate::gpu::GpuInfo;

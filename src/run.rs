@@ -472,7 +472,7 @@ mod bench_tests {
         BenchReport {
             schema: "vibeoffload.bench/1".into(),
             model: crate::report::ModelSummary::of(&crate::checkpoint::ModelInfo::builtin(
-                crate::checkpoint::config::BuiltinModel::Small1_5b,
+                crate::arch::config::BuiltinModel::Small1_5b,
                 crate::checkpoint::CheckpointDtype::Float8,
             )),
             device: "cpu".into(),

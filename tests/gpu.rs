@@ -7,10 +7,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
-use vibeoffload::checkpoint::config::ModelConfig;
-use vibeoffload::checkpoint::layout::{
-    Precision, ScaleConvention, ScaleGranularity, VibeVoiceParts,
-};
+use vibeoffload::arch::config::ModelConfig;
+use vibeoffload::arch::vibevoice::VibeVoiceParts;
+use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::ModelInfo;
 use vibeoffload::dtype::DType as Stored;

@@ -2,9 +2,10 @@
 //! float8 scales recognised in every known convention, and the model configuration checked
 //! against the shapes.
 
-use super::config::ModelConfig;
 use super::header::TensorInfo;
-use super::layout::{LAYER_TENSORS, LM_PREFIX};
+use crate::arch::config::ModelConfig;
+use crate::arch::qwen2::LayerTensor;
+use crate::arch::vibevoice::LM_PREFIX;
 use crate::dtype::DType;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
@@ -104,9 +105,39 @@ pub struct ScaleSummary {
     pub scaled_fp8_marker: bool,
 }
 
-/// The names a weight's scale may have, in the order they are looked up.
+/// The suffixes that replace a weight's `weight` in its scale's name, in the order they are
+/// looked up.
 pub const SCALE_SUFFIXES: [&str; 2] = ["scale_weight", "weight_scale"];
 const INPUT_SCALE_SUFFIXES: [&str; 2] = ["scale_input", "input_scale"];
+
+/// The names the float8 scale of weight `weight` (`...q_proj.weight`) may have, one per
+/// convention, in lookup order.
+pub fn scale_names(weight: &str) -> impl Iterator<Item = String> + '_ {
+    let stem = weight.strip_suffix("weight").unwrap_or(weight);
+    SCALE_SUFFIXES.iter().map(move |s| format!("{stem}{s}"))
+}
+
+/// What a decoder layer's tensor is, by its name relative to `layers.{i}.`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerEntry {
+    /// One of the layer's tensors.
+    Tensor(LayerTensor),
+    /// The float8 scale of one of its linear weights.
+    Scale(LayerTensor),
+    /// Anything else (activation scales).
+    Other,
+}
+
+/// Classifies a decoder layer's tensor by its relative name.
+pub fn layer_entry(rel: &str) -> LayerEntry {
+    if let Some(t) = LayerTensor::from_name(rel) {
+        return LayerEntry::Tensor(t);
+    }
+    LayerTensor::LINEARS
+        .into_iter()
+        .find(|t| scale_names(t.name()).any(|n| n == rel))
+        .map_or(LayerEntry::Other, LayerEntry::Scale)
+}
 
 /// A checkpoint's tensors, sorted into parts and checked for consistency.
 #[derive(Clone, Debug)]
@@ -176,6 +207,18 @@ impl Inventory {
             .iter()
             .filter(move |(_, p)| *p == part)
             .map(|(t, _)| t)
+    }
+
+    /// Decoder layer `layer`'s tensors, each with its name relative to `layers.{layer}.`.
+    pub fn layer_tensors(&self, layer: usize) -> impl Iterator<Item = (&str, &TensorInfo)> {
+        let prefix = self.layout.lm_prefix();
+        self.part_tensors(Part::Layer(layer))
+            .map(move |t| (relative_name(&t.name, prefix), t))
+    }
+
+    /// The float8 scale of the weight named `weight`, if it has one.
+    pub fn scale_of(&self, weight: &str) -> Option<&TensorInfo> {
+        scale_names(weight).find_map(|n| self.tensor(&n))
     }
 
     /// Bytes of one part.
@@ -248,10 +291,7 @@ impl Inventory {
                 self.num_layers()
             );
         }
-        let h = config.hidden_size as u64;
-        let q = (config.num_attention_heads * config.head_dim) as u64;
-        let kv = (config.num_key_value_heads * config.head_dim) as u64;
-        let i = config.intermediate_size as u64;
+        let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
         let v = config.vocab_size as u64;
         let mut expected: Vec<(String, Vec<u64>)> = vec![
             (format!("{p}embed_tokens.weight"), vec![v, h]),
@@ -265,19 +305,9 @@ impl Inventory {
             ),
             None => {}
         }
-        for rest in LAYER_TENSORS {
-            let shape = match rest {
-                "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
-                "self_attn.q_proj.weight" => vec![q, h],
-                "self_attn.q_proj.bias" => vec![q],
-                "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
-                "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
-                "self_attn.o_proj.weight" => vec![h, q],
-                "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
-                _ => vec![h, i],
-            };
+        for t in LayerTensor::ALL {
             // Layers were checked to match layer 0, so layer 0 speaks for all.
-            expected.push((format!("{p}layers.0.{rest}"), shape));
+            expected.push((format!("{p}layers.0.{}", t.name()), t.shape(config)));
         }
         for (name, shape) in expected {
             let t = self
@@ -331,17 +361,21 @@ fn classify(name: &str, lm_prefix: &str) -> Part {
         .map_or(Part::Other, |(_, part)| part)
 }
 
+/// A decoder-layer tensor's name after `{prefix}layers.{i}.`.
+fn relative_name<'a>(name: &'a str, prefix: &str) -> &'a str {
+    name[prefix.len()..]
+        .splitn(3, '.')
+        .nth(2)
+        .unwrap_or_default()
+}
+
 /// Checks every layer holds the same tensors (names relative to the layer, dtypes, shapes) and
-/// all of [`LAYER_TENSORS`]; returns each layer's bytes.
+/// all of [`LayerTensor::ALL`]; returns each layer's bytes.
 fn check_layers(tensors: &[(TensorInfo, Part)], prefix: &str) -> Result<Vec<u64>> {
     let mut layers: BTreeMap<usize, BTreeMap<String, &TensorInfo>> = BTreeMap::new();
     for (t, part) in tensors {
         if let Part::Layer(i) = part {
-            let rest = t.name[prefix.len()..]
-                .splitn(3, '.')
-                .nth(2)
-                .unwrap_or_default()
-                .to_string();
+            let rest = relative_name(&t.name, prefix).to_string();
             layers.entry(*i).or_default().insert(rest, t);
         }
     }
@@ -354,7 +388,7 @@ fn check_layers(tensors: &[(TensorInfo, Part)], prefix: &str) -> Result<Vec<u64>
         );
     }
     let reference = &layers[&0];
-    for rest in LAYER_TENSORS {
+    for rest in LayerTensor::ALL.map(LayerTensor::name) {
         if !reference.contains_key(rest) {
             bail!("decoder layer 0 lacks {rest} (tensor {prefix}layers.0.{rest})");
         }

@@ -7,11 +7,12 @@ pub mod inventory;
 pub mod layout;
 pub mod synth;
 
+use crate::arch::config::{BuiltinModel, ModelConfig};
+use crate::arch::vibevoice::VibeVoiceParts;
 use anyhow::{anyhow, bail, Context, Result};
-use config::{BuiltinModel, ModelConfig};
 use header::{Header, TensorInfo};
 use inventory::Inventory;
-use layout::{Precision, VibeVoiceParts};
+use layout::Precision;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use std::fs::File;

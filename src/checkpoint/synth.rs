@@ -2,9 +2,11 @@
 //! `config.json`. Data is generated and written in chunks, so a 9 GB file needs a few MB of
 //! memory; both files are written under temporary names and renamed when complete.
 
-use super::config::ModelConfig;
 use super::header;
-use super::layout::{self, Precision, Role, TensorSpec, VibeVoiceParts};
+use super::layout::{self, Precision, TensorSpec};
+use crate::arch::config::ModelConfig;
+use crate::arch::vibevoice::VibeVoiceParts;
+use crate::arch::Role;
 use crate::dtype::{f32_to_bf16_bits, f32_to_f8e4m3, DType, F8E4M3_MAX};
 use crate::UsageError;
 use anyhow::{bail, Context, Result};

@@ -234,11 +234,12 @@ mod tests {
         let (b, heads, kv, d, max, pos) = (2, 4, 2, 8, 10, 5);
         let (qkv, table, cos, sin) =
             crate::engine::cache::tests::qkv_and_rope((b, 1, heads, kv, d, max));
-        let mut cache = crate::engine::cache::KvCache::new(max);
+        let config = crate::engine::cache::tests::config(heads, kv, d);
+        let mut cache = crate::engine::cache::KvCache::new(&config, max);
         // Earlier positions hold something too.
         let (early, ..) = crate::engine::cache::tests::qkv_and_rope((b, pos, heads, kv, d, max));
-        cache.store(&early, &table, (heads, kv, d), 0).unwrap();
-        let (k, v) = cache.store(&qkv, &table, (heads, kv, d), pos).unwrap();
+        cache.store(&early, &table, 0).unwrap();
+        let (k, v) = cache.store(&qkv, &table, pos).unwrap();
         let fused = attend_qkv(&qkv, &k, &v, (heads, kv, d), &table, pos).unwrap();
         let q = qkv
             .narrow(2, 0, heads * d)

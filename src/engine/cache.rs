@@ -4,6 +4,8 @@
 //! rotated (RoPE) on the way, so decoding spends one launch here.
 
 use super::dequant::cpu_activations;
+use crate::arch::config::ModelConfig;
+use crate::plan::memory;
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
 
 /// Stores `t` new positions' keys (rotated) and values from a q/k/v row `[b, t, (heads + 2 x
@@ -125,15 +127,18 @@ impl InplaceOp3 for StoreKv {
 #[derive(Debug)]
 pub struct KvCache {
     buffer: Option<Tensor>,
+    config: ModelConfig,
     max_len: usize,
 }
 
 impl KvCache {
-    /// An empty cache for up to `max_len` positions (allocated on first use and kept: the
+    /// An empty cache of a layer of `config` for up to `max_len` positions (allocated on
+    /// first use, shaped by `plan::memory::kv_cache_shape` as the estimate is, and kept: the
     /// engine's position says how much of it is filled).
-    pub fn new(max_len: usize) -> KvCache {
+    pub fn new(config: &ModelConfig, max_len: usize) -> KvCache {
         KvCache {
             buffer: None,
+            config: config.clone(),
             max_len,
         }
     }
@@ -145,9 +150,11 @@ impl KvCache {
         &mut self,
         qkv: &Tensor,
         rope_table: &Tensor,
-        (heads, kv_heads, head_dim): (usize, usize, usize),
         pos: usize,
     ) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let (heads, kv_heads, head_dim) =
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (b, t, _) = qkv.dims3()?;
         if pos + t > self.max_len {
             candle_core::bail!(
@@ -156,7 +163,8 @@ impl KvCache {
                 pos + t
             );
         }
-        let shape = candle_core::Shape::from((2, b, kv_heads, self.max_len, head_dim));
+        let shape =
+            candle_core::Shape::from(&memory::kv_cache_shape(&self.config, b, self.max_len));
         let buffer = match &self.buffer {
             Some(buf) if buf.shape() == &shape => buf.clone(),
             _ => {
@@ -223,13 +231,29 @@ pub(crate) mod tests {
             .unwrap()
     }
 
+    /// A configuration with these attention dimensions (the rest does not matter here).
+    pub(crate) fn config(heads: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
+        ModelConfig {
+            hidden_size: heads * head_dim,
+            intermediate_size: 1,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            num_hidden_layers: 1,
+            vocab_size: 1,
+            rope_theta: 1e4,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: false,
+        }
+    }
+
     #[test]
     fn stores_rotated_keys_and_values_at_the_position() {
         let (b, t, heads, kv, d, max) = (2, 3, 4, 2, 8, 10);
         let (qkv, table, cos, sin) = qkv_and_rope((b, t, heads, kv, d, max));
-        let mut cache = KvCache::new(max);
+        let mut cache = KvCache::new(&config(heads, kv, d), max);
         let pos = 4;
-        let (k, v) = cache.store(&qkv, &table, (heads, kv, d), pos).unwrap();
+        let (k, v) = cache.store(&qkv, &table, pos).unwrap();
         assert_eq!(k.dims(), [b, kv, pos + t, d]);
         assert_eq!(cache.bytes(), (2 * b * kv * max * d * 4) as u64);
         let part = |start: usize| {

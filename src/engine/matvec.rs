@@ -199,26 +199,6 @@ pub fn apply(x: &Tensor, op: &FusedMatVec) -> Result<Tensor> {
     x2.apply_op1_no_bwd(op)?.reshape(out_dims)
 }
 
-/// `x @ w^T` (times the decoded `scale`) by the fused path; `x` is `[..., in]`; `resident`
-/// as in [`FusedMatVec::resident_weights`].
-pub fn linear(x: &Tensor, w: &RawTensor, scale: Option<&Tensor>, resident: bool) -> Result<Tensor> {
-    let op = FusedMatVec {
-        segments: vec![Segment {
-            bytes: w.bytes.clone(),
-            rows: w.shape[0],
-            scale: scale.map(|s| s.flatten_all()).transpose()?,
-        }],
-        in_features: w.shape[1],
-        bias: None,
-        residual: None,
-        gated: false,
-        norm: None,
-        resident_weights: resident,
-        watch: None,
-    };
-    apply(x, &op)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,7 +243,21 @@ mod tests {
             .unwrap();
         let scale = Tensor::arange(1f32, (n_out + 1) as f32, &Device::Cpu).unwrap();
         for s in [None, Some(&scale)] {
-            let fused = linear(&x, &w, s, false).unwrap();
+            let op = FusedMatVec {
+                segments: vec![Segment {
+                    bytes: w.bytes.clone(),
+                    rows: n_out,
+                    scale: s.cloned(),
+                }],
+                in_features: n_in,
+                bias: None,
+                residual: None,
+                gated: false,
+                norm: None,
+                resident_weights: false,
+                watch: None,
+            };
+            let fused = apply(&x, &op).unwrap();
             let mut full = dense(&w);
             if let Some(s) = s {
                 full = full.broadcast_mul(&s.reshape((n_out, 1)).unwrap()).unwrap();

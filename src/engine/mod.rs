@@ -9,25 +9,26 @@ pub mod matvec;
 pub mod model;
 pub mod streamer;
 pub mod watch;
+pub mod weights;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
 use crate::checkpoint::header::TensorInfo;
-use crate::checkpoint::inventory::{Part, SCALE_SUFFIXES};
 use crate::checkpoint::ModelInfo;
 use crate::plan::{memory, Placement};
 use anyhow::{anyhow, bail, Context, Result};
 use cache::KvCache;
 use candle_core::{DType, Device, Tensor};
 use dequant::{dequantize, RawTensor};
-use model::{LayerWeights, Rope};
+use model::Rope;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use streamer::{HostBytes, HostLayer, LayerStreamer, PackedTensor, Residency, Slots};
 use watch::{Tag, Watch};
+use weights::{Decoded, LayerWeights, Linear};
 
 pub use streamer::TransferStats;
 
@@ -79,8 +80,8 @@ pub struct Engine {
     info: ModelInfo,
     device: Device,
     dtype: DType,
-    norm: RawTensor,
-    head: (RawTensor, Option<RawTensor>),
+    norm: Tensor,
+    head: Linear,
     embed: TensorInfo,
     rope: Rope,
     streamer: LayerStreamer,
@@ -177,78 +178,70 @@ impl Engine {
             upload_ms.set(upload_ms.get() + ms_since(started));
             Ok(raw)
         };
-        let prefix = format!("{}layers.", inventory.layout.lm_prefix());
-        let rest = |t: &TensorInfo, layer: usize| {
-            t.name[prefix.len() + layer.to_string().len() + 1..].to_string()
-        };
-
         let resident = options.placement.resident(num_layers, options.gpu_layers);
         let mut layers = Vec::with_capacity(num_layers);
         let mut host = Vec::new();
         let mut device_weight_bytes = 0;
         for (i, &is_resident) in resident.iter().enumerate() {
-            let tensors: Vec<&TensorInfo> = inventory.part_tensors(Part::Layer(i)).collect();
+            let tensors: Vec<(&str, &TensorInfo)> = inventory.layer_tensors(i).collect();
             if is_resident {
-                let mut weights = LayerWeights {
-                    resident: true,
-                    ..LayerWeights::default()
-                };
-                for t in &tensors {
-                    weights.tensors.insert(rest(t, i), upload(t)?);
+                let mut raw = HashMap::new();
+                for &(rel, t) in &tensors {
+                    raw.insert(rel.to_string(), upload(t)?);
                     device_weight_bytes += t.size_bytes();
                 }
-                weights.vectors = Arc::new(LayerWeights::decode_vectors(&weights.tensors, dtype)?);
-                layers.push(Residency::Resident(weights));
+                let decoded = Decoded::new(&raw, dtype)?;
+                let weights = LayerWeights::new(&raw, &decoded, true)?;
+                layers.push(Residency::Resident(Box::new(weights)));
             } else {
-                let (offsets, size) = memory::packed_layout(tensors.iter().copied());
+                let (offsets, size) = memory::packed_layout(tensors.iter().map(|(_, t)| *t));
                 let pin_started = Instant::now();
                 let mut bytes = host_buffer(&device, size as usize, options.pin_memory)?;
                 timings.pin_ms += ms_since(pin_started);
                 let read_started = Instant::now();
                 let mut packed = Vec::with_capacity(tensors.len());
-                for (t, &offset) in tensors.iter().zip(&offsets) {
+                for (&(rel, t), &offset) in tensors.iter().zip(&offsets) {
                     let data = checkpoint.data(t);
                     bytes.as_mut_slice()[offset as usize..offset as usize + data.len()]
                         .copy_from_slice(data);
                     packed.push(PackedTensor {
-                        name: rest(t, i),
+                        name: rel.to_string(),
                         dtype: t.dtype,
-                        shape: t.shape.iter().map(|&d| d as usize).collect(),
+                        shape: dims(t),
                         offset: offset as usize,
                         len: data.len(),
                     });
                 }
                 timings.read_ms += ms_since(read_started);
-                let vectors = tensors
+                let small = tensors
                     .iter()
-                    .filter(|t| model::decoded_once(&rest(t, i), &dims(t)))
-                    .map(|t| Ok((rest(t, i), upload(t)?)))
+                    .filter(|(rel, _)| memory::decoded_copies(rel).is_some())
+                    .map(|&(rel, t)| Ok((rel.to_string(), upload(t)?)))
                     .collect::<Result<HashMap<_, _>>>()?;
                 layers.push(Residency::Streamed(host.len()));
                 host.push(HostLayer {
                     layer: i,
                     tensors: packed,
                     bytes: bytes.into_host_bytes(),
-                    vectors: Arc::new(LayerWeights::decode_vectors(&vectors, dtype)?),
+                    decoded: Arc::new(Decoded::new(&small, dtype)?),
                 });
             }
             progress(i + 1, num_layers);
         }
-        let slot_count = options.slots.min(host.len());
-        let slot_bytes = host
+        let packed_sizes: Vec<u64> = host
             .iter()
-            .map(|h| h.bytes.as_slice().len())
-            .max()
-            .unwrap_or(0);
-        let slots = make_slots(&device, slot_count, slot_bytes)?;
+            .map(|h| h.bytes.as_slice().len() as u64)
+            .collect();
+        let (slot_count, slot_bytes) = memory::stream_slots(options.slots, &packed_sizes);
+        let slots = make_slots(&device, slot_count, slot_bytes as usize)?;
         let streamer = LayerStreamer::new(layers, host, slots, options.prefetch_depth)?;
-        device_weight_bytes += (slot_count * slot_bytes) as u64;
+        device_weight_bytes += slot_count as u64 * slot_bytes;
 
         let lm = inventory.layout.lm_prefix();
         let norm_info = inventory
             .tensor(&format!("{lm}norm.weight"))
             .ok_or_else(|| anyhow!("no final norm"))?;
-        let norm = upload(norm_info)?;
+        let norm = dequantize(&upload(norm_info)?, None, dtype)?;
         let embed = inventory
             .tensor(&format!("{lm}embed_tokens.weight"))
             .ok_or_else(|| anyhow!("no embedding"))?
@@ -261,19 +254,22 @@ impl Engine {
         let head_info = inventory
             .tensor(&head_name)
             .ok_or_else(|| anyhow!("no {head_name}"))?;
-        let head_scale = SCALE_SUFFIXES.iter().find_map(|s| {
-            inventory.tensor(&format!(
-                "{}{s}",
-                head_name.strip_suffix("weight").unwrap_or(&head_name)
-            ))
-        });
-        let head = (upload(head_info)?, head_scale.map(upload).transpose()?);
+        let head_scale = inventory.scale_of(&head_name);
+        let scale = head_scale.map(upload).transpose()?;
+        let head = Linear {
+            weight: upload(head_info)?,
+            scale_f32: scale
+                .as_ref()
+                .map(|s| dequantize(s, None, DType::F32)?.flatten_all())
+                .transpose()?,
+            scale,
+        };
         device_weight_bytes += norm_info.size_bytes()
             + head_info.size_bytes()
             + head_scale.map_or(0, |s| s.size_bytes());
         let rope = Rope::new(&info.config, options.max_seq_len, dtype, &device)?;
         let caches = (0..num_layers)
-            .map(|_| KvCache::new(options.max_seq_len))
+            .map(|_| KvCache::new(&info.config, options.max_seq_len))
             .collect();
         device.synchronize()?;
         timings.upload_ms = upload_ms.get();
@@ -395,9 +391,9 @@ impl Engine {
         let logits = match hidden.rank() {
             1 => {
                 let x = hidden.unsqueeze(0)?;
-                model::lm_head(&x, &self.head.0, self.head.1.as_ref(), rows)?.squeeze(0)?
+                model::lm_head(&x, &self.head, rows)?.squeeze(0)?
             }
-            _ => model::lm_head(hidden, &self.head.0, self.head.1.as_ref(), rows)?,
+            _ => model::lm_head(hidden, &self.head, rows)?,
         };
         self.watch.check(&logits, Tag::LmHead)?;
         self.take_watch()?;

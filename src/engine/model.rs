@@ -7,183 +7,67 @@ use super::cache::KvCache;
 use super::dequant::{dequantize, RawTensor};
 use super::matvec;
 use super::watch::{Tag, Watch};
-use crate::checkpoint::config::ModelConfig;
-use crate::checkpoint::inventory::SCALE_SUFFIXES;
-use anyhow::{anyhow, Result};
+use super::weights::{LayerWeights, Linear};
+use crate::arch::config::ModelConfig;
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
-use std::collections::HashMap;
-use std::sync::Arc;
 
-const QKV: [&str; 3] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
-const QKV_BIAS: &str = "self_attn.qkv_proj.bias";
-const MLP: [&str; 3] = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
-
-/// Whether a layer tensor is decoded once at load and kept on the device: its vectors (norm
-/// weights, biases) and its float8 scales.
-pub fn decoded_once(name: &str, shape: &[usize]) -> bool {
-    shape.len() == 1 || is_scale(name)
+/// What a fused launch does beyond multiplying x by its weights (see
+/// [`matvec::FusedMatVec`]).
+#[derive(Default)]
+struct Fuse<'a> {
+    bias: Option<&'a Tensor>,
+    residual: Option<&'a Tensor>,
+    gated: bool,
+    norm: Option<(&'a Tensor, f32)>,
+    watch: Option<(Tensor, u32)>,
 }
 
-fn is_scale(name: &str) -> bool {
-    SCALE_SUFFIXES.iter().any(|s| name.ends_with(s))
-}
-
-/// One decoder layer's tensors, by name relative to `layers.{i}.`.
-#[derive(Clone, Debug, Default)]
-pub struct LayerWeights {
-    /// Raw tensors.
-    pub tensors: HashMap<String, RawTensor>,
-    /// Its vectors (norm weights, biases) decoded once at load in the compute dtype, and its
-    /// float8 scales in f32, kept on the device: a few KB that would otherwise cost a decode
-    /// per use.
-    pub vectors: Arc<HashMap<String, Tensor>>,
-    /// The weights stay where they are while the engine lives (a resident layer, not a
-    /// streaming slot), so a kernel may start reading them before the kernel before it ends.
-    pub resident: bool,
-}
-
-impl LayerWeights {
-    fn raw(&self, name: &str) -> Result<&RawTensor> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("decoder layer has no tensor {name}"))
-    }
-
-    /// A vector (norm weight, bias) in `dtype`.
-    fn vector(&self, name: &str, dtype: DType) -> Result<Tensor> {
-        match self.vectors.get(name) {
-            Some(v) if v.dtype() == dtype => Ok(v.clone()),
-            _ if name == QKV_BIAS => {
-                let parts = QKV
-                    .iter()
-                    .map(|p| self.vector(&format!("{p}.bias"), dtype))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&parts, 0)?)
-            }
-            _ => Ok(dequantize(self.raw(name)?, None, dtype)?),
-        }
-    }
-
-    /// Decodes this layer's vectors (1-D tensors) into `dtype`, for [`LayerWeights::vectors`],
-    /// plus the q, k and v biases side by side (`self_attn.qkv_proj.bias`) for the fused
-    /// projection.
-    pub fn decode_vectors(
-        tensors: &HashMap<String, RawTensor>,
-        dtype: DType,
-    ) -> Result<HashMap<String, Tensor>> {
-        let mut vectors = tensors
-            .iter()
-            .filter(|(name, t)| decoded_once(name, &t.shape))
-            .map(|(name, t)| {
-                // Scales stay f32, as the kernels read them; norms and biases take the
-                // activations' dtype.
-                let decoded = if is_scale(name) {
-                    dequantize(t, None, DType::F32)?.flatten_all()?
-                } else {
-                    dequantize(t, None, dtype)?
-                };
-                Ok((name.clone(), decoded))
-            })
-            .collect::<Result<HashMap<_, _>>>()?;
-        let qkv: Option<Vec<Tensor>> = QKV
-            .iter()
-            .map(|p| vectors.get(&format!("{p}.bias")).cloned())
-            .collect();
-        if let Some(parts) = qkv {
-            vectors.insert(QKV_BIAS.into(), Tensor::cat(&parts, 0)?);
-        }
-        Ok(vectors)
-    }
-
-    /// The f32 scale of projection `prefix`, decoded at load when it was (see
-    /// [`LayerWeights::vectors`]), else now.
-    fn decoded_scale(&self, prefix: &str) -> Result<Option<Tensor>> {
-        for suffix in SCALE_SUFFIXES {
-            let name = format!("{prefix}.{suffix}");
-            if let Some(t) = self.vectors.get(&name) {
-                return Ok(Some(t.clone()));
-            }
-            if let Some(raw) = self.tensors.get(&name) {
-                return Ok(Some(dequantize(raw, None, DType::F32)?.flatten_all()?));
-            }
-        }
-        Ok(None)
-    }
-
-    fn scale(&self, prefix: &str) -> Option<&RawTensor> {
-        SCALE_SUFFIXES
-            .iter()
-            .find_map(|s| self.tensors.get(&format!("{prefix}.{s}")))
-    }
-
-    /// Whether every projection of this layer can take the fused decode path for `x`.
-    fn fusable(&self, x: &Tensor) -> Result<bool> {
-        for prefix in QKV.iter().chain(&["self_attn.o_proj"]).chain(&MLP) {
-            let w = self.raw(&format!("{prefix}.weight"))?;
-            if !matvec::applies(x, w, self.scale(prefix))? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// One fused launch over the projections `prefixes` (see [`matvec::FusedMatVec`]), x
-    /// RMS-normalised first by the norm weight named `norm` when given.
-    fn fused(
-        &self,
-        x: &Tensor,
-        prefixes: &[&str],
-        bias: Option<&str>,
-        residual: Option<&Tensor>,
-        (gated, norm): (bool, Option<(&str, f32)>),
-        watch: Option<(Tensor, u32)>,
-    ) -> Result<Tensor> {
-        let segments = prefixes
-            .iter()
-            .map(|p| {
-                let w = self.raw(&format!("{p}.weight"))?;
-                Ok(matvec::Segment {
-                    bytes: w.bytes.clone(),
-                    rows: w.shape[0],
-                    scale: self.decoded_scale(p)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let op = matvec::FusedMatVec {
-            segments,
-            in_features: x.dim(D::Minus1)?,
-            bias: bias.map(|b| self.vector(b, x.dtype())).transpose()?,
-            residual: residual.map(|r| r.contiguous()).transpose()?,
-            gated,
-            resident_weights: self.resident,
-            norm: norm
-                .map(|(name, eps)| Ok::<_, anyhow::Error>((self.vector(name, x.dtype())?, eps)))
-                .transpose()?,
-            watch,
-        };
-        Ok(matvec::apply(x, &op)?)
-    }
-
-    /// `x @ W^T (+ b)` for the linear layer `prefix` (`self_attn.q_proj`), decoding W with
-    /// its scale, if it has one.
-    fn linear(&self, x: &Tensor, prefix: &str, bias: bool) -> Result<Tensor> {
-        let weight = self.raw(&format!("{prefix}.weight"))?;
-        let scale = SCALE_SUFFIXES
-            .iter()
-            .find_map(|s| self.tensors.get(&format!("{prefix}.{s}")));
-        let y = if matvec::applies(x, weight, scale)? {
-            let scale = scale.map(|s| dequantize(s, None, DType::F32)).transpose()?;
-            matvec::linear(x, weight, scale.as_ref(), self.resident)?
-        } else {
-            let w = dequantize(weight, scale, x.dtype())?;
-            x.broadcast_matmul(&w.t()?)?
-        };
-        Ok(if bias {
-            y.broadcast_add(&self.vector(&format!("{prefix}.bias"), x.dtype())?)?
-        } else {
-            y
+/// One fused launch over `linears` (float8 weights of one input width).
+fn fused(x: &Tensor, linears: &[&Linear], resident: bool, fuse: Fuse<'_>) -> Result<Tensor> {
+    let segments = linears
+        .iter()
+        .map(|l| matvec::Segment {
+            bytes: l.weight.bytes.clone(),
+            rows: l.weight.shape[0],
+            scale: l.scale_f32.clone(),
         })
+        .collect();
+    let op = matvec::FusedMatVec {
+        segments,
+        in_features: x.dim(D::Minus1)?,
+        bias: fuse.bias.cloned(),
+        residual: fuse.residual.map(|r| r.contiguous()).transpose()?,
+        gated: fuse.gated,
+        resident_weights: resident,
+        norm: fuse.norm.map(|(w, eps)| (w.clone(), eps)),
+        watch: fuse.watch,
+    };
+    Ok(matvec::apply(x, &op)?)
+}
+
+/// `x @ W^T (+ b)`: by the fused path where it applies, else decoding W with its scale.
+fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> Result<Tensor> {
+    let y = if matvec::applies(x, &l.weight, l.scale.as_ref())? {
+        fused(x, &[l], resident, Fuse::default())?
+    } else {
+        let w = dequantize(&l.weight, l.scale.as_ref(), x.dtype())?;
+        x.broadcast_matmul(&w.t()?)?
+    };
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// Whether every projection of layer `w` can take the fused decode path for `x`.
+fn fusable(w: &LayerWeights, x: &Tensor) -> Result<bool> {
+    for l in [&w.q, &w.k, &w.v, &w.o, &w.gate, &w.up, &w.down] {
+        if !matvec::applies(x, &l.weight, l.scale.as_ref())? {
+            return Ok(false);
+        }
     }
+    Ok(true)
 }
 
 /// Rotary embedding tables, built once for the longest sequence and sliced per step.
@@ -267,19 +151,24 @@ pub fn decoder_layer(
     let dims = (heads, kv_heads, hd);
 
     // Decoding a few rows: every projection in a handful of fused launches, the norms inside.
-    let fused = w.fusable(x)?;
-    let qkv = if fused {
-        let norm = Some(("input_layernorm.weight", eps));
-        w.fused(x, &QKV, Some(QKV_BIAS), None, (false, norm), None)?
+    let is_fused = fusable(w, x)?;
+    let resident = w.resident;
+    let qkv = if is_fused {
+        let fuse = Fuse {
+            bias: Some(&w.qkv_bias),
+            norm: Some((&w.input_norm, eps)),
+            ..Fuse::default()
+        };
+        fused(x, &[&w.q, &w.k, &w.v], resident, fuse)?
     } else {
-        let normed = candle_nn::ops::rms_norm(x, &w.vector("input_layernorm.weight", dtype)?, eps)?;
-        let parts = QKV
-            .iter()
-            .map(|p| w.linear(&normed, p, true))
+        let normed = candle_nn::ops::rms_norm(x, &w.input_norm, eps)?;
+        let parts = [(&w.q, &w.q_bias), (&w.k, &w.k_bias), (&w.v, &w.v_bias)]
+            .map(|(l, b)| linear(&normed, l, Some(b), resident))
+            .into_iter()
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, D::Minus1)?
     };
-    let (k, v) = cache.store(&qkv, &rope.table, dims, offset)?;
+    let (k, v) = cache.store(&qkv, &rope.table, offset)?;
     let attn = if attention::applies(t, k.dim(2)?, hd) {
         attention::attend_qkv(&qkv, &k, &v, dims, &rope.table, offset)?.reshape((
             b,
@@ -306,23 +195,31 @@ pub fn decoder_layer(
             .transpose(1, 2)?
             .reshape((b, t, heads * hd))?
     };
-    let x = if fused {
-        w.fused(
-            &attn,
-            &["self_attn.o_proj"],
-            None,
-            Some(x),
-            (false, None),
-            None,
-        )?
+    let x = if is_fused {
+        let fuse = Fuse {
+            residual: Some(x),
+            ..Fuse::default()
+        };
+        fused(&attn, &[&w.o], resident, fuse)?
     } else {
-        (x + w.linear(&attn, "self_attn.o_proj", false)?)?
+        (x + linear(&attn, &w.o, None, resident)?)?
     };
 
-    if fused {
-        let norm = Some(("post_attention_layernorm.weight", eps));
-        let act = w.fused(&x, &MLP[..2], None, None, (true, norm), None)?;
-        let down = |watch| w.fused(&act, &MLP[2..], None, Some(&x), (false, None), watch);
+    if is_fused {
+        let fuse = Fuse {
+            gated: true,
+            norm: Some((&w.post_norm, eps)),
+            ..Fuse::default()
+        };
+        let act = fused(&x, &[&w.gate, &w.up], resident, fuse)?;
+        let down = |watch| {
+            let fuse = Fuse {
+                residual: Some(&x),
+                watch,
+                ..Fuse::default()
+            };
+            fused(&act, &[&w.down], resident, fuse)
+        };
         // On the GPU the kernel checks its own outputs; on the CPU they are scanned.
         return match at.watch.word(tag) {
             Some(word) => down(Some(word)),
@@ -333,14 +230,10 @@ pub fn decoder_layer(
             }
         };
     }
-    let normed = candle_nn::ops::rms_norm(
-        &x,
-        &w.vector("post_attention_layernorm.weight", dtype)?,
-        eps,
-    )?;
-    let gate = candle_nn::ops::silu(&w.linear(&normed, "mlp.gate_proj", false)?)?;
-    let up = w.linear(&normed, "mlp.up_proj", false)?;
-    let mlp = w.linear(&(gate * up)?, "mlp.down_proj", false)?;
+    let normed = candle_nn::ops::rms_norm(&x, &w.post_norm, eps)?;
+    let gate = candle_nn::ops::silu(&linear(&normed, &w.gate, None, resident)?)?;
+    let up = linear(&normed, &w.up, None, resident)?;
+    let mlp = linear(&(gate * up)?, &w.down, None, resident)?;
     let out = (x + mlp)?;
     at.watch.check(&out, tag)?;
     Ok(out)
@@ -375,24 +268,19 @@ pub fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, (t, total), device)?)
 }
 
-/// RMSNorm with a raw weight, for the final norm.
-pub fn rms_norm(x: &Tensor, weight: &RawTensor, eps: f64) -> Result<Tensor> {
-    let w = dequantize(weight, None, x.dtype())?;
-    Ok(candle_nn::ops::rms_norm(x, &w, eps as f32)?)
+/// RMSNorm, for the final norm.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?)
 }
 
 /// Logits: `x @ head^T`, by the fused float8 path for a few rows, else decoding the head
 /// `rows_per_chunk` rows at a time so the bf16 copy never exceeds one chunk.
-pub fn lm_head(
-    x: &Tensor,
-    head: &RawTensor,
-    scale: Option<&RawTensor>,
-    rows_per_chunk: usize,
-) -> Result<Tensor> {
-    if matvec::applies(x, head, scale)? {
-        let scale = scale.map(|s| dequantize(s, None, DType::F32)).transpose()?;
-        return Ok(matvec::linear(x, head, scale.as_ref(), true)?.to_dtype(DType::F32)?);
+pub fn lm_head(x: &Tensor, head: &Linear, rows_per_chunk: usize) -> Result<Tensor> {
+    let scale = head.scale.as_ref();
+    if matvec::applies(x, &head.weight, scale)? {
+        return Ok(fused(x, &[head], true, Fuse::default())?.to_dtype(DType::F32)?);
     }
+    let head = &head.weight;
     let rows = head.shape[0];
     let cols = head.shape[1];
     let row_bytes = cols * head.dtype.size_bytes() as usize;

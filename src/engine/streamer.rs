@@ -14,7 +14,7 @@
 //! 4. With no more offloaded layers than slots, each slot keeps its layer: copied once.
 
 use super::dequant::RawTensor;
-use super::model::LayerWeights;
+use super::weights::{Decoded, LayerWeights};
 use crate::dtype::DType;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -65,14 +65,14 @@ pub struct HostLayer {
     pub tensors: Vec<PackedTensor>,
     /// The packed bytes.
     pub bytes: HostBytes,
-    /// Its vectors, decoded and resident on the device (see [`LayerWeights::vectors`]).
-    pub vectors: std::sync::Arc<HashMap<String, Tensor>>,
+    /// What was decoded of it at load, resident on the device.
+    pub decoded: std::sync::Arc<Decoded>,
 }
 
 /// Where each layer's weights are.
 pub enum Residency {
     /// On the device for the whole run.
-    Resident(LayerWeights),
+    Resident(Box<LayerWeights>),
     /// In host memory: index into the host layers.
     Streamed(usize),
 }
@@ -286,7 +286,7 @@ impl LayerStreamer {
     /// The weights of decoder layer `layer`. Streamed layers must be asked for in order.
     pub fn acquire(&mut self, layer: usize) -> Result<LayerWeights> {
         let index = match &self.layers[layer] {
-            Residency::Resident(w) => return Ok(w.clone()),
+            Residency::Resident(w) => return Ok((**w).clone()),
             Residency::Streamed(i) => *i,
         };
         let u = self.next_use;
@@ -318,11 +318,7 @@ impl LayerStreamer {
                 ))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        Ok(LayerWeights {
-            tensors,
-            vectors: host.vectors.clone(),
-            resident: false,
-        })
+        LayerWeights::new(&tensors, &host.decoded, false)
     }
 
     /// Says the compute that reads layer `layer`'s weights has been issued.

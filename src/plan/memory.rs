@@ -8,9 +8,10 @@
 //! above the measurements at batch 1 and 143-185 MiB at batch 4, inside the 256 MiB allowance,
 //! so the constants stand; RESULTS.md has the runs.
 
-use crate::checkpoint::config::ModelConfig;
+use crate::arch::config::ModelConfig;
+use crate::arch::Role;
 use crate::checkpoint::header::TensorInfo;
-use crate::checkpoint::inventory::{Inventory, Part, SCALE_SUFFIXES};
+use crate::checkpoint::inventory::{layer_entry, Inventory, LayerEntry, Part};
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
 
@@ -71,31 +72,56 @@ pub fn packed_layer_bytes_of(inventory: &Inventory, layer: usize) -> u64 {
     packed_layer_bytes(inventory.part_tensors(Part::Layer(layer)))
 }
 
-/// Every decoder layer's vectors (norm weights, biases) decoded to bf16 and its float8 scales
-/// decoded to f32, kept on the device, streamed layers included, with the q, k and v biases
-/// held a second time side by side for the fused projection
-/// (engine::model::LayerWeights::vectors).
+/// Whether the engine decodes a decoder layer's tensor once at load and keeps it on the
+/// device, streamed layers included (engine::model::Decoded): norm weights and biases in the
+/// activations' dtype, float8 scales in f32; and how many copies (the q, k and v biases are
+/// held a second time side by side for the fused projection).
+pub fn decoded_copies(rel: &str) -> Option<(u64, u64)> {
+    match layer_entry(rel) {
+        LayerEntry::Tensor(t) => match t.role() {
+            Role::Norm => Some((1, ACTIVATION_BYTES)),
+            Role::Bias => Some((2, ACTIVATION_BYTES)),
+            _ => None,
+        },
+        LayerEntry::Scale(_) => Some((1, SCALE_BYTES)),
+        LayerEntry::Other => None,
+    }
+}
+
+/// Device bytes of every decoder layer's tensors decoded once at load ([`decoded_copies`]).
 pub fn decoded_vector_bytes(inventory: &Inventory) -> u64 {
     (0..inventory.num_layers())
-        .flat_map(|i| inventory.part_tensors(Part::Layer(i)))
-        .map(|t| {
-            let scale = SCALE_SUFFIXES.iter().any(|s| t.name.ends_with(s));
-            if scale {
-                t.numel() * SCALE_BYTES
-            } else if t.shape.len() == 1 {
-                let copies = if t.name.ends_with("_proj.bias") { 2 } else { 1 };
-                copies * t.numel() * ACTIVATION_BYTES
-            } else {
-                0
-            }
-        })
+        .flat_map(|i| inventory.layer_tensors(i))
+        .filter_map(|(rel, t)| decoded_copies(rel).map(|(n, bytes)| n * t.numel() * bytes))
         .sum()
+}
+
+/// Streaming slots for offloaded layers of these packed sizes when `slots` are asked for: no
+/// more slots than offloaded layers, each as large as the largest. Returns (count, bytes each).
+pub fn stream_slots(slots: usize, offloaded_packed_bytes: &[u64]) -> (usize, u64) {
+    let count = slots.min(offloaded_packed_bytes.len());
+    (
+        count,
+        offloaded_packed_bytes.iter().copied().max().unwrap_or(0),
+    )
+}
+
+/// Shape of one layer's KV cache: `[2 (keys, values), sequences, kv heads, max_seq_len, head
+/// width]`, elements of [`KV_BYTES`].
+pub fn kv_cache_shape(config: &ModelConfig, sequences: usize, max_seq_len: usize) -> [usize; 5] {
+    [
+        2,
+        sequences,
+        config.num_key_value_heads,
+        max_seq_len,
+        config.head_dim,
+    ]
 }
 
 /// Keys and values of `layers` layers for `sequences` sequences of up to `max_seq_len` tokens.
 pub fn kv_cache_bytes(config: &ModelConfig, sequences: u64, max_seq_len: u64, layers: u64) -> u64 {
-    let per_token = 2 * (config.num_key_value_heads * config.head_dim) as u64 * KV_BYTES;
-    layers * sequences * max_seq_len * per_token
+    let shape = kv_cache_shape(config, sequences as usize, max_seq_len as usize);
+    layers * shape.iter().map(|&d| d as u64).product::<u64>() * KV_BYTES
 }
 
 /// Device memory a forward pass needs beyond weights and cache.
@@ -131,14 +157,12 @@ pub fn working_memory(
     kv_len: u64,
     with_logits: bool,
 ) -> WorkingMemory {
-    let h = config.hidden_size as u64;
-    let q = (config.num_attention_heads * config.head_dim) as u64;
-    let kv = (config.num_key_value_heads * config.head_dim) as u64;
-    let i = config.intermediate_size as u64;
+    let w = config.widths();
     let tokens = sequences * step_tokens;
     // Residual, normed input, attention output, o_proj output (4h); q, k, v and their rotated
     // copies (2(q + 2kv)); gate, up and their product (3i).
-    let activations_bytes = tokens * (4 * h + 2 * (q + 2 * kv) + 3 * i) * ACTIVATION_BYTES;
+    let activations_bytes =
+        tokens * (4 * w.hidden + 2 * (w.q + 2 * w.kv) + 3 * w.intermediate) * ACTIVATION_BYTES;
     // Scores and softmax probabilities.
     let attention_scores_bytes =
         2 * sequences * config.num_attention_heads as u64 * step_tokens * kv_len * SCORE_BYTES;
@@ -178,7 +202,7 @@ pub fn dequant_scratch_bytes(config: &ModelConfig, inventory: &Inventory) -> u64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::config::BuiltinModel;
+    use crate::arch::config::BuiltinModel;
 
     #[test]
     fn kv_cache_of_7b_at_4096_tokens() {
@@ -194,7 +218,11 @@ mod tests {
         let c = BuiltinModel::Small1_5b.config();
         let precision =
             Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel);
-        let specs = layout::vibevoice(&c, &layout::VibeVoiceParts::small(&c), precision);
+        let specs = layout::vibevoice(
+            &c,
+            &crate::arch::vibevoice::VibeVoiceParts::small(&c),
+            precision,
+        );
         let tensors = specs
             .into_iter()
             .map(|s| TensorInfo {

@@ -167,8 +167,8 @@ pub fn estimate(
         .filter(|&i| !resident[i])
         .map(|i| memory::packed_layer_bytes_of(inventory, i))
         .collect();
-    let slots = options.stream_slots.min(offloaded_packed.len()) as u64;
-    let stream_buffers_bytes = slots * offloaded_packed.iter().copied().max().unwrap_or(0);
+    let (slots, slot_bytes) = memory::stream_slots(options.stream_slots, &offloaded_packed);
+    let stream_buffers_bytes = slots as u64 * slot_bytes;
 
     // The token embedding stays in the mapped file (only the rows in use are uploaded), unless
     // it doubles as the LM head.
@@ -264,7 +264,7 @@ pub fn fit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::config::BuiltinModel;
+    use crate::arch::config::BuiltinModel;
     use crate::checkpoint::CheckpointDtype;
 
     const GIB: u64 = 1 << 30;

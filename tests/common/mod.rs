@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test crate uses its own part
 
 use std::path::Path;
-use vibeoffload::checkpoint::config::ModelConfig;
+use vibeoffload::arch::config::ModelConfig;
 
 /// Tensors read straight from the safetensors file and decoded here, not by the library.
 pub struct Weights {
