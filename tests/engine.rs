@@ -263,6 +263,28 @@ fn a_layer_that_makes_nan_is_named_and_fails_the_pass() {
             format!("{e:#}").starts_with("decoder layer 2 produced NaN or infinite values"),
             "{e:#}"
         );
+        // A greedy step reports it when its tokens are read, once.
+        engine.reset();
+        let queued = engine.queue_greedy(&[ids]).unwrap();
+        let e = engine.read_greedy(&queued).unwrap_err();
+        assert!(format!("{e:#}").starts_with("decoder layer 2 produced"), "{e:#}");
+    }
+}
+
+#[test]
+fn a_greedy_step_picks_the_argmax_of_each_sequences_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain, false);
+    let mut engine = load(&path, &EngineOptions::default());
+    let prompts: [&[u32]; 2] = [&[5, 17, 99, 3], &[9, 8, 7, 6]];
+    let queued = engine.queue_greedy(&prompts).unwrap();
+    let next = engine.read_greedy(&queued).unwrap();
+    for (i, prompt) in prompts.iter().enumerate() {
+        engine.reset();
+        let hidden = engine.forward(prompt).unwrap();
+        let logits = engine.logits(&hidden.get(prompt.len() - 1).unwrap()).unwrap();
+        let want = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(next[i], want, "sequence {i}");
     }
 }
 

@@ -122,6 +122,13 @@ impl Engine {
     /// the cache; returns `[batch, tokens, hidden]`. The batch shares every weight copy, which
     /// is what makes streamed decoding scale with the batch.
     pub fn forward_batch(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
+        let hidden = self.forward_unwatched(batch)?;
+        self.take_watch()?;
+        Ok(hidden)
+    }
+
+    /// [`Engine::forward_batch`] without waiting to read the watch.
+    fn forward_unwatched(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
         self.check_batch(batch)?;
         // Long prompts go through in chunks, which bounds the attention scores' memory
         // (plan::memory::PREFILL_CHUNK_TOKENS, as the estimate assumes).
@@ -134,11 +141,36 @@ impl Engine {
             let input = self.upload_chunk(&rows)?;
             outputs.push(self.forward_chunk(input)?);
         }
-        self.take_watch()?;
         Ok(match outputs.len() {
             1 => outputs.pop().expect("one chunk"),
             _ => Tensor::cat(&outputs, 1)?,
         })
+    }
+
+    /// Queues one greedy decoding step of a batch without waiting for anything: the forward
+    /// pass, then each sequence's next token (the argmax of its last position's logits), left
+    /// on the device followed by the watch's word. [`Engine::read_greedy`] reads both with
+    /// one transfer, where [`Engine::forward_batch`] and [`Engine::logits`] would each wait
+    /// to read the watch.
+    pub fn queue_greedy(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
+        let hidden = self.forward_unwatched(batch)?;
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+        let rows = memory::LM_HEAD_CHUNK_ROWS as usize;
+        let logits = model::lm_head(&last, &self.head, rows)?;
+        self.watch.check(&logits, Tag::LmHead)?;
+        let next = logits.argmax(1)?;
+        Ok(Tensor::cat(&[next, self.watch.snapshot(&self.device)?], 0)?)
+    }
+
+    /// The next tokens of a step queued by [`Engine::queue_greedy`]; fails, naming the layer,
+    /// if the step produced NaN or infinity.
+    pub fn read_greedy(&mut self, queued: &Tensor) -> Result<Vec<u32>> {
+        let mut values = queued.to_vec1::<u32>()?;
+        let seen = values
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("an empty greedy step"))?;
+        self.watch.report(seen)?;
+        Ok(values)
     }
 
     /// Runs `ids` like [`Engine::forward`], timing the layers' device work queued behind a

@@ -109,19 +109,33 @@ impl Watch {
     /// naming the first producer; the watch is then clear again.
     pub fn take(&mut self) -> Result<()> {
         let seen = match self {
-            Watch::Cpu(word) => word.swap(u32::MAX, Ordering::Relaxed),
-            Watch::Device(word) => {
-                let seen = word.to_vec1::<u32>()?[0];
-                if seen != u32::MAX {
-                    *word = Self::clear_word(word.device())?;
-                }
-                seen
-            }
+            Watch::Cpu(word) => word.load(Ordering::Relaxed),
+            Watch::Device(word) => word.to_vec1::<u32>()?[0],
         };
-        if seen != u32::MAX {
-            bail!(non_finite(Tag::from_index(seen)));
+        self.report(seen)
+    }
+
+    /// The word as a one-element U32 tensor on `device`, as of the work queued so far (a
+    /// copy queued on the device), to be read later with other results and handed to
+    /// [`Watch::report`]: one transfer instead of two.
+    pub fn snapshot(&self, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            Watch::Cpu(word) => Tensor::new(&[word.load(Ordering::Relaxed)], device)?,
+            Watch::Device(word) => word.copy()?,
+        })
+    }
+
+    /// Fails, naming the producer, if `seen` (a value of the word) says a non-finite value
+    /// was produced, and clears the watch; otherwise does nothing.
+    pub fn report(&mut self, seen: u32) -> Result<()> {
+        if seen == u32::MAX {
+            return Ok(());
         }
-        Ok(())
+        match self {
+            Watch::Cpu(word) => word.store(u32::MAX, Ordering::Relaxed),
+            Watch::Device(word) => *word = Self::clear_word(word.device())?,
+        }
+        bail!(non_finite(Tag::from_index(seen)))
     }
 }
 
