@@ -267,7 +267,10 @@ fn a_layer_that_makes_nan_is_named_and_fails_the_pass() {
         engine.reset();
         let queued = engine.queue_greedy(&[ids]).unwrap();
         let e = engine.read_greedy(&queued).unwrap_err();
-        assert!(format!("{e:#}").starts_with("decoder layer 2 produced"), "{e:#}");
+        assert!(
+            format!("{e:#}").starts_with("decoder layer 2 produced"),
+            "{e:#}"
+        );
     }
 }
 
@@ -282,7 +285,9 @@ fn a_greedy_step_picks_the_argmax_of_each_sequences_logits() {
     for (i, prompt) in prompts.iter().enumerate() {
         engine.reset();
         let hidden = engine.forward(prompt).unwrap();
-        let logits = engine.logits(&hidden.get(prompt.len() - 1).unwrap()).unwrap();
+        let logits = engine
+            .logits(&hidden.get(prompt.len() - 1).unwrap())
+            .unwrap();
         let want = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
         assert_eq!(next[i], want, "sequence {i}");
     }

@@ -243,14 +243,8 @@ fn fused_float8_matvec_matches_the_cpu() {
                     })
                     .collect();
                 let mut op = FusedMatVec {
-                    segments,
-                    in_features: n_in,
-                    bias: None,
-                    residual: None,
                     gated,
-                    norm: None,
-                    resident_weights: false,
-                    watch: None,
+                    ..FusedMatVec::new(segments, n_in)
                 };
                 let n_out = op.out_features();
                 op.bias = bias.then(|| ramp(n_out, 0.1, device));
@@ -418,18 +412,15 @@ fn fused_float8_matvec_takes_inputs_beyond_float16() {
                 let norm =
                     normed.then(|| (Tensor::ones(n_in, DType::BF16, device).unwrap(), 1e-6f32));
                 let op = FusedMatVec {
-                    segments: vec![Segment {
-                        bytes: Tensor::from_slice(&codes, n_out * n_in, device).unwrap(),
-                        rows: n_out,
-                        scale: None,
-                    }],
-                    in_features: n_in,
-                    bias: None,
-                    residual: None,
-                    gated: false,
                     norm,
-                    resident_weights: false,
-                    watch: None,
+                    ..FusedMatVec::new(
+                        vec![Segment {
+                            bytes: Tensor::from_slice(&codes, n_out * n_in, device).unwrap(),
+                            rows: n_out,
+                            scale: None,
+                        }],
+                        n_in,
+                    )
                 };
                 host_f32(&matvec::apply(&x, &op).unwrap())
             };
@@ -493,20 +484,14 @@ fn fused_float8_matvec_decodes_every_code() {
     let code = |row: usize| if row & 0x7f == 0x7f { 0 } else { row as u8 };
     let codes: Vec<u8> = (0..256 * n_in).map(|i| code(i / n_in)).collect();
     let run = |device: &Device| -> Vec<f32> {
-        let op = FusedMatVec {
-            segments: vec![Segment {
+        let op = FusedMatVec::new(
+            vec![Segment {
                 bytes: Tensor::from_slice(&codes, codes.len(), device).unwrap(),
                 rows: 256,
                 scale: None,
             }],
-            in_features: n_in,
-            bias: None,
-            residual: None,
-            gated: false,
-            norm: None,
-            resident_weights: false,
-            watch: None,
-        };
+            n_in,
+        );
         let x = Tensor::ones((1, n_in), DType::BF16, device).unwrap();
         host_f32(&matvec::apply(&x, &op).unwrap())
     };

@@ -55,6 +55,20 @@ pub struct FusedMatVec {
 }
 
 impl FusedMatVec {
+    /// `x` times `segments` side by side, nothing fused around them, weights not resident.
+    pub fn new(segments: Vec<Segment>, in_features: usize) -> FusedMatVec {
+        FusedMatVec {
+            segments,
+            in_features,
+            bias: None,
+            residual: None,
+            gated: false,
+            norm: None,
+            resident_weights: false,
+            watch: None,
+        }
+    }
+
     /// Output features.
     pub fn out_features(&self) -> usize {
         if self.gated {
@@ -243,20 +257,14 @@ mod tests {
             .unwrap();
         let scale = Tensor::arange(1f32, (n_out + 1) as f32, &Device::Cpu).unwrap();
         for s in [None, Some(&scale)] {
-            let op = FusedMatVec {
-                segments: vec![Segment {
+            let op = FusedMatVec::new(
+                vec![Segment {
                     bytes: w.bytes.clone(),
                     rows: n_out,
                     scale: s.cloned(),
                 }],
-                in_features: n_in,
-                bias: None,
-                residual: None,
-                gated: false,
-                norm: None,
-                resident_weights: false,
-                watch: None,
-            };
+                n_in,
+            );
             let fused = apply(&x, &op).unwrap();
             let mut full = dense(&w);
             if let Some(s) = s {
@@ -286,14 +294,9 @@ mod tests {
         let bias = Tensor::arange(0f32, 16f32, &Device::Cpu).unwrap();
         let residual = Tensor::ones((2, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
         let op = FusedMatVec {
-            segments: vec![seg(&a), seg(&b), seg(&c)],
-            in_features: n_in,
             bias: Some(bias.clone()),
             residual: Some(residual.clone()),
-            gated: false,
-            norm: None,
-            resident_weights: false,
-            watch: None,
+            ..FusedMatVec::new(vec![seg(&a), seg(&b), seg(&c)], n_in)
         };
         let mm = |w: &RawTensor| x.matmul(&dense(w).t().unwrap()).unwrap();
         let reference = Tensor::cat(&[mm(&a), mm(&b), mm(&c)], 1)
@@ -306,14 +309,8 @@ mod tests {
 
         let (g, u) = (weight(8, n_in, 5), weight(8, n_in, 6));
         let gated = FusedMatVec {
-            segments: vec![seg(&g), seg(&u)],
-            in_features: n_in,
-            bias: None,
-            residual: None,
             gated: true,
-            norm: None,
-            resident_weights: false,
-            watch: None,
+            ..FusedMatVec::new(vec![seg(&g), seg(&u)], n_in)
         };
         let reference = (candle_nn::ops::silu(&mm(&g)).unwrap() * mm(&u)).unwrap();
         assert!(max_diff(&apply(&x, &gated).unwrap(), &reference) < 1e-4);
@@ -334,18 +331,15 @@ mod tests {
             .affine(0.01, 0.5)
             .unwrap();
         let op = FusedMatVec {
-            segments: vec![Segment {
-                bytes: w.bytes.clone(),
-                rows: n_out,
-                scale: None,
-            }],
-            in_features: n_in,
-            bias: None,
-            residual: None,
-            gated: false,
             norm: Some((norm.clone(), 1e-6)),
-            resident_weights: false,
-            watch: None,
+            ..FusedMatVec::new(
+                vec![Segment {
+                    bytes: w.bytes.clone(),
+                    rows: n_out,
+                    scale: None,
+                }],
+                n_in,
+            )
         };
         let normed = candle_nn::ops::rms_norm(&x, &norm, 1e-6).unwrap();
         let reference = normed.matmul(&dense(&w).t().unwrap()).unwrap();
