@@ -235,6 +235,31 @@ fn massive_activations_match_a_float64_reference() {
     }
 }
 
+/// A float8 embedding with a per-row scale (which the float64 reference applies too).
+#[test]
+fn a_scaled_float8_embedding_is_read_with_its_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain, false);
+    let c = config(false);
+    let mut w = common::Weights::read(&path);
+    let scales: Vec<u8> = (0..c.vocab_size)
+        .flat_map(|row| (1.0f32 + (row % 3) as f32 * 0.5).to_le_bytes())
+        .collect();
+    w.add(
+        "model.language_model.embed_tokens.scale_weight",
+        "F32",
+        &[c.vocab_size, 1],
+        &scales,
+    );
+    w.save(&path);
+    let ids = [5u32, 17, 99, 4];
+    let (want, _) = common::reference(&path, &c, &ids);
+    let mut engine = load(&path, &EngineOptions::default());
+    let got = engine.forward(&ids).unwrap().to_vec2::<f32>().unwrap();
+    let worst = common::worst_row_error(&got, &want);
+    assert!(worst < 1e-5, "worst error {worst:e}");
+}
+
 #[test]
 fn a_layer_that_makes_nan_is_named_and_fails_the_pass() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,8 +82,13 @@ impl BuiltinModel {
     }
 }
 
+/// The largest value a configuration's sizes may take (2^20): real models stay below 2^18,
+/// and products of three such sizes fit in u64.
+pub const MAX_DIMENSION: usize = 1 << 20;
+
 impl ModelConfig {
-    /// Checks the numbers make a model (non-zero, heads divide evenly).
+    /// Checks the numbers make a model: sizes positive and bounded, heads dividing evenly, a
+    /// positive rotary base and a non-negative epsilon (others give NaN).
     pub fn validate(&self) -> Result<()> {
         let dims = [
             ("hidden_size", self.hidden_size),
@@ -98,6 +103,25 @@ impl ModelConfig {
             if v == 0 {
                 bail!("model configuration: {name} must be positive");
             }
+            // Far beyond any model, and small enough that every size derived from them (the
+            // product of two or three, in u64) cannot wrap.
+            if v > MAX_DIMENSION {
+                bail!(
+                    "model configuration: {name} {v} is beyond any model (at most {MAX_DIMENSION})"
+                );
+            }
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(
+                "model configuration: rope_theta {} must be a positive number",
+                self.rope_theta
+            );
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            bail!(
+                "model configuration: rms_norm_eps {} must be zero or a small positive number",
+                self.rms_norm_eps
+            );
         }
         if !self
             .num_attention_heads

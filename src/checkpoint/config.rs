@@ -22,7 +22,17 @@ impl ModelConfig {
         };
         let hidden_size = get("hidden_size")?;
         let num_attention_heads = get("num_attention_heads")?;
-        let optional = |key: &str| decoder.get(key).is_some();
+        // Absent or null: the default. Present with another type: an error, never a silent
+        // default.
+        let optional = |key: &str| decoder.get(key).is_some_and(|v| !v.is_null());
+        let number = |key: &str, default: f64| -> Result<f64> {
+            match decoder.get(key).filter(|v| !v.is_null()) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .ok_or_else(|| anyhow!("{shown}: \"{key}\" must be a number, not {v}")),
+            }
+        };
         let config = ModelConfig {
             hidden_size,
             intermediate_size: get("intermediate_size")?,
@@ -39,19 +49,18 @@ impl ModelConfig {
             },
             num_hidden_layers: get("num_hidden_layers")?,
             vocab_size: get("vocab_size")?,
-            rope_theta: decoder
-                .get("rope_theta")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e6),
-            rms_norm_eps: decoder
-                .get("rms_norm_eps")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-6),
-            tie_word_embeddings: decoder
+            rope_theta: number("rope_theta", 1e6)?,
+            rms_norm_eps: number("rms_norm_eps", 1e-6)?,
+            tie_word_embeddings: match decoder
                 .get("tie_word_embeddings")
                 .or_else(|| value.get("tie_word_embeddings"))
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+                .filter(|v| !v.is_null())
+            {
+                None => false,
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    anyhow!("{shown}: \"tie_word_embeddings\" must be true or false, not {v}")
+                })?,
+            },
         };
         config.validate().with_context(|| format!("in {shown}"))?;
         Ok(config)
@@ -76,6 +85,44 @@ mod tests {
             "num_hidden_layers":3,"vocab_size":100,"rope_theta":10000.0}"#;
         let c = ModelConfig::from_config_json(plain, Path::new("c.json")).unwrap();
         assert_eq!((c.num_key_value_heads, c.rope_theta), (4, 10000.0));
+    }
+
+    #[test]
+    fn refuses_mistyped_and_impossible_values() {
+        let base = r#""hidden_size":64,"intermediate_size":128,"num_attention_heads":4,
+            "num_hidden_layers":3,"vocab_size":100"#;
+        for (extra, message) in [
+            (
+                r#","rope_theta":"10000""#,
+                "\"rope_theta\" must be a number",
+            ),
+            (
+                r#","rms_norm_eps":"1e-6""#,
+                "\"rms_norm_eps\" must be a number",
+            ),
+            (r#","tie_word_embeddings":"yes""#, "must be true or false"),
+            (
+                r#","rope_theta":0"#,
+                "rope_theta 0 must be a positive number",
+            ),
+            (r#","rope_theta":-5.0"#, "must be a positive number"),
+            (
+                r#","rms_norm_eps":-1e-6"#,
+                "rms_norm_eps -0.000001 must be zero",
+            ),
+            (
+                r#","head_dim":8,"num_key_value_heads":4611686018427387906"#,
+                "is beyond any model",
+            ),
+        ] {
+            let text = format!("{{{base}{extra}}}");
+            let e = ModelConfig::from_config_json(&text, Path::new("c.json")).unwrap_err();
+            assert!(format!("{e:#}").contains(message), "{extra}: {e:#}");
+        }
+        // Null means absent.
+        let text = format!("{{{base},\"rope_theta\":null,\"head_dim\":null}}");
+        let c = ModelConfig::from_config_json(&text, Path::new("c.json")).unwrap();
+        assert_eq!((c.rope_theta, c.head_dim), (1e6, 16));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::arch::vibevoice::LM_PREFIX;
 use crate::dtype::DType;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Which naming the language model's tensors use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,7 +150,14 @@ pub struct Inventory {
     pub layer_bytes: Vec<u64>,
     /// Float8 scale conventions found.
     pub scales: ScaleSummary,
+    /// Indices into `tensors`: by name, and by part in data order (lookups stay cheap for
+    /// models of thousands of layers).
+    by_name: HashMap<String, usize>,
+    by_part: BTreeMap<Part, Vec<usize>>,
 }
+
+/// More decoder layers than any model has: a larger index is a corrupt name.
+pub const MAX_LAYERS: usize = 100_000;
 
 impl Inventory {
     /// Sorts `tensors` into parts and checks that every decoder layer has the same complete set
@@ -171,13 +178,12 @@ impl Inventory {
             );
         };
         let prefix = layout.lm_prefix();
-        let tensors: Vec<(TensorInfo, Part)> = tensors
-            .into_iter()
-            .map(|t| {
-                let part = classify(&t.name, prefix);
-                (t, part)
-            })
-            .collect();
+        let mut classified = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let part = classify(&t.name, prefix)?;
+            classified.push((t, part));
+        }
+        let tensors = classified;
         let layer_bytes = check_layers(&tensors, prefix)?;
         for (part, name) in [
             (Part::Embeddings, "embed_tokens.weight"),
@@ -188,11 +194,22 @@ impl Inventory {
             }
         }
         let scales = summarize_scales(&tensors)?;
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _))| (t.name.clone(), i))
+            .collect();
+        let mut by_part: BTreeMap<Part, Vec<usize>> = BTreeMap::new();
+        for (i, (_, part)) in tensors.iter().enumerate() {
+            by_part.entry(*part).or_default().push(i);
+        }
         Ok(Inventory {
             layout,
             tensors,
             layer_bytes,
             scales,
+            by_name,
+            by_part,
         })
     }
 
@@ -203,10 +220,11 @@ impl Inventory {
 
     /// Tensors of one part.
     pub fn part_tensors(&self, part: Part) -> impl Iterator<Item = &TensorInfo> {
-        self.tensors
-            .iter()
-            .filter(move |(_, p)| *p == part)
-            .map(|(t, _)| t)
+        self.by_part
+            .get(&part)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.tensors[i].0)
     }
 
     /// Decoder layer `layer`'s tensors, each with its name relative to `layers.{layer}.`.
@@ -233,7 +251,7 @@ impl Inventory {
 
     /// Looks a tensor up by its full name.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().map(|(t, _)| t).find(|t| t.name == name)
+        self.by_name.get(name).map(|&i| &self.tensors[i].0)
     }
 
     /// The model configuration implied by the shapes, where the shapes determine it. Head
@@ -334,16 +352,15 @@ impl Inventory {
     }
 }
 
-fn classify(name: &str, lm_prefix: &str) -> Part {
+fn classify(name: &str, lm_prefix: &str) -> Result<Part> {
     if let Some(rest) = name.strip_prefix(lm_prefix) {
         if let Some(layer) = rest.strip_prefix("layers.") {
-            if let Some(index) = layer.split('.').next().and_then(|i| i.parse().ok()) {
-                return Part::Layer(index);
-            }
+            let index = layer.split('.').next().unwrap_or_default();
+            return Ok(Part::Layer(layer_index(name, index)?));
         }
         match rest {
-            "embed_tokens.weight" => return Part::Embeddings,
-            "norm.weight" => return Part::FinalNorm,
+            "embed_tokens.weight" => return Ok(Part::Embeddings),
+            "norm.weight" => return Ok(Part::FinalNorm),
             _ => {}
         }
     }
@@ -355,10 +372,27 @@ fn classify(name: &str, lm_prefix: &str) -> Part {
         ("model.acoustic_tokenizer.", Part::AcousticTokenizer),
         ("model.semantic_tokenizer.", Part::SemanticTokenizer),
     ];
-    prefixed
+    Ok(prefixed
         .into_iter()
         .find(|(p, _)| name.starts_with(p))
-        .map_or(Part::Other, |(_, part)| part)
+        .map_or(Part::Other, |(_, part)| part))
+}
+
+/// The layer index `index` of tensor `name`: plain decimal digits without leading zeros, below
+/// [`MAX_LAYERS`].
+fn layer_index(name: &str, index: &str) -> Result<usize> {
+    let plain = !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit())
+        && (index == "0" || !index.starts_with('0'));
+    match index.parse::<usize>() {
+        Ok(i) if plain && i < MAX_LAYERS => Ok(i),
+        Ok(_) if plain => bail!(
+            "tensor {name}: layer index {index} is beyond any model ({MAX_LAYERS} layers); the              checkpoint is corrupt"
+        ),
+        _ => bail!(
+            "tensor {name}: layer index {index:?} is not a plain decimal number; the checkpoint              is corrupt or not a VibeVoice/Qwen2 model"
+        ),
+    }
 }
 
 /// A decoder-layer tensor's name after `{prefix}layers.{i}.`.
@@ -457,6 +491,15 @@ fn summarize_scales(tensors: &[(TensorInfo, Part)]) -> Result<ScaleSummary> {
                 owner.dtype
             );
         }
+        if owner.shape.len() != 2 {
+            bail!(
+                "scale tensor {} scales {owner_name} of shape {:?}: only matrices are stored \
+                 scaled (norms and biases are read as they are), so this checkpoint's values \
+                 would be misread",
+                t.name,
+                owner.shape
+            );
+        }
         if !matches!(t.dtype, DType::F32 | DType::BF16 | DType::F16) {
             bail!(
                 "scale tensor {} is {}; scales must be F32, BF16 or F16",
@@ -494,4 +537,92 @@ fn summarize_scales(tensors: &[(TensorInfo, Part)]) -> Result<ScaleSummary> {
         _ => "mixed".into(),
     };
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::vibevoice::VibeVoiceParts;
+    use crate::checkpoint::layout::{self, Precision, ScaleConvention, ScaleGranularity};
+
+    fn tensors(precision: Precision) -> Vec<TensorInfo> {
+        let c = crate::arch::config::BuiltinModel::Small1_5b.config();
+        let c = ModelConfig {
+            num_hidden_layers: 2,
+            ..c
+        };
+        layout::tensor_infos(layout::vibevoice(&c, &VibeVoiceParts::small(&c), precision))
+    }
+
+    fn error(tensors: Vec<TensorInfo>) -> String {
+        format!("{:#}", Inventory::new(tensors).unwrap_err())
+    }
+
+    #[test]
+    fn layer_indices_must_be_plain_and_bounded() {
+        for (index, message) in [
+            ("00", "layer index \"00\" is not a plain decimal number"),
+            ("+1", "layer index \"+1\" is not a plain decimal number"),
+            ("x", "layer index \"x\" is not a plain decimal number"),
+            ("18446744073709551615", "is beyond any model"),
+            ("100000", "is beyond any model"),
+        ] {
+            let mut t = tensors(Precision::Float8Plain);
+            let renamed = t
+                .iter_mut()
+                .find(|t| t.name.contains("layers.1.mlp"))
+                .unwrap();
+            renamed.name = renamed
+                .name
+                .replace("layers.1.", &format!("layers.{index}."));
+            let e = error(t);
+            assert!(e.contains(message), "{index}: {e}");
+        }
+    }
+
+    #[test]
+    fn scales_on_vectors_are_refused() {
+        let mut t = tensors(Precision::Float8Scaled(
+            ScaleConvention::ScaleWeight,
+            ScaleGranularity::PerChannel,
+        ));
+        // Every layer alike, so that only the scale can be wrong.
+        let mut scales = Vec::new();
+        for norm in t
+            .iter_mut()
+            .filter(|t| t.name.ends_with("input_layernorm.weight"))
+        {
+            norm.dtype = DType::F8E4M3;
+            let mut scale = norm.clone();
+            scale.name = norm.name.replace(".weight", ".scale_weight");
+            scale.dtype = DType::F32;
+            scale.shape = vec![];
+            scales.push(scale);
+        }
+        t.extend(scales);
+        let e = error(t);
+        assert!(e.contains("only matrices are stored scaled"), "{e}");
+    }
+
+    #[test]
+    fn lookups_by_name_part_and_scale() {
+        let inv = Inventory::new(tensors(Precision::Float8Scaled(
+            ScaleConvention::WeightScale,
+            ScaleGranularity::PerChannel,
+        )))
+        .unwrap();
+        let down = "model.language_model.layers.1.mlp.down_proj.weight";
+        assert_eq!(inv.tensor(down).unwrap().name, down);
+        assert_eq!(
+            inv.scale_of(down).unwrap().name,
+            "model.language_model.layers.1.mlp.down_proj.weight_scale"
+        );
+        let rel: Vec<&str> = inv.layer_tensors(1).map(|(rel, _)| rel).collect();
+        assert!(rel.contains(&"mlp.down_proj.weight_scale"), "{rel:?}");
+        assert_eq!(
+            layer_entry("mlp.down_proj.weight_scale"),
+            LayerEntry::Scale(LayerTensor::Down)
+        );
+        assert_eq!(layer_entry("mlp.down_proj.input_scale"), LayerEntry::Other);
+    }
 }

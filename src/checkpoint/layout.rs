@@ -3,6 +3,7 @@
 //! inventories are computed from it, so `table` without a file and `inspect` on a synthesized
 //! file agree to the byte.
 
+use super::header::TensorInfo;
 use crate::arch::config::ModelConfig;
 use crate::arch::vibevoice::{self, VibeVoiceParts};
 use crate::arch::Role;
@@ -77,6 +78,25 @@ pub fn vibevoice(
     precision: Precision,
 ) -> Vec<TensorSpec> {
     store(vibevoice::tensors(config, parts), precision)
+}
+
+/// Header entries for `specs` stored back to back in this order, as a file would hold them.
+pub fn tensor_infos(specs: Vec<TensorSpec>) -> Vec<TensorInfo> {
+    let mut offset = 0;
+    specs
+        .into_iter()
+        .map(|s| {
+            let start = offset;
+            offset += s.size_bytes();
+            TensorInfo {
+                name: s.name,
+                dtype: s.dtype,
+                shape: s.shape,
+                data_start: start,
+                data_end: offset,
+            }
+        })
+        .collect()
 }
 
 /// Applies a precision: picks each tensor's dtype and adds scale tensors after their weights.

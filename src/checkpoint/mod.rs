@@ -72,6 +72,13 @@ impl Checkpoint {
     /// Maps the file and validates its header.
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let shown = path.display().to_string();
+        // Opening a FIFO would block; a directory or a device is no checkpoint.
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            bail!(
+                "{shown} is not a regular file; pass --model-path with a checkpoint file or the \
+                 directory that holds it"
+            );
+        }
         let file = File::open(path).map_err(|e| {
             anyhow!("cannot open checkpoint {shown}: {e}; pass --model-path with a checkpoint file or its directory, or write one with `vibeoffload synth`")
         })?;
@@ -135,21 +142,7 @@ impl ModelInfo {
     pub fn builtin(model: BuiltinModel, dtype: CheckpointDtype) -> ModelInfo {
         let config = model.config();
         let specs = layout::vibevoice(&config, &VibeVoiceParts::real(&config), dtype.precision());
-        let mut offset = 0;
-        let tensors = specs
-            .into_iter()
-            .map(|s| {
-                let start = offset;
-                offset += s.size_bytes();
-                TensorInfo {
-                    name: s.name,
-                    dtype: s.dtype,
-                    shape: s.shape,
-                    data_start: start,
-                    data_end: offset,
-                }
-            })
-            .collect();
+        let tensors = layout::tensor_infos(specs);
         let inventory = Inventory::new(tensors).expect("built-in layouts are consistent");
         let dtype_name = match dtype {
             CheckpointDtype::Float8 => "float8",
@@ -172,7 +165,17 @@ impl ModelInfo {
         let inventory = Inventory::new(checkpoint.header.tensors.clone())
             .with_context(|| format!("in {shown}"))?;
         let config_path = path.with_file_name("config.json");
-        let (config, config_source) = if config_path.is_file() {
+        // Anything under that name is meant as the configuration: a directory or a broken
+        // link there is an error, not a reason to guess from the shapes.
+        let config_exists = config_path.symlink_metadata().is_ok();
+        if config_exists && !config_path.is_file() {
+            bail!(
+                "{} is not a regular file (a directory or a broken link?); put the model's \
+                 config.json there, or remove it to infer the configuration from the shapes",
+                config_path.display()
+            );
+        }
+        let (config, config_source) = if config_exists {
             let text = std::fs::read_to_string(&config_path)
                 .with_context(|| format!("cannot read {}", config_path.display()))?;
             (
@@ -202,5 +205,56 @@ impl ModelInfo {
             inventory,
             checkpoint: Some(checkpoint),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::synth::{self, SynthSpec};
+
+    fn small_checkpoint(dir: &Path) -> PathBuf {
+        let path = dir.join("m.safetensors");
+        synth::write(&SynthSpec::embedded(), &path, true, |_, _| {}).unwrap();
+        path
+    }
+
+    fn error(path: &Path) -> String {
+        match ModelInfo::open(path) {
+            Ok(_) => panic!("{} opened", path.display()),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn a_config_json_that_is_not_a_file_is_an_error_not_a_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = small_checkpoint(dir.path());
+        let config = dir.path().join("config.json");
+        std::fs::remove_file(&config).unwrap();
+        std::fs::create_dir(&config).unwrap();
+        assert!(error(&path).contains("is not a regular file"));
+        std::fs::remove_dir(&config).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(dir.path().join("gone.json"), &config).unwrap();
+            assert!(error(&path).contains("is not a regular file"));
+            std::fs::remove_file(&config).unwrap();
+        }
+        // Nothing there: the configuration comes from the shapes.
+        let info = ModelInfo::open(&path).unwrap();
+        assert_eq!(info.config_source, ConfigSource::TensorShapes);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_or_a_directory_is_refused_before_it_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.safetensors");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            assert!(error(&fifo).contains("is not a regular file"));
+        }
+        assert!(error(dir.path()).contains("is not a regular file"));
     }
 }

@@ -154,6 +154,7 @@ impl Engine {
             .tensor(&format!("{lm}embed_tokens.weight"))
             .ok_or_else(|| anyhow!("no embedding"))?
             .clone();
+        let embed_scale = inventory.scale_of(&embed.name).cloned();
         let head_name = if info.config.tie_word_embeddings {
             embed.name.clone()
         } else {
@@ -190,6 +191,7 @@ impl Engine {
             norm,
             head,
             embed,
+            embed_scale,
             rope,
             streamer,
             caches,

@@ -83,6 +83,8 @@ pub struct Engine {
     norm: Tensor,
     head: Linear,
     embed: TensorInfo,
+    /// The embedding's float8 scale, read from the file with its rows.
+    embed_scale: Option<TensorInfo>,
     rope: Rope,
     streamer: LayerStreamer,
     caches: Vec<KvCache>,
@@ -340,24 +342,37 @@ impl Engine {
     /// Token embeddings stay in the mapped file: only the rows of `ids` go to the device.
     fn embed(&self, batch: &[&[u32]]) -> Result<Tensor> {
         let checkpoint = self.info.checkpoint.as_ref().expect("checked at load");
-        let data = checkpoint.data(&self.embed);
         let (vocab, hidden) = (self.embed.shape[0] as usize, self.embed.shape[1] as usize);
-        let row = hidden * self.embed.dtype.size_bytes() as usize;
         let (b, t) = (batch.len(), batch[0].len());
-        let mut bytes = Vec::with_capacity(b * t * row);
-        for &id in batch.iter().flat_map(|ids| ids.iter()) {
-            if id as usize >= vocab {
-                bail!("token id {id} is outside the vocabulary of {vocab}");
-            }
-            bytes.extend_from_slice(&data[id as usize * row..(id as usize + 1) * row]);
+        let ids: Vec<usize> = batch
+            .iter()
+            .flat_map(|ids| ids.iter())
+            .map(|&id| id as usize)
+            .collect();
+        if let Some(id) = ids.iter().find(|&&id| id >= vocab) {
+            bail!("token id {id} is outside the vocabulary of {vocab}");
         }
-        let n = bytes.len();
-        let raw = RawTensor {
-            dtype: self.embed.dtype,
-            shape: vec![b, t, hidden],
-            bytes: Tensor::from_vec(bytes, n, &self.device)?,
+        // The rows of `ids`, `[ids, width]`; a scalar scale as it is.
+        let rows = |t: &TensorInfo| -> Result<RawTensor> {
+            let data = checkpoint.data(t);
+            let (picked, row) = match t.numel() {
+                1 => (vec![0], data.len()),
+                _ => (ids.clone(), data.len() / vocab),
+            };
+            let mut bytes = Vec::with_capacity(picked.len() * row);
+            for &id in &picked {
+                bytes.extend_from_slice(&data[id * row..(id + 1) * row]);
+            }
+            let n = bytes.len();
+            Ok(RawTensor {
+                dtype: t.dtype,
+                shape: vec![picked.len(), row / t.dtype.size_bytes() as usize],
+                bytes: Tensor::from_vec(bytes, n, &self.device)?,
+            })
         };
-        Ok(dequantize(&raw, None, self.dtype)?)
+        let embedding = rows(&self.embed)?;
+        let scale = self.embed_scale.as_ref().map(rows).transpose()?;
+        Ok(dequantize(&embedding, scale.as_ref(), self.dtype)?.reshape((b, t, hidden))?)
     }
 }
 

@@ -213,7 +213,6 @@ mod tests {
 
     #[test]
     fn decoded_vectors_count_scales_in_f32_and_qkv_biases_twice() {
-        use crate::checkpoint::header::TensorInfo;
         use crate::checkpoint::layout::{self, Precision, ScaleConvention, ScaleGranularity};
         let c = BuiltinModel::Small1_5b.config();
         let precision =
@@ -223,17 +222,7 @@ mod tests {
             &crate::arch::vibevoice::VibeVoiceParts::small(&c),
             precision,
         );
-        let tensors = specs
-            .into_iter()
-            .map(|s| TensorInfo {
-                data_end: s.size_bytes(),
-                name: s.name,
-                dtype: s.dtype,
-                shape: s.shape,
-                data_start: 0,
-            })
-            .collect();
-        let inventory = Inventory::new(tensors).unwrap();
+        let inventory = Inventory::new(layout::tensor_infos(specs)).unwrap();
         // Per layer: two norms of 1536 and the q/k/v biases (1536 + 256 + 256, held twice) in
         // bf16; per-channel scales for q, k, v, o, gate, up, down in f32.
         let norms = 2 * 1536 * 2;

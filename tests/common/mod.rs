@@ -9,7 +9,6 @@ use vibeoffload::arch::config::ModelConfig;
 /// Tensors read straight from the safetensors file and decoded here, not by the library.
 pub struct Weights {
     header: serde_json::Map<String, serde_json::Value>,
-    prefix: Vec<u8>,
     data: Vec<u8>,
 }
 
@@ -19,14 +18,29 @@ impl Weights {
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         Weights {
             header: serde_json::from_slice(&bytes[8..8 + n]).unwrap(),
-            prefix: bytes[..8 + n].to_vec(),
             data: bytes[8 + n..].to_vec(),
         }
     }
 
-    /// Writes the (edited) tensors back, header unchanged.
+    /// Writes the (edited) tensors back as a safetensors file.
     pub fn save(&self, path: &Path) {
-        std::fs::write(path, [self.prefix.as_slice(), &self.data].concat()).unwrap();
+        let header = serde_json::to_vec(&self.header).unwrap();
+        let length = (header.len() as u64).to_le_bytes();
+        std::fs::write(path, [&length[..], &header, &self.data].concat()).unwrap();
+    }
+
+    /// Appends a tensor of `dtype` ("F32", "F8_E4M3", ...) and `shape` holding `bytes`.
+    pub fn add(&mut self, name: &str, dtype: &str, shape: &[usize], bytes: &[u8]) {
+        let start = self.data.len();
+        self.data.extend_from_slice(bytes);
+        self.header.insert(
+            name.to_string(),
+            serde_json::json!({
+                "dtype": dtype,
+                "shape": shape,
+                "data_offsets": [start, self.data.len()],
+            }),
+        );
     }
 
     pub fn has(&self, name: &str) -> bool {
