@@ -811,13 +811,21 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         "1",
         "--baseline",
     ];
-    let o = vibeoffload(d, &[&base[..], &["fast.json"]].concat());
+    // The table still prints and --json-out still writes the report.
+    let o = vibeoffload(
+        d,
+        &[&base[..], &["fast.json", "--json-out", "new.json"]].concat(),
+    );
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(
         o.stderr.contains("slower than the baseline") && o.stderr.contains("N=8"),
         "{}",
         o.stderr
     );
+    assert!(o.stdout.contains("ms/token"), "{}", o.stdout);
+    let written: BenchReport =
+        serde_json::from_str(&std::fs::read_to_string(d.join("new.json")).unwrap()).unwrap();
+    assert_eq!(written.rows.len(), 2);
     // A slow baseline passes.
     let mut slow = r;
     for row in &mut slow.rows {
@@ -833,6 +841,50 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         &["cannot read the baseline"],
     );
     fails(d, &["bench", "--layers", "9"], 2, &["--layers 9"]);
+}
+
+#[test]
+fn json_out_writes_the_report_and_prints_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "run",
+        "--num-gpu-layers",
+        "4",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--json-out",
+        "run.json",
+    ];
+    let text = ok(d, &args);
+    assert!(
+        text.starts_with("model: ") && text.contains("decode: "),
+        "{text}"
+    );
+    let r: RunReport =
+        serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
+    assert_eq!(r.decode.expect("decode mode").generated_tokens, 2);
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    // With --json too, stdout and the file hold the same report.
+    let mut both = args.to_vec();
+    both.extend(["--input-ids", "1,2,3", "--json"]);
+    let printed: RunReport = serde_json::from_str(&ok(d, &both)).unwrap();
+    let written: RunReport =
+        serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
+    assert_eq!(printed, written);
+    fails(
+        d,
+        &["run", "--input-ids", "1", "--json-out", "missing/run.json"],
+        1,
+        &["missing"],
+    );
 }
 
 #[test]

@@ -234,6 +234,9 @@ pub struct ReportArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Also write the JSON report to this file (under a temporary name, renamed when complete).
+    #[arg(long, value_name = "PATH")]
+    pub json_out: Option<PathBuf>,
 }
 
 /// Everything a plan reads: the model, the planning options and the VRAM budget.

@@ -52,6 +52,7 @@ pub fn legacy(a: LegacyArgs) -> Result<Output> {
             dump: None,
             output: ReportArgs {
                 json: a.output.json,
+                json_out: None,
             },
         });
     }
@@ -163,7 +164,10 @@ fn text_or_json<T: Serialize + Render>(report: &T, json: bool) -> Result<Output>
     .into())
 }
 
-/// [`text_or_json`] for the timed commands.
+/// [`text_or_json`], after writing the JSON to `--json-out` when given.
 fn report_out<T: Serialize + Render>(report: &T, a: &ReportArgs) -> Result<Output> {
+    if let Some(path) = &a.json_out {
+        report::write_json(report, path)?;
+    }
     text_or_json(report, a.json)
 }

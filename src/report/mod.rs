@@ -20,10 +20,12 @@ use crate::budget::Budget;
 use crate::plan::{PlanOptions, Scope};
 use crate::summary::ModelSummary;
 use crate::units::gib;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{CellAlignment, Table};
 use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
 
 /// A report's text form: what a command prints without `--json`.
 pub trait Render {
@@ -34,6 +36,18 @@ pub trait Render {
 /// A report as pretty JSON, ending in a newline.
 pub fn json<T: Serialize>(report: &T) -> Result<String> {
     Ok(serde_json::to_string_pretty(report)? + "\n")
+}
+
+/// Writes [`json`]`(report)` to `path` under a temporary name, renamed when complete.
+pub fn write_json<T: Serialize>(report: &T, path: &Path) -> Result<()> {
+    let text = json(report)?;
+    let mut file = crate::temp_file_beside(path)?;
+    file.write_all(text.as_bytes())
+        .and_then(|_| file.flush())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// How a column's cells (header included) line up.
