@@ -245,6 +245,7 @@ fn flags_that_would_do_nothing_are_refused() {
         ],
         &["inspect", "m.safetensors", "--builtin", "1.5b"],
         &["inspect", "m.safetensors", "--model-path", "m.safetensors"],
+        &["table", "--lm-only", "--offload-prediction-head"],
     ] {
         fails(tiny_dir.path(), args, 2, &["cannot be used with"]);
     }

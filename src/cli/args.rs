@@ -318,8 +318,8 @@ pub struct PlanArgs {
 /// What part of VibeVoice a plan covers (`run` and `bench` load the language model alone).
 #[derive(Args, Debug, Clone)]
 pub struct ScopeArgs {
-    /// Keep the diffusion (prediction) head in host memory.
-    #[arg(long)]
+    /// Keep the diffusion (prediction) head in host memory (full text-to-speech plans only).
+    #[arg(long, conflicts_with = "lm_only")]
     pub offload_prediction_head: bool,
     /// Plan for the language model alone (what `run` loads), not full text-to-speech.
     #[arg(long)]
@@ -329,7 +329,7 @@ pub struct ScopeArgs {
 /// The GPU to read and run on.
 #[derive(Args, Debug, Clone)]
 pub struct GpuArgs {
-    /// NVML index of the GPU to read (and, with --device cuda, to run on).
+    /// The GPU whose free memory NVML reads and (with --device cuda or auto) that runs the model.
     #[arg(long, default_value_t = 0, value_name = "INDEX")]
     pub gpu: u32,
 }

@@ -30,6 +30,7 @@ pub struct Planning {
 }
 
 impl Planning {
+    /// Loads the model and checks the planning flags.
     pub fn resolve(a: &PlanningArgs) -> Result<Planning> {
         let scope = if a.scope.lm_only {
             Scope::LanguageModel
@@ -119,6 +120,7 @@ pub struct RunSettings {
 }
 
 impl RunSettings {
+    /// Checks the flags and chooses the layer count (auto needs a budget except on the CPU).
     pub fn resolve(a: &RunArgs) -> Result<RunSettings> {
         if a.dump.is_some() && a.input_ids.is_none() {
             bail!(UsageError::new("--dump needs --input-ids"));
@@ -173,6 +175,7 @@ pub struct BenchSettings {
 }
 
 impl BenchSettings {
+    /// Checks the flags, reads the baseline and picks the layer counts.
     pub fn resolve(a: &BenchArgs) -> Result<BenchSettings> {
         if a.threshold.is_nan() || a.threshold < 0.0 {
             bail!(UsageError::new(

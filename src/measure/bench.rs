@@ -2,7 +2,7 @@
 //! (test-speed, decode, VRAM, copies), beside the planner's estimate and the bounds the
 //! measured bandwidths set.
 
-use super::{load, random_ids, random_prompts, speed, taken_bytes, ModelFile, Nvml, Workload};
+use super::{load, random_ids, random_prompts, speed, taken_bytes, GpuProbe, ModelFile, Workload};
 use crate::engine::{self, EngineOptions, LoadTimings};
 use crate::gpu;
 use crate::plan::{self, PlanOptions};
@@ -105,10 +105,10 @@ pub fn run_bench(
     o: &BenchOptions,
     mut progress: impl FnMut(String),
 ) -> Result<BenchReport> {
-    let nvml = Nvml::of(o.engine.device);
+    let probe = GpuProbe::of(o.engine.device);
     // Before anything touches the GPU: what other processes hold.
-    let baseline = nvml.used_bytes();
-    let device = nvml.label();
+    let baseline = probe.used_bytes();
+    let device = probe.label();
     progress("measuring host-to-device and device-memory bandwidth".into());
     let bandwidths = engine::bandwidths(o.engine.device)?;
     let pinned_gbps = bandwidths.map(|b| b.pinned_gbps);
@@ -134,7 +134,7 @@ pub fn run_bench(
         };
         let (mut engine, load_ms) = load(info, &options, |_, _| {})?;
         progress(format!("{n} GPU layers: test-speed"));
-        let sampler = nvml.watch_peak();
+        let sampler = probe.watch_peak();
         let speed = speed::test_speed(&mut engine, &ids, 1, w.runs)?;
         progress(format!("{n} GPU layers: decode"));
         let dec = speed::decode(&mut engine, &prompts, w.gen_tokens)?;

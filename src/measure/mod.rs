@@ -18,7 +18,7 @@ use anyhow::Result;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Prompt and generation lengths, and the seed of the random prompts.
+/// Prompt and generation lengths, timed passes, and the seed of the random prompts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// Prompt tokens (decode prefill, and tokens per test-speed pass).
@@ -120,14 +120,14 @@ impl ModelFile {
     }
 }
 
-/// NVML's view of the GPU an engine runs on (nothing on the CPU).
-struct Nvml {
+/// What NVML says about the GPU an engine runs on (nothing on the CPU).
+struct GpuProbe {
     index: Option<u32>,
 }
 
-impl Nvml {
-    fn of(device: DeviceChoice) -> Nvml {
-        Nvml {
+impl GpuProbe {
+    fn of(device: DeviceChoice) -> GpuProbe {
+        GpuProbe {
             index: match device {
                 DeviceChoice::Cuda(i) => Some(i as u32),
                 DeviceChoice::Cpu => None,
@@ -143,6 +143,13 @@ impl Nvml {
             }
             None => "cpu".into(),
         }
+    }
+
+    /// Memory nobody holds on the GPU now.
+    fn free_bytes(&self) -> Option<u64> {
+        self.index
+            .and_then(|i| gpu::query(i).ok())
+            .map(|g| g.free_bytes)
     }
 
     /// Memory in use on the GPU now, all processes.

@@ -2,9 +2,9 @@
 //! decode, time the original's test-speed passes, or run one forward pass; measure VRAM beside
 //! the planner's estimate.
 
-use super::{load, random_ids, random_prompts, speed, taken_bytes, ModelFile, Nvml, Workload};
+use super::{load, random_ids, random_prompts, speed, taken_bytes, GpuProbe, ModelFile, Workload};
 use crate::budget::{Budget, Choice};
-use crate::engine::{self, DeviceChoice, EngineOptions, LoadTimings};
+use crate::engine::{self, EngineOptions, LoadTimings};
 use crate::gpu;
 use crate::plan::{self, PlanOptions, VramEstimate};
 use crate::summary::ModelSummary;
@@ -113,24 +113,21 @@ pub fn run_session(
     let info = model.open()?;
     let gpu_layers = o.engine.gpu_layers;
     let estimate = plan::estimate(&info, &o.plan, gpu_layers)?;
-    let nvml = Nvml::of(o.engine.device);
-    let nvml_before = nvml.used_bytes();
-    let device = nvml.label();
+    let probe = GpuProbe::of(o.engine.device);
+    let nvml_before = probe.used_bytes();
+    let device = probe.label();
     // What the planner says fits in this GPU's free memory, for an out-of-memory error.
-    let largest_fit = match o.engine.device {
-        DeviceChoice::Cuda(i) => match gpu::query(i as u32) {
-            Ok(g) => {
-                let budget = Budget::new(None, g.free_bytes, o.target_utilization);
-                plan::fit(&info, &o.plan, budget.budget_bytes)?.map(|e| e.gpu_layers)
-            }
-            Err(_) => None,
-        },
-        DeviceChoice::Cpu => None,
+    let largest_fit = match probe.free_bytes() {
+        Some(free) => {
+            let budget = Budget::new(None, free, o.target_utilization);
+            plan::fit(&info, &o.plan, budget.budget_bytes)?.map(|e| e.gpu_layers)
+        }
+        None => None,
     };
     let hint = |e| oom_hint(e, &estimate, gpu_layers, largest_fit);
     let (mut engine, load_ms) = load(info, &o.engine, progress).map_err(hint)?;
 
-    let sampler = nvml.watch_peak();
+    let sampler = probe.watch_peak();
     let vocab = engine.info().config.vocab_size;
     let w = &o.workload;
     let (mut test_speed, mut decode, mut forward) = (None, None, None);
