@@ -80,6 +80,16 @@ fn rewrite_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, se
     std::fs::write(path, out).unwrap();
 }
 
+/// Files are written under a hidden temporary name and renamed: none may be left behind.
+fn assert_no_temporary_files(dir: &Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
 fn header_tensor_bytes(path: &Path) -> u64 {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -455,12 +465,7 @@ fn synth_is_deterministic_and_refuses_to_overwrite() {
         ],
     );
     assert_eq!(std::fs::read(&path).unwrap(), first);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    assert_no_temporary_files(dir.path());
     fails(
         dir.path(),
         &["synth", "nowhere/m.safetensors"],
@@ -867,12 +872,7 @@ fn json_out_writes_the_report_and_prints_the_table() {
     let r: RunReport =
         serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
     assert_eq!(r.decode.expect("decode mode").generated_tokens, 2);
-    let leftovers: Vec<_> = std::fs::read_dir(d)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    assert_no_temporary_files(d);
     // With --json too, stdout and the file hold the same report.
     let mut both = args.to_vec();
     both.extend(["--input-ids", "1,2,3", "--json"]);
