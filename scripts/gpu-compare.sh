@@ -11,22 +11,12 @@
 # Env: LAYERS (default 28,20,8), SAME_DUMPS (0/1), MAX_SLOWDOWN, MODEL_DIR.
 source "$(dirname "$0")/gpu-env.sh"
 
-failed=0
-fail() { echo "FAIL: $*"; failed=1; }
-
 old=/tmp/vibeoffload-old
 gunzip -c dist/old/vibeoffload.gz > "$old"
 chmod +x "$old"
 
 echo "== GPU tests (new build)"
-for t in "$tests_dir"/*; do
-  [[ -x $t ]] || continue
-  echo "-- $(basename "$t")"
-  if ! "$t" --test-threads=1 > /tmp/test.log 2>&1; then
-    fail "$(basename "$t")"
-  fi
-  grep -E "^test |test result|panicked|worst" /tmp/test.log || :
-done
+run_gpu_tests
 
 echo "== 7B dumps: streamed vs resident (new), and old vs new build"
 ids=151,9707,11,1879,0,752,374,279,4128,315
@@ -50,6 +40,7 @@ for variant in "--no-offload" "--num-gpu-layers 8" "--num-gpu-layers 12 --placem
   fi
 done
 
+# `--json >` rather than `--json-out`: the old build may predate --json-out.
 echo "== bench, old and new alternating (--layers ${LAYERS:=28,20,8})"
 for round in 1 2; do
   for build in old new; do
@@ -88,8 +79,5 @@ if bad:
     sys.exit(1)
 PY
 
-if (( failed )); then
-  echo "== FAILED"
-  exit 1
-fi
+finish
 echo "== all checks passed"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sourced by the GPU scripts: unpacks the carried CUDA build (dist/pack/*.gz, from
 # scripts/build-cuda.sh --tests --pack) and sets $bin, $tests_dir, $out (the device tool's $OUT or
-# ./gpu-results), $model (a 7B float8 checkpoint, synthesized here once: never carried).
+# ./gpu-results), $model (a 7B float8 checkpoint, synthesized here once: never carried). Defines
+# fail (note a failure and go on), finish (exit 1 after any), run_gpu_tests and check_dumps.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-gpu-results}
@@ -25,8 +26,6 @@ if [[ -d dist/pack ]]; then
 else
   tests_dir=dist/tests
 fi
-results=$out/results.jsonl
-: > "$results"
 nvidia-smi --query-gpu=name,memory.total,memory.used,pcie.link.gen.current,pcie.link.width.current --format=csv
 echo "commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  date: $(date -u +%F)"
 
@@ -35,3 +34,41 @@ mkdir -p "$model"
 if [[ ! -f $model/vibevoice7b_float8_e4m3fn.safetensors ]]; then
   /usr/bin/time -f "synth: %e s, %M KB resident" "$bin" synth "$model/vibevoice7b_float8_e4m3fn.safetensors"
 fi
+
+failed=0
+fail() { echo "FAIL: $*"; failed=1; }
+finish() {
+  if (( failed )); then
+    echo "== FAILED"
+    exit 1
+  fi
+}
+
+# Runs every GPU test binary, one test at a time, and prints each test's line.
+run_gpu_tests() {
+  local t
+  for t in "$tests_dir"/*; do
+    [[ -x $t ]] || continue
+    echo "-- $(basename "$t")"
+    "$t" --test-threads=1 > /tmp/test.log 2>&1 || fail "$(basename "$t")"
+    grep -E "^test |test result|panicked|worst" /tmp/test.log || :
+  done
+}
+
+# One 7B forward pass with every layer resident, then one per streamed variant given (flags in
+# one word each): each variant's dump of hidden states and logits must equal the resident one.
+check_dumps() {
+  local ids=151,9707,11,1879,0,752,374,279,4128,315 variant
+  "$bin" run --device cuda --model-path "$model" --no-offload --input-ids "$ids" \
+    --dump /tmp/dump-resident.safetensors > /dev/null || fail "resident run"
+  for variant in "$@"; do
+    # shellcheck disable=SC2086
+    "$bin" run --device cuda --model-path "$model" $variant --input-ids "$ids" \
+      --dump /tmp/dump-streamed.safetensors > /dev/null || fail "run $variant"
+    if cmp -s /tmp/dump-resident.safetensors /tmp/dump-streamed.safetensors; then
+      echo "identical: $variant"
+    else
+      fail "DIFFERENT: $variant"
+    fi
+  done
+}

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vibeoffload::report::{InspectReport, PlanReport, RunReport, TableReport};
+use vibeoffload::measure::{BenchReport, RunReport};
+use vibeoffload::report::{InspectReport, PlanReport, TableReport};
 
 struct Output {
     code: i32,
@@ -77,6 +78,16 @@ fn rewrite_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, se
     out.extend_from_slice(&json);
     out.extend_from_slice(&bytes[8 + n..]);
     std::fs::write(path, out).unwrap();
+}
+
+/// Files are written under a hidden temporary name and renamed: none may be left behind.
+fn assert_no_temporary_files(dir: &Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
 fn header_tensor_bytes(path: &Path) -> u64 {
@@ -172,8 +183,111 @@ fn flag_form_follows_the_originals_precedence() {
             .gpu_layers,
         28
     );
+    // `--auto` spells out the default, so a fixed choice still wins over it.
+    assert_eq!(
+        plan(&["--auto", "--num-gpu-layers", "8"])
+            .estimate
+            .gpu_layers,
+        8
+    );
     let text = ok(dir.path(), &["--print-table", "--no-offload"]);
     assert!(text.contains("Common GPUs"));
+    let help = ok(dir.path(), &["--help"]);
+    assert!(
+        help.contains("`--print-table` (as `table`), then `--test-speed`"),
+        "{help}"
+    );
+}
+
+#[test]
+fn flag_form_times_only_with_test_speed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for args in [
+        &["--device", "cpu", "--vram", "8GiB"][..],
+        &["--num-gpu-layers", "2", "--runs", "3", "--vram", "8GiB"],
+        &["--print-table", "--no-pin"],
+    ] {
+        let o = vibeoffload(d, args);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(
+            o.stderr
+                .contains("required arguments were not provided:\n  --test-speed"),
+            "{args:?}: {}",
+            o.stderr
+        );
+    }
+    for args in [
+        &["--test-speed", "--builtin", "1.5b"][..],
+        &["--test-speed", "--offload-prediction-head"],
+    ] {
+        fails(d, args, 2, &["cannot be used with"]);
+    }
+}
+
+#[test]
+fn flags_that_would_do_nothing_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // `run` and `bench` load the language model from a file (or the embedded model): no
+    // built-in layout, no scope, and `bench` measures every count it is given, no budget.
+    for args in [
+        &["run", "--builtin", "1.5b"][..],
+        &["run", "--lm-only"],
+        &["run", "--offload-prediction-head"],
+        &["bench", "--builtin", "7b"],
+        &["bench", "--lm-only"],
+        &["bench", "--vram", "8GiB"],
+        &["bench", "--target-utilization", "0.5"],
+    ] {
+        fails(d, args, 2, &["unexpected argument", args[1]]);
+    }
+    let (tiny_dir, _) = tiny(&[]);
+    for args in [
+        &["run", "--prefetch-depth", "1", "--no-prefetch"][..],
+        &["run", "--input-ids", "1,2", "--test-speed"],
+        &[
+            "table",
+            "--model-path",
+            "m.safetensors",
+            "--builtin",
+            "1.5b",
+        ],
+        &["inspect", "m.safetensors", "--builtin", "1.5b"],
+        &["inspect", "m.safetensors", "--model-path", "m.safetensors"],
+        &["table", "--lm-only", "--offload-prediction-head"],
+    ] {
+        fails(tiny_dir.path(), args, 2, &["cannot be used with"]);
+    }
+}
+
+#[test]
+fn run_without_a_model_file_follows_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |dtype: &str| -> RunReport {
+        let args = [
+            "run",
+            "--dtype",
+            dtype,
+            "--num-gpu-layers",
+            "4",
+            "--prompt-len",
+            "4",
+            "--gen-tokens",
+            "2",
+            "--json",
+        ];
+        serde_json::from_str(&ok(dir.path(), &args)).unwrap()
+    };
+    let (f8, bf16) = (run("float8"), run("bf16"));
+    assert!(f8.model.source.ends_with("float8)"), "{}", f8.model.source);
+    assert!(
+        bf16.model.source.ends_with("bf16)"),
+        "{}",
+        bf16.model.source
+    );
+    assert_eq!(bf16.model.layer_bytes, 2 * f8.model.layer_bytes);
+    assert_eq!(bf16.decode.expect("decode mode").generated_tokens, 2);
 }
 
 #[test]
@@ -351,12 +465,7 @@ fn synth_is_deterministic_and_refuses_to_overwrite() {
         ],
     );
     assert_eq!(std::fs::read(&path).unwrap(), first);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    assert_no_temporary_files(dir.path());
     fails(
         dir.path(),
         &["synth", "nowhere/m.safetensors"],
@@ -670,7 +779,7 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         "--json",
     ];
     let text = ok(d, &args);
-    let r: vibeoffload::run::BenchReport = serde_json::from_str(&text).unwrap();
+    let r: BenchReport = serde_json::from_str(&text).unwrap();
     let counts: Vec<usize> = r.rows.iter().map(|x| x.gpu_layers).collect();
     assert_eq!(counts, [8, 2]);
     assert!(r
@@ -708,13 +817,21 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         "1",
         "--baseline",
     ];
-    let o = vibeoffload(d, &[&base[..], &["fast.json"]].concat());
+    // The table still prints and --json-out still writes the report.
+    let o = vibeoffload(
+        d,
+        &[&base[..], &["fast.json", "--json-out", "new.json"]].concat(),
+    );
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(
         o.stderr.contains("slower than the baseline") && o.stderr.contains("N=8"),
         "{}",
         o.stderr
     );
+    assert!(o.stdout.contains("ms/token"), "{}", o.stdout);
+    let written: BenchReport =
+        serde_json::from_str(&std::fs::read_to_string(d.join("new.json")).unwrap()).unwrap();
+    assert_eq!(written.rows.len(), 2);
     // A slow baseline passes.
     let mut slow = r;
     for row in &mut slow.rows {
@@ -730,6 +847,45 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         &["cannot read the baseline"],
     );
     fails(d, &["bench", "--layers", "9"], 2, &["--layers 9"]);
+}
+
+#[test]
+fn json_out_writes_the_report_and_prints_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "run",
+        "--num-gpu-layers",
+        "4",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--json-out",
+        "run.json",
+    ];
+    let text = ok(d, &args);
+    assert!(
+        text.starts_with("model: ") && text.contains("decode: "),
+        "{text}"
+    );
+    let r: RunReport =
+        serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
+    assert_eq!(r.decode.expect("decode mode").generated_tokens, 2);
+    assert_no_temporary_files(d);
+    // With --json too, stdout and the file hold the same report.
+    let mut both = args.to_vec();
+    both.extend(["--input-ids", "1,2,3", "--json"]);
+    let printed: RunReport = serde_json::from_str(&ok(d, &both)).unwrap();
+    let written: RunReport =
+        serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
+    assert_eq!(printed, written);
+    fails(
+        d,
+        &["run", "--input-ids", "1", "--json-out", "missing/run.json"],
+        1,
+        &["missing"],
+    );
 }
 
 #[test]

@@ -1,0 +1,445 @@
+//! Command-line arguments as typed (the "low" layer): clap structs that only check the shapes
+//! of values. [`super::settings`] turns them into the library's options.
+
+use clap::builder::PossibleValue;
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use vibeoffload::measure::Workload;
+use vibeoffload::plan::memory::DEFAULT_STREAM_SLOTS;
+
+/// Run VibeVoice-7B's float8 language model on small GPUs by streaming decoder layers, and know
+/// the VRAM each choice needs before trying.
+///
+/// Without a command, the original test script's flags work: `--print-table` (as `table`), then
+/// `--test-speed` (as `run --test-speed`), then the layer choice `--no-offload`, `--config
+/// PRESET`, `--num-gpu-layers N`, else `--auto` (as `auto`); the first of these given wins.
+///
+/// Exit status: 0 success, 1 failure (missing or bad checkpoint, no GPU reading where one is
+/// needed, nothing fits), 2 bad command line (unknown flag or preset, value out of range).
+#[derive(Parser, Debug)]
+#[command(name = "vibeoffload", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub legacy: LegacyArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// VRAM needed for each number of GPU layers, term by term, and what common GPUs can run.
+    Table(TableArgs),
+    /// Pick the largest layer count whose estimate fits this GPU (or --vram).
+    Auto(AutoArgs),
+    /// Show what a checkpoint holds: layers, parts, dtypes, float8 scales, configuration.
+    Inspect(InspectArgs),
+    /// Write a checkpoint with seeded random weights in the exact VibeVoice layout.
+    Synth(SynthArgs),
+    /// Load the language model with N layers resident, run timed generation, print transfer
+    /// statistics. Without --model-path: a small model synthesized on the fly.
+    Run(RunArgs),
+    /// Measure each layer count: prefill, decode, VRAM against the estimate, copy bandwidth.
+    Bench(BenchArgs),
+}
+
+/// The original script's flag form. The engine and timing flags time the model, so they need
+/// --test-speed; --builtin and --offload-prediction-head only plan, so they refuse it.
+#[derive(Args, Debug)]
+#[command(group(
+    ArgGroup::new("timing_flags")
+        .args(["device", "prefetch_depth", "no_prefetch", "no_pin", "prompt_len", "gen_tokens", "runs", "seed"])
+        .multiple(true)
+        .requires("test_speed")
+))]
+#[command(group(
+    ArgGroup::new("planning_flags")
+        .args(["builtin", "offload_prediction_head"])
+        .multiple(true)
+        .conflicts_with("test_speed")
+))]
+pub struct LegacyArgs {
+    /// Print the VRAM table and exit (same as `table`).
+    #[arg(long)]
+    pub print_table: bool,
+    #[command(flatten)]
+    pub choice: ChoiceArgs,
+    /// Load the model and time forward passes over 128 random tokens (same as `run --test-speed`).
+    #[arg(long)]
+    pub test_speed: bool,
+    #[command(flatten)]
+    pub planning: PlanningArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub timing: TimingArgs,
+    #[command(flatten)]
+    pub output: JsonArg,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub choice: ChoiceArgs,
+    /// Time forward passes over 128 random tokens (the original's test) instead of decoding.
+    #[arg(long)]
+    pub test_speed: bool,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub timing: TimingArgs,
+    /// Run one forward pass on these token ids (comma-separated) instead of timing.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "ID,ID,...",
+        conflicts_with = "test_speed"
+    )]
+    pub input_ids: Option<Vec<u32>>,
+    /// With --input-ids: write the final hidden states and the last token's logits as safetensors.
+    #[arg(long, value_name = "PATH")]
+    pub dump: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: ReportArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Layer counts to measure, in order (default: all layers, then every 4 fewer, down to 0).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub layers: Option<Vec<usize>>,
+    /// Draw ms/token and VRAM (estimate and measurement) against GPU layers into this SVG.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
+    /// An earlier `bench --json`: exit 1 when a configuration got slower by more than --threshold.
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
+    /// Allowed slowdown against --baseline (0.10 = 10%).
+    #[arg(long, default_value_t = 0.10)]
+    pub threshold: f64,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub timing: TimingArgs,
+    #[command(flatten)]
+    pub output: ReportArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct TableArgs {
+    /// Layer counts to show, comma-separated (default 28, 24, ..., 0 for 28 layers).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub layers: Option<Vec<usize>>,
+    #[command(flatten)]
+    pub planning: PlanningArgs,
+    #[command(flatten)]
+    pub output: JsonArg,
+}
+
+#[derive(Args, Debug)]
+pub struct AutoArgs {
+    #[command(flatten)]
+    pub planning: PlanningArgs,
+    #[command(flatten)]
+    pub output: JsonArg,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Checkpoint file or directory (same as --model-path); without either, the built-in layout.
+    #[arg(conflicts_with_all = ["model_path", "builtin"])]
+    pub path: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub output: JsonArg,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Where to write the checkpoint; config.json goes beside it.
+    pub out: PathBuf,
+    /// Model size; `custom` takes the dimension flags below (defaults: a tiny test model).
+    #[arg(long, value_enum, default_value_t = SizeArg::Builtin(BuiltinArg::Large7b))]
+    pub size: SizeArg,
+    /// Storage precision.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Float8)]
+    pub dtype: DtypeArg,
+    /// Float8 scales: none (every tensor F8_E4M3, as the fork writes), one per matrix, or one
+    /// per output channel (linear weights F8_E4M3 + F32 scales, the rest BF16).
+    #[arg(long, value_enum, default_value_t = ScaleArg::None)]
+    pub scale: ScaleArg,
+    /// Name of scale tensors.
+    #[arg(long, value_enum, default_value_t = ConventionArg::ScaleWeight)]
+    pub scale_convention: ConventionArg,
+    /// Random seed: the same seed writes the same bytes.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
+    /// Decoder layers (custom).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Hidden size (custom).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// MLP width (custom).
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    /// Attention heads (custom).
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Key/value heads (custom).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Head width (custom; default hidden / heads).
+    #[arg(long)]
+    pub head_dim: Option<usize>,
+    /// Vocabulary (custom).
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Tie the LM head to the embedding (custom).
+    #[arg(long)]
+    pub tie_embeddings: bool,
+    /// Print JSON instead of a summary line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--json` for commands that print to stdout only.
+#[derive(Args, Debug)]
+pub struct JsonArg {
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where the report of a timed command goes.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file (under a temporary name, renamed when complete).
+    #[arg(long, value_name = "PATH")]
+    pub json_out: Option<PathBuf>,
+}
+
+/// Everything a plan reads: the model, the planning options and the VRAM budget.
+#[derive(Args, Debug)]
+pub struct PlanningArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+}
+
+/// How many decoder layers stay on the GPU (the original's flags; precedence: --no-offload,
+/// then --config, then --num-gpu-layers, else auto).
+#[derive(Args, Debug, Clone)]
+pub struct ChoiceArgs {
+    /// Choose the layer count from free VRAM. This is the default, so the flag changes nothing;
+    /// the original spells it out. --no-offload, --config and --num-gpu-layers take precedence.
+    #[arg(long)]
+    pub auto: bool,
+    /// Use a preset: high_end, mid_range, consumer, budget, minimal (or an alias).
+    #[arg(long, visible_alias = "preset", value_name = "PRESET")]
+    pub config: Option<String>,
+    /// Keep N decoder layers on the GPU.
+    #[arg(long, value_name = "N")]
+    pub num_gpu_layers: Option<usize>,
+    /// Keep every layer on the GPU.
+    #[arg(long)]
+    pub no_offload: bool,
+}
+
+/// The checkpoint file.
+#[derive(Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// Checkpoint file, or a directory holding vibevoice7b_float8_e4m3fn.safetensors (or
+    /// vibevoice7b_bf16.safetensors with --dtype bf16). Without it: the built-in layout (table,
+    /// auto, inspect) or a small synthesized model (run, bench).
+    #[arg(long, value_name = "PATH")]
+    pub model_path: Option<PathBuf>,
+    /// Checkpoint precision: the file name in a --model-path directory, and the precision of the
+    /// built-in layout or the synthesized model.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Float8)]
+    pub dtype: DtypeArg,
+}
+
+/// Which model to plan for: a checkpoint, else a built-in layout.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+    /// Built-in layout used when no --model-path is given [default: 7b].
+    #[arg(long, value_enum, value_name = "SIZE", conflicts_with = "model_path")]
+    pub builtin: Option<BuiltinArg>,
+}
+
+/// What the KV cache holds and how layers stream.
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// Longest sequence (prompt + generated tokens) the KV cache holds [default: 4096; bench:
+    /// what its prompt and generation need].
+    #[arg(long, value_name = "TOKENS")]
+    pub max_seq_len: Option<u64>,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    pub batch: u64,
+    /// Which layers stay on the GPU.
+    #[arg(long, value_enum, default_value_t = PlacementArg::Last)]
+    pub placement: PlacementArg,
+    /// GPU slots that offloaded layers stream through.
+    #[arg(long, default_value_t = DEFAULT_STREAM_SLOTS)]
+    pub slots: usize,
+}
+
+/// What part of VibeVoice a plan covers (`run` and `bench` load the language model alone).
+#[derive(Args, Debug, Clone)]
+pub struct ScopeArgs {
+    /// Keep the diffusion (prediction) head in host memory (full text-to-speech plans only).
+    #[arg(long, conflicts_with = "lm_only")]
+    pub offload_prediction_head: bool,
+    /// Plan for the language model alone (what `run` loads), not full text-to-speech.
+    #[arg(long)]
+    pub lm_only: bool,
+}
+
+/// The GPU to read and run on.
+#[derive(Args, Debug, Clone)]
+pub struct GpuArgs {
+    /// The GPU whose free memory NVML reads and (with --device cuda or auto) that runs the model.
+    #[arg(long, default_value_t = 0, value_name = "INDEX")]
+    pub gpu: u32,
+}
+
+/// Where the VRAM budget comes from.
+#[derive(Args, Debug, Clone)]
+pub struct BudgetArgs {
+    /// Plan as if this much VRAM were free (e.g. 8GiB, 12GB, 7680MiB), on any machine.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    pub vram: Option<String>,
+    /// Fraction of free VRAM a plan may use.
+    #[arg(long, default_value_t = 0.8, value_name = "FRACTION")]
+    pub target_utilization: f64,
+}
+
+/// How the engine runs.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Where to run: cuda when built with CUDA and a GPU is present, else cpu.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Copies issued ahead of use (at most slots - 1) [default: slots - 1].
+    #[arg(long, value_name = "N")]
+    pub prefetch_depth: Option<usize>,
+    /// Copy each streamed layer only when it is needed.
+    #[arg(long, conflicts_with = "prefetch_depth")]
+    pub no_prefetch: bool,
+    /// Keep streamed layers in ordinary (pageable) host memory.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+/// Prompt and generation lengths for timing.
+#[derive(Args, Debug, Clone)]
+pub struct TimingArgs {
+    /// Prompt tokens in decode mode (and tokens per pass in test-speed mode).
+    #[arg(long, default_value_t = Workload::DEFAULT.prompt_len, value_name = "TOKENS")]
+    pub prompt_len: usize,
+    /// Tokens to generate in decode mode.
+    #[arg(long, default_value_t = Workload::DEFAULT.gen_tokens, value_name = "TOKENS")]
+    pub gen_tokens: usize,
+    /// Timed passes in test-speed mode.
+    #[arg(long, default_value_t = Workload::DEFAULT.runs)]
+    pub runs: usize,
+    /// Seed of the random prompt.
+    #[arg(long, default_value_t = Workload::DEFAULT.seed)]
+    pub seed: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeArg {
+    Float8,
+    Bf16,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuiltinArg {
+    #[value(name = "7b")]
+    Large7b,
+    #[value(name = "1.5b")]
+    Small1_5b,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlacementArg {
+    Last,
+    First,
+    Spread,
+}
+
+/// `synth --size`: a built-in size, or `custom` with the dimension flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeArg {
+    Builtin(BuiltinArg),
+    Custom,
+}
+
+impl ValueEnum for SizeArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            SizeArg::Builtin(BuiltinArg::Large7b),
+            SizeArg::Builtin(BuiltinArg::Small1_5b),
+            SizeArg::Custom,
+        ]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        match self {
+            SizeArg::Builtin(b) => b.to_possible_value(),
+            SizeArg::Custom => Some(PossibleValue::new("custom")),
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleArg {
+    None,
+    Scalar,
+    Channel,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConventionArg {
+    ScaleWeight,
+    WeightScale,
+}

@@ -1,0 +1,173 @@
+//! One body per command: resolve the settings, call the library, render the report.
+
+use super::args::{
+    AutoArgs, BenchArgs, InspectArgs, LegacyArgs, ReportArgs, RunArgs, SynthArgs, TableArgs,
+};
+use super::settings::{
+    every_fourth, fixed_choice, model_info, synth_spec, BenchSettings, Planning, RunSettings,
+};
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use vibeoffload::checkpoint::synth;
+use vibeoffload::measure::{self, regressions};
+use vibeoffload::report::{self, plot_bench, InspectReport, PlanReport, Render, TableReport};
+
+/// What a command leaves: text for stdout, and a failure to report after printing it.
+pub struct Output {
+    pub stdout: String,
+    pub failure: Option<anyhow::Error>,
+}
+
+impl From<String> for Output {
+    fn from(stdout: String) -> Output {
+        Output {
+            stdout,
+            failure: None,
+        }
+    }
+}
+
+/// The original's flag form: `--print-table`, then `--test-speed`, then a plan for the layer
+/// choice (`--no-offload`, `--config`, `--num-gpu-layers`, else auto).
+pub fn legacy(a: LegacyArgs) -> Result<Output> {
+    if a.print_table {
+        return table(TableArgs {
+            layers: None,
+            planning: a.planning,
+            output: a.output,
+        });
+    }
+    if a.test_speed {
+        return run(RunArgs {
+            choice: a.choice,
+            test_speed: true,
+            checkpoint: a.planning.model.checkpoint,
+            plan: a.planning.plan,
+            gpu: a.planning.gpu,
+            budget: a.planning.budget,
+            engine: a.engine,
+            timing: a.timing,
+            input_ids: None,
+            dump: None,
+            output: ReportArgs {
+                json: a.output.json,
+                json_out: None,
+            },
+        });
+    }
+    let p = Planning::resolve(&a.planning)?;
+    let report = match fixed_choice(&p.model, &a.choice)? {
+        Some((choice, layers)) => {
+            PlanReport::fixed(&p.model, &p.options, p.budget.optional(), choice, layers)?
+        }
+        None => PlanReport::auto(&p.model, &p.options, p.budget.required()?)?,
+    };
+    text_or_json(&report, a.output.json)
+}
+
+pub fn table(a: TableArgs) -> Result<Output> {
+    let p = Planning::resolve(&a.planning)?;
+    let layers = a
+        .layers
+        .unwrap_or_else(|| every_fourth(p.model.inventory.num_layers()));
+    let report = TableReport::build(
+        &p.model,
+        &p.options,
+        &layers,
+        p.budget.optional(),
+        p.budget.target_utilization,
+    )?;
+    text_or_json(&report, a.output.json)
+}
+
+pub fn auto(a: AutoArgs) -> Result<Output> {
+    let p = Planning::resolve(&a.planning)?;
+    let report = PlanReport::auto(&p.model, &p.options, p.budget.required()?)?;
+    text_or_json(&report, a.output.json)
+}
+
+pub fn inspect(mut a: InspectArgs) -> Result<Output> {
+    if let Some(path) = a.path {
+        a.model.checkpoint.model_path = Some(path);
+    }
+    let report = InspectReport::build(&model_info(&a.model)?);
+    text_or_json(&report, a.output.json)
+}
+
+pub fn synth(a: SynthArgs) -> Result<Output> {
+    let spec = synth_spec(&a)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("writing {}", a.out.display()));
+    let report = synth::write(&spec, &a.out, a.force, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    text_or_json(&report?, a.json)
+}
+
+pub fn run(a: RunArgs) -> Result<Output> {
+    let s = RunSettings::resolve(&a)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("loading layers");
+    let report = measure::run_session(&s.model, &s.options, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    report_out(&report?, &a.output)
+}
+
+pub fn bench(a: BenchArgs) -> Result<Output> {
+    let s = BenchSettings::resolve(&a)?;
+    let spinner = ProgressBar::new_spinner();
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = measure::run_bench(&s.model, &s.options, |m| spinner.set_message(m));
+    spinner.finish_and_clear();
+    let report = report?;
+    if let Some(plot) = &a.plot {
+        plot_bench(&report, plot)
+            .map_err(|e| anyhow::anyhow!("cannot draw {}: {e:#}", plot.display()))?;
+    }
+    let mut out = report_out(&report, &a.output)?;
+    if let Some(old) = &s.baseline {
+        let slower = regressions(old, &report, s.threshold);
+        if !slower.is_empty() {
+            out.failure = Some(anyhow::anyhow!(
+                "slower than the baseline by more than {:.0}%: {}",
+                s.threshold * 100.0,
+                slower.join("; ")
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The report as text, or as JSON with `--json`.
+fn text_or_json<T: Serialize + Render>(report: &T, json: bool) -> Result<Output> {
+    Ok(if json {
+        report::json(report)?
+    } else {
+        report.render()
+    }
+    .into())
+}
+
+/// [`text_or_json`], after writing the JSON to `--json-out` when given.
+fn report_out<T: Serialize + Render>(report: &T, a: &ReportArgs) -> Result<Output> {
+    if let Some(path) = &a.json_out {
+        report::write_json(report, path)?;
+    }
+    text_or_json(report, a.json)
+}

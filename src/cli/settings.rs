@@ -1,0 +1,447 @@
+//! The "high" argument layer: turns the parsed flags into the library's options once, making
+//! every check that needs more than one flag, or the model, here.
+
+use super::args::{
+    BenchArgs, BudgetArgs, BuiltinArg, CheckpointArgs, ChoiceArgs, ConventionArg, DeviceArg,
+    DtypeArg, EngineArgs, GpuArgs, ModelArgs, PlacementArg, PlanArgs, PlanningArgs, RunArgs,
+    ScaleArg, SizeArg, SynthArgs, TimingArgs,
+};
+use anyhow::{bail, Result};
+use vibeoffload::arch::config::{BuiltinModel, ModelConfig};
+use vibeoffload::arch::vibevoice::VibeVoiceParts;
+use vibeoffload::budget::{Budget, Choice};
+use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
+use vibeoffload::checkpoint::synth::SynthSpec;
+use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
+use vibeoffload::engine::{DeviceChoice, EngineOptions};
+use vibeoffload::measure::{BenchOptions, BenchReport, Mode, ModelFile, SessionOptions, Workload};
+use vibeoffload::plan::{presets, Placement, PlanOptions, Scope};
+use vibeoffload::{gpu, UsageError};
+
+/// What a planning command (`table`, `auto`, the flag form) works on.
+pub struct Planning {
+    /// The model, from its checkpoint or a built-in layout.
+    pub model: ModelInfo,
+    /// Planner options.
+    pub options: PlanOptions,
+    /// Where the VRAM budget comes from.
+    pub budget: BudgetSource,
+}
+
+impl Planning {
+    /// Loads the model and checks the planning flags.
+    pub fn resolve(a: &PlanningArgs) -> Result<Planning> {
+        let scope = if a.scope.lm_only {
+            Scope::LanguageModel
+        } else {
+            Scope::Full
+        };
+        Ok(Planning {
+            model: model_info(&a.model)?,
+            options: plan_options(&a.plan, scope, a.scope.offload_prediction_head)?,
+            budget: BudgetSource::resolve(&a.gpu, &a.budget)?,
+        })
+    }
+}
+
+/// The budget's inputs, checked: `--vram` (else NVML's free memory) and the target utilization.
+pub struct BudgetSource {
+    gpu: u32,
+    vram_bytes: Option<u64>,
+    /// Fraction of free VRAM a plan may use.
+    pub target_utilization: f64,
+}
+
+impl BudgetSource {
+    fn resolve(g: &GpuArgs, a: &BudgetArgs) -> Result<BudgetSource> {
+        let t = a.target_utilization;
+        if t.is_nan() || t <= 0.0 || t > 1.0 {
+            bail!(UsageError::new(format!(
+                "--target-utilization {t} must be above 0 and at most 1 (e.g. 0.8)"
+            )));
+        }
+        Ok(BudgetSource {
+            gpu: g.gpu,
+            vram_bytes: a.vram.as_deref().map(parse_size).transpose()?,
+            target_utilization: t,
+        })
+    }
+
+    fn read(&self) -> Result<Budget> {
+        let t = self.target_utilization;
+        if let Some(bytes) = self.vram_bytes {
+            return Ok(Budget::new(None, bytes, t));
+        }
+        let info = gpu::query(self.gpu)?;
+        Ok(Budget::new(Some(info.clone()), info.free_bytes, t))
+    }
+
+    /// The budget, or an error that says how to plan without a GPU reading.
+    pub fn required(&self) -> Result<Budget> {
+        self.read().map_err(|e| {
+            anyhow::anyhow!("{e:#}; to choose a layer count without a GPU reading, pass --vram SIZE (e.g. --vram 8GiB)")
+        })
+    }
+
+    /// The budget, or `None` with a note on stderr when NVML cannot be read.
+    pub fn optional(&self) -> Option<Budget> {
+        self.read()
+            .inspect_err(|e| {
+                eprintln!("note: {e:#}; planning without a budget (pass --vram SIZE to set one)")
+            })
+            .ok()
+    }
+}
+
+/// The original's precedence: `--no-offload`, then `--config`, then `--num-gpu-layers`;
+/// `None` means auto.
+pub fn fixed_choice(model: &ModelInfo, c: &ChoiceArgs) -> Result<Option<(Choice, usize)>> {
+    let num_layers = model.inventory.num_layers();
+    Ok(if c.no_offload {
+        Some((Choice::NoOffload, num_layers))
+    } else if let Some(name) = &c.config {
+        let (name, layers) = presets::resolve(name, num_layers)?;
+        Some((Choice::Preset { name }, layers))
+    } else {
+        c.num_gpu_layers.map(|n| (Choice::NumGpuLayers, n))
+    })
+}
+
+/// `table`'s and `bench`'s default layer counts: all, then every 4 fewer, down to 0.
+pub fn every_fourth(num_layers: usize) -> Vec<usize> {
+    (0..=num_layers).rev().step_by(4).collect()
+}
+
+/// `run`: the checkpoint to load and what to do with it.
+pub struct RunSettings {
+    pub model: ModelFile,
+    pub options: SessionOptions,
+}
+
+impl RunSettings {
+    /// Checks the flags and chooses the layer count (auto needs a budget except on the CPU).
+    pub fn resolve(a: &RunArgs) -> Result<RunSettings> {
+        if a.dump.is_some() && a.input_ids.is_none() {
+            bail!(UsageError::new("--dump needs --input-ids"));
+        }
+        let model = model_file(&a.checkpoint)?;
+        let info = model.open()?;
+        let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
+        let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
+        let engine = engine_options(&a.engine, &plan, a.gpu.gpu)?;
+        let (choice, gpu_layers) = match fixed_choice(&info, &a.choice)? {
+            Some(c) => c,
+            // Nothing to fit on the CPU: every layer stays "resident".
+            None if engine.device == DeviceChoice::Cpu && budget.vram_bytes.is_none() => {
+                (Choice::NoOffload, info.inventory.num_layers())
+            }
+            None => {
+                let fit = budget.required()?.largest_fit(&info, &plan)?;
+                (Choice::Auto, fit.gpu_layers)
+            }
+        };
+        let mode = match &a.input_ids {
+            Some(ids) => Mode::Forward {
+                input_ids: ids.clone(),
+                dump: a.dump.clone(),
+            },
+            None if a.test_speed => Mode::TestSpeed,
+            None => Mode::Decode,
+        };
+        Ok(RunSettings {
+            model,
+            options: SessionOptions {
+                plan,
+                engine: EngineOptions {
+                    gpu_layers,
+                    ..engine
+                },
+                choice,
+                mode,
+                workload: workload(&a.timing),
+                target_utilization: budget.target_utilization,
+            },
+        })
+    }
+}
+
+/// `bench`: the checkpoint, what to measure, and the baseline to hold it to.
+pub struct BenchSettings {
+    pub model: ModelFile,
+    pub options: BenchOptions,
+    pub baseline: Option<BenchReport>,
+    pub threshold: f64,
+}
+
+impl BenchSettings {
+    /// Checks the flags, reads the baseline and picks the layer counts.
+    pub fn resolve(a: &BenchArgs) -> Result<BenchSettings> {
+        if a.threshold.is_nan() || a.threshold < 0.0 {
+            bail!(UsageError::new(
+                "--threshold must be 0 or more (0.10 = 10%)"
+            ));
+        }
+        let baseline = match &a.baseline {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    anyhow::anyhow!("cannot read the baseline {}: {e}", p.display())
+                })?;
+                Some(serde_json::from_str::<BenchReport>(&text).map_err(|e| {
+                    anyhow::anyhow!("{} is not a `bench --json` report: {e}", p.display())
+                })?)
+            }
+            None => None,
+        };
+        let model = model_file(&a.checkpoint)?;
+        let layers = model.open()?.inventory.num_layers();
+        let layer_counts = a.layers.clone().unwrap_or_else(|| every_fourth(layers));
+        if let Some(&n) = layer_counts.iter().find(|&&n| n > layers) {
+            bail!(UsageError::new(format!(
+                "--layers {n} is more than the model's {layers} layers"
+            )));
+        }
+        let workload = workload(&a.timing);
+        let mut plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
+        if a.plan.max_seq_len.is_none() {
+            // Just what the runs need, so the estimate and the measurement describe the same
+            // buffers.
+            plan.max_seq_len = workload.cache_tokens() as u64;
+        }
+        Ok(BenchSettings {
+            options: BenchOptions {
+                engine: engine_options(&a.engine, &plan, a.gpu.gpu)?,
+                plan,
+                layer_counts,
+                workload,
+            },
+            model,
+            baseline,
+            threshold: a.threshold,
+        })
+    }
+}
+
+/// The model `--model-path` names, else the built-in layout.
+pub fn model_info(a: &ModelArgs) -> Result<ModelInfo> {
+    let dtype = a.checkpoint.dtype.into();
+    match &a.checkpoint.model_path {
+        Some(path) => ModelInfo::open(&checkpoint::resolve_path(path, dtype)),
+        None => Ok(ModelInfo::builtin(
+            a.builtin.unwrap_or(BuiltinArg::Large7b).into(),
+            dtype,
+        )),
+    }
+}
+
+/// The checkpoint `run` and `bench` load: `--model-path`, else the embedded test model.
+fn model_file(a: &CheckpointArgs) -> Result<ModelFile> {
+    match &a.model_path {
+        Some(path) => Ok(ModelFile::at(checkpoint::resolve_path(
+            path,
+            a.dtype.into(),
+        ))),
+        None => ModelFile::embedded(a.dtype.into()),
+    }
+}
+
+fn plan_options(a: &PlanArgs, scope: Scope, offload_prediction_head: bool) -> Result<PlanOptions> {
+    let options = PlanOptions {
+        scope,
+        offload_prediction_head,
+        batch: a.batch,
+        max_seq_len: a.max_seq_len.unwrap_or(PlanOptions::default().max_seq_len),
+        placement: a.placement.into(),
+        stream_slots: a.slots,
+    };
+    options.validate()?;
+    Ok(options)
+}
+
+/// Engine options from the flags; the layer count is filled in later.
+fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: u32) -> Result<EngineOptions> {
+    let device = match e.device {
+        DeviceArg::Cpu => DeviceChoice::Cpu,
+        DeviceArg::Cuda => DeviceChoice::Cuda(gpu as usize),
+        DeviceArg::Auto if cfg!(feature = "cuda") && gpu::query(gpu).is_ok() => {
+            DeviceChoice::Cuda(gpu as usize)
+        }
+        DeviceArg::Auto => DeviceChoice::Cpu,
+    };
+    if matches!(device, DeviceChoice::Cuda(_)) && !cfg!(feature = "cuda") {
+        bail!(UsageError::new(
+            "--device cuda needs a build with CUDA: cargo build --release --features cuda (see scripts/build-cuda.sh)"
+        ));
+    }
+    Ok(EngineOptions {
+        device,
+        gpu_layers: 0,
+        placement: plan.placement,
+        slots: plan.stream_slots,
+        prefetch_depth: if e.no_prefetch {
+            0
+        } else {
+            e.prefetch_depth
+                .unwrap_or(plan.stream_slots.saturating_sub(1))
+        },
+        pin_memory: !e.no_pin,
+        max_seq_len: plan.max_seq_len as usize,
+    })
+}
+
+fn workload(a: &TimingArgs) -> Workload {
+    Workload {
+        prompt_len: a.prompt_len,
+        gen_tokens: a.gen_tokens,
+        runs: a.runs,
+        seed: a.seed,
+    }
+}
+
+/// What `synth` writes.
+pub fn synth_spec(a: &SynthArgs) -> Result<SynthSpec> {
+    let custom_flags = [
+        a.layers,
+        a.hidden,
+        a.intermediate,
+        a.heads,
+        a.kv_heads,
+        a.head_dim,
+        a.vocab,
+    ];
+    let (config, parts) = match a.size {
+        SizeArg::Builtin(_) if custom_flags.iter().any(Option::is_some) || a.tie_embeddings => {
+            bail!(UsageError::new(
+                "--layers, --hidden, --intermediate, --heads, --kv-heads, --head-dim, --vocab and --tie-embeddings need --size custom"
+            ))
+        }
+        SizeArg::Builtin(size) => {
+            let config = BuiltinModel::from(size).config();
+            let parts = VibeVoiceParts::real(&config);
+            (config, parts)
+        }
+        SizeArg::Custom => {
+            let hidden = a.hidden.unwrap_or(64);
+            let heads = a.heads.unwrap_or(4);
+            let config = ModelConfig {
+                hidden_size: hidden,
+                intermediate_size: a.intermediate.unwrap_or(128),
+                num_attention_heads: heads,
+                num_key_value_heads: a.kv_heads.unwrap_or(2),
+                head_dim: a.head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
+                num_hidden_layers: a.layers.unwrap_or(2),
+                vocab_size: a.vocab.unwrap_or(256),
+                rope_theta: 1e6,
+                rms_norm_eps: 1e-6,
+                tie_word_embeddings: a.tie_embeddings,
+            };
+            config
+                .validate()
+                .map_err(|e| UsageError::new(format!("synth --size custom: {e:#}")))?;
+            let parts = VibeVoiceParts::small(&config);
+            (config, parts)
+        }
+    };
+    let precision = match (a.dtype, a.scale) {
+        (DtypeArg::Bf16, ScaleArg::None) => Precision::BF16,
+        (DtypeArg::Bf16, _) => bail!(UsageError::new(
+            "--scale applies to float8 checkpoints; drop it or use --dtype float8"
+        )),
+        (DtypeArg::Float8, ScaleArg::None) => Precision::Float8Plain,
+        (DtypeArg::Float8, scale) => Precision::Float8Scaled(
+            match a.scale_convention {
+                ConventionArg::ScaleWeight => ScaleConvention::ScaleWeight,
+                ConventionArg::WeightScale => ScaleConvention::WeightScale,
+            },
+            if scale == ScaleArg::Scalar {
+                ScaleGranularity::Scalar
+            } else {
+                ScaleGranularity::PerChannel
+            },
+        ),
+    };
+    Ok(SynthSpec {
+        config,
+        parts,
+        precision,
+        seed: a.seed,
+    })
+}
+
+impl From<DtypeArg> for CheckpointDtype {
+    fn from(d: DtypeArg) -> CheckpointDtype {
+        match d {
+            DtypeArg::Float8 => CheckpointDtype::Float8,
+            DtypeArg::Bf16 => CheckpointDtype::Bf16,
+        }
+    }
+}
+
+impl From<BuiltinArg> for BuiltinModel {
+    fn from(b: BuiltinArg) -> BuiltinModel {
+        match b {
+            BuiltinArg::Large7b => BuiltinModel::Large7b,
+            BuiltinArg::Small1_5b => BuiltinModel::Small1_5b,
+        }
+    }
+}
+
+impl From<PlacementArg> for Placement {
+    fn from(p: PlacementArg) -> Placement {
+        match p {
+            PlacementArg::Last => Placement::Last,
+            PlacementArg::First => Placement::First,
+            PlacementArg::Spread => Placement::Spread,
+        }
+    }
+}
+
+/// Parses a memory size such as `8GiB`, `12GB`, `7680MiB` or `1.5 TiB`. Binary (KiB, MiB, GiB,
+/// TiB) and decimal (KB, MB, GB, TB) units; `B` for bytes. A unit is required, since a bare `8`
+/// is ambiguous.
+fn parse_size(text: &str) -> Result<u64, UsageError> {
+    let s = text.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = (&s[..split], s[split..].trim());
+    let bad = |why: &str| {
+        UsageError::new(format!(
+            "--vram {text}: {why}; write a size such as 8GiB, 12GB or 7680MiB"
+        ))
+    };
+    let value: f64 = number.parse().map_err(|_| bad("not a number"))?;
+    let multiplier: f64 = match unit.to_ascii_lowercase().as_str() {
+        "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "" => return Err(bad("no unit")),
+        _ => return Err(bad(&format!("unknown unit '{unit}'"))),
+    };
+    let bytes = value * multiplier;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(bad("the size must be positive"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_size("12GB").unwrap(), 12_000_000_000);
+        assert_eq!(parse_size("7680 MiB").unwrap(), 7680 << 20);
+        assert_eq!(parse_size("1.5gib").unwrap(), 3 << 29);
+        for bad in ["8", "GiB", "-8GiB", "0GiB", "8 parsecs", "1.2.3GB", ""] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}

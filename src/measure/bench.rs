@@ -1,0 +1,303 @@
+//! The `bench` command as a library function: every layer count loaded and measured in turn
+//! (test-speed, decode, VRAM, copies), beside the planner's estimate and the bounds the
+//! measured bandwidths set.
+
+use super::{load, random_ids, random_prompts, speed, taken_bytes, GpuProbe, ModelFile, Workload};
+use crate::engine::{self, EngineOptions, LoadTimings};
+use crate::gpu;
+use crate::plan::{self, PlanOptions};
+use crate::summary::ModelSummary;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+/// One layer count measured by `bench`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BenchRow {
+    /// Decoder layers resident.
+    pub gpu_layers: usize,
+    /// Load time.
+    pub load_ms: f64,
+    /// Where load time went.
+    pub load_phases: LoadTimings,
+    /// Mean test-speed pass (prefill of `prompt_len` tokens, no LM head).
+    pub test_speed_ms: f64,
+    /// GPU time of a test-speed pass with its launches queued ahead.
+    pub test_speed_gpu_ms: Option<f64>,
+    /// Host time to queue a test-speed pass.
+    pub test_speed_host_ms: Option<f64>,
+    /// Time to first token in decode mode.
+    pub ttft_ms: f64,
+    /// Decode time per step (one token for each sequence of the batch).
+    pub decode_ms_per_token: f64,
+    /// Tokens per second over the batch.
+    pub tokens_per_s: f64,
+    /// GPU time of a decode step with its launches queued ahead (see [`Decode`]).
+    pub decode_gpu_ms_per_token: Option<f64>,
+    /// Host time to queue a decode step.
+    pub decode_host_ms_per_token: Option<f64>,
+    /// Weight bytes a decode step reads from device memory (every layer, resident or
+    /// streamed, plus the final norm and LM head).
+    pub weight_read_bytes_per_token: u64,
+    /// Time to read them once at the device-memory bandwidth measured at the start.
+    pub weight_read_ms_per_token: Option<f64>,
+    /// Layer bytes streamed per decoded token.
+    pub streamed_bytes_per_token: u64,
+    /// Lower bound of decode time. All layers resident: reading the weights once at the
+    /// device-memory bandwidth. Otherwise: max(streamed bytes / pinned bandwidth, resident
+    /// decode time measured in the same run where measured, else the weight-read time).
+    pub bound_ms_per_token: Option<f64>,
+    /// `decode_ms_per_token / bound_ms_per_token`.
+    pub vs_bound: Option<f64>,
+    /// Host-to-device GB/s achieved by the decode copies.
+    pub achieved_gbps: f64,
+    /// `achieved_gbps` over the pinned bandwidth measured at the start.
+    pub pinned_fraction: Option<f64>,
+    /// Share of copy time hidden behind compute.
+    pub overlap_pct: f64,
+    /// The planner's estimate (language model, batch 1, this run's max length).
+    pub estimate_bytes: u64,
+    /// Peak VRAM this configuration took, per NVML.
+    pub measured_peak_bytes: Option<u64>,
+    /// `100 x (estimate - measured) / measured`.
+    pub estimate_error_pct: Option<f64>,
+}
+
+/// `vibeoffload bench`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// `vibeoffload.bench/1`.
+    pub schema: String,
+    /// The model.
+    pub model: ModelSummary,
+    /// `cpu` or the GPU's name.
+    pub device: String,
+    /// Pinned host-to-device bandwidth measured at the start (GPU only).
+    pub pinned_gbps: Option<f64>,
+    /// Device-memory bandwidth (device-to-device copies) measured at the start (GPU only).
+    pub device_gbps: Option<f64>,
+    /// Prompt tokens (test-speed pass and decode prefill).
+    pub prompt_len: usize,
+    /// Tokens decoded per configuration.
+    pub gen_tokens: usize,
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// One row per layer count.
+    pub rows: Vec<BenchRow>,
+}
+
+/// What `bench` measures.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Engine settings other than the layer count (which `layer_counts` supplies).
+    pub engine: EngineOptions,
+    /// Planner settings (language-model scope), for the estimate beside each measurement.
+    pub plan: PlanOptions,
+    /// Layer counts, in the order measured.
+    pub layer_counts: Vec<usize>,
+    /// Prompt and generation lengths, timed passes.
+    pub workload: Workload,
+}
+
+/// Loads `model` once per layer count and measures test-speed, decode, VRAM and copies;
+/// `progress` hears what is being measured.
+pub fn run_bench(
+    model: &ModelFile,
+    o: &BenchOptions,
+    mut progress: impl FnMut(String),
+) -> Result<BenchReport> {
+    let probe = GpuProbe::of(o.engine.device);
+    // Before anything touches the GPU: what other processes hold.
+    let baseline = probe.used_bytes();
+    let device = probe.label();
+    progress("measuring host-to-device and device-memory bandwidth".into());
+    let bandwidths = engine::bandwidths(o.engine.device)?;
+    let pinned_gbps = bandwidths.map(|b| b.pinned_gbps);
+    let device_gbps = bandwidths.map(|b| b.device_gbps);
+    let first = model.open()?;
+    let summary = ModelSummary::of(&first);
+    let w = &o.workload;
+    let vocab = first.config.vocab_size;
+    let ids = random_ids(w.prompt_len, w.seed, vocab);
+    let prompts = random_prompts(o.plan.batch as usize, w.prompt_len, w.seed, vocab);
+    drop(first);
+    let mut rows = Vec::new();
+    for &n in &o.layer_counts {
+        progress(format!("{n} GPU layers: loading"));
+        let info = model.open()?;
+        let estimate = plan::estimate(&info, &o.plan, n)?;
+        let weight_read_bytes = estimate.resident_layers_bytes
+            + estimate.pinned_host_bytes
+            + estimate.non_layer_weights_bytes;
+        let options = EngineOptions {
+            gpu_layers: n,
+            ..o.engine.clone()
+        };
+        let (mut engine, load_ms) = load(info, &options, |_, _| {})?;
+        progress(format!("{n} GPU layers: test-speed"));
+        let sampler = probe.watch_peak();
+        let speed = speed::test_speed(&mut engine, &ids, 1, w.runs)?;
+        progress(format!("{n} GPU layers: decode"));
+        let dec = speed::decode(&mut engine, &prompts, w.gen_tokens)?;
+        let load_phases = engine.load_timings();
+        let peak = sampler.map(gpu::PeakSampler::finish);
+        drop(engine);
+        let measured_peak_bytes = taken_bytes(baseline, peak);
+        rows.push(BenchRow {
+            gpu_layers: n,
+            load_ms,
+            load_phases,
+            test_speed_ms: speed.avg_ms,
+            test_speed_gpu_ms: speed.gpu_ms,
+            test_speed_host_ms: speed.host_ms,
+            ttft_ms: dec.ttft_ms,
+            decode_ms_per_token: dec.ms_per_token,
+            tokens_per_s: dec.tokens_per_s,
+            decode_gpu_ms_per_token: dec.gpu_ms_per_token,
+            decode_host_ms_per_token: dec.host_ms_per_token,
+            weight_read_bytes_per_token: weight_read_bytes,
+            weight_read_ms_per_token: device_gbps.map(|g| weight_read_bytes as f64 / (g * 1e6)),
+            streamed_bytes_per_token: estimate.pinned_host_bytes,
+            bound_ms_per_token: None,
+            vs_bound: None,
+            achieved_gbps: dec.transfer.achieved_gbps,
+            pinned_fraction: pinned_gbps
+                .filter(|_| dec.transfer.total_transfers > 0)
+                .map(|p| dec.transfer.achieved_gbps / p),
+            overlap_pct: dec.transfer.overlap_pct,
+            estimate_bytes: estimate.total_bytes,
+            estimate_error_pct: measured_peak_bytes
+                .filter(|&m| m > 0)
+                .map(|m| 100.0 * (estimate.total_bytes as f64 - m as f64) / m as f64),
+            measured_peak_bytes,
+        });
+    }
+    set_bounds(&mut rows, summary.layers, pinned_gbps);
+    Ok(BenchReport {
+        schema: "vibeoffload.bench/1".into(),
+        model: summary,
+        device,
+        pinned_gbps,
+        device_gbps,
+        prompt_len: w.prompt_len,
+        gen_tokens: w.gen_tokens,
+        batch: o.plan.batch as usize,
+        rows,
+    })
+}
+
+/// Fills in each row's lower bound of decode time and the ratio to it. With every layer
+/// resident the bound is reading the weights once; otherwise the larger of copying the
+/// streamed bytes and the resident decode time measured in this same run.
+fn set_bounds(rows: &mut [BenchRow], layers: usize, pinned_gbps: Option<f64>) {
+    let resident_ms = rows
+        .iter()
+        .find(|r| r.gpu_layers == layers)
+        .map(|r| r.decode_ms_per_token);
+    for r in rows {
+        let bound = if r.gpu_layers == layers {
+            r.weight_read_ms_per_token
+        } else {
+            pinned_gbps.map(|gbps| {
+                let copy_ms = r.streamed_bytes_per_token as f64 / (gbps * 1e6);
+                copy_ms.max(resident_ms.or(r.weight_read_ms_per_token).unwrap_or(0.0))
+            })
+        };
+        r.bound_ms_per_token = bound;
+        r.vs_bound = bound.map(|b| r.decode_ms_per_token / b);
+    }
+}
+
+/// Rows of `new` slower than the same layer count in `old` by more than `threshold`
+/// (0.10 = 10%), as one line each.
+pub fn regressions(old: &BenchReport, new: &BenchReport, threshold: f64) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in &new.rows {
+        let Some(o) = old.rows.iter().find(|o| o.gpu_layers == n.gpu_layers) else {
+            continue;
+        };
+        for (what, before, after) in [
+            (
+                "decode ms/token",
+                o.decode_ms_per_token,
+                n.decode_ms_per_token,
+            ),
+            ("test-speed ms", o.test_speed_ms, n.test_speed_ms),
+        ] {
+            if after > before * (1.0 + threshold) {
+                out.push(format!(
+                    "N={}: {what} {after:.2} vs {before:.2} (+{:.0}%)",
+                    n.gpu_layers,
+                    100.0 * (after / before - 1.0)
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::config::BuiltinModel;
+    use crate::checkpoint::{CheckpointDtype, ModelInfo};
+
+    fn report(ms: &[(usize, f64)]) -> BenchReport {
+        BenchReport {
+            schema: "vibeoffload.bench/1".into(),
+            model: ModelSummary::of(&ModelInfo::builtin(
+                BuiltinModel::Small1_5b,
+                CheckpointDtype::Float8,
+            )),
+            device: "cpu".into(),
+            pinned_gbps: None,
+            device_gbps: None,
+            prompt_len: 1,
+            gen_tokens: 1,
+            batch: 1,
+            rows: ms
+                .iter()
+                .map(|&(n, t)| BenchRow {
+                    gpu_layers: n,
+                    test_speed_ms: 1.0,
+                    decode_ms_per_token: t,
+                    ..BenchRow::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn regressions_beyond_the_threshold_only() {
+        let old = report(&[(28, 10.0), (8, 20.0)]);
+        let new = report(&[(28, 10.9), (8, 22.5), (4, 99.0)]);
+        let found = regressions(&old, &new, 0.10);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("N=8: decode ms/token 22.50 vs 20.00"),
+            "{found:?}"
+        );
+        assert!(regressions(&old, &new, 0.2).is_empty());
+    }
+
+    #[test]
+    fn streamed_bounds_use_the_resident_time_of_the_same_run() {
+        let mut rows = vec![
+            BenchRow {
+                gpu_layers: 4,
+                decode_ms_per_token: 3.0,
+                weight_read_ms_per_token: Some(1.0),
+                ..BenchRow::default()
+            },
+            BenchRow {
+                gpu_layers: 2,
+                decode_ms_per_token: 8.0,
+                streamed_bytes_per_token: 2_000_000,
+                ..BenchRow::default()
+            },
+        ];
+        set_bounds(&mut rows, 4, Some(1.0));
+        assert_eq!(rows[0].bound_ms_per_token, Some(1.0));
+        assert_eq!(rows[1].bound_ms_per_token, Some(3.0), "copying takes 2 ms");
+        assert_eq!(rows[1].vs_bound, Some(8.0 / 3.0));
+    }
+}

@@ -1,0 +1,53 @@
+//! `vibeoffload bench`: one line per layer count, in two tables that each fit 120 columns:
+//! decoding, and prefill with VRAM and load time.
+
+use super::{model_header, or_dash, Columns, Render};
+use crate::measure::{BenchReport, BenchRow};
+use crate::units::gib;
+
+impl Render for BenchReport {
+    fn render(&self) -> String {
+        let mut out = format!(
+            "{} on {}\npinned host-to-device bandwidth: {}; device-memory bandwidth: {}\nprefill {} tokens; decode {} tokens after a {}-token prompt, batch {}\n",
+            model_header(&self.model),
+            self.device,
+            self.pinned_gbps.map_or("not measured (CPU)".into(), |g| format!("{g:.1} GB/s")),
+            self.device_gbps.map_or("not measured (CPU)".into(), |g| format!("{g:.0} GB/s")),
+            self.prompt_len,
+            self.gen_tokens,
+            self.prompt_len,
+            self.batch
+        );
+        let decode = Columns::<BenchRow>::new()
+            .right("GPU layers", |r| r.gpu_layers.to_string())
+            .right("ms/token", |r| format!("{:.2}", r.decode_ms_per_token))
+            .right("tokens/s", |r| format!("{:.1}", r.tokens_per_s))
+            .right("GPU ms", |r| or_dash(r.decode_gpu_ms_per_token, 2))
+            .right("host ms", |r| or_dash(r.decode_host_ms_per_token, 2))
+            .right("bound ms", |r| or_dash(r.bound_ms_per_token, 2))
+            .right("vs bound", |r| or_dash(r.vs_bound, 2))
+            .right("GB/s", |r| format!("{:.1}", r.achieved_gbps))
+            .right("of pinned", |r| or_dash(r.pinned_fraction, 2))
+            .right("overlap %", |r| format!("{:.1}", r.overlap_pct));
+        out.push_str(&format!(
+            "decode, per step (GPU ms, host ms: the step with its launches queued ahead)\n{}\n",
+            decode.table(&self.rows)
+        ));
+        let prefill = Columns::<BenchRow>::new()
+            .right("GPU layers", |r| r.gpu_layers.to_string())
+            .right("prefill ms", |r| format!("{:.2}", r.test_speed_ms))
+            .right("GPU ms", |r| or_dash(r.test_speed_gpu_ms, 2))
+            .right("host ms", |r| or_dash(r.test_speed_host_ms, 2))
+            .right("estimate GiB", |r| gib(r.estimate_bytes))
+            .right("measured GiB", |r| {
+                r.measured_peak_bytes.map_or("-".into(), gib)
+            })
+            .right("error %", |r| or_dash(r.estimate_error_pct, 1))
+            .right("load s", |r| format!("{:.1}", r.load_ms / 1e3));
+        out.push_str(&format!(
+            "prefill (test-speed pass), VRAM and load time\n{}\n",
+            prefill.table(&self.rows)
+        ));
+        out
+    }
+}

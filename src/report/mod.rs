@@ -1,0 +1,172 @@
+//! What the commands print: each command's text form (one file per command), the report
+//! types built from the planner's numbers (`table`, `auto`, `inspect`), the bench plot, and
+//! JSON output. The types `run` and `bench` measure live in [`crate::measure`]; this module
+//! only renders them. Nothing here prints.
+
+mod bench;
+mod inspect;
+mod plan;
+mod plot;
+mod run;
+mod synth;
+mod table;
+
+pub use inspect::{GroupRow, InspectReport, LayerTensorRow};
+pub use plan::PlanReport;
+pub use plot::plot_bench;
+pub use table::{GpuClassRow, TableReport, TableRow};
+
+use crate::budget::Budget;
+use crate::plan::{PlanOptions, Scope};
+use crate::summary::ModelSummary;
+use crate::units::gib;
+use anyhow::{Context, Result};
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{CellAlignment, Table};
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+
+/// A report's text form: what a command prints without `--json`.
+pub trait Render {
+    /// The report as lines and tables, ending in a newline.
+    fn render(&self) -> String;
+}
+
+/// A report as pretty JSON, ending in a newline.
+pub fn json<T: Serialize>(report: &T) -> Result<String> {
+    Ok(serde_json::to_string_pretty(report)? + "\n")
+}
+
+/// Writes [`json`]`(report)` to `path` under a temporary name, renamed when complete.
+pub fn write_json<T: Serialize>(report: &T, path: &Path) -> Result<()> {
+    let text = json(report)?;
+    let mut file = crate::temp_file_beside(path)?;
+    file.write_all(text.as_bytes())
+        .and_then(|_| file.flush())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// How a column's cells (header included) line up.
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// One column of a text table: its header, how a row fills it, and its alignment.
+struct Column<'a, R> {
+    header: &'a str,
+    align: Align,
+    cell: Box<dyn Fn(&R) -> String + 'a>,
+}
+
+/// A table's columns, in order; [`Columns::table`] fills them from a list of rows.
+struct Columns<'a, R>(Vec<Column<'a, R>>);
+
+impl<'a, R> Columns<'a, R> {
+    fn new() -> Self {
+        Columns(Vec::new())
+    }
+
+    /// Adds a left-aligned column.
+    fn left(self, header: &'a str, cell: impl Fn(&R) -> String + 'a) -> Self {
+        self.with(header, Align::Left, cell)
+    }
+
+    /// Adds a right-aligned column (numbers).
+    fn right(self, header: &'a str, cell: impl Fn(&R) -> String + 'a) -> Self {
+        self.with(header, Align::Right, cell)
+    }
+
+    fn with(mut self, header: &'a str, align: Align, cell: impl Fn(&R) -> String + 'a) -> Self {
+        self.0.push(Column {
+            header,
+            align,
+            cell: Box::new(cell),
+        });
+        self
+    }
+
+    /// A table with one line per row.
+    fn table<'r>(&self, rows: impl IntoIterator<Item = &'r R>) -> Table
+    where
+        R: 'r,
+    {
+        let mut t = Table::new();
+        t.load_style(UTF8_FULL_CONDENSED)
+            .set_header(self.0.iter().map(|c| c.header));
+        for row in rows {
+            t.add_row(self.0.iter().map(|c| (c.cell)(row)));
+        }
+        for (i, c) in self.0.iter().enumerate() {
+            if let (Align::Right, Some(column)) = (c.align, t.column_mut(i)) {
+                column.set_cell_alignment(CellAlignment::Right);
+            }
+        }
+        t
+    }
+}
+
+/// `value` with `digits` decimals, or `-` when there is none.
+fn or_dash(value: Option<f64>, digits: usize) -> String {
+    value.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// A unit enum variant's JSON name (`config_json`), for text output.
+fn snake<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// `model: SOURCE (N layers of B bytes)`, the first line of most reports.
+fn model_header(m: &ModelSummary) -> String {
+    format!(
+        "model: {} ({} layers of {} bytes)",
+        m.source, m.layers, m.layer_bytes
+    )
+}
+
+/// The model and the planning options, two lines.
+fn model_line(m: &ModelSummary, o: &PlanOptions) -> String {
+    let scope = match o.scope {
+        Scope::Full => "full VibeVoice (LM, diffusion head, tokenizers; 2 KV caches for CFG)",
+        Scope::LanguageModel => "language model only",
+    };
+    format!(
+        "{}\nplan: {scope}; batch {}, max {} tokens, {} placement, {} stream slots{}\n",
+        model_header(m),
+        o.batch,
+        o.max_seq_len,
+        o.placement,
+        o.stream_slots,
+        if o.offload_prediction_head {
+            ", prediction head in host memory"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Where the budget comes from and how large it is, one line.
+fn budget_line(b: &Budget) -> String {
+    let gpu = b.gpu.as_ref().map_or("--vram".to_string(), |g| {
+        format!(
+            "GPU {} {} ({} GiB total)",
+            g.index,
+            g.name,
+            gib(g.total_bytes)
+        )
+    });
+    format!(
+        "budget: {:.0}% of {} GiB free on {gpu} = {} GiB\n",
+        b.target_utilization * 100.0,
+        gib(b.free_bytes),
+        gib(b.budget_bytes)
+    )
+}

@@ -1,0 +1,151 @@
+//! `vibeoffload table`: the estimate for each layer count, and which counts common GPUs run.
+
+use super::{budget_line, model_line, Columns, Render};
+use crate::budget::Budget;
+use crate::checkpoint::ModelInfo;
+use crate::plan::{self, presets, PlanOptions, VramEstimate};
+use crate::summary::ModelSummary;
+use crate::units::gib;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+/// One row of the VRAM table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableRow {
+    /// Presets and aliases with this layer count.
+    pub presets: Vec<String>,
+    /// The estimate.
+    #[serde(flatten)]
+    pub estimate: VramEstimate,
+    /// Whether it fits the budget, when there is one.
+    pub fits: Option<bool>,
+}
+
+/// Which layer count a card of a common size can run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuClassRow {
+    /// Card memory in GiB.
+    pub vram_gib: u64,
+    /// Example cards.
+    pub examples: String,
+    /// `vram_gib x target_utilization`, in bytes.
+    pub budget_bytes: u64,
+    /// The largest layer count that fits, if any.
+    pub gpu_layers: Option<usize>,
+    /// Its estimated VRAM.
+    pub total_bytes: Option<u64>,
+}
+
+/// `vibeoffload table`: the estimate for each layer count, and which counts common GPUs run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableReport {
+    /// `vibeoffload.table/1`.
+    pub schema: String,
+    /// The model.
+    pub model: ModelSummary,
+    /// Planning options.
+    pub options: PlanOptions,
+    /// This machine's budget, when known.
+    pub budget: Option<Budget>,
+    /// One row per layer count.
+    pub rows: Vec<TableRow>,
+    /// Common GPU sizes at the same target utilization.
+    pub gpu_classes: Vec<GpuClassRow>,
+}
+
+impl TableReport {
+    /// Estimates each of `layer_counts`; `target_utilization` also applies to the GPU classes.
+    pub fn build(
+        model: &ModelInfo,
+        options: &PlanOptions,
+        layer_counts: &[usize],
+        budget: Option<Budget>,
+        target_utilization: f64,
+    ) -> Result<TableReport> {
+        let num_layers = model.inventory.num_layers();
+        let rows = layer_counts
+            .iter()
+            .map(|&n| {
+                let estimate = plan::estimate(model, options, n)?;
+                Ok(TableRow {
+                    presets: presets::names_for(n, num_layers),
+                    fits: budget.as_ref().map(|b| b.fits(&estimate)),
+                    estimate,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let gpu_classes = presets::presets()
+            .gpus
+            .iter()
+            .map(|g| {
+                let budget_bytes =
+                    Budget::new(None, g.vram_gib << 30, target_utilization).budget_bytes;
+                let fit = plan::fit(model, options, budget_bytes)?;
+                Ok(GpuClassRow {
+                    vram_gib: g.vram_gib,
+                    examples: g.examples.clone(),
+                    budget_bytes,
+                    gpu_layers: fit.as_ref().map(|e| e.gpu_layers),
+                    total_bytes: fit.map(|e| e.total_bytes),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(TableReport {
+            schema: "vibeoffload.table/1".into(),
+            model: ModelSummary::of(model),
+            options: options.clone(),
+            budget,
+            rows,
+            gpu_classes,
+        })
+    }
+}
+
+impl Render for TableReport {
+    fn render(&self) -> String {
+        let mut out = model_line(&self.model, &self.options);
+        let term = |get: fn(&VramEstimate) -> u64| move |r: &TableRow| gib(get(&r.estimate));
+        let mut columns = Columns::<TableRow>::new()
+            .left("GPU layers", |r| r.estimate.gpu_layers.to_string())
+            .left("preset", |r| r.presets.join(", "))
+            .right("context", term(|e| e.cuda_context_bytes))
+            .right("other weights", term(|e| e.non_layer_weights_bytes))
+            .right("layers", term(|e| e.resident_layers_bytes))
+            .right("stream slots", term(|e| e.stream_buffers_bytes))
+            .right("KV cache", term(|e| e.kv_cache_bytes))
+            .right("working", term(|e| e.working_bytes))
+            .right("margin", term(|e| e.margin_bytes))
+            .right("total GiB", term(|e| e.total_bytes))
+            .right("pinned host", term(|e| e.pinned_host_bytes));
+        if self.budget.is_some() {
+            columns = columns.right("fits", |r| match r.fits {
+                Some(true) => "yes".into(),
+                Some(false) => "no".into(),
+                None => String::new(),
+            });
+        }
+        out.push_str(&format!(
+            "VRAM estimate in GiB, by decoder layers kept on the GPU\n{}\n",
+            columns.table(&self.rows)
+        ));
+        if let Some(b) = &self.budget {
+            out.push_str(&budget_line(b));
+        }
+        let classes = Columns::<GpuClassRow>::new()
+            .left("card", |c| format!("{} GB", c.vram_gib))
+            .left("examples", |c| c.examples.clone())
+            .right("budget GiB", |c| gib(c.budget_bytes))
+            .right("GPU layers", |c| {
+                c.gpu_layers
+                    .map_or("does not fit".into(), |n| n.to_string())
+            })
+            .right("total GiB", |c| c.total_bytes.map_or("-".into(), gib));
+        let utilization = self.budget.as_ref().map_or(0.8, |b| b.target_utilization);
+        out.push_str(&format!(
+            "\nCommon GPUs at {:.0}% of their memory\n{}\n",
+            utilization * 100.0,
+            classes.table(&self.gpu_classes)
+        ));
+        out
+    }
+}
