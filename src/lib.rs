@@ -2,15 +2,13 @@
 //! decoder layers resident and streaming the rest from pinned host memory, and say before a run
 //! exactly how much VRAM each choice needs.
 //!
-//! Data flows one way: [`arch`] (what the model is) -> [`checkpoint`] (header, inventory) ->
-//! [`plan`] (estimate, placement;
-//! [`budget`]) -> [`engine`] (load, forward, streaming) -> [`measure`] (timed runs, bench) ->
-//! [`report`] (text tables, JSON, plot) -> the binary (command line). [`gpu`] reads NVML;
-//! [`summary`] and [`units`] are shared by the reports.
+//! Data flows one way: [`arch`] (what the model is) -> [`checkpoint`] (header, inventory,
+//! summary) -> [`plan`] (estimate, placement, budget) -> [`engine`] (load, forward, streaming)
+//! -> [`measure`] (timed runs, bench) -> [`report`] (text tables, JSON, plot) -> the binary
+//! (command line). [`gpu`] reads NVML; [`units`] formats byte counts.
 #![deny(missing_docs)]
 
 pub mod arch;
-pub mod budget;
 pub mod checkpoint;
 pub mod dtype;
 pub mod engine;
@@ -18,7 +16,6 @@ pub mod gpu;
 pub mod measure;
 pub mod plan;
 pub mod report;
-pub mod summary;
 pub mod units;
 
 use std::fmt;

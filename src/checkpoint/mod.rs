@@ -5,6 +5,7 @@ pub mod config;
 pub mod header;
 pub mod inventory;
 pub mod layout;
+pub mod summary;
 pub mod synth;
 
 use crate::arch::config::{BuiltinModel, ModelConfig};

@@ -9,12 +9,12 @@ use super::args::{
 use anyhow::{bail, Result};
 use vibeoffload::arch::config::{BuiltinModel, ModelConfig};
 use vibeoffload::arch::vibevoice::VibeVoiceParts;
-use vibeoffload::budget::{Budget, Choice};
 use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::SynthSpec;
 use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{DeviceChoice, EngineOptions};
 use vibeoffload::measure::{BenchOptions, BenchReport, Mode, ModelFile, SessionOptions, Workload};
+use vibeoffload::plan::budget::{Budget, Choice};
 use vibeoffload::plan::{presets, Placement, PlanOptions, Scope};
 use vibeoffload::{gpu, UsageError};
 

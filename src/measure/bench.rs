@@ -3,10 +3,10 @@
 //! measured bandwidths set.
 
 use super::{load, random_ids, random_prompts, speed, taken_bytes, GpuProbe, ModelFile, Workload};
+use crate::checkpoint::summary::ModelSummary;
 use crate::engine::{self, EngineOptions, LoadTimings};
 use crate::gpu;
 use crate::plan::{self, PlanOptions};
-use crate::summary::ModelSummary;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +31,7 @@ pub struct BenchRow {
     pub decode_ms_per_token: f64,
     /// Tokens per second over the batch.
     pub tokens_per_s: f64,
-    /// GPU time of a decode step with its launches queued ahead (see [`Decode`]).
+    /// GPU time of a decode step with its launches queued ahead (see [`super::speed::Decode`]).
     pub decode_gpu_ms_per_token: Option<f64>,
     /// Host time to queue a decode step.
     pub decode_host_ms_per_token: Option<f64>,

@@ -3,11 +3,11 @@
 //! the planner's estimate.
 
 use super::{load, random_ids, random_prompts, speed, taken_bytes, GpuProbe, ModelFile, Workload};
-use crate::budget::{Budget, Choice};
+use crate::checkpoint::summary::ModelSummary;
 use crate::engine::{self, EngineOptions, LoadTimings};
 use crate::gpu;
+use crate::plan::budget::{Budget, Choice};
 use crate::plan::{self, PlanOptions, VramEstimate};
-use crate::summary::ModelSummary;
 use crate::units::gib;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

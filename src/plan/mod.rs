@@ -2,6 +2,7 @@
 //! takes, term by term. Pure: the model, the options and the VRAM budget go in, numbers come
 //! out; NVML readings are an input, never a call made here.
 
+pub mod budget;
 pub mod memory;
 pub mod presets;
 

@@ -2,8 +2,8 @@
 
 use super::{snake, Columns, Render};
 use crate::checkpoint::inventory::{Part, ScaleSummary};
+use crate::checkpoint::summary::ModelSummary;
 use crate::checkpoint::ModelInfo;
-use crate::summary::ModelSummary;
 use crate::units::gib;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -16,9 +16,9 @@ pub use plan::PlanReport;
 pub use plot::plot_bench;
 pub use table::{GpuClassRow, TableReport, TableRow};
 
-use crate::budget::Budget;
+use crate::checkpoint::summary::ModelSummary;
+use crate::plan::budget::Budget;
 use crate::plan::{PlanOptions, Scope};
-use crate::summary::ModelSummary;
 use crate::units::gib;
 use anyhow::{Context, Result};
 use comfy_table::presets::UTF8_FULL_CONDENSED;

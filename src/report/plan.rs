@@ -2,10 +2,10 @@
 //! and its estimate term by term.
 
 use super::{budget_line, model_line, Columns, Render};
-use crate::budget::{Budget, Choice};
+use crate::checkpoint::summary::ModelSummary;
 use crate::checkpoint::ModelInfo;
+use crate::plan::budget::{Budget, Choice};
 use crate::plan::{self, PlanOptions, VramEstimate};
-use crate::summary::ModelSummary;
 use crate::units::gib;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

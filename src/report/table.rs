@@ -1,10 +1,10 @@
 //! `vibeoffload table`: the estimate for each layer count, and which counts common GPUs run.
 
 use super::{budget_line, model_line, Columns, Render};
-use crate::budget::Budget;
+use crate::checkpoint::summary::ModelSummary;
 use crate::checkpoint::ModelInfo;
+use crate::plan::budget::Budget;
 use crate::plan::{self, presets, PlanOptions, VramEstimate};
-use crate::summary::ModelSummary;
 use crate::units::gib;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
