@@ -3,6 +3,7 @@
 //! against the shapes.
 
 use super::header::TensorInfo;
+use super::layout;
 use crate::arch::config::ModelConfig;
 use crate::arch::qwen2::LayerTensor;
 use crate::arch::vibevoice::LM_PREFIX;
@@ -148,6 +149,9 @@ pub struct Inventory {
     pub tensors: Vec<(TensorInfo, Part)>,
     /// Bytes of each decoder layer (scales included).
     pub layer_bytes: Vec<u64>,
+    /// Bytes of each decoder layer packed into one buffer ([`layout::packed_layout`]): its
+    /// pinned host copy and the slot it streams through.
+    pub packed_layer_bytes: Vec<u64>,
     /// Float8 scale conventions found.
     pub scales: ScaleSummary,
     /// Indices into `tensors`: by name, and by part in data order (lookups stay cheap for
@@ -203,10 +207,17 @@ impl Inventory {
         for (i, (_, part)) in tensors.iter().enumerate() {
             by_part.entry(*part).or_default().push(i);
         }
+        let packed_layer_bytes = (0..layer_bytes.len())
+            .map(|i| {
+                let layer = by_part.get(&Part::Layer(i)).into_iter().flatten();
+                layout::packed_layout(layer.map(|&t| &tensors[t].0)).1
+            })
+            .collect();
         Ok(Inventory {
             layout,
             tensors,
             layer_bytes,
+            packed_layer_bytes,
             scales,
             by_name,
             by_part,

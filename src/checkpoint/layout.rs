@@ -99,6 +99,26 @@ pub fn tensor_infos(specs: Vec<TensorSpec>) -> Vec<TensorInfo> {
         .collect()
 }
 
+/// Alignment of each tensor inside a packed layer buffer (pinned host copy and GPU slot).
+pub const TENSOR_ALIGN_BYTES: u64 = 256;
+
+/// Rounds `bytes` up to [`TENSOR_ALIGN_BYTES`].
+pub fn align_up(bytes: u64) -> u64 {
+    bytes.div_ceil(TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES
+}
+
+/// Where each tensor of a layer goes when the layer is packed into one buffer (each tensor
+/// aligned), and the buffer's size: the layout of its pinned host copy and of a GPU slot.
+pub fn packed_layout<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> (Vec<u64>, u64) {
+    let mut offsets = Vec::new();
+    let mut end = 0;
+    for t in tensors {
+        offsets.push(end);
+        end += align_up(t.size_bytes());
+    }
+    (offsets, end)
+}
+
 /// Applies a precision: picks each tensor's dtype and adds scale tensors after their weights.
 fn store(logical: Vec<(String, Vec<u64>, Role)>, precision: Precision) -> Vec<TensorSpec> {
     let mut out = Vec::with_capacity(logical.len() * 2);
@@ -165,6 +185,14 @@ fn store(logical: Vec<(String, Vec<u64>, Role)>, precision: Precision) -> Vec<Te
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alignment() {
+        assert_eq!(align_up(0), 0);
+        assert_eq!(align_up(1), 256);
+        assert_eq!(align_up(256), 256);
+        assert_eq!(align_up(257), 512);
+    }
     use crate::arch::config::BuiltinModel;
 
     fn layer_bytes(specs: &[TensorSpec], layer: usize) -> u64 {

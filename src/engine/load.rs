@@ -10,6 +10,7 @@ use super::watch::Watch;
 use super::weights::{Decoded, LayerWeights, Linear};
 use super::{DeviceChoice, Engine, EngineOptions};
 use crate::checkpoint::header::TensorInfo;
+use crate::checkpoint::layout;
 use crate::checkpoint::ModelInfo;
 use crate::plan::memory;
 use anyhow::{anyhow, bail, Context, Result};
@@ -102,7 +103,7 @@ impl Engine {
                 let weights = LayerWeights::new(&raw, &decoded, true)?;
                 layers.push(Residency::Resident(Box::new(weights)));
             } else {
-                let (offsets, size) = memory::packed_layout(tensors.iter().map(|(_, t)| *t));
+                let (offsets, size) = layout::packed_layout(tensors.iter().map(|(_, t)| *t));
                 let pin_started = Instant::now();
                 let mut bytes = host_buffer(&device, size as usize, options.pin_memory)?;
                 timings.pin_ms += ms_since(pin_started);

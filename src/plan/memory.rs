@@ -27,8 +27,6 @@ pub const MARGIN_BYTES: u64 = 256 * MIB;
 
 // ---- engine constants -----------------------------------------------------------------------
 
-/// Alignment of each tensor inside a packed layer buffer (pinned host copy and GPU slot).
-pub const TENSOR_ALIGN_BYTES: u64 = 256;
 /// GPU slots that offloaded layers stream through.
 pub const DEFAULT_STREAM_SLOTS: usize = 2;
 /// Longest run of prompt tokens one forward pass processes; longer prompts are prefilled in
@@ -44,33 +42,6 @@ pub const KV_BYTES: u64 = 2;
 pub const SCALE_BYTES: u64 = 4;
 /// Bytes per attention score and logit (f32, for a stable softmax).
 pub const SCORE_BYTES: u64 = 4;
-
-/// Rounds `bytes` up to [`TENSOR_ALIGN_BYTES`].
-pub fn align_up(bytes: u64) -> u64 {
-    bytes.div_ceil(TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES
-}
-
-/// Where each tensor of a layer goes when the layer is packed into one buffer (each tensor
-/// aligned), and the buffer's size: the layout of its pinned host copy and of a GPU slot.
-pub fn packed_layout<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> (Vec<u64>, u64) {
-    let mut offsets = Vec::new();
-    let mut end = 0;
-    for t in tensors {
-        offsets.push(end);
-        end += align_up(t.size_bytes());
-    }
-    (offsets, end)
-}
-
-/// Size of one layer packed into a single buffer (see [`packed_layout`]).
-pub fn packed_layer_bytes<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> u64 {
-    packed_layout(tensors).1
-}
-
-/// The packed size of decoder layer `layer`.
-pub fn packed_layer_bytes_of(inventory: &Inventory, layer: usize) -> u64 {
-    packed_layer_bytes(inventory.part_tensors(Part::Layer(layer)))
-}
 
 /// Whether the engine decodes a decoder layer's tensor once at load and keeps it on the
 /// device, streamed layers included (engine::model::Decoded): norm weights and biases in the
@@ -89,11 +60,13 @@ pub fn decoded_copies(rel: &str) -> Option<(u64, u64)> {
 }
 
 /// Device bytes of every decoder layer's tensors decoded once at load ([`decoded_copies`]).
+/// All layers hold the same tensors (the inventory checks it), so layer 0 speaks for all.
 pub fn decoded_vector_bytes(inventory: &Inventory) -> u64 {
-    (0..inventory.num_layers())
-        .flat_map(|i| inventory.layer_tensors(i))
+    let per_layer: u64 = inventory
+        .layer_tensors(0)
         .filter_map(|(rel, t)| decoded_copies(rel).map(|(n, bytes)| n * t.numel() * bytes))
-        .sum()
+        .sum();
+    inventory.num_layers() as u64 * per_layer
 }
 
 /// Streaming slots for offloaded layers of these packed sizes when `slots` are asked for: no
@@ -232,13 +205,5 @@ mod tests {
             decoded_vector_bytes(&inventory),
             28 * (norms + biases + scales)
         );
-    }
-
-    #[test]
-    fn alignment() {
-        assert_eq!(align_up(0), 0);
-        assert_eq!(align_up(1), 256);
-        assert_eq!(align_up(256), 256);
-        assert_eq!(align_up(257), 512);
     }
 }

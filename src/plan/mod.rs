@@ -166,7 +166,7 @@ pub fn estimate(
         .sum();
     let offloaded_packed: Vec<u64> = (0..num_layers)
         .filter(|&i| !resident[i])
-        .map(|i| memory::packed_layer_bytes_of(inventory, i))
+        .map(|i| inventory.packed_layer_bytes[i])
         .collect();
     let (slots, slot_bytes) = memory::stream_slots(options.stream_slots, &offloaded_packed);
     let stream_buffers_bytes = slots as u64 * slot_bytes;
@@ -295,10 +295,7 @@ mod tests {
         let e9 = estimate(&m, &o, 9).unwrap();
         assert_eq!(e9.total_bytes - e8.total_bytes, 233_057_792);
         assert_eq!(e8.resident_layers_bytes, 8 * 233_057_792);
-        assert_eq!(
-            e8.pinned_host_bytes,
-            20 * memory::packed_layer_bytes_of(&m.inventory, 0)
-        );
+        assert_eq!(e8.pinned_host_bytes, 20 * m.inventory.packed_layer_bytes[0]);
         let sum = e8.cuda_context_bytes
             + e8.non_layer_weights_bytes
             + e8.resident_layers_bytes
