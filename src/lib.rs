@@ -14,32 +14,12 @@ pub mod dtype;
 pub mod engine;
 pub mod gpu;
 pub mod measure;
+pub mod output;
 pub mod plan;
 pub mod report;
 pub mod units;
 
 use std::fmt;
-
-/// A hidden temporary file in the directory of `path`, which becomes a regular, world-readable
-/// file when persisted to `path`: files are written under a temporary name and renamed when
-/// complete, so an interrupted write leaves nothing under the final name.
-pub(crate) fn temp_file_beside(path: &std::path::Path) -> anyhow::Result<tempfile::NamedTempFile> {
-    use anyhow::Context;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => std::path::Path::new("."),
-    };
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".vibeoffload-");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o644));
-    }
-    builder
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
-}
 
 /// A command-line value that cannot be used (unknown preset, layer count out of range, bad
 /// size). The binary exits with status 2 for these and 1 for every other failure.

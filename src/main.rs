@@ -23,6 +23,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Err(e) = vibeoffload::output::guard_process() {
+        eprintln!("warning: {e:#}");
+    }
     let result = match cli.command {
         Some(Command::Table(a)) => commands::table(a),
         Some(Command::Auto(a)) => commands::auto(a),

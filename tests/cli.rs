@@ -913,3 +913,88 @@ fn run_decodes_a_batch() {
     assert_eq!(r.estimate.kv_cache_bytes, kv as u64);
     assert!(r.load_phases.total_ms >= r.load_phases.upload_ms);
 }
+
+#[test]
+fn outputs_never_replace_an_input_a_link_or_a_directory() {
+    let (dir, model) = tiny(&[]);
+    let d = dir.path();
+    let before = std::fs::read(&model).unwrap();
+    let config_before = std::fs::read(d.join("config.json")).unwrap();
+    let run = |dump: &'static str| {
+        [
+            "run",
+            "--model-path",
+            "m.safetensors",
+            "--input-ids",
+            "1,2,3",
+            "--dump",
+            dump,
+        ]
+    };
+    fails(
+        d,
+        &run("m.safetensors"),
+        1,
+        &["refusing to write", "the tool reads it"],
+    );
+    fails(
+        d,
+        &run("config.json"),
+        1,
+        &["refusing to write", "the tool reads it"],
+    );
+    std::os::unix::fs::symlink("elsewhere.txt", d.join("link.safetensors")).unwrap();
+    fails(d, &run("link.safetensors"), 1, &["is a link"]);
+    std::fs::create_dir(d.join("sub")).unwrap();
+    fails(d, &run("sub"), 1, &["not a regular file"]);
+    let bench = [
+        "bench",
+        "--model-path",
+        "m.safetensors",
+        "--layers",
+        "4",
+        "--plot",
+        "m.safetensors",
+    ];
+    fails(d, &bench, 1, &["the tool reads it"]);
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+    assert_eq!(std::fs::read(d.join("config.json")).unwrap(), config_before);
+    assert!(!d.join("elsewhere.txt").exists());
+    assert_no_temporary_files(d);
+}
+
+#[test]
+fn synth_keeps_checkpoint_and_config_apart_and_shared_configs_intact() {
+    let (dir, _) = tiny(&[]);
+    let d = dir.path();
+    fails(
+        d,
+        &["synth", "config.json", "--force"],
+        2,
+        &["name the checkpoint"],
+    );
+    // A second model with another shape would break the first one's config.json.
+    let other = [
+        "synth",
+        "other.safetensors",
+        "--size",
+        "custom",
+        "--layers",
+        "2",
+        "--force",
+    ];
+    fails(d, &other, 2, &["refusing to replace", "m.safetensors"]);
+    // The same shapes may share it.
+    let same = [
+        "synth",
+        "other.safetensors",
+        "--size",
+        "custom",
+        "--layers",
+        "4",
+        "--force",
+    ];
+    ok(d, &same);
+    ok(d, &["inspect", "m.safetensors"]);
+    assert_no_temporary_files(d);
+}

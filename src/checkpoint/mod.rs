@@ -94,6 +94,7 @@ impl Checkpoint {
         // SAFETY: the map is read-only. Like every tool that maps checkpoints (candle,
         // safetensors), we assume nobody truncates or rewrites the file while it is open.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {shown}"))?;
+        crate::output::record_input(path);
         let header = header::parse(&mmap, file_bytes, &shown)?;
         Ok(Checkpoint {
             path: path.to_path_buf(),
@@ -175,6 +176,9 @@ impl ModelInfo {
                  config.json there, or remove it to infer the configuration from the shapes",
                 config_path.display()
             );
+        }
+        if config_exists {
+            crate::output::record_input(&config_path);
         }
         let (config, config_source) = if config_exists {
             let text = std::fs::read_to_string(&config_path)

@@ -8,6 +8,7 @@ use crate::arch::config::ModelConfig;
 use crate::arch::vibevoice::VibeVoiceParts;
 use crate::arch::Role;
 use crate::dtype::{f32_to_bf16_bits, f32_to_f8e4m3, DType, F8E4M3_MAX};
+use crate::output::Output;
 use crate::UsageError;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -88,10 +89,7 @@ pub fn write(
     let started = Instant::now();
     spec.config.validate()?;
     let config_path = out.with_file_name("config.json");
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = crate::output::parent_dir(out);
     if !dir.is_dir() {
         bail!(UsageError::new(format!(
             "cannot write {}: directory {} does not exist",
@@ -99,13 +97,24 @@ pub fn write(
             dir.display()
         )));
     }
+    if out.file_name().is_some_and(|n| n == "config.json") {
+        bail!(UsageError::new(format!(
+            "cannot write the checkpoint to {}: its config.json goes beside it under that name; \
+             name the checkpoint *.safetensors",
+            out.display()
+        )));
+    }
     for existing in [out, config_path.as_path()] {
-        if existing.exists() && !force {
+        if existing.symlink_metadata().is_ok() && !force {
             bail!(UsageError::new(format!(
                 "refusing to overwrite {}; pass --force to replace it",
                 existing.display()
             )));
         }
+    }
+    let config_json = serde_json::to_string_pretty(&config_json(spec))?;
+    if force {
+        refuse_shared_config(out, &config_path, &config_json)?;
     }
 
     let specs = layout::vibevoice(&spec.config, &spec.parts, spec.precision);
@@ -121,10 +130,11 @@ pub fn write(
     let prefix = header::encode(&listed, &metadata);
     let total = prefix.len() as u64 + specs.iter().map(TensorSpec::size_bytes).sum::<u64>();
 
-    let mut file = crate::temp_file_beside(out)?;
+    let mut file = Output::begin(out)?;
+    let mut config_file = Output::begin(&config_path)?;
     let write_err = || format!("cannot write {}", out.display());
     {
-        let mut writer = BufWriter::with_capacity(CHUNK_BYTES, file.as_file_mut());
+        let mut writer = BufWriter::with_capacity(CHUNK_BYTES, file.file());
         writer.write_all(&prefix).with_context(write_err)?;
         let mut written = prefix.len() as u64;
         let tables = ValueTables::new(matches!(spec.precision, Precision::Float8Scaled(..)));
@@ -144,22 +154,24 @@ pub fn write(
         }
         writer.flush().with_context(write_err)?;
     }
-    file.as_file().sync_all().with_context(write_err)?;
-
-    let config_json = serde_json::to_string_pretty(&config_json(spec))?;
-    let mut config_file = crate::temp_file_beside(&config_path)?;
+    file.file().sync_all().with_context(write_err)?;
     config_file
+        .file()
         .write_all(config_json.as_bytes())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
 
-    file.persist(out)
-        .with_context(|| format!("cannot rename the finished checkpoint to {}", out.display()))?;
-    config_file.persist(&config_path).with_context(|| {
-        format!(
-            "cannot rename the finished config to {}",
-            config_path.display()
-        )
-    })?;
+    // Without --force, of two writers racing for one name the second fails at the checkpoint,
+    // before its config.json could replace the first one's.
+    match force {
+        true => {
+            file.commit()?;
+            config_file.commit()?;
+        }
+        false => {
+            file.commit_new()?;
+            config_file.commit_new()?;
+        }
+    }
     Ok(SynthReport {
         path: out.to_path_buf(),
         config_path,
@@ -171,6 +183,38 @@ pub fn write(
 }
 
 /// The VibeVoice-style `config.json` for a synthesized checkpoint.
+/// `config.json` describes every checkpoint in its directory: replacing it with a different one
+/// (`--force`) would silently break another checkpoint there.
+fn refuse_shared_config(out: &Path, config_path: &Path, new: &str) -> Result<()> {
+    let Ok(old) = std::fs::read_to_string(config_path) else {
+        return Ok(());
+    };
+    let parse = |t: &str| serde_json::from_str::<serde_json::Value>(t).ok();
+    if parse(&old) == parse(new) {
+        return Ok(());
+    }
+    let dir = crate::output::parent_dir(config_path);
+    let others: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "safetensors") && p.file_name() != out.file_name()
+        })
+        .map(|p| p.display().to_string())
+        .collect();
+    if !others.is_empty() {
+        bail!(UsageError::new(format!(
+            "refusing to replace {}: it also describes {}, which a different configuration \
+             would break; write this model to another directory",
+            config_path.display(),
+            others.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 fn config_json(spec: &SynthSpec) -> serde_json::Value {
     let c = &spec.config;
     let torch_dtype = match spec.precision {

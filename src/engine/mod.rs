@@ -389,10 +389,8 @@ pub fn dump(path: &std::path::Path, hidden: &Tensor, logits: Option<&Tensor>) ->
             l.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
         );
     }
-    let tmp = crate::temp_file_beside(path)?;
-    candle_core::safetensors::save(&tensors, tmp.path())
+    let out = crate::output::Output::begin(path)?;
+    candle_core::safetensors::save(&tensors, out.temp_path())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot rename the dump to {}", path.display()))?;
-    Ok(())
+    out.commit()
 }

@@ -89,6 +89,7 @@ impl ModelFile {
     /// Writes the embedded test model (8 layers, hidden 256) in `dtype`.
     pub fn embedded(dtype: CheckpointDtype) -> Result<ModelFile> {
         let dir = tempfile::tempdir()?;
+        crate::output::remove_on_interrupt(dir.path());
         let path = dir.path().join("embedded.safetensors");
         let spec = SynthSpec {
             precision: dtype.precision(),

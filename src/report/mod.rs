@@ -41,13 +41,12 @@ pub fn json<T: Serialize>(report: &T) -> Result<String> {
 /// Writes [`json`]`(report)` to `path` under a temporary name, renamed when complete.
 pub fn write_json<T: Serialize>(report: &T, path: &Path) -> Result<()> {
     let text = json(report)?;
-    let mut file = crate::temp_file_beside(path)?;
-    file.write_all(text.as_bytes())
-        .and_then(|_| file.flush())
+    let mut out = crate::output::Output::begin(path)?;
+    out.file()
+        .write_all(text.as_bytes())
+        .and_then(|_| out.file().flush())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    file.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    out.commit()
 }
 
 /// How a column's cells (header included) line up.

@@ -21,9 +21,9 @@ fn to_gib(bytes: u64) -> f64 {
 
 /// Draws decode ms/token and VRAM (estimate beside measurement) against GPU layers as an SVG.
 pub fn plot_bench(report: &BenchReport, path: &std::path::Path) -> Result<()> {
-    let tmp = crate::temp_file_beside(path)?;
+    let out = crate::output::Output::begin(path)?;
     {
-        let root = SVGBackend::new(tmp.path(), (1000, 420)).into_drawing_area();
+        let root = SVGBackend::new(out.temp_path(), (1000, 420)).into_drawing_area();
         root.fill(&WHITE)?;
         let (left, right) = root.split_horizontally(500);
         panel(
@@ -66,7 +66,7 @@ pub fn plot_bench(report: &BenchReport, path: &std::path::Path) -> Result<()> {
         )?;
         root.present()?;
     }
-    tmp.persist(path)?;
+    out.commit()?;
     Ok(())
 }
 
