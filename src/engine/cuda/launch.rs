@@ -1,4 +1,4 @@
-//! How the decode kernels are launched: arguments by value in [`RawArgs`], queued with
+//! The one way the engine launches its kernels: arguments by value in [`RawArgs`], queued with
 //! `cuLaunchKernelEx` on the device's stream, with programmatic dependent launch where the
 //! caller allows it and the device has it.
 
@@ -17,6 +17,32 @@ impl RawArgs {
     pub(super) fn ptr<T>(&mut self, view: &impl DevicePtr<T>, stream: &CudaStream) -> &mut Self {
         let (ptr, _record) = view.device_ptr(stream);
         self.u64(ptr)
+    }
+
+    /// `view`'s pointer, or `stand_in`'s where there is no `view` (for operands the kernel
+    /// then never reads).
+    pub(super) fn ptr_or<T, U>(
+        &mut self,
+        view: Option<&impl DevicePtr<T>>,
+        stand_in: &impl DevicePtr<U>,
+        stream: &CudaStream,
+    ) -> &mut Self {
+        match view {
+            Some(v) => self.ptr(v, stream),
+            None => self.ptr(stand_in, stream),
+        }
+    }
+
+    /// `view`'s pointer, or null (for kernels that tell an absent operand by a null pointer).
+    pub(super) fn ptr_or_null<T>(
+        &mut self,
+        view: Option<&impl DevicePtr<T>>,
+        stream: &CudaStream,
+    ) -> &mut Self {
+        match view {
+            Some(v) => self.ptr(v, stream),
+            None => self.u64(0),
+        }
     }
 
     /// A 64-bit integer (`long long` and `unsigned long long` parameters).
@@ -42,7 +68,9 @@ impl RawArgs {
     /// arguments, which must match the kernel's parameters in order and size; `overlap` lets
     /// it start during the previous kernel (programmatic dependent launch, where the device has
     /// it), so the kernel must then wait (`pdl_wait_previous`) before it reads what earlier
-    /// kernels wrote.
+    /// kernels wrote. The device's context must be current on this thread, as it is once
+    /// candle has allocated on `dev` from it (the watch and hold launchers bind it first);
+    /// binding it here would add a driver call to every launch.
     pub(super) fn launch(
         &mut self,
         dev: &CudaDevice,

@@ -1,6 +1,6 @@
 //! CUDA pieces of the engine, the only user of cudarc: the kernels (files under `kernels/`,
 //! compiled here by NVRTC at first use: dequantisation for any GPU, the decode path's for the
-//! device's architecture), their launchers (`ops`; the decode kernels' launch is in `launch`),
+//! device's architecture), their launchers (`ops`, through the one launch style of `launch`),
 //! pinned host buffers and the streaming slots with their copy stream and events (`slots`),
 //! and the bandwidth and queued-time measurements `bench` reports (`timing`).
 
@@ -18,6 +18,7 @@ use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaView};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{Layout, Storage};
+use std::ops::Deref;
 use std::sync::OnceLock;
 
 /// Warps per block of the fused matvec (one block per [`matvec::TILE_ROWS`] output features).
@@ -182,6 +183,13 @@ fn cuda_view<'a, T: CudaDType>(
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("kernel operands must be contiguous".into()))?;
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// [`cuda_view`] of an operand that may be absent (its locked storage and its layout).
+fn optional_view<'a, T: CudaDType>(
+    operand: &'a Option<(impl Deref<Target = Storage>, &Layout)>,
+) -> candle_core::Result<Option<CudaView<'a, T>>> {
+    operand.as_ref().map(|(s, l)| cuda_view(s, l)).transpose()
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! pick and launch a kernel.
 
 use super::launch::RawArgs;
-use super::{cuda_view, Module, MATVEC_WARPS};
+use super::{cuda_view, optional_view, Module, MATVEC_WARPS};
 use crate::dtype::DType as StoredDType;
 use crate::engine::attention::{self, DecodeAttention};
 use crate::engine::cache::StoreKv;
@@ -11,8 +11,7 @@ use crate::engine::dequant::Dequantize;
 use crate::engine::matvec::{self, FusedMatVec};
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{CudaStorage, Layout, Shape, Tensor};
 
 /// The CUDA side of [`Dequantize`].
@@ -80,21 +79,17 @@ pub fn dequantize(
         ($t:ty) => {{
             // SAFETY: `out` is written in full by the kernel before it is read.
             let out = unsafe { dev.alloc::<$t>(n)? };
-            let mut b = stream.launch_builder(&func);
-            b.arg(&src);
-            b.arg(&out);
-            match &scale_view {
-                Some(v) => b.arg(v),
-                // Never read when has_scale is 0.
-                None => b.arg(&src),
-            };
-            b.arg(&has_scale);
-            b.arg(&scale_rows);
-            b.arg(&blocks);
-            b.arg(&cols);
-            b.arg(&n_arg);
-            // SAFETY: the argument list matches the kernel's signature (dequant.cu).
-            unsafe { b.launch(config) }.w()?;
+            let mut args = RawArgs::default();
+            // Without a scale (has_scale 0) none is read; src stands in for its pointer.
+            args.ptr(&src, &stream)
+                .ptr(&out, &stream)
+                .ptr_or(scale_view.as_ref(), &src, &stream)
+                .i32(has_scale);
+            for v in [scale_rows, blocks, cols, n_arg] {
+                args.u64(v as u64);
+            }
+            // The arguments match the kernel's signature (dequant.cu).
+            args.launch(&dev, &func, config, false)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -130,25 +125,16 @@ pub fn watch(x: &Tensor, word: &Tensor, tag: u32) -> Result<()> {
         shared_mem_bytes: 0,
     };
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
-    let view_bf16;
-    let view_f32;
+    // Nothing here allocates, which would make the context current.
+    stream.context().bind_to_thread()?;
+    let mut args = RawArgs::default();
     match x.dtype() {
-        candle_core::DType::BF16 => {
-            view_bf16 = cuda_view::<half::bf16>(&storage, layout)?;
-            b.arg(&view_bf16);
-        }
-        _ => {
-            view_f32 = cuda_view::<f32>(&storage, layout)?;
-            b.arg(&view_f32);
-        }
-    }
-    b.arg(&n);
-    b.arg(&word_view);
-    b.arg(&tag);
-    // SAFETY: the argument list matches the kernel's signature (dequant.cu); `word` holds one
-    // u32.
-    unsafe { b.launch(config) }.w()?;
+        candle_core::DType::BF16 => args.ptr(&cuda_view::<half::bf16>(&storage, layout)?, &stream),
+        _ => args.ptr(&cuda_view::<f32>(&storage, layout)?, &stream),
+    };
+    args.u64(n as u64).ptr(&word_view, &stream).i32(tag as i32);
+    // The arguments match the kernel's signature (dequant.cu); `word` holds one u32.
+    args.launch(&dev, &func, config, false)?;
     Ok(())
 }
 
@@ -172,10 +158,7 @@ pub fn decode_attention(
     let ks = k.as_cuda_slice::<half::bf16>()?.slice(ko..);
     let vs = v.as_cuda_slice::<half::bf16>()?.slice(vo..);
     let table = op.rope.as_ref().map(|(t, _)| t.storage_and_layout());
-    let table_view = table
-        .as_ref()
-        .map(|(s, l)| cuda_view::<half::bf16>(s, l))
-        .transpose()?;
+    let table_view = optional_view::<half::bf16>(&table)?;
     let func = Module::Decode.func(&dev, "decode_attention_bf16")?;
     let n = batch * op.heads * op.head_dim;
     // SAFETY: each block writes its head's `head_dim` outputs.
@@ -202,11 +185,8 @@ pub fn decode_attention(
     let mut args = RawArgs::default();
     args.ptr(&qs, &stream).u64(op.q_stride as u64).i32(rope);
     // Without rotation the table is never read; q stands in for its pointer.
-    match &table_view {
-        Some(t) => args.ptr(t, &stream),
-        None => args.ptr(&qs, &stream),
-    };
-    args.i32(pos)
+    args.ptr_or(table_view.as_ref(), &qs, &stream)
+        .i32(pos)
         .ptr(&ks, &stream)
         .ptr(&vs, &stream)
         .ptr(&out, &stream);
@@ -306,24 +286,12 @@ pub fn fused_matvec(
         .collect::<candle_core::Result<Vec<_>>>()?;
     let s_views = scales
         .iter()
-        .map(|g| g.as_ref().map(|(s, l)| cuda_view::<f32>(s, l)).transpose())
+        .map(optional_view::<f32>)
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let b_view = bias
-        .as_ref()
-        .map(|(s, l)| cuda_view::<half::bf16>(s, l))
-        .transpose()?;
-    let r_view = residual
-        .as_ref()
-        .map(|(s, l)| cuda_view::<half::bf16>(s, l))
-        .transpose()?;
-    let n_view = norm
-        .as_ref()
-        .map(|(s, l)| cuda_view::<half::bf16>(s, l))
-        .transpose()?;
-    let watch_view = watch
-        .as_ref()
-        .map(|(s, l)| cuda_view::<u32>(s, l))
-        .transpose()?;
+    let b_view = optional_view::<half::bf16>(&bias)?;
+    let r_view = optional_view::<half::bf16>(&residual)?;
+    let n_view = optional_view::<half::bf16>(&norm)?;
+    let watch_view = optional_view::<u32>(&watch)?;
     let eps = op.norm.as_ref().map_or(0.0f32, |(_, e)| *e);
     // The kernel reads the norm weight 16 bytes at a time.
     if norm
@@ -372,45 +340,25 @@ pub fn fused_matvec(
     args.ptr(&xs, &stream).i32(rows_arg).i32(in_arg);
     // Absent weights, scales, bias and residual are never read; x stands in for their pointers.
     for i in 0..3 {
-        match w_views.get(i) {
-            Some(v) => args.ptr(v, &stream),
-            None => args.ptr(&xs, &stream),
-        };
+        args.ptr_or(w_views.get(i), &xs, &stream);
     }
     for v in n {
         args.i32(v);
     }
     for i in 0..3 {
-        match s_views.get(i).and_then(Option::as_ref) {
-            Some(v) => args.ptr(v, &stream),
-            None => args.ptr(&xs, &stream),
-        };
+        args.ptr_or(s_views.get(i).and_then(Option::as_ref), &xs, &stream);
     }
     for m in modes {
         args.i32(m);
     }
-    match &b_view {
-        Some(v) => args.ptr(v, &stream),
-        None => args.ptr(&xs, &stream),
-    };
-    args.i32(has_bias);
-    match &r_view {
-        Some(v) => args.ptr(v, &stream),
-        None => args.ptr(&xs, &stream),
-    };
-    args.i32(has_res);
-    // The kernel tells "no norm" by a null pointer.
-    match &n_view {
-        Some(v) => args.ptr(v, &stream),
-        None => args.u64(0),
-    };
-    args.f32(eps).ptr(&y, &stream);
-    // The kernel tells "no watch" by a null pointer.
-    match &watch_view {
-        Some(v) => args.ptr(v, &stream),
-        None => args.u64(0),
-    };
-    args.i32(op.watch.as_ref().map_or(0, |(_, tag)| *tag as i32));
+    args.ptr_or(b_view.as_ref(), &xs, &stream).i32(has_bias);
+    args.ptr_or(r_view.as_ref(), &xs, &stream).i32(has_res);
+    // The kernel tells "no norm" and "no watch" by a null pointer.
+    args.ptr_or_null(n_view.as_ref(), &stream)
+        .f32(eps)
+        .ptr(&y, &stream);
+    args.ptr_or_null(watch_view.as_ref(), &stream)
+        .i32(op.watch.as_ref().map_or(0, |(_, tag)| *tag as i32));
     // One block of MATVEC_WARPS warps per TILE_ROWS output features (matvec.cu).
     let config = LaunchConfig {
         grid_dim: ((n_out / matvec::TILE_ROWS) as u32, 1, 1),

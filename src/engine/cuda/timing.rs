@@ -1,11 +1,12 @@
 //! Measurements `bench` reports: pinned host-to-device and device-memory bandwidth, and
 //! [`QueuedTimer`], which times queued GPU work without the cost of launching it.
 
+use super::launch::RawArgs;
 use super::slots::PinnedBytes;
 use super::Module;
 use anyhow::Result;
 use candle_core::cuda_backend::cudarc::driver::{
-    result, sys, CudaEvent, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    result, sys, CudaEvent, CudaStream, DevicePtr, LaunchConfig,
 };
 use candle_core::cuda_backend::CudaDevice;
 use std::sync::Arc;
@@ -70,17 +71,19 @@ impl QueuedTimer {
     /// Holds `dev`'s stream for `hold_ms` and starts timing behind the hold.
     pub fn start(dev: &CudaDevice, hold_ms: f64) -> Result<QueuedTimer> {
         let stream = dev.cuda_stream();
+        // Nothing here allocates, which would make the context current.
+        stream.context().bind_to_thread()?;
         let func = Module::Dequant.func(dev, "hold_stream")?;
         let ns = (hold_ms * 1e6) as u64;
-        let mut b = stream.launch_builder(&func);
-        b.arg(&ns);
         let config = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (1, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the argument list matches the kernel's signature (hold.cu).
-        unsafe { b.launch(config) }?;
+        // The argument matches the kernel's signature (hold.cu).
+        RawArgs::default()
+            .u64(ns)
+            .launch(dev, &func, config, false)?;
         let start = timing_event(&stream)?;
         Ok(QueuedTimer {
             stream,
