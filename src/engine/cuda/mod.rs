@@ -25,7 +25,8 @@ use std::sync::OnceLock;
 const MATVEC_WARPS: usize = 8;
 
 /// The launch geometry the kernels are compiled with, as `-D` options built from the constants
-/// the launches use, so that host and device cannot drift.
+/// the launches use, so that host and device cannot drift. `scripts/build-cuda.sh` checks the
+/// kernel files with the same defines (a test below compares them).
 fn kernel_defines() -> Vec<String> {
     [
         ("MATVEC_WARPS", MATVEC_WARPS),
@@ -195,6 +196,23 @@ fn optional_view<'a, T: CudaDType>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `-D` options of `scripts/build-cuda.sh`'s kernel check (embedded, so that the test
+    /// binary carried to the GPU machine checks them too).
+    fn script_defines() -> Vec<String> {
+        let script = include_str!("../../../scripts/build-cuda.sh");
+        let line = script
+            .lines()
+            .find_map(|l| l.strip_prefix("kernel_defines=("))
+            .expect("build-cuda.sh sets kernel_defines=(...)");
+        let list = line.split(')').next().unwrap();
+        list.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn build_script_checks_kernels_with_the_rust_geometry() {
+        assert_eq!(script_defines(), kernel_defines());
+    }
 
     /// NVRTC compiles both modules for every architecture the engine picks (no GPU needed).
     #[test]
