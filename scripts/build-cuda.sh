@@ -4,8 +4,11 @@
 # to the GPU machine.
 #
 # Usage: scripts/build-cuda.sh [--tests] [extra cargo args...]
+#   (always)   nvcc --ptx over src/engine/cuda/kernels/*.cu for compute_80/89/90 (fails on a kernel
+#              that does not compile, without a GPU)
 #   (default)  cargo build --release --features cuda --target-dir target/cuda  -> dist/vibeoffload
 #   --tests    also cargo test --release --features cuda --no-run ...          -> dist/tests/<kind>-<name>
+#              and run the CUDA module's unit tests, which need no GPU
 #   --clippy   also cargo clippy --features cuda --all-targets -- -D warnings (CI cannot)
 #   --pack     gzip the binary and the GPU test binary into dist/pack (to carry under 64 MiB)
 #              (json-render-diagnostics: compile errors still show on stderr)
@@ -41,6 +44,20 @@ export PATH=$root/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 echo "[build-cuda] CUDA_ROOT=$CUDA_ROOT CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP" >&2
 
+# The launch geometry the engine compiles its kernels with (engine::cuda::kernel_defines builds
+# the same -D options from the Rust constants; its unit test fails when the two differ).
+kernel_defines=(-DMATVEC_WARPS=8 -DTILE_ROWS=16 -DTILE_INPUTS=64 -DMATVEC_MAX_ROWS=8 -DATT_WARPS=16)
+kernels=src/engine/cuda/kernels
+for arch in 80 89 90; do
+  for f in "$kernels"/*.cu; do
+    if ! nvcc --ptx -arch="compute_$arch" "${kernel_defines[@]}" "$f" -o /dev/null; then
+      echo "[build-cuda] $f does not compile for compute_$arch" >&2
+      exit 1
+    fi
+  done
+done
+echo "[build-cuda] kernels compile for compute_80/89/90: $(cd "$kernels" && echo *.cu)" >&2
+
 common=(--release --features cuda --target-dir target/cuda)
 dist=$repo/dist
 mkdir -p "$dist"
@@ -73,6 +90,9 @@ for line in open(sys.argv[1]):
   while read -r name exe; do
     copy "$exe" "$dist/tests/$name"
   done
+  # The CUDA module's unit tests need no GPU (NVRTC and the toolkit's libraries suffice): the
+  # kernels compile with NVRTC, and kernel_defines above matches the Rust constants.
+  LD_LIBRARY_PATH=$root/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$dist/tests/lib-vibeoffload" engine::cuda::tests
   echo "[build-cuda] on the GPU machine: export LD_LIBRARY_PATH=/usr/local/cuda/lib64:\$LD_LIBRARY_PATH" >&2
   echo "[build-cuda] integration tests find the binary via CARGO_BIN_EXE_vibeoffload=\$PWD/dist/vibeoffload" >&2
 fi

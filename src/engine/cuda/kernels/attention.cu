@@ -1,0 +1,146 @@
+// Decode attention: one new token's attention for one (head, batch) per block of ATT_WARPS warps
+// (engine::attention::WARPS, passed as -DATT_WARPS): each warp takes every ATT_WARPS-th cached
+// position, each lane four (or eight) of the head's dimensions, with four positions' loads in
+// flight; scores and softmax in shared memory, the warps' partial sums of values meet there too.
+// K and V are read in place with their strides (rows dense, 8-byte aligned). Compiled for the
+// device's architecture (engine::cuda, module "decode").
+#ifndef VIBEOFFLOAD_COMMON_CUH  // NVRTC gets common.cuh prepended instead
+#include "common.cuh"
+#endif
+
+#ifndef ATT_WARPS
+#error "attention.cu needs -DATT_WARPS (engine::cuda::kernel_defines)"
+#endif
+
+// The block's sum (or maximum) of `v`, through `red` (33 floats of shared memory).
+__device__ float block_reduce(float v, float* red, bool is_max) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int off = 16; off > 0; off >>= 1) {
+        float o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = is_max ? fmaxf(v, o) : v + o;
+    }
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float r = red[0];
+        for (int w = 1; w < warps; w++) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+        red[32] = r;
+    }
+    __syncthreads();
+    float r = red[32];
+    __syncthreads();
+    return r;
+}
+
+// Four bf16 (8 bytes) of `p` at element `i`, or zeros past `d`.
+__device__ __forceinline__ uint2 load4(const u16* p, int i, int d, bool ok) {
+    return ok && i < d ? *(const uint2*)(p + i) : make_uint2(0u, 0u);
+}
+
+__device__ __forceinline__ float dot4(const float* a, uint2 b) {
+    return a[0] * __int_as_float((int)(b.x << 16)) + a[1] * __int_as_float((int)(b.x & 0xffff0000u))
+         + a[2] * __int_as_float((int)(b.y << 16)) + a[3] * __int_as_float((int)(b.y & 0xffff0000u));
+}
+
+// The query is head h of a row `q_stride` elements per sequence, rotated at `pos` by `table`
+// (cosines, then sines, d per position) when `rope` is set.
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf16(
+        const u16* q, long long q_stride, int rope, const u16* table, int pos,
+        const u16* k, const u16* v, u16* out,
+        int heads, int group, int len, int d, float scale,
+        long long kb, long long kh, long long kt, long long vb, long long vh, long long vt) {
+    pdl_launch_next();
+    pdl_wait_previous();
+    extern __shared__ float sh[];
+    float* sc = sh;
+    float* red = sh + len;
+    float* qs = red + ATT_WARPS * d;
+    int h = blockIdx.x, bi = blockIdx.y, kvh = h / group;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u16* qh = q + bi * q_stride + (long long)h * d;
+    int half = d / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x1 = bf16f(qh[i]), x2 = bf16f(qh[i + half]);
+        if (rope) {
+            const u16* cs = table + (long long)pos * d;
+            float c = bf16f(cs[i]), s = bf16f(cs[half + i]);
+            qs[i] = x1 * c - x2 * s;
+            qs[i + half] = x2 * c + x1 * s;
+        } else {
+            qs[i] = x1;
+            qs[i + half] = x2;
+        }
+    }
+    __syncthreads();
+    float qv[8];
+    #pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int i = (e >> 2) * 128 + lane * 4 + (e & 3);
+        qv[e] = i < d ? qs[i] : 0.f;
+    }
+    const u16* kbase = k + bi * kb + kvh * kh;
+    for (int j0 = warp; j0 < len; j0 += ATT_WARPS * 4) {
+        uint2 r[4][2];
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * ATT_WARPS;
+            const u16* row = kbase + (long long)j * kt;
+            r[u][0] = load4(row, lane * 4, d, j < len);
+            r[u][1] = load4(row, 128 + lane * 4, d, j < len);
+        }
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            float s = dot4(qv, r[u][0]) + dot4(qv + 4, r[u][1]);
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            int j = j0 + u * ATT_WARPS;
+            if (lane == 0 && j < len) sc[j] = s * scale;
+        }
+    }
+    __syncthreads();
+    float m = -3.402823466e38f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sc[j]);
+    m = block_reduce(m, red, true);
+    float total = 0.f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        float e = __expf(sc[j] - m);
+        sc[j] = e;
+        total += e;
+    }
+    total = block_reduce(total, red, false);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const u16* vbase = v + bi * vb + kvh * vh;
+    for (int j0 = warp; j0 < len; j0 += ATT_WARPS * 4) {
+        uint2 r[4][2];
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * ATT_WARPS;
+            const u16* row = vbase + (long long)j * vt;
+            r[u][0] = load4(row, lane * 4, d, j < len);
+            r[u][1] = load4(row, 128 + lane * 4, d, j < len);
+        }
+        #pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * ATT_WARPS;
+            float p = j < len ? sc[j] : 0.f;
+            #pragma unroll
+            for (int c = 0; c < 2; c++) {
+                acc[4 * c] += p * __int_as_float((int)(r[u][c].x << 16));
+                acc[4 * c + 1] += p * __int_as_float((int)(r[u][c].x & 0xffff0000u));
+                acc[4 * c + 2] += p * __int_as_float((int)(r[u][c].y << 16));
+                acc[4 * c + 3] += p * __int_as_float((int)(r[u][c].y & 0xffff0000u));
+            }
+        }
+    }
+    #pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int i = (e >> 2) * 128 + lane * 4 + (e & 3);
+        if (i < d) red[warp * d + i] = acc[e];
+    }
+    __syncthreads();
+    u16* o = out + ((long long)bi * heads + h) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float sum = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) sum += red[w * d + i];
+        o[i] = to_bf16(sum / total);
+    }
+}

@@ -1,0 +1,267 @@
+// The decode path's matrix-vector product on tensor cores (sm_80 and newer): y = x W^T for
+// float8 E4M3 weights W and up to MATVEC_MAX_ROWS rows of bf16 x, with the work around it fused
+// in. Compiled for the device's architecture (engine::cuda, module "decode").
+//
+// The launch geometry comes from the Rust constants as -D defines (engine::cuda::kernel_defines):
+// one block of MATVEC_WARPS warps per TILE_ROWS output features; its warps split the input
+// features, each step multiplying a TILE_ROWS x TILE_INPUTS tile of float8 weights (decoded to
+// bf16 in registers) by up to MATVEC_MAX_ROWS rows of x (bf16) with `mma.sync` and f32
+// accumulation; the warps' sums meet in shared memory, where scale, bias, residual and the gate
+// are applied. Each weight byte is read once, with loads that bypass L1.
+#ifndef VIBEOFFLOAD_COMMON_CUH  // NVRTC gets common.cuh prepended instead
+#include "common.cuh"
+#endif
+
+#if !defined(MATVEC_WARPS) || !defined(TILE_ROWS) || !defined(TILE_INPUTS) || !defined(MATVEC_MAX_ROWS)
+#error "matvec.cu needs -DMATVEC_WARPS, -DTILE_ROWS, -DTILE_INPUTS and -DMATVEC_MAX_ROWS (engine::cuda::kernel_defines)"
+#endif
+// The m16n8k16 product fixes the tile: 16 output features (rows g and g + 8 of a lane group),
+// 8 rows of x (its n), and 64 inputs per step (16 bytes for each of a group's 4 lanes).
+static_assert(TILE_ROWS == 16, "a tile is the m of one m16n8k16 product");
+static_assert(MATVEC_MAX_ROWS == 8, "rows of x are the n of one m16n8k16 product");
+static_assert(TILE_INPUTS == 64, "a step is 16 bytes for each of a lane group's 4 lanes");
+static_assert(MATVEC_WARPS >= MATVEC_MAX_ROWS, "warp r sums the squares of row r");
+static_assert(MATVEC_WARPS * 32 >= TILE_ROWS * MATVEC_MAX_ROWS, "one thread per output");
+
+// log2 of a power of two. Steps are counted with a shift: a signed n_in / TILE_INPUTS would add
+// the rounding toward zero of negative numbers.
+__host__ __device__ constexpr int log2i(int v) { return v > 1 ? 1 + log2i(v / 2) : 0; }
+
+#if __CUDA_ARCH__ >= 800
+// Float8 E4M3 to bf16 by moving bits, two codes per bf16x2: `prmt` puts each code in the low
+// byte of a 16-bit lane with its sign replicated above it, a shift and a mask leave sign,
+// exponent and mantissa where a bf16's go. That reads as the code's value times 2^-120, exactly
+// (subnormal codes become bf16 subnormals, which the tensor cores take as they are); the epilogue
+// undoes the factor (UNSCALE). NaN codes read as 480.
+__device__ __forceinline__ u32 f8_bf16(u32 w, u32 sel) {
+    u32 t;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(t) : "r"(w), "r"(0u), "r"(sel));
+    return (t << 4) & 0x87f087f0u;
+}
+
+// Bytes 0 and 2 of `w` (byte 0 in the low half); bytes 1 and 3.
+__device__ __forceinline__ u32 f8_even(u32 w) { return f8_bf16(w, 0xa280u); }
+__device__ __forceinline__ u32 f8_odd(u32 w) { return f8_bf16(w, 0xb391u); }
+
+// x enters the products times 2^64 (exact, a power of two) so that with the weights' 2^-120
+// the products sit at 2^-56 of their value: far from f32's underflow for any product above
+// 1e-21, and x overflows only past 1.8e19. The sum is multiplied back by 2^56.
+#define X_SCALE 18446744073709551616.0f
+#define X_SCALE_BF16X2 0x5f805f80u
+#define UNSCALE 72057594037927936.0f
+
+__device__ __forceinline__ u32 scale_x(u32 v) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(X_SCALE_BF16X2), "r"(0x80008000u));
+    return d;
+}
+
+// Two f32 as bf16x2 (`lo` in the low half), rounded to nearest.
+__device__ __forceinline__ u32 bf2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+__device__ __forceinline__ uint4 load_stream(const u8* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One 16 x 64 weight tile (rows g and g + 8 of w, 16 bytes each at this lane's k) times the
+// lane's 16 x values, as four m16n8k16 products. Each product takes one 4-byte word of each
+// row: its bytes 0 and 2 as one k pair, 1 and 3 as the other; x comes paired the same way
+// (see load_x), which leaves the dot products unchanged.
+__device__ __forceinline__ void tile(float* c, uint4 lo, uint4 hi, const u32* xb) {
+    u32 a[4] = {lo.x, lo.y, lo.z, lo.w}, b[4] = {hi.x, hi.y, hi.z, hi.w};
+    #pragma unroll
+    for (int j = 0; j < 4; j++)
+        mma(c, f8_even(a[j]), f8_even(b[j]), f8_odd(a[j]), f8_odd(b[j]), xb[2 * j], xb[2 * j + 1]);
+}
+
+__device__ __forceinline__ void load8(u32* w, const u16* p) {
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+
+// The lane's 16 x values of row g (zero beyond the rows) times X_SCALE as eight bf16x2, paired
+// as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
+// RMS-normalised (times `inv`, the row's 1/rms times X_SCALE, and the norm weight `nw`) in f32
+// first when `nw` is given; otherwise x's own bf16 values, scaled exactly.
+__device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
+                                       const u16* nw, float inv) {
+    if (g < rows) {
+        const u16* p = x + (long long)g * n_in + k;
+        u32 w[8], n[8];
+        load8(w, p);
+        load8(w + 4, p + 8);
+        if (nw) {
+            load8(n, nw + k);
+            load8(n + 4, nw + k + 8);
+            float v[16];
+            #pragma unroll
+            for (int i = 0; i < 8; i++) {
+                v[2 * i] = bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu);
+                v[2 * i + 1] = bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16);
+            }
+            #pragma unroll
+            for (int j = 0; j < 4; j++) {
+                xb[2 * j] = bf2(v[4 * j], v[4 * j + 2]);
+                xb[2 * j + 1] = bf2(v[4 * j + 1], v[4 * j + 3]);
+            }
+        } else {
+            #pragma unroll
+            for (int j = 0; j < 4; j++) {
+                xb[2 * j] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410));
+                xb[2 * j + 1] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632));
+            }
+        }
+    } else {
+        #pragma unroll
+        for (int i = 0; i < 8; i++) xb[i] = 0u;
+    }
+}
+
+// y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
+// for up to MATVEC_MAX_ROWS rows of x, RMS-normalised first with weight `nw` when it is given;
+// every segment's rows a multiple of TILE_ROWS, n_in a multiple of TILE_INPUTS, weights and x
+// 16-byte aligned. U steps of TILE_INPUTS inputs are loaded before any is multiplied (the first
+// before the norm's sums).
+// When `watch` is given, an output that is NaN or infinite lowers it to `tag` (atomicMin).
+template <bool GATED, int U>
+__device__ void matvec(
+        const u16* x, int rows, int n_in,
+        const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
+        const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
+        const u16* bias, int has_bias, const u16* res, int has_res,
+        const u16* nw, float eps, u16* y, unsigned* watch, int tag) {
+    __shared__ float red[GATED ? 2 : 1][MATVEC_WARPS][TILE_ROWS][MATVEC_MAX_ROWS];
+    __shared__ float inv_rms[MATVEC_MAX_ROWS];
+    pdl_launch_next();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int o0 = blockIdx.x * TILE_ROWS;
+    const u8* w;
+    const u8* wu = w1;
+    const float* s = s0;
+    int m = m0, local = o0;
+    if (GATED || o0 < n0) { w = w0; }
+    else if (o0 < n0 + n1) { w = w1; s = s1; m = m1; local = o0 - n0; }
+    else { w = w2; s = s2; m = m2; local = o0 - n0 - n1; }
+    const u8* r0 = w + (long long)(local + g) * n_in + q * (TILE_INPUTS / 4);
+    const u8* r1 = r0 + (long long)(TILE_ROWS / 2) * n_in;
+    const u8* u0 = wu + (long long)(local + g) * n_in + q * (TILE_INPUTS / 4);
+    const u8* u1 = u0 + (long long)(TILE_ROWS / 2) * n_in;
+    float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+    int steps = n_in >> log2i(TILE_INPUTS);
+    uint4 lo[U], hi[U], ulo[U], uhi[U];
+    auto load = [&](int base) {
+        #pragma unroll
+        for (int i = 0; i < U; i++) {
+            int st = base + i * MATVEC_WARPS;
+            if (st < steps) {
+                lo[i] = load_stream(r0 + st * TILE_INPUTS);
+                hi[i] = load_stream(r1 + st * TILE_INPUTS);
+                if (GATED) {
+                    ulo[i] = load_stream(u0 + st * TILE_INPUTS);
+                    uhi[i] = load_stream(u1 + st * TILE_INPUTS);
+                }
+            }
+        }
+    };
+    load(warp);
+    // Everything below reads what earlier kernels wrote.
+    pdl_wait_previous();
+    float inv = 1.f;
+    if (nw) {
+        // Warp w sums the squares of row w while the first loads are in flight.
+        if (warp < rows) {
+            const u16* xr = x + (long long)warp * n_in;
+            float ss = 0.f;
+            for (int k = lane * 8; k < n_in; k += 256) {
+                u32 v[4];
+                load8(v, xr + k);
+                #pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float a = bf16f(v[j] & 0xffffu), b = bf16f(v[j] >> 16);
+                    ss += a * a + b * b;
+                }
+            }
+            for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+            if (lane == 0) inv_rms[warp] = rsqrtf(ss / (float)n_in + eps);
+        }
+        __syncthreads();
+        inv = g < rows ? inv_rms[g] * X_SCALE : 0.f;
+    }
+    for (int base = warp; base < steps; base += MATVEC_WARPS * U) {
+        if (base != warp) load(base);
+        #pragma unroll
+        for (int i = 0; i < U; i++) {
+            int st = base + i * MATVEC_WARPS;
+            if (st < steps) {
+                u32 xb[8];
+                load_x(xb, x, g, rows, n_in, st * TILE_INPUTS + q * (TILE_INPUTS / 4), nw, inv);
+                tile(c, lo[i], hi[i], xb);
+                if (GATED) tile(cu, ulo[i], uhi[i], xb);
+            }
+        }
+    }
+    red[0][warp][g][2 * q] = c[0];
+    red[0][warp][g][2 * q + 1] = c[1];
+    red[0][warp][g + TILE_ROWS / 2][2 * q] = c[2];
+    red[0][warp][g + TILE_ROWS / 2][2 * q + 1] = c[3];
+    if (GATED) {
+        red[GATED ? 1 : 0][warp][g][2 * q] = cu[0];
+        red[GATED ? 1 : 0][warp][g][2 * q + 1] = cu[1];
+        red[GATED ? 1 : 0][warp][g + TILE_ROWS / 2][2 * q] = cu[2];
+        red[GATED ? 1 : 0][warp][g + TILE_ROWS / 2][2 * q + 1] = cu[3];
+    }
+    __syncthreads();
+    if (threadIdx.x >= TILE_ROWS * MATVEC_MAX_ROWS) return;
+    int f = threadIdx.x / MATVEC_MAX_ROWS, r = threadIdx.x % MATVEC_MAX_ROWS;
+    if (r >= rows) return;
+    float acc = 0.f, accu = 0.f;
+    #pragma unroll
+    for (int i = 0; i < MATVEC_WARPS; i++) {
+        acc += red[0][i][f][r];
+        if (GATED) accu += red[GATED ? 1 : 0][i][f][r];
+    }
+    int o = o0 + f, n_out = GATED ? n0 : n0 + n1 + n2;
+    float v;
+    if (GATED) {
+        float sg = UNSCALE * (m0 == 0 ? 1.f : s0[m0 == 1 ? 0 : o]);
+        float su = UNSCALE * (m1 == 0 ? 1.f : s1[m1 == 1 ? 0 : o]);
+        float gv = acc * sg;
+        v = gv / (1.f + __expf(-gv)) * (accu * su);
+    } else {
+        v = acc * UNSCALE * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
+        if (has_bias) v += bf16f(bias[o]);
+    }
+    if (has_res) v += bf16f(res[(long long)r * n_out + o]);
+    u16 out = to_bf16(v);
+    y[(long long)r * n_out + o] = out;
+    // NaN or infinity (also a finite f32 that rounds to a bf16 infinity).
+    if (watch && (out & 0x7f80u) == 0x7f80u) atomicMin(watch, (unsigned)tag);
+}
+
+#define MATVEC(NAME, GATED, U) \
+extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32) NAME( \
+        const u16* x, int rows, int n_in, \
+        const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
+        const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
+        const u16* bias, int has_bias, const u16* res, int has_res, \
+        const u16* nw, float eps, u16* y, unsigned* watch, int tag) { \
+    matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
+                     bias, has_bias, res, has_res, nw, eps, y, watch, tag); }
+
+MATVEC(f8_matvec_mma, false, 4)
+MATVEC(f8_matvec_mma_gated, true, 2)
+#endif
