@@ -7,16 +7,20 @@
 # (default 0.03) at any layer count (median of the two rounds).
 #
 # Usage: scripts/gpu-compare.sh   (with dist/pack from `scripts/build-cuda.sh --tests --pack` and
-#        the old build gzipped at dist/old/vibeoffload.gz)
-# Env: LAYERS (default 28,20,8), SAME_DUMPS (0/1), MAX_SLOWDOWN, MODEL_DIR.
+#        the old build gzipped at $OLD, default dist/old/vibeoffload.gz)
+# Env: LAYERS (default 28,20,8), SAME_DUMPS (0/1), MAX_SLOWDOWN, MODEL_DIR; TAG names this
+#      comparison's files (to run several in one call); SKIP_TESTS=1 leaves out the GPU tests.
 source "$(dirname "$0")/gpu-env.sh"
 
-old=/tmp/vibeoffload-old
-gunzip -c dist/old/vibeoffload.gz > "$old"
+old=/tmp/vibeoffload-old-${TAG:-cmp}
+gunzip -c "${OLD:-dist/old/vibeoffload.gz}" > "$old"
 chmod +x "$old"
+tag=${TAG:+$TAG-}
 
-echo "== GPU tests (new build)"
-run_gpu_tests
+if [[ -z ${SKIP_TESTS:-} ]]; then
+  echo "== GPU tests (new build)"
+  run_gpu_tests
+fi
 
 echo "== 7B dumps: streamed vs resident (new), and old vs new build"
 ids=151,9707,11,1879,0,752,374,279,4128,315
@@ -46,16 +50,16 @@ for round in 1 2; do
   for build in old new; do
     b=$bin
     [[ $build == old ]] && b=$old
-    "$b" bench --device cuda --model-path "$model" --layers "$LAYERS" --json > "$out/bench-$build-$round.json" ||
+    "$b" bench --device cuda --model-path "$model" --layers "$LAYERS" --json > "$out/${tag}bench-$build-$round.json" ||
       fail "$build build: bench round $round"
   done
 done
 
-python3 - "$out" "${MAX_SLOWDOWN:-0.03}" <<'PY' || failed=1
+python3 - "$out" "${MAX_SLOWDOWN:-0.03}" "$tag" <<'PY' || failed=1
 import json, statistics, sys
-out, limit = sys.argv[1], float(sys.argv[2])
+out, limit, tag = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 def rows(build):
-    runs = [json.load(open(f"{out}/bench-{build}-{r}.json")) for r in (1, 2)]
+    runs = [json.load(open(f"{out}/{tag}bench-{build}-{r}.json")) for r in (1, 2)]
     by_n = {}
     for r in runs:
         for x in r["rows"]:
