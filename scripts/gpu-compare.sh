@@ -15,7 +15,7 @@ source "$(dirname "$0")/gpu-env.sh"
 old=/tmp/vibeoffload-old-${TAG:-cmp}
 gunzip -c "${OLD:-dist/old/vibeoffload.gz}" > "$old"
 chmod +x "$old"
-tag=${TAG:+$TAG-}
+prefix=${TAG:+$TAG-}
 
 if [[ -z ${SKIP_TESTS:-} ]]; then
   echo "== GPU tests (new build)"
@@ -50,16 +50,16 @@ for round in 1 2; do
   for build in old new; do
     b=$bin
     [[ $build == old ]] && b=$old
-    "$b" bench --device cuda --model-path "$model" --layers "$LAYERS" --json > "$out/${tag}bench-$build-$round.json" ||
+    "$b" bench --device cuda --model-path "$model" --layers "$LAYERS" --json > "$out/${prefix}bench-$build-$round.json" ||
       fail "$build build: bench round $round"
   done
 done
 
-python3 - "$out" "${MAX_SLOWDOWN:-0.03}" "$tag" <<'PY' || failed=1
+python3 - "$out" "${MAX_SLOWDOWN:-0.03}" "$prefix" <<'PY' || failed=1
 import json, statistics, sys
-out, limit, tag = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+out, limit, prefix = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 def rows(build):
-    runs = [json.load(open(f"{out}/{tag}bench-{build}-{r}.json")) for r in (1, 2)]
+    runs = [json.load(open(f"{out}/{prefix}bench-{build}-{r}.json")) for r in (1, 2)]
     by_n = {}
     for r in runs:
         for x in r["rows"]:
