@@ -203,7 +203,8 @@ fn gpu_and_cpu_agree_to_bf16_precision() {
 
 #[test]
 fn fused_float8_matvec_matches_the_cpu() {
-    use vibeoffload::engine::matvec::{self, FusedMatVec, Segment};
+    use vibeoffload::engine::matvec;
+    use vibeoffload::engine::ops::{FusedMatVec, Segment};
     let n_in = 512;
     let codes = |rows: usize, salt: usize| -> Vec<u8> {
         (0..rows * n_in)
@@ -390,7 +391,8 @@ fn massive_activations_match_a_float64_reference_on_the_gpu() {
 /// plain and RMS-normalised, against the CPU.
 #[test]
 fn fused_float8_matvec_takes_inputs_beyond_float16() {
-    use vibeoffload::engine::matvec::{self, FusedMatVec, Segment};
+    use vibeoffload::engine::matvec;
+    use vibeoffload::engine::ops::{FusedMatVec, Segment};
     let (n_in, n_out) = (512, 64);
     let codes: Vec<u8> = (0..n_out * n_in)
         .map(|i| ((i * 37 + 5) % 251) as u8 & 0xf7)
@@ -478,7 +480,8 @@ fn a_layer_that_makes_nan_is_named_on_the_gpu() {
 /// included, shows as its own wrong output.
 #[test]
 fn fused_float8_matvec_decodes_every_code() {
-    use vibeoffload::engine::matvec::{self, FusedMatVec, Segment};
+    use vibeoffload::engine::matvec;
+    use vibeoffload::engine::ops::{FusedMatVec, Segment};
     let n_in = 64;
     // NaN codes (0x7f, 0xff) read as 480 on the tensor-core path: left out.
     let code = |row: usize| if row & 0x7f == 0x7f { 0 } else { row as u8 };

@@ -5,6 +5,7 @@ pub mod config;
 pub mod header;
 pub mod inventory;
 pub mod layout;
+pub mod scales;
 pub mod summary;
 pub mod synth;
 

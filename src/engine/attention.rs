@@ -4,27 +4,8 @@
 //! trips through memory).
 
 use super::dequant::{cpu_activations, cpu_storage};
+use super::ops::{DecodeAttention, ATTENTION_WARPS};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-
-/// `softmax(q K^T / sqrt(d)) V` for one query per sequence, its heads side by side
-/// (`q_stride` elements apart from one sequence to the next), against `k`, `v` `[b, kv_heads,
-/// len, d]` (any strides, as the cache's views have); the result is `[b, heads, 1, d]`.
-#[derive(Clone, Debug)]
-pub struct DecodeAttention {
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// Cached positions.
-    pub len: usize,
-    /// Head width.
-    pub head_dim: usize,
-    /// Elements from one sequence's query to the next.
-    pub q_stride: usize,
-    /// Rotates the queries first: the rotary table `[max_len, d]` (cosines, then sines) and
-    /// the query's position.
-    pub rope: Option<(Tensor, usize)>,
-}
 
 /// The rotary pair `(i, i + d/2)` of `x` at a table row `cs` (cosines, then sines).
 fn rotate(x: &[f32], cs: &[f32], i: usize) -> (f32, f32) {
@@ -125,14 +106,11 @@ impl CustomOp3 for DecodeAttention {
     }
 }
 
-/// Warps per (head, sequence) in the GPU kernel.
-pub const WARPS: usize = 16;
-
 /// Whether [`attend`] takes this shape: `tokens` = one new token, a head width of at most 256 in steps of
 /// 4 and a cache short enough for its scores, the rotated query and the warps' partial outputs
 /// to fit in 48 KiB of shared memory.
 pub fn applies(tokens: usize, len: usize, head_dim: usize) -> bool {
-    let shared = (len + (WARPS + 1) * head_dim) * 4;
+    let shared = (len + (ATTENTION_WARPS + 1) * head_dim) * 4;
     tokens == 1 && head_dim <= 256 && head_dim.is_multiple_of(4) && shared <= 48 << 10
 }
 

@@ -4,30 +4,10 @@
 //! rotated (RoPE) on the way, so decoding spends one launch here.
 
 use super::dequant::cpu_activations;
+use super::ops::StoreKv;
 use crate::arch::config::ModelConfig;
 use crate::plan::memory;
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
-
-/// Stores `t` new positions' keys (rotated) and values from a q/k/v row `[b, t, (heads + 2 x
-/// kv_heads) x head_dim]` into the cache buffer at `pos`; the second operand is the rotary
-/// table `[max_len, head_dim]` (cosines, then sines).
-#[derive(Clone, Debug)]
-pub struct StoreKv {
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// Head width.
-    pub head_dim: usize,
-    /// Sequences.
-    pub batch: usize,
-    /// New positions.
-    pub tokens: usize,
-    /// Position of the first.
-    pub pos: usize,
-    /// Positions the buffer holds.
-    pub max_len: usize,
-}
 
 impl StoreKv {
     /// Index of key element `i` of (`b`, `h`, position `p`) in the buffer; values follow all

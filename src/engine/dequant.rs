@@ -3,6 +3,7 @@
 //! cannot be loaded (candle issue #3886), so the bytes travel as U8 and this op turns them into
 //! the compute dtype on the CPU or with an NVRTC-compiled kernel on CUDA.
 
+use super::ops::{Dequantize, ScaleLayout};
 use crate::dtype::{bf16_bits_to_f32, f8e4m3_to_f32, DType};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -15,49 +16,6 @@ pub struct RawTensor {
     pub shape: Vec<usize>,
     /// The bytes: a contiguous 1-D U8 tensor (often a view into a streaming slot).
     pub bytes: Tensor,
-}
-
-/// How a scale tensor maps onto a weight's elements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ScaleLayout {
-    /// 1 for a scalar scale, else the weight's rows.
-    pub rows: usize,
-    /// Column blocks per row (1 unless blockwise).
-    pub blocks: usize,
-}
-
-impl ScaleLayout {
-    /// The layout of a scale of shape `scale_shape` for a weight of shape `weight_shape`.
-    pub fn of(scale_shape: &[usize], weight_shape: &[usize]) -> ScaleLayout {
-        let elements: usize = scale_shape.iter().product();
-        if elements <= 1 {
-            return ScaleLayout { rows: 1, blocks: 1 };
-        }
-        let rows = weight_shape.first().copied().unwrap_or(1);
-        ScaleLayout {
-            rows,
-            blocks: elements / rows.max(1),
-        }
-    }
-
-    /// Index into the scale of element (`row`, `col`) of a matrix with `cols` columns.
-    pub fn index(&self, row: usize, col: usize, cols: usize) -> usize {
-        let r = if self.rows == 1 { 0 } else { row };
-        r * self.blocks + col / (cols / self.blocks).max(1)
-    }
-}
-
-/// Decodes stored bytes into `out` (F32 or BF16), optionally times a scale.
-#[derive(Clone, Debug)]
-pub struct Dequantize {
-    /// Stored element type.
-    pub src: DType,
-    /// Shape of the result.
-    pub shape: Vec<usize>,
-    /// Result dtype.
-    pub out: candle_core::DType,
-    /// Scale layout, when a scale tensor is the second operand.
-    pub scale: Option<ScaleLayout>,
 }
 
 impl Dequantize {

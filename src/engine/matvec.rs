@@ -5,79 +5,9 @@
 //! where its time goes.
 
 use super::dequant::{cpu_activations, cpu_storage, RawTensor};
+use super::ops::{FusedMatVec, MATVEC_MAX_ROWS};
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
-
-/// Most rows of `x` the fused path takes; more rows (prefill) decode `W` once and multiply.
-pub const MATVEC_MAX_ROWS: usize = 8;
-
-/// On the GPU, each weight's rows come in tiles of this many (one block each)...
-pub const TILE_ROWS: usize = 16;
-
-/// ...and its inputs in steps of this many (one tensor-core tile wide).
-pub const TILE_INPUTS: usize = 64;
-
-/// One weight of a fused product: float8 bytes `[rows, in]` and an optional f32 scale (one
-/// value, or one per row).
-#[derive(Clone, Debug)]
-pub struct Segment {
-    /// The weight's bytes (U8).
-    pub bytes: Tensor,
-    /// Its rows (output features).
-    pub rows: usize,
-    /// Its decoded scale.
-    pub scale: Option<Tensor>,
-}
-
-/// `x [rows, in]` (RMS-normalised first when `norm` is given) times the segments' weights,
-/// their outputs side by side; then `+ bias`, `+ residual`; or, when `gated`,
-/// `silu(x W0^T) * (x W1^T)` for two segments of equal size.
-#[derive(Clone, Debug)]
-pub struct FusedMatVec {
-    /// One to three weights.
-    pub segments: Vec<Segment>,
-    /// Input features.
-    pub in_features: usize,
-    /// Added to each output row (`[outputs]`, the activation dtype).
-    pub bias: Option<Tensor>,
-    /// Added to the output (`[rows, outputs]`, the activation dtype).
-    pub residual: Option<Tensor>,
-    /// `silu(first) * second` instead of the two side by side.
-    pub gated: bool,
-    /// RMSNorm of each row of x first: its weight (`[in]`, the activation dtype) and epsilon.
-    pub norm: Option<(Tensor, f32)>,
-    /// The weights never change while the engine lives, so on the GPU the kernel may load
-    /// them before the kernel before it has finished (programmatic dependent launch).
-    pub resident_weights: bool,
-    /// On the GPU, a U32 word the kernel lowers to the tag when an output is NaN or infinite
-    /// (see [`crate::engine::watch`]); the CPU path leaves the check to the engine.
-    pub watch: Option<(Tensor, u32)>,
-}
-
-impl FusedMatVec {
-    /// `x` times `segments` side by side, nothing fused around them, weights not resident.
-    pub fn new(segments: Vec<Segment>, in_features: usize) -> FusedMatVec {
-        FusedMatVec {
-            segments,
-            in_features,
-            bias: None,
-            residual: None,
-            gated: false,
-            norm: None,
-            resident_weights: false,
-            watch: None,
-        }
-    }
-
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        if self.gated {
-            self.segments[0].rows
-        } else {
-            self.segments.iter().map(|s| s.rows).sum()
-        }
-    }
-}
 
 /// A CPU tensor's values as f32 (f32, bf16) and whether it was bf16.
 fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -175,7 +105,8 @@ impl CustomOp1 for FusedMatVec {
 
 /// Whether `x @ w^T` takes the fused path: float8 weights, a scale that is none, one value or
 /// one per output row, and at most [`MATVEC_MAX_ROWS`] rows; on the GPU also tensor cores
-/// (sm_80 or newer) and a weight of whole tiles ([`TILE_ROWS`] x [`TILE_INPUTS`]).
+/// (sm_80 or newer) and a weight of whole tiles ([`super::ops::TILE_ROWS`] x
+/// [`super::ops::TILE_INPUTS`]).
 pub fn applies(x: &Tensor, w: &RawTensor, scale: Option<&RawTensor>) -> Result<bool> {
     let rows = x.elem_count() / x.dim(D::Minus1)?;
     let simple_scale = scale.is_none_or(|s| {
@@ -194,8 +125,8 @@ fn device_takes(device: &candle_core::Device, shape: &[usize]) -> bool {
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(d) => {
             super::cuda::has_mma(d)
-                && shape[0].is_multiple_of(TILE_ROWS)
-                && shape[1].is_multiple_of(TILE_INPUTS)
+                && shape[0].is_multiple_of(super::ops::TILE_ROWS)
+                && shape[1].is_multiple_of(super::ops::TILE_INPUTS)
         }
         _ => true,
     }
@@ -217,6 +148,7 @@ pub fn apply(x: &Tensor, op: &FusedMatVec) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::engine::dequant::dequantize;
+    use crate::engine::ops::Segment;
     use candle_core::Device;
 
     fn weight(n_out: usize, n_in: usize, salt: usize) -> RawTensor {

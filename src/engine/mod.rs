@@ -8,6 +8,7 @@ pub mod dequant;
 mod load;
 pub mod matvec;
 pub mod model;
+pub mod ops;
 pub mod streamer;
 pub mod watch;
 pub mod weights;

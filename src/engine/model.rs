@@ -6,6 +6,7 @@ use super::attention;
 use super::cache::KvCache;
 use super::dequant::{dequantize, RawTensor};
 use super::matvec;
+use super::ops;
 use super::watch::{Tag, Watch};
 use super::weights::{LayerWeights, Linear};
 use crate::arch::config::ModelConfig;
@@ -13,7 +14,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
 /// What a fused launch does beyond multiplying x by its weights (see
-/// [`matvec::FusedMatVec`]).
+/// [`ops::FusedMatVec`]).
 #[derive(Default)]
 struct Fuse<'a> {
     bias: Option<&'a Tensor>,
@@ -27,13 +28,13 @@ struct Fuse<'a> {
 fn fused(x: &Tensor, linears: &[&Linear], resident: bool, fuse: Fuse<'_>) -> Result<Tensor> {
     let segments = linears
         .iter()
-        .map(|l| matvec::Segment {
+        .map(|l| ops::Segment {
             bytes: l.weight.bytes.clone(),
             rows: l.weight.shape[0],
             scale: l.scale_f32.clone(),
         })
         .collect();
-    let op = matvec::FusedMatVec {
+    let op = ops::FusedMatVec {
         segments,
         in_features: x.dim(D::Minus1)?,
         bias: fuse.bias.cloned(),

@@ -162,7 +162,9 @@ impl Slots {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            Slots::Cuda(c) => c.upload(slot, host),
+            // SAFETY: host layers live as long as the streamer, and `drain` (on every statistics
+            // read and on drop) waits for the copies.
+            Slots::Cuda(c) => unsafe { c.upload(slot, host.layer, host.bytes.as_slice()) },
         }
     }
 
@@ -210,7 +212,18 @@ impl Slots {
                 timings, wait_ms, ..
             } => Ok((std::mem::take(timings), std::mem::take(wait_ms))),
             #[cfg(feature = "cuda")]
-            Slots::Cuda(c) => c.drain(),
+            Slots::Cuda(c) => {
+                let (copies, wait_ms) = c.drain()?;
+                let timings = copies
+                    .into_iter()
+                    .map(|(layer, bytes, copy_ms)| CopyTiming {
+                        layer,
+                        bytes,
+                        copy_ms,
+                    })
+                    .collect();
+                Ok((timings, wait_ms))
+            }
         }
     }
 }
@@ -406,5 +419,11 @@ impl LayerStreamer {
         self.timings.clear();
         self.wait_ms = 0.0;
         Ok(())
+    }
+}
+impl Drop for LayerStreamer {
+    /// Waits for copies in flight: they read host layers, which are freed next.
+    fn drop(&mut self) {
+        let _ = self.slots.drain();
     }
 }

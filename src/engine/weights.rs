@@ -6,7 +6,7 @@
 
 use super::dequant::{dequantize, RawTensor};
 use crate::arch::qwen2::LayerTensor;
-use crate::checkpoint::inventory::scale_names;
+use crate::checkpoint::scales::scale_names;
 use crate::plan::memory;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Tensor};

@@ -11,7 +11,8 @@
 use crate::arch::config::ModelConfig;
 use crate::arch::Role;
 use crate::checkpoint::header::TensorInfo;
-use crate::checkpoint::inventory::{layer_entry, Inventory, LayerEntry, Part};
+use crate::checkpoint::inventory::{Inventory, Part};
+use crate::checkpoint::scales::{layer_entry, LayerEntry};
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
 

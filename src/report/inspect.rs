@@ -1,7 +1,8 @@
 //! `vibeoffload inspect`: what a checkpoint holds, from its header alone.
 
 use super::{snake, Columns, Render};
-use crate::checkpoint::inventory::{Part, ScaleSummary};
+use crate::checkpoint::inventory::Part;
+use crate::checkpoint::scales::ScaleSummary;
 use crate::checkpoint::summary::ModelSummary;
 use crate::checkpoint::ModelInfo;
 use crate::units::gib;

@@ -13,15 +13,26 @@ pub use ops::{decode_attention, dequantize, fused_matvec, store_kv, watch};
 pub use slots::{CudaSlots, PinnedBytes};
 pub use timing::{device_bandwidth_gbps, pinned_bandwidth_gbps, QueuedTimer};
 
-use super::{attention, matvec};
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaView};
+use super::ops::{ATTENTION_WARPS, MATVEC_MAX_ROWS, TILE_INPUTS, TILE_ROWS};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaEvent, CudaFunction, CudaStream, CudaView,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{Layout, Storage};
 use std::ops::Deref;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-/// Warps per block of the fused matvec (one block per [`matvec::TILE_ROWS`] output features).
+/// An event recorded now on `stream`, with timing.
+fn timing_event(stream: &Arc<CudaStream>) -> anyhow::Result<CudaEvent> {
+    let event = stream
+        .context()
+        .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+    event.record(stream)?;
+    Ok(event)
+}
+
+/// Warps per block of the fused matvec (one block per [`TILE_ROWS`] output features).
 const MATVEC_WARPS: usize = 8;
 
 /// The launch geometry the kernels are compiled with, as `-D` options built from the constants
@@ -30,10 +41,10 @@ const MATVEC_WARPS: usize = 8;
 fn kernel_defines() -> Vec<String> {
     [
         ("MATVEC_WARPS", MATVEC_WARPS),
-        ("TILE_ROWS", matvec::TILE_ROWS),
-        ("TILE_INPUTS", matvec::TILE_INPUTS),
-        ("MATVEC_MAX_ROWS", matvec::MATVEC_MAX_ROWS),
-        ("ATT_WARPS", attention::WARPS),
+        ("TILE_ROWS", TILE_ROWS),
+        ("TILE_INPUTS", TILE_INPUTS),
+        ("MATVEC_MAX_ROWS", MATVEC_MAX_ROWS),
+        ("ATT_WARPS", ATTENTION_WARPS),
     ]
     .map(|(name, value)| format!("-D{name}={value}"))
     .into()

@@ -5,10 +5,10 @@
 use super::launch::RawArgs;
 use super::{cuda_view, optional_view, Module, MATVEC_WARPS};
 use crate::dtype::DType as StoredDType;
-use crate::engine::attention::{self, DecodeAttention};
-use crate::engine::cache::StoreKv;
-use crate::engine::dequant::Dequantize;
-use crate::engine::matvec::{self, FusedMatVec};
+use crate::engine::ops::{
+    DecodeAttention, Dequantize, FusedMatVec, StoreKv, ATTENTION_WARPS, MATVEC_MAX_ROWS,
+    TILE_INPUTS, TILE_ROWS,
+};
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -194,14 +194,14 @@ pub fn decode_attention(
     for s in strides {
         args.u64(s as u64);
     }
-    let warps = attention::WARPS;
+    let warps = ATTENTION_WARPS;
     let config = LaunchConfig {
         grid_dim: (op.heads as u32, batch as u32, 1),
         block_dim: (32 * warps as u32, 1, 1),
         shared_mem_bytes: ((op.len + (warps + 1) * op.head_dim) * 4) as u32,
     };
     // The arguments match the kernel's signature (attention.cu); shared memory holds `len` scores, each
-    // warp's partial output and the query (at most 48 KiB, checked by attention::applies).
+    // warp's partial output and the query (at most 48 KiB, checked by engine::attention::applies).
     // The kernel reads nothing before the previous kernel ends.
     args.launch(&dev, &func, config, true)?;
     Ok((
@@ -262,7 +262,7 @@ pub fn fused_matvec(
     let xs = x.as_cuda_slice::<half::bf16>()?.slice(xa..xb);
     let n_in = op.in_features;
     let rows = (xb - xa) / n_in;
-    if rows > matvec::MATVEC_MAX_ROWS || op.segments.is_empty() || op.segments.len() > 3 {
+    if rows > MATVEC_MAX_ROWS || op.segments.is_empty() || op.segments.len() > 3 {
         candle_core::bail!("fused matvec: {rows} rows, {} weights", op.segments.len());
     }
     // Every operand's storage stays locked (read) until the launch is queued.
@@ -302,17 +302,14 @@ pub fn fused_matvec(
     }
 
     let aligned = xa.is_multiple_of(8)
-        && n_in.is_multiple_of(matvec::TILE_INPUTS)
-        && op
-            .segments
-            .iter()
-            .all(|s| s.rows.is_multiple_of(matvec::TILE_ROWS))
+        && n_in.is_multiple_of(TILE_INPUTS)
+        && op.segments.iter().all(|s| s.rows.is_multiple_of(TILE_ROWS))
         && weights
             .iter()
             .all(|(_, l)| l.start_offset().is_multiple_of(16));
     if !aligned {
         candle_core::bail!(
-            "fused matvec: shapes or offsets off the kernel's tiles (see matvec::applies)"
+            "fused matvec: shapes or offsets off the kernel's tiles (see engine::matvec::applies)"
         );
     }
     let n_out = op.out_features();
@@ -361,7 +358,7 @@ pub fn fused_matvec(
         .i32(op.watch.as_ref().map_or(0, |(_, tag)| *tag as i32));
     // One block of MATVEC_WARPS warps per TILE_ROWS output features (matvec.cu).
     let config = LaunchConfig {
-        grid_dim: ((n_out / matvec::TILE_ROWS) as u32, 1, 1),
+        grid_dim: ((n_out / TILE_ROWS) as u32, 1, 1),
         block_dim: (32 * MATVEC_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -2,8 +2,7 @@
 //! are copied into on a copy stream of their own, with the events that order copies and
 //! compute both ways.
 
-use super::timing::timing_event;
-use crate::engine::streamer::{CopyTiming, HostLayer};
+use super::timing_event;
 use anyhow::{anyhow, Result};
 use candle_core::cuda_backend::cudarc::driver::{
     result, sys, CudaEvent, CudaStream, DevicePtr, PinnedHostSlice,
@@ -105,19 +104,24 @@ impl CudaSlots {
         })
     }
 
-    /// Copies `host` into `slot` on the copy stream once the slot's last reader is done.
-    pub fn upload(&mut self, slot: usize, host: &HostLayer) -> Result<()> {
-        let src = host.bytes.as_slice();
+    /// Copies layer `layer`'s packed bytes `src` into `slot` on the copy stream once the slot's
+    /// last reader is done.
+    ///
+    /// # Safety
+    ///
+    /// `src` must stay alive and unchanged until the copy has finished (the streamer's host
+    /// layers live as long as the streamer, and [`CudaSlots::drain`] waits for every copy).
+    pub unsafe fn upload(&mut self, slot: usize, layer: usize, src: &[u8]) -> Result<()> {
         self.copy.wait(&self.compute_done[slot])?;
         let start = timing_event(&self.copy)?;
         // SAFETY: the slot holds at least `src.len()` bytes (sized for the largest layer), the
-        // copy stream waited for every kernel that reads it, and `src` lives as long as the
-        // streamer, beyond the copy.
+        // copy stream waited for every kernel that reads it, and `src` outlives the copy (this
+        // function's contract).
         unsafe { result::memcpy_htod_async(self.pointers[slot], src, self.copy.cu_stream()) }?;
         let end = timing_event(&self.copy)?;
         self.copy_done[slot].record(&self.copy)?;
         self.pending.push(PendingCopy {
-            layer: host.layer,
+            layer,
             bytes: src.len() as u64,
             start,
             end,
@@ -149,15 +153,12 @@ impl CudaSlots {
         self.tensors[slot].clone()
     }
 
-    /// Timings of finished copies and waits (blocks until they finish).
-    pub fn drain(&mut self) -> Result<(Vec<CopyTiming>, f64)> {
+    /// Each finished copy as (layer, bytes, copy ms), and the time the compute stream waited
+    /// for copies, in ms (blocks until they finish).
+    pub fn drain(&mut self) -> Result<(Vec<(usize, u64, f64)>, f64)> {
         let mut timings = Vec::with_capacity(self.pending.len());
         for p in self.pending.drain(..) {
-            timings.push(CopyTiming {
-                layer: p.layer,
-                bytes: p.bytes,
-                copy_ms: f64::from(p.start.elapsed_ms(&p.end)?),
-            });
+            timings.push((p.layer, p.bytes, f64::from(p.start.elapsed_ms(&p.end)?)));
         }
         let mut wait_ms = 0.0;
         for (a, b) in self.waits.drain(..) {

@@ -3,22 +3,13 @@
 
 use super::launch::RawArgs;
 use super::slots::PinnedBytes;
-use super::Module;
+use super::{timing_event, Module};
 use anyhow::Result;
 use candle_core::cuda_backend::cudarc::driver::{
-    result, sys, CudaEvent, CudaStream, DevicePtr, LaunchConfig,
+    result, CudaEvent, CudaStream, DevicePtr, LaunchConfig,
 };
 use candle_core::cuda_backend::CudaDevice;
 use std::sync::Arc;
-
-/// An event recorded now on `stream`, with timing.
-pub(super) fn timing_event(stream: &Arc<CudaStream>) -> Result<CudaEvent> {
-    let event = stream
-        .context()
-        .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-    event.record(stream)?;
-    Ok(event)
-}
 
 /// Milliseconds that five runs of `copy` take on `stream`, after one warm-up run, timed with
 /// events.

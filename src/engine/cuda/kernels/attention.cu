@@ -1,5 +1,5 @@
 // Decode attention: one new token's attention for one (head, batch) per block of ATT_WARPS warps
-// (engine::attention::WARPS, passed as -DATT_WARPS): each warp takes every ATT_WARPS-th cached
+// (engine::ops::ATTENTION_WARPS, passed as -DATT_WARPS): each warp takes every ATT_WARPS-th cached
 // position, each lane four (or eight) of the head's dimensions, with four positions' loads in
 // flight; scores and softmax in shared memory, the warps' partial sums of values meet there too.
 // K and V are read in place with their strides (rows dense, 8-byte aligned). Compiled for the

@@ -1,0 +1,165 @@
+//! The engine's custom ops as data: what each computes and the constants its kernels are built
+//! around. Each op's CPU reference and candle glue live in its own module (`dequant`,
+//! `matvec`, `attention`, `cache`) and its CUDA launcher in `cuda::ops`; both depend on this
+//! file, not on each other.
+
+use crate::dtype::DType;
+use candle_core::Tensor;
+
+/// How a scale tensor maps onto a weight's elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScaleLayout {
+    /// 1 for a scalar scale, else the weight's rows.
+    pub rows: usize,
+    /// Column blocks per row (1 unless blockwise).
+    pub blocks: usize,
+}
+
+impl ScaleLayout {
+    /// The layout of a scale of shape `scale_shape` for a weight of shape `weight_shape`.
+    pub fn of(scale_shape: &[usize], weight_shape: &[usize]) -> ScaleLayout {
+        let elements: usize = scale_shape.iter().product();
+        if elements <= 1 {
+            return ScaleLayout { rows: 1, blocks: 1 };
+        }
+        let rows = weight_shape.first().copied().unwrap_or(1);
+        ScaleLayout {
+            rows,
+            blocks: elements / rows.max(1),
+        }
+    }
+
+    /// Index into the scale of element (`row`, `col`) of a matrix with `cols` columns.
+    pub fn index(&self, row: usize, col: usize, cols: usize) -> usize {
+        let r = if self.rows == 1 { 0 } else { row };
+        r * self.blocks + col / (cols / self.blocks).max(1)
+    }
+}
+
+/// Decodes stored bytes into `out` (F32 or BF16), optionally times a scale.
+#[derive(Clone, Debug)]
+pub struct Dequantize {
+    /// Stored element type.
+    pub src: DType,
+    /// Shape of the result.
+    pub shape: Vec<usize>,
+    /// Result dtype.
+    pub out: candle_core::DType,
+    /// Scale layout, when a scale tensor is the second operand.
+    pub scale: Option<ScaleLayout>,
+}
+
+/// Most rows of `x` the fused path takes; more rows (prefill) decode `W` once and multiply.
+pub const MATVEC_MAX_ROWS: usize = 8;
+
+/// On the GPU, each weight's rows come in tiles of this many (one block each)...
+pub const TILE_ROWS: usize = 16;
+
+/// ...and its inputs in steps of this many (one tensor-core tile wide).
+pub const TILE_INPUTS: usize = 64;
+
+/// One weight of a fused product: float8 bytes `[rows, in]` and an optional f32 scale (one
+/// value, or one per row).
+#[derive(Clone, Debug)]
+pub struct Segment {
+    /// The weight's bytes (U8).
+    pub bytes: Tensor,
+    /// Its rows (output features).
+    pub rows: usize,
+    /// Its decoded scale.
+    pub scale: Option<Tensor>,
+}
+
+/// `x [rows, in]` (RMS-normalised first when `norm` is given) times the segments' weights,
+/// their outputs side by side; then `+ bias`, `+ residual`; or, when `gated`,
+/// `silu(x W0^T) * (x W1^T)` for two segments of equal size.
+#[derive(Clone, Debug)]
+pub struct FusedMatVec {
+    /// One to three weights.
+    pub segments: Vec<Segment>,
+    /// Input features.
+    pub in_features: usize,
+    /// Added to each output row (`[outputs]`, the activation dtype).
+    pub bias: Option<Tensor>,
+    /// Added to the output (`[rows, outputs]`, the activation dtype).
+    pub residual: Option<Tensor>,
+    /// `silu(first) * second` instead of the two side by side.
+    pub gated: bool,
+    /// RMSNorm of each row of x first: its weight (`[in]`, the activation dtype) and epsilon.
+    pub norm: Option<(Tensor, f32)>,
+    /// The weights never change while the engine lives, so on the GPU the kernel may load
+    /// them before the kernel before it has finished (programmatic dependent launch).
+    pub resident_weights: bool,
+    /// On the GPU, a U32 word the kernel lowers to the tag when an output is NaN or infinite
+    /// (see [`crate::engine::watch`]); the CPU path leaves the check to the engine.
+    pub watch: Option<(Tensor, u32)>,
+}
+
+impl FusedMatVec {
+    /// `x` times `segments` side by side, nothing fused around them, weights not resident.
+    pub fn new(segments: Vec<Segment>, in_features: usize) -> FusedMatVec {
+        FusedMatVec {
+            segments,
+            in_features,
+            bias: None,
+            residual: None,
+            gated: false,
+            norm: None,
+            resident_weights: false,
+            watch: None,
+        }
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        if self.gated {
+            self.segments[0].rows
+        } else {
+            self.segments.iter().map(|s| s.rows).sum()
+        }
+    }
+}
+
+/// `softmax(q K^T / sqrt(d)) V` for one query per sequence, its heads side by side
+/// (`q_stride` elements apart from one sequence to the next), against `k`, `v` `[b, kv_heads,
+/// len, d]` (any strides, as the cache's views have); the result is `[b, heads, 1, d]`.
+#[derive(Clone, Debug)]
+pub struct DecodeAttention {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Cached positions.
+    pub len: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Elements from one sequence's query to the next.
+    pub q_stride: usize,
+    /// Rotates the queries first: the rotary table `[max_len, d]` (cosines, then sines) and
+    /// the query's position.
+    pub rope: Option<(Tensor, usize)>,
+}
+
+/// Warps per (head, sequence) in the GPU kernel.
+pub const ATTENTION_WARPS: usize = 16;
+
+/// Stores `t` new positions' keys (rotated) and values from a q/k/v row `[b, t, (heads + 2 x
+/// kv_heads) x head_dim]` into the cache buffer at `pos`; the second operand is the rotary
+/// table `[max_len, head_dim]` (cosines, then sines).
+#[derive(Clone, Debug)]
+pub struct StoreKv {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Sequences.
+    pub batch: usize,
+    /// New positions.
+    pub tokens: usize,
+    /// Position of the first.
+    pub pos: usize,
+    /// Positions the buffer holds.
+    pub max_len: usize,
+}
