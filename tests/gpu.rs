@@ -117,6 +117,16 @@ fn write_model(dir: &Path, precision: Precision) -> PathBuf {
     path
 }
 
+/// `path` loaded on GPU 0 with `gpu_layers` resident, the other options at their defaults.
+fn cuda_engine(path: &Path, gpu_layers: usize) -> Engine {
+    let options = EngineOptions {
+        device: DeviceChoice::Cuda(0),
+        gpu_layers,
+        ..EngineOptions::default()
+    };
+    Engine::load(ModelInfo::open(path).unwrap(), &options, |_, _| {}).unwrap()
+}
+
 fn trace(path: &Path, options: &EngineOptions) -> Vec<Vec<u32>> {
     let mut engine = Engine::load(ModelInfo::open(path).unwrap(), options, |_, _| {}).unwrap();
     let mut out = Vec::new();
@@ -314,12 +324,7 @@ fn decode_attention_matches_the_cpu() {
 fn a_batch_decodes_each_sequence_as_if_alone_on_the_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), Precision::Float8Plain);
-    let options = EngineOptions {
-        device: DeviceChoice::Cuda(0),
-        gpu_layers: 2,
-        ..EngineOptions::default()
-    };
-    let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+    let mut engine = cuda_engine(&path, 2);
     // Prefill of 4 x 5 rows and of 5 rows may take different GEMM algorithms, so rows agree to
     // bf16 precision rather than bit for bit; mixing up rows would differ by far more.
     let prompts: [&[u32]; 4] = [
@@ -366,13 +371,7 @@ fn massive_activations_match_a_float64_reference_on_the_gpu() {
         "{peaks:?}"
     );
     for gpu_layers in [0, c.num_hidden_layers] {
-        let options = EngineOptions {
-            device: DeviceChoice::Cuda(0),
-            gpu_layers,
-            ..EngineOptions::default()
-        };
-        let mut engine =
-            Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+        let mut engine = cuda_engine(&path, gpu_layers);
         let mut got: Vec<Vec<f32>> = Vec::new();
         for (a, b) in [(0, 12), (12, 13), (13, 16), (16, 24)] {
             let h = host_f32(&engine.forward(&ids[a..b]).unwrap());
@@ -458,13 +457,7 @@ fn a_layer_that_makes_nan_is_named_on_the_gpu() {
     w.save(&path);
     for gpu_layers in [0, 6] {
         for ids in [&[1u32, 2, 3][..], &[1u32; 12][..]] {
-            let options = EngineOptions {
-                device: DeviceChoice::Cuda(0),
-                gpu_layers,
-                ..EngineOptions::default()
-            };
-            let mut engine =
-                Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+            let mut engine = cuda_engine(&path, gpu_layers);
             let e = engine.forward(ids).unwrap_err();
             assert!(
                 format!("{e:#}").starts_with("decoder layer 3 produced NaN or infinite values"),
