@@ -998,3 +998,65 @@ fn synth_keeps_checkpoint_and_config_apart_and_shared_configs_intact() {
     ok(d, &["inspect", "m.safetensors"]);
     assert_no_temporary_files(d);
 }
+
+#[test]
+fn absurd_sizes_exit_2_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let huge = "18446744073709551615";
+    fails(
+        d,
+        &["run", "--prompt-len", huge],
+        2,
+        &["--prompt-len", "out of range"],
+    );
+    fails(
+        d,
+        &["run", "--prompt-len", "0"],
+        2,
+        &["--prompt-len 0 is out of range"],
+    );
+    fails(
+        d,
+        &["run", "--batch", "1099511627776"],
+        2,
+        &["--batch", "out of range"],
+    );
+    fails(
+        d,
+        &["run", "--max-seq-len", "1000000000"],
+        2,
+        &["--max-seq-len", "out of range"],
+    );
+    fails(
+        d,
+        &["table", "--max-seq-len", "4294967296"],
+        2,
+        &["--max-seq-len"],
+    );
+    fails(
+        d,
+        &["auto", "--vram", "8GiB", "--batch", "9223372036854775808"],
+        2,
+        &["--batch"],
+    );
+    fails(
+        d,
+        &["run", "--slots", "2", "--prefetch-depth", "5"],
+        2,
+        &["--prefetch-depth 5"],
+    );
+    // Token ids are checked against the model before it is loaded.
+    fails(
+        d,
+        &["run", "--input-ids", "1,2,99999"],
+        2,
+        &["token id 99999", "vocabulary of 1024"],
+    );
+    fails(
+        d,
+        &["run", "--input-ids", "1,2,3", "--max-seq-len", "2"],
+        2,
+        &["3 tokens are more than --max-seq-len 2"],
+    );
+}

@@ -15,7 +15,7 @@ use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{DeviceChoice, EngineOptions};
 use vibeoffload::measure::{BenchOptions, BenchReport, Mode, ModelFile, SessionOptions, Workload};
 use vibeoffload::plan::budget::{Budget, Choice};
-use vibeoffload::plan::{presets, Placement, PlanOptions, Scope};
+use vibeoffload::plan::{memory, presets, Placement, PlanOptions, Scope};
 use vibeoffload::{gpu, UsageError};
 
 /// What a planning command (`table`, `auto`, the flag form) works on.
@@ -140,6 +140,22 @@ impl RunSettings {
                 (Choice::Auto, fit.gpu_layers)
             }
         };
+        let workload = workload(&a.timing)?;
+        if let Some(ids) = &a.input_ids {
+            let vocab = info.config.vocab_size;
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                bail!(UsageError::new(format!(
+                    "--input-ids: token id {id} is outside the model's vocabulary of {vocab}"
+                )));
+            }
+            if ids.len() as u64 > plan.max_seq_len {
+                bail!(UsageError::new(format!(
+                    "--input-ids: {} tokens are more than --max-seq-len {}",
+                    ids.len(),
+                    plan.max_seq_len
+                )));
+            }
+        }
         let mode = match &a.input_ids {
             Some(ids) => Mode::Forward {
                 input_ids: ids.clone(),
@@ -158,7 +174,7 @@ impl RunSettings {
                 },
                 choice,
                 mode,
-                workload: workload(&a.timing),
+                workload,
                 target_utilization: budget.target_utilization,
             },
         })
@@ -200,7 +216,7 @@ impl BenchSettings {
                 "--layers {n} is more than the model's {layers} layers"
             )));
         }
-        let workload = workload(&a.timing);
+        let workload = workload(&a.timing)?;
         let mut plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
         if a.plan.max_seq_len.is_none() {
             // Just what the runs need, so the estimate and the measurement describe the same
@@ -277,24 +293,40 @@ fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: u32) -> Result<Engine
         gpu_layers: 0,
         placement: plan.placement,
         slots: plan.stream_slots,
-        prefetch_depth: if e.no_prefetch {
-            0
-        } else {
-            e.prefetch_depth
-                .unwrap_or(plan.stream_slots.saturating_sub(1))
+        prefetch_depth: match (e.no_prefetch, e.prefetch_depth) {
+            (true, _) => 0,
+            (false, None) => plan.stream_slots - 1,
+            (false, Some(d)) if d < plan.stream_slots => d,
+            (false, Some(d)) => bail!(UsageError::new(format!(
+                "--prefetch-depth {d} is out of range: use 0 to {} (slots - 1)",
+                plan.stream_slots - 1
+            ))),
         },
         pin_memory: !e.no_pin,
         max_seq_len: plan.max_seq_len as usize,
     })
 }
 
-fn workload(a: &TimingArgs) -> Workload {
-    Workload {
+/// The timed work, checked: a prompt of at least one token, and no length the planner would
+/// refuse (so nothing is allocated for an absurd one).
+fn workload(a: &TimingArgs) -> Result<Workload> {
+    let max = memory::MAX_SEQ_LEN as usize;
+    for (flag, value, min) in [
+        ("--prompt-len", a.prompt_len, 1),
+        ("--gen-tokens", a.gen_tokens, 0),
+    ] {
+        if !(min..=max).contains(&value) {
+            bail!(UsageError::new(format!(
+                "{flag} {value} is out of range: use {min} to {max}"
+            )));
+        }
+    }
+    Ok(Workload {
         prompt_len: a.prompt_len,
         gen_tokens: a.gen_tokens,
         runs: a.runs,
         seed: a.seed,
-    }
+    })
 }
 
 /// What `synth` writes.

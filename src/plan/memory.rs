@@ -28,6 +28,13 @@ pub const MARGIN_BYTES: u64 = 256 * MIB;
 
 // ---- engine constants -----------------------------------------------------------------------
 
+/// The longest sequence a plan or a run takes (tokens): far beyond VibeVoice's context, and
+/// small enough that no size derived from it overflows.
+pub const MAX_SEQ_LEN: u64 = 1 << 20;
+/// The most sequences decoded together.
+pub const MAX_BATCH: u64 = 1024;
+/// The most streaming slots.
+pub const MAX_SLOTS: u64 = 64;
 /// GPU slots that offloaded layers stream through.
 pub const DEFAULT_STREAM_SLOTS: usize = 2;
 /// Longest run of prompt tokens one forward pass processes; longer prompts are prefilled in
@@ -94,8 +101,13 @@ pub fn kv_cache_shape(config: &ModelConfig, sequences: usize, max_seq_len: usize
 
 /// Keys and values of `layers` layers for `sequences` sequences of up to `max_seq_len` tokens.
 pub fn kv_cache_bytes(config: &ModelConfig, sequences: u64, max_seq_len: u64, layers: u64) -> u64 {
+    // Saturating: an absurd configuration plans as "does not fit", never as a wrapped size.
     let shape = kv_cache_shape(config, sequences as usize, max_seq_len as usize);
-    layers * shape.iter().map(|&d| d as u64).product::<u64>() * KV_BYTES
+    shape
+        .iter()
+        .fold(layers.saturating_mul(KV_BYTES), |acc, &d| {
+            acc.saturating_mul(d as u64)
+        })
 }
 
 /// Device memory a forward pass needs beyond weights and cache.

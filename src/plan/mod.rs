@@ -100,14 +100,17 @@ impl PlanOptions {
 
     /// Checks the numbers are usable.
     pub fn validate(&self) -> Result<()> {
-        if self.batch == 0 {
-            bail!(UsageError::new("--batch must be at least 1"));
-        }
-        if self.max_seq_len == 0 {
-            bail!(UsageError::new("--max-seq-len must be at least 1"));
-        }
-        if self.stream_slots == 0 {
-            bail!(UsageError::new("--slots must be at least 1"));
+        let bounds = [
+            ("--batch", self.batch, memory::MAX_BATCH),
+            ("--max-seq-len", self.max_seq_len, memory::MAX_SEQ_LEN),
+            ("--slots", self.stream_slots as u64, memory::MAX_SLOTS),
+        ];
+        for (flag, value, max) in bounds {
+            if !(1..=max).contains(&value) {
+                bail!(UsageError::new(format!(
+                    "{flag} {value} is out of range: use 1 to {max}"
+                )));
+            }
         }
         Ok(())
     }
@@ -208,13 +211,16 @@ pub fn estimate(
         true,
     );
     let working_bytes = working.total_bytes();
-    let total_bytes = memory::CUDA_CONTEXT_BYTES
-        + non_layer_weights_bytes
-        + resident_layers_bytes
-        + stream_buffers_bytes
-        + kv_cache_bytes
-        + working_bytes
-        + memory::MARGIN_BYTES;
+    let total_bytes = [
+        non_layer_weights_bytes,
+        resident_layers_bytes,
+        stream_buffers_bytes,
+        kv_cache_bytes,
+        working_bytes,
+        memory::MARGIN_BYTES,
+    ]
+    .into_iter()
+    .fold(memory::CUDA_CONTEXT_BYTES, u64::saturating_add);
     Ok(VramEstimate {
         gpu_layers,
         offloaded_layers: num_layers - gpu_layers,
