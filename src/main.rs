@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use vibeoffload::UsageError;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(cli::args()) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

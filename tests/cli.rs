@@ -1060,3 +1060,21 @@ fn absurd_sizes_exit_2_before_any_work() {
         &["3 tokens are more than --max-seq-len 2"],
     );
 }
+
+#[test]
+fn version_names_the_commit_and_llama_cpp_spellings_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let version = ok(d, &["--version"]);
+    assert!(
+        version.starts_with("vibeoffload 0.1.0 (commit "),
+        "{version}"
+    );
+    assert!(version.contains("features: "), "{version}");
+    let ours = ok(d, &["--num-gpu-layers", "8", "--vram", "24GiB", "--json"]);
+    for spelling in [&["-ngl", "8"][..], &["-ngl=8"], &["--n-gpu-layers", "8"]] {
+        let mut args = spelling.to_vec();
+        args.extend(["--vram", "24GiB", "--json"]);
+        assert_eq!(ok(d, &args), ours, "{spelling:?}");
+    }
+}

@@ -17,7 +17,7 @@ use vibeoffload::plan::memory::DEFAULT_STREAM_SLOTS;
 /// Exit status: 0 success, 1 failure (missing or bad checkpoint, no GPU reading where one is
 /// needed, nothing fits), 2 bad command line (unknown flag or preset, value out of range).
 #[derive(Parser, Debug)]
-#[command(name = "vibeoffload", version, args_conflicts_with_subcommands = true)]
+#[command(name = "vibeoffload", version = crate::cli::VERSION, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -265,8 +265,8 @@ pub struct ChoiceArgs {
     /// Use a preset: high_end, mid_range, consumer, budget, minimal (or an alias).
     #[arg(long, visible_alias = "preset", value_name = "PRESET")]
     pub config: Option<String>,
-    /// Keep N decoder layers on the GPU.
-    #[arg(long, value_name = "N")]
+    /// Keep N decoder layers on the GPU (llama.cpp's `-ngl` / `--n-gpu-layers` work too).
+    #[arg(long, value_name = "N", visible_alias = "n-gpu-layers")]
     pub num_gpu_layers: Option<usize>,
     /// Keep every layer on the GPU.
     #[arg(long)]
