@@ -6,6 +6,7 @@
 use super::ops::{Dequantize, ScaleLayout};
 use crate::dtype::{bf16_bits_to_f32, f8e4m3_to_f32, DType};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use std::borrow::Cow;
 
 /// A tensor as stored in the checkpoint: its bytes in a U8 tensor on the compute device.
 #[derive(Clone, Debug)]
@@ -72,10 +73,12 @@ impl Dequantize {
 }
 
 /// A CPU activation storage (f32 or bf16) as f32 values, and whether it was bf16.
-pub(crate) fn cpu_activations(s: &CpuStorage) -> Result<(Vec<f32>, bool)> {
+pub(crate) fn cpu_activations(s: &CpuStorage) -> Result<(Cow<'_, [f32]>, bool)> {
     Ok(match s {
-        CpuStorage::F32(v) => (v.clone(), false),
-        CpuStorage::BF16(v) => (v.iter().map(|x| x.to_f32()).collect(), true),
+        // Borrowed: the KV cache is read this way every step, and copying it would make each
+        // step cost the whole cache's length.
+        CpuStorage::F32(v) => (Cow::Borrowed(v.as_slice()), false),
+        CpuStorage::BF16(v) => (Cow::Owned(v.iter().map(|x| x.to_f32()).collect()), true),
         _ => candle_core::bail!("activations must be f32 or bf16"),
     })
 }
