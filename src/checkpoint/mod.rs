@@ -67,6 +67,8 @@ pub struct Checkpoint {
     pub header: Header,
     /// File size in bytes.
     pub file_bytes: u64,
+    /// Modification time when opened, to tell a file rewritten during a run.
+    modified: Option<std::time::SystemTime>,
     mmap: Mmap,
 }
 
@@ -84,10 +86,10 @@ impl Checkpoint {
         let file = File::open(path).map_err(|e| {
             anyhow!("cannot open checkpoint {shown}: {e}; pass --model-path with a checkpoint file or its directory, or write one with `vibeoffload synth`")
         })?;
-        let file_bytes = file
+        let meta = file
             .metadata()
-            .with_context(|| format!("cannot read the size of {shown}"))?
-            .len();
+            .with_context(|| format!("cannot read the size of {shown}"))?;
+        let (file_bytes, modified) = (meta.len(), meta.modified().ok());
         if file_bytes < 8 {
             // Empty files cannot be mapped; the header parser words the error.
             header::parse(&[], file_bytes, &shown)?;
@@ -101,8 +103,25 @@ impl Checkpoint {
             path: path.to_path_buf(),
             header,
             file_bytes,
+            modified,
             mmap,
         })
+    }
+
+    /// Fails if the file was rewritten since it was opened (its size or modification time
+    /// changed): a run that read it meanwhile read a mix of two files. (A streamed run may not
+    /// get this far: the kernel stops it with SIGBUS when the mapped file shrinks.)
+    pub fn check_unchanged(&self) -> Result<()> {
+        let now = std::fs::metadata(&self.path).ok();
+        let same =
+            now.is_some_and(|m| m.len() == self.file_bytes && m.modified().ok() == self.modified);
+        if !same {
+            bail!(
+                "{} was rewritten during the run; its results mix two files: rerun it",
+                self.path.display()
+            );
+        }
+        Ok(())
     }
 
     /// The bytes of one tensor of this checkpoint.
@@ -250,6 +269,22 @@ mod tests {
         // Nothing there: the configuration comes from the shapes.
         let info = ModelInfo::open(&path).unwrap();
         assert_eq!(info.config_source, ConfigSource::TensorShapes);
+    }
+
+    #[test]
+    fn a_checkpoint_rewritten_after_opening_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = small_checkpoint(dir.path());
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        checkpoint.check_unchanged().unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.push(0);
+        std::fs::write(&path, bytes).unwrap();
+        let e = checkpoint.check_unchanged().unwrap_err();
+        assert!(
+            e.to_string().contains("was rewritten during the run"),
+            "{e}"
+        );
     }
 
     #[cfg(unix)]

@@ -140,6 +140,9 @@ pub fn run_bench(
         let dec = speed::decode(&mut engine, &prompts, w.gen_tokens)?;
         let load_phases = engine.load_timings();
         let peak = sampler.map(gpu::PeakSampler::finish);
+        if let Some(checkpoint) = &engine.info().checkpoint {
+            checkpoint.check_unchanged()?;
+        }
         drop(engine);
         let measured_peak_bytes = taken_bytes(baseline, peak);
         rows.push(BenchRow {

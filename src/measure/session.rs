@@ -168,6 +168,9 @@ pub fn run_session(
         nvml_used_peak_bytes: peak,
         measured_peak_bytes: taken_bytes(nvml_before, peak),
     };
+    if let Some(checkpoint) = &engine.info().checkpoint {
+        checkpoint.check_unchanged()?;
+    }
     Ok(RunReport {
         schema: "vibeoffload.run/1".into(),
         model: ModelSummary::of(engine.info()),
