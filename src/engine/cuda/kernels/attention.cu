@@ -42,6 +42,19 @@ __device__ __forceinline__ float dot4(const float* a, uint2 b) {
          + a[2] * __int_as_float((int)(b.y << 16)) + a[3] * __int_as_float((int)(b.y & 0xffff0000u));
 }
 
+// This lane's 8 elements of 4 cached rows, positions j0 + u * ATT_WARPS (zeros past `len`):
+// the loads of one step of the K loop and of the V loop.
+__device__ __forceinline__ void load_rows(uint2 (*r)[2], const u16* base, long long stride, int j0,
+                                          int len, int lane, int d) {
+    #pragma unroll
+    for (int u = 0; u < 4; u++) {
+        int j = j0 + u * ATT_WARPS;
+        const u16* row = base + (long long)j * stride;
+        r[u][0] = load4(row, lane * 4, d, j < len);
+        r[u][1] = load4(row, 128 + lane * 4, d, j < len);
+    }
+}
+
 // The query is head h of a row `q_stride` elements per sequence, rotated at `pos` by `table`
 // (cosines, then sines, d per position) when `rope` is set.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf16(
@@ -81,13 +94,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
     const u16* kbase = k + bi * kb + kvh * kh;
     for (int j0 = warp; j0 < len; j0 += ATT_WARPS * 4) {
         uint2 r[4][2];
-        #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int j = j0 + u * ATT_WARPS;
-            const u16* row = kbase + (long long)j * kt;
-            r[u][0] = load4(row, lane * 4, d, j < len);
-            r[u][1] = load4(row, 128 + lane * 4, d, j < len);
-        }
+        load_rows(r, kbase, kt, j0, len, lane, d);
         #pragma unroll
         for (int u = 0; u < 4; u++) {
             float s = dot4(qv, r[u][0]) + dot4(qv + 4, r[u][1]);
@@ -111,13 +118,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
     const u16* vbase = v + bi * vb + kvh * vh;
     for (int j0 = warp; j0 < len; j0 += ATT_WARPS * 4) {
         uint2 r[4][2];
-        #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int j = j0 + u * ATT_WARPS;
-            const u16* row = vbase + (long long)j * vt;
-            r[u][0] = load4(row, lane * 4, d, j < len);
-            r[u][1] = load4(row, 128 + lane * 4, d, j < len);
-        }
+        load_rows(r, vbase, vt, j0, len, lane, d);
         #pragma unroll
         for (int u = 0; u < 4; u++) {
             int j = j0 + u * ATT_WARPS;
