@@ -300,6 +300,25 @@ fn a_layer_that_makes_nan_is_named_and_fails_the_pass() {
 }
 
 #[test]
+fn a_nan_final_norm_is_named_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(
+        dir.path(),
+        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
+        false,
+    );
+    let mut w = common::Weights::read(&path);
+    w.edit("model.language_model.norm.weight", |n| n[3] = f64::NAN);
+    w.save(&path);
+    let mut engine = load(&path, &EngineOptions::default());
+    let e = engine.forward(&[1, 2, 3]).unwrap_err();
+    assert!(
+        format!("{e:#}").starts_with("the final norm produced NaN"),
+        "{e:#}"
+    );
+}
+
+#[test]
 fn a_greedy_step_picks_the_argmax_of_each_sequences_logits() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), Precision::Float8Plain, false);

@@ -235,7 +235,9 @@ impl Engine {
             self.streamer.release(i)?;
         }
         self.position += t;
-        model::rms_norm(&x, &self.norm, config.rms_norm_eps)
+        let out = model::rms_norm(&x, &self.norm, config.rms_norm_eps)?;
+        self.watch.check(&out, Tag::FinalNorm)?;
+        Ok(out)
     }
 
     /// Logits (f32) for final-normed hidden states: `[vocab]` for `[hidden]`, `[rows, vocab]`

@@ -27,6 +27,8 @@ pub enum Watch {
 pub enum Tag {
     /// Decoder layer `i`.
     Layer(usize),
+    /// The final RMSNorm (the hidden states a pass returns).
+    FinalNorm,
     /// The LM head (logits).
     LmHead,
 }
@@ -36,12 +38,14 @@ impl Tag {
     fn index(self) -> u32 {
         match self {
             Tag::Layer(i) => i as u32,
+            Tag::FinalNorm => u32::MAX - 2,
             Tag::LmHead => u32::MAX - 1,
         }
     }
 
     fn from_index(i: u32) -> Tag {
         match i {
+            i if i == u32::MAX - 2 => Tag::FinalNorm,
             i if i == u32::MAX - 1 => Tag::LmHead,
             i => Tag::Layer(i as usize),
         }
@@ -52,6 +56,7 @@ impl std::fmt::Display for Tag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Tag::Layer(i) => write!(f, "decoder layer {i}"),
+            Tag::FinalNorm => write!(f, "the final norm"),
             Tag::LmHead => write!(f, "the LM head"),
         }
     }
@@ -170,7 +175,7 @@ mod tests {
 
     #[test]
     fn tags_survive_the_device_word() {
-        for tag in [Tag::Layer(0), Tag::Layer(27), Tag::LmHead] {
+        for tag in [Tag::Layer(0), Tag::Layer(27), Tag::FinalNorm, Tag::LmHead] {
             assert_eq!(Tag::from_index(tag.index()), tag);
         }
     }
