@@ -3,7 +3,7 @@
 # tests, streamed-vs-resident identity on 7B, `bench` over the default layer counts (its tables,
 # JSON and plot), and the PyTorch baselines on the same checkpoint, all in one process tree so
 # the ratios are measured side by side. With BASELINE=path/to/bench.json it also fails on a
-# regression beyond 10% (the CI benchmark: `BASELINE=... scripts/gpu-bench.sh`); SKIP_PYTORCH=1
+# regression beyond 10% with exit status 3 (the CI benchmark: `BASELINE=... scripts/gpu-bench.sh`); SKIP_PYTORCH=1
 # leaves the PyTorch baselines out; BATCH=4 adds a bench of 4 sequences decoded together
 # (BATCH_LAYERS, default 28,8,0). Exits 1 when any test, run, dump comparison or bench fails.
 # Results in $OUT: bench.json, bench.svg, bench-batch.json, pytorch.json, log.txt.

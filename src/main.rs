@@ -1,14 +1,15 @@
 //! The `vibeoffload` binary: parses arguments, runs the command, prints what it returns, and
 //! picks the exit status: 0 ok, 1 failure, 2 bad command line (clap's errors and
-//! [`vibeoffload::UsageError`]).
+//! [`vibeoffload::UsageError`]), 3 slower than a bench baseline.
 
 mod cli;
 
 use clap::Parser;
-use cli::args::{Cli, Command};
+use cli::args::{BenchCommand, Cli, Command};
 use cli::commands::{self, Output};
 use std::io::Write;
 use std::process::ExitCode;
+use vibeoffload::measure::Regression;
 use vibeoffload::UsageError;
 
 fn main() -> ExitCode {
@@ -32,7 +33,10 @@ fn main() -> ExitCode {
         Some(Command::Inspect(a)) => commands::inspect(a),
         Some(Command::Synth(a)) => commands::synth(a),
         Some(Command::Run(a)) => commands::run(a),
-        Some(Command::Bench(a)) => commands::bench(a),
+        Some(Command::Bench(a)) => match &a.compare {
+            Some(BenchCommand::Compare(c)) => commands::bench_compare(c),
+            None => commands::bench(a),
+        },
         None => commands::legacy(cli.legacy),
     };
     let failure = match result {
@@ -48,6 +52,8 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if e.chain().any(|c| c.is::<UsageError>()) {
                 ExitCode::from(2)
+            } else if e.chain().any(|c| c.is::<Regression>()) {
+                ExitCode::from(3)
             } else {
                 ExitCode::FAILURE
             }

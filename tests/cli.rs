@@ -798,7 +798,7 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         &svg[..100.min(svg.len())]
     );
 
-    // A baseline far faster than anything possible: every row regresses, exit 1.
+    // A baseline far faster than anything possible: every row regresses, exit 3 (its own code).
     let mut fast = r.clone();
     for row in &mut fast.rows {
         row.decode_ms_per_token = 1e-6;
@@ -822,7 +822,7 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         d,
         &[&base[..], &["fast.json", "--json-out", "new.json"]].concat(),
     );
-    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_eq!(o.code, 3, "{}", o.stderr);
     assert!(
         o.stderr.contains("slower than the baseline") && o.stderr.contains("N=8"),
         "{}",
@@ -832,6 +832,47 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
     let written: BenchReport =
         serde_json::from_str(&std::fs::read_to_string(d.join("new.json")).unwrap()).unwrap();
     assert_eq!(written.rows.len(), 2);
+    let comparison = written.comparison.expect("the comparison is in the JSON");
+    assert_eq!(comparison.rows.len(), 2);
+    assert_eq!(comparison.regressions.len(), 4);
+    // bench compare reads two files and judges them alike, without rerunning.
+    let o = vibeoffload(d, &["bench", "compare", "fast.json", "new.json"]);
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("decode ms/token (new/old)"),
+        "{}",
+        o.stdout
+    );
+    ok(d, &["bench", "compare", "new.json", "new.json"]);
+    // Another device, or no layer count in common: refused, not passed.
+    let mut elsewhere = fast.clone();
+    elsewhere.device = "GPU 0 NVIDIA H200".into();
+    std::fs::write(
+        d.join("elsewhere.json"),
+        serde_json::to_string(&elsewhere).unwrap(),
+    )
+    .unwrap();
+    fails(
+        d,
+        &["bench", "compare", "elsewhere.json", "new.json"],
+        2,
+        &["measured differently", "device"],
+    );
+    let mut disjoint = fast.clone();
+    for row in &mut disjoint.rows {
+        row.gpu_layers += 1;
+    }
+    std::fs::write(
+        d.join("disjoint.json"),
+        serde_json::to_string(&disjoint).unwrap(),
+    )
+    .unwrap();
+    fails(
+        d,
+        &["bench", "compare", "disjoint.json", "new.json"],
+        2,
+        &["no layer count in common"],
+    );
     // A slow baseline passes.
     let mut slow = r;
     for row in &mut slow.rows {
@@ -844,7 +885,7 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         d,
         &["bench", "--baseline", "missing.json"],
         1,
-        &["cannot read the baseline"],
+        &["cannot read missing.json"],
     );
     fails(d, &["bench", "--layers", "9"], 2, &["--layers 9"]);
 }

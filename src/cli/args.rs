@@ -111,14 +111,19 @@ pub struct RunArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// `bench compare OLD NEW`: two earlier reports instead of a new measurement.
+    #[command(subcommand)]
+    pub compare: Option<BenchCommand>,
     /// Layer counts to measure, in order (default: all layers, then every 4 fewer, down to 0).
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     pub layers: Option<Vec<usize>>,
     /// Draw ms/token and VRAM (estimate and measurement) against GPU layers into this SVG.
     #[arg(long, value_name = "PATH")]
     pub plot: Option<PathBuf>,
-    /// An earlier `bench --json`: exit 1 when a configuration got slower by more than --threshold.
+    /// An earlier `bench --json`: exit 3 when a configuration got slower by more than
+    /// --threshold (refused when measured on another device, model, batch or workload).
     #[arg(long, value_name = "FILE")]
     pub baseline: Option<PathBuf>,
     /// Allowed slowdown against --baseline (0.10 = 10%).
@@ -136,6 +141,28 @@ pub struct BenchArgs {
     pub timing: TimingArgs,
     #[command(flatten)]
     pub output: ReportArgs,
+}
+
+/// What `bench` can do besides measuring.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Compare two `bench --json` reports without rerunning: exit 3 when NEW is slower than
+    /// OLD by more than --threshold at a layer count both measured.
+    Compare(BenchCompareArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCompareArgs {
+    /// The baseline report.
+    pub old: PathBuf,
+    /// The report held against it.
+    pub new: PathBuf,
+    /// Allowed slowdown (0.10 = 10%).
+    #[arg(long, default_value_t = 0.10)]
+    pub threshold: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

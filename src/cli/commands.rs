@@ -1,7 +1,8 @@
 //! One body per command: resolve the settings, call the library, render the report.
 
 use super::args::{
-    AutoArgs, BenchArgs, InspectArgs, LegacyArgs, ReportArgs, RunArgs, SynthArgs, TableArgs,
+    AutoArgs, BenchArgs, BenchCompareArgs, InspectArgs, LegacyArgs, ReportArgs, RunArgs, SynthArgs,
+    TableArgs,
 };
 use super::settings::{
     every_fourth, fixed_choice, model_info, synth_spec, BenchSettings, Planning, RunSettings,
@@ -10,7 +11,7 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vibeoffload::checkpoint::synth;
-use vibeoffload::measure::{self, regressions};
+use vibeoffload::measure::{self, compare, BenchReport};
 use vibeoffload::report::{self, plot_bench, InspectReport, PlanReport, Render, TableReport};
 
 /// What a command leaves: text for stdout, and a failure to report after printing it.
@@ -135,22 +136,27 @@ pub fn bench(a: BenchArgs) -> Result<Output> {
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
     let report = measure::run_bench(&s.model, &s.options, |m| spinner.set_message(m));
     spinner.finish_and_clear();
-    let report = report?;
+    let mut report = report?;
     if let Some(plot) = &a.plot {
         plot_bench(&report, plot)
             .map_err(|e| anyhow::anyhow!("cannot draw {}: {e:#}", plot.display()))?;
     }
+    report.comparison = s
+        .baseline
+        .as_ref()
+        .map(|old| compare(old, &report, s.threshold))
+        .transpose()?;
     let mut out = report_out(&report, &a.output)?;
-    if let Some(old) = &s.baseline {
-        let slower = regressions(old, &report, s.threshold);
-        if !slower.is_empty() {
-            out.failure = Some(anyhow::anyhow!(
-                "slower than the baseline by more than {:.0}%: {}",
-                s.threshold * 100.0,
-                slower.join("; ")
-            ));
-        }
-    }
+    out.failure = report.comparison.as_ref().and_then(|c| c.verdict().err());
+    Ok(out)
+}
+
+/// `bench compare OLD NEW`: two earlier `bench --json` reports, compared without rerunning.
+pub fn bench_compare(a: &BenchCompareArgs) -> Result<Output> {
+    let (old, new) = (BenchReport::read(&a.old)?, BenchReport::read(&a.new)?);
+    let comparison = compare(&old, &new, a.threshold)?;
+    let mut out = text_or_json(&comparison, a.json)?;
+    out.failure = comparison.verdict().err();
     Ok(out)
 }
 

@@ -197,17 +197,7 @@ impl BenchSettings {
                 "--threshold must be 0 or more (0.10 = 10%)"
             ));
         }
-        let baseline = match &a.baseline {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| {
-                    anyhow::anyhow!("cannot read the baseline {}: {e}", p.display())
-                })?;
-                Some(serde_json::from_str::<BenchReport>(&text).map_err(|e| {
-                    anyhow::anyhow!("{} is not a `bench --json` report: {e}", p.display())
-                })?)
-            }
-            None => None,
-        };
+        let baseline = a.baseline.as_deref().map(BenchReport::read).transpose()?;
         let model = model_file(&a.checkpoint)?;
         let layers = model.open()?.inventory.num_layers();
         let layer_counts = a.layers.clone().unwrap_or_else(|| every_fourth(layers));

@@ -10,8 +10,10 @@ use crate::plan::{self, PlanOptions};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-/// One layer count measured by `bench`.
+/// One layer count measured by `bench`. Fields added since the first `vibeoffload.bench/1`
+/// files read as their defaults from those files.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BenchRow {
     /// Decoder layers resident.
     pub gpu_layers: usize,
@@ -79,10 +81,28 @@ pub struct BenchReport {
     pub prompt_len: usize,
     /// Tokens decoded per configuration.
     pub gen_tokens: usize,
-    /// Sequences decoded together.
+    /// Sequences decoded together (1 in files written before batches).
+    #[serde(default = "one")]
     pub batch: usize,
     /// One row per layer count.
     pub rows: Vec<BenchRow>,
+    /// Against `--baseline`, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Comparison>,
+}
+
+impl BenchReport {
+    /// An earlier `bench --json` report (older `vibeoffload.bench/1` files included).
+    pub fn read(path: &std::path::Path) -> Result<BenchReport> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a `bench --json` report: {e}", path.display()))
+    }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What `bench` measures.
@@ -185,6 +205,7 @@ pub fn run_bench(
         gen_tokens: w.gen_tokens,
         batch: o.plan.batch as usize,
         rows,
+        comparison: None,
     })
 }
 
@@ -210,32 +231,149 @@ fn set_bounds(rows: &mut [BenchRow], layers: usize, pinned_gbps: Option<f64>) {
     }
 }
 
-/// Rows of `new` slower than the same layer count in `old` by more than `threshold`
-/// (0.10 = 10%), as one line each.
-pub fn regressions(old: &BenchReport, new: &BenchReport, threshold: f64) -> Vec<String> {
-    let mut out = Vec::new();
+/// A bench report held against a baseline, layer count by layer count.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Allowed slowdown (0.10 = 10%).
+    pub threshold: f64,
+    /// The layer counts both reports measured.
+    pub rows: Vec<ComparedRow>,
+    /// Layer counts this report has and the baseline lacks.
+    pub missing_in_baseline: Vec<usize>,
+    /// Layer counts the baseline has and this report lacks.
+    pub missing_here: Vec<usize>,
+    /// One line per figure slower than the baseline by more than the threshold.
+    pub regressions: Vec<String>,
+}
+
+/// One layer count in both reports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComparedRow {
+    /// Decoder layers resident on the GPU.
+    pub gpu_layers: usize,
+    /// Decode ms/token: baseline, this report, and this over the baseline.
+    pub decode_ms: (f64, f64, f64),
+    /// Test-speed (prefill) ms: baseline, this report, and this over the baseline.
+    pub test_speed_ms: (f64, f64, f64),
+}
+
+/// Compares `new` with `old` (`threshold` 0.10 = 10% slower allowed). Refused (a usage
+/// error) when they were measured on another device, model, batch or workload, or share no
+/// layer count: a comparison of nothing must not pass.
+pub fn compare(old: &BenchReport, new: &BenchReport, threshold: f64) -> Result<Comparison> {
+    let model = |r: &BenchReport| (r.model.config.clone(), r.model.layer_bytes);
+    let mismatches: Vec<String> = [
+        (
+            "device",
+            old.device != new.device,
+            format!("{} against {}", new.device, old.device),
+        ),
+        (
+            "model",
+            model(old) != model(new),
+            format!("{} against {}", new.model.source, old.model.source),
+        ),
+        (
+            "batch",
+            old.batch != new.batch,
+            format!("{} against {}", new.batch, old.batch),
+        ),
+        (
+            "workload",
+            (old.prompt_len, old.gen_tokens) != (new.prompt_len, new.gen_tokens),
+            format!(
+                "prompt {} + {} tokens against {} + {}",
+                new.prompt_len, new.gen_tokens, old.prompt_len, old.gen_tokens
+            ),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, differs, _)| *differs)
+    .map(|(what, _, how)| format!("{what} ({how})"))
+    .collect();
+    if !mismatches.is_empty() {
+        anyhow::bail!(crate::UsageError::new(format!(
+            "the baseline was measured differently: {}; compare like with like",
+            mismatches.join(", ")
+        )));
+    }
+    let layers = |r: &BenchReport| r.rows.iter().map(|x| x.gpu_layers).collect::<Vec<_>>();
+    let (old_layers, new_layers) = (layers(old), layers(new));
+    let mut rows = Vec::new();
+    let mut regressions = Vec::new();
     for n in &new.rows {
         let Some(o) = old.rows.iter().find(|o| o.gpu_layers == n.gpu_layers) else {
             continue;
         };
-        for (what, before, after) in [
-            (
-                "decode ms/token",
-                o.decode_ms_per_token,
-                n.decode_ms_per_token,
-            ),
-            ("test-speed ms", o.test_speed_ms, n.test_speed_ms),
+        let ratio = |before: f64, after: f64| (before, after, after / before);
+        let row = ComparedRow {
+            gpu_layers: n.gpu_layers,
+            decode_ms: ratio(o.decode_ms_per_token, n.decode_ms_per_token),
+            test_speed_ms: ratio(o.test_speed_ms, n.test_speed_ms),
+        };
+        for (what, (before, after, r)) in [
+            ("decode ms/token", row.decode_ms),
+            ("test-speed ms", row.test_speed_ms),
         ] {
-            if after > before * (1.0 + threshold) {
-                out.push(format!(
+            if r > 1.0 + threshold {
+                regressions.push(format!(
                     "N={}: {what} {after:.2} vs {before:.2} (+{:.0}%)",
                     n.gpu_layers,
-                    100.0 * (after / before - 1.0)
+                    100.0 * (r - 1.0)
                 ));
             }
         }
+        rows.push(row);
     }
-    out
+    if rows.is_empty() {
+        anyhow::bail!(crate::UsageError::new(format!(
+            "no layer count in common: the baseline measured {old_layers:?}, this run \
+             {new_layers:?}; pass --layers to match"
+        )));
+    }
+    Ok(Comparison {
+        threshold,
+        rows,
+        missing_in_baseline: new_layers
+            .iter()
+            .copied()
+            .filter(|n| !old_layers.contains(n))
+            .collect(),
+        missing_here: old_layers
+            .iter()
+            .copied()
+            .filter(|n| !new_layers.contains(n))
+            .collect(),
+        regressions,
+    })
+}
+
+/// The error of a comparison with regressions: the binary exits 3 for it, apart from 1 (a
+/// failure) and 2 (a bad command line), so CI can tell "slower" from "broken".
+#[derive(Debug)]
+pub struct Regression(pub String);
+
+impl std::fmt::Display for Regression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Regression {}
+
+impl Comparison {
+    /// [`Regression`] if any figure got slower beyond the threshold.
+    pub fn verdict(&self) -> Result<()> {
+        if self.regressions.is_empty() {
+            return Ok(());
+        }
+        Err(Regression(format!(
+            "slower than the baseline by more than {:.0}%: {}",
+            self.threshold * 100.0,
+            self.regressions.join("; ")
+        ))
+        .into())
+    }
 }
 
 #[cfg(test)]
@@ -266,20 +404,55 @@ mod tests {
                     ..BenchRow::default()
                 })
                 .collect(),
+            comparison: None,
         }
     }
 
     #[test]
     fn regressions_beyond_the_threshold_only() {
-        let old = report(&[(28, 10.0), (8, 20.0)]);
+        let old = report(&[(28, 10.0), (8, 20.0), (0, 30.0)]);
         let new = report(&[(28, 10.9), (8, 22.5), (4, 99.0)]);
-        let found = regressions(&old, &new, 0.10);
-        assert_eq!(found.len(), 1, "{found:?}");
+        let c = compare(&old, &new, 0.10).unwrap();
+        assert_eq!(c.regressions.len(), 1, "{c:?}");
         assert!(
-            found[0].starts_with("N=8: decode ms/token 22.50 vs 20.00"),
-            "{found:?}"
+            c.regressions[0].starts_with("N=8: decode ms/token 22.50 vs 20.00"),
+            "{c:?}"
         );
-        assert!(regressions(&old, &new, 0.2).is_empty());
+        assert_eq!(
+            (&c.missing_in_baseline[..], &c.missing_here[..]),
+            (&[4][..], &[0][..])
+        );
+        let e = c.verdict().unwrap_err();
+        assert!(e.is::<Regression>(), "{e}");
+        // Unchanged figures pass; a wider threshold passes this one.
+        compare(&old, &old, 0.0).unwrap().verdict().unwrap();
+        compare(&old, &new, 0.2).unwrap().verdict().unwrap();
+    }
+
+    #[test]
+    fn comparisons_of_unlike_or_disjoint_reports_are_refused() {
+        let old = report(&[(28, 10.0)]);
+        let mut other = report(&[(28, 10.0)]);
+        other.device = "GPU 0 NVIDIA H200".into();
+        other.batch = 4;
+        let e = compare(&old, &other, 0.1).unwrap_err();
+        assert!(e.is::<crate::UsageError>(), "{e}");
+        assert!(
+            e.to_string().contains("device") && e.to_string().contains("batch"),
+            "{e}"
+        );
+        let e = compare(&old, &report(&[(8, 1.0)]), 0.1).unwrap_err();
+        assert!(e.to_string().contains("no layer count in common"), "{e}");
+    }
+
+    #[test]
+    fn the_first_bench_files_still_read() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for name in ["bench-h200-6c043fd.json", "bench-h200-69d9bed.json"] {
+            let r = BenchReport::read(&root.join("docs").join(name)).unwrap();
+            assert_eq!(r.batch, 1);
+            assert!(!r.rows.is_empty());
+        }
     }
 
     #[test]

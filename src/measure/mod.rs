@@ -6,7 +6,9 @@ mod bench;
 mod session;
 mod speed;
 
-pub use bench::{regressions, run_bench, BenchOptions, BenchReport, BenchRow};
+pub use bench::{
+    compare, run_bench, BenchOptions, BenchReport, BenchRow, ComparedRow, Comparison, Regression,
+};
 pub use session::{run_session, ForwardResult, Mode, RunReport, SessionOptions, VramUse};
 pub use speed::{decode, test_speed, Decode, TestSpeed, QUEUED_STEPS};
 

@@ -2,7 +2,7 @@
 //! decoding, and prefill with VRAM and load time.
 
 use super::{model_header, or_dash, Columns, Render};
-use crate::measure::{BenchReport, BenchRow};
+use crate::measure::{BenchReport, BenchRow, ComparedRow, Comparison};
 use crate::units::gib;
 
 impl Render for BenchReport {
@@ -48,6 +48,38 @@ impl Render for BenchReport {
             "prefill (test-speed pass), VRAM and load time\n{}\n",
             prefill.table(&self.rows)
         ));
+        if let Some(c) = &self.comparison {
+            out.push_str(&c.render());
+        }
+        out
+    }
+}
+
+impl Render for Comparison {
+    fn render(&self) -> String {
+        let ratio =
+            |(before, after, r): (f64, f64, f64)| format!("{before:.2} -> {after:.2} ({r:.3})");
+        let rows = Columns::<ComparedRow>::new()
+            .right("GPU layers", |r| r.gpu_layers.to_string())
+            .right("decode ms/token (new/old)", |r| ratio(r.decode_ms))
+            .right("prefill ms (new/old)", |r| ratio(r.test_speed_ms));
+        let mut out = format!(
+            "against the baseline (slower by more than {:.0}% fails)\n{}\n",
+            self.threshold * 100.0,
+            rows.table(&self.rows)
+        );
+        for (what, layers) in [
+            ("not in the baseline", &self.missing_in_baseline),
+            ("in the baseline only", &self.missing_here),
+        ] {
+            if !layers.is_empty() {
+                out.push_str(&format!("layer counts {what}: {layers:?}\n"));
+            }
+        }
+        match self.regressions.is_empty() {
+            true => out.push_str("no regression\n"),
+            false => out.push_str(&format!("slower: {}\n", self.regressions.join("; "))),
+        }
         out
     }
 }
