@@ -269,12 +269,11 @@ fn a_layer_that_makes_nan_is_named_and_fails_the_pass() {
         false,
     );
     // A NaN scale in layer 2's down projection poisons that layer's output and all after it.
-    let mut w = common::Weights::read(&path);
-    w.edit(
+    common::poison(
+        &path,
         "model.language_model.layers.2.mlp.down_proj.scale_weight",
-        |s| s[5] = f64::NAN,
+        5,
     );
-    w.save(&path);
     for (gpu_layers, ids) in [(LAYERS, &[1u32, 2, 3][..]), (0, &[1u32; 12][..])] {
         let mut engine = load(
             &path,
@@ -307,9 +306,7 @@ fn a_nan_final_norm_is_named_too() {
         Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
         false,
     );
-    let mut w = common::Weights::read(&path);
-    w.edit("model.language_model.norm.weight", |n| n[3] = f64::NAN);
-    w.save(&path);
+    common::poison(&path, "model.language_model.norm.weight", 3);
     let mut engine = load(&path, &EngineOptions::default());
     let e = engine.forward(&[1, 2, 3]).unwrap_err();
     assert!(

@@ -449,12 +449,11 @@ fn a_layer_that_makes_nan_is_named_on_the_gpu() {
         dir.path(),
         Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
     );
-    let mut w = common::Weights::read(&path);
-    w.edit(
+    common::poison(
+        &path,
         "model.language_model.layers.3.mlp.down_proj.scale_weight",
-        |s| s[5] = f64::NAN,
+        5,
     );
-    w.save(&path);
     for gpu_layers in [0, 6] {
         for ids in [&[1u32, 2, 3][..], &[1u32; 12][..]] {
             let mut engine = cuda_engine(&path, gpu_layers);

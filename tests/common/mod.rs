@@ -288,6 +288,13 @@ pub fn reference(path: &Path, c: &ModelConfig, ids: &[u32]) -> (Vec<Vec<f64>>, P
     (out, peaks)
 }
 
+/// Sets element `index` of tensor `name` in the checkpoint at `path` to NaN.
+pub fn poison(path: &Path, name: &str, index: usize) {
+    let mut w = Weights::read(path);
+    w.edit(name, |v| v[index] = f64::NAN);
+    w.save(path);
+}
+
 /// Token ids whose embedding carries the massive channel in [`make_massive`].
 pub fn is_sink(id: u32) -> bool {
     id % 4 == 1
