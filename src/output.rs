@@ -21,7 +21,7 @@ static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 enum FileId {
     #[cfg(unix)]
     Inode(u64, u64),
-    #[cfg_attr(unix, allow(dead_code))]
+    #[cfg(not(unix))]
     Path(PathBuf),
 }
 
