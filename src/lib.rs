@@ -21,6 +21,15 @@ pub mod units;
 
 use std::fmt;
 
+/// This tool as every JSON report names it: version and the commit it was built from.
+pub const TOOL: &str = concat!(
+    "vibeoffload ",
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("VIBEOFFLOAD_COMMIT"),
+    ")"
+);
+
 /// A command-line value that cannot be used (unknown preset, layer count out of range, bad
 /// size). The binary exits with status 2 for these and 1 for every other failure.
 #[derive(Debug)]

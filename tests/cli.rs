@@ -1113,6 +1113,15 @@ fn version_names_the_commit_and_llama_cpp_spellings_work() {
     );
     assert!(version.contains("features: "), "{version}");
     let ours = ok(d, &["--num-gpu-layers", "8", "--vram", "24GiB", "--json"]);
+    for json in [
+        &ours,
+        &ok(d, &["table", "--json"]),
+        &ok(d, &["inspect", "--json"]),
+    ] {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let tool = v["tool"].as_str().unwrap_or_default();
+        assert!(tool.starts_with("vibeoffload 0.1.0 (commit "), "{tool:?}");
+    }
     for spelling in [&["-ngl", "8"][..], &["-ngl=8"], &["--n-gpu-layers", "8"]] {
         let mut args = spelling.to_vec();
         args.extend(["--vram", "24GiB", "--json"]);

@@ -58,6 +58,9 @@ impl SynthSpec {
 /// What `synth` wrote.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SynthReport {
+    /// The tool that wrote it: version and commit.
+    #[serde(default)]
+    pub tool: String,
     /// The checkpoint.
     pub path: PathBuf,
     /// Its `config.json`.
@@ -173,6 +176,7 @@ pub fn write(
         }
     }
     Ok(SynthReport {
+        tool: crate::TOOL.into(),
         path: out.to_path_buf(),
         config_path,
         file_bytes: total,

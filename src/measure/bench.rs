@@ -69,6 +69,9 @@ pub struct BenchRow {
 pub struct BenchReport {
     /// `vibeoffload.bench/1`.
     pub schema: String,
+    /// The tool that wrote it: version and commit (older files: empty).
+    #[serde(default)]
+    pub tool: String,
     /// The model.
     pub model: ModelSummary,
     /// `cpu` or the GPU's name.
@@ -197,6 +200,7 @@ pub fn run_bench(
     set_bounds(&mut rows, summary.layers, pinned_gbps);
     Ok(BenchReport {
         schema: "vibeoffload.bench/1".into(),
+        tool: crate::TOOL.into(),
         model: summary,
         device,
         pinned_gbps,
@@ -234,6 +238,9 @@ fn set_bounds(rows: &mut [BenchRow], layers: usize, pinned_gbps: Option<f64>) {
 /// A bench report held against a baseline, layer count by layer count.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
+    /// The tool that compared: version and commit.
+    #[serde(default)]
+    pub tool: String,
     /// Allowed slowdown (0.10 = 10%).
     pub threshold: f64,
     /// The layer counts both reports measured.
@@ -332,6 +339,7 @@ pub fn compare(old: &BenchReport, new: &BenchReport, threshold: f64) -> Result<C
         )));
     }
     Ok(Comparison {
+        tool: crate::TOOL.into(),
         threshold,
         rows,
         missing_in_baseline: new_layers
@@ -385,6 +393,7 @@ mod tests {
     fn report(ms: &[(usize, f64)]) -> BenchReport {
         BenchReport {
             schema: "vibeoffload.bench/1".into(),
+            tool: crate::TOOL.into(),
             model: ModelSummary::of(&ModelInfo::builtin(
                 BuiltinModel::Small1_5b,
                 CheckpointDtype::Float8,

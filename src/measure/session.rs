@@ -80,6 +80,9 @@ pub struct ForwardResult {
 pub struct RunReport {
     /// `vibeoffload.run/1`.
     pub schema: String,
+    /// The tool that wrote it: version and commit (older files: empty).
+    #[serde(default)]
+    pub tool: String,
     /// The model.
     pub model: ModelSummary,
     /// `cpu` or the GPU's name.
@@ -173,6 +176,7 @@ pub fn run_session(
     }
     Ok(RunReport {
         schema: "vibeoffload.run/1".into(),
+        tool: crate::TOOL.into(),
         model: ModelSummary::of(engine.info()),
         device,
         engine: o.engine.clone(),

@@ -40,6 +40,9 @@ pub struct LayerTensorRow {
 pub struct InspectReport {
     /// `vibeoffload.inspect/1`.
     pub schema: String,
+    /// The tool that wrote it: version and commit (older files: empty).
+    #[serde(default)]
+    pub tool: String,
     /// The model.
     pub model: ModelSummary,
     /// File size (0 for built-in models).
@@ -97,6 +100,7 @@ impl InspectReport {
             .map_or((0, 0), |c| (c.file_bytes, c.header.header_bytes));
         InspectReport {
             schema: "vibeoffload.inspect/1".into(),
+            tool: crate::TOOL.into(),
             model: ModelSummary::of(model),
             file_bytes,
             header_bytes,

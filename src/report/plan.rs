@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub struct PlanReport {
     /// `vibeoffload.plan/1`.
     pub schema: String,
+    /// The tool that wrote it: version and commit (older files: empty).
+    #[serde(default)]
+    pub tool: String,
     /// The model.
     pub model: ModelSummary,
     /// Planning options.
@@ -99,6 +102,7 @@ impl PlanReport {
     ) -> PlanReport {
         PlanReport {
             schema: "vibeoffload.plan/1".into(),
+            tool: crate::TOOL.into(),
             model: ModelSummary::of(model),
             options: options.clone(),
             fits: budget.as_ref().map(|b| b.fits(&estimate)),

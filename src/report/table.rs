@@ -41,6 +41,9 @@ pub struct GpuClassRow {
 pub struct TableReport {
     /// `vibeoffload.table/1`.
     pub schema: String,
+    /// The tool that wrote it: version and commit (older files: empty).
+    #[serde(default)]
+    pub tool: String,
     /// The model.
     pub model: ModelSummary,
     /// Planning options.
@@ -92,6 +95,7 @@ impl TableReport {
             .collect::<Result<_>>()?;
         Ok(TableReport {
             schema: "vibeoffload.table/1".into(),
+            tool: crate::TOOL.into(),
             model: ModelSummary::of(model),
             options: options.clone(),
             budget,
