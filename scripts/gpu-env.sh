@@ -16,11 +16,12 @@ if [[ -d dist/pack ]]; then
   for f in dist/pack/*.gz; do
     name=$(basename "$f" .gz)
     case $name in
-      vibeoffload) gunzip -c "$f" > /tmp/vibeoffload-dist/vibeoffload ;;
-      *) gunzip -c "$f" > "/tmp/vibeoffload-dist/tests/$name" ;;
+      vibeoffload) target=/tmp/vibeoffload-dist/vibeoffload ;;
+      *) target=/tmp/vibeoffload-dist/tests/$name ;;
     esac
+    gunzip -c "$f" > "$target"
+    chmod +x "$target"
   done
-  chmod +x /tmp/vibeoffload-dist/vibeoffload /tmp/vibeoffload-dist/tests/* 2>/dev/null || true
   bin=/tmp/vibeoffload-dist/vibeoffload
   tests_dir=/tmp/vibeoffload-dist/tests
 else
