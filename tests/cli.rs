@@ -1106,6 +1106,15 @@ fn absurd_sizes_exit_2_before_any_work() {
 fn version_names_the_commit_and_llama_cpp_spellings_work() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(d, &["completions", shell]);
+        assert!(
+            script.contains("vibeoffload") && script.contains("num-gpu-layers"),
+            "{shell}"
+        );
+    }
+    let page = ok(d, &["man"]);
+    assert!(page.contains(".TH vibeoffload 1"), "{}", &page[..200]);
     let version = ok(d, &["--version"]);
     assert!(
         version.starts_with("vibeoffload 0.1.0 (commit "),

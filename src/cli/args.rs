@@ -40,6 +40,16 @@ pub enum Command {
     Run(RunArgs),
     /// Measure each layer count: prefill, decode, VRAM against the estimate, copy bandwidth.
     Bench(BenchArgs),
+    /// Print a shell completion script: `vibeoffload completions bash > /etc/bash_completion.d/vibeoffload`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `vibeoffload man > vibeoffload.1`.
+    Man,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete in.
+    pub shell: clap_complete::Shell,
 }
 
 /// The original script's flag form. The engine and timing flags time the model, so they need

@@ -1,5 +1,6 @@
 //! One body per command: resolve the settings, call the library, render the report.
 
+use super::args::Cli;
 use super::args::{
     AutoArgs, BenchArgs, BenchCompareArgs, InspectArgs, LegacyArgs, ReportArgs, RunArgs, SynthArgs,
     TableArgs,
@@ -8,6 +9,7 @@ use super::settings::{
     every_fourth, fixed_choice, model_info, synth_spec, BenchSettings, Planning, RunSettings,
 };
 use anyhow::Result;
+use clap::CommandFactory;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vibeoffload::checkpoint::synth;
@@ -176,4 +178,19 @@ fn report_out<T: Serialize + Render>(report: &T, a: &ReportArgs) -> Result<Outpu
         report::write_json(report, path)?;
     }
     text_or_json(report, a.json)
+}
+
+/// `completions SHELL`: the completion script clap generates from the command line's own
+/// definition, so it always matches the flags.
+pub fn completions(shell: clap_complete::Shell) -> Result<Output> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "vibeoffload", &mut script);
+    Ok(String::from_utf8(script)?.into())
+}
+
+/// `man`: the man page, generated from the command line's own definition.
+pub fn man() -> Result<Output> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    Ok(String::from_utf8(page)?.into())
 }
