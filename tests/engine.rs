@@ -316,6 +316,28 @@ fn a_nan_final_norm_is_named_too() {
 }
 
 #[test]
+fn a_nan_lm_head_is_named_on_both_of_its_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(
+        dir.path(),
+        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
+        false,
+    );
+    common::poison(&path, "lm_head.scale_weight", 3);
+    let mut engine = load(&path, &EngineOptions::default());
+    // One row takes the fused path, twelve the chunked one.
+    for ids in [&[1u32][..], &[1u32; 12][..]] {
+        engine.reset();
+        let hidden = engine.forward(ids).unwrap();
+        let e = engine.logits(&hidden).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("the LM head produced NaN"),
+            "{e:#}"
+        );
+    }
+}
+
+#[test]
 fn a_greedy_step_picks_the_argmax_of_each_sequences_logits() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), Precision::Float8Plain, false);

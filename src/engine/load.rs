@@ -75,7 +75,7 @@ impl Engine {
             let bytes = checkpoint.data(t);
             let raw = RawTensor {
                 dtype: t.dtype,
-                shape: t.shape.iter().map(|&d| d as usize).collect(),
+                shape: dims(t),
                 bytes: Tensor::from_slice(bytes, bytes.len(), &device).with_context(|| {
                     format!(
                         "cannot upload {} ({} bytes) to the device",

@@ -125,13 +125,13 @@ impl Engine {
     /// the cache; returns `[batch, tokens, hidden]`. The batch shares every weight copy, which
     /// is what makes streamed decoding scale with the batch.
     pub fn forward_batch(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
-        let hidden = self.forward_unwatched(batch)?;
+        let hidden = self.queue_forward(batch)?;
         self.take_watch()?;
         Ok(hidden)
     }
 
     /// [`Engine::forward_batch`] without waiting to read the watch.
-    fn forward_unwatched(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
+    fn queue_forward(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
         self.check_batch(batch)?;
         // Long prompts go through in chunks, which bounds the attention scores' memory
         // (plan::memory::PREFILL_CHUNK_TOKENS, as the estimate assumes).
@@ -156,11 +156,9 @@ impl Engine {
     /// one transfer, where [`Engine::forward_batch`] and [`Engine::logits`] would each wait
     /// to read the watch.
     pub fn queue_greedy(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
-        let hidden = self.forward_unwatched(batch)?;
+        let hidden = self.queue_forward(batch)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        let rows = memory::LM_HEAD_CHUNK_ROWS as usize;
-        let logits = model::lm_head(&last, &self.head, rows)?;
-        self.watch.check(&logits, Tag::LmHead)?;
+        let logits = self.queue_logits(&last)?;
         let next = logits.argmax(1)?;
         Ok(Tensor::cat(&[next, self.watch.snapshot(&self.device)?], 0)?)
     }
@@ -243,17 +241,18 @@ impl Engine {
     /// Logits (f32) for final-normed hidden states: `[vocab]` for `[hidden]`, `[rows, vocab]`
     /// for `[rows, hidden]`.
     pub fn logits(&mut self, hidden: &Tensor) -> Result<Tensor> {
-        let rows = memory::LM_HEAD_CHUNK_ROWS as usize;
         let logits = match hidden.rank() {
-            1 => {
-                let x = hidden.unsqueeze(0)?;
-                model::lm_head(&x, &self.head, rows)?.squeeze(0)?
-            }
-            _ => model::lm_head(hidden, &self.head, rows)?,
+            1 => self.queue_logits(&hidden.unsqueeze(0)?)?.squeeze(0)?,
+            _ => self.queue_logits(hidden)?,
         };
-        self.watch.check(&logits, Tag::LmHead)?;
         self.take_watch()?;
         Ok(logits)
+    }
+
+    /// Logits of `[rows, hidden]`, checked by the watch but not waited for.
+    fn queue_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let rows = memory::LM_HEAD_CHUNK_ROWS as usize;
+        model::lm_head(hidden, &self.head, rows, &self.watch)
     }
 
     /// Fails if the work queued since the last look produced NaN or infinity (waiting for it

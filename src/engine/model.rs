@@ -47,6 +47,33 @@ fn fused(x: &Tensor, linears: &[&Linear], resident: bool, fuse: Fuse<'_>) -> Res
     Ok(matvec::apply(x, &op)?)
 }
 
+/// [`fused`], its outputs checked for NaN and infinity as `tag`: by the kernel itself as it
+/// writes them on the GPU (no extra launch), by a scan on the CPU.
+fn fused_checked(
+    x: &Tensor,
+    linears: &[&Linear],
+    resident: bool,
+    fuse: Fuse<'_>,
+    (watch, tag): (&Watch, Tag),
+) -> Result<Tensor> {
+    match watch.word(tag) {
+        Some(word) => fused(
+            x,
+            linears,
+            resident,
+            Fuse {
+                watch: Some(word),
+                ..fuse
+            },
+        ),
+        None => {
+            let out = fused(x, linears, resident, fuse)?;
+            watch.check(&out, tag)?;
+            Ok(out)
+        }
+    }
+}
+
 /// `x @ W^T (+ b)`: by the fused path where it applies, else decoding W with its scale.
 fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> Result<Tensor> {
     let y = if matvec::applies(x, &l.weight, l.scale.as_ref())? {
@@ -213,23 +240,11 @@ pub fn decoder_layer(
             ..Fuse::default()
         };
         let act = fused(&x, &[&w.gate, &w.up], resident, fuse)?;
-        let down = |watch| {
-            let fuse = Fuse {
-                residual: Some(&x),
-                watch,
-                ..Fuse::default()
-            };
-            fused(&act, &[&w.down], resident, fuse)
+        let fuse = Fuse {
+            residual: Some(&x),
+            ..Fuse::default()
         };
-        // On the GPU the kernel checks its own outputs; on the CPU they are scanned.
-        return match at.watch.word(tag) {
-            Some(word) => down(Some(word)),
-            None => {
-                let out = down(None)?;
-                at.watch.check(&out, tag)?;
-                Ok(out)
-            }
-        };
+        return fused_checked(&act, &[&w.down], resident, fuse, (at.watch, tag));
     }
     let normed = candle_nn::ops::rms_norm(&x, &w.post_norm, eps)?;
     let gate = candle_nn::ops::silu(&linear(&normed, &w.gate, None, resident)?)?;
@@ -275,11 +290,13 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Logits: `x @ head^T`, by the fused float8 path for a few rows, else decoding the head
-/// `rows_per_chunk` rows at a time so the bf16 copy never exceeds one chunk.
-pub fn lm_head(x: &Tensor, head: &Linear, rows_per_chunk: usize) -> Result<Tensor> {
+/// `rows_per_chunk` rows at a time so the bf16 copy never exceeds one chunk; checked by the
+/// watch as the LM head.
+pub fn lm_head(x: &Tensor, head: &Linear, rows_per_chunk: usize, watch: &Watch) -> Result<Tensor> {
     let scale = head.scale.as_ref();
     if matvec::applies(x, &head.weight, scale)? {
-        return Ok(fused(x, &[head], true, Fuse::default())?.to_dtype(DType::F32)?);
+        let logits = fused_checked(x, &[head], true, Fuse::default(), (watch, Tag::LmHead))?;
+        return Ok(logits.to_dtype(DType::F32)?);
     }
     let head = &head.weight;
     let rows = head.shape[0];
@@ -310,5 +327,7 @@ pub fn lm_head(x: &Tensor, head: &Linear, rows_per_chunk: usize) -> Result<Tenso
         parts.push(x.broadcast_matmul(&w.t()?)?.to_dtype(DType::F32)?);
         start += n;
     }
-    Ok(Tensor::cat(&parts, D::Minus1)?)
+    let logits = Tensor::cat(&parts, D::Minus1)?;
+    watch.check(&logits, Tag::LmHead)?;
+    Ok(logits)
 }
