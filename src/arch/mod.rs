@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod qwen2;
+pub mod speech;
 pub mod vibevoice;
 
 /// What a tensor is, which decides its synthetic values and whether it gets a scale.
