@@ -5,7 +5,8 @@
 //! Data flows one way: [`arch`] (what the model is) -> [`checkpoint`] (header, inventory,
 //! summary) -> [`plan`] (estimate, placement, budget) -> [`engine`] (load, forward, streaming)
 //! -> [`measure`] (timed runs, bench) -> [`report`] (text tables, JSON, plot) -> the binary
-//! (command line). [`gpu`] reads NVML; [`units`] formats byte counts.
+//! (command line). [`gpu`] reads NVML; [`units`] formats byte counts; [`text`] turns a script
+//! into prompt tokens.
 #![deny(missing_docs)]
 
 pub mod arch;
@@ -17,6 +18,7 @@ pub mod measure;
 pub mod output;
 pub mod plan;
 pub mod report;
+pub mod text;
 pub mod units;
 
 use std::fmt;
