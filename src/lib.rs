@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod audio;
 pub mod checkpoint;
 pub mod dtype;
 pub mod engine;
