@@ -413,3 +413,79 @@ fn a_batch_decodes_each_sequence_as_if_alone() {
     let e = engine.forward_batch(&[&[1, 2], &[3]]).unwrap_err();
     assert!(format!("{e:#}").contains("same length"));
 }
+
+/// VibeVoice's positive and negative passes: two lanes of different lengths in one pass over
+/// the layers, each bit-identical to its sequence run alone, resident and streamed; a lane
+/// reset starts that lane over and leaves the other alone.
+#[test]
+fn lanes_in_one_pass_equal_each_sequence_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain, false);
+    let long: &[u32] = &[5, 17, 99, 3, 150, 1, 2, 3, 4, 5, 6];
+    let short: &[u32] = &[9, 8];
+    for gpu_layers in [LAYERS, 1] {
+        let options = EngineOptions {
+            gpu_layers,
+            ..EngineOptions::default()
+        };
+        let mut alone = load(&path, &options);
+        let mut run_alone = |prompt: &[u32], step: u32| {
+            alone.reset();
+            let h = values(&alone.forward(prompt).unwrap());
+            (h, values(&alone.forward(&[step]).unwrap()))
+        };
+        let (long_h, long_step) = run_alone(long, 7);
+        let (short_h, short_step) = run_alone(short, 42);
+
+        let mut engine = load(&path, &options);
+        let other = engine.add_lane();
+        let (e_long, e_short) = (
+            engine.embed_ids(long).unwrap(),
+            engine.embed_ids(short).unwrap(),
+        );
+        let out = engine
+            .forward_lanes(&[(0, &e_long), (other, &e_short)])
+            .unwrap();
+        assert!(
+            values(&out[0]) == long_h,
+            "long prefill, {gpu_layers} resident"
+        );
+        assert!(
+            values(&out[1]) == short_h,
+            "short prefill, {gpu_layers} resident"
+        );
+        let (a, b) = (
+            engine.embed_ids(&[7]).unwrap(),
+            engine.embed_ids(&[42]).unwrap(),
+        );
+        let out = engine.forward_lanes(&[(other, &b), (0, &a)]).unwrap();
+        assert!(values(&out[0]) == short_step, "short step");
+        assert!(values(&out[1]) == long_step, "long step");
+        assert_eq!(
+            (
+                engine.lane_position(0).unwrap(),
+                engine.lane_position(other).unwrap()
+            ),
+            (12, 3)
+        );
+
+        engine.reset_lane(other).unwrap();
+        let out = engine.forward_lanes(&[(other, &e_short)]).unwrap();
+        assert!(values(&out[0]) == short_h, "short prefill after its reset");
+        assert_eq!(engine.lane_position(0).unwrap(), 12);
+    }
+}
+
+#[test]
+fn bad_lane_inputs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain, false);
+    let mut engine = load(&path, &EngineOptions::default());
+    let x = engine.embed_ids(&[1, 2]).unwrap();
+    let err = |r: anyhow::Result<Vec<Tensor>>| format!("{:#}", r.unwrap_err());
+    assert!(err(engine.forward_lanes(&[(3, &x)])).contains("no sequence lane 3"));
+    assert!(err(engine.forward_lanes(&[(0, &x), (0, &x)])).contains("appears twice"));
+    let wrong = Tensor::zeros((2, 5), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    assert!(err(engine.forward_lanes(&[(0, &wrong)])).contains("not [tokens, 64]"));
+    assert!(engine.embed_ids(&[]).is_err());
+}

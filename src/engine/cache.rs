@@ -103,6 +103,34 @@ impl InplaceOp3 for StoreKv {
     }
 }
 
+/// One sequence's keys and values: a cache per decoder layer and how many positions are
+/// filled. The engine holds one lane per sequence it keeps (VibeVoice's positive and negative
+/// passes are two lanes with their own lengths).
+#[derive(Debug)]
+pub struct Lane {
+    /// A cache per decoder layer.
+    pub caches: Vec<KvCache>,
+    /// Positions filled.
+    pub position: usize,
+}
+
+impl Lane {
+    /// An empty lane for `config`'s layers, up to `max_len` positions.
+    pub fn new(config: &ModelConfig, max_len: usize) -> Lane {
+        Lane {
+            caches: (0..config.num_hidden_layers)
+                .map(|_| KvCache::new(config, max_len))
+                .collect(),
+            position: 0,
+        }
+    }
+
+    /// Device bytes its caches hold.
+    pub fn bytes(&self) -> u64 {
+        self.caches.iter().map(KvCache::bytes).sum()
+    }
+}
+
 /// One layer's keys and values.
 #[derive(Debug)]
 pub struct KvCache {

@@ -2,7 +2,7 @@
 //! into (pinned) host memory with their small tensors decoded on the device, sizing the slots
 //! and the caches as the planner does, and timing each phase.
 
-use super::cache::KvCache;
+use super::cache::Lane;
 use super::dequant::{dequantize, RawTensor};
 use super::model::Rope;
 use super::streamer::{HostBytes, HostLayer, LayerStreamer, PackedTensor, Residency, Slots};
@@ -178,9 +178,6 @@ impl Engine {
             + head_info.size_bytes()
             + head_scale.map_or(0, |s| s.size_bytes());
         let rope = Rope::new(&info.config, options.max_seq_len, dtype, &device)?;
-        let caches = (0..num_layers)
-            .map(|_| KvCache::new(&info.config, options.max_seq_len))
-            .collect();
         device.synchronize()?;
         timings.upload_ms = upload_ms.get();
         timings.total_ms = ms_since(started);
@@ -195,8 +192,7 @@ impl Engine {
             embed_scale,
             rope,
             streamer,
-            caches,
-            position: 0,
+            lanes: vec![Lane::new(&info.config, options.max_seq_len)],
             max_seq_len: options.max_seq_len,
             device_weight_bytes,
             timings,

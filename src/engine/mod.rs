@@ -20,7 +20,7 @@ use crate::checkpoint::header::TensorInfo;
 use crate::checkpoint::ModelInfo;
 use crate::plan::{memory, Placement};
 use anyhow::{bail, Context, Result};
-use cache::KvCache;
+use cache::Lane;
 use candle_core::{DType, Device, Tensor};
 use dequant::{dequantize, RawTensor};
 use model::Rope;
@@ -88,8 +88,9 @@ pub struct Engine {
     embed_scale: Option<TensorInfo>,
     rope: Rope,
     streamer: LayerStreamer,
-    caches: Vec<KvCache>,
-    position: usize,
+    /// The sequences kept: lane 0 is the one `forward`, `forward_batch` and `queue_greedy`
+    /// extend; more come from [`Engine::add_lane`].
+    lanes: Vec<Lane>,
     max_seq_len: usize,
     device_weight_bytes: u64,
     timings: LoadTimings,
@@ -97,6 +98,9 @@ pub struct Engine {
     /// Inside [`Engine::time_queued`]: the watch is read after the timed work, not in it.
     watch_deferred: bool,
 }
+
+/// Index of a sequence lane of an [`Engine`].
+pub type LaneId = usize;
 
 /// How long the GPU holds its stream while the host queues the work [`Engine::time_queued`]
 /// times: longer than queuing one decoding step takes.
@@ -196,14 +200,25 @@ impl Engine {
         if batch.iter().any(|ids| ids.len() != t) {
             bail!("the sequences of a batch must have the same length");
         }
-        if self.position + t > self.max_seq_len {
+        self.check_room(0, t)
+    }
+
+    fn check_room(&self, lane: LaneId, t: usize) -> Result<()> {
+        let position = self.lane(lane)?.position;
+        if position + t > self.max_seq_len {
             bail!(
                 "the sequence would reach {} tokens, beyond --max-seq-len {}",
-                self.position + t,
+                position + t,
                 self.max_seq_len
             );
         }
         Ok(())
+    }
+
+    fn lane(&self, lane: LaneId) -> Result<&Lane> {
+        self.lanes
+            .get(lane)
+            .ok_or_else(|| anyhow::anyhow!("no sequence lane {lane}"))
     }
 
     /// One chunk's inputs on the device: embeddings `[b, t, hidden]` and, for more than one
@@ -211,31 +226,127 @@ impl Engine {
     fn upload_chunk(&self, batch: &[&[u32]]) -> Result<(Tensor, Option<Tensor>)> {
         let t = batch[0].len();
         let mask = (t > 1)
-            .then(|| model::causal_mask(t, self.position, &self.device))
+            .then(|| model::causal_mask(t, self.lanes[0].position, &self.device))
             .transpose()?;
         Ok((self.embed(batch)?, mask))
     }
 
-    fn forward_chunk(&mut self, (mut x, mask): (Tensor, Option<Tensor>)) -> Result<Tensor> {
+    fn forward_chunk(&mut self, (x, mask): (Tensor, Option<Tensor>)) -> Result<Tensor> {
+        let mut out = self.forward_chunk_lanes(vec![(0, x, mask)])?;
+        Ok(out.pop().expect("one lane"))
+    }
+
+    /// Every lane's chunk through every layer: each layer's weights are acquired once and
+    /// serve all lanes, each lane with its own cache and position; then the final norm.
+    fn forward_chunk_lanes(
+        &mut self,
+        mut inputs: Vec<(LaneId, Tensor, Option<Tensor>)>,
+    ) -> Result<Vec<Tensor>> {
         let config = &self.info.config;
-        let t = x.dim(1)?;
-        for (i, cache) in self.caches.iter_mut().enumerate() {
+        for i in 0..config.num_hidden_layers {
             let weights = self.streamer.acquire(i)?;
-            let at = model::At {
-                offset: self.position,
-                mask: mask.as_ref(),
-                watch: &self.watch,
-                layer: i,
-            };
-            x = model::decoder_layer(config, &weights, &x, &self.rope, cache, at)
-                .with_context(|| format!("decoder layer {i}"))?;
+            for (lane, x, mask) in inputs.iter_mut() {
+                let lane = &mut self.lanes[*lane];
+                let at = model::At {
+                    offset: lane.position,
+                    mask: mask.as_ref(),
+                    watch: &self.watch,
+                    layer: i,
+                };
+                *x = model::decoder_layer(config, &weights, x, &self.rope, &mut lane.caches[i], at)
+                    .with_context(|| format!("decoder layer {i}"))?;
+            }
             drop(weights);
             self.streamer.release(i)?;
         }
-        self.position += t;
-        let out = model::rms_norm(&x, &self.norm, config.rms_norm_eps)?;
-        self.watch.check(&out, Tag::FinalNorm)?;
-        Ok(out)
+        let mut outputs = Vec::with_capacity(inputs.len());
+        for (lane, x, _) in inputs {
+            self.lanes[lane].position += x.dim(1)?;
+            let out = model::rms_norm(&x, &self.norm, config.rms_norm_eps)?;
+            self.watch.check(&out, Tag::FinalNorm)?;
+            outputs.push(out);
+        }
+        Ok(outputs)
+    }
+
+    /// Adds an empty sequence lane and returns its id. Lanes run together in
+    /// [`Engine::forward_lanes`], sharing every weight copy.
+    pub fn add_lane(&mut self) -> LaneId {
+        self.lanes
+            .push(Lane::new(&self.info.config, self.max_seq_len));
+        self.lanes.len() - 1
+    }
+
+    /// Empties one lane's cache (its next token is at position 0).
+    pub fn reset_lane(&mut self, lane: LaneId) -> Result<()> {
+        self.lane(lane)?;
+        self.lanes[lane].position = 0;
+        Ok(())
+    }
+
+    /// Positions a lane holds.
+    pub fn lane_position(&self, lane: LaneId) -> Result<usize> {
+        Ok(self.lane(lane)?.position)
+    }
+
+    /// Token embeddings `[ids.len(), hidden]` in the compute dtype, on the device: the input
+    /// [`Engine::forward_lanes`] takes for text tokens.
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        if ids.is_empty() {
+            bail!("no input tokens");
+        }
+        Ok(self.embed(&[ids])?.squeeze(0)?)
+    }
+
+    /// Runs input embeddings (`[tokens, hidden]`, any number of tokens) through the model,
+    /// each after the tokens already in its lane, all lanes in one pass over the layers (a
+    /// streamed layer is copied once and serves every lane). Returns each lane's final-normed
+    /// hidden states `[tokens, hidden]`, in order; fails, naming the layer, on NaN or infinity.
+    pub fn forward_lanes(&mut self, inputs: &[(LaneId, &Tensor)]) -> Result<Vec<Tensor>> {
+        let hidden = self.info.config.hidden_size;
+        let mut lengths = Vec::with_capacity(inputs.len());
+        for (i, (lane, x)) in inputs.iter().enumerate() {
+            let (t, width) = x.dims2()?;
+            lengths.push(t);
+            if t == 0 || width != hidden {
+                bail!("lane input {i} is [{t}, {width}], not [tokens, {hidden}]");
+            }
+            if inputs[..i].iter().any(|(l, _)| l == lane) {
+                bail!("lane {lane} appears twice in one pass");
+            }
+            self.check_room(*lane, t)?;
+        }
+        // Chunked like prompts (plan::memory::PREFILL_CHUNK_TOKENS): a lane whose input is
+        // used up sits out the remaining chunks.
+        let chunk = memory::PREFILL_CHUNK_TOKENS as usize;
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let mut pieces: Vec<Vec<Tensor>> = vec![Vec::new(); inputs.len()];
+        for start in (0..longest).step_by(chunk) {
+            let mut chunk_inputs = Vec::new();
+            let mut owners = Vec::new();
+            for (k, ((lane, x), &t)) in inputs.iter().zip(&lengths).enumerate() {
+                if start >= t {
+                    continue;
+                }
+                let n = chunk.min(t - start);
+                let position = self.lanes[*lane].position;
+                let mask = (n > 1)
+                    .then(|| model::causal_mask(n, position, &self.device))
+                    .transpose()?;
+                let piece = x.narrow(0, start, n)?.to_dtype(self.dtype)?.unsqueeze(0)?;
+                chunk_inputs.push((*lane, piece, mask));
+                owners.push(k);
+            }
+            let outputs = self.forward_chunk_lanes(chunk_inputs)?;
+            for (k, out) in owners.into_iter().zip(outputs) {
+                pieces[k].push(out.squeeze(0)?);
+            }
+        }
+        self.take_watch()?;
+        pieces
+            .into_iter()
+            .map(|p| Ok(Tensor::cat(&p, 0)?))
+            .collect()
     }
 
     /// Logits (f32) for final-normed hidden states: `[vocab]` for `[hidden]`, `[rows, vocab]`
@@ -271,12 +382,14 @@ impl Engine {
 
     /// Tokens the KV cache can still take.
     pub fn remaining_tokens(&self) -> usize {
-        self.max_seq_len - self.position
+        self.max_seq_len - self.lanes[0].position
     }
 
-    /// Empties the KV cache.
+    /// Empties the KV cache of every lane.
     pub fn reset(&mut self) {
-        self.position = 0;
+        for lane in &mut self.lanes {
+            lane.position = 0;
+        }
     }
 
     /// Waits for the device to finish queued work (for timing).
@@ -338,7 +451,7 @@ impl Engine {
 
     /// Device bytes the KV cache holds now (allocated at full length on first use).
     pub fn kv_cache_bytes(&self) -> u64 {
-        self.caches.iter().map(KvCache::bytes).sum()
+        self.lanes.iter().map(Lane::bytes).sum()
     }
 
     /// Token embeddings stay in the mapped file: only the rows of `ids` go to the device.
