@@ -19,6 +19,7 @@ pub mod measure;
 pub mod output;
 pub mod plan;
 pub mod report;
+pub mod rng;
 pub mod text;
 pub mod units;
 

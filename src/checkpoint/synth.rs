@@ -9,6 +9,7 @@ use crate::arch::vibevoice::VibeVoiceParts;
 use crate::arch::Role;
 use crate::dtype::{f32_to_bf16_bits, f32_to_f8e4m3, DType, F8E4M3_MAX};
 use crate::output::Output;
+use crate::rng::Rng;
 use crate::UsageError;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -143,7 +144,7 @@ pub fn write(
         let tables = ValueTables::new(matches!(spec.precision, Precision::Float8Scaled(..)));
         let mut chunk = Vec::with_capacity(CHUNK_BYTES);
         for s in &specs {
-            let mut rng = Rng::for_tensor(spec.seed, &s.name);
+            let mut rng = Rng::for_name(spec.seed, &s.name);
             let mut remaining = s.size_bytes();
             while remaining > 0 {
                 let n = remaining.min(CHUNK_BYTES as u64) as usize;
@@ -254,37 +255,6 @@ fn config_json(spec: &SynthSpec) -> serde_json::Value {
     })
 }
 
-/// SplitMix64: tiny, fast, and the same on every platform and version.
-struct Rng(u64);
-
-impl Rng {
-    fn for_tensor(seed: u64, name: &str) -> Rng {
-        // FNV-1a of the name, so a tensor's values do not depend on the others.
-        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        Rng(seed ^ hash)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn next_unit(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 + 1.0) / (1u64 << 24) as f32
-    }
-
-    fn next_normal(&mut self) -> f32 {
-        let (u, v) = (self.next_unit(), self.next_unit());
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    }
-}
-
 /// 65,536 pre-encoded samples per value distribution: each output element is one table entry
 /// picked by 16 random bits, which is fast enough to write gigabytes in seconds.
 struct ValueTables {
@@ -300,7 +270,7 @@ struct ValueTables {
 impl ValueTables {
     fn new(scaled: bool) -> ValueTables {
         let samples = |mean: f32, std: f32| -> Vec<f32> {
-            let mut rng = Rng(0x5eed);
+            let mut rng = Rng::new(0x5eed);
             (0..1 << 16)
                 .map(|_| mean + std * rng.next_normal())
                 .collect()
