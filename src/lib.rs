@@ -17,6 +17,7 @@ pub mod measure;
 pub mod output;
 pub mod plan;
 pub mod report;
+pub mod speech;
 pub mod units;
 
 use std::fmt;
