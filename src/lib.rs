@@ -20,6 +20,7 @@ pub mod output;
 pub mod plan;
 pub mod report;
 pub mod rng;
+pub mod speech;
 pub mod text;
 pub mod units;
 

@@ -1,0 +1,238 @@
+//! The tokenizers' causal convolutions (the original's `SConv1d` and `SConvTranspose1d` with
+//! `causal=True`, `pad_mode="constant"`, no weight norm), whole-signal and streaming.
+//!
+//! Whole signal: a convolution left-pads `k - s` zeros and right-pads the input up to a
+//! multiple of its stride (the original's "extra padding"); a transposed convolution drops
+//! its last `k - s` outputs. Streaming, each layer keeps a [`Slot`]: a convolution the last
+//! `k - s` inputs it has seen (zeros at the start), a transposed convolution the overlap
+//! tail `k - s` of its last outputs, which the next chunk's first outputs add to. Fed chunk
+//! by chunk (each a multiple of the stride), both give the whole-signal result.
+
+use super::weights::Scope;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+
+/// One layer's streaming cache; `None` is a fresh start.
+pub(crate) type Slot = Option<Tensor>;
+
+/// A causal 1-D convolution with bias: dense, or depthwise (one filter per channel).
+pub(crate) struct CausalConv1d {
+    /// Dense: `[out, in, k]`; `None` for depthwise (see `taps`).
+    weight: Option<Tensor>,
+    /// Depthwise: one `[1, channels, 1]` tensor per kernel position, in the accumulator
+    /// dtype (f32 for half-precision weights, as a convolution kernel accumulates).
+    taps: Vec<Tensor>,
+    /// `[1, out, 1]`.
+    bias: Tensor,
+    kernel: usize,
+    stride: usize,
+    name: String,
+}
+
+impl CausalConv1d {
+    /// A dense convolution: the `SConv1d` at `scope` (weights `conv.conv.{weight,bias}`).
+    pub(crate) fn dense(
+        scope: &Scope,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<CausalConv1d> {
+        let inner = scope.sub("conv.conv");
+        let weight = inner.get("weight", &[out_channels, in_channels, kernel])?;
+        let bias = inner.get("bias", &[out_channels])?.reshape((1, (), 1))?;
+        CausalConv1d::checked(CausalConv1d {
+            weight: Some(weight),
+            taps: Vec::new(),
+            bias,
+            kernel,
+            stride,
+            name: inner.name().to_string(),
+        })
+    }
+
+    /// A depthwise, stride-1 convolution over `channels`: the `SConv1d` at `scope`.
+    pub(crate) fn depthwise(scope: &Scope, channels: usize, kernel: usize) -> Result<CausalConv1d> {
+        let inner = scope.sub("conv.conv");
+        let weight = inner.get("weight", &[channels, 1, kernel])?;
+        let bias = inner.get("bias", &[channels])?.reshape((1, (), 1))?;
+        let acc = accumulator(weight.dtype());
+        let taps = (0..kernel)
+            .map(|j| {
+                weight
+                    .narrow(2, j, 1)?
+                    .reshape((1, channels, 1))?
+                    .to_dtype(acc)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        CausalConv1d::checked(CausalConv1d {
+            weight: None,
+            taps,
+            bias,
+            kernel,
+            stride: 1,
+            name: inner.name().to_string(),
+        })
+    }
+
+    fn checked(conv: CausalConv1d) -> Result<CausalConv1d> {
+        if conv.stride == 0 || conv.kernel <= conv.stride {
+            bail!(
+                "{}: kernel {} must exceed stride {} for a causal convolution",
+                conv.name,
+                conv.kernel,
+                conv.stride
+            );
+        }
+        Ok(conv)
+    }
+
+    /// Inputs a stream carries from one chunk to the next (the original's `padding_total`).
+    fn context(&self) -> usize {
+        self.kernel - self.stride
+    }
+
+    /// The whole-signal convolution of `x` `[B, C, L]`: `ceil(L / stride)` outputs.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let len = x.dim(2)?;
+        // The original's get_extra_padding_for_conv1d with padding_total = k - s reduces to
+        // the distance from L up to the next multiple of the stride.
+        let extra = len.div_ceil(self.stride) * self.stride - len;
+        let padded = x.pad_with_zeros(2, self.context(), extra)?;
+        self.valid(&padded)
+    }
+
+    /// One streaming chunk `x` `[B, C, L]` (`L` a multiple of the stride): `L / stride`
+    /// outputs, continuing from `slot`.
+    pub(crate) fn step(&self, x: &Tensor, slot: &mut Slot) -> Result<Tensor> {
+        let len = x.dim(2)?;
+        if len % self.stride != 0 {
+            bail!(
+                "{}: a streaming chunk of {len} steps is not a multiple of the stride {}",
+                self.name,
+                self.stride
+            );
+        }
+        let input = match slot.take() {
+            Some(previous) => Tensor::cat(&[&previous, x], 2)?,
+            None => x.pad_with_zeros(2, self.context(), 0)?,
+        };
+        let total = input.dim(2)?;
+        *slot = Some(
+            input
+                .narrow(2, total - self.context(), self.context())?
+                .contiguous()?,
+        );
+        self.valid(&input)
+    }
+
+    /// Whole signal when `slot` is `None`, else one streaming chunk.
+    pub(crate) fn run(&self, x: &Tensor, slot: Option<&mut Slot>) -> Result<Tensor> {
+        match slot {
+            None => self.forward(x),
+            Some(slot) => self.step(x, slot),
+        }
+    }
+
+    /// The convolution without padding, plus the bias.
+    fn valid(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            Some(w) => x.conv1d(w, 0, self.stride, 1, 1),
+            None => self.depthwise_valid(x),
+        };
+        y.and_then(|y| y.broadcast_add(&self.bias))
+            .with_context(|| format!("applying {} to {:?}", self.name, x.dims()))
+    }
+
+    /// Depthwise stride-1 convolution as a sum of shifted, per-channel scaled copies, which
+    /// candle runs as a handful of element-wise ops instead of one convolution per channel.
+    fn depthwise_valid(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let out_len = x.dim(2)? + 1 - self.kernel;
+        let x32 = x.to_dtype(accumulator(x.dtype()))?;
+        let mut acc = x32.narrow(2, 0, out_len)?.broadcast_mul(&self.taps[0])?;
+        for (j, tap) in self.taps.iter().enumerate().skip(1) {
+            acc = (acc + x32.narrow(2, j, out_len)?.broadcast_mul(tap)?)?;
+        }
+        acc.to_dtype(x.dtype())
+    }
+}
+
+/// The dtype a depthwise sum accumulates in: f32 for the half-precision types.
+fn accumulator(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// A causal transposed 1-D convolution with bias (`trim_right_ratio = 1`).
+pub(crate) struct CausalConvTranspose1d {
+    /// `[in, out, k]`, PyTorch's layout.
+    weight: Tensor,
+    /// `[1, out, 1]`.
+    bias: Tensor,
+    kernel: usize,
+    stride: usize,
+    name: String,
+}
+
+impl CausalConvTranspose1d {
+    /// The `SConvTranspose1d` at `scope` (weights `convtr.convtr.{weight,bias}`).
+    pub(crate) fn new(
+        scope: &Scope,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<CausalConvTranspose1d> {
+        let inner = scope.sub("convtr.convtr");
+        let weight = inner.get("weight", &[in_channels, out_channels, kernel])?;
+        let bias = inner.get("bias", &[out_channels])?.reshape((1, (), 1))?;
+        let name = inner.name().to_string();
+        if stride == 0 || kernel <= stride {
+            bail!("{name}: kernel {kernel} must exceed stride {stride}");
+        }
+        Ok(CausalConvTranspose1d {
+            weight,
+            bias,
+            kernel,
+            stride,
+            name,
+        })
+    }
+
+    /// The full transposed convolution without bias: `(L - 1)·s + k` outputs.
+    fn full(&self, x: &Tensor) -> Result<Tensor> {
+        x.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)
+            .with_context(|| format!("applying {} to {:?}", self.name, x.dims()))
+    }
+
+    /// The whole-signal transposed convolution of `x` `[B, C, L]`: `L·s` outputs (the last
+    /// `k - s` of the full result trimmed).
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let len = x.dim(2)? * self.stride;
+        Ok(self.full(x)?.narrow(2, 0, len)?.broadcast_add(&self.bias)?)
+    }
+
+    /// One streaming chunk: `L·s` outputs, the previous chunk's overlap tail added in.
+    pub(crate) fn step(&self, x: &Tensor, slot: &mut Slot) -> Result<Tensor> {
+        let mut y = self.full(x)?;
+        let overlap = self.kernel - self.stride;
+        if let Some(tail) = slot.take() {
+            let rest = y.dim(2)? - overlap;
+            let head = (y.narrow(2, 0, overlap)? + tail)?;
+            y = Tensor::cat(&[&head, &y.narrow(2, overlap, rest)?], 2)?;
+        }
+        let len = x.dim(2)? * self.stride;
+        *slot = Some(y.narrow(2, len, overlap)?.contiguous()?);
+        Ok(y.narrow(2, 0, len)?.broadcast_add(&self.bias)?)
+    }
+
+    /// Whole signal when `slot` is `None`, else one streaming chunk.
+    pub(crate) fn run(&self, x: &Tensor, slot: Option<&mut Slot>) -> Result<Tensor> {
+        match slot {
+            None => self.forward(x),
+            Some(slot) => self.step(x, slot),
+        }
+    }
+}

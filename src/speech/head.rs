@@ -1,0 +1,195 @@
+//! The diffusion (prediction) head (the original's `VibeVoiceDiffusionHead`): from a noisy
+//! latent, its timestep and the language model's hidden state, the v-prediction. adaLN
+//! layers modulate a SwiGLU feed-forward by the condition `c = cond_proj(h) + t_emb(t)`.
+
+use super::nn::{apply, linear, rms_norm};
+use super::weights::Scope;
+use crate::arch::speech::{DiffusionHeadConfig, FREQUENCY_EMBEDDING_SIZE};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+use candle_nn::Linear;
+
+/// The sinusoidal embedding of `timesteps` `[B]`: `[B, 256]`, cosines first, then sines
+/// (frequencies `exp(-ln(10⁴)·i/128)`), computed in f32 and cast to the timesteps' dtype, as
+/// the original's `TimestepEmbedder.timestep_embedding` does.
+pub fn timestep_embedding(timesteps: &Tensor) -> Result<Tensor> {
+    let half = FREQUENCY_EMBEDDING_SIZE / 2;
+    // As PyTorch computes it: f32 arange times the f32-rounded -ln(10⁴), over half, exp.
+    let scale = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (i as f32 * scale / half as f32).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(timesteps.dtype())?)
+}
+
+/// `x·(1 + scale) + shift`.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    Ok(((x * (scale + 1.0)?)? + shift)?)
+}
+
+/// One adaLN layer: `x + gate ⊙ ffn(modulate(norm(x), shift, scale))`.
+struct HeadLayer {
+    norm: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    modulation: Linear,
+    name: String,
+}
+
+impl HeadLayer {
+    fn new(scope: &Scope, hidden: usize, ffn: usize) -> Result<HeadLayer> {
+        let f = scope.sub("ffn");
+        Ok(HeadLayer {
+            norm: scope.get("norm.weight", &[hidden])?,
+            gate_proj: linear(&f.sub("gate_proj"), hidden, ffn, false)?,
+            up_proj: linear(&f.sub("up_proj"), hidden, ffn, false)?,
+            down_proj: linear(&f.sub("down_proj"), ffn, hidden, false)?,
+            modulation: linear(&scope.sub("adaLN_modulation.1"), hidden, 3 * hidden, false)?,
+            name: scope.name().to_string(),
+        })
+    }
+
+    /// `silu_c` is `SiLU(c)`, shared by every layer.
+    fn forward(&self, x: &Tensor, silu_c: &Tensor, eps: f64) -> Result<Tensor> {
+        let n = &self.name;
+        let m = apply(&self.modulation, silu_c, n, "adaLN_modulation.1")?;
+        let chunks = m.chunk(3, D::Minus1)?;
+        let (shift, scale, gate) = (&chunks[0], &chunks[1], &chunks[2]);
+        let h = modulate(&rms_norm(x, Some(&self.norm), eps)?, shift, scale)?;
+        let g = apply(&self.gate_proj, &h, n, "ffn.gate_proj")?.silu()?;
+        let u = apply(&self.up_proj, &h, n, "ffn.up_proj")?;
+        let f = apply(&self.down_proj, &(g * u)?, n, "ffn.down_proj")?;
+        Ok((x + (gate * f)?)?)
+    }
+}
+
+/// The prediction head.
+pub struct PredictionHead {
+    noisy_images_proj: Linear,
+    cond_proj: Linear,
+    t_mlp0: Linear,
+    t_mlp2: Linear,
+    layers: Vec<HeadLayer>,
+    final_modulation: Linear,
+    final_linear: Linear,
+    eps: f64,
+    hidden: usize,
+    latent: usize,
+    name: String,
+}
+
+impl PredictionHead {
+    /// The head of `config` at `scope` (`model.prediction_head`).
+    pub fn new(config: &DiffusionHeadConfig, scope: &Scope) -> Result<PredictionHead> {
+        config.validate()?;
+        let (h, l) = (config.hidden_size, config.latent_size);
+        let layers = (0..config.head_layers)
+            .map(|i| HeadLayer::new(&scope.sub(&format!("layers.{i}")), h, config.ffn_dim))
+            .collect::<Result<Vec<_>>>()?;
+        let t = scope.sub("t_embedder.mlp");
+        let fin = scope.sub("final_layer");
+        Ok(PredictionHead {
+            noisy_images_proj: linear(&scope.sub("noisy_images_proj"), l, h, false)?,
+            cond_proj: linear(&scope.sub("cond_proj"), h, h, false)?,
+            t_mlp0: linear(&t.sub("0"), FREQUENCY_EMBEDDING_SIZE, h, false)?,
+            t_mlp2: linear(&t.sub("2"), h, h, false)?,
+            layers,
+            final_modulation: linear(&fin.sub("adaLN_modulation.1"), h, 2 * h, false)?,
+            final_linear: linear(&fin.sub("linear"), h, l, false)?,
+            eps: config.rms_norm_eps,
+            hidden: h,
+            latent: l,
+            name: scope.name().to_string(),
+        })
+    }
+
+    /// The v-prediction for `noisy` `[B, latent]` at `timesteps` `[B]` under `condition`
+    /// `[B, hidden]`, all in the compute dtype (the timesteps too: in bf16 the original's
+    /// 999 becomes 1000 before the embedding, and so it does here).
+    pub fn forward(
+        &self,
+        noisy: &Tensor,
+        timesteps: &Tensor,
+        condition: &Tensor,
+    ) -> Result<Tensor> {
+        let batch = noisy.dim(0)?;
+        if noisy.dims() != [batch, self.latent]
+            || timesteps.dims() != [batch]
+            || condition.dims() != [batch, self.hidden]
+        {
+            bail!(
+                "{}: noisy {:?}, timesteps {:?}, condition {:?}; expected [B, {}], [B], [B, {}]",
+                self.name,
+                noisy.dims(),
+                timesteps.dims(),
+                condition.dims(),
+                self.latent,
+                self.hidden
+            );
+        }
+        let n = &self.name;
+        let mut x = apply(&self.noisy_images_proj, noisy, n, "noisy_images_proj")?;
+        let t = apply(
+            &self.t_mlp0,
+            &timestep_embedding(timesteps)?,
+            n,
+            "t_embedder.mlp.0",
+        )?;
+        let t = apply(&self.t_mlp2, &t.silu()?, n, "t_embedder.mlp.2")?;
+        let c = (apply(&self.cond_proj, condition, n, "cond_proj")? + t)?;
+        let silu_c = c.silu()?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &silu_c, self.eps)?;
+        }
+        let m = apply(
+            &self.final_modulation,
+            &silu_c,
+            n,
+            "final_layer.adaLN_modulation.1",
+        )?;
+        let chunks = m.chunk(2, D::Minus1)?;
+        let h = modulate(&rms_norm(&x, None, self.eps)?, &chunks[0], &chunks[1])?;
+        apply(&self.final_linear, &h, n, "final_layer.linear")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn timestep_embedding_puts_cosines_first() {
+        let t = Tensor::new(&[0f32, 3.0], &Device::Cpu).unwrap();
+        let e = timestep_embedding(&t).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(e[0].len(), 256);
+        // t = 0: cos 1 for the first half, sin 0 for the second.
+        assert!(e[0][..128].iter().all(|&v| v == 1.0));
+        assert!(e[0][128..].iter().all(|&v| v == 0.0));
+        // Frequency 0 is 1: cos(3) then, 128 entries on, sin(3).
+        assert!((e[1][0] - 3f32.cos()).abs() < 1e-6);
+        assert!((e[1][128] - 3f32.sin()).abs() < 1e-6);
+        // The last frequency is exp(-ln(10⁴)·127/128).
+        let f = (-(10000f64.ln()) * 127.0 / 128.0).exp();
+        assert!((e[1][127] as f64 - (3.0 * f).cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn timestep_embedding_keeps_the_timesteps_dtype() {
+        let t = Tensor::new(&[999f32], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        // 999 rounds to 1000 in bf16, as in the original's bf16 runs.
+        let t_value = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0];
+        assert_eq!(t_value, 1000.0);
+        let e = timestep_embedding(&t).unwrap();
+        assert_eq!(e.dtype(), DType::BF16);
+    }
+}

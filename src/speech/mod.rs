@@ -1,0 +1,26 @@
+//! VibeVoice's speech components on candle, device-generic (CPU f32 for parity, CUDA in f32
+//! or bf16): the acoustic tokenizer's encoder and decoder and the semantic encoder, whole
+//! signal and streaming ([`tokenizer`]); the connectors into the language model
+//! ([`connector`]); the diffusion head ([`head`]) and its DPM-Solver++ sampler with
+//! classifier-free guidance ([`sampler`]). Weights come by checkpoint name through a
+//! [`WeightSource`]; each component takes a [`Scope`] so it loads standalone. Built from
+//! `arch::speech`'s configuration; [`config_from_json`] reads it from a `config.json`.
+
+pub mod config;
+pub mod connector;
+mod conv;
+pub mod head;
+mod nn;
+pub mod sampler;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::config_from_json;
+pub use connector::Connector;
+pub use head::{timestep_embedding, PredictionHead};
+pub use sampler::{sample_latent, DpmSolver, SolverRun};
+pub use tokenizer::{gaussian_sample, Decoder, Encoder, StreamState};
+pub use weights::{RandomWeights, SafetensorsWeights, Scope, WeightSource};
+
+#[cfg(test)]
+mod tests;

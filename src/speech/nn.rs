@@ -1,0 +1,60 @@
+//! The small layers every speech component shares: a linear layer loaded by name and the
+//! original's RMSNorm, which normalises in f32 and casts back before the affine weight.
+
+use super::weights::Scope;
+use anyhow::{Context, Result};
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::Linear;
+
+/// The linear layer `scope` (`weight [out, in]`, and `bias [out]` when `bias`).
+pub(crate) fn linear(scope: &Scope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    let weight = scope.get("weight", &[out_dim, in_dim])?;
+    let bias = if bias {
+        Some(scope.get("bias", &[out_dim])?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+/// Applies `layer` (`owner.what`, named on failure) to `x`.
+pub(crate) fn apply(layer: &Linear, x: &Tensor, owner: &str, what: &str) -> Result<Tensor> {
+    layer
+        .forward(x)
+        .with_context(|| format!("applying {owner}.{what} to {:?}", x.dims()))
+}
+
+/// RMSNorm over the last dimension as the original computes it: `x * rsqrt(mean(x²) + eps)`
+/// in f32, cast back to `x`'s dtype, then times `weight` (when the norm has one).
+pub(crate) fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let inv = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let normed = x32.broadcast_mul(&inv)?.to_dtype(dtype)?;
+    Ok(match weight {
+        Some(w) => normed.broadcast_mul(w)?,
+        None => normed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rms_norm_matches_the_formula() {
+        let x = Tensor::new(&[[3.0f32, 4.0], [1.0, -1.0]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[2.0f32, 0.5], &Device::Cpu).unwrap();
+        let y = rms_norm(&x, Some(&w), 0.0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let r = (12.5f32).sqrt();
+        assert!((y[0][0] - 2.0 * 3.0 / r).abs() < 1e-6);
+        assert!((y[0][1] - 0.5 * 4.0 / r).abs() < 1e-6);
+        assert!((y[1][0] - 2.0).abs() < 1e-6 && (y[1][1] + 0.5).abs() < 1e-6);
+    }
+}

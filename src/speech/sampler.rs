@@ -1,0 +1,259 @@
+//! The diffusion sampler: the original's `DPMSolverMultistepScheduler` as VibeVoice sets it
+//! up (DPM-Solver++, order 2, midpoint, v-prediction, cosine betas over the training steps,
+//! linspace timesteps, `lower_order_final`, final sigma zero), and the classifier-free
+//! guided loop of `sample_speech_tokens`.
+//!
+//! The schedule is built as the original builds it, rounding where it rounds: betas in f64,
+//! stored f32; `alphas_cumprod` accumulated in f64 (PyTorch's CPU `cumprod` does) and stored
+//! f32; sigmas and every step coefficient in f32.
+
+use super::head::PredictionHead;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+
+/// The original's `betas_for_alpha_bar` clip.
+const MAX_BETA: f64 = 0.999;
+
+/// A DPM-Solver++ schedule for a number of inference steps.
+#[derive(Clone, Debug)]
+pub struct DpmSolver {
+    timesteps: Vec<i64>,
+    /// `steps + 1` sigmas, the last 0.
+    sigmas: Vec<f32>,
+}
+
+/// The cosine schedule's ᾱ(t) (`alpha_bar_fn`).
+fn alpha_bar(t: f64) -> f64 {
+    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+        .cos()
+        .powi(2)
+}
+
+/// `1/sqrt(σ² + 1)` and `σ·α` (`_sigma_to_alpha_sigma_t`), in f32.
+fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// `ln α − ln σ_t`, in f32 (+∞ at σ = 0).
+fn lambda(alpha: f32, sigma_t: f32) -> f32 {
+    alpha.ln() - sigma_t.ln()
+}
+
+impl DpmSolver {
+    /// The schedule for `inference_steps` over `train_steps` training timesteps (1000).
+    pub fn new(train_steps: usize, inference_steps: usize) -> Result<DpmSolver> {
+        if train_steps < 2 || inference_steps == 0 || inference_steps > train_steps {
+            bail!(
+                "diffusion sampler: {inference_steps} steps over {train_steps} training timesteps; \
+                 steps must be between 1 and the training timesteps"
+            );
+        }
+        let n = train_steps as f64;
+        let mut cumprod = 1f64;
+        let alphas_cumprod: Vec<f32> = (0..train_steps)
+            .map(|i| {
+                let beta = (1.0 - alpha_bar((i + 1) as f64 / n) / alpha_bar(i as f64 / n))
+                    .min(MAX_BETA) as f32;
+                cumprod *= (1.0 - beta) as f64;
+                cumprod as f32
+            })
+            .collect();
+        // np.linspace(0, train_steps - 1, steps + 1): i·step, the end exact; then rounded
+        // half to even, reversed, and the final 0 dropped.
+        let end = (train_steps - 1) as f64;
+        let step = end / inference_steps as f64;
+        let timesteps: Vec<i64> = (1..=inference_steps)
+            .rev()
+            .map(|i| {
+                let v = if i == inference_steps {
+                    end
+                } else {
+                    i as f64 * step
+                };
+                v.round_ties_even() as i64
+            })
+            .collect();
+        let mut sigmas: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| {
+                let a = alphas_cumprod[t as usize];
+                ((1.0 - a) / a).sqrt()
+            })
+            .collect();
+        sigmas.push(0.0);
+        Ok(DpmSolver { timesteps, sigmas })
+    }
+
+    /// The timesteps the head sees, from high noise down.
+    pub fn timesteps(&self) -> &[i64] {
+        &self.timesteps
+    }
+
+    /// The sigma before each step and the final 0.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
+    /// A run of the solver from its first step.
+    pub fn start(&self) -> SolverRun<'_> {
+        SolverRun {
+            solver: self,
+            index: 0,
+            previous_x0: None,
+        }
+    }
+}
+
+/// One pass through a [`DpmSolver`]'s steps: the step index and the previous step's data
+/// prediction, which the second-order steps use.
+pub struct SolverRun<'a> {
+    solver: &'a DpmSolver,
+    index: usize,
+    previous_x0: Option<Tensor>,
+}
+
+impl SolverRun<'_> {
+    /// The timestep of the next step, `None` once every step is done.
+    pub fn timestep(&self) -> Option<i64> {
+        self.solver.timesteps.get(self.index).copied()
+    }
+
+    /// One step: from the model's v-prediction `v` at `sample`, the next sample, in `v`'s
+    /// dtype. The update runs in f32; as in the original, the data prediction is kept in the
+    /// model's dtype and the result cast back to it.
+    pub fn step(&mut self, v: &Tensor, sample: &Tensor) -> Result<Tensor> {
+        let i = self.index;
+        let sigmas = &self.solver.sigmas;
+        let steps = self.solver.timesteps.len();
+        if i >= steps {
+            bail!("diffusion sampler: all {steps} steps are done");
+        }
+        let dtype = v.dtype();
+        let sample = sample.to_dtype(DType::F32)?;
+        let v32 = v.to_dtype(DType::F32)?;
+        let (alpha_s, sigma_s) = alpha_sigma(sigmas[i]);
+        let (alpha_t, sigma_t) = alpha_sigma(sigmas[i + 1]);
+        // x0 = α_s·x − σ_s·v, stored in the model's dtype.
+        let x0 = (sample.affine(alpha_s as f64, 0.0)? - v32.affine(sigma_s as f64, 0.0)?)?
+            .to_dtype(dtype)?;
+        let x0_32 = x0.to_dtype(DType::F32)?;
+        let lambda_s = lambda(alpha_s, sigma_s);
+        let h = lambda(alpha_t, sigma_t) - lambda_s;
+        let a = sigma_t / sigma_s;
+        let b = alpha_t * ((-h).exp() - 1.0);
+        let first = (sample.affine(a as f64, 0.0)? - x0_32.affine(b as f64, 0.0)?)?;
+        // Order 1 at the first step and at the last (final sigma zero); else order 2.
+        let next = match &self.previous_x0 {
+            Some(previous) if i + 1 < steps => {
+                let (alpha_p, sigma_p) = alpha_sigma(sigmas[i - 1]);
+                let r0 = (lambda_s - lambda(alpha_p, sigma_p)) / h;
+                let d1 =
+                    (&x0_32 - previous.to_dtype(DType::F32)?)?.affine((1.0 / r0) as f64, 0.0)?;
+                (first - d1.affine((0.5 * b) as f64, 0.0)?)?
+            }
+            _ => first,
+        };
+        self.previous_x0 = Some(x0);
+        self.index += 1;
+        Ok(next.to_dtype(dtype)?)
+    }
+}
+
+/// Samples one latent with classifier-free guidance, as the original's
+/// `sample_speech_tokens`: from `noise` `[B, latent]` (the caller's standard normal draw;
+/// the original uses row 0 of a 2-row draw), each step runs the head once on the batch
+/// `[x, x]` under `[positive, negative]` (`[B, hidden]` each) and steps on
+/// `v = v_u + cfg·(v_c − v_u)`. Returns the final sample `[B, latent]` in the noise's dtype.
+pub fn sample_latent(
+    head: &PredictionHead,
+    solver: &DpmSolver,
+    noise: &Tensor,
+    positive: &Tensor,
+    negative: &Tensor,
+    cfg_scale: f64,
+) -> Result<Tensor> {
+    let batch = noise.dim(0)?;
+    let condition = Tensor::cat(&[positive, negative], 0).context("stacking the conditions")?;
+    let mut x = noise.clone();
+    let mut run = solver.start();
+    while let Some(t) = run.timestep() {
+        let combined = Tensor::cat(&[&x, &x], 0)?;
+        let timesteps = Tensor::full(t as f32, 2 * batch, x.device())?.to_dtype(x.dtype())?;
+        let v = head.forward(&combined, &timesteps, &condition)?;
+        let (v_c, v_u) = (v.narrow(0, 0, batch)?, v.narrow(0, batch, batch)?);
+        let guided = (&v_u + ((&v_c - &v_u)? * cfg_scale)?)?;
+        x = run.step(&guided, &x)?;
+    }
+    Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spec's table (§4.1), six significant figures.
+    #[test]
+    fn timesteps_and_sigmas_match_the_reference_table() {
+        let table: [(usize, &[i64], &[f32]); 3] = [
+            (
+                5,
+                &[999, 799, 599, 400, 200],
+                &[20291.3, 3.10373, 1.39075, 0.740281, 0.337461, 0.0],
+            ),
+            (
+                10,
+                &[999, 899, 799, 699, 599, 500, 400, 300, 200, 100],
+                &[
+                    20291.3, 6.36459, 3.10373, 1.9807, 1.39075, 1.01555, 0.740281, 0.52236,
+                    0.337461, 0.171044, 0.0,
+                ],
+            ),
+            (
+                20,
+                &[
+                    999, 949, 899, 849, 799, 749, 699, 649, 599, 549, 500, 450, 400, 350, 300, 250,
+                    200, 150, 100, 50,
+                ],
+                &[
+                    20291.3, 12.8073, 6.36459, 4.19954, 3.10373, 2.43544, 1.9807, 1.64777, 1.39075,
+                    1.18408, 1.01555, 0.868583, 0.740281, 0.625997, 0.52236, 0.426837, 0.337461,
+                    0.252646, 0.171044, 0.0913476, 0.0,
+                ],
+            ),
+        ];
+        for (n, timesteps, sigmas) in table {
+            let s = DpmSolver::new(1000, n).unwrap();
+            assert_eq!(s.timesteps(), timesteps, "N = {n}");
+            assert_eq!(s.sigmas().len(), n + 1);
+            for (got, want) in s.sigmas().iter().zip(sigmas) {
+                let err = (got - want).abs() / want.abs().max(1e-30);
+                assert!(
+                    *want == 0.0 && *got == 0.0 || err < 6e-6,
+                    "N = {n}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_impossible_step_counts() {
+        assert!(DpmSolver::new(1000, 0).is_err());
+        assert!(DpmSolver::new(1000, 1001).is_err());
+        assert_eq!(DpmSolver::new(1000, 1).unwrap().timesteps(), &[999]);
+    }
+
+    #[test]
+    fn last_step_returns_the_data_prediction() {
+        // One step: order 1 with final sigma 0 gives x0 = α_s·x − σ_s·v exactly.
+        let s = DpmSolver::new(1000, 1).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[[0.5f32, -1.0]], &dev).unwrap();
+        let v = Tensor::new(&[[2.0f32, 0.25]], &dev).unwrap();
+        let mut run = s.start();
+        let out = run.step(&v, &x).unwrap().to_vec2::<f32>().unwrap();
+        let (a, sg) = alpha_sigma(s.sigmas()[0]);
+        assert_eq!(out[0], vec![a * 0.5 - sg * 2.0, -a - sg * 0.25]);
+        assert!(run.timestep().is_none() && run.step(&v, &x).is_err());
+    }
+}

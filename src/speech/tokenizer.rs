@@ -1,0 +1,364 @@
+//! The convolutional speech tokenizers: the acoustic encoder and decoder and the semantic
+//! encoder (the original's `TokenizerEncoder` / `TokenizerDecoder`), whole-signal and
+//! streaming. Both stacks alternate a (strided or transposed) convolution with stages of
+//! [`Block`]s; the final norm is the identity (`disable_last_norm`).
+
+use super::conv::{CausalConv1d, CausalConvTranspose1d, Slot};
+use super::nn::{apply, linear, rms_norm};
+use super::weights::Scope;
+use crate::arch::speech::{ConvStack, TokenizerConfig, TOKENIZER_KERNEL};
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::Linear;
+use std::slice::IterMut;
+
+/// The original's `Block1D`: a depthwise causal convolution and a GELU feed-forward, each
+/// after a channel RMSNorm and scaled by a learned per-channel factor, both residual.
+struct Block {
+    norm: Tensor,
+    mixer: CausalConv1d,
+    /// `[1, C, 1]`.
+    gamma: Tensor,
+    ffn_norm: Tensor,
+    linear1: Linear,
+    linear2: Linear,
+    /// `[1, C, 1]`.
+    ffn_gamma: Tensor,
+    eps: f64,
+    name: String,
+}
+
+impl Block {
+    fn new(scope: &Scope, dim: usize, eps: f64) -> Result<Block> {
+        let ffn = scope.sub("ffn");
+        Ok(Block {
+            norm: scope.get("norm.weight", &[dim])?,
+            mixer: CausalConv1d::depthwise(&scope.sub("mixer.conv"), dim, TOKENIZER_KERNEL)?,
+            gamma: scope.get("gamma", &[dim])?.reshape((1, dim, 1))?,
+            ffn_norm: scope.get("ffn_norm.weight", &[dim])?,
+            linear1: linear(&ffn.sub("linear1"), dim, 4 * dim, true)?,
+            linear2: linear(&ffn.sub("linear2"), 4 * dim, dim, true)?,
+            ffn_gamma: scope.get("ffn_gamma", &[dim])?.reshape((1, dim, 1))?,
+            eps,
+            name: scope.name().to_string(),
+        })
+    }
+
+    /// `x` `[B, C, T]`; `slot` streams the mixer.
+    fn run(&self, x: &Tensor, slot: Option<&mut Slot>) -> Result<Tensor> {
+        let h = rms_norm(&x.transpose(1, 2)?, Some(&self.norm), self.eps)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let h = self.mixer.run(&h, slot)?;
+        let x = (x + h.broadcast_mul(&self.gamma)?)?;
+        let h = rms_norm(
+            &x.transpose(1, 2)?.contiguous()?,
+            Some(&self.ffn_norm),
+            self.eps,
+        )?;
+        let h = apply(&self.linear1, &h, &self.name, "ffn.linear1")?.gelu_erf()?;
+        let h = apply(&self.linear2, &h, &self.name, "ffn.linear2")?;
+        Ok((x + h.transpose(1, 2)?.broadcast_mul(&self.ffn_gamma)?)?)
+    }
+}
+
+/// The streaming caches of one encoder or decoder, one per convolution in application
+/// order. A fresh state (or one after [`StreamState::reset`]) starts from silence, as the
+/// original's zeroed cache at `speech_end` does.
+pub struct StreamState {
+    /// The module it belongs to, by weight prefix.
+    owner: String,
+    slots: Vec<Slot>,
+}
+
+impl StreamState {
+    fn new(owner: &str, layers: usize) -> StreamState {
+        StreamState {
+            owner: owner.to_string(),
+            slots: (0..layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Forgets everything streamed so far.
+    pub fn reset(&mut self) {
+        self.slots.iter_mut().for_each(|s| *s = None);
+    }
+
+    /// The slots, in order, checked to belong to `module` with its `layers` convolutions.
+    fn walk(&mut self, module: &str, layers: usize) -> Result<IterMut<'_, Slot>> {
+        if self.owner != module || self.slots.len() != layers {
+            bail!(
+                "{module}: this streaming state was made for another module ({})",
+                self.owner
+            );
+        }
+        Ok(self.slots.iter_mut())
+    }
+}
+
+/// The next layer's slot when streaming, `None` for a whole signal.
+fn next<'s>(slots: &mut Option<IterMut<'s, Slot>>) -> Result<Option<&'s mut Slot>> {
+    match slots {
+        None => Ok(None),
+        Some(it) => it
+            .next()
+            .map(Some)
+            .ok_or_else(|| anyhow!("streaming state ran out of layers")),
+    }
+}
+
+/// Runs the blocks of one stage.
+fn run_stage(
+    blocks: &[Block],
+    mut x: Tensor,
+    slots: &mut Option<IterMut<'_, Slot>>,
+) -> Result<Tensor> {
+    for block in blocks {
+        x = block.run(&x, next(slots)?)?;
+    }
+    Ok(x)
+}
+
+fn load_stages(
+    scope: &Scope,
+    stack: &ConvStack,
+    width: impl Fn(usize) -> usize,
+    eps: f64,
+) -> Result<Vec<Vec<Block>>> {
+    (0..stack.depths.len())
+        .map(|i| {
+            (0..stack.depths[i])
+                .map(|j| Block::new(&scope.sub(&format!("stages.{i}.{j}")), width(i), eps))
+                .collect()
+        })
+        .collect()
+}
+
+/// A tokenizer encoder: audio `[B, channels, N]` to latent frames `[B, ceil(N / hop), vae_dim]`.
+pub struct Encoder {
+    /// The stem, then one strided convolution per ratio.
+    downsample: Vec<CausalConv1d>,
+    stages: Vec<Vec<Block>>,
+    head: CausalConv1d,
+    channels: usize,
+    hop: usize,
+    name: String,
+}
+
+impl Encoder {
+    /// The encoder of `config` at `scope` (`model.acoustic_tokenizer.encoder`,
+    /// `model.semantic_tokenizer.encoder`).
+    pub fn new(config: &TokenizerConfig, scope: &Scope) -> Result<Encoder> {
+        config.validate(scope.name())?;
+        let stack = &config.encoder;
+        let width = |i| stack.encoder_width(i);
+        let mut downsample = vec![CausalConv1d::dense(
+            &scope.sub("downsample_layers.0.0"),
+            config.channels,
+            width(0),
+            TOKENIZER_KERNEL,
+            1,
+        )?];
+        for (i, &ratio) in stack.ratios.iter().enumerate() {
+            downsample.push(CausalConv1d::dense(
+                &scope.sub(&format!("downsample_layers.{}.0", i + 1)),
+                width(i),
+                width(i + 1),
+                2 * ratio,
+                ratio,
+            )?);
+        }
+        let last = width(stack.depths.len() - 1);
+        Ok(Encoder {
+            downsample,
+            stages: load_stages(scope, stack, width, config.layernorm_eps)?,
+            head: CausalConv1d::dense(
+                &scope.sub("head"),
+                last,
+                config.vae_dim,
+                TOKENIZER_KERNEL,
+                1,
+            )?,
+            channels: config.channels,
+            hop: stack.hop(),
+            name: scope.name().to_string(),
+        })
+    }
+
+    fn layers(&self) -> usize {
+        self.downsample.len() + self.stages.iter().map(Vec::len).sum::<usize>() + 1
+    }
+
+    /// A fresh streaming state for [`Encoder::encode_chunk`].
+    pub fn stream_state(&self) -> StreamState {
+        StreamState::new(&self.name, self.layers())
+    }
+
+    /// The means of the latent frames of `audio` `[B, channels, N]`: `[B, ceil(N / hop),
+    /// vae_dim]` (the original's `encode(audio).mean`).
+    pub fn encode(&self, audio: &Tensor) -> Result<Tensor> {
+        self.run(audio, None)
+    }
+
+    /// Streams `audio` `[B, channels, k·hop]` on from `state`: `[B, k, vae_dim]`, equal to the
+    /// matching frames of [`Encoder::encode`] over everything streamed since the last reset.
+    pub fn encode_chunk(&self, audio: &Tensor, state: &mut StreamState) -> Result<Tensor> {
+        let len = audio.dim(2)?;
+        if len % self.hop != 0 {
+            bail!(
+                "{}: a streaming chunk of {len} samples is not a multiple of the hop {}",
+                self.name,
+                self.hop
+            );
+        }
+        let slots = state.walk(&self.name, self.layers())?;
+        self.run(audio, Some(slots))
+    }
+
+    fn run(&self, audio: &Tensor, mut slots: Option<IterMut<'_, Slot>>) -> Result<Tensor> {
+        let (_, channels, _) = audio.dims3()?;
+        if channels != self.channels {
+            bail!(
+                "{}: audio has {channels} channels, the encoder takes {}",
+                self.name,
+                self.channels
+            );
+        }
+        let mut x = audio.clone();
+        for (conv, blocks) in self.downsample.iter().zip(&self.stages) {
+            x = conv.run(&x, next(&mut slots)?)?;
+            x = run_stage(blocks, x, &mut slots)?;
+        }
+        let x = self.head.run(&x, next(&mut slots)?)?;
+        Ok(x.transpose(1, 2)?.contiguous()?)
+    }
+}
+
+/// The acoustic decoder: latent frames `[B, T, vae_dim]` to audio `[B, channels, T·hop]`.
+pub struct Decoder {
+    stem: CausalConv1d,
+    /// One transposed convolution per ratio.
+    upsample: Vec<CausalConvTranspose1d>,
+    stages: Vec<Vec<Block>>,
+    head: CausalConv1d,
+    vae_dim: usize,
+    name: String,
+}
+
+impl Decoder {
+    /// The decoder of `config` at `scope` (`model.acoustic_tokenizer.decoder`).
+    pub fn new(config: &TokenizerConfig, scope: &Scope) -> Result<Decoder> {
+        config.validate(scope.name())?;
+        let stack = config
+            .decoder
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}: the configuration has no decoder", scope.name()))?;
+        let width = |i| stack.decoder_width(i);
+        let upsample = stack
+            .ratios
+            .iter()
+            .enumerate()
+            .map(|(i, &ratio)| {
+                CausalConvTranspose1d::new(
+                    &scope.sub(&format!("upsample_layers.{}.0", i + 1)),
+                    width(i),
+                    width(i + 1),
+                    2 * ratio,
+                    ratio,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let last = width(stack.depths.len() - 1);
+        Ok(Decoder {
+            stem: CausalConv1d::dense(
+                &scope.sub("upsample_layers.0.0"),
+                config.vae_dim,
+                width(0),
+                TOKENIZER_KERNEL,
+                1,
+            )?,
+            upsample,
+            stages: load_stages(scope, stack, width, config.layernorm_eps)?,
+            head: CausalConv1d::dense(
+                &scope.sub("head"),
+                last,
+                config.channels,
+                TOKENIZER_KERNEL,
+                1,
+            )?,
+            vae_dim: config.vae_dim,
+            name: scope.name().to_string(),
+        })
+    }
+
+    fn layers(&self) -> usize {
+        2 + self.upsample.len() + self.stages.iter().map(Vec::len).sum::<usize>()
+    }
+
+    /// A fresh streaming state for [`Decoder::decode_chunk`].
+    pub fn stream_state(&self) -> StreamState {
+        StreamState::new(&self.name, self.layers())
+    }
+
+    /// The audio of `latents` `[B, T, vae_dim]`: `[B, channels, T·hop]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.run(latents, None)
+    }
+
+    /// Streams `latents` `[B, T, vae_dim]` (one frame per step in generation) on from `state`:
+    /// `[B, channels, T·hop]`, equal to the matching samples of [`Decoder::decode`] over every
+    /// frame streamed since the last reset.
+    pub fn decode_chunk(&self, latents: &Tensor, state: &mut StreamState) -> Result<Tensor> {
+        let slots = state.walk(&self.name, self.layers())?;
+        self.run(latents, Some(slots))
+    }
+
+    fn run(&self, latents: &Tensor, mut slots: Option<IterMut<'_, Slot>>) -> Result<Tensor> {
+        let (_, _, dim) = latents.dims3()?;
+        if dim != self.vae_dim {
+            bail!(
+                "{}: latents {:?} must be [batch, frames, {}]",
+                self.name,
+                latents.dims(),
+                self.vae_dim
+            );
+        }
+        let mut x = self
+            .stem
+            .run(&latents.transpose(1, 2)?.contiguous()?, next(&mut slots)?)?;
+        x = run_stage(&self.stages[0], x, &mut slots)?;
+        for (conv, blocks) in self.upsample.iter().zip(&self.stages[1..]) {
+            x = conv.run(&x, next(&mut slots)?)?;
+            x = run_stage(blocks, x, &mut slots)?;
+        }
+        self.head.run(&x, next(&mut slots)?)
+    }
+}
+
+/// The acoustic encoder's Gaussian sample (the original's `sample(dist_type="gaussian")`,
+/// which the voice prompt uses): `mean + (draws·fix_std/0.8)[b] ⊙ noise`, where `draws` `[B]`
+/// and `noise` (shaped like `mean`) are standard normal draws the caller makes.
+pub fn gaussian_sample(
+    mean: &Tensor,
+    fix_std: f64,
+    draws: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
+    let batch = mean.dim(0)?;
+    if draws.dims() != [batch] || noise.dims() != mean.dims() {
+        bail!(
+            "gaussian sample: draws {:?} must be [{batch}] and noise {:?} shaped like the mean {:?}",
+            draws.dims(),
+            noise.dims(),
+            mean.dims()
+        );
+    }
+    // The original divides the f32 buffer fix_std by 0.8 in f32.
+    let value = (fix_std as f32 / 0.8f32) as f64;
+    let std = draws
+        .to_dtype(DType::F32)?
+        .affine(value, 0.0)?
+        .to_dtype(mean.dtype())?
+        .reshape((batch, 1, 1))?;
+    Ok((mean + noise.broadcast_mul(&std)?)?)
+}
