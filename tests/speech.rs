@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::speech::{
-    config_from_json, Connector, Decoder, DpmSolver, Encoder, PredictionHead, SafetensorsWeights,
-    Scope,
+    config_from_json, sample_latent, Connector, Decoder, DpmSolver, Encoder, PredictionHead,
+    SafetensorsWeights, Scope,
 };
 
 const TOLERANCE: f32 = 1e-5;
@@ -157,6 +157,13 @@ fn semantic_encoder_matches_the_original_whole_and_streaming() {
             &encoder.encode(&audio).unwrap(),
             &r.call("semantic_encode.mean"),
         );
+        // Streaming has its own audio, a whole number of hops.
+        let audio = r.call("semantic_encode_stream.audio");
+        assert_close(
+            &format!("{} semantic encode of the streamed audio", r.name),
+            &encoder.encode(&audio).unwrap(),
+            &r.call("semantic_encode_stream.mean_nonstreaming"),
+        );
         let hop = r.config.semantic.encoder.hop();
         let mut state = encoder.stream_state();
         let frames = (0..audio.dim(2).unwrap() / hop)
@@ -277,6 +284,107 @@ fn sampler_matches_the_original_schedule_and_steps() {
                 &x,
                 &samples.get(k + 1).unwrap(),
             );
+        }
+    }
+}
+
+/// The speech components' share of one original `generate()` run (token script D, D, E, S,
+/// D, D, EOS, 10 diffusion steps, cfg 1.3): per frame, the guided sampler from the recorded
+/// noise and conditions, the streaming decoder and semantic encoder with their caches reset
+/// at `speech_end` (after frame 1), both connectors; and the voice prompt's encoding.
+#[test]
+fn generation_frames_match_the_original() {
+    let Some(r) = Recorded::load("tiny") else {
+        return;
+    };
+    let Some(paths) = fixtures(&["tiny.generation.safetensors".to_string()]) else {
+        return;
+    };
+    let run = candle_core::safetensors::load(&paths[0], &Device::Cpu).unwrap();
+    let get = |key: &str| {
+        run.get(key)
+            .unwrap_or_else(|| panic!("tiny.generation.safetensors has no {key}"))
+            .clone()
+    };
+    let c = &r.config;
+    let hidden = c.head.hidden_size;
+    let head = PredictionHead::new(&c.head, &r.scope("model.prediction_head")).unwrap();
+    let encoder = Encoder::new(&c.acoustic, &r.scope("model.acoustic_tokenizer.encoder")).unwrap();
+    let decoder = Decoder::new(&c.acoustic, &r.scope("model.acoustic_tokenizer.decoder")).unwrap();
+    let semantic = Encoder::new(&c.semantic, &r.scope("model.semantic_tokenizer.encoder")).unwrap();
+    let acoustic_connector = Connector::new(
+        &r.scope("model.acoustic_connector"),
+        c.acoustic.vae_dim,
+        hidden,
+    )
+    .unwrap();
+    let semantic_connector = Connector::new(
+        &r.scope("model.semantic_connector"),
+        c.semantic.vae_dim,
+        hidden,
+    )
+    .unwrap();
+
+    // The voice prompt: encoder mean (the recording patched the Gaussian sample to the mean).
+    let voice = encoder.encode(&get("voice_audio")).unwrap();
+    assert_close("voice latents", &voice, &get("voice_latents"));
+    let embeds = acoustic_connector.forward(&get("voice_features")).unwrap();
+    assert_close(
+        "voice embeddings",
+        &embeds.squeeze(0).unwrap(),
+        &get("voice_embeds"),
+    );
+
+    let steps = get("ddpm_steps")
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_scalar::<i64>()
+        .unwrap();
+    let solver = DpmSolver::new(c.head.ddpm_num_steps, steps as usize).unwrap();
+    let cfg = get("cfg_scale").to_scalar::<f32>().unwrap() as f64;
+    let (noise, conditions, latents) = (get("noise"), get("conditions"), get("latents"));
+    let mut decoder_state = decoder.stream_state();
+    let mut semantic_state = semantic.stream_state();
+    for f in 0..latents.dim(0).unwrap() {
+        let at = |t: &Tensor| t.get(f).unwrap();
+        if f == 2 {
+            // speech_end came after frame 1: the original zeroes both streaming caches.
+            decoder_state.reset();
+            semantic_state.reset();
+        }
+        // Only row 0 of each frame's 2-row draw is used.
+        let cond = at(&conditions);
+        let z = sample_latent(
+            &head,
+            &solver,
+            &at(&noise).narrow(0, 0, 1).unwrap(),
+            &cond.narrow(0, 0, 1).unwrap(),
+            &cond.narrow(0, 1, 1).unwrap(),
+            cfg,
+        )
+        .unwrap();
+        assert_close(&format!("frame {f} latent"), &z, &at(&latents));
+        // The hooks saw the decoder's channels-first input; ours takes [B, T, C].
+        let frame = at(&get("decoder.input")).transpose(1, 2).unwrap();
+        let audio = decoder.decode_chunk(&frame, &mut decoder_state).unwrap();
+        assert_close(
+            &format!("frame {f} audio"),
+            &audio,
+            &at(&get("decoder.output")),
+        );
+        let chunk = at(&get("semantic_encoder.input"));
+        let mean = semantic.encode_chunk(&chunk, &mut semantic_state).unwrap();
+        let want = at(&get("semantic_encoder.output")).transpose(1, 2).unwrap();
+        assert_close(&format!("frame {f} semantic features"), &mean, &want);
+        for (name, connector) in [
+            ("acoustic_connector", &acoustic_connector),
+            ("semantic_connector", &semantic_connector),
+        ] {
+            let out = connector
+                .forward(&at(&get(&format!("{name}.input"))))
+                .unwrap();
+            let want = at(&get(&format!("{name}.output")));
+            assert_close(&format!("frame {f} {name}"), &out, &want);
         }
     }
 }
