@@ -14,6 +14,7 @@ pub mod audio;
 pub mod checkpoint;
 pub mod dtype;
 pub mod engine;
+pub mod generate;
 pub mod gpu;
 pub mod measure;
 pub mod output;

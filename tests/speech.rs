@@ -1,7 +1,6 @@
 //! Parity of the speech components with the original PyTorch code, against fixtures recorded
 //! from it in `tests/fixtures/speech/`: weights in the original key layout with their
-//! `config.json`, and each module's recorded inputs and outputs (f32). Each test skips, with
-//! a note, while its fixture files are absent.
+//! `config.json`, and each module's recorded inputs and outputs (f32).
 //!
 //! Tolerance: max |ours - theirs| / max |theirs| <= 1e-5 (per element for the sigmas, which
 //! span five orders of magnitude).
@@ -21,14 +20,16 @@ fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/speech")
 }
 
-/// The fixture files `names`, or `None` (with a note) when any is absent.
-fn fixtures(names: &[String]) -> Option<Vec<PathBuf>> {
+/// The fixture files `names` (committed: a missing one fails the test).
+fn fixtures(names: &[String]) -> Vec<PathBuf> {
     let paths: Vec<PathBuf> = names.iter().map(|n| fixture_dir().join(n)).collect();
     if let Some(missing) = paths.iter().find(|p| !p.exists()) {
-        println!("skipped: fixture {} is absent", missing.display());
-        return None;
+        panic!(
+            "fixture {} is absent: regenerate with scripts/speech-reference/make_fixtures.sh",
+            missing.display()
+        );
     }
-    Some(paths)
+    paths
 }
 
 /// A recorded model: its configuration, weights and module calls.
@@ -40,21 +41,21 @@ struct Recorded {
 }
 
 impl Recorded {
-    fn load(name: &'static str) -> Option<Recorded> {
+    fn load(name: &'static str) -> Recorded {
         let files = [".safetensors", ".config.json", ".calls.safetensors"]
             .map(|suffix| format!("{name}{suffix}"));
-        let paths = fixtures(&files)?;
+        let paths = fixtures(&files);
         let text = std::fs::read_to_string(&paths[1]).unwrap();
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         let config = config_from_json(&json).unwrap();
         let weights = SafetensorsWeights::load(&paths[0], DType::F32, &Device::Cpu).unwrap();
         let calls = candle_core::safetensors::load(&paths[2], &Device::Cpu).unwrap();
-        Some(Recorded {
+        Recorded {
             name,
             config,
             weights,
             calls,
-        })
+        }
     }
 
     /// The recorded tensor `key`, as f32.
@@ -75,7 +76,7 @@ impl Recorded {
 fn recorded() -> Vec<Recorded> {
     ["tiny", "hop3200"]
         .into_iter()
-        .filter_map(Recorded::load)
+        .map(Recorded::load)
         .collect()
 }
 
@@ -182,9 +183,7 @@ fn semantic_encoder_matches_the_original_whole_and_streaming() {
 
 #[test]
 fn connectors_match_the_original() {
-    let Some(r) = Recorded::load("tiny") else {
-        return;
-    };
+    let r = Recorded::load("tiny");
     let hidden = r.config.head.hidden_size;
     for (which, dim) in [
         ("acoustic", r.config.acoustic.vae_dim),
@@ -205,9 +204,7 @@ fn connectors_match_the_original() {
 
 #[test]
 fn prediction_head_matches_the_original() {
-    let Some(r) = Recorded::load("tiny") else {
-        return;
-    };
+    let r = Recorded::load("tiny");
     let head = PredictionHead::new(&r.config.head, &r.scope("model.prediction_head")).unwrap();
     // The unnumbered call and any numbered ones (prediction_head.{k}.…).
     let mut prefixes = vec!["prediction_head".to_string()];
@@ -230,9 +227,7 @@ fn prediction_head_matches_the_original() {
 
 #[test]
 fn sampler_matches_the_original_schedule_and_steps() {
-    let Some(paths) = fixtures(&["scheduler.safetensors".to_string()]) else {
-        return;
-    };
+    let paths = fixtures(&["scheduler.safetensors".to_string()]);
     let steps = candle_core::safetensors::load(&paths[0], &Device::Cpu).unwrap();
     let mut counts: Vec<usize> = steps
         .keys()
@@ -294,12 +289,8 @@ fn sampler_matches_the_original_schedule_and_steps() {
 /// at `speech_end` (after frame 1), both connectors; and the voice prompt's encoding.
 #[test]
 fn generation_frames_match_the_original() {
-    let Some(r) = Recorded::load("tiny") else {
-        return;
-    };
-    let Some(paths) = fixtures(&["tiny.generation.safetensors".to_string()]) else {
-        return;
-    };
+    let r = Recorded::load("tiny");
+    let paths = fixtures(&["tiny.generation.safetensors".to_string()]);
     let run = candle_core::safetensors::load(&paths[0], &Device::Cpu).unwrap();
     let get = |key: &str| {
         run.get(key)

@@ -284,6 +284,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Forgets a lane's positions from `position` on (a pass computed speculatively and not
+    /// kept: the cache is positional, so the next pass overwrites them).
+    pub fn truncate_lane(&mut self, lane: LaneId, position: usize) -> Result<()> {
+        let held = self.lane(lane)?.position;
+        if position > held {
+            bail!("lane {lane} holds {held} positions, it cannot be cut to {position}");
+        }
+        self.lanes[lane].position = position;
+        Ok(())
+    }
+
     /// Positions a lane holds.
     pub fn lane_position(&self, lane: LaneId) -> Result<usize> {
         Ok(self.lane(lane)?.position)

@@ -1,0 +1,265 @@
+//! The whole generation loop against the original's: the tiny reference model's recorded run
+//! (`tests/fixtures/speech/tiny.generation.safetensors`, a forced D,D,E,S,D,D,EOS schedule
+//! that exercises both cache resets) replayed with its noise, through our engine's two lanes
+//! and the speech components, on the CPU in f32.
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use vibeoffload::checkpoint::ModelInfo;
+use vibeoffload::engine::{Engine, EngineOptions};
+use vibeoffload::generate::{self, Noise, Options, SpeechModel, VoiceLatents};
+use vibeoffload::speech::{config_from_json, SafetensorsWeights};
+use vibeoffload::text::SpecialTokens;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/speech")
+        .join(name)
+}
+
+/// max |a - b| / max |b|.
+fn relative(a: &Tensor, b: &Tensor) -> f32 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    worst / scale
+}
+
+struct Reference {
+    run: HashMap<String, Tensor>,
+}
+
+impl Reference {
+    fn get(&self, key: &str) -> Tensor {
+        self.run
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} in the generation fixture"))
+            .clone()
+    }
+
+    fn id(&self, key: &str) -> u32 {
+        self.get(key)
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_scalar::<i64>()
+            .unwrap() as u32
+    }
+
+    fn ids(&self, key: &str) -> Vec<u32> {
+        let t = self
+            .get(key)
+            .to_dtype(DType::I64)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        t.to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as u32)
+            .collect()
+    }
+}
+
+/// The tiny model as a checkpoint folder our engine opens: its weights and its config.json.
+fn tiny_checkpoint(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.safetensors");
+    std::fs::copy(fixture("tiny.safetensors"), &path).unwrap();
+    std::fs::copy(fixture("tiny.config.json"), dir.join("config.json")).unwrap();
+    path
+}
+
+#[test]
+fn a_whole_generation_matches_the_original() {
+    let reference = Reference {
+        run: candle_core::safetensors::load(fixture("tiny.generation.safetensors"), &Device::Cpu)
+            .unwrap(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_checkpoint(dir.path());
+    let options = EngineOptions {
+        max_seq_len: 256,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny.config.json")).unwrap())
+            .unwrap();
+    let config = config_from_json(&json).unwrap();
+    let weights = SafetensorsWeights::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let speech = SpeechModel::load(&weights, &config, 64, &Device::Cpu, DType::F32).unwrap();
+    let special = SpecialTokens {
+        speech_start: reference.id("speech_start_id"),
+        speech_end: reference.id("speech_end_id"),
+        speech_diffusion: reference.id("speech_diffusion_id"),
+        eos: reference.id("eos_token_id"),
+    };
+
+    // The voice prompt: the acoustic encoder's mean through the connector.
+    let audio: Vec<f32> = reference
+        .get("voice_audio")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let voice = speech.encode_voice(&audio, VoiceLatents::Mean).unwrap();
+    let err = relative(&voice, &reference.get("voice_embeds"));
+    assert!(err <= 1e-5, "voice embeddings: {err}");
+
+    let ids = reference.ids("input_ids");
+    let mask: Vec<bool> = reference
+        .ids("speech_input_mask")
+        .iter()
+        .map(|&m| m != 0)
+        .collect();
+    let prompt = generate::prompt_embeddings(&engine, &ids, &mask, &[voice]).unwrap();
+    let recorded_prompt = reference.get("pos.inputs_embeds").squeeze(0).unwrap();
+    let err = relative(&prompt, &recorded_prompt.narrow(0, 0, ids.len()).unwrap());
+    assert!(err <= 1e-5, "prompt embeddings: {err}");
+
+    let noise = reference
+        .get("noise")
+        .narrow(1, 0, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let forced = reference.ids("tokens");
+    let options = Options {
+        cfg_scale: reference.get("cfg_scale").to_scalar::<f32>().unwrap() as f64,
+        steps: reference.id("ddpm_steps") as usize,
+        max_frames: None,
+        forced: Some(forced.clone()),
+    };
+    let mut samples = Vec::new();
+    let outcome = generate::generate(
+        &mut engine,
+        &speech,
+        special,
+        &prompt,
+        &options,
+        &mut Noise::Recorded(noise),
+        &mut |chunk| {
+            samples.extend_from_slice(chunk);
+            Ok(())
+        },
+    )
+    .unwrap();
+
+    assert_eq!(outcome.tokens, forced);
+    // The language model's own choices, from the logits of the four speech tokens.
+    let logits = reference.get("logits");
+    let valid = special.all();
+    for (step, ours) in outcome.logits.iter().enumerate() {
+        let theirs: Vec<f32> = valid
+            .iter()
+            .map(|&id| {
+                logits
+                    .get(step)
+                    .unwrap()
+                    .get(id as usize)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            })
+            .collect();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "step {step} logits {ours:?} vs {theirs:?}"
+            );
+        }
+    }
+    let conditions = Tensor::stack(&outcome.conditions, 0).unwrap();
+    let err = relative(&conditions, &reference.get("conditions"));
+    assert!(err <= 1e-5, "conditions: {err}");
+    let latents = Tensor::stack(&outcome.latents, 0).unwrap();
+    let err = relative(&latents, &reference.get("latents"));
+    assert!(err <= 1e-4, "latents: {err}");
+    let audio = Tensor::new(samples.as_slice(), &Device::Cpu).unwrap();
+    let theirs = reference.get("audio").flatten_all().unwrap();
+    assert_eq!(outcome.samples, theirs.dim(0).unwrap());
+    let err = relative(&audio, &theirs);
+    assert!(err <= 1e-4, "audio: {err}");
+}
+
+/// Streamed layers change no bit of the loop: every latent and sample equal with the
+/// language model resident and with one of its two layers streamed.
+#[test]
+fn streamed_generation_is_bit_identical_to_resident() {
+    let reference = Reference {
+        run: candle_core::safetensors::load(fixture("tiny.generation.safetensors"), &Device::Cpu)
+            .unwrap(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_checkpoint(dir.path());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny.config.json")).unwrap())
+            .unwrap();
+    let config = config_from_json(&json).unwrap();
+    let weights = SafetensorsWeights::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let speech = SpeechModel::load(&weights, &config, 64, &Device::Cpu, DType::F32).unwrap();
+    let special = SpecialTokens {
+        speech_start: reference.id("speech_start_id"),
+        speech_end: reference.id("speech_end_id"),
+        speech_diffusion: reference.id("speech_diffusion_id"),
+        eos: reference.id("eos_token_id"),
+    };
+    let ids = reference.ids("input_ids");
+    let mask: Vec<bool> = reference
+        .ids("speech_input_mask")
+        .iter()
+        .map(|&m| m != 0)
+        .collect();
+    let audio: Vec<f32> = reference
+        .get("voice_audio")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let run = |gpu_layers: usize| {
+        let options = EngineOptions {
+            gpu_layers,
+            max_seq_len: 256,
+            ..EngineOptions::default()
+        };
+        let mut engine =
+            Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+        let voice = speech.encode_voice(&audio, VoiceLatents::Mean).unwrap();
+        let prompt = generate::prompt_embeddings(&engine, &ids, &mask, &[voice]).unwrap();
+        let options = Options {
+            cfg_scale: 1.3,
+            steps: 5,
+            max_frames: Some(6),
+            forced: None,
+        };
+        let mut samples = Vec::new();
+        let outcome = generate::generate(
+            &mut engine,
+            &speech,
+            special,
+            &prompt,
+            &options,
+            &mut Noise::Seeded(vibeoffload::rng::Rng::new(3)),
+            &mut |chunk| {
+                samples.extend_from_slice(chunk);
+                Ok(())
+            },
+        )
+        .unwrap();
+        (outcome.tokens, samples)
+    };
+    let (resident_tokens, resident) = run(2);
+    let (streamed_tokens, streamed) = run(1);
+    assert_eq!(resident_tokens, streamed_tokens);
+    assert!(
+        !resident.is_empty(),
+        "the loop produced no audio: {resident_tokens:?}"
+    );
+    assert!(resident == streamed, "streamed audio differs from resident");
+}
