@@ -617,6 +617,103 @@ fn config_json_that_disagrees_names_the_tensor() {
 }
 
 #[test]
+fn inspect_lists_every_speech_component_with_its_parameters() {
+    let (dir, _) = tiny(&["--hidden", "64", "--heads", "4"]);
+    let r: InspectReport =
+        serde_json::from_str(&ok(dir.path(), &["inspect", "m.safetensors", "--json"])).unwrap();
+    let names: Vec<&str> = r.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "embeddings",
+            "final_norm",
+            "lm_head",
+            "acoustic_encoder",
+            "acoustic_decoder",
+            "semantic_encoder",
+            "acoustic_connector",
+            "semantic_connector",
+            "prediction_head",
+            "scalars",
+            "other"
+        ]
+    );
+    let group = |n: &str| r.groups.iter().find(|g| g.name == n).unwrap();
+    // The small tokenizers (4 filters, ratios [2, 2], one block per stage, latent 8) and a
+    // two-layer head around hidden 64, counted by hand from the original's modules.
+    let block = |c: u64| 4 * c + 7 * c + c + 2 * (4 * c * c) + 4 * c + c;
+    let encoder =
+        (4 * 7 + 4) + (8 * 4 * 4 + 8) + (16 * 8 * 4 + 16) + block(4) + block(8) + block(16);
+    assert_eq!(group("acoustic_encoder").params, encoder + 8 * 16 * 7 + 8);
+    assert_eq!(group("semantic_encoder").params, encoder + 6 * 16 * 7 + 6);
+    let decoder =
+        (16 * 8 * 7 + 16) + (16 * 8 * 4 + 8) + (8 * 4 * 4 + 4) + block(16) + block(8) + block(4);
+    assert_eq!(group("acoustic_decoder").params, decoder + 4 * 7 + 1);
+    assert_eq!(
+        group("acoustic_connector").params,
+        64 * 8 + 64 + 64 + 64 * 64 + 64
+    );
+    let layer = 3 * 192 * 64 + 64 + 3 * 64 * 64;
+    let head = 64 * 8 + 64 * 64 + 64 * 256 + 64 * 64 + 2 * layer + 8 * 64 + 2 * 64 * 64;
+    assert_eq!(group("prediction_head").params, head);
+    assert_eq!((group("scalars").tensors, group("scalars").params), (2, 2));
+    let speech = r.model.speech.expect("a VibeVoice checkpoint");
+    assert_eq!(speech.acoustic.encoder.hop(), 4);
+    let text = ok(dir.path(), &["inspect", "m.safetensors"]);
+    assert!(
+        text.contains("acoustic_decoder") && text.contains("speech: acoustic latent 8, hop 4"),
+        "{text}"
+    );
+}
+
+#[test]
+fn speech_components_that_disagree_with_the_configuration_name_the_tensor_and_file() {
+    // Heads of 128 so that the shapes tell the configuration once config.json is gone.
+    let (dir, path) = tiny(&["--hidden", "256", "--heads", "2", "--kv-heads", "1"]);
+    let gamma = "model.acoustic_tokenizer.decoder.stages.1.0.gamma";
+    rewrite_header(&path, |h| {
+        h.remove(gamma);
+    });
+    fails(
+        dir.path(),
+        &["inspect", "m.safetensors"],
+        1,
+        &[gamma, "m.safetensors", "config.json"],
+    );
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    fails(
+        dir.path(),
+        &["inspect", "m.safetensors"],
+        1,
+        &[gamma, "m.safetensors"],
+    );
+
+    let (dir, _) = tiny(&[]);
+    let cfg = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    json["diffusion_head_config"]["head_layers"] = serde_json::json!(3);
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    fails(
+        dir.path(),
+        &["inspect", "m.safetensors"],
+        1,
+        &["model.prediction_head.layers.2.", "config.json"],
+    );
+    json["diffusion_head_config"]["head_layers"] = serde_json::json!("2");
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    fails(
+        dir.path(),
+        &["--print-table", "--model-path", "m.safetensors"],
+        1,
+        &[
+            "\"diffusion_head_config.head_layers\" must be a non-negative integer",
+            "config.json",
+        ],
+    );
+}
+
+#[test]
 fn bad_command_lines_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

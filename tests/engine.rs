@@ -6,7 +6,7 @@ mod common;
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 use vibeoffload::arch::config::ModelConfig;
-use vibeoffload::arch::vibevoice::VibeVoiceParts;
+use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::ModelInfo;
@@ -33,7 +33,7 @@ fn config(tied: bool) -> ModelConfig {
 fn write_model(dir: &Path, precision: Precision, tied: bool) -> PathBuf {
     let config = config(tied);
     let spec = SynthSpec {
-        parts: VibeVoiceParts::small(&config),
+        speech: SpeechConfig::small(config.hidden_size),
         config,
         precision,
         seed: 42,

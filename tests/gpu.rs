@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use vibeoffload::arch::config::ModelConfig;
-use vibeoffload::arch::vibevoice::VibeVoiceParts;
+use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::ModelInfo;
@@ -107,7 +107,7 @@ fn config() -> ModelConfig {
 fn write_model(dir: &Path, precision: Precision) -> PathBuf {
     let config = config();
     let spec = SynthSpec {
-        parts: VibeVoiceParts::small(&config),
+        speech: SpeechConfig::small(config.hidden_size),
         config,
         precision,
         seed: 9,

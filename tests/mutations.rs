@@ -7,7 +7,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use vibeoffload::arch::config::ModelConfig;
-use vibeoffload::arch::vibevoice::VibeVoiceParts;
+use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::checkpoint::layout::Precision;
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::ModelInfo;
@@ -45,7 +45,7 @@ fn small_model(dir: &Path) -> Vec<u8> {
         tie_word_embeddings: false,
     };
     let spec = SynthSpec {
-        parts: VibeVoiceParts::small(&config),
+        speech: SpeechConfig::small(config.hidden_size),
         config,
         precision: Precision::Float8Plain,
         seed: 3,

@@ -1,7 +1,8 @@
 //! VibeVoice's speech components around the language model: the configuration of the
 //! convolutional tokenizers (acoustic encoder and decoder, semantic encoder) and of the
 //! diffusion head, as the original's `config.json` sub-configurations define them.
-//! Reading them from a file is `checkpoint::config`'s business; building them, `speech`'s.
+//! Reading them from a file is `checkpoint::speech_config`'s business; their tensors are
+//! [`super::tokenizer`]'s and [`super::head`]'s.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -14,8 +15,8 @@ pub struct ConvStack {
     /// Channels of the first encoder stage (last decoder stage).
     pub n_filters: usize,
     /// Strides in the order the stack applies them: the encoder reverses the configuration's
-    /// `encoder_ratios` ([2,2,4,5,5,8] for the real model), the decoder uses
-    /// `decoder_ratios` as written ([8,5,5,4,2,2]).
+    /// `encoder_ratios` (`[2, 2, 4, 5, 5, 8]` for the real model), the decoder uses
+    /// `decoder_ratios` as written (`[8, 5, 5, 4, 2, 2]`).
     pub ratios: Vec<usize>,
     /// Residual blocks per stage, `ratios.len() + 1` stages, in application order.
     pub depths: Vec<usize>,
@@ -219,6 +220,38 @@ impl SpeechConfig {
             acoustic: TokenizerConfig::real_acoustic(),
             semantic: TokenizerConfig::real_semantic(),
             head: DiffusionHeadConfig::real(hidden_size),
+        }
+    }
+
+    /// Small components for test models around a language model of width `hidden_size`:
+    /// tokenizers of hop 4 (ratios [2, 2], one block per stage, 4 filters), acoustic latents of
+    /// 8 and semantic features of 6, a two-layer head. A full-size model's structure, kilobytes
+    /// instead of gigabytes.
+    pub fn small(hidden_size: usize) -> SpeechConfig {
+        let stack = ConvStack {
+            n_filters: 4,
+            ratios: vec![2, 2],
+            depths: vec![1, 1, 1],
+        };
+        let acoustic = TokenizerConfig {
+            vae_dim: 8,
+            encoder: stack.clone(),
+            decoder: Some(stack),
+            ..TokenizerConfig::real_acoustic()
+        };
+        SpeechConfig {
+            semantic: TokenizerConfig {
+                vae_dim: 6,
+                decoder: None,
+                fix_std: 0.0,
+                ..acoustic.clone()
+            },
+            acoustic,
+            head: DiffusionHeadConfig {
+                head_layers: 2,
+                latent_size: 8,
+                ..DiffusionHeadConfig::real(hidden_size)
+            },
         }
     }
 

@@ -1,4 +1,5 @@
-//! Reading a checkpoint's `config.json` into the model configuration.
+//! Reading a checkpoint's `config.json` into the language model's configuration (the speech
+//! components': `speech_config`).
 
 use crate::arch::config::ModelConfig;
 use anyhow::{anyhow, Context, Result};
@@ -8,10 +9,13 @@ impl ModelConfig {
     /// Parses a VibeVoice `config.json` (decoder settings under `decoder_config`) or a plain
     /// Qwen2 one (settings at the top level).
     pub fn from_config_json(text: &str, path: &Path) -> Result<ModelConfig> {
+        ModelConfig::from_config_value(&parse_config_json(text, path)?, path)
+    }
+
+    /// Like [`ModelConfig::from_config_json`], from the parsed file.
+    pub fn from_config_value(value: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
         let shown = path.display();
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| anyhow!("{shown} is not valid JSON: {e}"))?;
-        let decoder = value.get("decoder_config").unwrap_or(&value);
+        let decoder = value.get("decoder_config").unwrap_or(value);
         let get = |key: &str| -> Result<usize> {
             let v = decoder
                 .get(key)
@@ -65,6 +69,11 @@ impl ModelConfig {
         config.validate().with_context(|| format!("in {shown}"))?;
         Ok(config)
     }
+}
+
+/// Parses `config.json`'s text, naming the file when it is not JSON.
+pub fn parse_config_json(text: &str, path: &Path) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| anyhow!("{} is not valid JSON: {e}", path.display()))
 }
 
 #[cfg(test)]

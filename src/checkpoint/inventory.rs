@@ -7,7 +7,7 @@ use super::layout;
 use super::scales::{scale_names, summarize_scales, ScaleSummary};
 use crate::arch::config::ModelConfig;
 use crate::arch::qwen2::LayerTensor;
-use crate::arch::vibevoice::LM_PREFIX;
+use crate::arch::vibevoice::{Component, SpeechFactor, LM_PREFIX};
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -33,8 +33,7 @@ impl LayoutKind {
 }
 
 /// The part of the model a tensor belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Part {
     /// A decoder layer.
     Layer(usize),
@@ -44,31 +43,27 @@ pub enum Part {
     FinalNorm,
     /// Output projection (absent when tied to the embedding).
     LmHead,
-    /// Diffusion head.
-    PredictionHead,
-    /// Acoustic connector.
-    AcousticConnector,
-    /// Semantic connector.
-    SemanticConnector,
-    /// Acoustic tokenizer (encoder and decoder).
-    AcousticTokenizer,
-    /// Semantic tokenizer (encoder).
-    SemanticTokenizer,
-    /// Anything else (scalar factors, markers, unknown tensors).
+    /// A speech component (tokenizer encoders and decoder, connectors, diffusion head).
+    Speech(Component),
+    /// The two 0-d speech factors.
+    Scalars,
+    /// Anything else (markers, unknown tensors).
     Other,
 }
 
 impl Part {
     /// The non-layer parts, in the order they are listed.
-    pub const GROUPS: [Part; 9] = [
+    pub const GROUPS: [Part; 11] = [
         Part::Embeddings,
         Part::FinalNorm,
         Part::LmHead,
-        Part::PredictionHead,
-        Part::AcousticConnector,
-        Part::SemanticConnector,
-        Part::AcousticTokenizer,
-        Part::SemanticTokenizer,
+        Part::Speech(Component::AcousticEncoder),
+        Part::Speech(Component::AcousticDecoder),
+        Part::Speech(Component::SemanticEncoder),
+        Part::Speech(Component::AcousticConnector),
+        Part::Speech(Component::SemanticConnector),
+        Part::Speech(Component::PredictionHead),
+        Part::Scalars,
         Part::Other,
     ];
 
@@ -79,11 +74,8 @@ impl Part {
             Part::Embeddings => "embeddings",
             Part::FinalNorm => "final_norm",
             Part::LmHead => "lm_head",
-            Part::PredictionHead => "prediction_head",
-            Part::AcousticConnector => "acoustic_connector",
-            Part::SemanticConnector => "semantic_connector",
-            Part::AcousticTokenizer => "acoustic_tokenizer",
-            Part::SemanticTokenizer => "semantic_tokenizer",
+            Part::Speech(c) => c.name(),
+            Part::Scalars => "scalars",
             Part::Other => "other",
         }
     }
@@ -324,18 +316,13 @@ fn classify(name: &str, lm_prefix: &str) -> Result<Part> {
             _ => {}
         }
     }
-    let prefixed = [
-        ("lm_head.", Part::LmHead),
-        ("model.prediction_head.", Part::PredictionHead),
-        ("model.acoustic_connector.", Part::AcousticConnector),
-        ("model.semantic_connector.", Part::SemanticConnector),
-        ("model.acoustic_tokenizer.", Part::AcousticTokenizer),
-        ("model.semantic_tokenizer.", Part::SemanticTokenizer),
-    ];
-    Ok(prefixed
-        .into_iter()
-        .find(|(p, _)| name.starts_with(p))
-        .map_or(Part::Other, |(_, part)| part))
+    if name.starts_with("lm_head.") {
+        return Ok(Part::LmHead);
+    }
+    if SpeechFactor::ALL.iter().any(|f| f.name() == name) {
+        return Ok(Part::Scalars);
+    }
+    Ok(Component::of(name).map_or(Part::Other, Part::Speech))
 }
 
 /// The layer index `index` of tensor `name`: plain decimal digits without leading zeros, below
@@ -416,7 +403,7 @@ fn check_layers(tensors: &[(TensorInfo, Part)], prefix: &str) -> Result<Vec<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::vibevoice::VibeVoiceParts;
+    use crate::arch::speech::SpeechConfig;
     use crate::checkpoint::layout::{self, Precision, ScaleConvention, ScaleGranularity};
     use crate::checkpoint::scales::{layer_entry, LayerEntry};
     use crate::dtype::DType;
@@ -427,7 +414,8 @@ mod tests {
             num_hidden_layers: 2,
             ..c
         };
-        layout::tensor_infos(layout::vibevoice(&c, &VibeVoiceParts::small(&c), precision))
+        let speech = SpeechConfig::small(c.hidden_size);
+        layout::tensor_infos(layout::vibevoice(&c, &speech, precision))
     }
 
     fn error(tensors: Vec<TensorInfo>) -> String {

@@ -5,8 +5,9 @@
 
 use super::header::TensorInfo;
 use crate::arch::config::ModelConfig;
-use crate::arch::vibevoice::{self, VibeVoiceParts};
-use crate::arch::Role;
+use crate::arch::speech::SpeechConfig;
+use crate::arch::vibevoice;
+use crate::arch::{Role, TensorDef};
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
 
@@ -65,7 +66,9 @@ pub enum ScaleGranularity {
 pub enum Precision {
     /// Every floating tensor F8_E4M3 with no scales, as the fork's converter writes it.
     Float8Plain,
-    /// Linear weights F8_E4M3 with f32 scales, every other tensor BF16.
+    /// Linear weights F8_E4M3 with f32 scales, every other tensor BF16: convolution weights
+    /// too, as converters that scale quantize `nn.Linear` only (and the scale summary reads
+    /// scales of matrices only).
     Float8Scaled(ScaleConvention, ScaleGranularity),
     /// Every tensor BF16.
     BF16,
@@ -74,10 +77,10 @@ pub enum Precision {
 /// The full tensor list of a VibeVoice checkpoint in `precision`, in file order.
 pub fn vibevoice(
     config: &ModelConfig,
-    parts: &VibeVoiceParts,
+    speech: &SpeechConfig,
     precision: Precision,
 ) -> Vec<TensorSpec> {
-    store(vibevoice::tensors(config, parts), precision)
+    store(vibevoice::tensors(config, speech), precision)
 }
 
 /// Header entries for `specs` stored back to back in this order, as a file would hold them.
@@ -120,7 +123,7 @@ pub fn packed_layout<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> (
 }
 
 /// Applies a precision: picks each tensor's dtype and adds scale tensors after their weights.
-fn store(logical: Vec<(String, Vec<u64>, Role)>, precision: Precision) -> Vec<TensorSpec> {
+fn store(logical: Vec<TensorDef>, precision: Precision) -> Vec<TensorSpec> {
     let mut out = Vec::with_capacity(logical.len() * 2);
     if let Precision::Float8Scaled(ScaleConvention::ScaleWeight, _) = precision {
         out.push(TensorSpec {
@@ -130,7 +133,7 @@ fn store(logical: Vec<(String, Vec<u64>, Role)>, precision: Precision) -> Vec<Te
             role: Role::Marker,
         });
     }
-    for (name, shape, role) in logical {
+    for TensorDef { name, shape, role } in logical {
         match precision {
             Precision::Float8Plain => out.push(TensorSpec {
                 name,
@@ -207,22 +210,26 @@ mod tests {
     #[test]
     fn seven_b_float8_layer_bytes() {
         let c = BuiltinModel::Large7b.config();
-        let specs = vibevoice(&c, &VibeVoiceParts::real(&c), Precision::Float8Plain);
+        let specs = vibevoice(
+            &c,
+            &SpeechConfig::real(c.hidden_size),
+            Precision::Float8Plain,
+        );
         assert_eq!(layer_bytes(&specs, 0), 233_057_792);
         assert_eq!(layer_bytes(&specs, 27), 233_057_792);
         let total: u64 = specs.iter().map(|s| s.size_bytes()).sum();
-        // About 9.3 GB: the fork's float8 file is 9-10 GB.
-        assert!((9_000_000_000..10_000_000_000).contains(&total), "{total}");
+        // One byte per parameter: 9.343 B, the fork's 9.3 GB float8 file.
+        assert_eq!(total, 9_343_355_363);
     }
 
     #[test]
     fn scaled_layout_adds_one_scale_per_linear_weight() {
         let c = BuiltinModel::Small1_5b.config();
-        let parts = VibeVoiceParts::small(&c);
-        let plain = vibevoice(&c, &parts, Precision::Float8Plain);
+        let speech = SpeechConfig::small(c.hidden_size);
+        let plain = vibevoice(&c, &speech, Precision::Float8Plain);
         let scaled = vibevoice(
             &c,
-            &parts,
+            &speech,
             Precision::Float8Scaled(ScaleConvention::WeightScale, ScaleGranularity::PerChannel),
         );
         let linear = plain.iter().filter(|s| s.role == Role::Linear).count();
@@ -236,5 +243,10 @@ mod tests {
             !plain.iter().any(|s| s.name == "lm_head.weight"),
             "1.5B ties its LM head"
         );
+        // Convolutions and vectors stay bf16 beside the scaled linears.
+        for s in &scaled {
+            let float8 = s.dtype == DType::F8E4M3;
+            assert_eq!(float8, s.role == Role::Linear, "{}", s.name);
+        }
     }
 }

@@ -1,19 +1,21 @@
 //! Checkpoints: the mapped file and its header, the inventory of what it holds, the model
 //! configuration, the built-in layouts, and the synthesizer that writes test checkpoints.
 
+pub mod components;
 pub mod config;
 pub mod header;
 pub mod inventory;
 pub mod layout;
 pub mod scales;
+pub mod speech_config;
 pub mod summary;
 pub mod synth;
 
 use crate::arch::config::{BuiltinModel, ModelConfig};
-use crate::arch::vibevoice::VibeVoiceParts;
+use crate::arch::speech::SpeechConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use header::{Header, TensorInfo};
-use inventory::Inventory;
+use inventory::{Inventory, LayoutKind};
 use layout::Precision;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -151,6 +153,8 @@ pub struct ModelInfo {
     pub source: String,
     /// The decoder configuration.
     pub config: ModelConfig,
+    /// The speech components' configuration (`None` for a bare Qwen2 checkpoint).
+    pub speech: Option<SpeechConfig>,
     /// Where the configuration came from.
     pub config_source: ConfigSource,
     /// What the checkpoint holds.
@@ -163,7 +167,8 @@ impl ModelInfo {
     /// A built-in model laid out exactly as `synth` would write it.
     pub fn builtin(model: BuiltinModel, dtype: CheckpointDtype) -> ModelInfo {
         let config = model.config();
-        let specs = layout::vibevoice(&config, &VibeVoiceParts::real(&config), dtype.precision());
+        let speech = SpeechConfig::real(config.hidden_size);
+        let specs = layout::vibevoice(&config, &speech, dtype.precision());
         let tensors = layout::tensor_infos(specs);
         let inventory = Inventory::new(tensors).expect("built-in layouts are consistent");
         let dtype_name = match dtype {
@@ -173,6 +178,7 @@ impl ModelInfo {
         ModelInfo {
             source: format!("built-in {} {dtype_name}", model.name()),
             config,
+            speech: Some(speech),
             config_source: ConfigSource::Builtin,
             inventory,
             checkpoint: None,
@@ -200,22 +206,49 @@ impl ModelInfo {
         if config_exists {
             crate::output::record_input(&config_path);
         }
-        let (config, config_source) = if config_exists {
+        let json = if config_exists {
             let text = std::fs::read_to_string(&config_path)
                 .with_context(|| format!("cannot read {}", config_path.display()))?;
-            (
-                ModelConfig::from_config_json(&text, &config_path)?,
-                ConfigSource::ConfigJson,
-            )
+            Some(config::parse_config_json(&text, &config_path)?)
         } else {
-            (
+            None
+        };
+        let (config, config_source) = match &json {
+            Some(json) => (
+                ModelConfig::from_config_value(json, &config_path)?,
+                ConfigSource::ConfigJson,
+            ),
+            None => (
                 inventory
                     .infer_config()
                     .with_context(|| format!("in {shown}"))?,
                 ConfigSource::TensorShapes,
-            )
+            ),
         };
-        if let Err(e) = inventory.check_config(&config) {
+        let hidden = config.hidden_size;
+        let speech = match (inventory.layout, &json) {
+            (LayoutKind::Qwen2, _) => None,
+            (LayoutKind::Vibevoice, Some(json)) => {
+                Some(SpeechConfig::from_config_value(json, hidden, &config_path)?)
+            }
+            (LayoutKind::Vibevoice, None) => {
+                let inferred = inventory.infer_speech(hidden);
+                inferred.validate(hidden).with_context(|| {
+                    format!(
+                        "in {shown}: cannot infer the speech components from the shapes; put \
+                         the model's config.json beside the checkpoint"
+                    )
+                })?;
+                Some(inferred)
+            }
+        };
+        let checked = inventory
+            .check_config(&config)
+            .and_then(|()| match &speech {
+                Some(speech) => inventory.check_speech(hidden, speech),
+                None => Ok(()),
+            });
+        if let Err(e) = checked {
             match config_source {
                 ConfigSource::ConfigJson => {
                     bail!("{shown} does not match {}: {e:#}", config_path.display())
@@ -226,6 +259,7 @@ impl ModelInfo {
         Ok(ModelInfo {
             source: shown.to_string(),
             config,
+            speech,
             config_source,
             inventory,
             checkpoint: Some(checkpoint),

@@ -39,6 +39,16 @@ pub fn scale_names(weight: &str) -> impl Iterator<Item = String> + '_ {
     SCALE_SUFFIXES.iter().map(move |s| format!("{stem}{s}"))
 }
 
+/// Whether `name` is a float8 scale, an activation scale or the `scaled_fp8` marker: storage
+/// a precision adds, not a tensor of the model.
+pub fn is_scale_tensor(name: &str) -> bool {
+    name == "scaled_fp8"
+        || SCALE_SUFFIXES
+            .iter()
+            .chain(&INPUT_SCALE_SUFFIXES)
+            .any(|s| name.strip_suffix(s).is_some_and(|stem| stem.ends_with('.')))
+}
+
 /// What a decoder layer's tensor is, by its name relative to `layers.{i}.`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerEntry {

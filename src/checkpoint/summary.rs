@@ -1,6 +1,7 @@
 //! The short description of a model that every report carries.
 
 use crate::arch::config::ModelConfig;
+use crate::arch::speech::SpeechConfig;
 use crate::checkpoint::inventory::LayoutKind;
 use crate::checkpoint::{ConfigSource, ModelInfo};
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,9 @@ pub struct ModelSummary {
     pub config_source: ConfigSource,
     /// Decoder configuration.
     pub config: ModelConfig,
+    /// The speech components' configuration (absent for a bare Qwen2, and in older reports).
+    #[serde(default)]
+    pub speech: Option<SpeechConfig>,
     /// Decoder layers.
     pub layers: usize,
     /// Bytes of the largest decoder layer.
@@ -32,6 +36,7 @@ impl ModelSummary {
             layout: model.inventory.layout,
             config_source: model.config_source.clone(),
             config: model.config.clone(),
+            speech: model.speech.clone(),
             layers: model.inventory.num_layers(),
             layer_bytes: model
                 .inventory

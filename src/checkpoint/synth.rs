@@ -5,7 +5,7 @@
 use super::header;
 use super::layout::{self, Precision, TensorSpec};
 use crate::arch::config::ModelConfig;
-use crate::arch::vibevoice::VibeVoiceParts;
+use crate::arch::speech::SpeechConfig;
 use crate::arch::Role;
 use crate::dtype::{f32_to_bf16_bits, f32_to_f8e4m3, DType, F8E4M3_MAX};
 use crate::output::Output;
@@ -23,8 +23,8 @@ use std::time::Instant;
 pub struct SynthSpec {
     /// Decoder configuration.
     pub config: ModelConfig,
-    /// Sizes of the parts around the decoder.
-    pub parts: VibeVoiceParts,
+    /// The speech components around the decoder.
+    pub speech: SpeechConfig,
     /// How weights are stored.
     pub precision: Precision,
     /// Seed: the same seed gives the same bytes.
@@ -33,7 +33,8 @@ pub struct SynthSpec {
 
 impl SynthSpec {
     /// The small model `run` synthesizes when given no checkpoint: 8 float8 layers, hidden
-    /// 256, grouped-query attention; small enough to run on a CPU at once.
+    /// 256, grouped-query attention, small speech components ([`SpeechConfig::small`]); small
+    /// enough to run on a CPU at once.
     pub fn embedded() -> SynthSpec {
         let config = ModelConfig {
             hidden_size: 256,
@@ -48,7 +49,7 @@ impl SynthSpec {
             tie_word_embeddings: false,
         };
         SynthSpec {
-            parts: VibeVoiceParts::small(&config),
+            speech: SpeechConfig::small(config.hidden_size),
             config,
             precision: Precision::Float8Plain,
             seed: 0,
@@ -76,8 +77,14 @@ pub struct SynthReport {
     pub seconds: f64,
 }
 
-/// Standard deviation of synthetic weights: about what trained Qwen2 matrices have.
+/// Standard deviation of synthetic weights: about what trained Qwen2 matrices have. The
+/// diffusion head's adaLN and final projections get it too (training starts them at zero,
+/// which would make the head's output zero whatever its input).
 const WEIGHT_STD: f32 = 0.02;
+/// Mean and spread of the tokenizer blocks' layer scales (`gamma`): far from the 1e-6 they
+/// start at in training, so that every block changes its input.
+const LAYER_SCALE_MEAN: f32 = 0.1;
+const LAYER_SCALE_STD: f32 = 0.05;
 /// Standard deviation of float8 codes in scaled checkpoints: uses the format's range.
 const SCALED_CODE_STD: f32 = F8E4M3_MAX / 4.0;
 const CHUNK_BYTES: usize = 4 << 20;
@@ -92,6 +99,7 @@ pub fn write(
 ) -> Result<SynthReport> {
     let started = Instant::now();
     spec.config.validate()?;
+    spec.speech.validate(spec.config.hidden_size)?;
     let config_path = out.with_file_name("config.json");
     let dir = crate::output::parent_dir(out);
     if !dir.is_dir() {
@@ -121,7 +129,7 @@ pub fn write(
         refuse_shared_config(out, &config_path, &config_json)?;
     }
 
-    let specs = layout::vibevoice(&spec.config, &spec.parts, spec.precision);
+    let specs = layout::vibevoice(&spec.config, &spec.speech, spec.precision);
     let listed: Vec<(String, DType, Vec<u64>)> = specs
         .iter()
         .map(|s| (s.name.clone(), s.dtype, s.shape.clone()))
@@ -187,7 +195,6 @@ pub fn write(
     })
 }
 
-/// The VibeVoice-style `config.json` for a synthesized checkpoint.
 /// `config.json` describes every checkpoint in its directory: replacing it with a different one
 /// (`--force`) would silently break another checkpoint there.
 fn refuse_shared_config(out: &Path, config_path: &Path, new: &str) -> Result<()> {
@@ -220,17 +227,21 @@ fn refuse_shared_config(out: &Path, config_path: &Path, new: &str) -> Result<()>
     Ok(())
 }
 
+/// The original's `config.json` for a synthesized checkpoint: the language model under
+/// `decoder_config` and the speech components' three sub-configurations, so the original code
+/// builds exactly the modules the file holds.
 fn config_json(spec: &SynthSpec) -> serde_json::Value {
     let c = &spec.config;
     let torch_dtype = match spec.precision {
         Precision::BF16 => "bfloat16",
         _ => "float8_e4m3fn",
     };
-    serde_json::json!({
+    let mut root = serde_json::json!({
         "model_type": "vibevoice",
+        "architectures": ["VibeVoiceForConditionalGeneration"],
         "torch_dtype": torch_dtype,
-        "acoustic_vae_dim": spec.parts.acoustic_dim,
-        "semantic_vae_dim": spec.parts.semantic_dim,
+        "acoustic_vae_dim": spec.speech.acoustic.vae_dim,
+        "semantic_vae_dim": spec.speech.semantic.vae_dim,
         "tie_word_embeddings": c.tie_word_embeddings,
         "decoder_config": {
             "model_type": "qwen2",
@@ -245,14 +256,11 @@ fn config_json(spec: &SynthSpec) -> serde_json::Value {
             "rms_norm_eps": c.rms_norm_eps,
             "tie_word_embeddings": c.tie_word_embeddings,
         },
-        "diffusion_head_config": {
-            "hidden_size": c.hidden_size,
-            "head_layers": spec.parts.head_layers,
-            "head_ffn_ratio": spec.parts.head_ffn_dim as f64 / c.hidden_size as f64,
-            "latent_size": spec.parts.acoustic_dim,
-            "frequency_embedding_size": spec.parts.frequency_embedding_size,
-        },
-    })
+    });
+    if let Some(object) = root.as_object_mut() {
+        object.extend(spec.speech.to_config_json());
+    }
+    root
 }
 
 /// 65,536 pre-encoded samples per value distribution: each output element is one table entry
@@ -262,9 +270,11 @@ struct ValueTables {
     scaled: bool,
     weight_f8: Vec<u8>,
     norm_f8: Vec<u8>,
+    layer_scale_f8: Vec<u8>,
     scaled_f8: Vec<u8>,
     weight_bf16: Vec<u16>,
     norm_bf16: Vec<u16>,
+    layer_scale_bf16: Vec<u16>,
 }
 
 impl ValueTables {
@@ -277,16 +287,19 @@ impl ValueTables {
         };
         let weight = samples(0.0, WEIGHT_STD);
         let norm = samples(1.0, WEIGHT_STD);
+        let layer_scale = samples(LAYER_SCALE_MEAN, LAYER_SCALE_STD);
         ValueTables {
             scaled,
             weight_f8: weight.iter().map(|&x| f32_to_f8e4m3(x)).collect(),
             norm_f8: norm.iter().map(|&x| f32_to_f8e4m3(x)).collect(),
+            layer_scale_f8: layer_scale.iter().map(|&x| f32_to_f8e4m3(x)).collect(),
             scaled_f8: samples(0.0, SCALED_CODE_STD)
                 .iter()
                 .map(|&x| f32_to_f8e4m3(x))
                 .collect(),
             weight_bf16: weight.iter().map(|&x| f32_to_bf16_bits(x)).collect(),
             norm_bf16: norm.iter().map(|&x| f32_to_bf16_bits(x)).collect(),
+            layer_scale_bf16: layer_scale.iter().map(|&x| f32_to_bf16_bits(x)).collect(),
         }
     }
 
@@ -301,19 +314,25 @@ impl ValueTables {
                     out.extend_from_slice(&(WEIGHT_STD / SCALED_CODE_STD * jitter).to_le_bytes());
                 }
             }
+            // The speech factors hold their values (one element).
+            (DType::F8E4M3, Role::Factor(f)) => out.push(f32_to_f8e4m3(f.value())),
+            (DType::BF16, Role::Factor(f)) => {
+                out.extend_from_slice(&f32_to_bf16_bits(f.value()).to_le_bytes())
+            }
             (DType::F8E4M3, role) => {
                 let table = match role {
                     Role::Norm => &self.norm_f8,
+                    Role::LayerScale => &self.layer_scale_f8,
                     Role::Linear if self.scaled => &self.scaled_f8,
                     _ => &self.weight_f8,
                 };
                 fill_from(table, rng, n, out, |v, out| out.push(v));
             }
             (DType::BF16, role) => {
-                let table = if role == Role::Norm {
-                    &self.norm_bf16
-                } else {
-                    &self.weight_bf16
+                let table = match role {
+                    Role::Norm => &self.norm_bf16,
+                    Role::LayerScale => &self.layer_scale_bf16,
+                    _ => &self.weight_bf16,
                 };
                 fill_from(table, rng, n / 2, out, |v, out| {
                     out.extend_from_slice(&v.to_le_bytes())

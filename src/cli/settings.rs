@@ -8,7 +8,7 @@ use super::args::{
 };
 use anyhow::{bail, Result};
 use vibeoffload::arch::config::{BuiltinModel, ModelConfig};
-use vibeoffload::arch::vibevoice::VibeVoiceParts;
+use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::SynthSpec;
 use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
@@ -330,7 +330,7 @@ pub fn synth_spec(a: &SynthArgs) -> Result<SynthSpec> {
         a.head_dim,
         a.vocab,
     ];
-    let (config, parts) = match a.size {
+    let (config, speech) = match a.size {
         SizeArg::Builtin(_) if custom_flags.iter().any(Option::is_some) || a.tie_embeddings => {
             bail!(UsageError::new(
                 "--layers, --hidden, --intermediate, --heads, --kv-heads, --head-dim, --vocab and --tie-embeddings need --size custom"
@@ -338,8 +338,8 @@ pub fn synth_spec(a: &SynthArgs) -> Result<SynthSpec> {
         }
         SizeArg::Builtin(size) => {
             let config = BuiltinModel::from(size).config();
-            let parts = VibeVoiceParts::real(&config);
-            (config, parts)
+            let speech = SpeechConfig::real(config.hidden_size);
+            (config, speech)
         }
         SizeArg::Custom => {
             let hidden = a.hidden.unwrap_or(64);
@@ -359,8 +359,8 @@ pub fn synth_spec(a: &SynthArgs) -> Result<SynthSpec> {
             config
                 .validate()
                 .map_err(|e| UsageError::new(format!("synth --size custom: {e:#}")))?;
-            let parts = VibeVoiceParts::small(&config);
-            (config, parts)
+            let speech = SpeechConfig::small(config.hidden_size);
+            (config, speech)
         }
     };
     let precision = match (a.dtype, a.scale) {
@@ -383,7 +383,7 @@ pub fn synth_spec(a: &SynthArgs) -> Result<SynthSpec> {
     };
     Ok(SynthSpec {
         config,
-        parts,
+        speech,
         precision,
         seed: a.seed,
     })

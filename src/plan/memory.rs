@@ -203,11 +203,8 @@ mod tests {
         let c = BuiltinModel::Small1_5b.config();
         let precision =
             Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel);
-        let specs = layout::vibevoice(
-            &c,
-            &crate::arch::vibevoice::VibeVoiceParts::small(&c),
-            precision,
-        );
+        let speech = crate::arch::speech::SpeechConfig::small(c.hidden_size);
+        let specs = layout::vibevoice(&c, &speech, precision);
         let inventory = Inventory::new(layout::tensor_infos(specs)).unwrap();
         // Per layer: two norms of 1536 and the q/k/v biases (1536 + 256 + 256, held twice) in
         // bf16; per-channel scales for q, k, v, o, gate, up, down in f32.

@@ -6,6 +6,7 @@ pub mod budget;
 pub mod memory;
 pub mod presets;
 
+use crate::arch::vibevoice::Component;
 use crate::checkpoint::inventory::Part;
 use crate::checkpoint::ModelInfo;
 use crate::UsageError;
@@ -183,16 +184,15 @@ pub fn estimate(
     };
     let mut parts = vec![Part::FinalNorm, head];
     if options.scope == Scope::Full {
-        parts.extend([
-            Part::AcousticConnector,
-            Part::SemanticConnector,
-            Part::AcousticTokenizer,
-            Part::SemanticTokenizer,
-            Part::Other,
-        ]);
-        if !options.offload_prediction_head {
-            parts.push(Part::PredictionHead);
-        }
+        let offloaded =
+            |c: &Component| options.offload_prediction_head && *c == Component::PredictionHead;
+        parts.extend(
+            Component::ALL
+                .iter()
+                .filter(|c| !offloaded(c))
+                .map(|&c| Part::Speech(c)),
+        );
+        parts.extend([Part::Scalars, Part::Other]);
     }
     let non_layer_weights_bytes = parts.iter().map(|&p| inventory.part_bytes(p)).sum::<u64>()
         + memory::decoded_vector_bytes(inventory);

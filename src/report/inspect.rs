@@ -1,8 +1,9 @@
 //! `vibeoffload inspect`: what a checkpoint holds, from its header alone.
 
 use super::{snake, Columns, Render};
+use crate::checkpoint::header::TensorInfo;
 use crate::checkpoint::inventory::Part;
-use crate::checkpoint::scales::ScaleSummary;
+use crate::checkpoint::scales::{is_scale_tensor, ScaleSummary};
 use crate::checkpoint::summary::ModelSummary;
 use crate::checkpoint::ModelInfo;
 use crate::units::gib;
@@ -12,14 +13,26 @@ use std::collections::BTreeMap;
 /// One group of non-layer tensors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupRow {
-    /// `embeddings`, `lm_head`, ...
+    /// `embeddings`, `final_norm`, `lm_head`, `acoustic_encoder`, `acoustic_decoder`,
+    /// `semantic_encoder`, `acoustic_connector`, `semantic_connector`, `prediction_head`,
+    /// `scalars`, `other`.
     pub name: String,
-    /// Tensors.
+    /// Tensors (float8 scales included).
     pub tensors: usize,
-    /// Elements.
+    /// Parameters: elements of the model's tensors (float8 scales, which a precision adds,
+    /// are not counted).
     pub params: u64,
-    /// Bytes.
+    /// Bytes (float8 scales included).
     pub bytes: u64,
+}
+
+/// Parameters of `tensors`: their elements, float8 scales left out.
+fn params<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> u64 {
+    tensors
+        .into_iter()
+        .filter(|t| !is_scale_tensor(&t.name))
+        .map(TensorInfo::numel)
+        .sum()
 }
 
 /// One tensor of a decoder layer (the same in every layer).
@@ -51,10 +64,13 @@ pub struct InspectReport {
     pub header_bytes: u64,
     /// Tensors.
     pub tensors: usize,
-    /// Elements of all tensors.
+    /// Parameters of the whole model (float8 scales not counted).
     pub params: u64,
     /// Bytes of each decoder layer.
     pub layer_bytes: Vec<u64>,
+    /// Parameters of all decoder layers (older reports: 0).
+    #[serde(default)]
+    pub layers_params: u64,
     /// Bytes of all decoder layers.
     pub layers_total_bytes: u64,
     /// The tensors of one decoder layer.
@@ -86,7 +102,7 @@ impl InspectReport {
             .map(|&p| GroupRow {
                 name: p.name().into(),
                 tensors: inv.part_tensors(p).count(),
-                params: inv.part_tensors(p).map(|t| t.numel()).sum(),
+                params: params(inv.part_tensors(p)),
                 bytes: inv.part_bytes(p),
             })
             .collect();
@@ -105,7 +121,10 @@ impl InspectReport {
             file_bytes,
             header_bytes,
             tensors: inv.tensors.len(),
-            params: inv.tensors.iter().map(|(t, _)| t.numel()).sum(),
+            params: params(inv.tensors.iter().map(|(t, _)| t)),
+            layers_params: (0..inv.num_layers())
+                .map(|i| params(inv.part_tensors(Part::Layer(i))))
+                .sum(),
             layers_total_bytes: inv.layer_bytes.iter().sum(),
             layer_bytes: inv.layer_bytes.clone(),
             layer_tensors,
@@ -150,6 +169,27 @@ impl InspectReport {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         out.push_str(&format!("bytes by dtype: {}\n", dtypes.join(", ")));
+        if let Some(sp) = &m.speech {
+            let (a, se, h) = (&sp.acoustic, &sp.semantic, &sp.head);
+            out.push_str(&format!(
+                "speech: acoustic latent {}, hop {} (encoder ratios {:?}, depths {:?}, {} filters{}); \
+                 semantic features {} (ratios {:?}, depths {:?}); diffusion head {} layers, FFN {}\n",
+                a.vae_dim,
+                a.encoder.hop(),
+                a.encoder.ratios,
+                a.encoder.depths,
+                a.encoder.n_filters,
+                a.decoder.as_ref().map_or(String::new(), |d| format!(
+                    "; decoder ratios {:?}, depths {:?}",
+                    d.ratios, d.depths
+                )),
+                se.vae_dim,
+                se.encoder.ratios,
+                se.encoder.depths,
+                h.head_layers,
+                h.ffn_dim
+            ));
+        }
         out
     }
 }
@@ -162,11 +202,11 @@ struct TensorLine<'a> {
     bytes: u64,
 }
 
-/// A line of the parts table; the decoder layers' parameters are not counted.
+/// A line of the parts table.
 struct PartLine<'a> {
     name: &'a str,
     tensors: usize,
-    params: Option<u64>,
+    params: u64,
     bytes: u64,
 }
 
@@ -218,32 +258,35 @@ impl Render for InspectReport {
         let mut parts = vec![PartLine {
             name: "decoder layers",
             tensors: self.layer_tensors.len() * self.layer_bytes.len(),
-            params: None,
+            params: self.layers_params,
             bytes: self.layers_total_bytes,
         }];
+        let tied = m.config.tie_word_embeddings;
         parts.extend(
             self.groups
                 .iter()
-                .filter(|g| g.tensors > 0)
+                .filter(|g| g.tensors > 0 || (g.name == "lm_head" && tied))
                 .map(|g| PartLine {
-                    name: &g.name,
+                    name: if g.tensors == 0 {
+                        "lm_head (tied to embeddings)"
+                    } else {
+                        &g.name
+                    },
                     tensors: g.tensors,
-                    params: Some(g.params),
+                    params: g.params,
                     bytes: g.bytes,
                 }),
         );
         parts.push(PartLine {
             name: "total",
             tensors: self.tensors,
-            params: Some(self.params),
+            params: self.params,
             bytes: m.total_bytes,
         });
         let columns = Columns::<PartLine>::new()
             .left("part", |p| p.name.to_string())
             .right("tensors", |p| p.tensors.to_string())
-            .right("parameters", |p| {
-                p.params.map_or(String::new(), |n| n.to_string())
-            })
+            .right("parameters", |p| p.params.to_string())
             .right("bytes", |p| p.bytes.to_string())
             .right("GiB", |p| gib(p.bytes));
         out.push_str(&format!("\n{}\n", columns.table(&parts)));
