@@ -4,9 +4,9 @@
 //! ([`connector`]); the diffusion head ([`head`]) and its DPM-Solver++ sampler with
 //! classifier-free guidance ([`sampler`]). Weights come by checkpoint name through a
 //! [`WeightSource`]; each component takes a [`Scope`] so it loads standalone. Built from
-//! `arch::speech`'s configuration; [`config_from_json`] reads it from a `config.json`.
+//! `arch::speech`'s configuration (read from a `config.json` by `checkpoint::speech_config`).
 
-pub mod config;
+mod checkpoint;
 pub mod connector;
 mod conv;
 pub mod head;
@@ -15,7 +15,7 @@ pub mod sampler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::config_from_json;
+pub use checkpoint::CheckpointWeights;
 pub use connector::Connector;
 pub use head::{timestep_embedding, PredictionHead};
 pub use sampler::{sample_latent, DpmSolver, SolverRun};

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::arch::speech::{ConvStack, DiffusionHeadConfig, TokenizerConfig};
+use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
@@ -28,9 +29,8 @@ fn small_tokenizer() -> TokenizerConfig {
 }
 
 fn random_tensor(seed: u64, shape: &[usize]) -> Tensor {
-    let mut state = seed;
     let n = shape.iter().product();
-    Tensor::from_vec(weights::uniform(&mut state, n), shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(Rng::new(seed).uniforms(n), shape, &Device::Cpu).unwrap()
 }
 
 /// max |a - b| / max |b|.

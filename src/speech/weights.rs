@@ -5,6 +5,7 @@
 //! timings without a checkpoint). The checkpoint-backed source (float8 and bf16 decoding with
 //! scales) implements the same trait elsewhere.
 
+use crate::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -126,30 +127,10 @@ impl RandomWeights {
     }
 }
 
-/// SplitMix64: a small, good-enough generator for test weights.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// `n` values uniform in [-1, 1) from `state`.
-pub(crate) fn uniform(state: &mut u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| ((splitmix64(state) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        .collect()
-}
-
 impl WeightSource for RandomWeights {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        // FNV-1a of the name, mixed with the seed.
-        let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        }) ^ self.seed;
         let n: usize = shape.iter().product();
-        let values = uniform(&mut state, n);
+        let values = Rng::for_name(self.seed, name).uniforms(n);
         let values: Vec<f32> = if shape.len() == 1 {
             values.iter().map(|v| 1.0 + 0.5 * v).collect()
         } else {
