@@ -7,6 +7,7 @@ pub mod header;
 pub mod inventory;
 pub mod layout;
 pub mod scales;
+mod sharded;
 pub mod speech_config;
 pub mod summary;
 pub mod synth;
@@ -19,6 +20,7 @@ use inventory::{Inventory, LayoutKind};
 use layout::Precision;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -50,33 +52,38 @@ impl CheckpointDtype {
     }
 }
 
-/// Turns `--model-path` into a checkpoint file: a directory means the original's file name
-/// inside it, anything else is the file itself.
+/// Turns `--model-path` into a checkpoint: a directory means the original's file name inside
+/// it, else the Hugging Face layout's index (`model.safetensors.index.json`) or single
+/// `model.safetensors` where that file is absent; anything else is the file (or index) itself.
 pub fn resolve_path(model_path: &Path, dtype: CheckpointDtype) -> PathBuf {
-    if model_path.is_dir() {
-        model_path.join(dtype.file_name())
-    } else {
-        model_path.to_path_buf()
+    if !model_path.is_dir() {
+        return model_path.to_path_buf();
     }
+    let original = model_path.join(dtype.file_name());
+    if original.symlink_metadata().is_ok() {
+        return original;
+    }
+    [sharded::INDEX_NAME, "model.safetensors"]
+        .into_iter()
+        .map(|name| model_path.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or(original)
 }
 
-/// A safetensors file, memory-mapped, with its validated header. Reading it touches only the
-/// header; tensor data is paged in when [`Checkpoint::data`] is read.
-pub struct Checkpoint {
-    /// Where it was opened from.
-    pub path: PathBuf,
-    /// Its header.
-    pub header: Header,
-    /// File size in bytes.
-    pub file_bytes: u64,
+/// One safetensors file, memory-mapped, with its validated header.
+struct MappedFile {
+    path: PathBuf,
+    /// Where its data section starts.
+    data_offset: u64,
+    file_bytes: u64,
     /// Modification time when opened, to tell a file rewritten during a run.
     modified: Option<std::time::SystemTime>,
     mmap: Mmap,
 }
 
-impl Checkpoint {
+impl MappedFile {
     /// Maps the file and validates its header.
-    pub fn open(path: &Path) -> Result<Checkpoint> {
+    fn open(path: &Path) -> Result<(MappedFile, Header)> {
         let shown = path.display().to_string();
         // Opening a FIFO would block; a directory or a device is no checkpoint.
         if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
@@ -101,19 +108,17 @@ impl Checkpoint {
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {shown}"))?;
         crate::output::record_input(path);
         let header = header::parse(&mmap, file_bytes, &shown)?;
-        Ok(Checkpoint {
+        let file = MappedFile {
             path: path.to_path_buf(),
-            header,
+            data_offset: header.data_offset(),
             file_bytes,
             modified,
             mmap,
-        })
+        };
+        Ok((file, header))
     }
 
-    /// Fails if the file was rewritten since it was opened (its size or modification time
-    /// changed): a run that read it meanwhile read a mix of two files. (A streamed run may not
-    /// get this far: the kernel stops it with SIGBUS when the mapped file shrinks.)
-    pub fn check_unchanged(&self) -> Result<()> {
+    fn check_unchanged(&self) -> Result<()> {
         let now = std::fs::metadata(&self.path).ok();
         let same =
             now.is_some_and(|m| m.len() == self.file_bytes && m.modified().ok() == self.modified);
@@ -125,12 +130,61 @@ impl Checkpoint {
         }
         Ok(())
     }
+}
+
+/// A checkpoint, memory-mapped: one safetensors file, or the shards a Hugging Face index names
+/// (`model.safetensors.index.json`). Reading it touches only the headers; tensor data is paged
+/// in when [`Checkpoint::data`] is read.
+pub struct Checkpoint {
+    /// Where it was opened from: the file, or the index.
+    pub path: PathBuf,
+    /// Its header; for a sharded checkpoint every shard's tensors (offsets within their own
+    /// shard) and the headers' summed length.
+    pub header: Header,
+    /// Size in bytes of the file, or of all shards.
+    pub file_bytes: u64,
+    files: Vec<MappedFile>,
+    /// Which of `files` holds each tensor (empty for a single file).
+    file_of: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Maps the file, or the shards an index names, and validates the headers.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        if sharded::is_index(path) {
+            return sharded::open(path);
+        }
+        let (file, header) = MappedFile::open(path)?;
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            header,
+            file_bytes: file.file_bytes,
+            files: vec![file],
+            file_of: HashMap::new(),
+        })
+    }
+
+    /// The shards of a sharded checkpoint, in order (empty for a single file).
+    pub fn shards(&self) -> Vec<&Path> {
+        match self.file_of.is_empty() {
+            true => Vec::new(),
+            false => self.files.iter().map(|f| f.path.as_path()).collect(),
+        }
+    }
+
+    /// Fails if a file was rewritten since it was opened (its size or modification time
+    /// changed): a run that read it meanwhile read a mix of two files. (A streamed run may not
+    /// get this far: the kernel stops it with SIGBUS when the mapped file shrinks.)
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.files.iter().try_for_each(MappedFile::check_unchanged)
+    }
 
     /// The bytes of one tensor of this checkpoint.
     pub fn data(&self, tensor: &TensorInfo) -> &[u8] {
-        let start = (self.header.data_offset() + tensor.data_start) as usize;
-        let end = (self.header.data_offset() + tensor.data_end) as usize;
-        &self.mmap[start..end]
+        let file = &self.files[self.file_of.get(&tensor.name).copied().unwrap_or(0)];
+        let start = (file.data_offset + tensor.data_start) as usize;
+        let end = (file.data_offset + tensor.data_end) as usize;
+        &file.mmap[start..end]
     }
 }
 

@@ -58,10 +58,13 @@ pub struct InspectReport {
     pub tool: String,
     /// The model.
     pub model: ModelSummary,
-    /// File size (0 for built-in models).
+    /// File size, of all shards for a sharded checkpoint (0 for built-in models).
     pub file_bytes: u64,
-    /// JSON header length.
+    /// JSON header length (summed over shards).
     pub header_bytes: u64,
+    /// The shard files of a Hugging Face sharded checkpoint, in order (empty for one file).
+    #[serde(default)]
+    pub shards: Vec<String>,
     /// Tensors.
     pub tensors: usize,
     /// Parameters of the whole model (float8 scales not counted).
@@ -120,6 +123,9 @@ impl InspectReport {
             model: ModelSummary::of(model),
             file_bytes,
             header_bytes,
+            shards: model.checkpoint.as_ref().map_or(Vec::new(), |c| {
+                c.shards().iter().map(|p| p.display().to_string()).collect()
+            }),
             tensors: inv.tensors.len(),
             params: params(inv.tensors.iter().map(|(t, _)| t)),
             layers_params: (0..inv.num_layers())
@@ -146,6 +152,14 @@ impl InspectReport {
             snake(&m.layout), snake(&m.config_source), c.hidden_size, c.intermediate_size, c.num_attention_heads,
             c.num_key_value_heads, c.head_dim, c.vocab_size, m.layers, c.tie_word_embeddings
         );
+        if !self.shards.is_empty() {
+            out.push_str(&format!(
+                "sharded: {} files ({}), {} bytes\n",
+                self.shards.len(),
+                self.shards.join(", "),
+                self.file_bytes
+            ));
+        }
         let s = &self.scales;
         out.push_str(&format!(
             "float8 scales: {}{}; {} scaled weights, {} float8 matrices without a scale (scale 1.0){}{}\n",

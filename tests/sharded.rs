@@ -1,0 +1,208 @@
+//! The Hugging Face sharded layout: a synthesized checkpoint split into
+//! `model-0000N-of-0000M.safetensors` shards and `model.safetensors.index.json` reads as the
+//! single file does (inspect, table, a forward pass), and a broken index or shard is one line
+//! naming the tensor and the file.
+
+use std::path::Path;
+use std::process::Command;
+use vibeoffload::measure::RunReport;
+use vibeoffload::report::InspectReport;
+
+/// Runs the binary in `dir`: exit code, stdout, stderr.
+fn vibeoffload(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("binary runs");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    (out.status.code().unwrap(), stdout, stderr)
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let (code, stdout, stderr) = vibeoffload(dir, args);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    stdout
+}
+
+/// Fails with exit 1 and one line containing each of `words`.
+fn fails(dir: &Path, args: &[&str], words: &[&str]) {
+    let (code, _, stderr) = vibeoffload(dir, args);
+    assert_eq!((code, stderr.lines().count()), (1, 1), "{args:?}: {stderr}");
+    for w in words {
+        assert!(stderr.contains(w), "{w:?} not in {stderr}");
+    }
+}
+
+/// Splits the checkpoint `dir/m.safetensors` into `n` shards and an index, as Hugging Face
+/// writes them, and removes it; config.json stays.
+fn shard(dir: &Path, n: usize) {
+    let path = dir.join("m.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let data = &bytes[8 + len..];
+    let offsets = |v: &serde_json::Value| {
+        let o = v["data_offsets"].as_array().unwrap();
+        (
+            o[0].as_u64().unwrap() as usize,
+            o[1].as_u64().unwrap() as usize,
+        )
+    };
+    let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+    names.sort_by_key(|k| offsets(&header[*k]).0);
+    let mut weight_map = serde_json::Map::new();
+    for (i, group) in names.chunks(names.len().div_ceil(n)).enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let (mut shard_header, mut shard_data) = (serde_json::Map::new(), Vec::new());
+        for &name in group {
+            let (start, end) = offsets(&header[name]);
+            let mut entry = header[name].clone();
+            entry["data_offsets"] =
+                serde_json::json!([shard_data.len(), shard_data.len() + end - start]);
+            shard_data.extend_from_slice(&data[start..end]);
+            shard_header.insert(name.clone(), entry);
+            weight_map.insert(name.clone(), file.clone().into());
+        }
+        let json = serde_json::to_vec(&shard_header).unwrap();
+        let mut out = (json.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&json);
+        out.extend_from_slice(&shard_data);
+        std::fs::write(dir.join(&file), out).unwrap();
+    }
+    let index =
+        serde_json::json!({"metadata": {"total_size": data.len()}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::remove_file(path).unwrap();
+}
+
+fn synth(dir: &Path) {
+    ok(
+        dir,
+        &[
+            "synth",
+            "m.safetensors",
+            "--size",
+            "custom",
+            "--layers",
+            "3",
+            "--hidden",
+            "256",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+        ],
+    );
+}
+
+#[test]
+fn a_sharded_checkpoint_reads_as_the_single_file_does() {
+    let single = tempfile::tempdir().unwrap();
+    synth(single.path());
+    let sharded = tempfile::tempdir().unwrap();
+    synth(sharded.path());
+    shard(sharded.path(), 3);
+    let inspect = |dir: &Path, path: &str| -> InspectReport {
+        serde_json::from_str(&ok(dir, &["inspect", path, "--json"])).unwrap()
+    };
+    let a = inspect(single.path(), "m.safetensors");
+    // Found in the directory without a flag, and through the index itself.
+    let b = inspect(sharded.path(), ".");
+    let mut by_index = inspect(sharded.path(), "model.safetensors.index.json");
+    assert_eq!(by_index.model.source, "model.safetensors.index.json");
+    by_index.model.source = b.model.source.clone();
+    by_index.shards = b.shards.clone();
+    assert_eq!(b, by_index);
+    assert_eq!(b.shards.len(), 3);
+    assert!(
+        b.shards[2].ends_with("model-00003-of-00003.safetensors"),
+        "{:?}",
+        b.shards
+    );
+    assert_eq!(
+        (a.params, a.model.total_bytes, &a.groups),
+        (b.params, b.model.total_bytes, &b.groups)
+    );
+    assert_eq!(a.model.config, b.model.config);
+    assert_eq!(a.model.speech, b.model.speech);
+    let text = ok(sharded.path(), &["inspect", "."]);
+    assert!(text.contains("sharded: 3 files"), "{text}");
+
+    // A forward pass reads every tensor from its shard: the same hidden states.
+    let run = |dir: &Path, path: &str| -> f64 {
+        let args = [
+            "run",
+            "--model-path",
+            path,
+            "--num-gpu-layers",
+            "1",
+            "--input-ids",
+            "1,2,3",
+            "--json",
+        ];
+        let r: RunReport = serde_json::from_str(&ok(dir, &args)).unwrap();
+        r.forward.expect("forward mode").hidden_sum
+    };
+    assert_eq!(
+        run(single.path(), "m.safetensors"),
+        run(sharded.path(), ".")
+    );
+}
+
+#[test]
+fn a_broken_index_or_shard_names_the_tensor_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth(d);
+    shard(d, 2);
+    let index_path = d.join("model.safetensors.index.json");
+    let original = std::fs::read_to_string(&index_path).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut index: serde_json::Value = serde_json::from_str(&original).unwrap();
+        f(index["weight_map"].as_object_mut().unwrap());
+        std::fs::write(&index_path, index.to_string()).unwrap();
+    };
+    let norm = "model.language_model.norm.weight";
+    edit(&|m| {
+        m.insert(norm.into(), "model-00003-of-00002.safetensors".into());
+    });
+    fails(
+        d,
+        &["inspect", "."],
+        &["model-00003-of-00002.safetensors", norm, "index.json"],
+    );
+    edit(&|m| {
+        m.insert(
+            "model.extra.weight".into(),
+            "model-00001-of-00002.safetensors".into(),
+        );
+    });
+    fails(
+        d,
+        &["inspect", "."],
+        &[
+            "model.extra.weight",
+            "model-00001-of-00002.safetensors",
+            "does not hold it",
+        ],
+    );
+    edit(&|m| {
+        m.remove(norm);
+    });
+    fails(d, &["inspect", "."], &[norm, "does not list"]);
+    edit(&|m| {
+        m.insert(norm.into(), "../elsewhere.safetensors".into());
+    });
+    fails(d, &["inspect", "."], &[norm, "not a file name"]);
+    std::fs::write(&index_path, &original).unwrap();
+    std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    fails(
+        d,
+        &["--print-table", "--model-path", "."],
+        &["model-00002-of-00002.safetensors", "is missing"],
+    );
+}
