@@ -10,7 +10,7 @@
 #   --tests    also cargo test --release --features cuda --no-run ...          -> dist/tests/<kind>-<name>
 #              and run the CUDA module's unit tests, which need no GPU
 #   --clippy   also cargo clippy --features cuda --all-targets -- -D warnings (CI cannot)
-#   --pack     gzip the binary and the GPU test binary into dist/pack (to carry under 64 MiB)
+#   --pack     gzip the binary and the GPU test binaries into dist/pack (to carry under 64 MiB)
 #              (json-render-diagnostics: compile errors still show on stderr)
 # Env: CUDA_COMPUTE_CAP (default 90 = H100/H200; 80 gives PTX the driver can JIT for newer cards),
 #      VIBEOFFLOAD_CUDA_DIR (default <repo>/.cuda).
@@ -101,8 +101,10 @@ if (( pack )); then
   rm -rf "$dist/pack"
   mkdir -p "$dist/pack"
   gzip -c "$dist/vibeoffload" > "$dist/pack/vibeoffload.gz"
-  if [[ -e $dist/tests/test-gpu ]]; then
-    gzip -c "$dist/tests/test-gpu" > "$dist/pack/test-gpu.gz"
-  fi
+  # The GPU test binaries (tests/gpu*.rs), which carry no fixtures: the scripts run them from
+  # the repository root, where they find tests/fixtures.
+  for t in "$dist"/tests/test-gpu*; do
+    [[ -e $t ]] && gzip -c "$t" > "$dist/pack/$(basename "$t").gz"
+  done
   echo "[build-cuda] dist/pack: $(du -sh "$dist/pack" | cut -f1)" >&2
 fi

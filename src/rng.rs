@@ -34,6 +34,13 @@ impl Rng {
         ((self.next_u64() >> 40) as f32 + 1.0) / (1u64 << 24) as f32
     }
 
+    /// `n` draws uniform in [-1, 1).
+    pub fn uniforms(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            .collect()
+    }
+
     /// Standard normal (Box-Muller).
     pub fn next_normal(&mut self) -> f32 {
         let (u, v) = (self.next_unit(), self.next_unit());

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use vibeoffload::checkpoint::ModelInfo;
 use vibeoffload::engine::{Engine, EngineOptions};
 use vibeoffload::generate::{self, Noise, Options, SpeechModel, VoiceLatents};
-use vibeoffload::speech::{config_from_json, SafetensorsWeights};
+use vibeoffload::speech::{CheckpointWeights, SafetensorsWeights};
 use vibeoffload::text::SpecialTokens;
 
 fn fixture(name: &str) -> PathBuf {
@@ -88,11 +88,10 @@ fn a_whole_generation_matches_the_original() {
         ..EngineOptions::default()
     };
     let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny.config.json")).unwrap())
-            .unwrap();
-    let config = config_from_json(&json).unwrap();
-    let weights = SafetensorsWeights::load(&path, DType::F32, &Device::Cpu).unwrap();
+    // The speech model as users load it: configuration and weights from the checkpoint.
+    let info = ModelInfo::open(&path).unwrap();
+    let config = info.speech.clone().unwrap();
+    let weights = CheckpointWeights::new(&info, &Device::Cpu, DType::F32).unwrap();
     let speech = SpeechModel::load(&weights, &config, 64, &Device::Cpu, DType::F32).unwrap();
     let special = SpecialTokens {
         speech_start: reference.id("speech_start_id"),
@@ -198,10 +197,8 @@ fn streamed_generation_is_bit_identical_to_resident() {
     };
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_checkpoint(dir.path());
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny.config.json")).unwrap())
-            .unwrap();
-    let config = config_from_json(&json).unwrap();
+    // The speech configuration as the checkpoint reader parses it from config.json.
+    let config = ModelInfo::open(&path).unwrap().speech.unwrap();
     let weights = SafetensorsWeights::load(&path, DType::F32, &Device::Cpu).unwrap();
     let speech = SpeechModel::load(&weights, &config, 64, &Device::Cpu, DType::F32).unwrap();
     let special = SpecialTokens {

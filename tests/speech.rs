@@ -10,11 +10,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::speech::{
-    config_from_json, sample_latent, Connector, Decoder, DpmSolver, Encoder, PredictionHead,
-    SafetensorsWeights, Scope,
+    sample_latent, Connector, Decoder, DpmSolver, Encoder, PredictionHead, SafetensorsWeights,
+    Scope,
 };
 
 const TOLERANCE: f32 = 1e-5;
+
+/// The language model's width in a VibeVoice config.json.
+fn hidden_size(json: &serde_json::Value) -> usize {
+    json["decoder_config"]["hidden_size"].as_u64().unwrap() as usize
+}
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/speech")
@@ -47,7 +52,9 @@ impl Recorded {
         let paths = fixtures(&files);
         let text = std::fs::read_to_string(&paths[1]).unwrap();
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let config = config_from_json(&json).unwrap();
+        let config =
+            SpeechConfig::from_config_value(&json, hidden_size(&json), Path::new("config.json"))
+                .unwrap();
         let weights = SafetensorsWeights::load(&paths[0], DType::F32, &Device::Cpu).unwrap();
         let calls = candle_core::safetensors::load(&paths[2], &Device::Cpu).unwrap();
         Recorded {

@@ -445,6 +445,12 @@ impl Engine {
         &self.info
     }
 
+    /// The device it runs on: the speech components must be built on this one (a second
+    /// opening of the same GPU is another device to candle).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The compute dtype (f32 on CPU, bf16 on CUDA).
     pub fn dtype(&self) -> DType {
         self.dtype

@@ -17,9 +17,16 @@ pub struct CheckpointWeights<'a> {
 
 impl<'a> CheckpointWeights<'a> {
     /// Weights of `info` (which must be read from a file), decoded to `dtype` on `device`.
-    pub fn new(info: &'a ModelInfo, device: &Device, dtype: DType) -> Result<CheckpointWeights<'a>> {
+    pub fn new(
+        info: &'a ModelInfo,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<CheckpointWeights<'a>> {
         if info.checkpoint.is_none() {
-            bail!("{} has no weights to run: give a checkpoint file", info.source);
+            bail!(
+                "{} has no weights to run: give a checkpoint file",
+                info.source
+            );
         }
         Ok(CheckpointWeights {
             info,

@@ -1,0 +1,238 @@
+//! The speech path on the GPU (needs the `cuda` feature and a GPU): the tiny reference
+//! generation replayed on CUDA in bf16 against the original's f32 run, streamed against
+//! resident bit for bit, and the 7B-sized components timed beside the time to read their
+//! weights once (printed: a benchmark figure, no target asserted).
+
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vibeoffload::arch::speech::SpeechConfig;
+use vibeoffload::arch::vibevoice::Component;
+use vibeoffload::checkpoint::ModelInfo;
+use vibeoffload::engine::{bandwidths, DeviceChoice, Engine, EngineOptions};
+use vibeoffload::generate::{self, Noise, Options, SpeechModel, VoiceLatents};
+use vibeoffload::speech::{
+    sample_latent, CheckpointWeights, Decoder, DpmSolver, Encoder, PredictionHead, RandomWeights,
+    Scope,
+};
+use vibeoffload::text::SpecialTokens;
+
+/// A fixture file: under the current directory's `tests/fixtures/speech` when there is one
+/// (the GPU scripts run the carried test binary from the repository root), else the source
+/// tree's.
+fn fixture(name: &str) -> PathBuf {
+    let here = Path::new("tests/fixtures/speech");
+    let dir = match here.exists() {
+        true => here.to_path_buf(),
+        false => Path::new(env!("CARGO_MANIFEST_DIR")).join(here),
+    };
+    dir.join(name)
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn relative(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    worst / b.iter().map(|y| y.abs()).fold(0f32, f32::max)
+}
+
+/// One forced replay of the reference run on CUDA with `gpu_layers` resident: latents and
+/// audio.
+fn replay(gpu_layers: usize) -> (Vec<f32>, Vec<f32>) {
+    let run = candle_core::safetensors::load(fixture("tiny.generation.safetensors"), &Device::Cpu)
+        .unwrap();
+    let get = |k: &str| run.get(k).unwrap().clone();
+    let ids_of = |k: &str| -> Vec<u32> {
+        let t = get(k).to_dtype(DType::I64).unwrap().flatten_all().unwrap();
+        t.to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as u32)
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.safetensors");
+    std::fs::copy(fixture("tiny.safetensors"), &path).unwrap();
+    std::fs::copy(fixture("tiny.config.json"), dir.path().join("config.json")).unwrap();
+    let options = EngineOptions {
+        device: DeviceChoice::Cuda(0),
+        gpu_layers,
+        max_seq_len: 256,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+    let info = ModelInfo::open(&path).unwrap();
+    let device = engine.device().clone();
+    let weights = CheckpointWeights::new(&info, &device, engine.dtype()).unwrap();
+    let speech = SpeechModel::load(
+        &weights,
+        info.speech.as_ref().unwrap(),
+        64,
+        &device,
+        engine.dtype(),
+    )
+    .unwrap();
+    let id = |k: &str| ids_of(k)[0];
+    let special = SpecialTokens {
+        speech_start: id("speech_start_id"),
+        speech_end: id("speech_end_id"),
+        speech_diffusion: id("speech_diffusion_id"),
+        eos: id("eos_token_id"),
+    };
+    let audio = host(&get("voice_audio"));
+    let voice = speech.encode_voice(&audio, VoiceLatents::Mean).unwrap();
+    let mask: Vec<bool> = ids_of("speech_input_mask")
+        .iter()
+        .map(|&m| m != 0)
+        .collect();
+    let prompt =
+        generate::prompt_embeddings(&engine, &ids_of("input_ids"), &mask, &[voice]).unwrap();
+    let noise = get("noise").narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+    let options = Options {
+        cfg_scale: 1.3,
+        steps: 10,
+        max_frames: None,
+        forced: Some(ids_of("tokens")),
+    };
+    let mut samples = Vec::new();
+    let outcome = generate::generate(
+        &mut engine,
+        &speech,
+        special,
+        &prompt,
+        &options,
+        &mut Noise::Recorded(noise),
+        &mut |chunk| {
+            samples.extend_from_slice(chunk);
+            Ok(())
+        },
+    )
+    .unwrap();
+    let latents = host(&Tensor::stack(&outcome.latents, 0).unwrap());
+    (latents, samples)
+}
+
+#[test]
+fn the_reference_generation_replays_on_the_gpu_in_bf16() {
+    let run = candle_core::safetensors::load(fixture("tiny.generation.safetensors"), &Device::Cpu)
+        .unwrap();
+    let (latents, audio) = replay(2);
+    let latent_err = relative(&latents, &host(&run["latents"]));
+    let audio_err = relative(&audio, &host(&run["audio"]));
+    println!("bf16 GPU vs the original f32: latents {latent_err:.2e}, audio {audio_err:.2e}");
+    // bf16 keeps 8 bits of mantissa; four frames of a random model compound it.
+    assert!(
+        latent_err < 0.1 && audio_err < 0.1,
+        "{latent_err} {audio_err}"
+    );
+    let (streamed_latents, streamed_audio) = replay(1);
+    assert!(
+        streamed_latents == latents && streamed_audio == audio,
+        "streamed differs from resident"
+    );
+}
+
+fn time_ms(device: &Device, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    device.synchronize().unwrap();
+    let started = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    device.synchronize().unwrap();
+    started.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
+/// Benchmark figures for the issue (7B sizes, random bf16 weights): one 10-step CFG sampling,
+/// one streamed decoder frame, one streamed semantic-encoder frame, each beside the time to
+/// read its weights once at the measured device bandwidth.
+#[test]
+fn seven_b_speech_components_timed_against_their_weight_read() {
+    let device = Device::new_cuda(0).unwrap();
+    let hidden = 3584;
+    let config = SpeechConfig::real(hidden);
+    let source = RandomWeights::new(1, DType::BF16, &device);
+    let head =
+        PredictionHead::new(&config.head, &Scope::new(&source, "model.prediction_head")).unwrap();
+    let decoder = Decoder::new(
+        &config.acoustic,
+        &Scope::new(&source, "model.acoustic_tokenizer.decoder"),
+    )
+    .unwrap();
+    let semantic = Encoder::new(
+        &config.semantic,
+        &Scope::new(&source, "model.semantic_tokenizer.encoder"),
+    )
+    .unwrap();
+    let solver = DpmSolver::new(1000, 10).unwrap();
+    let gbps = bandwidths(DeviceChoice::Cuda(0))
+        .unwrap()
+        .unwrap()
+        .device_gbps;
+    let read_ms = |c: Component| {
+        let params: u64 = c
+            .tensors(hidden, &config)
+            .iter()
+            .map(|t| t.shape.iter().product::<u64>())
+            .sum();
+        (params * 2) as f64 / (gbps * 1e9) * 1e3
+    };
+    let noise = Tensor::randn(0f32, 1.0, (1, 64), &device)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let cond = Tensor::randn(0f32, 1.0, (1, hidden), &device)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let head_ms = time_ms(&device, 20, || {
+        sample_latent(&head, &solver, &noise, &cond, &cond, 1.3).unwrap();
+    });
+    let mut state = decoder.stream_state();
+    let latent = Tensor::randn(0f32, 1.0, (1, 1, 64), &device)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let decoder_ms = time_ms(&device, 20, || {
+        decoder.decode_chunk(&latent, &mut state).unwrap();
+    });
+    let mut sem_state = semantic.stream_state();
+    let chunk = Tensor::randn(0f32, 0.1, (1, 1, 3200), &device)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let semantic_ms = time_ms(&device, 20, || {
+        semantic.encode_chunk(&chunk, &mut sem_state).unwrap();
+    });
+    println!("device bandwidth {gbps:.0} GB/s (bf16 weights)");
+    println!(
+        "diffusion head, 10 steps, CFG batch 2: {head_ms:.2} ms (weights read once: {:.3} ms; 10 steps read them 10 times: {:.2} ms)",
+        read_ms(Component::PredictionHead),
+        10.0 * read_ms(Component::PredictionHead)
+    );
+    println!(
+        "acoustic decoder, one streamed frame: {decoder_ms:.2} ms (weights read once: {:.3} ms)",
+        read_ms(Component::AcousticDecoder)
+    );
+    println!(
+        "semantic encoder, one streamed frame: {semantic_ms:.2} ms (weights read once: {:.3} ms)",
+        read_ms(Component::SemanticEncoder)
+    );
+    assert!(head_ms.is_finite() && decoder_ms.is_finite() && semantic_ms.is_finite());
+}
