@@ -52,7 +52,8 @@ run_gpu_tests() {
     [[ -x $t ]] || continue
     echo "-- $(basename "$t")"
     "$t" --test-threads=1 > /tmp/test.log 2>&1 || fail "$(basename "$t")"
-    grep -E "^test |test result|panicked|worst" /tmp/test.log || :
+    grep -E "^test |test result|worst|^bench:" /tmp/test.log || :
+    grep -E -A1 "panicked" /tmp/test.log || :
   done
 }
 

@@ -195,16 +195,15 @@ pub fn generate(
         if token == special.speech_diffusion {
             let frame = out.latents.len();
             let started = Instant::now();
-            let noise = noise.frame(frame, latent_size, &h_pos)?;
-            let latent = sample_latent(
-                &speech.head,
-                &solver,
-                &noise,
-                &h_pos,
-                &h_neg,
-                options.cfg_scale,
-            )
-            .with_context(|| format!("sampling frame {frame}"))?;
+            // The speech components may run in another dtype than the language model.
+            let (pos, neg) = (
+                h_pos.to_dtype(speech.dtype())?,
+                h_neg.to_dtype(speech.dtype())?,
+            );
+            let noise = noise.frame(frame, latent_size, &pos)?;
+            let latent =
+                sample_latent(&speech.head, &solver, &noise, &pos, &neg, options.cfg_scale)
+                    .with_context(|| format!("sampling frame {frame}"))?;
             sync(engine)?;
             out.timings.head_ms += ms(started);
 

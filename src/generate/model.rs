@@ -100,6 +100,11 @@ impl SpeechModel {
         })
     }
 
+    /// The compute dtype of the components.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Samples per latent frame.
     pub fn hop(&self) -> usize {
         self.config.acoustic.encoder.hop()
