@@ -131,7 +131,7 @@ fn replay(gpu_layers: usize, speech_dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f3
 
 /// The language model runs in bf16 on the GPU (its conditions carry bf16 rounding); the
 /// speech components in f32 then follow the original closely, and in bf16 less so. Printed per
-/// part ("worst" lines), asserted loosely; streamed equals resident bit for bit.
+/// part ("worst" lines); streamed equals resident bit for bit.
 #[test]
 fn the_reference_generation_replays_on_the_gpu() {
     let run = candle_core::safetensors::load(fixture("tiny.generation.safetensors"), &Device::Cpu)
@@ -152,7 +152,18 @@ fn the_reference_generation_replays_on_the_gpu() {
             relative(&latents, &theirs_l),
             relative(&audio, &theirs_a)
         );
-        assert!(relative(&conditions, &theirs_c) < 0.05, "conditions");
+        // f32 speech: only the language model's bf16 rounding (1.5e-2 on an H200). bf16 speech
+        // compounds it through the connectors frame after frame (9e-2 conditions, 0.24 audio
+        // on four random frames): a bound that still catches a wrong sign or a missed reset.
+        let (conditions_bound, audio_bound) = match dtype {
+            DType::F32 => (0.05, 0.05),
+            _ => (0.2, 0.5),
+        };
+        assert!(
+            relative(&conditions, &theirs_c) < conditions_bound,
+            "conditions"
+        );
+        assert!(relative(&audio, &theirs_a) < audio_bound, "audio");
         first_frame.push(frame0);
         let (_, streamed_latents, streamed_audio) = replay(1, dtype);
         assert!(
