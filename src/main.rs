@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Some(Command::Inspect(a)) => commands::inspect(a),
         Some(Command::Synth(a)) => commands::synth(a),
         Some(Command::Run(a)) => commands::run(a),
+        Some(Command::Generate(a)) => commands::generate(a),
         Some(Command::Completions(a)) => commands::completions(a.shell),
         Some(Command::Man) => commands::man(),
         Some(Command::Bench(a)) => match &a.compare {

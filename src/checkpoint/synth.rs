@@ -5,7 +5,7 @@
 use super::header;
 use super::layout::{self, Precision, TensorSpec};
 use crate::arch::config::ModelConfig;
-use crate::arch::speech::SpeechConfig;
+use crate::arch::speech::{ConvStack, DiffusionHeadConfig, SpeechConfig, TokenizerConfig};
 use crate::arch::Role;
 use crate::dtype::{f32_to_bf16_bits, f32_to_f8e4m3, DType, F8E4M3_MAX};
 use crate::output::Output;
@@ -54,6 +54,39 @@ impl SynthSpec {
             precision: Precision::Float8Plain,
             seed: 0,
         }
+    }
+}
+
+impl SynthSpec {
+    /// The small speech model `generate` synthesizes when given no checkpoint: the embedded
+    /// language model with the Qwen2.5 vocabulary (so real scripts tokenize into it) and speech
+    /// components with the real hop of 3,200 samples and latent sizes, at tiny widths.
+    pub fn embedded_speech() -> SynthSpec {
+        let mut spec = SynthSpec::embedded();
+        spec.config.vocab_size = 151_936;
+        let stack = |ratios: Vec<usize>| ConvStack {
+            n_filters: 2,
+            depths: vec![1; ratios.len() + 1],
+            ratios,
+        };
+        let real = SpeechConfig::real(spec.config.hidden_size);
+        let acoustic = TokenizerConfig {
+            encoder: stack(real.acoustic.encoder.ratios.clone()),
+            decoder: Some(stack(real.acoustic.decoder.clone().expect("real").ratios)),
+            ..real.acoustic
+        };
+        spec.speech = SpeechConfig {
+            semantic: TokenizerConfig {
+                encoder: stack(real.semantic.encoder.ratios.clone()),
+                ..real.semantic
+            },
+            acoustic,
+            head: DiffusionHeadConfig {
+                head_layers: 2,
+                ..real.head
+            },
+        };
+        spec
     }
 }
 

@@ -40,6 +40,9 @@ pub enum Command {
     Run(RunArgs),
     /// Measure each layer count: prefill, decode, VRAM against the estimate, copy bandwidth.
     Bench(BenchArgs),
+    /// Speak a script in the given voices into a WAV file. Without --model-path: a small model
+    /// with random weights synthesized on the fly (the audio is noise; it shows the pipeline).
+    Generate(GenerateArgs),
     /// Print a shell completion script: `vibeoffload completions bash > /etc/bash_completion.d/vibeoffload`.
     Completions(CompletionsArgs),
     /// Print the man page (roff): `vibeoffload man > vibeoffload.1`.
@@ -118,6 +121,75 @@ pub struct RunArgs {
     pub dump: Option<PathBuf>,
     #[command(flatten)]
     pub output: ReportArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// The script: one `Speaker N: text` line per turn (other lines go to speaker 1).
+    #[arg(
+        long,
+        value_name = "FILE",
+        visible_aliases = ["txt_path", "txt-path"],
+        required_unless_present = "text",
+        conflicts_with = "text"
+    )]
+    pub script: Option<PathBuf>,
+    /// The script as text: `--text "Speaker 1: Hello."` (lines separated by newlines).
+    #[arg(long, value_name = "SCRIPT")]
+    pub text: Option<String>,
+    /// A voice sample (WAV, any rate and depth), once per speaker in speaker order. Without
+    /// any, the prompt has no voice section (as the original with no voice samples).
+    #[arg(
+        long = "voice",
+        value_name = "WAV",
+        visible_aliases = ["voice_files", "voice-files"],
+        num_args = 1..
+    )]
+    pub voices: Vec<PathBuf>,
+    /// The WAV file to write (24 kHz, 16-bit mono).
+    #[arg(long, value_name = "PATH", default_value = "speech.wav")]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 1.3)]
+    pub cfg_scale: f64,
+    /// Diffusion steps per frame.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub steps: u64,
+    /// Seed of the diffusion noise and the voice samples' latents.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop after this many frames (133 ms of audio each).
+    #[arg(long, value_name = "N")]
+    pub max_frames: Option<usize>,
+    /// Produce exactly N frames whatever the language model chooses (a benchmark mode: random
+    /// weights choose arbitrarily). The default for the embedded model is 24.
+    #[arg(long, value_name = "N")]
+    pub force_frames: Option<usize>,
+    /// Voice latents: the acoustic encoder's Gaussian sample (as the original), or its mean
+    /// (deterministic whatever the seed).
+    #[arg(long, value_enum, default_value_t = VoiceLatentsArg::Sample)]
+    pub voice_latents: VoiceLatentsArg,
+    #[command(flatten)]
+    pub choice: ChoiceArgs,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub output: ReportArgs,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VoiceLatentsArg {
+    Sample,
+    Mean,
 }
 
 #[derive(Args, Debug)]

@@ -2,11 +2,12 @@
 
 use super::args::Cli;
 use super::args::{
-    AutoArgs, BenchArgs, BenchCompareArgs, InspectArgs, LegacyArgs, ReportArgs, RunArgs, SynthArgs,
-    TableArgs,
+    AutoArgs, BenchArgs, BenchCompareArgs, GenerateArgs, InspectArgs, LegacyArgs, ReportArgs,
+    RunArgs, SynthArgs, TableArgs,
 };
 use super::settings::{
-    every_fourth, fixed_choice, model_info, synth_spec, BenchSettings, Planning, RunSettings,
+    every_fourth, fixed_choice, generate_request, model_info, synth_spec, BenchSettings, Planning,
+    RunSettings,
 };
 use anyhow::Result;
 use clap::CommandFactory;
@@ -127,6 +128,24 @@ pub fn run(a: RunArgs) -> Result<Output> {
     let report = measure::run_session(&s.model, &s.options, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    report_out(&report?, &a.output)
+}
+
+pub fn generate(a: GenerateArgs) -> Result<Output> {
+    let (model, request) = generate_request(&a)?;
+    let bar = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar.set_message("loading the model");
+    let started = std::time::Instant::now();
+    let report = vibeoffload::generate::run_generation(&model, &request, |seconds| {
+        let rtf = started.elapsed().as_secs_f64() / seconds.max(1e-9);
+        bar.set_message(format!(
+            "{seconds:.1} s of audio (running RTF {rtf:.2}, load included)"
+        ));
     });
     bar.finish_and_clear();
     report_out(&report?, &a.output)

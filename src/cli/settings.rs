@@ -3,8 +3,8 @@
 
 use super::args::{
     BenchArgs, BudgetArgs, BuiltinArg, CheckpointArgs, ChoiceArgs, ConventionArg, DeviceArg,
-    DtypeArg, EngineArgs, GpuArgs, ModelArgs, PlacementArg, PlanArgs, PlanningArgs, RunArgs,
-    ScaleArg, SizeArg, SynthArgs, TimingArgs,
+    DtypeArg, EngineArgs, GenerateArgs, GpuArgs, ModelArgs, PlacementArg, PlanArgs, PlanningArgs,
+    RunArgs, ScaleArg, SizeArg, SynthArgs, TimingArgs, VoiceLatentsArg,
 };
 use anyhow::{bail, Result};
 use vibeoffload::arch::config::{BuiltinModel, ModelConfig};
@@ -13,9 +13,11 @@ use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranulari
 use vibeoffload::checkpoint::synth::SynthSpec;
 use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{DeviceChoice, EngineOptions};
+use vibeoffload::generate::{Request, VoiceLatents};
 use vibeoffload::measure::{BenchOptions, BenchReport, Mode, ModelFile, SessionOptions, Workload};
 use vibeoffload::plan::budget::{Budget, Choice};
 use vibeoffload::plan::{memory, presets, Placement, PlanOptions, Scope};
+use vibeoffload::text::prompt;
 use vibeoffload::{gpu, UsageError};
 
 /// What a planning command (`table`, `auto`, the flag form) works on.
@@ -228,6 +230,75 @@ impl BenchSettings {
 }
 
 /// The model `--model-path` names, else the built-in layout.
+/// `generate`: the checkpoint (or the embedded speech model) and the request.
+pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
+    let embedded = a.checkpoint.model_path.is_none();
+    let model = match &a.checkpoint.model_path {
+        Some(path) => ModelFile::at(checkpoint::resolve_path(path, a.checkpoint.dtype.into())),
+        None => ModelFile::embedded_speech(a.checkpoint.dtype.into())?,
+    };
+    let script = match (&a.script, &a.text) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read the script {}: {e}", path.display()))?;
+            prompt::script_from_text_file(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        (None, Some(text)) => text.clone(),
+        (None, None) => bail!(UsageError::new(
+            "give the script with --script FILE or --text"
+        )),
+    };
+    if !(a.cfg_scale.is_finite() && a.cfg_scale >= 0.0) {
+        bail!(UsageError::new(
+            "--cfg-scale must be a number, 0 or more (the demos use 1.3)"
+        ));
+    }
+    if a.max_frames == Some(0) || a.force_frames == Some(0) {
+        bail!(UsageError::new(
+            "--max-frames and --force-frames must be at least 1"
+        ));
+    }
+    let info = model.open()?;
+    let plan = PlanOptions {
+        scope: Scope::Full,
+        ..PlanOptions::default()
+    };
+    let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
+    let engine = engine_options(&a.engine, &plan, a.gpu.gpu)?;
+    let gpu_layers = match fixed_choice(&info, &a.choice)? {
+        Some((_, layers)) => layers,
+        None if engine.device == DeviceChoice::Cpu && budget.vram_bytes.is_none() => {
+            info.inventory.num_layers()
+        }
+        None => budget.required()?.largest_fit(&info, &plan)?.gpu_layers,
+    };
+    let request = Request {
+        script,
+        voices: a.voices.clone(),
+        out: a.out.clone(),
+        force: a.force,
+        engine: EngineOptions {
+            gpu_layers,
+            ..engine
+        },
+        cfg_scale: a.cfg_scale,
+        steps: a.steps as usize,
+        seed: a.seed,
+        max_frames: a.max_frames,
+        // Random weights choose arbitrarily: the embedded model's schedule is forced.
+        force_frames: a.force_frames.or(embedded.then_some(EMBEDDED_FRAMES)),
+        voice_latents: match a.voice_latents {
+            VoiceLatentsArg::Sample => VoiceLatents::Sample(a.seed),
+            VoiceLatentsArg::Mean => VoiceLatents::Mean,
+        },
+    };
+    Ok((model, request))
+}
+
+/// Frames the embedded speech model produces by default (3.2 s of audio).
+const EMBEDDED_FRAMES: usize = 24;
+
 pub fn model_info(a: &ModelArgs) -> Result<ModelInfo> {
     let dtype = a.checkpoint.dtype.into();
     match &a.checkpoint.model_path {

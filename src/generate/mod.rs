@@ -5,8 +5,10 @@
 //! and the streaming semantic encoder and the connectors build the next input.
 
 mod model;
+mod session;
 
 pub use model::{SpeechModel, VoiceLatents};
+pub use session::{run_generation, GenerateReport, Request};
 
 use crate::engine::{Engine, LaneId};
 use crate::rng::Rng;

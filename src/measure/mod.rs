@@ -17,7 +17,7 @@ use crate::checkpoint::{CheckpointDtype, ModelInfo};
 use crate::engine::{DeviceChoice, Engine, EngineOptions};
 use crate::gpu;
 use anyhow::Result;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Prompt and generation lengths, timed passes, and the seed of the random prompts.
@@ -90,12 +90,21 @@ impl ModelFile {
 
     /// Writes the embedded test model (8 layers, hidden 256) in `dtype`.
     pub fn embedded(dtype: CheckpointDtype) -> Result<ModelFile> {
+        ModelFile::synthesized(SynthSpec::embedded(), dtype)
+    }
+
+    /// Writes the embedded speech model ([`SynthSpec::embedded_speech`]) in `dtype`.
+    pub fn embedded_speech(dtype: CheckpointDtype) -> Result<ModelFile> {
+        ModelFile::synthesized(SynthSpec::embedded_speech(), dtype)
+    }
+
+    fn synthesized(spec: SynthSpec, dtype: CheckpointDtype) -> Result<ModelFile> {
         let dir = tempfile::tempdir()?;
         crate::output::remove_on_interrupt(dir.path());
         let path = dir.path().join("embedded.safetensors");
         let spec = SynthSpec {
             precision: dtype.precision(),
-            ..SynthSpec::embedded()
+            ..spec
         };
         synth::write(&spec, &path, false, |_, _| {})?;
         let c = &spec.config;
@@ -111,6 +120,11 @@ impl ModelFile {
             )),
             _dir: Some(dir),
         })
+    }
+
+    /// The checkpoint file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Opens the checkpoint; reports name the embedded model by what it is, not its path.

@@ -1,0 +1,252 @@
+//! The `generate` command as a library function: a script and voice samples in, a WAV file
+//! out, with a report of where the time went.
+
+use super::{generate, prompt_embeddings, Noise, Options, SpeechModel, Timings, VoiceLatents};
+use crate::audio::{self, SAMPLE_RATE};
+use crate::engine::{Engine, EngineOptions};
+use crate::measure::ModelFile;
+use crate::output::Output;
+use crate::plan::memory::MAX_SEQ_LEN;
+use crate::rng::Rng;
+use crate::speech::CheckpointWeights;
+use crate::text::{prompt, TextTokenizer};
+use crate::UsageError;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The script: `Speaker N: text` lines.
+    pub script: String,
+    /// One voice sample per speaker, in speaker order (none: no voice section).
+    pub voices: Vec<PathBuf>,
+    /// The WAV file to write.
+    pub out: PathBuf,
+    /// Replace `out` if it exists.
+    pub force: bool,
+    /// Engine settings, the layer count included (`max_seq_len` is sized from the prompt).
+    pub engine: EngineOptions,
+    /// Guidance scale.
+    pub cfg_scale: f64,
+    /// Diffusion steps per frame.
+    pub steps: usize,
+    /// Seed of the diffusion noise (and of the voice samples with [`VoiceLatents::Sample`]).
+    pub seed: u64,
+    /// Stop after this many frames.
+    pub max_frames: Option<usize>,
+    /// Produce exactly this many frames whatever the language model chooses (a benchmark mode
+    /// for random weights).
+    pub force_frames: Option<usize>,
+    /// How voice latents are taken.
+    pub voice_latents: VoiceLatents,
+}
+
+/// What `generate` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerateReport {
+    /// The tool that wrote it: version and commit.
+    pub tool: String,
+    /// The model.
+    pub model: String,
+    /// Where it ran.
+    pub device: String,
+    /// Decoder layers resident on the device.
+    pub gpu_layers: usize,
+    /// The WAV written.
+    pub out: PathBuf,
+    /// Speakers in the script.
+    pub speakers: usize,
+    /// Prompt tokens (voice placeholders included).
+    pub prompt_tokens: usize,
+    /// Latent frames produced.
+    pub frames: usize,
+    /// Seconds of audio written.
+    pub audio_seconds: f64,
+    /// Wall time of the generation loop (prompt prefill included, loading excluded).
+    pub generation_ms: f64,
+    /// Generation time over audio time (below 1: faster than real time); none without audio.
+    pub real_time_factor: Option<f64>,
+    /// Model load time.
+    pub load_ms: f64,
+    /// Where the generation time went.
+    pub timings: Timings,
+    /// How the loop ended.
+    pub stop: String,
+    /// Whether the frame schedule was forced (`--force-frames`).
+    pub forced_frames: bool,
+}
+
+/// Loads `model`, generates `request`'s script in its voices and writes the WAV;
+/// `progress(seconds)` is called with the audio produced so far.
+pub fn run_generation(
+    model: &ModelFile,
+    request: &Request,
+    mut progress: impl FnMut(f64),
+) -> Result<GenerateReport> {
+    if !request.force && request.out.exists() {
+        bail!(UsageError::new(format!(
+            "{} exists: pass --force to replace it",
+            request.out.display()
+        )));
+    }
+    let info = model.open()?;
+    let model_name = info.source.clone();
+    let Some(speech_config) = info.speech.clone() else {
+        bail!("{model_name} has no speech components: generate needs a VibeVoice checkpoint");
+    };
+    let hop = speech_config.acoustic.encoder.hop();
+
+    // Text: the tokenizer beside the checkpoint if there is one, else the embedded Qwen2.5.
+    let dir = model.path().parent().unwrap_or(Path::new("."));
+    let tokenizer = match dir.join("vocab.json").exists() {
+        true => TextTokenizer::from_dir(dir)?,
+        false => TextTokenizer::embedded()?,
+    };
+    let lines =
+        prompt::parse_script(&request.script).map_err(|e| UsageError::new(format!("{e}")))?;
+    let speakers = prompt::speaker_count(&lines);
+    if !request.voices.is_empty() && request.voices.len() < speakers {
+        bail!(UsageError::new(format!(
+            "the script has {speakers} speakers but {} --voice {} given: give one voice sample per speaker, in speaker order",
+            request.voices.len(),
+            if request.voices.len() == 1 { "was" } else { "were" }
+        )));
+    }
+    // The original uses the first voice samples, one per speaker.
+    let voices: Vec<Vec<f32>> = request.voices[..speakers.min(request.voices.len())]
+        .iter()
+        .map(|path| audio::read_voice(path))
+        .collect::<Result<_>>()?;
+    let frames: Vec<usize> = voices.iter().map(|v| v.len().div_ceil(hop)).collect();
+    let prompt = prompt::build(&tokenizer, &lines, &frames)?;
+    let vocab = info.config.vocab_size;
+    if let Some(id) = prompt.ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("token {id} of the prompt is outside {model_name}'s vocabulary of {vocab}: its tokenizer is not Qwen2.5's");
+    }
+    let special = tokenizer.special();
+
+    // The original stops at twice the prompt; the KV cache holds that and the prompt.
+    let forced = request.force_frames.map(|k| {
+        let mut tokens = vec![special.speech_diffusion; k];
+        tokens.push(special.eos);
+        tokens
+    });
+    let steps = forced.as_ref().map_or(2 * prompt.ids.len(), Vec::len);
+    let max_seq_len = prompt.ids.len() + steps + 1;
+    if max_seq_len as u64 > MAX_SEQ_LEN {
+        bail!(
+            "the prompt ({} tokens) and its generation need {max_seq_len} positions, more than {MAX_SEQ_LEN}: shorten the script or the voice samples",
+            prompt.ids.len()
+        );
+    }
+    let engine_options = EngineOptions {
+        max_seq_len,
+        ..request.engine.clone()
+    };
+    let gpu_layers = engine_options.gpu_layers;
+    let started = Instant::now();
+    let mut engine = Engine::load(info, &engine_options, |_, _| {})?;
+    let weights = CheckpointWeights::new(engine.info(), engine.device(), engine.dtype())?;
+    let speech = SpeechModel::load(
+        &weights,
+        &speech_config,
+        engine.info().config.hidden_size,
+        engine.device(),
+        engine.dtype(),
+    )?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let device = match engine.device() {
+        candle_core::Device::Cpu => "cpu".to_string(),
+        _ => "cuda".to_string(),
+    };
+
+    let voice_inputs = voices
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let latents = match request.voice_latents {
+                VoiceLatents::Sample(_) => VoiceLatents::Sample(request.seed ^ (i as u64 + 1)),
+                mean => mean,
+            };
+            speech
+                .encode_voice(v, latents)
+                .with_context(|| format!("voice {}", request.voices[i].display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let embeddings = prompt_embeddings(&engine, &prompt.ids, &prompt.speech_input, &voice_inputs)?;
+
+    let out = Output::begin(&request.out)?;
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: SAMPLE_RATE,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut wav = hound::WavWriter::create(out.temp_path(), spec)
+        .map_err(|e| anyhow!("cannot write {}: {e}", request.out.display()))?;
+    let options = Options {
+        cfg_scale: request.cfg_scale,
+        steps: request.steps,
+        max_frames: request.max_frames,
+        forced,
+    };
+    let mut written = 0usize;
+    let started = Instant::now();
+    let outcome = generate(
+        &mut engine,
+        &speech,
+        special,
+        &embeddings,
+        &options,
+        &mut Noise::Seeded(Rng::new(request.seed)),
+        &mut |samples| {
+            for &s in samples {
+                wav.write_sample((s.clamp(-1.0, 1.0) * i16::MAX as f32).round() as i16)?;
+            }
+            written += samples.len();
+            progress(written as f64 / SAMPLE_RATE as f64);
+            Ok(())
+        },
+    )?;
+    let generation_ms = started.elapsed().as_secs_f64() * 1e3;
+    wav.finalize()
+        .map_err(|e| anyhow!("cannot write {}: {e}", request.out.display()))?;
+    match request.force {
+        true => out.commit()?,
+        // Atomic: a file that appeared meanwhile is left alone.
+        false => out.commit_new()?,
+    }
+
+    let audio_seconds = outcome.samples as f64 / SAMPLE_RATE as f64;
+    let last = outcome.tokens.last().copied();
+    let stop = match last {
+        Some(t) if t == special.eos => "end of speech (eos)",
+        _ if request
+            .max_frames
+            .is_some_and(|m| outcome.latents.len() >= m) =>
+        {
+            "--max-frames"
+        }
+        _ => "length limit (twice the prompt)",
+    };
+    Ok(GenerateReport {
+        tool: crate::TOOL.to_string(),
+        model: model_name,
+        device,
+        gpu_layers,
+        out: request.out.clone(),
+        speakers,
+        prompt_tokens: prompt.ids.len(),
+        frames: outcome.latents.len(),
+        audio_seconds,
+        generation_ms,
+        real_time_factor: (audio_seconds > 0.0).then(|| generation_ms / 1e3 / audio_seconds),
+        load_ms,
+        timings: outcome.timings,
+        stop: stop.to_string(),
+        forced_frames: request.force_frames.is_some(),
+    })
+}

@@ -1,0 +1,169 @@
+//! `vibeoffload generate` driven through the real binary on the embedded speech model (random
+//! weights, forced frames): the WAV it writes, its report, and its refusals.
+
+use std::path::Path;
+use std::process::Command;
+use vibeoffload::generate::GenerateReport;
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn vibeoffload(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("binary runs");
+    let o = Output {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8(out.stdout).expect("utf-8"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8"),
+    };
+    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
+    o
+}
+
+/// A 0.4 s voice sample at `rate` Hz (a tone).
+fn voice(dir: &Path, name: &str, rate: u32) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(dir.join(name), spec).unwrap();
+    for i in 0..(rate as usize * 2 / 5) {
+        let s = (i as f64 * 220.0 * std::f64::consts::TAU / rate as f64).sin() * 8000.0;
+        w.write_sample(s as i16).unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+/// Fails with `code` and one `error` line holding each of `words`, leaving no output file.
+fn fails(dir: &Path, args: &[&str], code: i32, words: &[&str]) {
+    let o = vibeoffload(dir, args);
+    assert_eq!(o.code, code, "{args:?}: {}", o.stderr);
+    let line = o
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error"))
+        .unwrap_or_default();
+    for w in words {
+        assert!(line.contains(w), "{args:?}: {w:?} not in {:?}", o.stderr);
+    }
+    assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
+}
+
+#[test]
+fn the_embedded_model_speaks_a_two_speaker_script_into_a_wav() {
+    let dir = tempfile::tempdir().unwrap();
+    voice(dir.path(), "a.wav", 16000);
+    voice(dir.path(), "b.wav", 24000);
+    std::fs::write(
+        dir.path().join("script.txt"),
+        "Speaker 1: Hello there.\nSpeaker 2: Hi, how are you?\n",
+    )
+    .unwrap();
+    let args = [
+        "generate",
+        "--txt_path",
+        "script.txt",
+        "--voice_files",
+        "a.wav",
+        "b.wav",
+        "--out",
+        "out.wav",
+        "--force-frames",
+        "3",
+        "--steps",
+        "2",
+        "--json",
+    ];
+    let o = vibeoffload(dir.path(), &args);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let report: GenerateReport = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!((report.frames, report.speakers), (3, 2));
+    assert!(report.forced_frames);
+    assert!(report.real_time_factor.is_some_and(|r| r > 0.0));
+    let wav = hound::WavReader::open(dir.path().join("out.wav")).unwrap();
+    assert_eq!(wav.spec().sample_rate, 24000);
+    assert_eq!(wav.len(), 3 * 3200);
+    assert!((report.audio_seconds - 0.4).abs() < 1e-9);
+    // The same seed gives the same audio; --force replaces the file.
+    let first = std::fs::read(dir.path().join("out.wav")).unwrap();
+    let mut again = args.to_vec();
+    again.push("--force");
+    assert_eq!(vibeoffload(dir.path(), &again).code, 0);
+    assert_eq!(std::fs::read(dir.path().join("out.wav")).unwrap(), first);
+}
+
+#[test]
+fn bad_generate_inputs_get_one_line_and_leave_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    voice(dir.path(), "a.wav", 24000);
+    std::fs::write(dir.path().join("not.wav"), "text").unwrap();
+    let base = [
+        "generate",
+        "--out",
+        "o.wav",
+        "--force-frames",
+        "1",
+        "--steps",
+        "1",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        base.iter().chain(extra).copied().collect()
+    };
+    fails(
+        dir.path(),
+        &with(&["--text", "Speaker 1: Hi", "--voice", "none.wav"]),
+        1,
+        &["none.wav"],
+    );
+    fails(
+        dir.path(),
+        &with(&["--text", "Speaker 1: Hi", "--voice", "not.wav"]),
+        1,
+        &["not.wav", "not a WAV"],
+    );
+    fails(
+        dir.path(),
+        &with(&["--text", "no speakers here", "--voice", "a.wav"]),
+        2,
+        &["no speaker lines"],
+    );
+    fails(
+        dir.path(),
+        &with(&["--text", "Speaker 1: Hi\nSpeaker 2: Yo", "--voice", "a.wav"]),
+        2,
+        &["2 speakers", "1 --voice"],
+    );
+    fails(
+        dir.path(),
+        &with(&["--voice", "a.wav"]),
+        2,
+        &["required arguments"],
+    );
+    assert!(!dir.path().join("o.wav").exists());
+    // An existing output is refused and kept.
+    std::fs::write(dir.path().join("o.wav"), "keep").unwrap();
+    fails(
+        dir.path(),
+        &with(&["--text", "Speaker 1: Hi", "--voice", "a.wav"]),
+        2,
+        &["exists", "--force"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("o.wav")).unwrap(),
+        "keep"
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(names.is_empty(), "temporary files left: {names:?}");
+}
