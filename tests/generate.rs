@@ -260,3 +260,54 @@ fn streamed_generation_is_bit_identical_to_resident() {
     );
     assert!(resident == streamed, "streamed audio differs from resident");
 }
+
+/// A float8 checkpoint's speech weights stay float8 and are decoded at use by the engine's
+/// kernels; the results equal decoding every weight once at load.
+#[test]
+fn float8_speech_weights_decoded_at_use_equal_decoded_at_load() {
+    use vibeoffload::checkpoint::synth::{self, SynthSpec};
+    use vibeoffload::speech::WeightSource;
+
+    /// The same checkpoint with every weight decoded at load.
+    struct AtLoad<'a>(&'a CheckpointWeights<'a>);
+    impl WeightSource for AtLoad<'_> {
+        fn tensor(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+            self.0.tensor(name, shape)
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    synth::write(&SynthSpec::embedded(), &path, false, |_, _| {}).unwrap();
+    let info = ModelInfo::open(&path).unwrap();
+    let config = info.speech.clone().unwrap();
+    let hidden = info.config.hidden_size;
+    let cpu = Device::Cpu;
+    let stored = CheckpointWeights::new(&info, &cpu, DType::F32).unwrap();
+    let at_use = SpeechModel::load(&stored, &config, hidden, &cpu, DType::F32).unwrap();
+    let at_load = SpeechModel::load(&AtLoad(&stored), &config, hidden, &cpu, DType::F32).unwrap();
+
+    let mut rng = vibeoffload::rng::Rng::new(5);
+    let mut normal = |shape: &[usize]| {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normals(n), shape, &cpu).unwrap()
+    };
+    let (noise, pos, neg) = (normal(&[1, 8]), normal(&[1, hidden]), normal(&[1, hidden]));
+    let solver = at_use.solver(5).unwrap();
+    let sample = |m: &SpeechModel| {
+        vibeoffload::speech::sample_latent(&m.head, &solver, &noise, &pos, &neg, 1.3).unwrap()
+    };
+    let (a, b) = (sample(&at_use), sample(&at_load));
+    assert!(
+        relative(&a, &b) <= 1e-5,
+        "diffusion head: {}",
+        relative(&a, &b)
+    );
+    let latents = normal(&[1, 3, 8]);
+    let decode = |m: &SpeechModel| m.acoustic_decoder.decode(&latents).unwrap();
+    let (a, b) = (decode(&at_use), decode(&at_load));
+    assert!(relative(&a, &b) <= 1e-5, "decoder: {}", relative(&a, &b));
+    let connect = |m: &SpeechModel| m.acoustic_connector.forward(&latents).unwrap();
+    let (a, b) = (connect(&at_use), connect(&at_load));
+    assert!(relative(&a, &b) <= 1e-5, "connector: {}", relative(&a, &b));
+}

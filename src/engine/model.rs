@@ -74,8 +74,9 @@ fn fused_checked(
     }
 }
 
-/// `x @ W^T (+ b)`: by the fused path where it applies, else decoding W with its scale.
-fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> Result<Tensor> {
+/// `x @ W^T (+ b)`: by the fused path where it applies, else decoding W with its scale. The
+/// speech components use it too, so their float8 weights stay float8 on the device.
+pub fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> Result<Tensor> {
     let y = if matvec::applies(x, &l.weight, l.scale.as_ref())? {
         fused(x, &[l], resident, Fuse::default())?
     } else {

@@ -4,7 +4,9 @@
 
 use super::WeightSource;
 use crate::checkpoint::ModelInfo;
+use crate::dtype::DType as Stored;
 use crate::engine::dequant::{dequantize, RawTensor};
+use crate::engine::weights::Linear;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -54,6 +56,32 @@ impl<'a> CheckpointWeights<'a> {
 }
 
 impl WeightSource for CheckpointWeights<'_> {
+    fn stored_linear(&self, name: &str, shape: &[usize]) -> Result<Option<Linear>> {
+        let (weight, stored) = self.raw(name)?;
+        if stored != shape {
+            bail!(
+                "tensor {name} in {} has shape {stored:?}, expected {shape:?}",
+                self.info.source
+            );
+        }
+        if weight.dtype != Stored::F8E4M3 || shape.len() != 2 {
+            return Ok(None);
+        }
+        let scale = match self.info.inventory.scale_of(name) {
+            Some(s) => Some(self.raw(&s.name)?.0),
+            None => None,
+        };
+        let scale_f32 = scale
+            .as_ref()
+            .map(|s| dequantize(s, None, DType::F32)?.flatten_all())
+            .transpose()?;
+        Ok(Some(Linear {
+            weight,
+            scale,
+            scale_f32,
+        }))
+    }
+
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (raw, stored) = self.raw(name)?;
         if stored != shape {

@@ -3,12 +3,11 @@
 //! takes the 64-d acoustic latents (the voice prompt and every generated frame), the
 //! semantic one the 128-d semantic features of every generated frame.
 
-use super::nn::{apply, linear, rms_norm};
+use super::nn::{apply, linear, rms_norm, Linear};
 use super::weights::Scope;
 use crate::arch::speech::CONNECTOR_EPS;
 use anyhow::Result;
 use candle_core::Tensor;
-use candle_nn::Linear;
 
 /// One connector: `fc1 [H, in]` (bias), `norm [H]` (eps 1e-6), `fc2 [H, H]` (bias).
 pub struct Connector {

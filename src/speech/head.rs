@@ -2,12 +2,11 @@
 //! latent, its timestep and the language model's hidden state, the v-prediction. adaLN
 //! layers modulate a SwiGLU feed-forward by the condition `c = cond_proj(h) + t_emb(t)`.
 
-use super::nn::{apply, linear, rms_norm};
+use super::nn::{apply, linear, rms_norm, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{DiffusionHeadConfig, FREQUENCY_EMBEDDING_SIZE};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
-use candle_nn::Linear;
 
 /// The sinusoidal embedding of `timesteps` `[B]`: `[B, 256]`, cosines first, then sines
 /// (frequencies `exp(-ln(10⁴)·i/128)`), computed in f32 and cast to the timesteps' dtype, as

@@ -2,19 +2,43 @@
 //! original's RMSNorm, which normalises in f32 and casts back before the affine weight.
 
 use super::weights::Scope;
+use crate::engine::{model, weights};
 use anyhow::{Context, Result};
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::Linear;
+
+/// A linear layer: a decoded weight (candle's layer), or a float8 weight kept as stored and
+/// decoded at use by the engine's kernels (the fused matrix-vector product for a few rows).
+pub(crate) enum Linear {
+    Dense(candle_nn::Linear),
+    Stored {
+        weight: weights::Linear,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(l) => Ok(l.forward(x)?),
+            Linear::Stored { weight, bias } => model::linear(x, weight, bias.as_ref(), true),
+        }
+    }
+}
 
 /// The linear layer `scope` (`weight [out, in]`, and `bias [out]` when `bias`).
 pub(crate) fn linear(scope: &Scope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-    let weight = scope.get("weight", &[out_dim, in_dim])?;
     let bias = if bias {
         Some(scope.get("bias", &[out_dim])?)
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Ok(match scope.stored_linear("weight", &[out_dim, in_dim])? {
+        Some(weight) => Linear::Stored { weight, bias },
+        None => Linear::Dense(candle_nn::Linear::new(
+            scope.get("weight", &[out_dim, in_dim])?,
+            bias,
+        )),
+    })
 }
 
 /// Applies `layer` (`owner.what`, named on failure) to `x`.

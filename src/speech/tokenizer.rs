@@ -4,12 +4,11 @@
 //! [`Block`]s; the final norm is the identity (`disable_last_norm`).
 
 use super::conv::{CausalConv1d, CausalConvTranspose1d, Slot};
-use super::nn::{apply, linear, rms_norm};
+use super::nn::{apply, linear, rms_norm, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{ConvStack, TokenizerConfig, TOKENIZER_KERNEL};
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::Linear;
 use std::slice::IterMut;
 
 /// The original's `Block1D`: a depthwise causal convolution and a GELU feed-forward, each

@@ -5,6 +5,7 @@
 //! timings without a checkpoint). The checkpoint-backed source (float8 and bf16 decoding with
 //! scales) implements the same trait elsewhere.
 
+use crate::engine::weights::Linear;
 use crate::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -16,6 +17,13 @@ pub trait WeightSource {
     /// The tensor `name` with exactly `shape`, in the compute dtype on the target device.
     /// Errors in one line naming the tensor when it is missing or has another shape.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+
+    /// The linear weight `name` (`[out, in]`) as stored, when the source keeps it in float8 on
+    /// the device, to be decoded at use by the engine's kernels; `None`: take
+    /// [`WeightSource::tensor`].
+    fn stored_linear(&self, _name: &str, _shape: &[usize]) -> Result<Option<Linear>> {
+        Ok(None)
+    }
 }
 
 /// A position in the module tree: a prefix over a [`WeightSource`], like candle's
@@ -38,6 +46,11 @@ impl<'a> Scope<'a> {
     /// The tensor `name` under this scope, with exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.source.tensor(&join(&self.prefix, name), shape)
+    }
+
+    /// The linear weight `name` under this scope as stored, if the source keeps it so.
+    pub fn stored_linear(&self, name: &str, shape: &[usize]) -> Result<Option<Linear>> {
+        self.source.stored_linear(&join(&self.prefix, name), shape)
     }
 
     /// This scope's prefix, for messages.
