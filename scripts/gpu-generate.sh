@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# generate on the lent GPU: the GPU tests, then a synthesized 7B float8 checkpoint speaking a
+# two-speaker script in two demo voices with a forced schedule of frames (random weights choose
+# arbitrarily), for each layer count: the report's real-time factor and time per part.
+#
+# Usage: scripts/gpu-generate.sh   (dist/pack from `scripts/build-cuda.sh --tests --pack`, the
+#        demo voices and script in dist/voice)
+# Env: LAYER_COUNTS (default "28 8"), FRAMES (default 64), STEPS (default 10).
+source "$(dirname "$0")/gpu-env.sh"
+
+echo "== GPU tests"
+run_gpu_tests
+
+voice=dist/voice
+for n in ${LAYER_COUNTS:-28 8}; do
+  echo "-- generate, N=$n"
+  "$bin" generate --device cuda --model-path "$model" --num-gpu-layers "$n" \
+    --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
+    --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-$n.wav" --force \
+    --json-out "$out/generate-$n.json" || fail "generate N=$n"
+done
+nvidia-smi --query-gpu=memory.used --format=csv
+finish
