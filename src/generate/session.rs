@@ -4,9 +4,10 @@
 use super::{generate, prompt_embeddings, Noise, Options, SpeechModel, Timings, VoiceLatents};
 use crate::audio::{self, SAMPLE_RATE};
 use crate::engine::{Engine, EngineOptions};
-use crate::measure::ModelFile;
+use crate::measure::{taken_bytes, GpuProbe, ModelFile};
 use crate::output::Output;
 use crate::plan::memory::MAX_SEQ_LEN;
+use crate::plan::{self, PlanOptions, Scope};
 use crate::rng::Rng;
 use crate::speech::CheckpointWeights;
 use crate::text::{prompt, TextTokenizer};
@@ -77,6 +78,14 @@ pub struct GenerateReport {
     pub stop: String,
     /// Whether the frame schedule was forced (`--force-frames`).
     pub forced_frames: bool,
+    /// The planner's estimate for the whole model with both KV caches at this script's
+    /// length (`max_seq_len` positions each).
+    pub estimate_bytes: u64,
+    /// KV positions per cache the run was sized for.
+    pub max_seq_len: usize,
+    /// GPU memory this run took at its peak, per NVML (peak minus what was in use before it
+    /// loaded); none on the CPU.
+    pub measured_bytes: Option<u64>,
 }
 
 /// Loads `model`, generates `request`'s script in its voices and writes the WAV;
@@ -147,6 +156,15 @@ pub fn run_generation(
         ..request.engine.clone()
     };
     let gpu_layers = engine_options.gpu_layers;
+    let plan = PlanOptions {
+        scope: Scope::Full,
+        max_seq_len: max_seq_len as u64,
+        ..PlanOptions::default()
+    };
+    let estimate_bytes = plan::estimate(&info, &plan, gpu_layers)?.total_bytes;
+    let probe = GpuProbe::of(engine_options.device);
+    let used_before = probe.used_bytes();
+    let peak = probe.watch_peak();
     let started = Instant::now();
     let mut engine = Engine::load(info, &engine_options, |_, _| {})?;
     let weights = CheckpointWeights::new(engine.info(), engine.device(), engine.dtype())?;
@@ -158,10 +176,7 @@ pub fn run_generation(
         engine.dtype(),
     )?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    let device = match engine.device() {
-        candle_core::Device::Cpu => "cpu".to_string(),
-        _ => "cuda".to_string(),
-    };
+    let device = probe.label();
 
     let voice_inputs = voices
         .iter()
@@ -212,6 +227,7 @@ pub fn run_generation(
         },
     )?;
     let generation_ms = started.elapsed().as_secs_f64() * 1e3;
+    let measured_bytes = taken_bytes(used_before, peak.map(crate::gpu::PeakSampler::finish));
     wav.finalize()
         .map_err(|e| anyhow!("cannot write {}: {e}", request.out.display()))?;
     match request.force {
@@ -248,5 +264,8 @@ pub fn run_generation(
         timings: outcome.timings,
         stop: stop.to_string(),
         forced_frames: request.force_frames.is_some(),
+        estimate_bytes,
+        max_seq_len,
+        measured_bytes,
     })
 }

@@ -138,12 +138,12 @@ impl ModelFile {
 }
 
 /// What NVML says about the GPU an engine runs on (nothing on the CPU).
-struct GpuProbe {
+pub(crate) struct GpuProbe {
     index: Option<u32>,
 }
 
 impl GpuProbe {
-    fn of(device: DeviceChoice) -> GpuProbe {
+    pub(crate) fn of(device: DeviceChoice) -> GpuProbe {
         GpuProbe {
             index: match device {
                 DeviceChoice::Cuda(i) => Some(i as u32),
@@ -153,7 +153,7 @@ impl GpuProbe {
     }
 
     /// `cpu`, or the GPU's index and name (its index alone when NVML cannot read it).
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self.index {
             Some(i) => {
                 gpu::query(i).map_or_else(|_| format!("GPU {i}"), |g| format!("GPU {i} {}", g.name))
@@ -170,18 +170,18 @@ impl GpuProbe {
     }
 
     /// Memory in use on the GPU now, all processes.
-    fn used_bytes(&self) -> Option<u64> {
+    pub(crate) fn used_bytes(&self) -> Option<u64> {
         self.watch_peak().map(gpu::PeakSampler::finish)
     }
 
     /// Starts sampling the peak of memory in use.
-    fn watch_peak(&self) -> Option<gpu::PeakSampler> {
+    pub(crate) fn watch_peak(&self) -> Option<gpu::PeakSampler> {
         self.index.and_then(|i| gpu::PeakSampler::start(i).ok())
     }
 }
 
 /// What a configuration took: the peak minus what was in use before it started.
-fn taken_bytes(before: Option<u64>, peak: Option<u64>) -> Option<u64> {
+pub(crate) fn taken_bytes(before: Option<u64>, peak: Option<u64>) -> Option<u64> {
     before.zip(peak).map(|(b, p)| p.saturating_sub(b))
 }
 

@@ -2,6 +2,7 @@
 
 use super::Render;
 use crate::generate::GenerateReport;
+use crate::units::gib;
 
 impl Render for GenerateReport {
     fn render(&self) -> String {
@@ -37,6 +38,16 @@ impl Render for GenerateReport {
             per_frame(t.head_ms),
             per_frame(t.decoder_ms),
             per_frame(t.semantic_ms)
+        ));
+        out.push_str(&format!(
+            "VRAM: estimate {} GiB (whole model, both KV caches at {} positions); measured {}\n",
+            gib(self.estimate_bytes),
+            self.max_seq_len,
+            self.measured_bytes
+                .map_or("- (no GPU)".to_string(), |b| format!(
+                    "{} GiB (NVML peak)",
+                    gib(b)
+                ))
         ));
         if self.forced_frames {
             out.push_str("frames forced by --force-frames: the language model's choices were overridden (a benchmark mode)\n");
