@@ -2,7 +2,8 @@
 //! in its target's directory and is renamed into place when complete; it never replaces a file
 //! the tool read (a checkpoint, its `config.json`), never follows a link onto another file, and
 //! never replaces something that is not a regular file; and if the process is interrupted
-//! (Ctrl-C), the temporary files are removed.
+//! (Ctrl-C), the temporary files are removed (or, for files valid at every moment, like the
+//! WAV `generate` writes, renamed into place as they are).
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
@@ -16,6 +17,9 @@ static INPUTS: Mutex<Vec<(PathBuf, FileId)>> = Mutex::new(Vec::new());
 static GUARDED: AtomicBool = AtomicBool::new(false);
 /// Temporary files and directories, removed on an interrupt.
 static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Temporary files valid at every moment (a WAV flushed after each frame), renamed into place
+/// on an interrupt: (temporary, final, whether an existing final file is kept).
+static KEPT: Mutex<Vec<(PathBuf, PathBuf, bool)>> = Mutex::new(Vec::new());
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum FileId {
@@ -73,6 +77,15 @@ pub fn guard_process() -> Result<()> {
                 true => std::fs::remove_dir_all(path),
                 false => std::fs::remove_file(path),
             };
+        }
+        for (temp, path, no_clobber) in KEPT.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let kept = !(*no_clobber && path.exists()) && std::fs::rename(temp, path).is_ok();
+            match kept {
+                true => eprintln!("interrupted; kept what was written in {}", path.display()),
+                false => {
+                    let _ = std::fs::remove_file(temp);
+                }
+            }
         }
         eprintln!("interrupted; unfinished files removed");
         std::process::exit(130);
@@ -167,6 +180,16 @@ impl Output {
             .as_file_mut()
     }
 
+    /// Has the file renamed into place as it is if the process is interrupted, for writers
+    /// that keep it valid at every moment; `no_clobber`: unless something is there by then.
+    pub fn keep_on_interrupt(&self, no_clobber: bool) {
+        let temp = self.temp_path().to_path_buf();
+        forget_temp(&temp);
+        KEPT.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((temp, self.path.clone(), no_clobber));
+    }
+
     /// Renames the finished file into place, replacing a regular file there (checked again
     /// now: it may have changed since `begin`).
     pub fn commit(self) -> Result<()> {
@@ -206,6 +229,9 @@ fn forget_temp(path: &Path) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .retain(|p| p != path);
+    KEPT.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(p, _, _)| p != path);
 }
 
 impl Drop for Output {

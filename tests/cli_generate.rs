@@ -167,3 +167,65 @@ fn bad_generate_inputs_get_one_line_and_leave_no_output() {
         .collect();
     assert!(names.is_empty(), "temporary files left: {names:?}");
 }
+
+/// Ctrl-C in the middle of a generation keeps what was written as a valid, shorter WAV under
+/// the final name.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_generation_keeps_a_valid_shorter_wav() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+        .args([
+            "generate",
+            "--text",
+            "Speaker 1: Hi.",
+            "--out",
+            "cut.wav",
+            "--force-frames",
+            "500",
+            "--steps",
+            "1",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the temporary WAV holds at least two frames (44-byte header + 2 x 3200 x 2).
+    let started = std::time::Instant::now();
+    loop {
+        let grown = std::fs::read_dir(dir.path()).unwrap().any(|e| {
+            let e = e.unwrap();
+            e.file_name().to_string_lossy().starts_with('.')
+                && e.metadata().unwrap().len() >= 44 + 2 * 6400
+        });
+        if grown {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 300, "no audio after 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("kept what was written"), "{stderr}");
+    let wav = hound::WavReader::open(dir.path().join("cut.wav")).unwrap();
+    let samples = wav.len();
+    assert!(
+        samples >= 2 * 3200 && samples < 500 * 3200,
+        "{samples} samples"
+    );
+    assert_eq!(samples % 3200, 0, "whole frames only");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}

@@ -202,6 +202,9 @@ pub fn run_generation(
     };
     let mut wav = hound::WavWriter::create(out.temp_path(), spec)
         .map_err(|e| anyhow!("cannot write {}: {e}", request.out.display()))?;
+    // The header is rewritten after every frame, so Ctrl-C leaves a valid, shorter WAV.
+    wav.flush()?;
+    out.keep_on_interrupt(!request.force);
     let options = Options {
         cfg_scale: request.cfg_scale,
         steps: request.steps,
@@ -221,6 +224,7 @@ pub fn run_generation(
             for &s in samples {
                 wav.write_sample((s.clamp(-1.0, 1.0) * i16::MAX as f32).round() as i16)?;
             }
+            wav.flush()?;
             written += samples.len();
             progress(written as f64 / SAMPLE_RATE as f64);
             Ok(())
