@@ -229,3 +229,74 @@ fn an_interrupted_generation_keeps_a_valid_shorter_wav() {
         .collect();
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
+
+/// `--noise` drives every frame's diffusion (two seeds, the same audio) and `--dump-latents`
+/// writes the latents, tokens and audio of the run.
+#[test]
+fn recorded_noise_and_dumped_latents_make_runs_comparable() {
+    let dir = tempfile::tempdir().unwrap();
+    let noise: Vec<f32> = (0..2 * 64)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert(
+        "noise".to_string(),
+        candle_core::Tensor::from_vec(noise, (2, 64), &candle_core::Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, dir.path().join("noise.safetensors")).unwrap();
+    let run = |seed: &str, out: &str, dump: &str| {
+        let args = [
+            "generate",
+            "--text",
+            "Speaker 1: Hi.",
+            "--out",
+            out,
+            "--force-frames",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            seed,
+            "--noise",
+            "noise.safetensors",
+            "--dump-latents",
+            dump,
+        ];
+        let o = vibeoffload(dir.path(), &args);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    };
+    run("1", "a.wav", "a.safetensors");
+    run("2", "b.wav", "b.safetensors");
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    assert_eq!(
+        read("a.wav"),
+        read("b.wav"),
+        "the noise file, not the seed, drives the frames"
+    );
+    let dump =
+        candle_core::safetensors::load(dir.path().join("a.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(dump["latents"].dims(), [2, 64]);
+    assert_eq!(dump["audio"].dims(), [2 * 3200]);
+    assert_eq!(dump["tokens"].dims(), [3]);
+    // Three frames need three rows of noise: one line, exit 1.
+    let o = vibeoffload(
+        dir.path(),
+        &[
+            "generate",
+            "--text",
+            "Speaker 1: Hi.",
+            "--out",
+            "c.wav",
+            "--force-frames",
+            "3",
+            "--steps",
+            "1",
+            "--noise",
+            "noise.safetensors",
+        ],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("no frame 2"), "{}", o.stderr);
+    assert!(!dir.path().join("c.wav").exists());
+}

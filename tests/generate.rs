@@ -134,6 +134,7 @@ fn a_whole_generation_matches_the_original() {
         steps: reference.id("ddpm_steps") as usize,
         max_frames: None,
         forced: Some(forced.clone()),
+        separate_passes: false,
     };
     let mut samples = Vec::new();
     let outcome = generate::generate(
@@ -188,7 +189,8 @@ fn a_whole_generation_matches_the_original() {
 }
 
 /// Streamed layers change no bit of the loop: every latent and sample equal with the
-/// language model resident and with one of its two layers streamed.
+/// language model resident and with one of its two layers streamed, and with the guidance pass
+/// sharing the positive pass's weight stream or running on its own.
 #[test]
 fn streamed_generation_is_bit_identical_to_resident() {
     let reference = Reference {
@@ -219,7 +221,7 @@ fn streamed_generation_is_bit_identical_to_resident() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let run = |gpu_layers: usize| {
+    let run = |gpu_layers: usize, separate_passes: bool| {
         let options = EngineOptions {
             gpu_layers,
             max_seq_len: 256,
@@ -234,6 +236,7 @@ fn streamed_generation_is_bit_identical_to_resident() {
             steps: 5,
             max_frames: Some(6),
             forced: None,
+            separate_passes,
         };
         let mut samples = Vec::new();
         let outcome = generate::generate(
@@ -251,14 +254,21 @@ fn streamed_generation_is_bit_identical_to_resident() {
         .unwrap();
         (outcome.tokens, samples)
     };
-    let (resident_tokens, resident) = run(2);
-    let (streamed_tokens, streamed) = run(1);
+    let (resident_tokens, resident) = run(2, false);
+    let (streamed_tokens, streamed) = run(1, false);
     assert_eq!(resident_tokens, streamed_tokens);
     assert!(
         !resident.is_empty(),
         "the loop produced no audio: {resident_tokens:?}"
     );
     assert!(resident == streamed, "streamed audio differs from resident");
+    // The fork's way, the negative pass over the layers on its own: the same bits.
+    let (separate_tokens, separate) = run(1, true);
+    assert_eq!(separate_tokens, streamed_tokens);
+    assert!(
+        separate == streamed,
+        "separate passes differ from the shared one"
+    );
 }
 
 /// A float8 checkpoint's speech weights stay float8 and are decoded at use by the engine's

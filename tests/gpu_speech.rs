@@ -109,6 +109,7 @@ fn replay(gpu_layers: usize, speech_dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f3
         steps: 10,
         max_frames: None,
         forced: Some(ids_of("tokens")),
+        separate_passes: false,
     };
     let mut samples = Vec::new();
     let outcome = generate::generate(

@@ -172,6 +172,18 @@ pub struct GenerateArgs {
     /// (deterministic whatever the seed).
     #[arg(long, value_enum, default_value_t = VoiceLatentsArg::Sample)]
     pub voice_latents: VoiceLatentsArg,
+    /// Each frame's initial diffusion noise from this safetensors file (tensor `noise`,
+    /// `[frames, latent]`), for runs compared exactly (with this tool or the original).
+    #[arg(long, value_name = "FILE")]
+    pub noise: Option<PathBuf>,
+    /// Write every frame's latent, the conditions, the tokens and the audio to this
+    /// safetensors file.
+    #[arg(long, value_name = "FILE")]
+    pub dump_latents: Option<PathBuf>,
+    /// Run the guidance pass over the layers on its own, as the fork does (a benchmark of what
+    /// sharing one weight stream saves; the audio is the same).
+    #[arg(long)]
+    pub separate_cfg_passes: bool,
     #[command(flatten)]
     pub choice: ChoiceArgs,
     #[command(flatten)]

@@ -292,6 +292,9 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
             VoiceLatentsArg::Sample => VoiceLatents::Sample(a.seed),
             VoiceLatentsArg::Mean => VoiceLatents::Mean,
         },
+        separate_passes: a.separate_cfg_passes,
+        noise: a.noise.clone(),
+        dump_latents: a.dump_latents.clone(),
     };
     Ok((model, request))
 }

@@ -58,6 +58,9 @@ pub struct Options {
     /// Tokens to take instead of the language model's choices, in order (tests and the
     /// forced-frame benchmark); generation stops when they run out.
     pub forced: Option<Vec<u32>>,
+    /// Run the negative pass as its own pass over the layers, as the fork does (a benchmark
+    /// of what sharing one weight stream saves); the results are the same.
+    pub separate_passes: bool,
 }
 
 /// Where the time of a generation went, in ms (the device is synchronised between parts).
@@ -153,9 +156,14 @@ pub fn generate(
             _ => x_in.clone(),
         };
         let neg_before = engine.lane_position(negative)?;
-        let hidden = engine
-            .forward_lanes(&[(0, &x_in), (negative, &neg_in)])
-            .with_context(|| format!("generation step {step}"))?;
+        let hidden = match options.separate_passes {
+            false => engine.forward_lanes(&[(0, &x_in), (negative, &neg_in)]),
+            true => engine.forward_lanes(&[(0, &x_in)]).and_then(|mut h| {
+                h.extend(engine.forward_lanes(&[(negative, &neg_in)])?);
+                Ok(h)
+            }),
+        }
+        .with_context(|| format!("generation step {step}"))?;
         let last = |h: &Tensor| -> Result<Tensor> { Ok(h.narrow(0, h.dim(0)? - 1, 1)?) };
         let (h_pos, h_neg) = (last(&hidden[0])?, last(&hidden[1])?);
         let logits = engine.logits(&h_pos.squeeze(0)?)?;

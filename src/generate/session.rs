@@ -13,7 +13,9 @@ use crate::speech::CheckpointWeights;
 use crate::text::{prompt, TextTokenizer};
 use crate::UsageError;
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -43,6 +45,13 @@ pub struct Request {
     pub force_frames: Option<usize>,
     /// How voice latents are taken.
     pub voice_latents: VoiceLatents,
+    /// The guidance pass on its own pass over the layers (see [`Options::separate_passes`]).
+    pub separate_passes: bool,
+    /// Initial diffusion noise per frame from this safetensors file (`noise`, `[frames,
+    /// latent]`) instead of the seeded generator.
+    pub noise: Option<PathBuf>,
+    /// Write every frame's latent, the conditions, the tokens and the audio here (safetensors).
+    pub dump_latents: Option<PathBuf>,
 }
 
 /// What `generate` did.
@@ -210,8 +219,15 @@ pub fn run_generation(
         steps: request.steps,
         max_frames: request.max_frames,
         forced,
+        separate_passes: request.separate_passes,
+    };
+    let mut noise = match &request.noise {
+        None => Noise::Seeded(Rng::new(request.seed)),
+        Some(path) => Noise::Recorded(read_noise(path)?),
     };
     let mut written = 0usize;
+    let keep_audio = request.dump_latents.is_some();
+    let mut audio_dump: Vec<f32> = Vec::new();
     let started = Instant::now();
     let outcome = generate(
         &mut engine,
@@ -219,12 +235,15 @@ pub fn run_generation(
         special,
         &embeddings,
         &options,
-        &mut Noise::Seeded(Rng::new(request.seed)),
+        &mut noise,
         &mut |samples| {
             for &s in samples {
                 wav.write_sample((s.clamp(-1.0, 1.0) * i16::MAX as f32).round() as i16)?;
             }
             wav.flush()?;
+            if keep_audio {
+                audio_dump.extend_from_slice(samples);
+            }
             written += samples.len();
             progress(written as f64 / SAMPLE_RATE as f64);
             Ok(())
@@ -240,6 +259,9 @@ pub fn run_generation(
         false => out.commit_new()?,
     }
 
+    if let Some(path) = &request.dump_latents {
+        dump(path, &outcome, &audio_dump)?;
+    }
     let audio_seconds = outcome.samples as f64 / SAMPLE_RATE as f64;
     let last = outcome.tokens.last().copied();
     let stop = match last {
@@ -272,4 +294,59 @@ pub fn run_generation(
         max_seq_len,
         measured_bytes,
     })
+}
+
+/// The `noise` tensor of a `--noise` file: `[frames, latent]`, or the original's `[frames, 2,
+/// latent]` draws (row 0 is the one used).
+fn read_noise(path: &Path) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| anyhow!("cannot read the noise file {}: {e}", path.display()))?;
+    let noise = tensors.get("noise").ok_or_else(|| {
+        anyhow!(
+            "{} has no tensor named noise ([frames, latent])",
+            path.display()
+        )
+    })?;
+    let noise = match noise.rank() {
+        2 => noise.clone(),
+        3 => noise.narrow(1, 0, 1)?.squeeze(1)?,
+        _ => bail!(
+            "{}: noise is {:?}, not [frames, latent]",
+            path.display(),
+            noise.dims()
+        ),
+    };
+    Ok(noise.to_dtype(DType::F32)?)
+}
+
+/// `--dump-latents`: latents `[frames, latent]`, conditions `[frames, 2, hidden]`, tokens and
+/// audio, as safetensors through a temporary file.
+fn dump(path: &Path, outcome: &super::Outcome, audio: &[f32]) -> Result<()> {
+    let cpu =
+        |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+    let mut tensors = HashMap::new();
+    if !outcome.latents.is_empty() {
+        tensors.insert(
+            "latents".to_string(),
+            cpu(Tensor::cat(&outcome.latents, 0)?)?,
+        );
+        tensors.insert(
+            "conditions".to_string(),
+            cpu(Tensor::stack(&outcome.conditions, 0)?)?,
+        );
+    }
+    let tokens: Vec<i64> = outcome.tokens.iter().map(|&t| t as i64).collect();
+    let n = tokens.len();
+    tensors.insert(
+        "tokens".to_string(),
+        Tensor::from_vec(tokens, n, &Device::Cpu)?,
+    );
+    tensors.insert(
+        "audio".to_string(),
+        Tensor::from_slice(audio, audio.len(), &Device::Cpu)?,
+    );
+    let out = Output::begin(path)?;
+    candle_core::safetensors::save(&tensors, out.temp_path())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    out.commit()
 }
