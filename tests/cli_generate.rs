@@ -300,3 +300,42 @@ fn recorded_noise_and_dumped_latents_make_runs_comparable() {
     assert!(o.stderr.contains("no frame 2"), "{}", o.stderr);
     assert!(!dir.path().join("c.wav").exists());
 }
+
+/// `--benchmark`: one row per preset the model has layers for, each a full report.
+#[test]
+fn benchmark_generates_once_per_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = vibeoffload(
+        dir.path(),
+        &[
+            "generate",
+            "--text",
+            "Speaker 1: Hi.",
+            "--out",
+            "b.wav",
+            "--force-frames",
+            "1",
+            "--steps",
+            "1",
+            "--benchmark",
+            "--json",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let report: vibeoffload::generate::GenerateBenchmark = serde_json::from_str(&o.stdout).unwrap();
+    let rows: Vec<(String, usize)> = report
+        .rows
+        .iter()
+        .map(|r| (r.configuration.clone(), r.report.gpu_layers))
+        .collect();
+    // The embedded model has 8 layers: high_end (all), budget (8), minimal (4).
+    assert_eq!(
+        rows,
+        [
+            ("high_end".into(), 8),
+            ("budget".into(), 8),
+            ("minimal".into(), 4)
+        ]
+    );
+    assert!(report.rows.iter().all(|r| r.report.frames == 1));
+}

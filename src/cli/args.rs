@@ -184,6 +184,10 @@ pub struct GenerateArgs {
     /// sharing one weight stream saves; the audio is the same).
     #[arg(long)]
     pub separate_cfg_passes: bool,
+    /// Generate once per preset (high_end, mid_range, consumer, budget, minimal) and print a
+    /// table of RTF, time per part and VRAM, as the fork's --benchmark does.
+    #[arg(long, conflicts_with_all = ["num_gpu_layers", "config", "no_offload"])]
+    pub benchmark: bool,
     #[command(flatten)]
     pub choice: ChoiceArgs,
     #[command(flatten)]

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vibeoffload::checkpoint::synth;
 use vibeoffload::measure::{self, compare, BenchReport};
+use vibeoffload::plan::presets;
 use vibeoffload::report::{self, plot_bench, InspectReport, PlanReport, Render, TableReport};
 
 /// What a command leaves: text for stdout, and a failure to report after printing it.
@@ -135,6 +136,22 @@ pub fn run(a: RunArgs) -> Result<Output> {
 
 pub fn generate(a: GenerateArgs) -> Result<Output> {
     let (model, request) = generate_request(&a)?;
+    if a.benchmark {
+        let num_layers = model.open()?.inventory.num_layers();
+        // The presets this model has layers for (a small model skips those above its count).
+        let configurations: Vec<(String, usize)> = presets::presets()
+            .presets
+            .iter()
+            .filter_map(|p| presets::resolve(&p.name, num_layers).ok())
+            .collect();
+        let spinner = ProgressBar::new_spinner();
+        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+        let report = vibeoffload::generate::run_benchmark(&model, &request, &configurations, |m| {
+            spinner.set_message(m.to_string())
+        });
+        spinner.finish_and_clear();
+        return report_out(&report?, &a.output);
+    }
     let bar = ProgressBar::new_spinner().with_style(
         ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),
     );

@@ -4,9 +4,11 @@
 //! both; the diffusion head samples each frame, the streaming decoder turns it into audio,
 //! and the streaming semantic encoder and the connectors build the next input.
 
+mod benchmark;
 mod model;
 mod session;
 
+pub use benchmark::{run_benchmark, BenchmarkRow, GenerateBenchmark};
 pub use model::{SpeechModel, VoiceLatents};
 pub use session::{run_generation, GenerateReport, Request};
 

@@ -1,7 +1,7 @@
 //! `vibeoffload generate`: what was written, how fast, and where the time went.
 
-use super::Render;
-use crate::generate::GenerateReport;
+use super::{Columns, Render};
+use crate::generate::{BenchmarkRow, GenerateBenchmark, GenerateReport};
 use crate::units::gib;
 
 impl Render for GenerateReport {
@@ -51,6 +51,44 @@ impl Render for GenerateReport {
         ));
         if self.forced_frames {
             out.push_str("frames forced by --force-frames: the language model's choices were overridden (a benchmark mode)\n");
+        }
+        out
+    }
+}
+
+impl Render for GenerateBenchmark {
+    fn render(&self) -> String {
+        let per_frame = |r: &BenchmarkRow, ms: f64| match r.report.frames {
+            0 => "-".to_string(),
+            n => format!("{:.1}", ms / n as f64),
+        };
+        let columns = Columns::<BenchmarkRow>::new()
+            .left("preset", |r| r.configuration.clone())
+            .right("N", |r| r.report.gpu_layers.to_string())
+            .right("RTF", |r| {
+                r.report
+                    .real_time_factor
+                    .map_or("-".to_string(), |x| format!("{x:.3}"))
+            })
+            .right("time s", |r| format!("{:.2}", r.report.generation_ms / 1e3))
+            .right("LM pair", |r| per_frame(r, r.report.timings.lm_ms))
+            .right("head", |r| per_frame(r, r.report.timings.head_ms))
+            .right("decoder", |r| per_frame(r, r.report.timings.decoder_ms))
+            .right("semantic", |r| per_frame(r, r.report.timings.semantic_ms))
+            .right("VRAM est", |r| gib(r.report.estimate_bytes))
+            .right("NVML", |r| {
+                r.report.measured_bytes.map_or("-".to_string(), gib)
+            });
+        let mut out = match self.rows.first() {
+            Some(r) => format!(
+                "model: {}\ndevice: {}; {} prompt tokens, {} speakers, {:.2} s of audio; times per frame in ms, VRAM in GiB\n",
+                r.report.model, r.report.device, r.report.prompt_tokens, r.report.speakers, r.report.audio_seconds
+            ),
+            None => String::new(),
+        };
+        out.push_str(&format!("{}\n", columns.table(&self.rows)));
+        if self.rows.iter().any(|r| r.report.forced_frames) {
+            out.push_str("frames forced by --force-frames (a benchmark mode)\n");
         }
         out
     }

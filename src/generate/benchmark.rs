@@ -1,0 +1,61 @@
+//! `generate --benchmark`: the same script spoken at each preset's layer count, one report per
+//! configuration, as the fork's `--benchmark` table does.
+
+use super::session::{run_generation, GenerateReport, Request};
+use crate::measure::ModelFile;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+/// One configuration's generation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchmarkRow {
+    /// The preset (or `N layers`).
+    pub configuration: String,
+    /// Its generation report.
+    pub report: GenerateReport,
+}
+
+/// Every configuration's generation, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerateBenchmark {
+    /// The tool that wrote it: version and commit.
+    pub tool: String,
+    /// One row per configuration.
+    pub rows: Vec<BenchmarkRow>,
+}
+
+/// Generates `request` once per `(name, gpu_layers)` configuration, after a two-frame warm-up
+/// of the first (the first configuration in a process runs slow); each writes `request.out`
+/// over the previous one. `progress` hears which configuration runs.
+pub fn run_benchmark(
+    model: &ModelFile,
+    request: &Request,
+    configurations: &[(String, usize)],
+    mut progress: impl FnMut(&str),
+) -> Result<GenerateBenchmark> {
+    let with_layers = |layers: usize| {
+        let mut r = request.clone();
+        r.engine.gpu_layers = layers;
+        r.force = true;
+        r
+    };
+    if let Some((name, layers)) = configurations.first() {
+        progress(&format!("warm-up ({name})"));
+        let mut warm_up = with_layers(*layers);
+        warm_up.max_frames = Some(2);
+        warm_up.dump_latents = None;
+        run_generation(model, &warm_up, |_| {})?;
+    }
+    let mut rows = Vec::with_capacity(configurations.len());
+    for (name, layers) in configurations {
+        progress(&format!("{name}: {layers} layers on the GPU"));
+        rows.push(BenchmarkRow {
+            configuration: name.clone(),
+            report: run_generation(model, &with_layers(*layers), |_| {})?,
+        });
+    }
+    Ok(GenerateBenchmark {
+        tool: crate::TOOL.to_string(),
+        rows,
+    })
+}
