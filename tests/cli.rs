@@ -1,52 +1,12 @@
 //! Drives the real binary on small synthesized checkpoints and checks typed `--json` output,
 //! messages and exit codes.
 
+mod common;
+
+use common::cli::{fails, ok, vibeoffload};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use vibeoffload::measure::{BenchReport, RunReport};
 use vibeoffload::report::{InspectReport, PlanReport, TableReport};
-
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn vibeoffload(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("binary runs");
-    let o = Output {
-        code: out.status.code().expect("exit code"),
-        stdout: String::from_utf8(out.stdout).expect("utf-8"),
-        stderr: String::from_utf8(out.stderr).expect("utf-8"),
-    };
-    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-    o
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = vibeoffload(dir, args);
-    assert_eq!(o.code, 0, "{args:?} failed: {}", o.stderr);
-    o.stdout
-}
-
-/// Runs a command that must fail with `code` and one line on stderr containing each of `words`.
-fn fails(dir: &Path, args: &[&str], code: i32, words: &[&str]) {
-    let o = vibeoffload(dir, args);
-    assert_eq!(o.code, code, "{args:?}: {}", o.stderr);
-    let first = o
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("error"))
-        .unwrap_or_default();
-    for w in words {
-        assert!(first.contains(w), "{args:?}: {w:?} not in {:?}", o.stderr);
-    }
-    assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
-}
 
 /// A tiny float8 VibeVoice checkpoint (4 layers) in a fresh directory.
 fn tiny(extra: &[&str]) -> (tempfile::TempDir, PathBuf) {

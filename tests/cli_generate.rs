@@ -1,30 +1,12 @@
 //! `vibeoffload generate` driven through the real binary on the embedded speech model (random
 //! weights, forced frames): the WAV it writes, its report, and its refusals.
 
+mod common;
+
+use common::cli::{fails, vibeoffload};
 use std::path::Path;
 use std::process::Command;
 use vibeoffload::generate::GenerateReport;
-
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn vibeoffload(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("binary runs");
-    let o = Output {
-        code: out.status.code().expect("exit code"),
-        stdout: String::from_utf8(out.stdout).expect("utf-8"),
-        stderr: String::from_utf8(out.stderr).expect("utf-8"),
-    };
-    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-    o
-}
 
 /// A 0.4 s voice sample at `rate` Hz (a tone).
 fn voice(dir: &Path, name: &str, rate: u32) {
@@ -40,21 +22,6 @@ fn voice(dir: &Path, name: &str, rate: u32) {
         w.write_sample(s as i16).unwrap();
     }
     w.finalize().unwrap();
-}
-
-/// Fails with `code` and one `error` line holding each of `words`, leaving no output file.
-fn fails(dir: &Path, args: &[&str], code: i32, words: &[&str]) {
-    let o = vibeoffload(dir, args);
-    assert_eq!(o.code, code, "{args:?}: {}", o.stderr);
-    let line = o
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("error"))
-        .unwrap_or_default();
-    for w in words {
-        assert!(line.contains(w), "{args:?}: {w:?} not in {:?}", o.stderr);
-    }
-    assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
 }
 
 #[test]

@@ -37,6 +37,44 @@ struct Reference {
 }
 
 impl Reference {
+    /// The recorded run.
+    fn load() -> Reference {
+        Reference {
+            run: candle_core::safetensors::load(
+                fixture("tiny.generation.safetensors"),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        }
+    }
+
+    /// The special ids the tiny model was run with.
+    fn special(&self) -> SpecialTokens {
+        SpecialTokens {
+            speech_start: self.id("speech_start_id"),
+            speech_end: self.id("speech_end_id"),
+            speech_diffusion: self.id("speech_diffusion_id"),
+            eos: self.id("eos_token_id"),
+        }
+    }
+
+    /// Where the prompt's voice placeholders are.
+    fn voice_mask(&self) -> Vec<bool> {
+        self.ids("speech_input_mask")
+            .iter()
+            .map(|&m| m != 0)
+            .collect()
+    }
+
+    /// The voice prompt's samples.
+    fn voice_audio(&self) -> Vec<f32> {
+        self.get("voice_audio")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn get(&self, key: &str) -> Tensor {
         self.run
             .get(key)
@@ -77,10 +115,7 @@ fn tiny_checkpoint(dir: &Path) -> PathBuf {
 
 #[test]
 fn a_whole_generation_matches_the_original() {
-    let reference = Reference {
-        run: candle_core::safetensors::load(fixture("tiny.generation.safetensors"), &Device::Cpu)
-            .unwrap(),
-    };
+    let reference = Reference::load();
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_checkpoint(dir.path());
     let options = EngineOptions {
@@ -93,30 +128,16 @@ fn a_whole_generation_matches_the_original() {
     let config = info.speech.clone().unwrap();
     let weights = CheckpointWeights::new(&info, &Device::Cpu, DType::F32).unwrap();
     let speech = SpeechModel::load(&weights, &config, 64, &Device::Cpu, DType::F32).unwrap();
-    let special = SpecialTokens {
-        speech_start: reference.id("speech_start_id"),
-        speech_end: reference.id("speech_end_id"),
-        speech_diffusion: reference.id("speech_diffusion_id"),
-        eos: reference.id("eos_token_id"),
-    };
+    let special = reference.special();
 
     // The voice prompt: the acoustic encoder's mean through the connector.
-    let audio: Vec<f32> = reference
-        .get("voice_audio")
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let audio = reference.voice_audio();
     let voice = speech.encode_voice(&audio, VoiceLatents::Mean).unwrap();
     let err = relative(&voice, &reference.get("voice_embeds"));
     assert!(err <= 1e-5, "voice embeddings: {err}");
 
     let ids = reference.ids("input_ids");
-    let mask: Vec<bool> = reference
-        .ids("speech_input_mask")
-        .iter()
-        .map(|&m| m != 0)
-        .collect();
+    let mask = reference.voice_mask();
     let prompt = generate::prompt_embeddings(&engine, &ids, &mask, &[voice]).unwrap();
     let recorded_prompt = reference.get("pos.inputs_embeds").squeeze(0).unwrap();
     let err = relative(&prompt, &recorded_prompt.narrow(0, 0, ids.len()).unwrap());
@@ -193,34 +214,17 @@ fn a_whole_generation_matches_the_original() {
 /// sharing the positive pass's weight stream or running on its own.
 #[test]
 fn streamed_generation_is_bit_identical_to_resident() {
-    let reference = Reference {
-        run: candle_core::safetensors::load(fixture("tiny.generation.safetensors"), &Device::Cpu)
-            .unwrap(),
-    };
+    let reference = Reference::load();
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_checkpoint(dir.path());
     // The speech configuration as the checkpoint reader parses it from config.json.
     let config = ModelInfo::open(&path).unwrap().speech.unwrap();
     let weights = SafetensorsWeights::load(&path, DType::F32, &Device::Cpu).unwrap();
     let speech = SpeechModel::load(&weights, &config, 64, &Device::Cpu, DType::F32).unwrap();
-    let special = SpecialTokens {
-        speech_start: reference.id("speech_start_id"),
-        speech_end: reference.id("speech_end_id"),
-        speech_diffusion: reference.id("speech_diffusion_id"),
-        eos: reference.id("eos_token_id"),
-    };
+    let special = reference.special();
     let ids = reference.ids("input_ids");
-    let mask: Vec<bool> = reference
-        .ids("speech_input_mask")
-        .iter()
-        .map(|&m| m != 0)
-        .collect();
-    let audio: Vec<f32> = reference
-        .get("voice_audio")
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let mask = reference.voice_mask();
+    let audio = reference.voice_audio();
     let run = |gpu_layers: usize, separate_passes: bool| {
         let options = EngineOptions {
             gpu_layers,

@@ -3,6 +3,8 @@
 //! real Qwen2 models.
 #![allow(dead_code)] // each test crate uses its own part
 
+pub mod cli;
+
 use std::path::Path;
 use vibeoffload::arch::config::ModelConfig;
 

@@ -1,0 +1,47 @@
+//! Running the real binary from a test: its exit code and output, and the one-line failure
+//! every bad input must give.
+
+use std::path::Path;
+use std::process::Command;
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn vibeoffload(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("binary runs");
+    let o = Output {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8(out.stdout).expect("utf-8"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8"),
+    };
+    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
+    o
+}
+
+pub fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = vibeoffload(dir, args);
+    assert_eq!(o.code, 0, "{args:?} failed: {}", o.stderr);
+    o.stdout
+}
+
+/// Runs a command that must fail with `code` and one line on stderr containing each of `words`.
+pub fn fails(dir: &Path, args: &[&str], code: i32, words: &[&str]) {
+    let o = vibeoffload(dir, args);
+    assert_eq!(o.code, code, "{args:?}: {}", o.stderr);
+    let first = o
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error"))
+        .unwrap_or_default();
+    for w in words {
+        assert!(first.contains(w), "{args:?}: {w:?} not in {:?}", o.stderr);
+    }
+    assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
+}
