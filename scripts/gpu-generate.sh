@@ -5,10 +5,12 @@
 #
 # Usage: scripts/gpu-generate.sh   (dist/pack from `scripts/build-cuda.sh --tests --pack`, the
 #        demo voices and script in dist/voice)
-# Env: LAYER_COUNTS (default "28 8"), FRAMES (default 64), STEPS (default 10).
+# Env: LAYER_COUNTS (default "28 8"), FRAMES (default 64), STEPS (default 10); SEPARATE=N also
+#      runs N with --separate-cfg-passes (the fork's two passes), to compare with the shared one.
 source "$(dirname "$0")/gpu-env.sh"
 
-echo "== GPU tests"
+echo "== GPU tests (the speech benchmark on the 7B float8 checkpoint)"
+export VIBEOFFLOAD_7B=$model/vibevoice7b_float8_e4m3fn.safetensors
 run_gpu_tests
 
 voice=dist/voice
@@ -19,5 +21,11 @@ for n in ${LAYER_COUNTS:-28 8}; do
     --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-$n.wav" --force \
     --json-out "$out/generate-$n.json" || fail "generate N=$n"
 done
-nvidia-smi --query-gpu=memory.used --format=csv
+if [[ -n ${SEPARATE:-} ]]; then
+  echo "-- generate, N=$SEPARATE, separate guidance passes"
+  "$bin" generate --device cuda --model-path "$model" --num-gpu-layers "$SEPARATE" --separate-cfg-passes \
+    --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
+    --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-sep.wav" --force \
+    --json-out "$out/generate-$SEPARATE-separate.json" || fail "generate N=$SEPARATE separate"
+fi
 finish
