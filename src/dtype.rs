@@ -175,6 +175,38 @@ pub fn f32_to_f8e4m3(value: f32) -> u8 {
     sign | code
 }
 
+/// [`f32_to_f8e4m3`] by bit arithmetic instead of a search over the codes: the same code for
+/// every input (tested on every bf16 and f16 value and a sweep of f32), fast enough to convert
+/// billions of weights.
+pub fn f32_to_f8e4m3_fast(value: f32) -> u8 {
+    if value.is_nan() {
+        return 0x7f;
+    }
+    let bits = value.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let magnitude = value.abs();
+    if magnitude >= F8E4M3_MAX {
+        return sign | 0x7e;
+    }
+    if magnitude < MIN_NORMAL_F8E4M3 {
+        // Subnormal codes are multiples of 2^-9; 8 * 2^-9 rounds up to code 8, the smallest
+        // normal value, whose code follows on.
+        return sign | (magnitude * 512.0).round_ties_even() as u8;
+    }
+    // Normal: exponent 1..=15 (bias 7) and the top 3 of f32's 23 mantissa bits, rounded to
+    // nearest even on the 20 dropped; a carry out of the mantissa moves to the next exponent,
+    // and below 448 never reaches the NaN code 0x7f.
+    let m = magnitude.to_bits();
+    let exponent = (m >> 23) as i32 - 127 + 7;
+    let (kept, dropped) = ((m >> 20) & 7, m & 0xf_ffff);
+    let round_up = dropped > 0x8_0000 || (dropped == 0x8_0000 && kept & 1 == 1);
+    let code = ((exponent as u32) << 3) + kept + u32::from(round_up);
+    sign | code as u8
+}
+
+/// Smallest normal float8 E4M3 value, 2^-6.
+const MIN_NORMAL_F8E4M3: f32 = 1.0 / 64.0;
+
 /// Encodes an f32 as bf16 bits, rounding to nearest even.
 pub fn f32_to_bf16_bits(value: f32) -> u16 {
     let bits = value.to_bits();
@@ -229,6 +261,25 @@ mod tests {
         assert_eq!(f32_to_f8e4m3(1000.0), 0x7e);
         assert_eq!(f32_to_f8e4m3(-1000.0), 0xfe);
         assert_eq!(f32_to_f8e4m3(1e-9), 0x00);
+    }
+
+    #[test]
+    fn the_fast_f8_encoder_agrees_with_the_reference() {
+        let check = |x: f32| {
+            let (fast, reference) = (f32_to_f8e4m3_fast(x), f32_to_f8e4m3(x));
+            assert_eq!(fast, reference, "{x:e} ({:#010x})", x.to_bits());
+        };
+        // Every bf16 and every f16 value (infinities and NaN included).
+        for bits in 0..=u16::MAX {
+            check(bf16_bits_to_f32(bits));
+            check(half::f16::from_bits(bits).to_f32());
+        }
+        // f32 values with every exponent of the range and mantissas around the rounding
+        // points, from 2^-12 to 2^10.
+        for bits in (0x3980_0000u32..0x4480_0000).step_by(1021) {
+            check(f32::from_bits(bits));
+            check(-f32::from_bits(bits));
+        }
     }
 
     #[test]
