@@ -3,6 +3,7 @@
 
 pub mod components;
 pub mod config;
+pub mod convert;
 pub mod header;
 pub mod inventory;
 pub mod layout;
