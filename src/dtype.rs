@@ -176,32 +176,36 @@ pub fn f32_to_f8e4m3(value: f32) -> u8 {
 }
 
 /// [`f32_to_f8e4m3`] by bit arithmetic instead of a search over the codes: the same code for
-/// every input (tested on every bf16 and f16 value and a sweep of f32), fast enough to convert
-/// billions of weights.
+/// every input (tested on every bf16 and f16 value and a sweep of f32), without branches, fast
+/// enough to convert billions of weights.
 pub fn f32_to_f8e4m3_fast(value: f32) -> u8 {
-    if value.is_nan() {
-        return 0x7f;
-    }
     let bits = value.to_bits();
     let sign = ((bits >> 24) & 0x80) as u8;
-    let magnitude = value.abs();
-    if magnitude >= F8E4M3_MAX {
-        return sign | 0x7e;
-    }
-    if magnitude < MIN_NORMAL_F8E4M3 {
-        // Subnormal codes are multiples of 2^-9; 8 * 2^-9 rounds up to code 8, the smallest
-        // normal value, whose code follows on.
-        return sign | (magnitude * 512.0).round_ties_even() as u8;
-    }
-    // Normal: exponent 1..=15 (bias 7) and the top 3 of f32's 23 mantissa bits, rounded to
-    // nearest even on the 20 dropped; a carry out of the mantissa moves to the next exponent,
-    // and below 448 never reaches the NaN code 0x7f.
-    let m = magnitude.to_bits();
-    let exponent = (m >> 23) as i32 - 127 + 7;
-    let (kept, dropped) = ((m >> 20) & 7, m & 0xf_ffff);
-    let round_up = dropped > 0x8_0000 || (dropped == 0x8_0000 && kept & 1 == 1);
-    let code = ((exponent as u32) << 3) + kept + u32::from(round_up);
-    sign | code as u8
+    let m = bits & 0x7fff_ffff;
+    let magnitude = f32::from_bits(m);
+    // Subnormal codes are multiples of 2^-9. Adding 2^14, whose f32 ulp is 2^-9, rounds to the
+    // nearest multiple (ties to even) in the addition itself and leaves the multiple in the low
+    // mantissa bits; 8 * 2^-9 is code 8, the smallest normal value.
+    const ULP_2_POW_MINUS_9: f32 = 16384.0;
+    let subnormal = (magnitude + ULP_2_POW_MINUS_9)
+        .to_bits()
+        .wrapping_sub(ULP_2_POW_MINUS_9.to_bits()) as u8;
+    // Normal: f32's exponent rebiased from 127 to 7 and the top 3 of its 23 mantissa bits,
+    // rounded to nearest even on the 20 dropped; a carry out of the mantissa moves to the next
+    // exponent, and below 448 never reaches the NaN code 0x7f.
+    let rounded = m.wrapping_add(0x7_ffff + ((m >> 20) & 1));
+    let normal = (rounded >> 20).wrapping_sub((127 - 7) << 3) as u8;
+    // Chosen by masks rather than branches: whether a weight is subnormal in float8 is a coin
+    // toss a branch predictor loses.
+    let mask = |condition: bool| 0u8.wrapping_sub(u8::from(condition));
+    let (saturated, is_normal) = (
+        mask(magnitude >= F8E4M3_MAX),
+        mask(magnitude >= MIN_NORMAL_F8E4M3),
+    );
+    let code = (normal & is_normal) | (subnormal & !is_normal);
+    let code = (0x7e & saturated) | (code & !saturated);
+    let nan = mask(value.is_nan());
+    (0x7f & nan) | ((sign | code) & !nan)
 }
 
 /// Smallest normal float8 E4M3 value, 2^-6.

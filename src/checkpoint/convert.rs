@@ -516,15 +516,19 @@ fn decode(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
 
 /// Appends `values / scale` as float8 codes, counting clamped and NaN values.
 fn encode(values: &[f32], scale: f32, out: &mut Vec<u8>, counts: &mut Counts) {
-    out.extend(values.iter().map(|&x| {
-        let q = x / scale;
-        if q.abs() > TORCH_F8E4M3_NAN_ABOVE {
-            counts.clamped += 1;
-        } else if q.is_nan() {
-            counts.nan += 1;
-        }
+    // Counted without branches; the plain cast skips the division, a third of the work.
+    let (mut clamped, mut nan) = (0, 0);
+    let mut code = |q: f32| {
+        clamped += u64::from(q.abs() > TORCH_F8E4M3_NAN_ABOVE);
+        nan += u64::from(q.is_nan());
         f32_to_f8e4m3_fast(q)
-    }));
+    };
+    match scale {
+        1.0 => out.extend(values.iter().map(|&x| code(x))),
+        _ => out.extend(values.iter().map(|&x| code(x / scale))),
+    }
+    counts.clamped += clamped;
+    counts.nan += nan;
 }
 
 #[cfg(test)]
