@@ -10,12 +10,12 @@ use std::process::Command;
 use vibeoffload::arch::config::ModelConfig;
 use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::arch::Role;
-use vibeoffload::checkpoint::convert::ConvertReport;
+use vibeoffload::checkpoint::convert::{convert as convert_model, ConvertReport};
 use vibeoffload::checkpoint::inventory::Inventory;
 use vibeoffload::checkpoint::layout::{self, Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::{Checkpoint, ConfigSource, ModelInfo};
-use vibeoffload::dtype::{f32_to_f8e4m3, DType};
+use vibeoffload::dtype::{bf16_bits_to_f32, f32_to_bf16_bits, f32_to_f8e4m3, DType};
 use vibeoffload::engine::{Engine, EngineOptions};
 use vibeoffload::report::InspectReport;
 
@@ -441,4 +441,51 @@ fn bad_sources_and_existing_outputs_are_refused_and_nothing_is_written() {
     flags.extend(["--scale-convention", "weight-scale"]);
     fails(d, &flags, 2, &["--scale-convention", "float8-scaled"]);
     assert_no_temporary_files(d);
+}
+
+#[test]
+fn the_library_reads_f32_sources_and_writes_one_scale_per_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthesize(dir.path(), Precision::BF16);
+    // Two tensors as f32 values that bf16 cannot hold.
+    // (Decoder layers must agree on dtypes, so these are outside them.)
+    let (head, norm) = ("lm_head.weight", "model.language_model.norm.weight");
+    let mut w = Weights::read(&path);
+    let mut f32_values = Vec::new();
+    for (name, shape) in [(head, vec![256, 64]), (norm, vec![64])] {
+        let values: Vec<f32> = w.raw(name).iter().map(|&v| (v * 1.001) as f32).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.add(name, "F32", &shape, &bytes);
+        f32_values.push(values);
+    }
+    w.save(&path);
+
+    let model = ModelInfo::open(&path).unwrap();
+    let precision = Precision::Float8Scaled(ScaleConvention::WeightScale, ScaleGranularity::Scalar);
+    let out = dir.path().join("scalar.safetensors");
+    let mut last = (0, 0);
+    let report = convert_model(&model, &out, precision, false, |done, total| {
+        last = (done, total)
+    });
+    let report = report.unwrap();
+    assert_eq!(last, (report.file_bytes, report.file_bytes));
+    let written = Checkpoint::open(&out).unwrap();
+    let specs = layout::vibevoice(&config(), &speech(), precision);
+    assert_eq!(written.header.tensors, layout::tensor_infos(specs));
+
+    let converted = Weights::read(&out);
+    let scale = converted.raw("lm_head.weight_scale");
+    let max = f32_values[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert_eq!(scale, [f64::from(max / 448.0)]);
+    let codes: Vec<f64> = f32_values[0]
+        .iter()
+        .map(|&v| common::f8(f32_to_f8e4m3(v / (max / 448.0))))
+        .collect();
+    assert_eq!(converted.raw(head), codes);
+    // Kept in bf16 by the layout, rounded to nearest even from f32.
+    let bf16: Vec<f64> = f32_values[1]
+        .iter()
+        .map(|&v| f64::from(bf16_bits_to_f32(f32_to_bf16_bits(v))))
+        .collect();
+    assert_eq!(converted.raw(norm), bf16);
 }
