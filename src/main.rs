@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Some(Command::Auto(a)) => commands::auto(a),
         Some(Command::Inspect(a)) => commands::inspect(a),
         Some(Command::Synth(a)) => commands::synth(a),
+        Some(Command::Convert(a)) => commands::convert(a),
         Some(Command::Run(a)) => commands::run(a),
         Some(Command::Generate(a)) => commands::generate(a),
         Some(Command::Completions(a)) => commands::completions(a.shell),

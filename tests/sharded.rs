@@ -3,6 +3,9 @@
 //! single file does (inspect, table, a forward pass), and a broken index or shard is one line
 //! naming the tensor and the file.
 
+mod common;
+
+use common::shard;
 use std::path::Path;
 use std::process::Command;
 use vibeoffload::measure::RunReport;
@@ -34,49 +37,6 @@ fn fails(dir: &Path, args: &[&str], words: &[&str]) {
     for w in words {
         assert!(stderr.contains(w), "{w:?} not in {stderr}");
     }
-}
-
-/// Splits the checkpoint `dir/m.safetensors` into `n` shards and an index, as Hugging Face
-/// writes them, and removes it; config.json stays.
-fn shard(dir: &Path, n: usize) {
-    let path = dir.join("m.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..8 + len]).unwrap();
-    let data = &bytes[8 + len..];
-    let offsets = |v: &serde_json::Value| {
-        let o = v["data_offsets"].as_array().unwrap();
-        (
-            o[0].as_u64().unwrap() as usize,
-            o[1].as_u64().unwrap() as usize,
-        )
-    };
-    let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
-    names.sort_by_key(|k| offsets(&header[*k]).0);
-    let mut weight_map = serde_json::Map::new();
-    for (i, group) in names.chunks(names.len().div_ceil(n)).enumerate() {
-        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
-        let (mut shard_header, mut shard_data) = (serde_json::Map::new(), Vec::new());
-        for &name in group {
-            let (start, end) = offsets(&header[name]);
-            let mut entry = header[name].clone();
-            entry["data_offsets"] =
-                serde_json::json!([shard_data.len(), shard_data.len() + end - start]);
-            shard_data.extend_from_slice(&data[start..end]);
-            shard_header.insert(name.clone(), entry);
-            weight_map.insert(name.clone(), file.clone().into());
-        }
-        let json = serde_json::to_vec(&shard_header).unwrap();
-        let mut out = (json.len() as u64).to_le_bytes().to_vec();
-        out.extend_from_slice(&json);
-        out.extend_from_slice(&shard_data);
-        std::fs::write(dir.join(&file), out).unwrap();
-    }
-    let index =
-        serde_json::json!({"metadata": {"total_size": data.len()}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    std::fs::remove_file(path).unwrap();
 }
 
 fn synth(dir: &Path) {

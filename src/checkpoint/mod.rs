@@ -3,6 +3,7 @@
 
 pub mod components;
 pub mod config;
+pub mod convert;
 pub mod header;
 pub mod inventory;
 pub mod layout;
@@ -181,10 +182,44 @@ impl Checkpoint {
 
     /// The bytes of one tensor of this checkpoint.
     pub fn data(&self, tensor: &TensorInfo) -> &[u8] {
-        let file = &self.files[self.file_of.get(&tensor.name).copied().unwrap_or(0)];
+        let file = self.file_holding(&tensor.name);
         let start = (file.data_offset + tensor.data_start) as usize;
         let end = (file.data_offset + tensor.data_end) as usize;
         &file.mmap[start..end]
+    }
+
+    /// The file that holds tensor `name`: its shard, or the single file.
+    pub fn file_of(&self, name: &str) -> &Path {
+        &self.file_holding(name).path
+    }
+
+    fn file_holding(&self, name: &str) -> &MappedFile {
+        &self.files[self.file_of.get(name).copied().unwrap_or(0)]
+    }
+
+    /// Says that `tensor`'s bytes in `range` (relative to the tensor) have been read and are not
+    /// needed again soon: their pages leave this process's resident memory, and are read from
+    /// the file again if touched. A reader that streams a checkpoint larger than memory calls
+    /// it after each piece. Only advice: it may do nothing.
+    pub fn release(&self, tensor: &TensorInfo, range: std::ops::Range<u64>) {
+        #[cfg(unix)]
+        {
+            let file = self.file_holding(&tensor.name);
+            let start = file.data_offset + tensor.data_start + range.start;
+            let len = range.end.saturating_sub(range.start);
+            // SAFETY: the map is a read-only shared mapping of a file, so MADV_DONTNEED
+            // discards nothing: dropped pages are read from the file again when touched, and
+            // slices borrowed from the map keep reading the same bytes.
+            let _ = unsafe {
+                file.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start as usize,
+                    len as usize,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (tensor, range);
     }
 }
 

@@ -133,22 +133,7 @@ pub fn write(
     let started = Instant::now();
     spec.config.validate()?;
     spec.speech.validate(spec.config.hidden_size)?;
-    let config_path = out.with_file_name("config.json");
-    let dir = crate::output::parent_dir(out);
-    if !dir.is_dir() {
-        bail!(UsageError::new(format!(
-            "cannot write {}: directory {} does not exist",
-            out.display(),
-            dir.display()
-        )));
-    }
-    if out.file_name().is_some_and(|n| n == "config.json") {
-        bail!(UsageError::new(format!(
-            "cannot write the checkpoint to {}: its config.json goes beside it under that name; \
-             name the checkpoint *.safetensors",
-            out.display()
-        )));
-    }
+    let config_path = check_checkpoint_path(out)?;
     for existing in [out, config_path.as_path()] {
         if existing.symlink_metadata().is_ok() && !force {
             bail!(UsageError::new(format!(
@@ -228,9 +213,30 @@ pub fn write(
     })
 }
 
+/// Checks that a checkpoint may be written to `out` (its directory exists, and it is not named
+/// `config.json`) and returns the path of the `config.json` beside it.
+pub(super) fn check_checkpoint_path(out: &Path) -> Result<PathBuf> {
+    let dir = crate::output::parent_dir(out);
+    if !dir.is_dir() {
+        bail!(UsageError::new(format!(
+            "cannot write {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        )));
+    }
+    if out.file_name().is_some_and(|n| n == "config.json") {
+        bail!(UsageError::new(format!(
+            "cannot write the checkpoint to {}: its config.json goes beside it under that name; \
+             name the checkpoint *.safetensors",
+            out.display()
+        )));
+    }
+    Ok(out.with_file_name("config.json"))
+}
+
 /// `config.json` describes every checkpoint in its directory: replacing it with a different one
 /// (`--force`) would silently break another checkpoint there.
-fn refuse_shared_config(out: &Path, config_path: &Path, new: &str) -> Result<()> {
+pub(super) fn refuse_shared_config(out: &Path, config_path: &Path, new: &str) -> Result<()> {
     let Ok(old) = std::fs::read_to_string(config_path) else {
         return Ok(());
     };
@@ -263,7 +269,7 @@ fn refuse_shared_config(out: &Path, config_path: &Path, new: &str) -> Result<()>
 /// The original's `config.json` for a synthesized checkpoint: the language model under
 /// `decoder_config` and the speech components' three sub-configurations, so the original code
 /// builds exactly the modules the file holds.
-fn config_json(spec: &SynthSpec) -> serde_json::Value {
+pub(super) fn config_json(spec: &SynthSpec) -> serde_json::Value {
     let c = &spec.config;
     let torch_dtype = match spec.precision {
         Precision::BF16 => "bfloat16",

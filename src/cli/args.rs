@@ -35,6 +35,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write a checkpoint with seeded random weights in the exact VibeVoice layout.
     Synth(SynthArgs),
+    /// Convert a Hugging Face bf16 checkpoint (one file or shards) to one float8 file.
+    Convert(ConvertArgs),
     /// Load the language model with N layers resident, run timed generation, print transfer
     /// statistics. Without --model-path: a small model synthesized on the fly.
     Run(RunArgs),
@@ -343,6 +345,38 @@ pub struct SynthArgs {
     /// Print JSON instead of a summary line.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The checkpoint to convert (bf16, f16 or f32): a file, a model.safetensors.index.json, or
+    /// a directory holding vibevoice7b_bf16.safetensors, the index and its shards, or
+    /// model.safetensors; its config.json is read from beside it.
+    #[arg(long, value_name = "PATH")]
+    pub model_path: PathBuf,
+    /// Where to write the float8 checkpoint; config.json goes beside it.
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// float8: every tensor F8_E4M3 with no scales, as the fork writes it (out-of-range values
+    /// saturate at ±448 where PyTorch makes NaN); float8-scaled: linear weights F8_E4M3 with one
+    /// F32 scale per output channel, the rest BF16 (more accurate).
+    #[arg(long, value_enum, default_value_t = ConvertPrecisionArg::Float8)]
+    pub precision: ConvertPrecisionArg,
+    /// Name of the scale tensors (float8-scaled) [default: scale-weight].
+    #[arg(long, value_enum)]
+    pub scale_convention: Option<ConventionArg>,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
+    /// Print JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvertPrecisionArg {
+    Float8,
+    Float8Scaled,
 }
 
 /// `--json` for commands that print to stdout only.

@@ -1,10 +1,12 @@
 //! One body per command: resolve the settings, call the library, render the report.
 
 use super::args::Cli;
+use super::args::ConvertArgs;
 use super::args::{
     AutoArgs, BenchArgs, BenchCompareArgs, GenerateArgs, InspectArgs, LegacyArgs, ReportArgs,
     RunArgs, SynthArgs, TableArgs,
 };
+use super::settings::convert_precision;
 use super::settings::{
     every_fourth, fixed_choice, generate_request, model_info, synth_spec, BenchSettings, Planning,
     RunSettings,
@@ -14,6 +16,7 @@ use clap::CommandFactory;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vibeoffload::checkpoint::synth;
+use vibeoffload::checkpoint::{self, convert, CheckpointDtype, ModelInfo};
 use vibeoffload::measure::{self, compare, BenchReport};
 use vibeoffload::plan::presets;
 use vibeoffload::report::{self, plot_bench, InspectReport, PlanReport, Render, TableReport};
@@ -102,13 +105,7 @@ pub fn inspect(mut a: InspectArgs) -> Result<Output> {
 
 pub fn synth(a: SynthArgs) -> Result<Output> {
     let spec = synth_spec(&a)?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let bar = bytes_bar();
     bar.set_message(format!("writing {}", a.out.display()));
     let report = synth::write(&spec, &a.out, a.force, |done, total| {
         bar.set_length(total);
@@ -116,6 +113,33 @@ pub fn synth(a: SynthArgs) -> Result<Output> {
     });
     bar.finish_and_clear();
     text_or_json(&report?, a.json)
+}
+
+pub fn convert(a: ConvertArgs) -> Result<Output> {
+    let precision = convert_precision(&a)?;
+    let model = ModelInfo::open(&checkpoint::resolve_path(
+        &a.model_path,
+        CheckpointDtype::Bf16,
+    ))?;
+    let bar = bytes_bar();
+    bar.set_message(format!("converting to {}", a.out.display()));
+    let report = convert::convert(&model, &a.out, precision, a.force, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    text_or_json(&report?, a.json)
+}
+
+/// A progress bar on stderr counting bytes written.
+fn bytes_bar() -> ProgressBar {
+    ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    )
 }
 
 pub fn run(a: RunArgs) -> Result<Output> {

@@ -6,6 +6,7 @@ use super::args::{
     DtypeArg, EngineArgs, GenerateArgs, GpuArgs, ModelArgs, PlacementArg, PlanArgs, PlanningArgs,
     RunArgs, ScaleArg, SizeArg, SynthArgs, TimingArgs, VoiceLatentsArg,
 };
+use super::args::{ConvertArgs, ConvertPrecisionArg};
 use anyhow::{bail, Result};
 use vibeoffload::arch::config::{BuiltinModel, ModelConfig};
 use vibeoffload::arch::speech::SpeechConfig;
@@ -524,6 +525,24 @@ fn parse_size(text: &str) -> Result<u64, UsageError> {
         return Err(bad("the size must be positive"));
     }
     Ok(bytes as u64)
+}
+
+/// The precision `convert` writes; a scale convention needs scales.
+pub fn convert_precision(a: &ConvertArgs) -> Result<Precision> {
+    let convention = match a.scale_convention.unwrap_or(ConventionArg::ScaleWeight) {
+        ConventionArg::ScaleWeight => ScaleConvention::ScaleWeight,
+        ConventionArg::WeightScale => ScaleConvention::WeightScale,
+    };
+    match (a.precision, a.scale_convention) {
+        (ConvertPrecisionArg::Float8, Some(_)) => bail!(UsageError::new(
+            "--scale-convention names scale tensors, which only --precision float8-scaled writes"
+        )),
+        (ConvertPrecisionArg::Float8, None) => Ok(Precision::Float8Plain),
+        (ConvertPrecisionArg::Float8Scaled, _) => Ok(Precision::Float8Scaled(
+            convention,
+            ScaleGranularity::PerChannel,
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! only renders them. Nothing here prints.
 
 mod bench;
+mod convert;
 mod generate;
 mod inspect;
 mod plan;
