@@ -1,7 +1,8 @@
 //! The speech path on the GPU (needs the `cuda` feature and a GPU): the tiny reference
 //! generation replayed on CUDA in bf16 against the original's f32 run, streamed against
-//! resident bit for bit, and the 7B-sized components timed beside the time to read their
-//! weights once (printed: a benchmark figure, no target asserted).
+//! resident bit for bit, the tokenizers' fused block ops against their CPU implementation,
+//! and the 7B-sized components timed beside the time to read their weights once (printed: a
+//! benchmark figure, no target asserted).
 
 #![cfg(feature = "cuda")]
 
@@ -12,6 +13,7 @@ use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::arch::vibevoice::Component;
 use vibeoffload::checkpoint::ModelInfo;
 use vibeoffload::dtype::DType as StoredDType;
+use vibeoffload::engine::ops::{ChannelNorm, ChannelResidual, DepthwiseMixer};
 use vibeoffload::engine::{bandwidths, DeviceChoice, Engine, EngineOptions};
 use vibeoffload::generate::{self, Noise, Options, SpeechModel, VoiceLatents};
 use vibeoffload::speech::{
@@ -253,6 +255,123 @@ fn speech_components_match_the_original_on_the_gpu_in_f32() {
                 )
                 .unwrap();
             check("diffusion head", &out, "prediction_head.output");
+        }
+    }
+}
+
+/// A random `[dims]` tensor on the CPU in `dtype` (normal draws).
+fn random(seed: u64, dims: &[usize], dtype: DType) -> Tensor {
+    let n = dims.iter().product();
+    let values = vibeoffload::rng::Rng::new(seed).normals(n);
+    Tensor::from_vec(values, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// The fused ops' CUDA kernels against their CPU implementation, f32 and bf16, on sizes off
+/// the kernels' tiles (32 steps, 64 channels), on strided inputs, and streamed: chunks of 1,
+/// 3 and 40 steps (shorter and longer than the cache) equal the whole signal exactly.
+#[test]
+fn fused_block_ops_on_cuda_match_their_cpu_implementation() {
+    let gpu = Device::new_cuda(0).unwrap();
+    let on = |t: &Tensor| t.to_device(&gpu).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        // bf16: a rounding flip of an intermediate (the sums of squares add up in another
+        // order) moves an output by a bf16 step.
+        let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let check = |what: &str, gpu: &Tensor, cpu: &Tensor| {
+            assert_eq!(gpu.dims(), cpu.dims(), "{what}");
+            let err = relative(&host(gpu), &host(cpu));
+            println!("worst relative error, fused {what} CUDA vs CPU ({dtype:?}): {err:.2e}");
+            assert!(err <= bound, "{what} ({dtype:?}): {err}");
+        };
+        for (batch, channels, len) in [(2, 37, 45), (1, 131, 75), (1, 2048, 1), (3, 5, 7)] {
+            let mixer = DepthwiseMixer {
+                norm: random(1, &[channels], dtype),
+                eps: 1e-5,
+                taps: random(2, &[channels, 7], DType::F32),
+                bias: random(3, &[channels], dtype),
+                gamma: random(4, &[channels], dtype),
+                stream: false,
+            };
+            let mixer_gpu = DepthwiseMixer {
+                norm: on(&mixer.norm),
+                taps: on(&mixer.taps),
+                bias: on(&mixer.bias),
+                gamma: on(&mixer.gamma),
+                ..mixer.clone()
+            };
+            // [B, C, T] as the transpose of [B, T, C]: strided.
+            let x = random(5, &[batch, len, channels], dtype)
+                .transpose(1, 2)
+                .unwrap();
+            let size = format!("mixer [{batch}, {channels}, {len}]");
+            let whole_gpu = on(&x).apply_op1_no_bwd(&mixer_gpu).unwrap();
+            check(&size, &whole_gpu, &x.apply_op1_no_bwd(&mixer).unwrap());
+            let stream = DepthwiseMixer {
+                stream: true,
+                ..mixer_gpu.clone()
+            };
+            let cached = random(6, &[batch, channels, 6], dtype);
+            check(
+                &format!("{size} with a cache"),
+                &on(&x).apply_op2_no_bwd(&on(&cached), &stream).unwrap(),
+                &x.apply_op2_no_bwd(
+                    &cached,
+                    &DepthwiseMixer {
+                        stream: true,
+                        ..mixer.clone()
+                    },
+                )
+                .unwrap(),
+            );
+            let (mut outs, mut cache, mut at) = (Vec::new(), None::<Tensor>, 0);
+            for n in [1, 3, 40].iter().cycle() {
+                let n = (*n).min(len - at);
+                let chunk = on(&x.narrow(2, at, n).unwrap());
+                let out = match &cache {
+                    Some(c) => chunk.apply_op2_no_bwd(c, &stream).unwrap(),
+                    None => chunk.apply_op1_no_bwd(&stream).unwrap(),
+                };
+                cache = Some(out.narrow(2, n, 6).unwrap());
+                outs.push(out.narrow(2, 0, n).unwrap());
+                at += n;
+                if at == len {
+                    break;
+                }
+            }
+            let streamed = Tensor::cat(&outs, 2).unwrap();
+            assert!(
+                host(&streamed) == host(&whole_gpu),
+                "{size} streamed ({dtype:?})"
+            );
+
+            let norm = ChannelNorm {
+                weight: random(7, &[channels], dtype),
+                eps: 1e-5,
+            };
+            let norm_gpu = ChannelNorm {
+                weight: on(&norm.weight),
+                ..norm.clone()
+            };
+            check(
+                &format!("channel norm [{batch}, {channels}, {len}]"),
+                &on(&x).apply_op1_no_bwd(&norm_gpu).unwrap(),
+                &x.apply_op1_no_bwd(&norm).unwrap(),
+            );
+            let residual = ChannelResidual {
+                gamma: random(8, &[channels], dtype),
+            };
+            let residual_gpu = ChannelResidual {
+                gamma: on(&residual.gamma),
+            };
+            let h = random(9, &[batch, len, channels], dtype);
+            check(
+                &format!("channel residual [{batch}, {channels}, {len}]"),
+                &on(&x).apply_op2_no_bwd(&on(&h), &residual_gpu).unwrap(),
+                &x.apply_op2_no_bwd(&h, &residual).unwrap(),
+            );
         }
     }
 }

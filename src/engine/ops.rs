@@ -1,7 +1,7 @@
 //! The engine's custom ops as data: what each computes and the constants its kernels are built
 //! around. Each op's CPU reference and candle glue live in its own module (`dequant`,
-//! `matvec`, `attention`, `cache`) and its CUDA launcher in `cuda::ops`; both depend on this
-//! file, not on each other.
+//! `matvec`, `attention`, `cache`; the speech tokenizers' in `speech::fused`) and its CUDA
+//! launcher in `cuda::ops` (`cuda::speech`); both depend on this file, not on each other.
 
 use crate::dtype::DType;
 use candle_core::Tensor;
@@ -163,3 +163,58 @@ pub struct StoreKv {
     /// Positions the buffer holds.
     pub max_len: usize,
 }
+
+/// The first half of the speech tokenizers' residual block (the original's `Block1D`), in one
+/// op: `x + gamma ⊙ (bias + DWConv(RMSNorm_C(x)))` on `x` `[B, C, T]` (any strides), where the
+/// channel RMSNorm normalises each time step in f32, rounds to `x`'s dtype and then multiplies
+/// by `norm` (as `speech::nn::rms_norm` does), and the depthwise causal convolution (kernel
+/// `k`, stride 1) accumulates in f32 over the `k - 1` inputs before each step: zeros at the
+/// start, or the second operand `[B, C, k - 1]` (any strides), the raw inputs a stream carried
+/// over. Every step rounds to `x`'s dtype (f32 or bf16) where the unfused ops would.
+///
+/// The result is `[B, C, T]`, or with `stream` `[B, C, T + k - 1]`: its last `k - 1` columns
+/// are the last `k - 1` raw inputs (cache, then `x`), the next chunk's second operand.
+#[derive(Clone, Debug)]
+pub struct DepthwiseMixer {
+    /// The norm's weight `[C]` (`x`'s dtype).
+    pub norm: Tensor,
+    /// The norm's epsilon.
+    pub eps: f32,
+    /// The convolution's weight `[C, k]`, f32.
+    pub taps: Tensor,
+    /// The convolution's bias `[C]` (`x`'s dtype).
+    pub bias: Tensor,
+    /// The layer scale `[C]` (`x`'s dtype).
+    pub gamma: Tensor,
+    /// Append the next chunk's cache to the result.
+    pub stream: bool,
+}
+
+/// The channel RMSNorm of `x` `[B, C, T]` (any strides) into `[B, T, C]` (contiguous): each
+/// time step normalised in f32, rounded to `x`'s dtype, times the weight (`speech::nn::rms_norm`
+/// of the transpose).
+#[derive(Clone, Debug)]
+pub struct ChannelNorm {
+    /// `[C]` (`x`'s dtype).
+    pub weight: Tensor,
+    /// Epsilon.
+    pub eps: f32,
+}
+
+/// The scaled residual `x + gamma ⊙ hᵀ` of `x` `[B, C, T]` (any strides) and `h` `[B, T, C]`
+/// (contiguous): `[B, C, T]`, each product rounded to `x`'s dtype before the sum.
+#[derive(Clone, Debug)]
+pub struct ChannelResidual {
+    /// `[C]` (`x`'s dtype).
+    pub gamma: Tensor,
+}
+
+/// Output time steps per block of the speech kernels (the mixer's block normalises `k - 1`
+/// more)...
+pub const SPEECH_TILE_T: usize = 32;
+
+/// ...and channels per block of the mixer's.
+pub const SPEECH_TILE_C: usize = 64;
+
+/// Threads per block of the speech kernels.
+pub const SPEECH_THREADS: usize = 256;

@@ -18,6 +18,8 @@ pub struct BenchmarkRow {
 /// Every configuration's generation, in order.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GenerateBenchmark {
+    /// `vibeoffload.generate-benchmark/1`.
+    pub schema: String,
     /// The tool that wrote it: version and commit.
     pub tool: String,
     /// One row per configuration.
@@ -55,6 +57,7 @@ pub fn run_benchmark(
         });
     }
     Ok(GenerateBenchmark {
+        schema: "vibeoffload.generate-benchmark/1".into(),
         tool: crate::TOOL.to_string(),
         rows,
     })

@@ -57,6 +57,8 @@ pub struct Request {
 /// What `generate` did.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GenerateReport {
+    /// `vibeoffload.generate/1`.
+    pub schema: String,
     /// The tool that wrote it: version and commit.
     pub tool: String,
     /// The model.
@@ -275,6 +277,7 @@ pub fn run_generation(
         _ => "length limit (twice the prompt)",
     };
     Ok(GenerateReport {
+        schema: "vibeoffload.generate/1".into(),
         tool: crate::TOOL.to_string(),
         model: model_name,
         device,

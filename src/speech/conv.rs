@@ -10,18 +10,16 @@
 
 use super::weights::Scope;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 /// One layer's streaming cache; `None` is a fresh start.
 pub(crate) type Slot = Option<Tensor>;
 
-/// A causal 1-D convolution with bias: dense, or depthwise (one filter per channel).
+/// A dense causal 1-D convolution with bias (the blocks' depthwise ones are fused into
+/// `fused::DepthwiseMixer`).
 pub(crate) struct CausalConv1d {
-    /// Dense: `[out, in, k]`; `None` for depthwise (see `taps`).
-    weight: Option<Tensor>,
-    /// Depthwise: one `[1, channels, 1]` tensor per kernel position, in the accumulator
-    /// dtype (f32 for half-precision weights, as a convolution kernel accumulates).
-    taps: Vec<Tensor>,
+    /// `[out, in, k]`.
+    weight: Tensor,
     /// `[1, out, 1]`.
     bias: Tensor,
     kernel: usize,
@@ -42,35 +40,10 @@ impl CausalConv1d {
         let weight = inner.get("weight", &[out_channels, in_channels, kernel])?;
         let bias = inner.get("bias", &[out_channels])?.reshape((1, (), 1))?;
         CausalConv1d::checked(CausalConv1d {
-            weight: Some(weight),
-            taps: Vec::new(),
+            weight,
             bias,
             kernel,
             stride,
-            name: inner.name().to_string(),
-        })
-    }
-
-    /// A depthwise, stride-1 convolution over `channels`: the `SConv1d` at `scope`.
-    pub(crate) fn depthwise(scope: &Scope, channels: usize, kernel: usize) -> Result<CausalConv1d> {
-        let inner = scope.sub("conv.conv");
-        let weight = inner.get("weight", &[channels, 1, kernel])?;
-        let bias = inner.get("bias", &[channels])?.reshape((1, (), 1))?;
-        let acc = accumulator(weight.dtype());
-        let taps = (0..kernel)
-            .map(|j| {
-                weight
-                    .narrow(2, j, 1)?
-                    .reshape((1, channels, 1))?
-                    .to_dtype(acc)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        CausalConv1d::checked(CausalConv1d {
-            weight: None,
-            taps,
-            bias,
-            kernel,
-            stride: 1,
             name: inner.name().to_string(),
         })
     }
@@ -136,32 +109,9 @@ impl CausalConv1d {
 
     /// The convolution without padding, plus the bias.
     fn valid(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            Some(w) => x.conv1d(w, 0, self.stride, 1, 1),
-            None => self.depthwise_valid(x),
-        };
-        y.and_then(|y| y.broadcast_add(&self.bias))
+        x.conv1d(&self.weight, 0, self.stride, 1, 1)
+            .and_then(|y| y.broadcast_add(&self.bias))
             .with_context(|| format!("applying {} to {:?}", self.name, x.dims()))
-    }
-
-    /// Depthwise stride-1 convolution as a sum of shifted, per-channel scaled copies, which
-    /// candle runs as a handful of element-wise ops instead of one convolution per channel.
-    fn depthwise_valid(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let out_len = x.dim(2)? + 1 - self.kernel;
-        let x32 = x.to_dtype(accumulator(x.dtype()))?;
-        let mut acc = x32.narrow(2, 0, out_len)?.broadcast_mul(&self.taps[0])?;
-        for (j, tap) in self.taps.iter().enumerate().skip(1) {
-            acc = (acc + x32.narrow(2, j, out_len)?.broadcast_mul(tap)?)?;
-        }
-        acc.to_dtype(x.dtype())
-    }
-}
-
-/// The dtype a depthwise sum accumulates in: f32 for the half-precision types.
-fn accumulator(dtype: DType) -> DType {
-    match dtype {
-        DType::F64 => DType::F64,
-        _ => DType::F32,
     }
 }
 

@@ -9,6 +9,7 @@
 mod checkpoint;
 pub mod connector;
 mod conv;
+mod fused;
 pub mod head;
 mod nn;
 pub mod sampler;

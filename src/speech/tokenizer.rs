@@ -4,26 +4,27 @@
 //! [`Block`]s; the final norm is the identity (`disable_last_norm`).
 
 use super::conv::{CausalConv1d, CausalConvTranspose1d, Slot};
-use super::nn::{apply, linear, rms_norm, Linear};
+use super::fused;
+use super::nn::{apply, linear, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{ConvStack, TokenizerConfig, TOKENIZER_KERNEL};
-use anyhow::{anyhow, bail, Result};
+use crate::engine::ops::{ChannelNorm, ChannelResidual, DepthwiseMixer};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::slice::IterMut;
 
 /// The original's `Block1D`: a depthwise causal convolution and a GELU feed-forward, each
-/// after a channel RMSNorm and scaled by a learned per-channel factor, both residual.
+/// after a channel RMSNorm and scaled by a learned per-channel factor, both residual. The
+/// parts around the two linear layers run as fused ops (`fused`), on `[B, C, T]` as it comes,
+/// without transposed copies.
 struct Block {
-    norm: Tensor,
-    mixer: CausalConv1d,
-    /// `[1, C, 1]`.
-    gamma: Tensor,
-    ffn_norm: Tensor,
+    /// `x + gamma ⊙ DWConv(RMSNorm(x))`.
+    mixer: DepthwiseMixer,
+    ffn_norm: ChannelNorm,
     linear1: Linear,
     linear2: Linear,
-    /// `[1, C, 1]`.
-    ffn_gamma: Tensor,
-    eps: f64,
+    /// `x + ffn_gamma ⊙ FFN(...)ᵀ`.
+    ffn_residual: ChannelResidual,
     name: String,
 }
 
@@ -31,33 +32,31 @@ impl Block {
     fn new(scope: &Scope, dim: usize, eps: f64) -> Result<Block> {
         let ffn = scope.sub("ffn");
         Ok(Block {
-            norm: scope.get("norm.weight", &[dim])?,
-            mixer: CausalConv1d::depthwise(&scope.sub("mixer.conv"), dim, TOKENIZER_KERNEL)?,
-            gamma: scope.get("gamma", &[dim])?.reshape((1, dim, 1))?,
-            ffn_norm: scope.get("ffn_norm.weight", &[dim])?,
+            mixer: fused::load_mixer(scope, dim, TOKENIZER_KERNEL, eps)?,
+            ffn_norm: ChannelNorm {
+                weight: scope.get("ffn_norm.weight", &[dim])?,
+                eps: eps as f32,
+            },
             linear1: linear(&ffn.sub("linear1"), dim, 4 * dim, true)?,
             linear2: linear(&ffn.sub("linear2"), 4 * dim, dim, true)?,
-            ffn_gamma: scope.get("ffn_gamma", &[dim])?.reshape((1, dim, 1))?,
-            eps,
+            ffn_residual: ChannelResidual {
+                gamma: scope.get("ffn_gamma", &[dim])?,
+            },
             name: scope.name().to_string(),
         })
     }
 
-    /// `x` `[B, C, T]`; `slot` streams the mixer.
+    /// `x` `[B, C, T]` (any strides); `slot` streams the mixer.
     fn run(&self, x: &Tensor, slot: Option<&mut Slot>) -> Result<Tensor> {
-        let h = rms_norm(&x.transpose(1, 2)?, Some(&self.norm), self.eps)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let h = self.mixer.run(&h, slot)?;
-        let x = (x + h.broadcast_mul(&self.gamma)?)?;
-        let h = rms_norm(
-            &x.transpose(1, 2)?.contiguous()?,
-            Some(&self.ffn_norm),
-            self.eps,
-        )?;
+        let fail = |what: &str| format!("applying {}'s fused {what} to {:?}", self.name, x.dims());
+        let x = fused::mix(&self.mixer, x, slot).with_context(|| fail("mixer"))?;
+        let h = x
+            .apply_op1_no_bwd(&self.ffn_norm)
+            .with_context(|| fail("ffn_norm"))?;
         let h = apply(&self.linear1, &h, &self.name, "ffn.linear1")?.gelu_erf()?;
         let h = apply(&self.linear2, &h, &self.name, "ffn.linear2")?;
-        Ok((x + h.transpose(1, 2)?.broadcast_mul(&self.ffn_gamma)?)?)
+        x.apply_op2_no_bwd(&h, &self.ffn_residual)
+            .with_context(|| fail("ffn residual"))
     }
 }
 

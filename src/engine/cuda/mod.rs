@@ -1,16 +1,19 @@
 //! CUDA pieces of the engine, the only user of cudarc: the kernels (files under `kernels/`,
 //! compiled here by NVRTC at first use: dequantisation for any GPU, the decode path's for the
-//! device's architecture), their launchers (`ops`, through the one launch style of `launch`),
-//! pinned host buffers and the streaming slots with their copy stream and events (`slots`),
-//! and the bandwidth and queued-time measurements `bench` reports (`timing`).
+//! device's architecture, the speech tokenizers' fused block ops for any GPU), their launchers
+//! (`ops`, `speech`, through the one launch style of `launch`), pinned host buffers and the
+//! streaming slots with their copy stream and events (`slots`), and the bandwidth and
+//! queued-time measurements `bench` reports (`timing`).
 
 mod launch;
 mod ops;
 mod slots;
+mod speech;
 mod timing;
 
 pub use ops::{decode_attention, dequantize, fused_matvec, store_kv, watch};
 pub use slots::{CudaSlots, PinnedBytes};
+pub use speech::{channel_norm, channel_residual, depthwise_mixer};
 pub use timing::{device_bandwidth_gbps, pinned_bandwidth_gbps, QueuedTimer};
 
 use super::ops::{ATTENTION_WARPS, MATVEC_MAX_ROWS, TILE_INPUTS, TILE_ROWS};
@@ -98,13 +101,19 @@ const DEQUANT_SOURCE: &str = kernel_source!("dequant.cu", "hold.cu");
 /// caught by the engine's watch (see `Watch`), never passed on as a result.
 const DECODE_SOURCE: &str = kernel_source!("matvec.cu", "attention.cu", "kv_store.cu");
 
-/// The two kernel modules, each one NVRTC program compiled once per process.
+/// The speech tokenizers' fused block kernels (any GPU): a block's mixer half, its channel
+/// RMSNorm and its scaled residual, in f32 or bf16 (`speech.cu` says how each rounds).
+const SPEECH_SOURCE: &str = kernel_source!("speech.cu");
+
+/// The three kernel modules, each one NVRTC program compiled once per process.
 #[derive(Clone, Copy)]
 enum Module {
     /// [`DEQUANT_SOURCE`], compiled for NVRTC's default architecture (runs on any GPU).
     Dequant,
     /// [`DECODE_SOURCE`], compiled for the device's architecture.
     Decode,
+    /// [`SPEECH_SOURCE`], compiled for NVRTC's default architecture.
+    Speech,
 }
 
 impl Module {
@@ -113,6 +122,7 @@ impl Module {
         match self {
             Module::Dequant => "vibeoffload_dequant",
             Module::Decode => "vibeoffload_decode",
+            Module::Speech => "vibeoffload_speech",
         }
     }
 
@@ -127,8 +137,10 @@ impl Module {
     fn ptx(self, dev: &CudaDevice) -> candle_core::Result<&'static str> {
         static DEQUANT: OnceLock<Result<String, String>> = OnceLock::new();
         static DECODE: OnceLock<Result<String, String>> = OnceLock::new();
+        static SPEECH: OnceLock<Result<String, String>> = OnceLock::new();
         let ptx = match self {
             Module::Dequant => DEQUANT.get_or_init(|| self.compile(None)),
+            Module::Speech => SPEECH.get_or_init(|| self.compile(None)),
             Module::Decode => DECODE.get_or_init(|| {
                 let (major, minor) = compute_capability(dev)?;
                 // Newer GPUs run the sm_90 PTX (the driver compiles it for them).
@@ -146,6 +158,7 @@ impl Module {
         let (source, what) = match self {
             Module::Dequant => (DEQUANT_SOURCE, "the dequantisation kernels"),
             Module::Decode => (DECODE_SOURCE, "the decode kernels"),
+            Module::Speech => (SPEECH_SOURCE, "the speech kernels"),
         };
         let mut options = kernel_defines();
         options.extend(arch.iter().map(|a| format!("--gpu-architecture={a}")));
@@ -228,10 +241,19 @@ mod tests {
         assert_eq!(script_defines(), kernel_defines());
     }
 
-    /// NVRTC compiles both modules for every architecture the engine picks (no GPU needed).
+    /// NVRTC compiles every module for the architectures the engine picks (no GPU needed).
     #[test]
     fn kernels_compile_for_sm80_sm89_sm90() {
         Module::Dequant.compile(None).unwrap();
+        let speech = Module::Speech.compile(None).unwrap();
+        for kernel in ["dw_mixer", "channel_norm", "channel_residual"] {
+            for dtype in ["f32", "bf16"] {
+                assert!(
+                    speech.contains(&format!(".entry {kernel}_{dtype}")),
+                    "{kernel}_{dtype}"
+                );
+            }
+        }
         for arch in ["compute_80", "compute_89", "compute_90"] {
             let ptx = Module::Decode.compile(Some(arch.to_string())).unwrap();
             assert!(ptx.contains(".entry f8_matvec_mma_gated"), "{arch}");

@@ -1,0 +1,162 @@
+// The speech tokenizers' fused block kernels (module "speech"): the mixer half of a Block1D
+// (channel RMSNorm, depthwise causal convolution with its streaming cache, bias, layer scale
+// and residual), the feed-forward half's channel RMSNorm (transposing [B, C, T] to [B, T, C])
+// and its scaled residual (back to [B, C, T]). Each step rounds to the storage type where the
+// unfused candle ops would (`rnd`), and products and sums use the _rn intrinsics so that no
+// multiply-add is contracted: the results equal the unfused ops' up to the order of the sum of
+// squares (engine::ops::DepthwiseMixer says what each computes).
+#ifndef VIBEOFFLOAD_COMMON_CUH  // NVRTC gets common.cuh prepended instead
+#include "common.cuh"
+#endif
+
+// Loads, stores and rounding of an element type: f32 (`float`) or bf16 (`u16` bits).
+__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const u16* p, long long i) { return bf16f(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(u16* p, long long i, float v) { p[i] = to_bf16(v); }
+__device__ __forceinline__ float rnd(float v, const float*) { return v; }
+__device__ __forceinline__ float rnd(float v, const u16*) { return bf16f(to_bf16(v)); }
+
+// A [B, C, T] input with any strides, with `ctx` columns of an optional cache (same strides
+// convention; null: zeros) in front: column e < ctx is the cache's, e >= ctx is x's e - ctx.
+template <typename T>
+struct Ext {
+    const T* x;
+    long long xb, xc, xt;
+    const T* cache;
+    long long cb, cc, ct;
+    int ctx;
+
+    __device__ __forceinline__ float at(int b, int c, int e) const {
+        if (e < ctx) return cache ? ld(cache, b * cb + c * cc + e * ct) : 0.f;
+        return ld(x, b * xb + c * xc + (long long)(e - ctx) * xt);
+    }
+};
+
+// inv[i] = 1 / sqrt(mean over c of src(b, c, col0 + i)^2 + eps) for i < ncols, as candle's
+// sum, affine (times `inv_c` = 1/C), affine (+ eps), sqrt and recip compute it. `part` holds
+// blockDim.x partial sums; the block is split into 32 channel rows of blockDim.x / 32 columns,
+// a split that does not depend on the tile, so that a column's squares add up in the same
+// order however a stream is chunked (streamed equals whole bit for bit).
+template <typename T>
+__device__ void column_inv_rms(const Ext<T>& src, int b, int C, int col0, int ncols, float inv_c,
+                               float eps, float* inv, float* part) {
+    const int rows = 32, cw = blockDim.x / rows;
+    const int col = threadIdx.x % cw, row = threadIdx.x / cw;
+    for (int chunk = 0; chunk < ncols; chunk += cw) {
+        float s = 0.f;
+        if (row < rows && chunk + col < ncols) {
+            for (int c = row; c < C; c += rows) {
+                float v = src.at(b, c, col0 + chunk + col);
+                s += v * v;
+            }
+        }
+        part[threadIdx.x] = s;
+        __syncthreads();
+        if (threadIdx.x < cw && chunk + (int)threadIdx.x < ncols) {
+            float total = 0.f;
+            for (int r = 0; r < rows; r++) total += part[r * cw + threadIdx.x];
+            float mean = __fmul_rn(total, inv_c);
+            float v = __fadd_rn(mean, eps);
+            inv[chunk + threadIdx.x] = (float)(1.0 / (double)sqrtf(v));
+        }
+        __syncthreads();
+    }
+}
+
+// y[b, c, t] = x + gamma[c] * (bias[c] + sum_j taps[c, j] * h(e = t + j)) for t < len, where
+// h(e) = rnd(rnd(ext(e) * inv(e)) * norm_w[c]) over the cache-extended input; with out_len =
+// len + ctx, columns len.. carry ext's last ctx columns (the next chunk's cache) as they are.
+// Grid (ceil(out_len / tile_t), ceil(C / tile_c), B); dynamic shared memory (tile_t + k - 1 +
+// blockDim.x) floats.
+template <typename T>
+__device__ void dw_mixer(const T* x, long long xb, long long xc, long long xt, const T* cache,
+                         long long cb, long long cc, long long ct, const T* norm_w,
+                         const float* taps, const T* bias, const T* gamma, T* out, int C,
+                         int len, int k, int out_len, float inv_c, float eps, int tile_t,
+                         int tile_c) {
+    extern __shared__ float smem[];
+    const int ctx = k - 1;
+    float* inv = smem;
+    float* part = smem + tile_t + ctx;
+    const Ext<T> ext = {x, xb, xc, xt, cache, cb, cc, ct, ctx};
+    const int o0 = blockIdx.x * tile_t, c0 = blockIdx.y * tile_c, b = blockIdx.z;
+    const int ncols = min(tile_t + ctx, ctx + len - o0);
+    column_inv_rms(ext, b, C, o0, ncols, inv_c, eps, inv, part);
+    const int nout = min(tile_t, out_len - o0), nch = min(tile_c, C - c0);
+    for (int i = threadIdx.x; i < nout * nch; i += blockDim.x) {
+        const int t = o0 + i % nout, c = c0 + i / nout;
+        const long long o = ((long long)b * C + c) * out_len + t;
+        if (t >= len) {  // a cache column: the raw input
+            st(out, o, ext.at(b, c, t));
+            continue;
+        }
+        const float w = ld(norm_w, c);
+        float acc = 0.f;
+        for (int j = 0; j < k; j++) {
+            const int e = t + j;
+            const float h = rnd(__fmul_rn(rnd(__fmul_rn(ext.at(b, c, e), inv[e - o0]), x), w), x);
+            const float p = __fmul_rn(h, taps[(long long)c * k + j]);
+            acc = j == 0 ? p : __fadd_rn(acc, p);
+        }
+        float y = rnd(__fadd_rn(rnd(acc, x), ld(bias, c)), x);
+        y = rnd(__fmul_rn(y, ld(gamma, c)), x);
+        st(out, o, __fadd_rn(ext.at(b, c, t + ctx), y));
+    }
+}
+
+// out[b, t, c] = rnd(rnd(x[b, c, t] * inv(t)) * w[c]): x [B, C, T] with any strides, out
+// contiguous. Grid (ceil(T / tile_t), 1, B); dynamic shared memory (tile_t + blockDim.x) floats.
+template <typename T>
+__device__ void channel_norm(const T* x, long long xb, long long xc, long long xt, const T* w,
+                             T* out, int C, int len, float inv_c, float eps, int tile_t) {
+    extern __shared__ float smem[];
+    float* inv = smem;
+    float* part = smem + tile_t;
+    const Ext<T> ext = {x, xb, xc, xt, nullptr, 0, 0, 0, 0};
+    const int t0 = blockIdx.x * tile_t, b = blockIdx.z;
+    const int nt = min(tile_t, len - t0);
+    column_inv_rms(ext, b, C, t0, nt, inv_c, eps, inv, part);
+    for (int i = threadIdx.x; i < nt * C; i += blockDim.x) {
+        const int c = i % C, t = t0 + i / C;
+        const float v = rnd(__fmul_rn(ext.at(b, c, t), inv[t - t0]), x);
+        st(out, ((long long)b * len + t) * C + c, __fmul_rn(v, ld(w, c)));
+    }
+}
+
+// out[b, c, t] = x[b, c, t] + rnd(gamma[c] * h[b, t, c]): x [B, C, T] with any strides, h
+// [B, T, C] and out [B, C, T] contiguous; one thread per output, grid-stride.
+template <typename T>
+__device__ void channel_residual(const T* x, long long xb, long long xc, long long xt,
+                                 const T* h, const T* gamma, T* out, int B, int C, int len) {
+    const long long n = (long long)B * C * len;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int t = (int)(i % len), c = (int)(i / len % C), b = (int)(i / len / C);
+        const float g = rnd(__fmul_rn(ld(h, ((long long)b * len + t) * C + c), ld(gamma, c)), x);
+        st(out, i, __fadd_rn(ld(x, b * xb + c * xc + t * xt), g));
+    }
+}
+
+#define SPEECH_KERNELS(NAME, T)                                                                   \
+    extern "C" __global__ void dw_mixer_##NAME(                                                   \
+        const T* x, long long xb, long long xc, long long xt, const T* cache, long long cb,       \
+        long long cc, long long ct, const T* norm_w, const float* taps, const T* bias,            \
+        const T* gamma, T* out, int C, int len, int k, int out_len, float inv_c, float eps,       \
+        int tile_t, int tile_c) {                                                                 \
+        dw_mixer(x, xb, xc, xt, cache, cb, cc, ct, norm_w, taps, bias, gamma, out, C, len, k,     \
+                 out_len, inv_c, eps, tile_t, tile_c);                                            \
+    }                                                                                             \
+    extern "C" __global__ void channel_norm_##NAME(const T* x, long long xb, long long xc,        \
+                                                   long long xt, const T* w, T* out, int C,       \
+                                                   int len, float inv_c, float eps, int tile_t) { \
+        channel_norm(x, xb, xc, xt, w, out, C, len, inv_c, eps, tile_t);                          \
+    }                                                                                             \
+    extern "C" __global__ void channel_residual_##NAME(const T* x, long long xb, long long xc,    \
+                                                       long long xt, const T* h, const T* gamma,  \
+                                                       T* out, int B, int C, int len) {           \
+        channel_residual(x, xb, xc, xt, h, gamma, out, B, C, len);                                \
+    }
+
+SPEECH_KERNELS(f32, float)
+SPEECH_KERNELS(bf16, u16)
