@@ -175,12 +175,14 @@ pub fn sample_latent(
 ) -> Result<Tensor> {
     let batch = noise.dim(0)?;
     let condition = Tensor::cat(&[positive, negative], 0).context("stacking the conditions")?;
+    // cond_proj does not depend on the step: once per frame, not once per step.
+    let projected = head.project_condition(&condition)?;
     let mut x = noise.clone();
     let mut run = solver.start();
     while let Some(t) = run.timestep() {
         let combined = Tensor::cat(&[&x, &x], 0)?;
         let timesteps = Tensor::full(t as f32, 2 * batch, x.device())?.to_dtype(x.dtype())?;
-        let v = head.forward(&combined, &timesteps, &condition)?;
+        let v = head.forward_projected(&combined, &timesteps, &projected)?;
         let (v_c, v_u) = (v.narrow(0, 0, batch)?, v.narrow(0, batch, batch)?);
         let guided = (&v_u + ((&v_c - &v_u)? * cfg_scale)?)?;
         x = run.step(&guided, &x)?;
