@@ -275,8 +275,9 @@ fn streamed_generation_is_bit_identical_to_resident() {
     );
 }
 
-/// A float8 checkpoint's speech weights stay float8 and are decoded at use by the engine's
-/// kernels; the results equal decoding every weight once at load.
+/// A float8 checkpoint's speech weights stay float8 and are decoded at use (linear weights by
+/// the engine's kernels, convolution weights just before each convolution); the results equal
+/// decoding every weight once at load.
 #[test]
 fn float8_speech_weights_decoded_at_use_equal_decoded_at_load() {
     use vibeoffload::checkpoint::synth::{self, SynthSpec};

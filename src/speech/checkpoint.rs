@@ -2,6 +2,7 @@
 //! device (float8 with its scale, bf16, f16 or f32) into the compute dtype when the component
 //! is built.
 
+use super::weights::StoredWeight;
 use super::WeightSource;
 use crate::checkpoint::ModelInfo;
 use crate::dtype::DType as Stored;
@@ -56,20 +57,30 @@ impl<'a> CheckpointWeights<'a> {
 }
 
 impl WeightSource for CheckpointWeights<'_> {
-    fn stored_linear(&self, name: &str, shape: &[usize]) -> Result<Option<Linear>> {
-        let (weight, stored) = self.raw(name)?;
+    fn stored_float8(&self, name: &str, shape: &[usize]) -> Result<Option<StoredWeight>> {
+        let (raw, stored) = self.raw(name)?;
         if stored != shape {
             bail!(
                 "tensor {name} in {} has shape {stored:?}, expected {shape:?}",
                 self.info.source
             );
         }
-        if weight.dtype != Stored::F8E4M3 || shape.len() != 2 {
+        if raw.dtype != Stored::F8E4M3 {
             return Ok(None);
         }
         let scale = match self.info.inventory.scale_of(name) {
             Some(s) => Some(self.raw(&s.name)?.0),
             None => None,
+        };
+        Ok(Some(StoredWeight { raw, scale }))
+    }
+
+    fn stored_linear(&self, name: &str, shape: &[usize]) -> Result<Option<Linear>> {
+        if shape.len() != 2 {
+            return Ok(None);
+        }
+        let Some(StoredWeight { raw: weight, scale }) = self.stored_float8(name, shape)? else {
+            return Ok(None);
         };
         let scale_f32 = scale
             .as_ref()

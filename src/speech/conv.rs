@@ -8,9 +8,34 @@
 //! tail `k - s` of its last outputs, which the next chunk's first outputs add to. Fed chunk
 //! by chunk (each a multiple of the stride), both give the whole-signal result.
 
-use super::weights::Scope;
+use super::weights::{Scope, StoredWeight};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
+
+/// A convolution weight: decoded once at load, or kept in float8 as stored and decoded to the
+/// activations' dtype at each use (so it takes on the device what the VRAM plan counts).
+enum ConvWeight {
+    Dense(Tensor),
+    Stored(StoredWeight),
+}
+
+impl ConvWeight {
+    /// The weight `name` under `scope` with `shape`.
+    fn load(scope: &Scope, name: &str, shape: &[usize]) -> Result<ConvWeight> {
+        Ok(match scope.stored_float8(name, shape)? {
+            Some(stored) => ConvWeight::Stored(stored),
+            None => ConvWeight::Dense(scope.get(name, shape)?),
+        })
+    }
+
+    /// The weight for input `x`.
+    fn for_input(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            ConvWeight::Dense(w) => Ok(w.clone()),
+            ConvWeight::Stored(s) => s.decode(x.dtype()),
+        }
+    }
+}
 
 /// One layer's streaming cache; `None` is a fresh start.
 pub(crate) type Slot = Option<Tensor>;
@@ -19,7 +44,7 @@ pub(crate) type Slot = Option<Tensor>;
 /// `fused::DepthwiseMixer`).
 pub(crate) struct CausalConv1d {
     /// `[out, in, k]`.
-    weight: Tensor,
+    weight: ConvWeight,
     /// `[1, out, 1]`.
     bias: Tensor,
     kernel: usize,
@@ -37,7 +62,7 @@ impl CausalConv1d {
         stride: usize,
     ) -> Result<CausalConv1d> {
         let inner = scope.sub("conv.conv");
-        let weight = inner.get("weight", &[out_channels, in_channels, kernel])?;
+        let weight = ConvWeight::load(&inner, "weight", &[out_channels, in_channels, kernel])?;
         let bias = inner.get("bias", &[out_channels])?.reshape((1, (), 1))?;
         CausalConv1d::checked(CausalConv1d {
             weight,
@@ -109,7 +134,8 @@ impl CausalConv1d {
 
     /// The convolution without padding, plus the bias.
     fn valid(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv1d(&self.weight, 0, self.stride, 1, 1)
+        let weight = self.weight.for_input(x)?;
+        x.conv1d(&weight, 0, self.stride, 1, 1)
             .and_then(|y| y.broadcast_add(&self.bias))
             .with_context(|| format!("applying {} to {:?}", self.name, x.dims()))
     }
@@ -118,7 +144,7 @@ impl CausalConv1d {
 /// A causal transposed 1-D convolution with bias (`trim_right_ratio = 1`).
 pub(crate) struct CausalConvTranspose1d {
     /// `[in, out, k]`, PyTorch's layout.
-    weight: Tensor,
+    weight: ConvWeight,
     /// `[1, out, 1]`.
     bias: Tensor,
     kernel: usize,
@@ -136,7 +162,7 @@ impl CausalConvTranspose1d {
         stride: usize,
     ) -> Result<CausalConvTranspose1d> {
         let inner = scope.sub("convtr.convtr");
-        let weight = inner.get("weight", &[in_channels, out_channels, kernel])?;
+        let weight = ConvWeight::load(&inner, "weight", &[in_channels, out_channels, kernel])?;
         let bias = inner.get("bias", &[out_channels])?.reshape((1, (), 1))?;
         let name = inner.name().to_string();
         if stride == 0 || kernel <= stride {
@@ -153,7 +179,8 @@ impl CausalConvTranspose1d {
 
     /// The full transposed convolution without bias: `(L - 1)·s + k` outputs.
     fn full(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)
+        let weight = self.weight.for_input(x)?;
+        x.conv_transpose1d(&weight, 0, 0, self.stride, 1, 1)
             .with_context(|| format!("applying {} to {:?}", self.name, x.dims()))
     }
 

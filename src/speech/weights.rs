@@ -5,6 +5,7 @@
 //! timings without a checkpoint). The checkpoint-backed source (float8 and bf16 decoding with
 //! scales) implements the same trait elsewhere.
 
+use crate::engine::dequant::{dequantize, RawTensor};
 use crate::engine::weights::Linear;
 use crate::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,6 +24,30 @@ pub trait WeightSource {
     /// [`WeightSource::tensor`].
     fn stored_linear(&self, _name: &str, _shape: &[usize]) -> Result<Option<Linear>> {
         Ok(None)
+    }
+
+    /// Any weight `name` as stored in float8 on the device (with its scale), to be decoded to
+    /// the activations' dtype at each use; `None`: take [`WeightSource::tensor`].
+    fn stored_float8(&self, _name: &str, _shape: &[usize]) -> Result<Option<StoredWeight>> {
+        Ok(None)
+    }
+}
+
+/// A float8 weight kept as stored on the device, decoded at each use.
+pub struct StoredWeight {
+    /// The bytes, as stored.
+    pub raw: RawTensor,
+    /// Its float8 scale, as stored.
+    pub scale: Option<RawTensor>,
+}
+
+impl StoredWeight {
+    /// The weight decoded to `dtype`.
+    pub fn decode(&self, dtype: DType) -> Result<Tensor> {
+        Ok(
+            dequantize(&self.raw, self.scale.as_ref(), dtype)?
+                .reshape(self.raw.shape.as_slice())?,
+        )
     }
 }
 
@@ -51,6 +76,11 @@ impl<'a> Scope<'a> {
     /// The linear weight `name` under this scope as stored, if the source keeps it so.
     pub fn stored_linear(&self, name: &str, shape: &[usize]) -> Result<Option<Linear>> {
         self.source.stored_linear(&join(&self.prefix, name), shape)
+    }
+
+    /// The weight `name` under this scope as stored in float8, if the source keeps it so.
+    pub fn stored_float8(&self, name: &str, shape: &[usize]) -> Result<Option<StoredWeight>> {
+        self.source.stored_float8(&join(&self.prefix, name), shape)
     }
 
     /// This scope's prefix, for messages.
