@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli::{fails, ok, vibeoffload};
+use common::cli::{assert_no_temporary_files, fails, ok, vibeoffload};
 use std::path::{Path, PathBuf};
 use vibeoffload::measure::{BenchReport, RunReport};
 use vibeoffload::report::{InspectReport, PlanReport, TableReport};
@@ -38,16 +38,6 @@ fn rewrite_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, se
     out.extend_from_slice(&json);
     out.extend_from_slice(&bytes[8 + n..]);
     std::fs::write(path, out).unwrap();
-}
-
-/// Files are written under a hidden temporary name and renamed: none may be left behind.
-fn assert_no_temporary_files(dir: &Path) {
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
 fn header_tensor_bytes(path: &Path) -> u64 {

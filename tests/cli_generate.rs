@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli::{fails, vibeoffload};
+use common::cli::{assert_no_temporary_files, fails, vibeoffload};
 use std::path::Path;
 use std::process::Command;
 use vibeoffload::generate::GenerateReport;
@@ -127,12 +127,7 @@ fn bad_generate_inputs_get_one_line_and_leave_no_output() {
         std::fs::read_to_string(dir.path().join("o.wav")).unwrap(),
         "keep"
     );
-    let names: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(names.is_empty(), "temporary files left: {names:?}");
+    assert_no_temporary_files(dir.path());
 }
 
 /// Ctrl-C in the middle of a generation keeps what was written as a valid, shorter WAV under
@@ -189,12 +184,7 @@ fn an_interrupted_generation_keeps_a_valid_shorter_wav() {
         "{samples} samples"
     );
     assert_eq!(samples % 3200, 0, "whole frames only");
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .filter(|n| n.to_string_lossy().starts_with('.'))
-        .collect();
-    assert!(left.is_empty(), "temporary files left: {left:?}");
+    assert_no_temporary_files(dir.path());
 }
 
 /// `--noise` drives every frame's diffusion (two seeds, the same audio) and `--dump-latents`

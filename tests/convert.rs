@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::cli::assert_no_temporary_files;
 use common::{shard, Weights};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,16 +117,6 @@ fn convert(dir: &Path, src: &str, out: &str, flags: &[&str]) -> ConvertReport {
 
 fn inspect(dir: &Path, path: &str) -> InspectReport {
     serde_json::from_str(&ok(dir, &["inspect", path, "--json"])).unwrap()
-}
-
-/// Files are written under a hidden temporary name and renamed: none may be left behind.
-fn assert_no_temporary_files(dir: &Path) {
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
 #[test]

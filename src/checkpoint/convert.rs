@@ -190,18 +190,7 @@ pub fn convert(
             .write_all(config_json.as_bytes())
             .with_context(|| format!("cannot write {}", config_path.display()))?;
     }
-    // Without --force, of two writers racing for one name the second fails at the checkpoint,
-    // before its config.json could replace the first one's.
-    match force {
-        true => {
-            file.commit()?;
-            config_file.map(Output::commit).transpose()?;
-        }
-        false => {
-            file.commit_new()?;
-            config_file.map(Output::commit_new).transpose()?;
-        }
-    }
+    synth::commit_with_config(file, config_file, force)?;
     let (precision_name, scale_convention, scale_granularity) = match precision {
         Precision::Float8Plain => ("float8", None, None),
         Precision::Float8Scaled(c, g) => ("float8_scaled", Some(c), Some(g)),

@@ -190,18 +190,7 @@ pub fn write(
         .write_all(config_json.as_bytes())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
 
-    // Without --force, of two writers racing for one name the second fails at the checkpoint,
-    // before its config.json could replace the first one's.
-    match force {
-        true => {
-            file.commit()?;
-            config_file.commit()?;
-        }
-        false => {
-            file.commit_new()?;
-            config_file.commit_new()?;
-        }
-    }
+    commit_with_config(file, Some(config_file), force)?;
     Ok(SynthReport {
         tool: crate::TOOL.into(),
         path: out.to_path_buf(),
@@ -211,6 +200,23 @@ pub fn write(
         layers: spec.config.num_hidden_layers,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Renames a finished checkpoint and its `config.json` (if one is written) into place.
+/// Without `force`, of two writers racing for one name the second fails at the checkpoint,
+/// before its `config.json` could replace the first one's.
+pub(super) fn commit_with_config(file: Output, config: Option<Output>, force: bool) -> Result<()> {
+    match force {
+        true => {
+            file.commit()?;
+            config.map(Output::commit).transpose()?;
+        }
+        false => {
+            file.commit_new()?;
+            config.map(Output::commit_new).transpose()?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that a checkpoint may be written to `out` (its directory exists, and it is not named

@@ -45,3 +45,13 @@ pub fn fails(dir: &Path, args: &[&str], code: i32, words: &[&str]) {
     }
     assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
 }
+
+/// Files are written under a hidden temporary name and renamed: none may be left behind.
+pub fn assert_no_temporary_files(dir: &Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
