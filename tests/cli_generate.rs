@@ -296,3 +296,53 @@ fn benchmark_generates_once_per_preset() {
     );
     assert!(report.rows.iter().all(|r| r.report.frames == 1));
 }
+
+/// `table --script` sizes both KV caches for the script as `generate` would run it: the
+/// prompt `generate` builds (voice frames included) plus twice its length.
+#[test]
+fn plans_are_sized_for_a_script() {
+    let dir = tempfile::tempdir().unwrap();
+    voice(dir.path(), "a.wav", 24000);
+    let script = "Speaker 1: Hello there.\nSpeaker 2: Hi.\n";
+    std::fs::write(dir.path().join("s.txt"), script).unwrap();
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["table", "--vram", "8GiB", "--json", "--script", "s.txt"];
+        args.extend_from_slice(extra);
+        let o = vibeoffload(dir.path(), &args);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        serde_json::from_str(&o.stdout).unwrap()
+    };
+    let tokens = vibeoffload::generate::prompt_tokens(script, &[]).unwrap();
+    let expected = vibeoffload::generate::positions(tokens, None) as u64;
+    let options = &plan(&[])["options"];
+    assert_eq!(options["scope"], "full");
+    assert_eq!(options["max_seq_len"], expected);
+    // A 0.4 s voice (9,600 samples: 3 frames of 3,200) adds its frames to the prompt.
+    let with_voice = plan(&["--voice", "a.wav"])["options"]["max_seq_len"]
+        .as_u64()
+        .unwrap();
+    let voice_tokens = vibeoffload::generate::prompt_tokens(script, &[3]).unwrap();
+    assert_eq!(
+        with_voice,
+        vibeoffload::generate::positions(voice_tokens, None) as u64
+    );
+    assert!(with_voice > expected);
+    fails(
+        dir.path(),
+        &["table", "--script", "s.txt", "--max-seq-len", "99"],
+        2,
+        &["cannot be used"],
+    );
+    fails(
+        dir.path(),
+        &["table", "--script", "s.txt", "--lm-only"],
+        2,
+        &["cannot be used"],
+    );
+    fails(
+        dir.path(),
+        &["table", "--script", "none.txt"],
+        1,
+        &["cannot read the script"],
+    );
+}

@@ -408,6 +408,8 @@ pub struct PlanningArgs {
     #[command(flatten)]
     pub scope: ScopeArgs,
     #[command(flatten)]
+    pub script: ScriptArgs,
+    #[command(flatten)]
     pub gpu: GpuArgs,
     #[command(flatten)]
     pub budget: BudgetArgs,
@@ -472,6 +474,18 @@ pub struct PlanArgs {
     /// GPU slots that offloaded layers stream through.
     #[arg(long, default_value_t = DEFAULT_STREAM_SLOTS)]
     pub slots: usize,
+}
+
+/// Sizing a text-to-speech plan for a script, as `generate` would run it.
+#[derive(Args, Debug, Clone)]
+pub struct ScriptArgs {
+    /// Size both KV caches for this script as `generate` runs it: its prompt (text, and the
+    /// --voice samples' frames) plus the original's limit of twice the prompt.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["max_seq_len", "lm_only"])]
+    pub script: Option<PathBuf>,
+    /// With --script: a voice sample of the prompt, once per speaker.
+    #[arg(long = "voice", value_name = "WAV", requires = "script")]
+    pub voices: Vec<PathBuf>,
 }
 
 /// What part of VibeVoice a plan covers (`run` and `bench` load the language model alone).

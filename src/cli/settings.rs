@@ -8,6 +8,7 @@ use super::args::{
 };
 use super::args::{ConvertArgs, ConvertPrecisionArg};
 use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
 use vibeoffload::arch::config::{BuiltinModel, ModelConfig};
 use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
@@ -39,12 +40,37 @@ impl Planning {
         } else {
             Scope::Full
         };
+        let model = model_info(&a.model)?;
+        let mut options = plan_options(&a.plan, scope, a.scope.offload_prediction_head)?;
+        if let Some(path) = &a.script.script {
+            options.max_seq_len = script_positions(&model, path, &a.script.voices)?;
+            options.validate()?;
+        }
         Ok(Planning {
-            model: model_info(&a.model)?,
-            options: plan_options(&a.plan, scope, a.scope.offload_prediction_head)?,
+            model,
+            options,
             budget: BudgetSource::resolve(&a.gpu, &a.budget)?,
         })
     }
+}
+
+/// KV positions `generate` needs for the script at `path` with these voice samples.
+fn script_positions(model: &ModelInfo, path: &Path, voices: &[PathBuf]) -> Result<u64> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the script {}: {e}", path.display()))?;
+    let script = prompt::script_from_text_file(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let hop = model
+        .speech
+        .as_ref()
+        .map_or(3200, |s| s.acoustic.encoder.hop());
+    let frames = voices
+        .iter()
+        .map(|v| Ok(vibeoffload::audio::read_voice(v)?.len().div_ceil(hop)))
+        .collect::<Result<Vec<_>>>()?;
+    let tokens = vibeoffload::generate::prompt_tokens(&script, &frames)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(vibeoffload::generate::positions(tokens, None) as u64)
 }
 
 /// The budget's inputs, checked: `--vram` (else NVML's free memory) and the target utilization.

@@ -10,7 +10,7 @@ mod session;
 
 pub use benchmark::{run_benchmark, BenchmarkRow, GenerateBenchmark};
 pub use model::{SpeechModel, VoiceLatents};
-pub use session::{run_generation, GenerateReport, Request};
+pub use session::{positions, prompt_tokens, run_generation, GenerateReport, Request};
 
 use crate::engine::{Engine, LaneId};
 use crate::rng::Rng;

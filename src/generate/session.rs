@@ -99,6 +99,21 @@ pub struct GenerateReport {
     pub measured_bytes: Option<u64>,
 }
 
+/// KV positions a generation from a prompt of `prompt_tokens` needs: the prompt, then the
+/// original's limit of twice the prompt in steps (or the forced frames and the closing eos).
+pub fn positions(prompt_tokens: usize, force_frames: Option<usize>) -> usize {
+    let steps = force_frames.map_or(2 * prompt_tokens, |k| k + 1);
+    prompt_tokens + steps + 1
+}
+
+/// The prompt of `script` (a `.txt` script's text) with voice samples of `voice_frames`
+/// frames each, tokenized with the embedded Qwen2.5 tokenizer: its length in tokens.
+pub fn prompt_tokens(script: &str, voice_frames: &[usize]) -> Result<usize> {
+    let lines = prompt::parse_script(script)?;
+    let tokenizer = TextTokenizer::embedded()?;
+    Ok(prompt::build(&tokenizer, &lines, voice_frames)?.ids.len())
+}
+
 /// Loads `model`, generates `request`'s script in its voices and writes the WAV;
 /// `progress(seconds)` is called with the audio produced so far.
 pub fn run_generation(
@@ -154,8 +169,7 @@ pub fn run_generation(
         tokens.push(special.eos);
         tokens
     });
-    let steps = forced.as_ref().map_or(2 * prompt.ids.len(), Vec::len);
-    let max_seq_len = prompt.ids.len() + steps + 1;
+    let max_seq_len = positions(prompt.ids.len(), request.force_frames);
     if max_seq_len as u64 > MAX_SEQ_LEN {
         bail!(
             "the prompt ({} tokens) and its generation need {max_seq_len} positions, more than {MAX_SEQ_LEN}: shorten the script or the voice samples",
