@@ -14,7 +14,7 @@ pub use session::{positions, prompt_tokens, run_generation, GenerateReport, Requ
 
 use crate::engine::{Engine, LaneId};
 use crate::rng::Rng;
-use crate::speech::sample_latent;
+use crate::speech::{sample_latent_with, step_features};
 use crate::text::SpecialTokens;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -137,6 +137,7 @@ pub fn generate(
     let sync = |engine: &Engine| engine.synchronize();
     let valid = special.all();
 
+    let mut features: Option<Vec<Tensor>> = None;
     let mut x_in = prompt.clone();
     for step in 0..max_steps {
         if options.max_frames.is_some_and(|m| out.latents.len() >= m) {
@@ -213,9 +214,27 @@ pub fn generate(
                 h_neg.to_dtype(speech.dtype())?,
             );
             let noise = noise.frame(frame, latent_size, &pos)?;
-            let latent =
-                sample_latent(&speech.head, &solver, &noise, &pos, &neg, options.cfg_scale)
-                    .with_context(|| format!("sampling frame {frame}"))?;
+            // The steps' timestep features are the same for every frame: computed once.
+            if features.is_none() {
+                features = Some(step_features(
+                    &speech.head,
+                    &solver,
+                    2,
+                    pos.dtype(),
+                    pos.device(),
+                )?);
+            }
+            let features = features.as_deref().expect("computed above");
+            let latent = sample_latent_with(
+                &speech.head,
+                &solver,
+                features,
+                &noise,
+                &pos,
+                &neg,
+                options.cfg_scale,
+            )
+            .with_context(|| format!("sampling frame {frame}"))?;
             sync(engine)?;
             out.timings.head_ms += ms(started);
 

@@ -140,8 +140,8 @@ impl PredictionHead {
                 self.hidden
             );
         }
-        let projected = self.project_condition(condition)?;
-        self.forward_projected(noisy, timesteps, &projected)
+        let c = (self.project_condition(condition)? + self.timestep_features(timesteps)?)?;
+        self.forward_conditioned(noisy, &c)
     }
 
     /// `cond_proj(condition)`: the part of the head that does not depend on the step, computed
@@ -150,24 +150,25 @@ impl PredictionHead {
         apply(&self.cond_proj, condition, &self.name, "cond_proj")
     }
 
-    /// [`PredictionHead::forward`] with the condition already projected
-    /// ([`PredictionHead::project_condition`]).
-    pub fn forward_projected(
-        &self,
-        noisy: &Tensor,
-        timesteps: &Tensor,
-        projected: &Tensor,
-    ) -> Result<Tensor> {
+    /// `t_embedder(timesteps)`: the part of the head that depends on the step alone, the same
+    /// for every frame (the sampler computes it once per step count).
+    pub fn timestep_features(&self, timesteps: &Tensor) -> Result<Tensor> {
         let n = &self.name;
-        let mut x = apply(&self.noisy_images_proj, noisy, n, "noisy_images_proj")?;
         let t = apply(
             &self.t_mlp0,
             &timestep_embedding(timesteps)?,
             n,
             "t_embedder.mlp.0",
         )?;
-        let t = apply(&self.t_mlp2, &t.silu()?, n, "t_embedder.mlp.2")?;
-        let c = (projected + t)?;
+        apply(&self.t_mlp2, &t.silu()?, n, "t_embedder.mlp.2")
+    }
+
+    /// [`PredictionHead::forward`] from the condition `c = cond_proj(condition) +
+    /// t_embedder(timesteps)` ([`PredictionHead::project_condition`],
+    /// [`PredictionHead::timestep_features`]).
+    pub fn forward_conditioned(&self, noisy: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let n = &self.name;
+        let mut x = apply(&self.noisy_images_proj, noisy, n, "noisy_images_proj")?;
         let silu_c = c.silu()?;
         for layer in &self.layers {
             x = layer.forward(&x, &silu_c, self.eps)?;

@@ -9,7 +9,7 @@
 
 use super::head::PredictionHead;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// The original's `betas_for_alpha_bar` clip.
 const MAX_BETA: f64 = 0.999;
@@ -160,6 +160,25 @@ impl SolverRun<'_> {
     }
 }
 
+/// The timestep features of every step of `solver` for a batch of `rows` (`[rows, hidden]`
+/// each, in `dtype`): they do not depend on the frame, so a generation computes them once.
+pub fn step_features(
+    head: &PredictionHead,
+    solver: &DpmSolver,
+    rows: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Vec<Tensor>> {
+    solver
+        .timesteps()
+        .iter()
+        .map(|&t| {
+            let timesteps = Tensor::full(t as f32, rows, device)?.to_dtype(dtype)?;
+            head.timestep_features(&timesteps)
+        })
+        .collect()
+}
+
 /// Samples one latent with classifier-free guidance, as the original's
 /// `sample_speech_tokens`: from `noise` `[B, latent]` (the caller's standard normal draw;
 /// the original uses row 0 of a 2-row draw), each step runs the head once on the batch
@@ -173,19 +192,51 @@ pub fn sample_latent(
     negative: &Tensor,
     cfg_scale: f64,
 ) -> Result<Tensor> {
+    let features = step_features(
+        head,
+        solver,
+        2 * noise.dim(0)?,
+        noise.dtype(),
+        noise.device(),
+    )?;
+    sample_latent_with(
+        head, solver, &features, noise, positive, negative, cfg_scale,
+    )
+}
+
+/// [`sample_latent`] with the steps' timestep features computed beforehand
+/// ([`step_features`] for `2·B` rows).
+pub fn sample_latent_with(
+    head: &PredictionHead,
+    solver: &DpmSolver,
+    features: &[Tensor],
+    noise: &Tensor,
+    positive: &Tensor,
+    negative: &Tensor,
+    cfg_scale: f64,
+) -> Result<Tensor> {
     let batch = noise.dim(0)?;
+    if features.len() != solver.timesteps().len() {
+        bail!(
+            "{} timestep features for {} steps",
+            features.len(),
+            solver.timesteps().len()
+        );
+    }
     let condition = Tensor::cat(&[positive, negative], 0).context("stacking the conditions")?;
     // cond_proj does not depend on the step: once per frame, not once per step.
     let projected = head.project_condition(&condition)?;
     let mut x = noise.clone();
     let mut run = solver.start();
-    while let Some(t) = run.timestep() {
+    let mut step = 0;
+    while run.timestep().is_some() {
         let combined = Tensor::cat(&[&x, &x], 0)?;
-        let timesteps = Tensor::full(t as f32, 2 * batch, x.device())?.to_dtype(x.dtype())?;
-        let v = head.forward_projected(&combined, &timesteps, &projected)?;
+        let c = (&projected + &features[step])?;
+        let v = head.forward_conditioned(&combined, &c)?;
         let (v_c, v_u) = (v.narrow(0, 0, batch)?, v.narrow(0, batch, batch)?);
         let guided = (&v_u + ((&v_c - &v_u)? * cfg_scale)?)?;
         x = run.step(&guided, &x)?;
+        step += 1;
     }
     Ok(x)
 }
