@@ -346,3 +346,33 @@ fn plans_are_sized_for_a_script() {
         &["cannot read the script"],
     );
 }
+
+/// A forced schedule runs to its end even past the original's limit of twice the prompt (a
+/// 33-token prompt, 70 frames).
+#[test]
+fn forced_frames_are_not_cut_at_twice_the_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = vibeoffload(
+        dir.path(),
+        &[
+            "generate",
+            "--text",
+            "Speaker 1: Hi.",
+            "--out",
+            "f.wav",
+            "--force-frames",
+            "80",
+            "--steps",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let report: GenerateReport = serde_json::from_str(&o.stdout).unwrap();
+    assert!(
+        report.prompt_tokens * 2 < 80,
+        "{} prompt tokens",
+        report.prompt_tokens
+    );
+    assert_eq!(report.frames, 70);
+}

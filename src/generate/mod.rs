@@ -122,8 +122,9 @@ pub fn generate(
         Ok(_) => 1,
         Err(_) => engine.add_lane(),
     };
-    // The original's limit: twice the prompt (and the context, checked at each step).
-    let max_steps = 2 * prompt_len;
+    // The original's limit: twice the prompt (and the context, checked at each step); a
+    // forced schedule runs to its end.
+    let max_steps = options.forced.as_ref().map_or(2 * prompt_len, Vec::len);
     let mut decoder_state = speech.acoustic_decoder.stream_state();
     let mut semantic_state = speech.semantic_encoder.stream_state();
     let mut out = Outcome {
