@@ -295,6 +295,29 @@ fn benchmark_generates_once_per_preset() {
         ]
     );
     assert!(report.rows.iter().all(|r| r.report.frames == 1));
+    // Its rows replace each other's WAV, but not a file that was there before.
+    std::fs::write(dir.path().join("keep.wav"), "keep").unwrap();
+    fails(
+        dir.path(),
+        &[
+            "generate",
+            "--text",
+            "Speaker 1: Hi.",
+            "--out",
+            "keep.wav",
+            "--force-frames",
+            "1",
+            "--steps",
+            "1",
+            "--benchmark",
+        ],
+        2,
+        &["exists", "--force"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("keep.wav")).unwrap(),
+        "keep"
+    );
 }
 
 /// `table --script` sizes both KV caches for the script as `generate` would run it: the

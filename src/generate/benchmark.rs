@@ -3,7 +3,8 @@
 
 use super::session::{run_generation, GenerateReport, Request};
 use crate::measure::ModelFile;
-use anyhow::Result;
+use crate::UsageError;
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 /// One configuration's generation.
@@ -35,6 +36,13 @@ pub fn run_benchmark(
     configurations: &[(String, usize)],
     mut progress: impl FnMut(&str),
 ) -> Result<GenerateBenchmark> {
+    // The rows replace each other's file, never one that was there before without --force.
+    if !request.force && request.out.exists() {
+        bail!(UsageError::new(format!(
+            "{} exists: pass --force to replace it",
+            request.out.display()
+        )));
+    }
     let with_layers = |layers: usize| {
         let mut r = request.clone();
         r.engine.gpu_layers = layers;
