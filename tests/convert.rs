@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::cli::assert_no_temporary_files;
+use common::cli::{assert_no_temporary_files, ok, vibeoffload};
 use common::{shard, Weights};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use vibeoffload::arch::config::ModelConfig;
 use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::arch::Role;
@@ -75,30 +74,12 @@ fn synthesize(dir: &Path, precision: Precision) -> PathBuf {
     path
 }
 
-/// Runs the binary in `dir`: exit code, stdout, stderr.
-fn vibeoffload(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("binary runs");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    (out.status.code().unwrap(), stdout, stderr)
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let (code, stdout, stderr) = vibeoffload(dir, args);
-    assert_eq!(code, 0, "{args:?}: {stderr}");
-    stdout
-}
-
 /// Fails with `code` and one line containing each of `words`, printing nothing on stdout.
 fn fails(dir: &Path, args: &[&str], code: i32, words: &[&str]) {
-    let (got, stdout, stderr) = vibeoffload(dir, args);
+    let o = vibeoffload(dir, args);
+    let (stdout, stderr) = (o.stdout, o.stderr);
     assert_eq!(
-        (got, stderr.lines().count()),
+        (o.code, stderr.lines().count()),
         (code, 1),
         "{args:?}: {stderr}"
     );

@@ -5,35 +5,21 @@
 
 mod common;
 
+use common::cli::{ok, vibeoffload};
 use common::shard;
 use std::path::Path;
-use std::process::Command;
 use vibeoffload::measure::RunReport;
 use vibeoffload::report::InspectReport;
 
-/// Runs the binary in `dir`: exit code, stdout, stderr.
-fn vibeoffload(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("binary runs");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    (out.status.code().unwrap(), stdout, stderr)
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let (code, stdout, stderr) = vibeoffload(dir, args);
-    assert_eq!(code, 0, "{args:?}: {stderr}");
-    stdout
-}
-
 /// Fails with exit 1 and one line containing each of `words`.
 fn fails(dir: &Path, args: &[&str], words: &[&str]) {
-    let (code, _, stderr) = vibeoffload(dir, args);
-    assert_eq!((code, stderr.lines().count()), (1, 1), "{args:?}: {stderr}");
+    let o = vibeoffload(dir, args);
+    let stderr = o.stderr;
+    assert_eq!(
+        (o.code, stderr.lines().count()),
+        (1, 1),
+        "{args:?}: {stderr}"
+    );
     for w in words {
         assert!(stderr.contains(w), "{w:?} not in {stderr}");
     }
