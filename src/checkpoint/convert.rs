@@ -15,7 +15,7 @@
 //! scales until they are written after it. Both files are written under temporary names and
 //! renamed when complete, so an error or Ctrl-C leaves nothing under their names.
 
-use super::header::{self, TensorInfo};
+use super::header::TensorInfo;
 use super::layout::{self, Precision, ScaleConvention, ScaleGranularity, TensorSpec};
 use super::synth::{self, SynthSpec};
 use super::{config, Checkpoint, ConfigSource, ModelInfo};
@@ -122,15 +122,11 @@ pub fn convert(
     let config_json = output_config(model, checkpoint, speech, precision)?;
     let config_written = config_needed(&config_path, model, speech, out, &config_json, force)?;
 
-    let listed: Vec<(String, DType, Vec<u64>)> = specs
-        .iter()
-        .map(|s| (s.name.clone(), s.dtype, s.shape.clone()))
-        .collect();
     let metadata = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
         ("generator".to_string(), "vibeoffload convert".to_string()),
     ]);
-    let prefix = header::encode(&listed, &metadata);
+    let prefix = layout::header_prefix(&specs, &metadata);
     let total = prefix.len() as u64 + specs.iter().map(TensorSpec::size_bytes).sum::<u64>();
 
     let mut file = Output::begin(out)?;

@@ -10,6 +10,7 @@ use crate::arch::vibevoice;
 use crate::arch::{Role, TensorDef};
 use crate::dtype::DType;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// One tensor of the layout.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +82,16 @@ pub fn vibevoice(
     precision: Precision,
 ) -> Vec<TensorSpec> {
     store(vibevoice::tensors(config, speech), precision)
+}
+
+/// The safetensors prefix (length field and header) of a file holding `specs` back to back
+/// in this order, with `metadata`.
+pub fn header_prefix(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let listed: Vec<(String, DType, Vec<u64>)> = specs
+        .iter()
+        .map(|s| (s.name.clone(), s.dtype, s.shape.clone()))
+        .collect();
+    super::header::encode(&listed, metadata)
 }
 
 /// Header entries for `specs` stored back to back in this order, as a file would hold them.

@@ -2,7 +2,6 @@
 //! `config.json`. Data is generated and written in chunks, so a 9 GB file needs a few MB of
 //! memory; both files are written under temporary names and renamed when complete.
 
-use super::header;
 use super::layout::{self, Precision, TensorSpec};
 use crate::arch::config::ModelConfig;
 use crate::arch::speech::{ConvStack, DiffusionHeadConfig, SpeechConfig, TokenizerConfig};
@@ -148,16 +147,12 @@ pub fn write(
     }
 
     let specs = layout::vibevoice(&spec.config, &spec.speech, spec.precision);
-    let listed: Vec<(String, DType, Vec<u64>)> = specs
-        .iter()
-        .map(|s| (s.name.clone(), s.dtype, s.shape.clone()))
-        .collect();
     let metadata = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
         ("generator".to_string(), "vibeoffload synth".to_string()),
         ("seed".to_string(), spec.seed.to_string()),
     ]);
-    let prefix = header::encode(&listed, &metadata);
+    let prefix = layout::header_prefix(&specs, &metadata);
     let total = prefix.len() as u64 + specs.iter().map(TensorSpec::size_bytes).sum::<u64>();
 
     let mut file = Output::begin(out)?;
