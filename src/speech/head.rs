@@ -88,6 +88,8 @@ pub struct PredictionHead {
     eps: f64,
     hidden: usize,
     latent: usize,
+    /// Ones `[hidden]`: the final norm has no weight, the fused norm takes one.
+    unit_weight: Tensor,
     name: String,
 }
 
@@ -99,6 +101,8 @@ impl PredictionHead {
         let layers = (0..config.head_layers)
             .map(|i| HeadLayer::new(&scope.sub(&format!("layers.{i}")), h, config.ffn_dim))
             .collect::<Result<Vec<_>>>()?;
+        // validate() guarantees a layer; its norm weight has the compute dtype and device.
+        let unit_weight = layers[0].norm.ones_like()?;
         let t = scope.sub("t_embedder.mlp");
         let fin = scope.sub("final_layer");
         Ok(PredictionHead {
@@ -112,6 +116,7 @@ impl PredictionHead {
             eps: config.rms_norm_eps,
             hidden: h,
             latent: l,
+            unit_weight,
             name: scope.name().to_string(),
         })
     }
@@ -180,8 +185,8 @@ impl PredictionHead {
             "final_layer.adaLN_modulation.1",
         )?;
         let chunks = m.chunk(2, D::Minus1)?;
-        let ones = Tensor::ones(self.hidden, x.dtype(), x.device())?;
-        let h = modulate(&last_dim_norm(&x, &ones, self.eps)?, &chunks[0], &chunks[1])?;
+        let normed = last_dim_norm(&x, &self.unit_weight, self.eps)?;
+        let h = modulate(&normed, &chunks[0], &chunks[1])?;
         apply(&self.final_linear, &h, n, "final_layer.linear")
     }
 }
