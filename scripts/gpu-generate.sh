@@ -6,7 +6,8 @@
 # Usage: scripts/gpu-generate.sh   (dist/pack from `scripts/build-cuda.sh --tests --pack`, the
 #        demo voices and script in dist/voice)
 # Env: LAYER_COUNTS (default "28 8"), FRAMES (default 64), STEPS (default 10); SEPARATE=N also
-#      runs N with --separate-cfg-passes (the fork's two passes), to compare with the shared one.
+#      runs N with --separate-cfg-passes (the fork's two passes), to compare with the shared one;
+#      SLOTS="N:S ..." also runs N layers with S stream slots.
 source "$(dirname "$0")/gpu-env.sh"
 
 echo "== GPU tests (the speech benchmark on the 7B float8 checkpoint)"
@@ -28,4 +29,12 @@ if [[ -n ${SEPARATE:-} ]]; then
     --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-sep.wav" --force \
     --json-out "$out/generate-$SEPARATE-separate.json" || fail "generate N=$SEPARATE separate"
 fi
+for pair in ${SLOTS:-}; do
+  n=${pair%%:*} slots=${pair##*:}
+  echo "-- generate, N=$n, $slots slots"
+  "$bin" generate --device cuda --model-path "$model" --num-gpu-layers "$n" --slots "$slots" \
+    --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
+    --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-$n-$slots.wav" --force \
+    --json-out "$out/generate-$n-slots$slots.json" || fail "generate N=$n slots=$slots"
+done
 finish

@@ -357,7 +357,8 @@ fn model_path_directory_uses_the_originals_file_name() {
         };
         std::fs::rename(dir.path().join(f), dir.path().join("converted").join(to)).unwrap();
     }
-    let plan: PlanReport = serde_json::from_str(&ok(
+    // With a checkpoint, the flag form loads it, as the original does.
+    let loaded: vibeoffload::generate::LoadReport = serde_json::from_str(&ok(
         dir.path(),
         &[
             "--model-path",
@@ -368,7 +369,10 @@ fn model_path_directory_uses_the_originals_file_name() {
         ],
     ))
     .unwrap();
-    assert_eq!((plan.model.layers, plan.estimate.offloaded_layers), (4, 2));
+    assert_eq!(
+        (loaded.model.layers, loaded.estimate.offloaded_layers),
+        (4, 2)
+    );
     fails(
         dir.path(),
         &[

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli::{assert_no_temporary_files, fails, vibeoffload};
+use common::cli::{assert_no_temporary_files, fails, ok, vibeoffload};
 use std::path::Path;
 use std::process::Command;
 use vibeoffload::generate::GenerateReport;
@@ -65,6 +65,18 @@ fn the_embedded_model_speaks_a_two_speaker_script_into_a_wav() {
     again.push("--force");
     assert_eq!(vibeoffload(dir.path(), &again).code, 0);
     assert_eq!(std::fs::read(dir.path().join("out.wav")).unwrap(), first);
+    // Streamed through three slots, the audio is the same, and the plan counts the slots.
+    let streamed = |slots: &str| -> GenerateReport {
+        let mut args = again.clone();
+        args.extend(["--num-gpu-layers", "2", "--slots", slots]);
+        serde_json::from_str(&ok(dir.path(), &args)).unwrap()
+    };
+    let (two, three) = (streamed("2"), streamed("3"));
+    assert_eq!(std::fs::read(dir.path().join("out.wav")).unwrap(), first);
+    assert!(three.estimate_bytes > two.estimate_bytes);
+    let mut zero = again.clone();
+    zero.extend(["--slots", "0"]);
+    fails(dir.path(), &zero, 2, &["--slots 0 is out of range"]);
 }
 
 #[test]

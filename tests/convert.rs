@@ -305,7 +305,7 @@ fn hidden(path: &Path) -> Vec<f32> {
         ..EngineOptions::default()
     };
     let model = ModelInfo::open(path).unwrap();
-    let mut engine = Engine::load(model, &options, |_, _| {}).unwrap();
+    let mut engine = Engine::load(model, &options, |_| {}).unwrap();
     let h = engine.forward(&[3, 141, 59, 26, 5]).unwrap();
     h.flatten_all().unwrap().to_vec1().unwrap()
 }

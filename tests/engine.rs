@@ -44,7 +44,7 @@ fn write_model(dir: &Path, precision: Precision, tied: bool) -> PathBuf {
 }
 
 fn load(path: &Path, options: &EngineOptions) -> Engine {
-    Engine::load(ModelInfo::open(path).unwrap(), options, |_, _| {}).unwrap()
+    Engine::load(ModelInfo::open(path).unwrap(), options, |_| {}).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {

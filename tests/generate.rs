@@ -122,7 +122,7 @@ fn a_whole_generation_matches_the_original() {
         max_seq_len: 256,
         ..EngineOptions::default()
     };
-    let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+    let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_| {}).unwrap();
     // The speech model as users load it: configuration and weights from the checkpoint.
     let info = ModelInfo::open(&path).unwrap();
     let config = info.speech.clone().unwrap();
@@ -231,8 +231,7 @@ fn streamed_generation_is_bit_identical_to_resident() {
             max_seq_len: 256,
             ..EngineOptions::default()
         };
-        let mut engine =
-            Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+        let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_| {}).unwrap();
         let voice = speech.encode_voice(&audio, VoiceLatents::Mean).unwrap();
         let prompt = generate::prompt_embeddings(&engine, &ids, &mask, &[voice]).unwrap();
         let options = Options {

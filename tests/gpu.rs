@@ -124,11 +124,11 @@ fn cuda_engine(path: &Path, gpu_layers: usize) -> Engine {
         gpu_layers,
         ..EngineOptions::default()
     };
-    Engine::load(ModelInfo::open(path).unwrap(), &options, |_, _| {}).unwrap()
+    Engine::load(ModelInfo::open(path).unwrap(), &options, |_| {}).unwrap()
 }
 
 fn trace(path: &Path, options: &EngineOptions) -> Vec<Vec<u32>> {
-    let mut engine = Engine::load(ModelInfo::open(path).unwrap(), options, |_, _| {}).unwrap();
+    let mut engine = Engine::load(ModelInfo::open(path).unwrap(), options, |_| {}).unwrap();
     let mut out = Vec::new();
     for _ in 0..2 {
         engine.reset();
@@ -193,8 +193,7 @@ fn gpu_and_cpu_agree_to_bf16_precision() {
             gpu_layers: 3,
             ..EngineOptions::default()
         };
-        let mut engine =
-            Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+        let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_| {}).unwrap();
         // A prompt, then two decoding steps (the fused norm, KV store and attention paths).
         let mut h = host_f32(&engine.forward(&[3, 1, 4, 1, 5]).unwrap());
         for id in [9, 2] {

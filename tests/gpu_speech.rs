@@ -79,7 +79,7 @@ fn replay(gpu_layers: usize, speech_dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f3
         max_seq_len: 256,
         ..EngineOptions::default()
     };
-    let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_, _| {}).unwrap();
+    let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_| {}).unwrap();
     let info = ModelInfo::open(&path).unwrap();
     let device = engine.device().clone();
     let weights = CheckpointWeights::new(&info, &device, speech_dtype).unwrap();

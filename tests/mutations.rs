@@ -68,7 +68,7 @@ fn exercise(path: &Path) -> Result<(), String> {
         max_seq_len: 8,
         ..EngineOptions::default()
     };
-    let mut engine = Engine::load(info, &options, |_, _| {}).map_err(|e| format!("{e:#}"))?;
+    let mut engine = Engine::load(info, &options, |_| {}).map_err(|e| format!("{e:#}"))?;
     let hidden = engine.forward(&[1, 2, 3]).map_err(|e| format!("{e:#}"))?;
     let values: Vec<f32> = hidden.flatten_all().unwrap().to_vec1().unwrap();
     assert!(

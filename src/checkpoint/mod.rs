@@ -197,6 +197,29 @@ impl Checkpoint {
         &self.files[self.file_of.get(name).copied().unwrap_or(0)]
     }
 
+    /// Reads `tensors`' bytes from disk into memory now (pages already cached cost little), so
+    /// a load can tell time spent paging a cold file in from time spent uploading it.
+    /// `progress` is told the bytes done so far and the total. Only advice: where the kernel
+    /// cannot populate a mapping, pages are touched one by one instead.
+    pub fn page_in<'t>(
+        &self,
+        tensors: impl Iterator<Item = &'t TensorInfo>,
+        mut progress: impl FnMut(u64, u64),
+    ) {
+        const PIECE: u64 = 64 << 20;
+        let tensors: Vec<&TensorInfo> = tensors.collect();
+        let total: u64 = tensors.iter().map(|t| t.size_bytes()).sum();
+        let mut done = 0;
+        for t in tensors {
+            let data = self.data(t);
+            for piece in data.chunks(PIECE as usize) {
+                populate(&self.file_holding(&t.name).mmap, piece);
+                done += piece.len() as u64;
+                progress(done, total);
+            }
+        }
+    }
+
     /// Says that `tensor`'s bytes in `range` (relative to the tensor) have been read and are not
     /// needed again soon: their pages leave this process's resident memory, and are read from
     /// the file again if touched. A reader that streams a checkpoint larger than memory calls
@@ -221,6 +244,27 @@ impl Checkpoint {
         #[cfg(not(unix))]
         let _ = (tensor, range);
     }
+}
+
+/// Faults in the pages of `piece` (a slice of `map`): one `MADV_POPULATE_READ` where the
+/// kernel has it (Linux 5.14), else a read of one byte per page.
+fn populate(map: &Mmap, piece: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        let offset = piece.as_ptr() as usize - map.as_ptr() as usize;
+        if map
+            .advise_range(memmap2::Advice::PopulateRead, offset, piece.len())
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = map;
+    let mut sum = 0u8;
+    for page in piece.chunks(4096) {
+        sum = sum.wrapping_add(page[0]);
+    }
+    std::hint::black_box(sum);
 }
 
 /// Where a model's configuration came from.

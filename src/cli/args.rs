@@ -190,6 +190,10 @@ pub struct GenerateArgs {
     /// table of RTF, time per part and VRAM, as the fork's --benchmark does.
     #[arg(long, conflicts_with_all = ["num_gpu_layers", "config", "no_offload"])]
     pub benchmark: bool,
+    /// GPU slots that offloaded layers stream through. Each costs a layer of VRAM; with more,
+    /// the next frame's first layers are copied while the speech components run.
+    #[arg(long, default_value_t = DEFAULT_STREAM_SLOTS)]
+    pub slots: usize,
     #[command(flatten)]
     pub choice: ChoiceArgs,
     #[command(flatten)]

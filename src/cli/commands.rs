@@ -8,8 +8,8 @@ use super::args::{
 };
 use super::settings::convert_precision;
 use super::settings::{
-    every_fourth, fixed_choice, generate_request, model_info, synth_spec, BenchSettings, Planning,
-    RunSettings,
+    every_fourth, fixed_choice, generate_request, legacy_checkpoint, load_options, model_info,
+    synth_spec, BenchSettings, Planning, RunSettings,
 };
 use anyhow::Result;
 use clap::CommandFactory;
@@ -17,7 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vibeoffload::checkpoint::synth;
 use vibeoffload::checkpoint::{self, convert, CheckpointDtype, ModelInfo};
-use vibeoffload::measure::{self, compare, BenchReport};
+use vibeoffload::engine::{LoadPhase, LoadProgress};
+use vibeoffload::measure::{self, compare, BenchReport, ModelFile};
 use vibeoffload::plan::presets;
 use vibeoffload::report::{self, plot_bench, InspectReport, PlanReport, Render, TableReport};
 
@@ -36,15 +37,54 @@ impl From<String> for Output {
     }
 }
 
-/// The original's flag form: `--print-table`, then `--test-speed`, then a plan for the layer
-/// choice (`--no-offload`, `--config`, `--num-gpu-layers`, else auto).
-pub fn legacy(a: LegacyArgs) -> Result<Output> {
+/// The original's flag form: `--print-table`; else, with a checkpoint (`--model-path`, or
+/// one in `models/converted`), load the whole model with the layer choice (`--no-offload`,
+/// `--config`, `--num-gpu-layers`, else auto) and report, timing it with `--test-speed`;
+/// without one, `--test-speed` times the embedded model and the rest plans the built-in
+/// layout, saying where it looked.
+pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
     if a.print_table {
         return table(TableArgs {
             layers: None,
             planning: a.planning,
             output: a.output,
         });
+    }
+    let (path, found) = legacy_checkpoint(&a.planning.model.checkpoint);
+    let scope = &a.planning.scope;
+    if found && !scope.lm_only && !scope.offload_prediction_head {
+        let model = ModelFile::at(path);
+        let options = load_options(&a, &model)?;
+        let bar = load_bar();
+        let report = vibeoffload::generate::load_report(&model, &options, load_progress(&bar));
+        bar.finish_and_clear();
+        return text_or_json(&report?, a.output.json);
+    }
+    let note = match found {
+        true if scope.lm_only => {
+            format!(
+            "note: --lm-only: the language model alone is {}; without it the whole model is loaded",
+            if a.test_speed { "loaded and timed" } else { "planned" }
+        )
+        }
+        true => "note: --offload-prediction-head is planned only: the engine keeps the \
+                 prediction head on the GPU, so nothing was loaded"
+            .to_string(),
+        false => format!(
+            "note: no checkpoint at {}, so nothing was loaded{}; pass --model-path, or write one \
+             there with `vibeoffload synth {}` (random weights) or `vibeoffload convert`",
+            path.display(),
+            if a.test_speed {
+                "; timing the embedded test model"
+            } else {
+                "; this is the plan for the built-in layout"
+            },
+            path.display()
+        ),
+    };
+    eprintln!("{note}");
+    if found {
+        a.planning.model.checkpoint.model_path = Some(path);
     }
     if a.test_speed {
         return run(RunArgs {
@@ -144,18 +184,38 @@ fn bytes_bar() -> ProgressBar {
 
 pub fn run(a: RunArgs) -> Result<Output> {
     let s = RunSettings::resolve(&a)?;
+    let bar = load_bar();
+    let report = measure::run_session(&s.model, &s.options, load_progress(&bar));
+    bar.finish_and_clear();
+    report_out(&report?, &a.output)
+}
+
+/// A progress bar for loading a model: each phase's name, and its count where it has one.
+fn load_bar() -> ProgressBar {
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    bar.set_message("loading layers");
-    let report = measure::run_session(&s.model, &s.options, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    });
-    bar.finish_and_clear();
-    report_out(&report?, &a.output)
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+/// Shows load progress on `bar`: the phase, and bytes or layers done.
+fn load_progress(bar: &ProgressBar) -> impl FnMut(LoadProgress) + '_ {
+    move |p: LoadProgress| {
+        let (done, total) = match p.phase {
+            LoadPhase::PageIn => (p.done >> 20, p.total >> 20),
+            _ => (p.done, p.total),
+        };
+        let unit = match p.phase {
+            LoadPhase::PageIn => " (MiB)",
+            _ => "",
+        };
+        bar.set_message(format!("{}{unit}", p.phase.label()));
+        bar.set_length(total);
+        bar.set_position(done);
+    }
 }
 
 pub fn generate(a: GenerateArgs) -> Result<Output> {
@@ -176,18 +236,23 @@ pub fn generate(a: GenerateArgs) -> Result<Output> {
         spinner.finish_and_clear();
         return report_out(&report?, &a.output);
     }
-    let bar = ProgressBar::new_spinner().with_style(
-        ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar.set_message("loading the model");
+    let bar = load_bar();
     let started = std::time::Instant::now();
-    let report = vibeoffload::generate::run_generation(&model, &request, |seconds| {
-        let rtf = started.elapsed().as_secs_f64() / seconds.max(1e-9);
-        bar.set_message(format!(
-            "{seconds:.1} s of audio (running RTF {rtf:.2}, load included)"
-        ));
-    });
+    let mut speaking = false;
+    let report =
+        vibeoffload::generate::run_generation(&model, &request, load_progress(&bar), |seconds| {
+            if !speaking {
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                        .expect("valid template"),
+                );
+                speaking = true;
+            }
+            let rtf = started.elapsed().as_secs_f64() / seconds.max(1e-9);
+            bar.set_message(format!(
+                "{seconds:.1} s of audio (running RTF {rtf:.2}, load included)"
+            ));
+        });
     bar.finish_and_clear();
     report_out(&report?, &a.output)
 }

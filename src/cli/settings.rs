@@ -3,8 +3,8 @@
 
 use super::args::{
     BenchArgs, BudgetArgs, BuiltinArg, CheckpointArgs, ChoiceArgs, ConventionArg, DeviceArg,
-    DtypeArg, EngineArgs, GenerateArgs, GpuArgs, ModelArgs, PlacementArg, PlanArgs, PlanningArgs,
-    RunArgs, ScaleArg, SizeArg, SynthArgs, TimingArgs, VoiceLatentsArg,
+    DtypeArg, EngineArgs, GenerateArgs, GpuArgs, LegacyArgs, ModelArgs, PlacementArg, PlanArgs,
+    PlanningArgs, RunArgs, ScaleArg, SizeArg, SynthArgs, TimingArgs, VoiceLatentsArg,
 };
 use super::args::{ConvertArgs, ConvertPrecisionArg};
 use anyhow::{bail, Result};
@@ -15,7 +15,7 @@ use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranulari
 use vibeoffload::checkpoint::synth::SynthSpec;
 use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{DeviceChoice, EngineOptions};
-use vibeoffload::generate::{Request, VoiceLatents};
+use vibeoffload::generate::{LoadOptions, Request, VoiceLatents};
 use vibeoffload::measure::{BenchOptions, BenchReport, Mode, ModelFile, SessionOptions, Workload};
 use vibeoffload::plan::budget::{Budget, Choice};
 use vibeoffload::plan::{memory, presets, Placement, PlanOptions, Scope};
@@ -158,15 +158,16 @@ impl RunSettings {
         let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
         let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
         let engine = engine_options(&a.engine, &plan, a.gpu.gpu)?;
-        let (choice, gpu_layers) = match fixed_choice(&info, &a.choice)? {
-            Some(c) => c,
+        let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
+            Some((choice, n)) => (choice, n, None),
             // Nothing to fit on the CPU: every layer stays "resident".
             None if engine.device == DeviceChoice::Cpu && budget.vram_bytes.is_none() => {
-                (Choice::NoOffload, info.inventory.num_layers())
+                (Choice::NoOffload, info.inventory.num_layers(), None)
             }
             None => {
-                let fit = budget.required()?.largest_fit(&info, &plan)?;
-                (Choice::Auto, fit.gpu_layers)
+                let budget = budget.required()?;
+                let fit = budget.largest_fit(&info, &plan)?;
+                (Choice::Auto, fit.gpu_layers, Some(budget))
             }
         };
         let workload = workload(&a.timing)?;
@@ -201,13 +202,62 @@ impl RunSettings {
                     gpu_layers,
                     ..engine
                 },
+                target_utilization: budget
+                    .as_ref()
+                    .map_or(a.budget.target_utilization, |b| b.target_utilization),
                 choice,
+                budget,
                 mode,
                 workload,
-                target_utilization: budget.target_utilization,
             },
         })
     }
+}
+
+/// Where the original's flag form looks for a checkpoint: `--model-path` (a file, or a
+/// directory holding the `--dtype` file), else `models/converted` as the original does; and
+/// whether to load it: always when `--model-path` was given (so that opening it says what is
+/// wrong), else when the file is there.
+pub fn legacy_checkpoint(a: &CheckpointArgs) -> (PathBuf, bool) {
+    let dtype: CheckpointDtype = a.dtype.into();
+    match &a.model_path {
+        Some(path) => (checkpoint::resolve_path(path, dtype), true),
+        None => {
+            let path = Path::new(DEFAULT_MODEL_DIR).join(dtype.file_name());
+            let found = path.is_file();
+            (path, found)
+        }
+    }
+}
+
+/// The original's default `--model-path`.
+pub const DEFAULT_MODEL_DIR: &str = "models/converted";
+
+/// The original's flag form with a checkpoint: load the whole model, as planned in the
+/// whole-model scope, and report.
+pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
+    let info = model.open()?;
+    let plan = plan_options(&a.planning.plan, Scope::Full, false)?;
+    let budget = BudgetSource::resolve(&a.planning.gpu, &a.planning.budget)?;
+    let engine = engine_options(&a.engine, &plan, a.planning.gpu.gpu)?;
+    let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
+        Some((choice, n)) => (choice, n, None),
+        None => {
+            let budget = budget.required()?;
+            let fit = budget.largest_fit(&info, &plan)?;
+            (Choice::Auto, fit.gpu_layers, Some(budget))
+        }
+    };
+    Ok(LoadOptions {
+        plan,
+        engine: EngineOptions {
+            gpu_layers,
+            ..engine
+        },
+        choice,
+        budget,
+        test_speed: a.test_speed.then(|| workload(&a.timing)).transpose()?,
+    })
 }
 
 /// `bench`: the checkpoint, what to measure, and the baseline to hold it to.
@@ -289,8 +339,10 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     let info = model.open()?;
     let plan = PlanOptions {
         scope: Scope::Full,
+        stream_slots: a.slots,
         ..PlanOptions::default()
     };
+    plan.validate()?;
     let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
     let engine = engine_options(&a.engine, &plan, a.gpu.gpu)?;
     let gpu_layers = match fixed_choice(&info, &a.choice)? {

@@ -30,7 +30,7 @@ use streamer::LayerStreamer;
 use watch::{Tag, Watch};
 use weights::Linear;
 
-pub use load::{bandwidths, Bandwidths, LoadTimings};
+pub use load::{bandwidths, Bandwidths, LoadPhase, LoadProgress, LoadTimings};
 pub use streamer::TransferStats;
 
 /// Where the model runs.
@@ -92,11 +92,29 @@ pub struct Engine {
     /// extend; more come from [`Engine::add_lane`].
     lanes: Vec<Lane>,
     max_seq_len: usize,
-    device_weight_bytes: u64,
+    device_bytes: DeviceBytes,
     timings: LoadTimings,
     watch: Watch,
     /// Inside [`Engine::time_queued`]: the watch is read after the timed work, not in it.
     watch_deferred: bool,
+}
+
+/// Device bytes of the engine's weights and slots, by the planner's terms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceBytes {
+    /// Final norm, LM head, and the small tensors of streamed layers (as stored).
+    pub non_layer: u64,
+    /// The resident decoder layers (as stored).
+    pub resident_layers: u64,
+    /// The slots streamed layers pass through.
+    pub stream_slots: u64,
+}
+
+impl DeviceBytes {
+    /// All three.
+    pub fn total(&self) -> u64 {
+        self.non_layer + self.resident_layers + self.stream_slots
+    }
 }
 
 /// Index of a sequence lane of an [`Engine`].
@@ -463,7 +481,12 @@ impl Engine {
 
     /// Device bytes the engine allocated for weights and slots.
     pub fn device_weight_bytes(&self) -> u64 {
-        self.device_weight_bytes
+        self.device_bytes.total()
+    }
+
+    /// [`Engine::device_weight_bytes`], term by term as the planner counts them.
+    pub fn device_bytes(&self) -> DeviceBytes {
+        self.device_bytes
     }
 
     /// Device bytes the KV cache holds now (allocated at full length on first use).

@@ -54,14 +54,14 @@ pub fn run_benchmark(
         let mut warm_up = with_layers(*layers);
         warm_up.max_frames = Some(2);
         warm_up.dump_latents = None;
-        run_generation(model, &warm_up, |_| {})?;
+        run_generation(model, &warm_up, |_| {}, |_| {})?;
     }
     let mut rows = Vec::with_capacity(configurations.len());
     for (name, layers) in configurations {
         progress(&format!("{name}: {layers} layers on the GPU"));
         rows.push(BenchmarkRow {
             configuration: name.clone(),
-            report: run_generation(model, &with_layers(*layers), |_| {})?,
+            report: run_generation(model, &with_layers(*layers), |_| {}, |_| {})?,
         });
     }
     Ok(GenerateBenchmark {

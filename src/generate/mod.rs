@@ -5,10 +5,12 @@
 //! and the streaming semantic encoder and the connectors build the next input.
 
 mod benchmark;
+mod load;
 mod model;
 mod session;
 
 pub use benchmark::{run_benchmark, BenchmarkRow, GenerateBenchmark};
+pub use load::{load_model, load_report, Allocated, LoadOptions, LoadReport, LoadedModel};
 pub use model::{SpeechModel, VoiceLatents};
 pub use session::{positions, prompt_tokens, run_generation, GenerateReport, Request};
 

@@ -1,15 +1,15 @@
 //! The `generate` command as a library function: a script and voice samples in, a WAV file
 //! out, with a report of where the time went.
 
-use super::{generate, prompt_embeddings, Noise, Options, SpeechModel, Timings, VoiceLatents};
+use super::{generate, prompt_embeddings, Noise, Options, Timings, VoiceLatents};
+use super::{load_model, LoadedModel};
 use crate::audio::{self, SAMPLE_RATE};
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{EngineOptions, LoadProgress};
 use crate::measure::{taken_bytes, GpuProbe, ModelFile};
 use crate::output::Output;
 use crate::plan::memory::MAX_SEQ_LEN;
 use crate::plan::{self, PlanOptions, Scope};
 use crate::rng::Rng;
-use crate::speech::CheckpointWeights;
 use crate::text::{prompt, TextTokenizer};
 use crate::UsageError;
 use anyhow::{anyhow, bail, Context, Result};
@@ -115,10 +115,11 @@ pub fn prompt_tokens(script: &str, voice_frames: &[usize]) -> Result<usize> {
 }
 
 /// Loads `model`, generates `request`'s script in its voices and writes the WAV;
-/// `progress(seconds)` is called with the audio produced so far.
+/// `load_progress` hears the load's phases, `progress(seconds)` the audio produced so far.
 pub fn run_generation(
     model: &ModelFile,
     request: &Request,
+    load_progress: impl FnMut(LoadProgress),
     mut progress: impl FnMut(f64),
 ) -> Result<GenerateReport> {
     if !request.force && request.out.exists() {
@@ -129,7 +130,7 @@ pub fn run_generation(
     }
     let info = model.open()?;
     let model_name = info.source.clone();
-    let Some(speech_config) = info.speech.clone() else {
+    let Some(speech_config) = &info.speech else {
         bail!("{model_name} has no speech components: generate needs a VibeVoice checkpoint");
     };
     let hop = speech_config.acoustic.encoder.hop();
@@ -184,6 +185,8 @@ pub fn run_generation(
     let plan = PlanOptions {
         scope: Scope::Full,
         max_seq_len: max_seq_len as u64,
+        placement: engine_options.placement,
+        stream_slots: engine_options.slots,
         ..PlanOptions::default()
     };
     let estimate_bytes = plan::estimate(&info, &plan, gpu_layers)?.total_bytes;
@@ -191,15 +194,9 @@ pub fn run_generation(
     let used_before = probe.used_bytes();
     let peak = probe.watch_peak();
     let started = Instant::now();
-    let mut engine = Engine::load(info, &engine_options, |_, _| {})?;
-    let weights = CheckpointWeights::new(engine.info(), engine.device(), engine.dtype())?;
-    let speech = SpeechModel::load(
-        &weights,
-        &speech_config,
-        engine.info().config.hidden_size,
-        engine.device(),
-        engine.dtype(),
-    )?;
+    let LoadedModel {
+        mut engine, speech, ..
+    } = load_model(info, &engine_options, load_progress)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let device = probe.label();
 

@@ -155,7 +155,7 @@ pub fn run_bench(
             gpu_layers: n,
             ..o.engine.clone()
         };
-        let (mut engine, load_ms) = load(info, &options, |_, _| {})?;
+        let (mut engine, load_ms) = load(info, &options, |_| {})?;
         progress(format!("{n} GPU layers: test-speed"));
         let sampler = probe.watch_peak();
         let speed = speed::test_speed(&mut engine, &ids, 1, w.runs)?;

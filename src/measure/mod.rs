@@ -189,7 +189,7 @@ pub(crate) fn taken_bytes(before: Option<u64>, peak: Option<u64>) -> Option<u64>
 fn load(
     info: ModelInfo,
     options: &EngineOptions,
-    progress: impl FnMut(usize, usize),
+    progress: impl FnMut(crate::engine::LoadProgress),
 ) -> Result<(Engine, f64)> {
     let started = Instant::now();
     let engine = Engine::load(info, options, progress)?;

@@ -38,6 +38,8 @@ pub struct SessionOptions {
     pub engine: EngineOptions,
     /// How the layer count was chosen.
     pub choice: Choice,
+    /// The budget an automatic choice was made in.
+    pub budget: Option<Budget>,
     /// What to run.
     pub mode: Mode,
     /// Prompt and generation lengths.
@@ -91,6 +93,9 @@ pub struct RunReport {
     pub engine: EngineOptions,
     /// How the layer count was chosen.
     pub choice: Choice,
+    /// The budget an automatic choice was made in (language-model scope).
+    #[serde(default)]
+    pub budget: Option<Budget>,
     /// The planner's estimate for this configuration (language model only).
     pub estimate: VramEstimate,
     /// Load time.
@@ -107,11 +112,11 @@ pub struct RunReport {
     pub vram: VramUse,
 }
 
-/// Loads `model` as `o` says and runs its mode; `progress` is told the layers loaded so far.
+/// Loads `model` as `o` says and runs its mode; `progress` is told how the load goes.
 pub fn run_session(
     model: &ModelFile,
     o: &SessionOptions,
-    progress: impl FnMut(usize, usize),
+    progress: impl FnMut(crate::engine::LoadProgress),
 ) -> Result<RunReport> {
     let info = model.open()?;
     let gpu_layers = o.engine.gpu_layers;
@@ -181,6 +186,7 @@ pub fn run_session(
         device,
         engine: o.engine.clone(),
         choice: o.choice.clone(),
+        budget: o.budget.clone(),
         estimate,
         load_ms,
         load_phases: engine.load_timings(),

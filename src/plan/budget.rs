@@ -70,3 +70,14 @@ pub enum Choice {
     /// `--no-offload`.
     NoOffload,
 }
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Choice::Auto => f.write_str("auto, the largest count that fits"),
+            Choice::Preset { name } => write!(f, "preset {name}"),
+            Choice::NumGpuLayers => f.write_str("--num-gpu-layers"),
+            Choice::NoOffload => f.write_str("--no-offload"),
+        }
+    }
+}

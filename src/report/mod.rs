@@ -7,6 +7,7 @@ mod bench;
 mod convert;
 mod generate;
 mod inspect;
+mod load;
 mod plan;
 mod plot;
 mod run;

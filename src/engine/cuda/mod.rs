@@ -174,6 +174,15 @@ impl Module {
     }
 }
 
+/// Compiles (NVRTC) and loads this crate's three kernel modules on `dev` now, so that a load
+/// accounts for it instead of the first pass.
+pub fn load_modules(dev: &CudaDevice) -> anyhow::Result<()> {
+    Module::Dequant.func(dev, "hold_stream")?;
+    Module::Decode.func(dev, "store_kv_bf16")?;
+    Module::Speech.func(dev, "channel_norm_bf16")?;
+    Ok(())
+}
+
 /// Compute capability `(major, minor)` of the first device that asks (queried once).
 fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32), String> {
     static CAPABILITY: OnceLock<Result<(i32, i32), String>> = OnceLock::new();
