@@ -544,7 +544,7 @@ pub struct TimingArgs {
     /// Tokens to generate in decode mode.
     #[arg(long, default_value_t = Workload::DEFAULT.gen_tokens, value_name = "TOKENS")]
     pub gen_tokens: usize,
-    /// Timed passes in test-speed mode.
+    /// Timed passes in test-speed mode; `bench` also decodes this many times per layer count.
     #[arg(long, default_value_t = Workload::DEFAULT.runs)]
     pub runs: usize,
     /// Seed of the random prompt.

@@ -196,7 +196,7 @@ pub fn bench(a: BenchArgs) -> Result<Output> {
     let s = BenchSettings::resolve(&a)?;
     let spinner = ProgressBar::new_spinner();
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = measure::run_bench(&s.model, &s.options, |m| spinner.set_message(m));
+    let report = measure::run_bench(&s.model, &s.options, |_, m| spinner.set_message(m));
     spinner.finish_and_clear();
     let mut report = report?;
     if let Some(plot) = &a.plot {

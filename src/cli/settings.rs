@@ -412,6 +412,11 @@ fn workload(a: &TimingArgs) -> Result<Workload> {
             )));
         }
     }
+    if a.runs == 0 {
+        bail!(UsageError::new(
+            "--runs 0 would time nothing: use 1 or more"
+        ));
+    }
     Ok(Workload {
         prompt_len: a.prompt_len,
         gen_tokens: a.gen_tokens,
