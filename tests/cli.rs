@@ -1054,3 +1054,45 @@ fn version_names_the_commit_and_llama_cpp_spellings_work() {
         assert_eq!(ok(d, &args), ours, "{spelling:?}");
     }
 }
+
+#[test]
+fn progress_is_plain_lines_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // stderr is a pipe here, not a terminal: plain lines with counts, no escape codes.
+    let o = vibeoffload(
+        d,
+        &[
+            "synth",
+            "m.safetensors",
+            "--size",
+            "custom",
+            "--layers",
+            "4",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("writing m.safetensors: ") && o.stderr.contains(" (100%)"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains('\x1b'), "{:?}", o.stderr);
+    let run = [
+        "run",
+        "--model-path",
+        "m.safetensors",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+    ];
+    let o = vibeoffload(d, &run);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for line in [
+        "loading layers: 2/4 (50%), eta ",
+        "loading layers: 4/4 (100%)",
+    ] {
+        assert!(o.stderr.contains(line), "{line:?} not in {}", o.stderr);
+    }
+}

@@ -74,6 +74,14 @@ fn bench_measures_each_layer_count_and_guards_a_baseline() {
         assert_eq!(x.decode_runs_ms_per_token.len(), 2, "{x:?}");
         assert!(x.decode_runs_ms_per_token.contains(&x.decode_ms_per_token));
     }
+    // stderr is a pipe here: plain progress lines with the row count and an ETA, no escapes.
+    for line in [
+        "bench: 8 GPU layers: loading, 0/2 rows done (0%)",
+        "bench: 2 GPU layers: decode, 1/2 rows done (50%), eta ",
+    ] {
+        assert!(o.stderr.contains(line), "{line:?} not in {}", o.stderr);
+    }
+    assert!(!o.stderr.contains('\x1b'), "{:?}", o.stderr);
     assert_eq!(
         r.rows[0].streamed_bytes_per_token, 0,
         "nothing streams with every layer resident"

@@ -6,6 +6,7 @@ use super::args::{
     AutoArgs, BenchArgs, BenchCompareArgs, GenerateArgs, InspectArgs, LegacyArgs, ReportArgs,
     RunArgs, SynthArgs, TableArgs,
 };
+use super::progress::Progress;
 use super::settings::convert_precision;
 use super::settings::{
     every_fourth, fixed_choice, generate_request, model_info, synth_spec, BenchSettings, Planning,
@@ -13,7 +14,6 @@ use super::settings::{
 };
 use anyhow::Result;
 use clap::CommandFactory;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vibeoffload::checkpoint::synth;
 use vibeoffload::checkpoint::{self, convert, CheckpointDtype, ModelInfo};
@@ -105,13 +105,9 @@ pub fn inspect(mut a: InspectArgs) -> Result<Output> {
 
 pub fn synth(a: SynthArgs) -> Result<Output> {
     let spec = synth_spec(&a)?;
-    let bar = bytes_bar();
-    bar.set_message(format!("writing {}", a.out.display()));
-    let report = synth::write(&spec, &a.out, a.force, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
+    let mut bar = Progress::bytes(format!("writing {}", a.out.display()));
+    let report = synth::write(&spec, &a.out, a.force, |done, total| bar.set(done, total));
+    bar.finish();
     text_or_json(&report?, a.json)
 }
 
@@ -121,40 +117,21 @@ pub fn convert(a: ConvertArgs) -> Result<Output> {
         &a.model_path,
         CheckpointDtype::Bf16,
     ))?;
-    let bar = bytes_bar();
-    bar.set_message(format!("converting to {}", a.out.display()));
+    let mut bar = Progress::bytes(format!("converting to {}", a.out.display()));
     let report = convert::convert(&model, &a.out, precision, a.force, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+        bar.set(done, total)
     });
-    bar.finish_and_clear();
+    bar.finish();
     text_or_json(&report?, a.json)
-}
-
-/// A progress bar on stderr counting bytes written.
-fn bytes_bar() -> ProgressBar {
-    ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    )
 }
 
 pub fn run(a: RunArgs) -> Result<Output> {
     let s = RunSettings::resolve(&a)?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message("loading layers");
+    let mut bar = Progress::items("loading layers");
     let report = measure::run_session(&s.model, &s.options, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
+        bar.set(done as u64, total as u64)
     });
-    bar.finish_and_clear();
+    bar.finish();
     report_out(&report?, &a.output)
 }
 
@@ -168,36 +145,36 @@ pub fn generate(a: GenerateArgs) -> Result<Output> {
             .iter()
             .filter_map(|p| presets::resolve(&p.name, num_layers).ok())
             .collect();
-        let spinner = ProgressBar::new_spinner();
-        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+        // A warm-up, then one generation per configuration.
+        let runs = configurations.len() as u64 + 1;
+        let mut bar = Progress::steps("generate --benchmark", "runs", runs);
+        let mut done = 0;
         let report = vibeoffload::generate::run_benchmark(&model, &request, &configurations, |m| {
-            spinner.set_message(m.to_string())
+            bar.step(done, m);
+            done += 1;
         });
-        spinner.finish_and_clear();
+        bar.finish();
         return report_out(&report?, &a.output);
     }
-    let bar = ProgressBar::new_spinner().with_style(
-        ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar.set_message("loading the model");
+    let mut bar = Progress::spinner("generate");
+    bar.status("loading the model");
     let started = std::time::Instant::now();
     let report = vibeoffload::generate::run_generation(&model, &request, |seconds| {
         let rtf = started.elapsed().as_secs_f64() / seconds.max(1e-9);
-        bar.set_message(format!(
+        bar.status(format!(
             "{seconds:.1} s of audio (running RTF {rtf:.2}, load included)"
         ));
     });
-    bar.finish_and_clear();
+    bar.finish();
     report_out(&report?, &a.output)
 }
 
 pub fn bench(a: BenchArgs) -> Result<Output> {
     let s = BenchSettings::resolve(&a)?;
-    let spinner = ProgressBar::new_spinner();
-    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = measure::run_bench(&s.model, &s.options, |_, m| spinner.set_message(m));
-    spinner.finish_and_clear();
+    let rows = s.options.layer_counts.len() as u64;
+    let mut bar = Progress::steps("bench", "rows", rows);
+    let report = measure::run_bench(&s.model, &s.options, |done, m| bar.step(done as u64, m));
+    bar.finish();
     let mut report = report?;
     if let Some(plot) = &a.plot {
         plot_bench(&report, plot)

@@ -1,8 +1,10 @@
 //! The binary's command line: clap structs ([`args`]), their resolution into the library's
-//! options ([`settings`]), and one body per command ([`commands`]).
+//! options ([`settings`]), one body per command ([`commands`]), and progress on stderr
+//! ([`progress`]).
 
 pub mod args;
 pub mod commands;
+pub mod progress;
 pub mod settings;
 
 /// `--version`: the crate version, the commit it was built from and whether CUDA is in.
