@@ -5,6 +5,7 @@ mod common;
 
 use common::cli::{assert_no_temporary_files, fails, ok, vibeoffload};
 use std::path::{Path, PathBuf};
+use vibeoffload::engine::EngineOptions;
 use vibeoffload::measure::RunReport;
 use vibeoffload::report::{InspectReport, PlanReport, TableReport};
 
@@ -1056,7 +1057,7 @@ fn version_names_the_commit_and_llama_cpp_spellings_work() {
 }
 
 #[test]
-fn progress_is_plain_lines_off_a_terminal() {
+fn progress_is_plain_lines_off_a_terminal_and_quiet_or_verbose_on_request() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // stderr is a pipe here, not a terminal: plain lines with counts, no escape codes.
@@ -1095,4 +1096,30 @@ fn progress_is_plain_lines_off_a_terminal() {
     ] {
         assert!(o.stderr.contains(line), "{line:?} not in {}", o.stderr);
     }
+
+    // -q: the report and nothing else, given before or after the command (or in the flag
+    // form, where it also hides the note that no GPU could be read).
+    for args in [
+        [&["-q"][..], &run].concat(),
+        [&run[..], &["--quiet"]].concat(),
+    ] {
+        let o = vibeoffload(d, &args);
+        assert_eq!((o.code, o.stderr.as_str()), (0, ""), "{args:?}");
+        assert!(o.stdout.contains("decode: "), "{}", o.stdout);
+    }
+    let o = vibeoffload(d, &["--print-table", "-q"]);
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+
+    // -v: the resolved settings (as their JSON) and how long each stage took, too.
+    let o = vibeoffload(d, &[&run[..], &["-v"]].concat());
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let engine = o
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("engine: "))
+        .unwrap_or_else(|| panic!("no engine line in {}", o.stderr));
+    let engine: EngineOptions = serde_json::from_str(engine).unwrap();
+    assert_eq!(engine.gpu_layers, 4);
+    assert!(o.stderr.contains("loading layers: took "), "{}", o.stderr);
+    fails(d, &["-q", "table", "-v"], 2, &["--quiet", "--verbose"]);
 }

@@ -37,6 +37,7 @@ fn measured(dir: &Path) -> BenchReport {
         "--runs",
         "1",
         "--json",
+        "-q",
     ];
     serde_json::from_str(&ok(dir, &args)).unwrap()
 }

@@ -19,6 +19,12 @@ use vibeoffload::plan::memory::DEFAULT_STREAM_SLOTS;
 #[derive(Parser, Debug)]
 #[command(name = "vibeoffload", version = crate::cli::VERSION, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// Print only the report and errors: no progress, no notes.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Also print the resolved settings and how long each stage took (on stderr).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]

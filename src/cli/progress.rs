@@ -1,12 +1,54 @@
-//! Progress on stderr: an indicatif bar when stderr is a terminal. When it is not (a log file,
-//! CI, a pipe), plain lines instead: one per stage, one per tenth of the work (or every
-//! [`EVERY`] when a tenth takes longer), and the latest status every [`EVERY`], with counts and
-//! ETA where known.
+//! Everything the binary writes to stderr besides its error line: progress, notes and, with
+//! `--verbose`, details.
+//!
+//! Progress is an indicatif bar when stderr is a terminal. When it is not (a log file, CI, a
+//! pipe), it is plain lines instead: one per stage, one per tenth of the work (or every
+//! [`EVERY`] when a tenth takes longer), and the latest status every [`EVERY`], with counts
+//! and ETA where known. `--quiet` silences progress and notes; `--verbose` adds the details
+//! and how long each stage took.
 
 use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressStyle};
 use std::fmt::Display;
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+
+/// How much goes to stderr besides errors: `-q`, the default, `-v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    /// Errors only.
+    Quiet,
+    /// Progress and notes too.
+    Normal,
+    /// Details and each stage's time too.
+    Verbose,
+}
+
+static VERBOSITY: AtomicU8 = AtomicU8::new(Verbosity::Normal as u8);
+
+impl Verbosity {
+    /// From the global flags (clap refuses both at once).
+    pub fn from_flags(quiet: bool, verbose: bool) -> Verbosity {
+        match (quiet, verbose) {
+            (true, _) => Verbosity::Quiet,
+            (false, true) => Verbosity::Verbose,
+            (false, false) => Verbosity::Normal,
+        }
+    }
+
+    /// Makes this the level for the rest of the process (set once, before the command runs).
+    pub fn set(self) {
+        VERBOSITY.store(self as u8, Ordering::Relaxed);
+    }
+
+    fn current() -> Verbosity {
+        match VERBOSITY.load(Ordering::Relaxed) {
+            0 => Verbosity::Quiet,
+            1 => Verbosity::Normal,
+            _ => Verbosity::Verbose,
+        }
+    }
+}
 
 /// Plain progress lines come at least this far apart, unless a stage or a tenth of the work
 /// is done sooner.
@@ -15,6 +57,28 @@ pub const EVERY: Duration = Duration::from_secs(5);
 /// One line on stderr; a closed stderr is not worth failing a command for.
 fn line(text: impl Display) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+/// `note: TEXT` on stderr, unless `--quiet`.
+pub fn note(text: impl Display) {
+    if Verbosity::current() >= Verbosity::Normal {
+        line(format_args!("note: {text}"));
+    }
+}
+
+/// A line on stderr with `--verbose` only.
+pub fn detail(text: impl Display) {
+    if Verbosity::current() == Verbosity::Verbose {
+        line(text);
+    }
+}
+
+/// `WHAT: JSON` with `--verbose` only: a resolved setting, as its report's JSON writes it.
+pub fn setting(what: &str, value: &impl serde::Serialize) {
+    detail(format_args!(
+        "{what}: {}",
+        serde_json::to_string(value).unwrap_or_default()
+    ));
 }
 
 /// What a progress display counts.
@@ -38,6 +102,8 @@ enum Sink {
         /// A status not printed yet (shown at the end).
         unprinted: Option<String>,
     },
+    /// `--quiet`.
+    Silent,
 }
 
 /// Progress of one stage of a command, on stderr: see the module's documentation.
@@ -89,8 +155,9 @@ impl Progress {
     }
 
     fn new(label: String, unit: Unit, template: &str) -> Progress {
-        let sink = match std::io::stderr().is_terminal() {
-            true => {
+        let sink = match Verbosity::current() {
+            Verbosity::Quiet => Sink::Silent,
+            _ if std::io::stderr().is_terminal() => {
                 let style = ProgressStyle::with_template(template)
                     .expect("valid template")
                     .progress_chars("=> ");
@@ -99,7 +166,7 @@ impl Progress {
                 bar.enable_steady_tick(Duration::from_millis(200));
                 Sink::Bar(bar)
             }
-            false => Sink::Lines {
+            _ => Sink::Lines {
                 printed: None,
                 tenth: None,
                 unprinted: None,
@@ -133,6 +200,7 @@ impl Progress {
                     (*printed, *tenth) = (Some(Instant::now()), Some(now));
                 }
             }
+            Sink::Silent => {}
         }
     }
 
@@ -150,6 +218,7 @@ impl Progress {
                 line(format_args!("{}: {message}, {count}", self.label));
                 *printed = Some(Instant::now());
             }
+            Sink::Silent => {}
         }
     }
 
@@ -169,10 +238,12 @@ impl Progress {
                     *unprinted = Some(message);
                 }
             }
+            Sink::Silent => {}
         }
     }
 
-    /// Clears the bar (or prints the status not printed yet).
+    /// Clears the bar (or prints the status not printed yet); with `--verbose`, says how long
+    /// the stage took.
     pub fn finish(self) {
         match self.sink {
             Sink::Bar(bar) => bar.finish_and_clear(),
@@ -180,8 +251,13 @@ impl Progress {
                 unprinted: Some(message),
                 ..
             } => line(format_args!("{}: {message}", self.label)),
-            Sink::Lines { .. } => {}
+            _ => {}
         }
+        detail(format_args!(
+            "{}: took {:.1} s",
+            self.label,
+            self.started.elapsed().as_secs_f64()
+        ));
     }
 
     /// `3/8 layers (37%), eta 2 seconds`: the count, its share and the time left where known.
