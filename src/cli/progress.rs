@@ -145,13 +145,19 @@ impl Progress {
         p.total = total;
         if let Sink::Bar(bar) = &p.sink {
             bar.set_length(total);
+            // A stage can take minutes without a call: keep the spinner and ETA moving.
+            bar.enable_steady_tick(Duration::from_millis(200));
         }
         p
     }
 
     /// No count: a status that changes ([`Progress::status`]).
     pub fn spinner(label: impl Into<String>) -> Progress {
-        Progress::new(label.into(), Unit::Items(""), "{spinner} {msg} {elapsed}")
+        let p = Progress::new(label.into(), Unit::Items(""), "{spinner} {msg} {elapsed}");
+        if let Sink::Bar(bar) = &p.sink {
+            bar.enable_steady_tick(Duration::from_millis(200));
+        }
+        p
     }
 
     fn new(label: String, unit: Unit, template: &str) -> Progress {
@@ -161,10 +167,12 @@ impl Progress {
                 let style = ProgressStyle::with_template(template)
                     .expect("valid template")
                     .progress_chars("=> ");
-                let bar = ProgressBar::new(0).with_style(style);
-                bar.set_message(label.clone());
-                bar.enable_steady_tick(Duration::from_millis(200));
-                Sink::Bar(bar)
+                // `with_message` draws nothing yet: no empty bar before the length is known.
+                Sink::Bar(
+                    ProgressBar::new(0)
+                        .with_style(style)
+                        .with_message(label.clone()),
+                )
             }
             _ => Sink::Lines {
                 printed: None,
