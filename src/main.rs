@@ -7,6 +7,7 @@ mod cli;
 use clap::Parser;
 use cli::args::{BenchCommand, Cli, Command};
 use cli::commands::{self, Output};
+use cli::progress::Verbosity;
 use std::io::Write;
 use std::process::ExitCode;
 use vibeoffload::measure::Regression;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
             };
         }
     };
+    Verbosity::from_flags(cli.quiet, cli.verbose).set();
     if let Err(e) = vibeoffload::output::guard_process() {
         eprintln!("warning: {e:#}");
     }

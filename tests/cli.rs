@@ -5,7 +5,8 @@ mod common;
 
 use common::cli::{assert_no_temporary_files, fails, ok, vibeoffload};
 use std::path::{Path, PathBuf};
-use vibeoffload::measure::{BenchReport, RunReport};
+use vibeoffload::engine::EngineOptions;
+use vibeoffload::measure::RunReport;
 use vibeoffload::report::{InspectReport, PlanReport, TableReport};
 
 /// A tiny float8 VibeVoice checkpoint (4 layers) in a fresh directory.
@@ -812,136 +813,6 @@ fn dumps_compare_equal_across_configurations() {
 }
 
 #[test]
-fn bench_measures_each_layer_count_and_guards_a_baseline() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let args = [
-        "bench",
-        "--layers",
-        "8,2",
-        "--prompt-len",
-        "4",
-        "--gen-tokens",
-        "2",
-        "--runs",
-        "1",
-        "--plot",
-        "b.svg",
-        "--json",
-    ];
-    let text = ok(d, &args);
-    let r: BenchReport = serde_json::from_str(&text).unwrap();
-    let counts: Vec<usize> = r.rows.iter().map(|x| x.gpu_layers).collect();
-    assert_eq!(counts, [8, 2]);
-    assert!(r
-        .rows
-        .iter()
-        .all(|x| x.decode_ms_per_token > 0.0 && x.test_speed_ms > 0.0));
-    assert_eq!(
-        r.rows[0].streamed_bytes_per_token, 0,
-        "nothing streams with every layer resident"
-    );
-    assert!(r.rows[1].streamed_bytes_per_token > 0);
-    let svg = std::fs::read_to_string(d.join("b.svg")).unwrap();
-    assert!(
-        svg.starts_with("<svg") && svg.contains("ms/token"),
-        "{}",
-        &svg[..100.min(svg.len())]
-    );
-
-    // A baseline far faster than anything possible: every row regresses, exit 3 (its own code).
-    let mut fast = r.clone();
-    for row in &mut fast.rows {
-        row.decode_ms_per_token = 1e-6;
-        row.test_speed_ms = 1e-6;
-    }
-    std::fs::write(d.join("fast.json"), serde_json::to_string(&fast).unwrap()).unwrap();
-    let base = [
-        "bench",
-        "--layers",
-        "8,2",
-        "--prompt-len",
-        "4",
-        "--gen-tokens",
-        "2",
-        "--runs",
-        "1",
-        "--baseline",
-    ];
-    // The table still prints and --json-out still writes the report.
-    let o = vibeoffload(
-        d,
-        &[&base[..], &["fast.json", "--json-out", "new.json"]].concat(),
-    );
-    assert_eq!(o.code, 3, "{}", o.stderr);
-    assert!(
-        o.stderr.contains("slower than the baseline") && o.stderr.contains("N=8"),
-        "{}",
-        o.stderr
-    );
-    assert!(o.stdout.contains("ms/token"), "{}", o.stdout);
-    let written: BenchReport =
-        serde_json::from_str(&std::fs::read_to_string(d.join("new.json")).unwrap()).unwrap();
-    assert_eq!(written.rows.len(), 2);
-    let comparison = written.comparison.expect("the comparison is in the JSON");
-    assert_eq!(comparison.rows.len(), 2);
-    assert_eq!(comparison.regressions.len(), 4);
-    // bench compare reads two files and judges them alike, without rerunning.
-    let o = vibeoffload(d, &["bench", "compare", "fast.json", "new.json"]);
-    assert_eq!(o.code, 3, "{}", o.stderr);
-    assert!(
-        o.stdout.contains("decode ms/token (new/old)"),
-        "{}",
-        o.stdout
-    );
-    ok(d, &["bench", "compare", "new.json", "new.json"]);
-    // Another device, or no layer count in common: refused, not passed.
-    let mut elsewhere = fast.clone();
-    elsewhere.device = "GPU 0 NVIDIA H200".into();
-    std::fs::write(
-        d.join("elsewhere.json"),
-        serde_json::to_string(&elsewhere).unwrap(),
-    )
-    .unwrap();
-    fails(
-        d,
-        &["bench", "compare", "elsewhere.json", "new.json"],
-        2,
-        &["measured differently", "device"],
-    );
-    let mut disjoint = fast.clone();
-    for row in &mut disjoint.rows {
-        row.gpu_layers += 1;
-    }
-    std::fs::write(
-        d.join("disjoint.json"),
-        serde_json::to_string(&disjoint).unwrap(),
-    )
-    .unwrap();
-    fails(
-        d,
-        &["bench", "compare", "disjoint.json", "new.json"],
-        2,
-        &["no layer count in common"],
-    );
-    // A slow baseline passes.
-    let mut slow = r;
-    for row in &mut slow.rows {
-        row.decode_ms_per_token = 1e9;
-        row.test_speed_ms = 1e9;
-    }
-    std::fs::write(d.join("slow.json"), serde_json::to_string(&slow).unwrap()).unwrap();
-    ok(d, &[&base[..], &["slow.json"]].concat());
-    fails(
-        d,
-        &["bench", "--baseline", "missing.json"],
-        1,
-        &["cannot read missing.json"],
-    );
-    fails(d, &["bench", "--layers", "9"], 2, &["--layers 9"]);
-}
-
-#[test]
 fn json_out_writes_the_report_and_prints_the_table() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -1187,4 +1058,77 @@ fn version_names_the_commit_and_llama_cpp_spellings_work() {
         args.extend(["--vram", "24GiB", "--json"]);
         assert_eq!(ok(d, &args), ours, "{spelling:?}");
     }
+}
+
+#[test]
+fn progress_is_plain_lines_off_a_terminal_and_quiet_or_verbose_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // stderr is a pipe here, not a terminal: plain lines with counts, no escape codes.
+    let o = vibeoffload(
+        d,
+        &[
+            "synth",
+            "m.safetensors",
+            "--size",
+            "custom",
+            "--layers",
+            "4",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("writing m.safetensors: ") && o.stderr.contains(" (100%)"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains('\x1b'), "{:?}", o.stderr);
+    let run = [
+        "run",
+        "--model-path",
+        "m.safetensors",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+    ];
+    let o = vibeoffload(d, &run);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for line in [
+        "loading: opening the device\n",
+        "loading decoder layers: 2/4 (50%), eta ",
+        "loading decoder layers: 4/4 (100%)",
+    ] {
+        assert!(o.stderr.contains(line), "{line:?} not in {}", o.stderr);
+    }
+
+    // -q: the report and nothing else, given before or after the command (or in the flag
+    // form, where it also hides the note that no GPU could be read).
+    for args in [
+        [&["-q"][..], &run].concat(),
+        [&run[..], &["--quiet"]].concat(),
+    ] {
+        let o = vibeoffload(d, &args);
+        assert_eq!((o.code, o.stderr.as_str()), (0, ""), "{args:?}");
+        assert!(o.stdout.contains("decode: "), "{}", o.stdout);
+    }
+    let o = vibeoffload(d, &["--print-table", "-q"]);
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+
+    // -v: the resolved settings (as their JSON) and how long each stage took, too.
+    let o = vibeoffload(d, &[&run[..], &["-v"]].concat());
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let engine = o
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("engine: "))
+        .unwrap_or_else(|| panic!("no engine line in {}", o.stderr));
+    let engine: EngineOptions = serde_json::from_str(engine).unwrap();
+    assert_eq!(engine.gpu_layers, 4);
+    assert!(
+        o.stderr.contains("loading decoder layers: took "),
+        "{}",
+        o.stderr
+    );
+    fails(d, &["-q", "table", "-v"], 2, &["--quiet", "--verbose"]);
 }

@@ -59,6 +59,14 @@ fn the_embedded_model_speaks_a_two_speaker_script_into_a_wav() {
     assert_eq!(wav.spec().sample_rate, 24000);
     assert_eq!(wav.len(), 3 * 3200);
     assert!((report.audio_seconds - 0.4).abs() < 1e-9);
+    // stderr is not a terminal: the status comes as plain lines, the last one included.
+    for line in [
+        "loading: opening the device\n",
+        "loading the speech components: ",
+        "generate: 0.4 s of audio (running RTF ",
+    ] {
+        assert!(o.stderr.contains(line), "{line:?} not in {}", o.stderr);
+    }
     // The same seed gives the same audio; --force replaces the file.
     let first = std::fs::read(dir.path().join("out.wav")).unwrap();
     let mut again = args.to_vec();
@@ -307,6 +315,9 @@ fn benchmark_generates_once_per_preset() {
         ]
     );
     assert!(report.rows.iter().all(|r| r.report.frames == 1));
+    // A warm-up and three runs, counted on plain lines.
+    let line = "generate --benchmark: minimal: 4 layers on the GPU, 3/4 runs done (75%), eta ";
+    assert!(o.stderr.contains(line), "{line:?} not in {}", o.stderr);
     // Its rows replace each other's WAV, but not a file that was there before.
     std::fs::write(dir.path().join("keep.wav"), "keep").unwrap();
     fails(

@@ -19,6 +19,12 @@ use vibeoffload::plan::memory::DEFAULT_STREAM_SLOTS;
 #[derive(Parser, Debug)]
 #[command(name = "vibeoffload", version = crate::cli::VERSION, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// Print only the report and errors: no progress, no notes.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Also print the resolved settings and how long each stage took (on stderr).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
@@ -548,7 +554,7 @@ pub struct TimingArgs {
     /// Tokens to generate in decode mode.
     #[arg(long, default_value_t = Workload::DEFAULT.gen_tokens, value_name = "TOKENS")]
     pub gen_tokens: usize,
-    /// Timed passes in test-speed mode.
+    /// Timed passes in test-speed mode; `bench` also decodes this many times per layer count.
     #[arg(long, default_value_t = Workload::DEFAULT.runs)]
     pub runs: usize,
     /// Seed of the random prompt.

@@ -6,6 +6,7 @@ use super::args::{
     AutoArgs, BenchArgs, BenchCompareArgs, GenerateArgs, InspectArgs, LegacyArgs, ReportArgs,
     RunArgs, SynthArgs, TableArgs,
 };
+use super::progress::Progress;
 use super::settings::convert_precision;
 use super::settings::{
     every_fourth, fixed_choice, generate_request, legacy_checkpoint, load_options, model_info,
@@ -13,7 +14,6 @@ use super::settings::{
 };
 use anyhow::Result;
 use clap::CommandFactory;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vibeoffload::checkpoint::synth;
 use vibeoffload::checkpoint::{self, convert, CheckpointDtype, ModelInfo};
@@ -55,34 +55,35 @@ pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
     if found && !scope.lm_only && !scope.offload_prediction_head {
         let model = ModelFile::at(path);
         let options = load_options(&a, &model)?;
-        let bar = load_bar();
-        let report = vibeoffload::generate::load_report(&model, &options, load_progress(&bar));
-        bar.finish_and_clear();
+        let mut load = LoadDisplay::default();
+        let report = vibeoffload::generate::load_report(&model, &options, |p| load.update(p));
+        load.finish();
         return text_or_json(&report?, a.output.json);
     }
-    let note = match found {
-        true if scope.lm_only => {
-            format!(
-            "note: --lm-only: the language model alone is {}; without it the whole model is loaded",
+    let note =
+        match found {
+            true if scope.lm_only => {
+                format!(
+            "--lm-only: the language model alone is {}; without it the whole model is loaded",
             if a.test_speed { "loaded and timed" } else { "planned" }
         )
-        }
-        true => "note: --offload-prediction-head is planned only: the engine keeps the \
+            }
+            true => "--offload-prediction-head is planned only: the engine keeps the \
                  prediction head on the GPU, so nothing was loaded"
-            .to_string(),
-        false => format!(
-            "note: no checkpoint at {}, so nothing was loaded{}; pass --model-path, or write one \
+                .to_string(),
+            false => format!(
+                "no checkpoint at {}, so nothing was loaded{}; pass --model-path, or write one \
              there with `vibeoffload synth {}` (random weights) or `vibeoffload convert`",
-            path.display(),
-            if a.test_speed {
-                "; timing the embedded test model"
-            } else {
-                "; this is the plan for the built-in layout"
-            },
-            path.display()
-        ),
-    };
-    eprintln!("{note}");
+                path.display(),
+                if a.test_speed {
+                    "; timing the embedded test model"
+                } else {
+                    "; this is the plan for the built-in layout"
+                },
+                path.display()
+            ),
+        };
+    super::progress::note(note);
     if found {
         a.planning.model.checkpoint.model_path = Some(path);
     }
@@ -145,13 +146,9 @@ pub fn inspect(mut a: InspectArgs) -> Result<Output> {
 
 pub fn synth(a: SynthArgs) -> Result<Output> {
     let spec = synth_spec(&a)?;
-    let bar = bytes_bar();
-    bar.set_message(format!("writing {}", a.out.display()));
-    let report = synth::write(&spec, &a.out, a.force, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
+    let mut bar = Progress::bytes(format!("writing {}", a.out.display()));
+    let report = synth::write(&spec, &a.out, a.force, |done, total| bar.set(done, total));
+    bar.finish();
     text_or_json(&report?, a.json)
 }
 
@@ -161,60 +158,54 @@ pub fn convert(a: ConvertArgs) -> Result<Output> {
         &a.model_path,
         CheckpointDtype::Bf16,
     ))?;
-    let bar = bytes_bar();
-    bar.set_message(format!("converting to {}", a.out.display()));
+    let mut bar = Progress::bytes(format!("converting to {}", a.out.display()));
     let report = convert::convert(&model, &a.out, precision, a.force, |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+        bar.set(done, total)
     });
-    bar.finish_and_clear();
+    bar.finish();
     text_or_json(&report?, a.json)
-}
-
-/// A progress bar on stderr counting bytes written.
-fn bytes_bar() -> ProgressBar {
-    ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    )
 }
 
 pub fn run(a: RunArgs) -> Result<Output> {
     let s = RunSettings::resolve(&a)?;
-    let bar = load_bar();
-    let report = measure::run_session(&s.model, &s.options, load_progress(&bar));
-    bar.finish_and_clear();
+    let mut load = LoadDisplay::default();
+    let report = measure::run_session(&s.model, &s.options, |p| load.update(p));
+    load.finish();
     report_out(&report?, &a.output)
 }
 
-/// A progress bar for loading a model: each phase's name, and its count where it has one.
-fn load_bar() -> ProgressBar {
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar
-}
+/// Load progress on stderr: one display per phase, counting bytes or layers where the phase
+/// has a count ([`Progress`] draws a bar, or prints plain lines off a terminal).
+#[derive(Default)]
+struct LoadDisplay(Option<(LoadPhase, Progress)>);
 
-/// Shows load progress on `bar`: the phase, and bytes or layers done.
-fn load_progress(bar: &ProgressBar) -> impl FnMut(LoadProgress) + '_ {
-    move |p: LoadProgress| {
-        let (done, total) = match p.phase {
-            LoadPhase::PageIn => (p.done >> 20, p.total >> 20),
-            _ => (p.done, p.total),
-        };
-        let unit = match p.phase {
-            LoadPhase::PageIn => " (MiB)",
-            _ => "",
-        };
-        bar.set_message(format!("{}{unit}", p.phase.label()));
-        bar.set_length(total);
-        bar.set_position(done);
+impl LoadDisplay {
+    fn update(&mut self, p: LoadProgress) {
+        if self.0.as_ref().is_none_or(|(phase, _)| *phase != p.phase) {
+            self.finish();
+            let label = p.phase.label();
+            let mut display = match p.phase {
+                LoadPhase::PageIn | LoadPhase::Speech => Progress::bytes(label),
+                LoadPhase::Layers => Progress::items(label),
+                _ => Progress::spinner("loading"),
+            };
+            if p.total == 0 {
+                display.status(label);
+            }
+            self.0 = Some((p.phase, display));
+        }
+        if let Some((_, display)) = &mut self.0 {
+            if p.total > 0 {
+                display.set(p.done, p.total);
+            }
+        }
+    }
+
+    /// Ends the current phase's display.
+    fn finish(&mut self) {
+        if let Some((_, display)) = self.0.take() {
+            display.finish();
+        }
     }
 }
 
@@ -228,41 +219,48 @@ pub fn generate(a: GenerateArgs) -> Result<Output> {
             .iter()
             .filter_map(|p| presets::resolve(&p.name, num_layers).ok())
             .collect();
-        let spinner = ProgressBar::new_spinner();
-        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+        // A warm-up, then one generation per configuration.
+        let runs = configurations.len() as u64 + 1;
+        let mut bar = Progress::steps("generate --benchmark", "runs", runs);
+        let mut done = 0;
         let report = vibeoffload::generate::run_benchmark(&model, &request, &configurations, |m| {
-            spinner.set_message(m.to_string())
+            bar.step(done, m);
+            done += 1;
         });
-        spinner.finish_and_clear();
+        bar.finish();
         return report_out(&report?, &a.output);
     }
-    let bar = load_bar();
+    let load = std::cell::RefCell::new(LoadDisplay::default());
+    let mut speaking: Option<Progress> = None;
     let started = std::time::Instant::now();
-    let mut speaking = false;
-    let report =
-        vibeoffload::generate::run_generation(&model, &request, load_progress(&bar), |seconds| {
-            if !speaking {
-                bar.set_style(
-                    ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-                        .expect("valid template"),
-                );
-                speaking = true;
-            }
+    let report = vibeoffload::generate::run_generation(
+        &model,
+        &request,
+        |p| load.borrow_mut().update(p),
+        |seconds| {
+            let bar = speaking.get_or_insert_with(|| {
+                load.borrow_mut().finish();
+                Progress::spinner("generate")
+            });
             let rtf = started.elapsed().as_secs_f64() / seconds.max(1e-9);
-            bar.set_message(format!(
+            bar.status(format!(
                 "{seconds:.1} s of audio (running RTF {rtf:.2}, load included)"
             ));
-        });
-    bar.finish_and_clear();
+        },
+    );
+    load.borrow_mut().finish();
+    if let Some(bar) = speaking {
+        bar.finish();
+    }
     report_out(&report?, &a.output)
 }
 
 pub fn bench(a: BenchArgs) -> Result<Output> {
     let s = BenchSettings::resolve(&a)?;
-    let spinner = ProgressBar::new_spinner();
-    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = measure::run_bench(&s.model, &s.options, |m| spinner.set_message(m));
-    spinner.finish_and_clear();
+    let rows = s.options.layer_counts.len() as u64;
+    let mut bar = Progress::steps("bench", "rows", rows);
+    let report = measure::run_bench(&s.model, &s.options, |done, m| bar.step(done as u64, m));
+    bar.finish();
     let mut report = report?;
     if let Some(plot) = &a.plot {
         plot_bench(&report, plot)

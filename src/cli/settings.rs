@@ -7,6 +7,7 @@ use super::args::{
     PlanningArgs, RunArgs, ScaleArg, SizeArg, SynthArgs, TimingArgs, VoiceLatentsArg,
 };
 use super::args::{ConvertArgs, ConvertPrecisionArg};
+use super::progress;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use vibeoffload::arch::config::{BuiltinModel, ModelConfig};
@@ -46,6 +47,8 @@ impl Planning {
             options.max_seq_len = script_positions(&model, path, &a.script.voices)?;
             options.validate()?;
         }
+        progress::setting("model", &model.source);
+        progress::setting("plan", &options);
         Ok(Planning {
             model,
             options,
@@ -112,11 +115,13 @@ impl BudgetSource {
         })
     }
 
-    /// The budget, or `None` with a note on stderr when NVML cannot be read.
+    /// The budget, or `None` with a note on stderr (unless `--quiet`) when NVML cannot be read.
     pub fn optional(&self) -> Option<Budget> {
         self.read()
             .inspect_err(|e| {
-                eprintln!("note: {e:#}; planning without a budget (pass --vram SIZE to set one)")
+                progress::note(format_args!(
+                    "{e:#}; planning without a budget (pass --vram SIZE to set one)"
+                ))
             })
             .ok()
     }
@@ -194,14 +199,17 @@ impl RunSettings {
             None if a.test_speed => Mode::TestSpeed,
             None => Mode::Decode,
         };
+        progress::setting("layer choice", &choice);
+        let engine = EngineOptions {
+            gpu_layers,
+            ..engine
+        };
+        show_run("engine", &engine, &plan, &workload);
         Ok(RunSettings {
             model,
             options: SessionOptions {
                 plan,
-                engine: EngineOptions {
-                    gpu_layers,
-                    ..engine
-                },
+                engine,
                 target_utilization: budget
                     .as_ref()
                     .map_or(a.budget.target_utilization, |b| b.target_utilization),
@@ -292,9 +300,12 @@ impl BenchSettings {
             // buffers.
             plan.max_seq_len = workload.cache_tokens() as u64;
         }
+        let engine = engine_options(&a.engine, &plan, a.gpu.gpu)?;
+        progress::setting("layer counts", &layer_counts);
+        show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
         Ok(BenchSettings {
             options: BenchOptions {
-                engine: engine_options(&a.engine, &plan, a.gpu.gpu)?,
+                engine,
                 plan,
                 layer_counts,
                 workload,
@@ -306,7 +317,16 @@ impl BenchSettings {
     }
 }
 
-/// The model `--model-path` names, else the built-in layout.
+/// `--verbose`: what `run` and `bench` time with.
+fn show_run(engine_label: &str, engine: &EngineOptions, plan: &PlanOptions, w: &Workload) {
+    progress::setting(engine_label, engine);
+    progress::setting("plan", plan);
+    progress::detail(format_args!(
+        "workload: prompt {} tokens, {} generated, {} runs, seed {}",
+        w.prompt_len, w.gen_tokens, w.runs, w.seed
+    ));
+}
+
 /// `generate`: the checkpoint (or the embedded speech model) and the request.
 pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     let embedded = a.checkpoint.model_path.is_none();
@@ -352,15 +372,17 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
         }
         None => budget.required()?.largest_fit(&info, &plan)?.gpu_layers,
     };
+    let engine = EngineOptions {
+        gpu_layers,
+        ..engine
+    };
+    progress::setting("engine", &engine);
     let request = Request {
         script,
         voices: a.voices.clone(),
         out: a.out.clone(),
         force: a.force,
-        engine: EngineOptions {
-            gpu_layers,
-            ..engine
-        },
+        engine,
         cfg_scale: a.cfg_scale,
         steps: a.steps as usize,
         seed: a.seed,
@@ -381,6 +403,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
 /// Frames the embedded speech model produces by default (3.2 s of audio).
 const EMBEDDED_FRAMES: usize = 24;
 
+/// The model `--model-path` names, else the built-in layout.
 pub fn model_info(a: &ModelArgs) -> Result<ModelInfo> {
     let dtype = a.checkpoint.dtype.into();
     match &a.checkpoint.model_path {
@@ -463,6 +486,11 @@ fn workload(a: &TimingArgs) -> Result<Workload> {
                 "{flag} {value} is out of range: use {min} to {max}"
             )));
         }
+    }
+    if a.runs == 0 {
+        bail!(UsageError::new(
+            "--runs 0 would time nothing: use 1 or more"
+        ));
     }
     Ok(Workload {
         prompt_len: a.prompt_len,

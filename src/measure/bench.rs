@@ -2,6 +2,7 @@
 //! (test-speed, decode, VRAM, copies), beside the planner's estimate and the bounds the
 //! measured bandwidths set.
 
+use super::compare::Comparison;
 use super::{load, random_ids, random_prompts, speed, taken_bytes, GpuProbe, ModelFile, Workload};
 use crate::checkpoint::summary::ModelSummary;
 use crate::engine::{self, EngineOptions, LoadTimings};
@@ -23,14 +24,21 @@ pub struct BenchRow {
     pub load_phases: LoadTimings,
     /// Mean test-speed pass (prefill of `prompt_len` tokens, no LM head).
     pub test_speed_ms: f64,
+    /// Each timed test-speed pass, for the comparison's median and spread (empty in files
+    /// written before samples were kept).
+    pub test_speed_runs_ms: Vec<f64>,
     /// GPU time of a test-speed pass with its launches queued ahead.
     pub test_speed_gpu_ms: Option<f64>,
     /// Host time to queue a test-speed pass.
     pub test_speed_host_ms: Option<f64>,
     /// Time to first token in decode mode.
     pub ttft_ms: f64,
-    /// Decode time per step (one token for each sequence of the batch).
+    /// Decode time per step (one token for each sequence of the batch), of the median decode
+    /// (the decode figures below are that decode's).
     pub decode_ms_per_token: f64,
+    /// Decode time per step of each decode (`runs` of them), for the comparison's median and
+    /// spread (empty in files written before samples were kept).
+    pub decode_runs_ms_per_token: Vec<f64>,
     /// Tokens per second over the batch.
     pub tokens_per_s: f64,
     /// GPU time of a decode step with its launches queued ahead (see [`super::speed::Decode`]).
@@ -121,18 +129,22 @@ pub struct BenchOptions {
     pub workload: Workload,
 }
 
-/// Loads `model` once per layer count and measures test-speed, decode, VRAM and copies;
-/// `progress` hears what is being measured.
+/// Loads `model` once per layer count and measures test-speed (`runs` passes), decode (`runs`
+/// decodes), VRAM and copies; `progress` hears how many layer counts are done and what is
+/// being measured.
 pub fn run_bench(
     model: &ModelFile,
     o: &BenchOptions,
-    mut progress: impl FnMut(String),
+    mut progress: impl FnMut(usize, String),
 ) -> Result<BenchReport> {
     let probe = GpuProbe::of(o.engine.device);
     // Before anything touches the GPU: what other processes hold.
     let baseline = probe.used_bytes();
     let device = probe.label();
-    progress("measuring host-to-device and device-memory bandwidth".into());
+    progress(
+        0,
+        "measuring host-to-device and device-memory bandwidth".into(),
+    );
     let bandwidths = engine::bandwidths(o.engine.device)?;
     let pinned_gbps = bandwidths.map(|b| b.pinned_gbps);
     let device_gbps = bandwidths.map(|b| b.device_gbps);
@@ -144,8 +156,8 @@ pub fn run_bench(
     let prompts = random_prompts(o.plan.batch as usize, w.prompt_len, w.seed, vocab);
     drop(first);
     let mut rows = Vec::new();
-    for &n in &o.layer_counts {
-        progress(format!("{n} GPU layers: loading"));
+    for (done, &n) in o.layer_counts.iter().enumerate() {
+        progress(done, format!("{n} GPU layers: loading"));
         let info = model.open()?;
         let estimate = plan::estimate(&info, &o.plan, n)?;
         let weight_read_bytes = estimate.resident_layers_bytes
@@ -156,11 +168,17 @@ pub fn run_bench(
             ..o.engine.clone()
         };
         let (mut engine, load_ms) = load(info, &options, |_| {})?;
-        progress(format!("{n} GPU layers: test-speed"));
+        progress(done, format!("{n} GPU layers: test-speed"));
         let sampler = probe.watch_peak();
         let speed = speed::test_speed(&mut engine, &ids, 1, w.runs)?;
-        progress(format!("{n} GPU layers: decode"));
-        let dec = speed::decode(&mut engine, &prompts, w.gen_tokens)?;
+        progress(done, format!("{n} GPU layers: decode"));
+        let mut decodes = (0..w.runs.max(1))
+            .map(|_| speed::decode(&mut engine, &prompts, w.gen_tokens))
+            .collect::<Result<Vec<_>>>()?;
+        let decode_runs_ms_per_token = decodes.iter().map(|d| d.ms_per_token).collect();
+        // The row's decode figures come from one real decode, the median (lower of two).
+        decodes.sort_by(|a, b| a.ms_per_token.total_cmp(&b.ms_per_token));
+        let dec = decodes.swap_remove((decodes.len() - 1) / 2);
         let load_phases = engine.load_timings();
         let peak = sampler.map(gpu::PeakSampler::finish);
         if let Some(checkpoint) = &engine.info().checkpoint {
@@ -173,10 +191,12 @@ pub fn run_bench(
             load_ms,
             load_phases,
             test_speed_ms: speed.avg_ms,
+            test_speed_runs_ms: speed.runs_ms,
             test_speed_gpu_ms: speed.gpu_ms,
             test_speed_host_ms: speed.host_ms,
             ttft_ms: dec.ttft_ms,
             decode_ms_per_token: dec.ms_per_token,
+            decode_runs_ms_per_token,
             tokens_per_s: dec.tokens_per_s,
             decode_gpu_ms_per_token: dec.gpu_ms_per_token,
             decode_host_ms_per_token: dec.host_ms_per_token,
@@ -235,224 +255,9 @@ fn set_bounds(rows: &mut [BenchRow], layers: usize, pinned_gbps: Option<f64>) {
     }
 }
 
-/// A bench report held against a baseline, layer count by layer count.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Comparison {
-    /// The tool that compared: version and commit.
-    #[serde(default)]
-    pub tool: String,
-    /// Allowed slowdown (0.10 = 10%).
-    pub threshold: f64,
-    /// The layer counts both reports measured.
-    pub rows: Vec<ComparedRow>,
-    /// Layer counts this report has and the baseline lacks.
-    pub missing_in_baseline: Vec<usize>,
-    /// Layer counts the baseline has and this report lacks.
-    pub missing_here: Vec<usize>,
-    /// One line per figure slower than the baseline by more than the threshold.
-    pub regressions: Vec<String>,
-}
-
-/// One layer count in both reports.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ComparedRow {
-    /// Decoder layers resident on the GPU.
-    pub gpu_layers: usize,
-    /// Decode ms/token: baseline, this report, and this over the baseline.
-    pub decode_ms: (f64, f64, f64),
-    /// Test-speed (prefill) ms: baseline, this report, and this over the baseline.
-    pub test_speed_ms: (f64, f64, f64),
-}
-
-/// Compares `new` with `old` (`threshold` 0.10 = 10% slower allowed). Refused (a usage
-/// error) when they were measured on another device, model, batch or workload, or share no
-/// layer count: a comparison of nothing must not pass.
-pub fn compare(old: &BenchReport, new: &BenchReport, threshold: f64) -> Result<Comparison> {
-    let model = |r: &BenchReport| (r.model.config.clone(), r.model.layer_bytes);
-    let mismatches: Vec<String> = [
-        (
-            "device",
-            old.device != new.device,
-            format!("{} against {}", new.device, old.device),
-        ),
-        (
-            "model",
-            model(old) != model(new),
-            format!("{} against {}", new.model.source, old.model.source),
-        ),
-        (
-            "batch",
-            old.batch != new.batch,
-            format!("{} against {}", new.batch, old.batch),
-        ),
-        (
-            "workload",
-            (old.prompt_len, old.gen_tokens) != (new.prompt_len, new.gen_tokens),
-            format!(
-                "prompt {} + {} tokens against {} + {}",
-                new.prompt_len, new.gen_tokens, old.prompt_len, old.gen_tokens
-            ),
-        ),
-    ]
-    .into_iter()
-    .filter(|(_, differs, _)| *differs)
-    .map(|(what, _, how)| format!("{what} ({how})"))
-    .collect();
-    if !mismatches.is_empty() {
-        anyhow::bail!(crate::UsageError::new(format!(
-            "the baseline was measured differently: {}; compare like with like",
-            mismatches.join(", ")
-        )));
-    }
-    let layers = |r: &BenchReport| r.rows.iter().map(|x| x.gpu_layers).collect::<Vec<_>>();
-    let (old_layers, new_layers) = (layers(old), layers(new));
-    let mut rows = Vec::new();
-    let mut regressions = Vec::new();
-    for n in &new.rows {
-        let Some(o) = old.rows.iter().find(|o| o.gpu_layers == n.gpu_layers) else {
-            continue;
-        };
-        let ratio = |before: f64, after: f64| (before, after, after / before);
-        let row = ComparedRow {
-            gpu_layers: n.gpu_layers,
-            decode_ms: ratio(o.decode_ms_per_token, n.decode_ms_per_token),
-            test_speed_ms: ratio(o.test_speed_ms, n.test_speed_ms),
-        };
-        for (what, (before, after, r)) in [
-            ("decode ms/token", row.decode_ms),
-            ("test-speed ms", row.test_speed_ms),
-        ] {
-            if r > 1.0 + threshold {
-                regressions.push(format!(
-                    "N={}: {what} {after:.2} vs {before:.2} (+{:.0}%)",
-                    n.gpu_layers,
-                    100.0 * (r - 1.0)
-                ));
-            }
-        }
-        rows.push(row);
-    }
-    if rows.is_empty() {
-        anyhow::bail!(crate::UsageError::new(format!(
-            "no layer count in common: the baseline measured {old_layers:?}, this run \
-             {new_layers:?}; pass --layers to match"
-        )));
-    }
-    Ok(Comparison {
-        tool: crate::TOOL.into(),
-        threshold,
-        rows,
-        missing_in_baseline: new_layers
-            .iter()
-            .copied()
-            .filter(|n| !old_layers.contains(n))
-            .collect(),
-        missing_here: old_layers
-            .iter()
-            .copied()
-            .filter(|n| !new_layers.contains(n))
-            .collect(),
-        regressions,
-    })
-}
-
-/// The error of a comparison with regressions: the binary exits 3 for it, apart from 1 (a
-/// failure) and 2 (a bad command line), so CI can tell "slower" from "broken".
-#[derive(Debug)]
-pub struct Regression(pub String);
-
-impl std::fmt::Display for Regression {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Regression {}
-
-impl Comparison {
-    /// [`Regression`] if any figure got slower beyond the threshold.
-    pub fn verdict(&self) -> Result<()> {
-        if self.regressions.is_empty() {
-            return Ok(());
-        }
-        Err(Regression(format!(
-            "slower than the baseline by more than {:.0}%: {}",
-            self.threshold * 100.0,
-            self.regressions.join("; ")
-        ))
-        .into())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::config::BuiltinModel;
-    use crate::checkpoint::{CheckpointDtype, ModelInfo};
-
-    fn report(ms: &[(usize, f64)]) -> BenchReport {
-        BenchReport {
-            schema: "vibeoffload.bench/1".into(),
-            tool: crate::TOOL.into(),
-            model: ModelSummary::of(&ModelInfo::builtin(
-                BuiltinModel::Small1_5b,
-                CheckpointDtype::Float8,
-            )),
-            device: "cpu".into(),
-            pinned_gbps: None,
-            device_gbps: None,
-            prompt_len: 1,
-            gen_tokens: 1,
-            batch: 1,
-            rows: ms
-                .iter()
-                .map(|&(n, t)| BenchRow {
-                    gpu_layers: n,
-                    test_speed_ms: 1.0,
-                    decode_ms_per_token: t,
-                    ..BenchRow::default()
-                })
-                .collect(),
-            comparison: None,
-        }
-    }
-
-    #[test]
-    fn regressions_beyond_the_threshold_only() {
-        let old = report(&[(28, 10.0), (8, 20.0), (0, 30.0)]);
-        let new = report(&[(28, 10.9), (8, 22.5), (4, 99.0)]);
-        let c = compare(&old, &new, 0.10).unwrap();
-        assert_eq!(c.regressions.len(), 1, "{c:?}");
-        assert!(
-            c.regressions[0].starts_with("N=8: decode ms/token 22.50 vs 20.00"),
-            "{c:?}"
-        );
-        assert_eq!(
-            (&c.missing_in_baseline[..], &c.missing_here[..]),
-            (&[4][..], &[0][..])
-        );
-        let e = c.verdict().unwrap_err();
-        assert!(e.is::<Regression>(), "{e}");
-        // Unchanged figures pass; a wider threshold passes this one.
-        compare(&old, &old, 0.0).unwrap().verdict().unwrap();
-        compare(&old, &new, 0.2).unwrap().verdict().unwrap();
-    }
-
-    #[test]
-    fn comparisons_of_unlike_or_disjoint_reports_are_refused() {
-        let old = report(&[(28, 10.0)]);
-        let mut other = report(&[(28, 10.0)]);
-        other.device = "GPU 0 NVIDIA H200".into();
-        other.batch = 4;
-        let e = compare(&old, &other, 0.1).unwrap_err();
-        assert!(e.is::<crate::UsageError>(), "{e}");
-        assert!(
-            e.to_string().contains("device") && e.to_string().contains("batch"),
-            "{e}"
-        );
-        let e = compare(&old, &report(&[(8, 1.0)]), 0.1).unwrap_err();
-        assert!(e.to_string().contains("no layer count in common"), "{e}");
-    }
 
     #[test]
     fn the_first_bench_files_still_read() {

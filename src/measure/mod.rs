@@ -1,14 +1,14 @@
 //! Timed use of an engine: the `run` command's session and the `bench` command's sweep over
-//! layer counts, both as library functions that return their reports, and the timing loops
-//! they share. Nothing here prints.
+//! layer counts, both as library functions that return their reports, the timing loops they
+//! share, and the bench gate (a report against a baseline). Nothing here prints.
 
 mod bench;
+mod compare;
 mod session;
 mod speed;
 
-pub use bench::{
-    compare, run_bench, BenchOptions, BenchReport, BenchRow, ComparedRow, Comparison, Regression,
-};
+pub use bench::{run_bench, BenchOptions, BenchReport, BenchRow};
+pub use compare::{compare, ComparedRow, Comparison, Regression};
 pub use session::{run_session, ForwardResult, Mode, RunReport, SessionOptions, VramUse};
 pub use speed::{decode, test_speed, Decode, TestSpeed, QUEUED_STEPS};
 
@@ -27,7 +27,7 @@ pub struct Workload {
     pub prompt_len: usize,
     /// Tokens generated per sequence in decode mode.
     pub gen_tokens: usize,
-    /// Timed test-speed passes.
+    /// Timed test-speed passes (and decodes per layer count in `bench`).
     pub runs: usize,
     /// Seed of the random prompts.
     pub seed: u64,

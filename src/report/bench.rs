@@ -57,14 +57,24 @@ impl Render for BenchReport {
 
 impl Render for Comparison {
     fn render(&self) -> String {
-        let ratio =
-            |(before, after, r): (f64, f64, f64)| format!("{before:.2} -> {after:.2} ({r:.3})");
+        let ratio = |(before, after, r): (f64, f64, f64), (old, new): (f64, f64)| {
+            format!(
+                "{before:.2} -> {after:.2} ({r:.3}), spread {:.0}%/{:.0}%",
+                100.0 * old,
+                100.0 * new
+            )
+        };
         let rows = Columns::<ComparedRow>::new()
             .right("GPU layers", |r| r.gpu_layers.to_string())
-            .right("decode ms/token (new/old)", |r| ratio(r.decode_ms))
-            .right("prefill ms (new/old)", |r| ratio(r.test_speed_ms));
+            .right("decode ms/token (new/old)", |r| {
+                ratio(r.decode_ms, r.decode_spread)
+            })
+            .right("prefill ms (new/old)", |r| {
+                ratio(r.test_speed_ms, r.test_speed_spread)
+            });
         let mut out = format!(
-            "against the baseline (slower by more than {:.0}% fails)\n{}\n",
+            "against the baseline (medians over the runs; slower by more than {:.0}% and by more \
+             than the larger spread, old or new, fails)\n{}\n",
             self.threshold * 100.0,
             rows.table(&self.rows)
         );
@@ -75,6 +85,12 @@ impl Render for Comparison {
             if !layers.is_empty() {
                 out.push_str(&format!("layer counts {what}: {layers:?}\n"));
             }
+        }
+        if !self.within_noise.is_empty() {
+            out.push_str(&format!(
+                "slower, but within the run-to-run spread (passed): {}\n",
+                self.within_noise.join("; ")
+            ));
         }
         match self.regressions.is_empty() {
             true => out.push_str("no regression\n"),
