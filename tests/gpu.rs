@@ -101,6 +101,7 @@ fn config() -> ModelConfig {
         rope_theta: 1e6,
         rms_norm_eps: 1e-6,
         tie_word_embeddings: false,
+        max_position_embeddings: 32768,
     }
 }
 
@@ -496,5 +497,39 @@ fn fused_float8_matvec_decodes_every_code() {
             "code {row:#04x}: CPU {a}, GPU {b}"
         );
         assert_eq!(*a == 0.0, code(row) & 0x7f == 0, "code {row:#04x}: {a}");
+    }
+}
+
+/// The CFG pair's step on the GPU: two lanes of different lengths, one token each, batched
+/// through the fused projections, give each lane's bits as when run alone (resident and
+/// streamed).
+#[test]
+fn a_lane_pair_step_is_bit_identical_to_each_lane_alone_on_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain);
+    let (long, short): (&[u32], &[u32]) = (&[5, 17, 99, 3, 150, 1, 2], &[9, 8]);
+    for gpu_layers in [6, 2] {
+        let mut alone = cuda_engine(&path, gpu_layers);
+        let mut step_alone = |prompt: &[u32], token: u32| {
+            alone.reset();
+            alone.forward(prompt).unwrap();
+            bits(&alone.forward(&[token]).unwrap())
+        };
+        let (long_step, short_step) = (step_alone(long, 7), step_alone(short, 42));
+        let mut engine = cuda_engine(&path, gpu_layers);
+        let other = engine.add_lane();
+        let embed = |e: &Engine, ids: &[u32]| e.embed_ids(ids).unwrap();
+        let (l, s) = (embed(&engine, long), embed(&engine, short));
+        engine.forward_lanes(&[(0, &l), (other, &s)]).unwrap();
+        let (a, b) = (embed(&engine, &[7]), embed(&engine, &[42]));
+        let out = engine.forward_lanes(&[(0, &a), (other, &b)]).unwrap();
+        assert!(
+            bits(&out[0]) == long_step,
+            "long lane, {gpu_layers} resident"
+        );
+        assert!(
+            bits(&out[1]) == short_step,
+            "short lane, {gpu_layers} resident"
+        );
     }
 }

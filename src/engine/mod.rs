@@ -261,8 +261,40 @@ impl Engine {
         mut inputs: Vec<(LaneId, Tensor, Option<Tensor>)>,
     ) -> Result<Vec<Tensor>> {
         let config = &self.info.config;
+        // One token of each of several lanes: their projections run as one batch.
+        let stepping = inputs.len() > 1
+            && inputs
+                .iter()
+                .all(|(_, x, _)| x.dims3().is_ok_and(|(b, t, _)| b == 1 && t == 1));
         for i in 0..config.num_hidden_layers {
             let weights = self.streamer.acquire(i)?;
+            if stepping {
+                let mut lanes: Vec<Option<&mut Lane>> = self.lanes.iter_mut().map(Some).collect();
+                let mut caches = Vec::with_capacity(inputs.len());
+                let mut offsets = Vec::with_capacity(inputs.len());
+                for (lane, _, _) in &inputs {
+                    let lane = lanes[*lane].take().expect("lanes are distinct");
+                    offsets.push(lane.position);
+                    caches.push(&mut lane.caches[i]);
+                }
+                let xs: Vec<Tensor> = inputs.iter().map(|(_, x, _)| x.clone()).collect();
+                let out = model::decoder_layer_lanes(
+                    config,
+                    &weights,
+                    &xs,
+                    &self.rope,
+                    &mut caches,
+                    &offsets,
+                    (&self.watch, i),
+                )
+                .with_context(|| format!("decoder layer {i}"))?;
+                for ((_, x, _), y) in inputs.iter_mut().zip(out) {
+                    *x = y;
+                }
+                drop(weights);
+                self.streamer.release(i)?;
+                continue;
+            }
             for (lane, x, mask) in inputs.iter_mut() {
                 let lane = &mut self.lanes[*lane];
                 let at = model::At {

@@ -169,84 +169,22 @@ pub fn decoder_layer(
     at: At<'_>,
 ) -> Result<Tensor> {
     let (offset, mask, tag) = (at.offset, at.mask, Tag::Layer(at.layer));
-    let (b, t, _) = x.dims3()?;
-    let dtype = x.dtype();
     let eps = config.rms_norm_eps as f32;
-    let (heads, kv_heads, hd) = (
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-    );
-    let dims = (heads, kv_heads, hd);
-
-    // Decoding a few rows: every projection in a handful of fused launches, the norms inside.
-    let is_fused = fusable(w, x)?;
     let resident = w.resident;
-    let qkv = if is_fused {
-        let fuse = Fuse {
-            bias: Some(&w.qkv_bias),
-            norm: Some((&w.input_norm, eps)),
-            ..Fuse::default()
-        };
-        fused(x, &[&w.q, &w.k, &w.v], resident, fuse)?
-    } else {
-        let normed = candle_nn::ops::rms_norm(x, &w.input_norm, eps)?;
-        let parts = [(&w.q, &w.q_bias), (&w.k, &w.k_bias), (&w.v, &w.v_bias)]
-            .map(|(l, b)| linear(&normed, l, Some(b), resident))
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, D::Minus1)?
-    };
-    let (k, v) = cache.store(&qkv, &rope.table, offset)?;
-    let attn = if attention::applies(t, k.dim(2)?, hd) {
-        attention::attend_qkv(&qkv, &k, &v, dims, &rope.table, offset)?.reshape((
-            b,
-            t,
-            heads * hd,
-        ))?
-    } else {
-        let q = qkv
-            .narrow(D::Minus1, 0, heads * hd)?
-            .reshape((b, t, heads, hd))?
-            .transpose(1, 2)?;
-        let q = rope.apply(&q, offset)?;
-        let k = repeat_kv(k, heads / kv_heads)?;
-        let v = repeat_kv(v, heads / kv_heads)?;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(m) if t > 1 => scores.broadcast_add(m)?,
-            None if t > 1 => anyhow::bail!("a pass of {t} tokens needs its causal mask"),
-            _ => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        probs
-            .matmul(&v.contiguous()?)?
-            .transpose(1, 2)?
-            .reshape((b, t, heads * hd))?
-    };
-    let x = if is_fused {
-        let fuse = Fuse {
-            residual: Some(x),
-            ..Fuse::default()
-        };
-        fused(&attn, &[&w.o], resident, fuse)?
-    } else {
-        (x + linear(&attn, &w.o, None, resident)?)?
-    };
-
-    if is_fused {
-        let fuse = Fuse {
-            gated: true,
-            norm: Some((&w.post_norm, eps)),
-            ..Fuse::default()
-        };
-        let act = fused(&x, &[&w.gate, &w.up], resident, fuse)?;
-        let fuse = Fuse {
-            residual: Some(&x),
-            ..Fuse::default()
-        };
-        return fused_checked(&act, &[&w.down], resident, fuse, (at.watch, tag));
+    // Decoding a few rows: every projection in a handful of fused launches, the norms inside.
+    if fusable(w, x)? {
+        let qkv = fused_qkv(w, x, eps)?;
+        let attn = attend(config, &qkv, rope, cache, offset, mask)?;
+        return fused_rest(w, x, &attn, eps, (at.watch, tag));
     }
+    let normed = candle_nn::ops::rms_norm(x, &w.input_norm, eps)?;
+    let parts = [(&w.q, &w.q_bias), (&w.k, &w.k_bias), (&w.v, &w.v_bias)]
+        .map(|(l, b)| linear(&normed, l, Some(b), resident))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let qkv = Tensor::cat(&parts, D::Minus1)?;
+    let attn = attend(config, &qkv, rope, cache, offset, mask)?;
+    let x = (x + linear(&attn, &w.o, None, resident)?)?;
     let normed = candle_nn::ops::rms_norm(&x, &w.post_norm, eps)?;
     let gate = candle_nn::ops::silu(&linear(&normed, &w.gate, None, resident)?)?;
     let up = linear(&normed, &w.up, None, resident)?;
@@ -254,6 +192,139 @@ pub fn decoder_layer(
     let out = (x + mlp)?;
     at.watch.check(&out, tag)?;
     Ok(out)
+}
+
+/// The fused q/k/v projection of `x`, its input norm inside: `[b, t, q + k + v]`.
+fn fused_qkv(w: &LayerWeights, x: &Tensor, eps: f32) -> Result<Tensor> {
+    let fuse = Fuse {
+        bias: Some(&w.qkv_bias),
+        norm: Some((&w.input_norm, eps)),
+        ..Fuse::default()
+    };
+    fused(x, &[&w.q, &w.k, &w.v], w.resident, fuse)
+}
+
+/// The rest of a fused layer after attention: `x + o(attn)`, then the MLP with its norm
+/// inside and its residual; the output checked by the watch.
+fn fused_rest(
+    w: &LayerWeights,
+    x: &Tensor,
+    attn: &Tensor,
+    eps: f32,
+    check: (&Watch, Tag),
+) -> Result<Tensor> {
+    let resident = w.resident;
+    let residual = Fuse {
+        residual: Some(x),
+        ..Fuse::default()
+    };
+    let x = fused(attn, &[&w.o], resident, residual)?;
+    let fuse = Fuse {
+        gated: true,
+        norm: Some((&w.post_norm, eps)),
+        ..Fuse::default()
+    };
+    let act = fused(&x, &[&w.gate, &w.up], resident, fuse)?;
+    let residual = Fuse {
+        residual: Some(&x),
+        ..Fuse::default()
+    };
+    fused_checked(&act, &[&w.down], resident, residual, check)
+}
+
+/// Stores the keys and values of `qkv` (`[b, t, q + k + v]`, fresh from the projections) in
+/// `cache` at `offset` and attends over the cache: `[b, t, heads * head_dim]`.
+fn attend(
+    config: &ModelConfig,
+    qkv: &Tensor,
+    rope: &Rope,
+    cache: &mut KvCache,
+    offset: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, t, _) = qkv.dims3()?;
+    let (heads, kv_heads, hd) = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
+    let (k, v) = cache.store(qkv, &rope.table, offset)?;
+    if attention::applies(t, k.dim(2)?, hd) {
+        let dims = (heads, kv_heads, hd);
+        return Ok(
+            attention::attend_qkv(qkv, &k, &v, dims, &rope.table, offset)?.reshape((
+                b,
+                t,
+                heads * hd,
+            ))?,
+        );
+    }
+    let q = qkv
+        .narrow(D::Minus1, 0, heads * hd)?
+        .reshape((b, t, heads, hd))?
+        .transpose(1, 2)?;
+    let q = rope.apply(&q, offset)?;
+    let k = repeat_kv(k, heads / kv_heads)?;
+    let v = repeat_kv(v, heads / kv_heads)?;
+    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) if t > 1 => scores.broadcast_add(m)?,
+        None if t > 1 => anyhow::bail!("a pass of {t} tokens needs its causal mask"),
+        _ => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(qkv.dtype())?;
+    Ok(probs
+        .matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * hd))?)
+}
+
+/// One decoding step of several lanes through one decoder layer: `xs[i]` (`[1, 1, hidden]`)
+/// is lane i's token, after `offsets[i]` positions in `caches[i]`. The projections run as
+/// one batch (the layer's weights are read once for every lane); each lane attends over its
+/// own cache. A row's result does not depend on the other rows, so this equals running the
+/// lanes one by one, bit for bit. Where the fused path does not apply, it does just that.
+pub fn decoder_layer_lanes(
+    config: &ModelConfig,
+    w: &LayerWeights,
+    xs: &[Tensor],
+    rope: &Rope,
+    caches: &mut [&mut KvCache],
+    offsets: &[usize],
+    (watch, layer): (&Watch, usize),
+) -> Result<Vec<Tensor>> {
+    let x = Tensor::cat(xs, 0)?;
+    if !fusable(w, &x)? {
+        let mut out = Vec::with_capacity(xs.len());
+        for ((x, cache), &offset) in xs.iter().zip(caches.iter_mut()).zip(offsets) {
+            let at = At {
+                offset,
+                mask: None,
+                watch,
+                layer,
+            };
+            out.push(decoder_layer(config, w, x, rope, cache, at)?);
+        }
+        return Ok(out);
+    }
+    let eps = config.rms_norm_eps as f32;
+    let qkv = fused_qkv(w, &x, eps)?;
+    let attn = caches
+        .iter_mut()
+        .zip(offsets)
+        .enumerate()
+        .map(|(i, (cache, &offset))| {
+            attend(config, &qkv.narrow(0, i, 1)?, rope, cache, offset, None)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = fused_rest(
+        w,
+        &x,
+        &Tensor::cat(&attn, 0)?,
+        eps,
+        (watch, Tag::Layer(layer)),
+    )?;
+    (0..xs.len()).map(|i| Ok(out.narrow(0, i, 1)?)).collect()
 }
 
 /// `[b, kv_heads, T, d]` -> `[b, kv_heads * n_rep, T, d]`, each kv head repeated for its
