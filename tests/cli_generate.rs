@@ -82,6 +82,12 @@ fn the_embedded_model_speaks_a_two_speaker_script_into_a_wav() {
     let (two, three) = (streamed("2"), streamed("3"));
     assert_eq!(std::fs::read(dir.path().join("out.wav")).unwrap(), first);
     assert!(three.estimate_bytes > two.estimate_bytes);
+    // Every step copies the streamed layers (the embedded model has 8): the report counts them.
+    assert!(
+        two.transfer.total_transfers >= 6 * two.frames as u64,
+        "{:?}",
+        two.transfer
+    );
     let mut zero = again.clone();
     zero.extend(["--slots", "0"]);
     fails(dir.path(), &zero, 2, &["--slots 0 is out of range"]);
@@ -359,7 +365,7 @@ fn plans_are_sized_for_a_script() {
         serde_json::from_str(&o.stdout).unwrap()
     };
     let tokens = vibeoffload::generate::prompt_tokens(script, &[]).unwrap();
-    let expected = vibeoffload::generate::positions(tokens, None) as u64;
+    let expected = vibeoffload::generate::positions(tokens, None, 32768) as u64;
     let options = &plan(&[])["options"];
     assert_eq!(options["scope"], "full");
     assert_eq!(options["max_seq_len"], expected);
@@ -370,7 +376,7 @@ fn plans_are_sized_for_a_script() {
     let voice_tokens = vibeoffload::generate::prompt_tokens(script, &[3]).unwrap();
     assert_eq!(
         with_voice,
-        vibeoffload::generate::positions(voice_tokens, None) as u64
+        vibeoffload::generate::positions(voice_tokens, None, 32768) as u64
     );
     assert!(with_voice > expected);
     fails(
@@ -421,4 +427,50 @@ fn forced_frames_are_not_cut_at_twice_the_prompt() {
         report.prompt_tokens
     );
     assert_eq!(report.frames, 70);
+}
+
+#[test]
+fn a_prompt_as_long_as_the_models_context_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A small model with the Qwen2.5 vocabulary, whose configuration says its context is 24.
+    let synth = [
+        "synth",
+        "m.safetensors",
+        "--size",
+        "custom",
+        "--vocab",
+        "151936",
+    ];
+    assert_eq!(vibeoffload(d, &synth).code, 0);
+    let config = d.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["decoder_config"]["max_position_embeddings"] = 24.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    std::fs::write(
+        d.join("s.txt"),
+        "Speaker 1: Hello there, how are you today?\n",
+    )
+    .unwrap();
+    let words = ["the model's whole context (24 positions)"];
+    let generate = [
+        "generate",
+        "--model-path",
+        "m.safetensors",
+        "--script",
+        "s.txt",
+        "--out",
+        "o.wav",
+    ];
+    fails(d, &generate, 1, &words);
+    assert!(!d.join("o.wav").exists());
+    let table = [
+        "table",
+        "--model-path",
+        "m.safetensors",
+        "--script",
+        "s.txt",
+    ];
+    fails(d, &table, 1, &words);
 }

@@ -33,6 +33,7 @@ fn config() -> ModelConfig {
         rope_theta: 10000.0,
         rms_norm_eps: 1e-6,
         tie_word_embeddings: false,
+        max_position_embeddings: 32768,
     }
 }
 

@@ -27,6 +27,7 @@ fn config(tied: bool) -> ModelConfig {
         rope_theta: 10000.0,
         rms_norm_eps: 1e-6,
         tie_word_embeddings: tied,
+        max_position_embeddings: 32768,
     }
 }
 

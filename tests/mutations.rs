@@ -43,6 +43,7 @@ fn small_model(dir: &Path) -> Vec<u8> {
         rope_theta: 1e4,
         rms_norm_eps: 1e-6,
         tie_word_embeddings: false,
+        max_position_embeddings: 32768,
     };
     let spec = SynthSpec {
         speech: SpeechConfig::small(config.hidden_size),

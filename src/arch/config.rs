@@ -29,6 +29,17 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// Whether the LM head reuses the embedding matrix (1.5B) or has its own (7B).
     pub tie_word_embeddings: bool,
+    /// The context the model was trained for: generation stops there, as the original's does
+    /// (7B 32,768, 1.5B 65,536; Qwen2's default when a file does not say).
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+}
+
+/// Qwen2's `max_position_embeddings` when a configuration does not give one.
+pub const DEFAULT_MAX_POSITIONS: usize = 32768;
+
+fn default_max_positions() -> usize {
+    DEFAULT_MAX_POSITIONS
 }
 
 /// The model sizes the tool knows without a file.
@@ -65,6 +76,7 @@ impl BuiltinModel {
                 rope_theta: 1e6,
                 rms_norm_eps: 1e-6,
                 tie_word_embeddings: false,
+                max_position_embeddings: 32768,
             },
             BuiltinModel::Small1_5b => ModelConfig {
                 hidden_size: 1536,
@@ -77,6 +89,7 @@ impl BuiltinModel {
                 rope_theta: 1e6,
                 rms_norm_eps: 1e-6,
                 tie_word_embeddings: true,
+                max_position_embeddings: 65536,
             },
         }
     }
@@ -98,6 +111,7 @@ impl ModelConfig {
             ("head_dim", self.head_dim),
             ("num_hidden_layers", self.num_hidden_layers),
             ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
         ];
         for (name, v) in dims {
             if v == 0 {

@@ -1,7 +1,7 @@
 //! Reading a checkpoint's `config.json` into the language model's configuration (the speech
 //! components': `speech_config`).
 
-use crate::arch::config::ModelConfig;
+use crate::arch::config::{ModelConfig, DEFAULT_MAX_POSITIONS};
 use anyhow::{anyhow, Context, Result};
 use std::path::Path;
 
@@ -38,6 +38,11 @@ impl ModelConfig {
             }
         };
         let config = ModelConfig {
+            max_position_embeddings: if optional("max_position_embeddings") {
+                get("max_position_embeddings")?
+            } else {
+                DEFAULT_MAX_POSITIONS
+            },
             hidden_size,
             intermediate_size: get("intermediate_size")?,
             num_attention_heads,

@@ -245,6 +245,7 @@ impl Inventory {
             rope_theta: 1e6,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: self.part_bytes(Part::LmHead) == 0,
+            max_position_embeddings: 32768,
         };
         config.validate()?;
         Ok(config)

@@ -46,6 +46,7 @@ impl SynthSpec {
             rope_theta: 1e6,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: false,
+            max_position_embeddings: 32768,
         };
         SynthSpec {
             speech: SpeechConfig::small(config.hidden_size),
@@ -295,6 +296,7 @@ pub(super) fn config_json(spec: &SynthSpec) -> serde_json::Value {
             "rope_theta": c.rope_theta,
             "rms_norm_eps": c.rms_norm_eps,
             "tie_word_embeddings": c.tie_word_embeddings,
+            "max_position_embeddings": c.max_position_embeddings,
         },
     });
     if let Some(object) = root.as_object_mut() {

@@ -490,7 +490,8 @@ pub struct PlanArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ScriptArgs {
     /// Size both KV caches for this script as `generate` runs it: its prompt (text, and the
-    /// --voice samples' frames) plus the original's limit of twice the prompt.
+    /// --voice samples' frames) plus the original's limit of twice the prompt, within the
+    /// model's context.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["max_seq_len", "lm_only"])]
     pub script: Option<PathBuf>,
     /// With --script: a voice sample of the prompt, once per speaker.

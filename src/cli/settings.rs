@@ -73,7 +73,15 @@ fn script_positions(model: &ModelInfo, path: &Path, voices: &[PathBuf]) -> Resul
         .collect::<Result<Vec<_>>>()?;
     let tokens = vibeoffload::generate::prompt_tokens(&script, &frames)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(vibeoffload::generate::positions(tokens, None) as u64)
+    let context = model.config.max_position_embeddings;
+    if tokens >= context {
+        bail!(
+            "{}: the prompt is {tokens} tokens, the model's whole context ({context} positions): \
+             generate would refuse it; split the script",
+            path.display()
+        );
+    }
+    Ok(vibeoffload::generate::positions(tokens, None, context) as u64)
 }
 
 /// The budget's inputs, checked: `--vram` (else NVML's free memory) and the target utilization.
@@ -536,6 +544,7 @@ pub fn synth_spec(a: &SynthArgs) -> Result<SynthSpec> {
                 rope_theta: 1e6,
                 rms_norm_eps: 1e-6,
                 tie_word_embeddings: a.tie_embeddings,
+                max_position_embeddings: 32768,
             };
             config
                 .validate()

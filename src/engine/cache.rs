@@ -252,6 +252,7 @@ pub(crate) mod tests {
             rope_theta: 1e4,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: false,
+            max_position_embeddings: 32768,
         }
     }
 

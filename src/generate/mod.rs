@@ -23,6 +23,12 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
+/// Steps the original takes after a prompt of `prompt_len` tokens at most: twice the prompt,
+/// and no further than the model's `context`.
+pub fn max_steps(prompt_len: usize, context: usize) -> usize {
+    (2 * prompt_len).min(context.saturating_sub(prompt_len))
+}
+
 /// Where each frame's initial diffusion noise comes from.
 pub enum Noise {
     /// Standard normal draws from a seeded generator.
@@ -124,9 +130,19 @@ pub fn generate(
         Ok(_) => 1,
         Err(_) => engine.add_lane(),
     };
-    // The original's limit: twice the prompt (and the context, checked at each step); a
-    // forced schedule runs to its end.
-    let max_steps = options.forced.as_ref().map_or(2 * prompt_len, Vec::len);
+    // The original's limit: twice the prompt, within the model's context; a forced schedule
+    // runs to its end.
+    let context = engine.info().config.max_position_embeddings;
+    if options.forced.is_none() && prompt_len >= context {
+        bail!(
+            "the prompt is {prompt_len} tokens, the model's whole context ({context} positions): \
+             shorten the script or the voice samples"
+        );
+    }
+    let max_steps = options
+        .forced
+        .as_ref()
+        .map_or(max_steps(prompt_len, context), Vec::len);
     let mut decoder_state = speech.acoustic_decoder.stream_state();
     let mut semantic_state = speech.semantic_encoder.stream_state();
     let mut out = Outcome {
@@ -346,5 +362,16 @@ mod tests {
     fn ties_go_to_the_smallest_id() {
         assert_eq!(choose(&[10, 11, 12, 3], &[1.0, 2.0, 2.0, 0.5]), 11);
         assert_eq!(choose(&[10, 11, 12, 3], &[1.0, 1.0, 1.0, 1.0]), 3);
+    }
+
+    #[test]
+    fn generation_stops_at_twice_the_prompt_within_the_context() {
+        assert_eq!(max_steps(100, 32768), 200);
+        // A 45-minute script's prompt: the context, not twice the prompt, is the limit.
+        assert_eq!(max_steps(12555, 32768), 20213);
+        assert_eq!(max_steps(40000, 32768), 0);
+        assert_eq!(session::positions(12555, None, 32768), 32769);
+        assert_eq!(session::positions(100, None, 32768), 301);
+        assert_eq!(session::positions(100, Some(64), 32768), 166);
     }
 }

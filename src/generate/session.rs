@@ -1,10 +1,10 @@
 //! The `generate` command as a library function: a script and voice samples in, a WAV file
 //! out, with a report of where the time went.
 
-use super::{generate, prompt_embeddings, Noise, Options, Timings, VoiceLatents};
+use super::{generate, max_steps, prompt_embeddings, Noise, Options, Timings, VoiceLatents};
 use super::{load_model, LoadedModel};
 use crate::audio::{self, SAMPLE_RATE};
-use crate::engine::{EngineOptions, LoadProgress};
+use crate::engine::{EngineOptions, LoadProgress, TransferStats};
 use crate::measure::{taken_bytes, GpuProbe, ModelFile};
 use crate::output::Output;
 use crate::plan::memory::MAX_SEQ_LEN;
@@ -97,12 +97,17 @@ pub struct GenerateReport {
     /// GPU memory this run took at its peak, per NVML (peak minus what was in use before it
     /// loaded); none on the CPU.
     pub measured_bytes: Option<u64>,
+    /// The streamer's copies during the generation loop, and how long the compute stream
+    /// waited for them.
+    #[serde(default)]
+    pub transfer: TransferStats,
 }
 
-/// KV positions a generation from a prompt of `prompt_tokens` needs: the prompt, then the
-/// original's limit of twice the prompt in steps (or the forced frames and the closing eos).
-pub fn positions(prompt_tokens: usize, force_frames: Option<usize>) -> usize {
-    let steps = force_frames.map_or(2 * prompt_tokens, |k| k + 1);
+/// KV positions a generation from a prompt of `prompt_tokens` needs with a model of
+/// `context` positions: the prompt, then the original's limit in steps ([`max_steps`]: twice
+/// the prompt, within the context), or the forced frames and the closing eos.
+pub fn positions(prompt_tokens: usize, force_frames: Option<usize>, context: usize) -> usize {
+    let steps = force_frames.map_or(max_steps(prompt_tokens, context), |k| k + 1);
     prompt_tokens + steps + 1
 }
 
@@ -164,13 +169,15 @@ pub fn run_generation(
     }
     let special = tokenizer.special();
 
-    // The original stops at twice the prompt; the KV cache holds that and the prompt.
+    // The original stops at twice the prompt, within the context; the KV cache holds that and
+    // the prompt.
     let forced = request.force_frames.map(|k| {
         let mut tokens = vec![special.speech_diffusion; k];
         tokens.push(special.eos);
         tokens
     });
-    let max_seq_len = positions(prompt.ids.len(), request.force_frames);
+    let context = info.config.max_position_embeddings;
+    let max_seq_len = positions(prompt.ids.len(), request.force_frames, context);
     if max_seq_len as u64 > MAX_SEQ_LEN {
         bail!(
             "the prompt ({} tokens) and its generation need {max_seq_len} positions, more than {MAX_SEQ_LEN}: shorten the script or the voice samples",
@@ -241,6 +248,7 @@ pub fn run_generation(
     let mut written = 0usize;
     let keep_audio = request.dump_latents.is_some();
     let mut audio_dump: Vec<f32> = Vec::new();
+    engine.reset_stats()?;
     let started = Instant::now();
     let outcome = generate(
         &mut engine,
@@ -263,6 +271,7 @@ pub fn run_generation(
         },
     )?;
     let generation_ms = started.elapsed().as_secs_f64() * 1e3;
+    let transfer = engine.transfer_stats()?;
     let measured_bytes = taken_bytes(used_before, peak.map(crate::gpu::PeakSampler::finish));
     wav.finalize()
         .map_err(|e| anyhow!("cannot write {}: {e}", request.out.display()))?;
@@ -284,6 +293,9 @@ pub fn run_generation(
             .is_some_and(|m| outcome.latents.len() >= m) =>
         {
             "--max-frames"
+        }
+        _ if 2 * prompt.ids.len() > context.saturating_sub(prompt.ids.len()) => {
+            "the model's context"
         }
         _ => "length limit (twice the prompt)",
     };
@@ -307,6 +319,7 @@ pub fn run_generation(
         estimate_bytes,
         max_seq_len,
         measured_bytes,
+        transfer,
     })
 }
 

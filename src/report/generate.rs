@@ -39,6 +39,17 @@ impl Render for GenerateReport {
             per_frame(t.decoder_ms),
             per_frame(t.semantic_ms)
         ));
+        let x = &self.transfer;
+        if x.total_transfers > 0 {
+            out.push_str(&format!(
+                "copies: {} layer copies, {:.2} GB at {:.1} GB/s; per frame the compute stream waited {} ms for them ({:.0}% of copy time hidden)\n",
+                x.total_transfers,
+                x.total_bytes as f64 / 1e9,
+                x.achieved_gbps,
+                per_frame(x.compute_wait_ms),
+                x.overlap_pct
+            ));
+        }
         out.push_str(&format!(
             "VRAM: estimate {} GiB (whole model, both KV caches at {} positions); measured {}\n",
             gib(self.estimate_bytes),
