@@ -4,6 +4,7 @@
 use clap::builder::PossibleValue;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use vibeoffload::gpu::GpuSelector;
 use vibeoffload::measure::Workload;
 use vibeoffload::plan::memory::DEFAULT_STREAM_SLOTS;
 
@@ -513,9 +514,11 @@ pub struct ScopeArgs {
 /// The GPU to read and run on.
 #[derive(Args, Debug, Clone)]
 pub struct GpuArgs {
-    /// The GPU whose free memory NVML reads and (with --device cuda or auto) that runs the model.
-    #[arg(long, default_value_t = 0, value_name = "INDEX")]
-    pub gpu: u32,
+    /// The GPU whose free memory NVML reads and (with --device cuda or auto) that runs the
+    /// model: an index as CUDA numbers them (after CUDA_VISIBLE_DEVICES), a UUID (GPU-8f3a...,
+    /// as `nvidia-smi -L` lists them) or a PCI bus id (0000:17:00.0).
+    #[arg(long, default_value = "0", value_name = "INDEX|UUID|PCI")]
+    pub gpu: GpuSelector,
 }
 
 /// Where the VRAM budget comes from.

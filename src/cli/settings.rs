@@ -17,6 +17,7 @@ use vibeoffload::checkpoint::synth::SynthSpec;
 use vibeoffload::checkpoint::{self, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{DeviceChoice, EngineOptions};
 use vibeoffload::generate::{LoadOptions, Request, VoiceLatents};
+use vibeoffload::gpu::GpuSelector;
 use vibeoffload::measure::{BenchOptions, BenchReport, Mode, ModelFile, SessionOptions, Workload};
 use vibeoffload::plan::budget::{Budget, Choice};
 use vibeoffload::plan::{memory, presets, Placement, PlanOptions, Scope};
@@ -86,7 +87,7 @@ fn script_positions(model: &ModelInfo, path: &Path, voices: &[PathBuf]) -> Resul
 
 /// The budget's inputs, checked: `--vram` (else NVML's free memory) and the target utilization.
 pub struct BudgetSource {
-    gpu: u32,
+    gpu: GpuSelector,
     vram_bytes: Option<u64>,
     /// Fraction of free VRAM a plan may use.
     pub target_utilization: f64,
@@ -101,7 +102,7 @@ impl BudgetSource {
             )));
         }
         Ok(BudgetSource {
-            gpu: g.gpu,
+            gpu: g.gpu.clone(),
             vram_bytes: a.vram.as_deref().map(parse_size).transpose()?,
             target_utilization: t,
         })
@@ -112,7 +113,7 @@ impl BudgetSource {
         if let Some(bytes) = self.vram_bytes {
             return Ok(Budget::new(None, bytes, t));
         }
-        let info = gpu::query(self.gpu)?;
+        let info = gpu::query_gpu(&gpu::resolve(&self.gpu)?)?;
         Ok(Budget::new(Some(info.clone()), info.free_bytes, t))
     }
 
@@ -170,7 +171,7 @@ impl RunSettings {
         let info = model.open()?;
         let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
         let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
-        let engine = engine_options(&a.engine, &plan, a.gpu.gpu)?;
+        let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
         let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
             Some((choice, n)) => (choice, n, None),
             // Nothing to fit on the CPU: every layer stays "resident".
@@ -255,7 +256,7 @@ pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
     let info = model.open()?;
     let plan = plan_options(&a.planning.plan, Scope::Full, false)?;
     let budget = BudgetSource::resolve(&a.planning.gpu, &a.planning.budget)?;
-    let engine = engine_options(&a.engine, &plan, a.planning.gpu.gpu)?;
+    let engine = engine_options(&a.engine, &plan, &a.planning.gpu.gpu)?;
     let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
         Some((choice, n)) => (choice, n, None),
         None => {
@@ -308,7 +309,7 @@ impl BenchSettings {
             // buffers.
             plan.max_seq_len = workload.cache_tokens() as u64;
         }
-        let engine = engine_options(&a.engine, &plan, a.gpu.gpu)?;
+        let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
         progress::setting("layer counts", &layer_counts);
         show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
         Ok(BenchSettings {
@@ -372,7 +373,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     };
     plan.validate()?;
     let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
-    let engine = engine_options(&a.engine, &plan, a.gpu.gpu)?;
+    let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
     let gpu_layers = match fixed_choice(&info, &a.choice)? {
         Some((_, layers)) => layers,
         None if engine.device == DeviceChoice::Cpu && budget.vram_bytes.is_none() => {
@@ -448,20 +449,34 @@ fn plan_options(a: &PlanArgs, scope: Scope, offload_prediction_head: bool) -> Re
 }
 
 /// Engine options from the flags; the layer count is filled in later.
-fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: u32) -> Result<EngineOptions> {
+fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: &GpuSelector) -> Result<EngineOptions> {
+    let cuda = |gpu: &GpuSelector| -> Result<DeviceChoice> {
+        let found = gpu::resolve(gpu)?;
+        let ordinal = found
+            .cuda_ordinal
+            .ok_or_else(|| anyhow::anyhow!("{} is not visible to CUDA", found.label))?;
+        progress::detail(format!("running on {}", found.label));
+        Ok(DeviceChoice::Cuda(ordinal))
+    };
     let device = match e.device {
         DeviceArg::Cpu => DeviceChoice::Cpu,
-        DeviceArg::Cuda => DeviceChoice::Cuda(gpu as usize),
-        DeviceArg::Auto if cfg!(feature = "cuda") && gpu::query(gpu).is_ok() => {
-            DeviceChoice::Cuda(gpu as usize)
-        }
-        DeviceArg::Auto => DeviceChoice::Cpu,
-    };
-    if matches!(device, DeviceChoice::Cuda(_)) && !cfg!(feature = "cuda") {
-        bail!(UsageError::new(
+        DeviceArg::Cuda if !cfg!(feature = "cuda") => bail!(UsageError::new(
             "--device cuda needs a build with CUDA: cargo build --release --features cuda (see scripts/build-cuda.sh)"
-        ));
-    }
+        )),
+        DeviceArg::Cuda if gpu::cuda_devices().is_empty() => bail!(
+            "--device cuda: CUDA shows this process no GPU{}",
+            std::env::var("CUDA_VISIBLE_DEVICES")
+                .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
+                .unwrap_or_else(|_| ": is the NVIDIA driver loaded?".into())
+        ),
+        DeviceArg::Cuda => cuda(gpu)?,
+        DeviceArg::Auto if !cfg!(feature = "cuda") => DeviceChoice::Cpu,
+        DeviceArg::Auto if gpu::cuda_devices().is_empty() => {
+            progress::note("this build runs on CUDA, but CUDA shows this process no GPU: running on the CPU");
+            DeviceChoice::Cpu
+        }
+        DeviceArg::Auto => cuda(gpu)?,
+    };
     Ok(EngineOptions {
         device,
         gpu_layers: 0,

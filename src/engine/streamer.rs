@@ -212,18 +212,7 @@ impl Slots {
                 timings, wait_ms, ..
             } => Ok((std::mem::take(timings), std::mem::take(wait_ms))),
             #[cfg(feature = "cuda")]
-            Slots::Cuda(c) => {
-                let (copies, wait_ms) = c.drain()?;
-                let timings = copies
-                    .into_iter()
-                    .map(|(layer, bytes, copy_ms)| CopyTiming {
-                        layer,
-                        bytes,
-                        copy_ms,
-                    })
-                    .collect();
-                Ok((timings, wait_ms))
-            }
+            Slots::Cuda(c) => c.drain(),
         }
     }
 }

@@ -88,6 +88,12 @@ impl Spread {
 }
 
 /// Compares `new` with `old` (`threshold` 0.10 = 10% slower allowed) by the rule on
+/// The card a device label names, without where it sits (`GPU 0 NVIDIA H200 (PCI ...)` is
+/// `GPU 0 NVIDIA H200`): the same card in another slot or machine compares.
+fn card(device: &str) -> &str {
+    device.split(" (PCI ").next().unwrap_or(device)
+}
+
 /// [`Comparison`]. Refused (a usage error) when they were measured on another device, model,
 /// batch or workload, or share no layer count: a comparison of nothing must not pass.
 pub fn compare(old: &BenchReport, new: &BenchReport, threshold: f64) -> Result<Comparison> {
@@ -95,7 +101,7 @@ pub fn compare(old: &BenchReport, new: &BenchReport, threshold: f64) -> Result<C
     let mismatches: Vec<String> = [
         (
             "device",
-            old.device != new.device,
+            card(&old.device) != card(&new.device),
             format!("{} against {}", new.device, old.device),
         ),
         (
@@ -379,6 +385,20 @@ mod tests {
         let c = compare(&old, &noisy, 0.10).unwrap();
         assert!(c.regressions.is_empty(), "{c:?}");
         assert_eq!(c.within_noise.len(), old.rows.len(), "{c:?}");
+    }
+
+    #[test]
+    fn the_same_card_in_another_slot_compares() {
+        let mut old = report(&[(28, 10.0)]);
+        let mut new = report(&[(28, 10.0)]);
+        old.device = "GPU 0 NVIDIA H200".into();
+        new.device = "GPU 1 NVIDIA H200 (PCI 0000:9a:00.0)".into();
+        assert!(
+            compare(&old, &new, 0.1).is_err(),
+            "another index is another card"
+        );
+        new.device = "GPU 0 NVIDIA H200 (PCI 0000:9a:00.0)".into();
+        assert!(compare(&old, &new, 0.1).is_ok());
     }
 
     #[test]

@@ -137,29 +137,33 @@ impl ModelFile {
     }
 }
 
-/// What NVML says about the GPU an engine runs on (nothing on the CPU).
+/// What NVML says about the GPU an engine runs on (nothing on the CPU): the NVML device on
+/// the CUDA device's PCI bus, so that readings are of the card that runs.
 pub(crate) struct GpuProbe {
     index: Option<u32>,
+    label: String,
 }
 
 impl GpuProbe {
     pub(crate) fn of(device: DeviceChoice) -> GpuProbe {
-        GpuProbe {
-            index: match device {
-                DeviceChoice::Cuda(i) => Some(i as u32),
-                DeviceChoice::Cpu => None,
+        match device {
+            DeviceChoice::Cuda(i) => {
+                let found = gpu::resolve(&gpu::GpuSelector::Index(i as u32)).ok();
+                GpuProbe {
+                    index: found.as_ref().and_then(|g| g.nvml_index),
+                    label: found.map_or_else(|| format!("GPU {i}"), |g| g.label),
+                }
+            }
+            DeviceChoice::Cpu => GpuProbe {
+                index: None,
+                label: "cpu".into(),
             },
         }
     }
 
-    /// `cpu`, or the GPU's index and name (its index alone when NVML cannot read it).
+    /// `cpu`, or the GPU's CUDA index, name and PCI bus id.
     pub(crate) fn label(&self) -> String {
-        match self.index {
-            Some(i) => {
-                gpu::query(i).map_or_else(|_| format!("GPU {i}"), |g| format!("GPU {i} {}", g.name))
-            }
-            None => "cpu".into(),
-        }
+        self.label.clone()
     }
 
     /// Memory nobody holds on the GPU now.

@@ -158,8 +158,12 @@ fn model_line(m: &ModelSummary, o: &PlanOptions) -> String {
 /// Where the budget comes from and how large it is, one line.
 fn budget_line(b: &Budget) -> String {
     let gpu = b.gpu.as_ref().map_or("--vram".to_string(), |g| {
+        let pci = match g.pci_bus_id.as_str() {
+            "" => String::new(),
+            id => format!(", PCI {id}"),
+        };
         format!(
-            "GPU {} {} ({} GiB total)",
+            "GPU {} {} ({} GiB total{pci})",
             g.index,
             g.name,
             gib(g.total_bytes)

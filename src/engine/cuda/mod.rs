@@ -1,4 +1,4 @@
-//! CUDA pieces of the engine, the only user of cudarc: the kernels (files under `kernels/`,
+//! CUDA pieces of the engine, the only user of cudarc (apart from `gpu`'s list of devices): the kernels (files under `kernels/`,
 //! compiled here by NVRTC at first use: dequantisation for any GPU, the decode path's for the
 //! device's architecture, the speech tokenizers' fused block ops for any GPU), their launchers
 //! (`ops`, `speech`, through the one launch style of `launch`), pinned host buffers and the

@@ -3,6 +3,7 @@
 //! compute both ways.
 
 use super::timing_event;
+use crate::engine::streamer::CopyTiming;
 use anyhow::{anyhow, Result};
 use candle_core::cuda_backend::cudarc::driver::{
     result, sys, CudaEvent, CudaStream, DevicePtr, PinnedHostSlice,
@@ -153,12 +154,16 @@ impl CudaSlots {
         self.tensors[slot].clone()
     }
 
-    /// Each finished copy as (layer, bytes, copy ms), and the time the compute stream waited
-    /// for copies, in ms (blocks until they finish).
-    pub fn drain(&mut self) -> Result<(Vec<(usize, u64, f64)>, f64)> {
+    /// Each finished copy, and the time the compute stream waited for copies, in ms (blocks
+    /// until they finish).
+    pub fn drain(&mut self) -> Result<(Vec<CopyTiming>, f64)> {
         let mut timings = Vec::with_capacity(self.pending.len());
         for p in self.pending.drain(..) {
-            timings.push((p.layer, p.bytes, f64::from(p.start.elapsed_ms(&p.end)?)));
+            timings.push(CopyTiming {
+                layer: p.layer,
+                bytes: p.bytes,
+                copy_ms: f64::from(p.start.elapsed_ms(&p.end)?),
+            });
         }
         let mut wait_ms = 0.0;
         for (a, b) in self.waits.drain(..) {
