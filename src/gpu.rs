@@ -116,7 +116,7 @@ pub fn resolve(selector: &GpuSelector) -> Result<Gpu> {
     if !visible.is_empty() {
         let found = visible.iter().find(|d| match selector {
             GpuSelector::Index(i) => d.ordinal == *i as usize,
-            GpuSelector::Uuid(u) => d.uuid.starts_with(u.as_str()),
+            GpuSelector::Uuid(u) => d.uuid.to_ascii_lowercase().starts_with(u.as_str()),
             GpuSelector::PciBusId(p) => PciAddress::parse(&d.pci_bus_id) == Some(*p),
         });
         let Some(d) = found else {
