@@ -22,6 +22,7 @@ pub fn read_voice(path: &Path) -> Result<Vec<f32>> {
             "{shown} is not a WAV file this tool can read ({other}): convert it to 16-bit PCM WAV"
         ),
     })?;
+    crate::output::record_input(path);
     let spec = reader.spec();
     let channels = spec.channels as usize;
     if channels == 0 || spec.sample_rate == 0 {

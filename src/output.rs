@@ -94,7 +94,9 @@ pub fn guard_process() -> Result<()> {
 }
 
 /// Checks that `path` may be written: not a link, not a directory or device, not an input.
-fn check_target(path: &Path) -> Result<()> {
+/// Writers check again when they begin; a command checks its outputs early with this, so that
+/// a long run is not wasted on an output it may not write.
+pub fn check_target(path: &Path) -> Result<()> {
     let shown = path.display();
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
@@ -108,8 +110,8 @@ fn check_target(path: &Path) -> Result<()> {
     if let Some(id) = file_id(path) {
         if is_input(&id) {
             bail!(
-                "refusing to write {shown}: the tool reads it (a checkpoint or its \
-                 config.json); name another file"
+                "refusing to write {shown}: the tool reads it (a checkpoint, its config.json, \
+                 a script, a voice, a baseline); name another file"
             );
         }
     }

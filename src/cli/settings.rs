@@ -62,6 +62,7 @@ impl Planning {
 fn script_positions(model: &ModelInfo, path: &Path, voices: &[PathBuf]) -> Result<u64> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read the script {}: {e}", path.display()))?;
+    vibeoffload::output::record_input(path);
     let script = prompt::script_from_text_file(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let hop = model
@@ -294,6 +295,10 @@ impl BenchSettings {
             ));
         }
         let baseline = a.baseline.as_deref().map(BenchReport::read).transpose()?;
+        // Outputs are checked now, not after the whole bench: none may replace an input.
+        for path in [&a.plot, &a.output.json_out].into_iter().flatten() {
+            vibeoffload::output::check_target(path)?;
+        }
         let model = model_file(&a.checkpoint)?;
         let layers = model.open()?.inventory.num_layers();
         let layer_counts = a.layers.clone().unwrap_or_else(|| every_fourth(layers));
@@ -347,6 +352,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("cannot read the script {}: {e}", path.display()))?;
+            vibeoffload::output::record_input(path);
             prompt::script_from_text_file(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
@@ -355,6 +361,9 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
             "give the script with --script FILE or --text"
         )),
     };
+    for path in [&a.output.json_out, &a.dump_latents].into_iter().flatten() {
+        vibeoffload::output::check_target(path)?;
+    }
     if !(a.cfg_scale.is_finite() && a.cfg_scale >= 0.0) {
         bail!(UsageError::new(
             "--cfg-scale must be a number, 0 or more (the demos use 1.3)"

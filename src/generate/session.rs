@@ -222,6 +222,13 @@ pub fn run_generation(
         .collect::<Result<Vec<_>>>()?;
     let embeddings = prompt_embeddings(&engine, &prompt.ids, &prompt.speech_input, &voice_inputs)?;
 
+    let mut noise = match &request.noise {
+        None => Noise::Seeded(Rng::new(request.seed)),
+        Some(path) => Noise::Recorded(read_noise(path)?),
+    };
+    if let Some(path) = &request.dump_latents {
+        crate::output::check_target(path)?;
+    }
     let out = Output::begin(&request.out)?;
     let spec = hound::WavSpec {
         channels: 1,
@@ -240,10 +247,6 @@ pub fn run_generation(
         max_frames: request.max_frames,
         forced,
         separate_passes: request.separate_passes,
-    };
-    let mut noise = match &request.noise {
-        None => Noise::Seeded(Rng::new(request.seed)),
-        Some(path) => Noise::Recorded(read_noise(path)?),
     };
     let mut written = 0usize;
     let keep_audio = request.dump_latents.is_some();
@@ -328,6 +331,7 @@ pub fn run_generation(
 fn read_noise(path: &Path) -> Result<Tensor> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| anyhow!("cannot read the noise file {}: {e}", path.display()))?;
+    crate::output::record_input(path);
     let noise = tensors.get("noise").ok_or_else(|| {
         anyhow!(
             "{} has no tensor named noise ([frames, latent])",

@@ -107,6 +107,7 @@ impl BenchReport {
     pub fn read(path: &std::path::Path) -> Result<BenchReport> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        crate::output::record_input(path);
         serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{} is not a `bench --json` report: {e}", path.display()))
     }
