@@ -48,13 +48,14 @@ impl CustomOp3 for DecodeAttention {
         let (d, b) = (self.head_dim, lq.dims()[0]);
         let group = self.heads / self.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let table = match &self.rope {
-            Some((t, pos)) => Some((
-                t.flatten_all()?
+        // The one row of the rotary table this position needs (copying the whole table, as
+        // long as the longest sequence, made each step's cost grow with --max-seq-len).
+        let row = match &self.rope {
+            Some((t, pos)) => Some(
+                t.get(*pos)?
                     .to_dtype(candle_core::DType::F32)?
                     .to_vec1::<f32>()?,
-                *pos,
-            )),
+            ),
             None => None,
         };
         let mut out = vec![0f32; b * self.heads * d];
@@ -62,9 +63,9 @@ impl CustomOp3 for DecodeAttention {
             for h in 0..self.heads {
                 let raw = &q[qa + bi * self.q_stride + h * d..][..d];
                 let mut qh = raw.to_vec();
-                if let Some((t, pos)) = &table {
+                if let Some(cs) = &row {
                     for i in 0..d / 2 {
-                        (qh[i], qh[i + d / 2]) = rotate(raw, &t[pos * d..][..d], i);
+                        (qh[i], qh[i + d / 2]) = rotate(raw, cs, i);
                     }
                 }
                 let kvh = h / group;
