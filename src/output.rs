@@ -165,6 +165,11 @@ impl Output {
         })
     }
 
+    /// The final path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The temporary file's path, for writers that take a path.
     pub fn temp_path(&self) -> &Path {
         self.temp().path()

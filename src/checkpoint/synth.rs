@@ -199,20 +199,25 @@ pub fn write(
 }
 
 /// Renames a finished checkpoint and its `config.json` (if one is written) into place.
-/// Without `force`, of two writers racing for one name the second fails at the checkpoint,
-/// before its `config.json` could replace the first one's.
+/// Without `force`, nothing is replaced and the two appear together or not at all: the
+/// `config.json` goes first, so of two writers racing into one directory (for one name or
+/// two) the second fails there having placed nothing, and a checkpoint is never left beside
+/// another writer's configuration.
 pub(super) fn commit_with_config(file: Output, config: Option<Output>, force: bool) -> Result<()> {
-    match force {
-        true => {
-            file.commit()?;
-            config.map(Output::commit).transpose()?;
-        }
-        false => {
-            file.commit_new()?;
-            config.map(Output::commit_new).transpose()?;
-        }
+    if force {
+        file.commit()?;
+        config.map(Output::commit).transpose()?;
+        return Ok(());
     }
-    Ok(())
+    let Some(config) = config else {
+        return file.commit_new();
+    };
+    let config_path = config.path().to_path_buf();
+    config.commit_new()?;
+    file.commit_new().inspect_err(|_| {
+        // Ours, placed a moment ago: it describes no checkpoint now.
+        let _ = std::fs::remove_file(&config_path);
+    })
 }
 
 /// Checks that a checkpoint may be written to `out` (its directory exists, and it is not named
@@ -399,5 +404,41 @@ fn fill_from<T: Copy>(
             push(table[((bits >> (16 * k)) & 0xffff) as usize], out);
         }
         left -= 4.min(left);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn output(path: &Path, text: &str) -> Output {
+        let mut out = Output::begin(path).unwrap();
+        out.file().write_all(text.as_bytes()).unwrap();
+        out
+    }
+
+    /// Two writers into one directory: the second finds the first's config.json in place
+    /// when it commits, and places nothing (no checkpoint without its own configuration).
+    #[test]
+    fn a_writer_that_loses_the_race_places_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, config) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+            dir.path().join("config.json"),
+        );
+        let first = (output(&a, "A"), output(&config, "config A"));
+        let second = (output(&b, "B"), output(&config, "config B"));
+        commit_with_config(first.0, Some(first.1), false).unwrap();
+        assert!(commit_with_config(second.0, Some(second.1), false).is_err());
+        assert!(a.exists() && !b.exists());
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), "config A");
+        // With nothing in the way, both appear.
+        let c = dir.path().join("c").join("c.safetensors");
+        std::fs::create_dir(c.parent().unwrap()).unwrap();
+        let config_c = c.with_file_name("config.json");
+        commit_with_config(output(&c, "C"), Some(output(&config_c, "config C")), false).unwrap();
+        assert!(c.exists() && config_c.exists());
     }
 }
