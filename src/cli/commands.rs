@@ -290,7 +290,7 @@ fn text_or_json<T: Serialize + Render>(report: &T, json: bool) -> Result<Output>
     Ok(if json {
         report::json(report)?
     } else {
-        report.render()
+        report::wrap(&report.render())
     }
     .into())
 }

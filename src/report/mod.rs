@@ -25,7 +25,7 @@ use crate::plan::{PlanOptions, Scope};
 use crate::units::gib;
 use anyhow::{Context, Result};
 use comfy_table::presets::UTF8_FULL_CONDENSED;
-use comfy_table::{CellAlignment, Table};
+use comfy_table::{CellAlignment, ContentArrangement, Table};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
@@ -50,6 +50,43 @@ pub fn write_json<T: Serialize>(report: &T, path: &Path) -> Result<()> {
         .and_then(|_| out.file().flush())
         .with_context(|| format!("cannot write {}", path.display()))?;
     out.commit()
+}
+
+/// The widest a report's line may be: tables wrap their cells to fit, and [`wrap`] folds
+/// longer lines of text.
+pub const TABLE_WIDTH: u16 = 100;
+
+/// `text` with every line longer than [`TABLE_WIDTH`] folded at spaces, continuation lines
+/// indented by two; table lines (drawn with box characters) are left alone.
+pub fn wrap(text: &str) -> String {
+    let width = TABLE_WIDTH as usize;
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let (body, end) = match line.strip_suffix('\n') {
+            Some(body) => (body, "\n"),
+            None => (line, ""),
+        };
+        let boxed = body.starts_with(['│', '┌', '└', '╞', '├', '╭', '╰', '+', '|']);
+        if boxed || body.chars().count() <= width {
+            out.push_str(line);
+            continue;
+        }
+        let mut current = String::new();
+        for word in body.split(' ') {
+            let len = current.chars().count();
+            if len > 0 && len + 1 + word.chars().count() > width {
+                out.push_str(current.trim_end());
+                out.push('\n');
+                current = "  ".to_string();
+            } else if len > 0 && current != "  " {
+                current.push(' ');
+            }
+            current.push_str(word);
+        }
+        out.push_str(&current);
+        out.push_str(end);
+    }
+    out
 }
 
 /// How a column's cells (header included) line up.
@@ -100,6 +137,8 @@ impl<'a, R> Columns<'a, R> {
     {
         let mut t = Table::new();
         t.load_style(UTF8_FULL_CONDENSED)
+            .set_content_arrangement(ContentArrangement::Dynamic)
+            .set_width(TABLE_WIDTH)
             .set_header(self.0.iter().map(|c| c.header));
         for row in rows {
             t.add_row(self.0.iter().map(|c| (c.cell)(row)));

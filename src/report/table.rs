@@ -109,17 +109,16 @@ impl Render for TableReport {
     fn render(&self) -> String {
         let mut out = model_line(&self.model, &self.options);
         let term = |get: fn(&VramEstimate) -> u64| move |r: &TableRow| gib(get(&r.estimate));
+        // The CUDA context and the margin are the same in every row: said once, below.
         let mut columns = Columns::<TableRow>::new()
-            .left("GPU layers", |r| r.estimate.gpu_layers.to_string())
+            .left("N", |r| r.estimate.gpu_layers.to_string())
             .left("preset", |r| r.presets.join(", "))
-            .right("context", term(|e| e.cuda_context_bytes))
-            .right("other weights", term(|e| e.non_layer_weights_bytes))
+            .right("weights", term(|e| e.non_layer_weights_bytes))
             .right("layers", term(|e| e.resident_layers_bytes))
-            .right("stream slots", term(|e| e.stream_buffers_bytes))
+            .right("slots", term(|e| e.stream_buffers_bytes))
             .right("KV cache", term(|e| e.kv_cache_bytes))
             .right("working", term(|e| e.working_bytes))
-            .right("margin", term(|e| e.margin_bytes))
-            .right("total GiB", term(|e| e.total_bytes))
+            .right("total", term(|e| e.total_bytes))
             .right("pinned host", term(|e| e.pinned_host_bytes));
         if self.budget.is_some() {
             columns = columns.right("fits", |r| match r.fits {
@@ -128,10 +127,19 @@ impl Render for TableReport {
                 None => String::new(),
             });
         }
+        let first = self.rows.first().map(|r| &r.estimate);
         out.push_str(&format!(
-            "VRAM estimate in GiB, by decoder layers kept on the GPU\n{}\n",
+            "VRAM estimate in GiB, by N decoder layers kept on the GPU (weights: the other \
+             weights; slots: stream slots; pinned host: host memory for streamed layers)\n{}\n",
             columns.table(&self.rows)
         ));
+        if let Some(e) = first {
+            out.push_str(&format!(
+                "every total includes {} GiB of CUDA context and a {} GiB margin\n",
+                gib(e.cuda_context_bytes),
+                gib(e.margin_bytes)
+            ));
+        }
         if let Some(b) = &self.budget {
             out.push_str(&budget_line(b));
         }
