@@ -15,7 +15,7 @@ use vibeoffload::checkpoint::inventory::Inventory;
 use vibeoffload::checkpoint::layout::{self, Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::{Checkpoint, ConfigSource, ModelInfo};
-use vibeoffload::dtype::{bf16_bits_to_f32, f32_to_bf16_bits, f32_to_f8e4m3, DType};
+use vibeoffload::dtype::{f32_to_f8e4m3, DType};
 use vibeoffload::engine::{Engine, EngineOptions};
 use vibeoffload::report::InspectReport;
 
@@ -458,7 +458,7 @@ fn the_library_reads_f32_sources_and_writes_one_scale_per_matrix() {
     // Kept in bf16 by the layout, rounded to nearest even from f32.
     let bf16: Vec<f64> = f32_values[1]
         .iter()
-        .map(|&v| f64::from(bf16_bits_to_f32(f32_to_bf16_bits(v))))
+        .map(|&v| f64::from(half::bf16::from_f32(v).to_f32()))
         .collect();
     assert_eq!(converted.raw(norm), bf16);
 }

@@ -22,7 +22,7 @@ use super::{config, Checkpoint, ConfigSource, ModelInfo};
 use crate::arch::config::ModelConfig;
 use crate::arch::speech::SpeechConfig;
 use crate::arch::Role;
-use crate::dtype::{bf16_bits_to_f32, f32_to_bf16_bits, f32_to_f8e4m3_fast, DType, F8E4M3_MAX};
+use crate::dtype::{f32_to_f8e4m3, DType, F8E4M3_MAX};
 use crate::output::Output;
 use crate::UsageError;
 use anyhow::{anyhow, bail, Context, Result};
@@ -394,7 +394,7 @@ impl Tensor<'_> {
                     bytes.extend(
                         values
                             .iter()
-                            .flat_map(|&v| f32_to_bf16_bits(v).to_le_bytes()),
+                            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()),
                     );
                 }
                 (DType::F8E4M3, dtype) => {
@@ -483,7 +483,7 @@ fn decode(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
         DType::BF16 => out.extend(
             bytes
                 .chunks_exact(2)
-                .map(|b| bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]))),
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         ),
         DType::F16 => out.extend(
             bytes
@@ -506,7 +506,7 @@ fn encode(values: &[f32], scale: f32, out: &mut Vec<u8>, counts: &mut Counts) {
     let mut code = |q: f32| {
         clamped += u64::from(q.abs() > TORCH_F8E4M3_NAN_ABOVE);
         nan += u64::from(q.is_nan());
-        f32_to_f8e4m3_fast(q)
+        f32_to_f8e4m3(q)
     };
     match scale {
         1.0 => out.extend(values.iter().map(|&x| code(x))),

@@ -6,7 +6,7 @@ use super::layout::{self, Precision, TensorSpec};
 use crate::arch::config::ModelConfig;
 use crate::arch::speech::{ConvStack, DiffusionHeadConfig, SpeechConfig, TokenizerConfig};
 use crate::arch::Role;
-use crate::dtype::{f32_to_bf16_bits, f32_to_f8e4m3, DType, F8E4M3_MAX};
+use crate::dtype::{f32_to_f8e4m3, DType, F8E4M3_MAX};
 use crate::output::Output;
 use crate::rng::Rng;
 use crate::UsageError;
@@ -344,9 +344,18 @@ impl ValueTables {
                 .iter()
                 .map(|&x| f32_to_f8e4m3(x))
                 .collect(),
-            weight_bf16: weight.iter().map(|&x| f32_to_bf16_bits(x)).collect(),
-            norm_bf16: norm.iter().map(|&x| f32_to_bf16_bits(x)).collect(),
-            layer_scale_bf16: layer_scale.iter().map(|&x| f32_to_bf16_bits(x)).collect(),
+            weight_bf16: weight
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect(),
+            norm_bf16: norm
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect(),
+            layer_scale_bf16: layer_scale
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect(),
         }
     }
 
@@ -364,7 +373,7 @@ impl ValueTables {
             // The speech factors hold their values (one element).
             (DType::F8E4M3, Role::Factor(f)) => out.push(f32_to_f8e4m3(f.value())),
             (DType::BF16, Role::Factor(f)) => {
-                out.extend_from_slice(&f32_to_bf16_bits(f.value()).to_le_bytes())
+                out.extend_from_slice(&half::bf16::from_f32(f.value()).to_le_bytes())
             }
             (DType::F8E4M3, role) => {
                 let table = match role {

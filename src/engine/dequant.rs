@@ -4,7 +4,7 @@
 //! the compute dtype on the CPU or with an NVRTC-compiled kernel on CUDA.
 
 use super::ops::{Dequantize, ScaleLayout};
-use crate::dtype::{bf16_bits_to_f32, f8e4m3_to_f32, DType};
+use crate::dtype::{f8e4m3_to_f32, DType};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
 
@@ -44,7 +44,7 @@ impl Dequantize {
             let b = &bytes[i * size..(i + 1) * size];
             match self.src {
                 DType::F8E4M3 => lut[b[0] as usize],
-                DType::BF16 => bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]])),
+                DType::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
                 DType::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
                 DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
                 _ => f32::NAN,
