@@ -300,6 +300,27 @@ fn a_layer_that_makes_nan_is_named_and_fails_the_pass() {
 }
 
 #[test]
+fn a_nan_embedding_row_is_caught_in_the_first_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain, false);
+    // One element of token 1's row.
+    let hidden = config(false).hidden_size;
+    common::poison(
+        &path,
+        "model.language_model.embed_tokens.weight",
+        hidden + 3,
+    );
+    let mut engine = load(&path, &EngineOptions::default());
+    engine.forward(&[2, 3]).expect("other rows are fine");
+    engine.reset();
+    let e = engine.forward(&[2, 1]).unwrap_err();
+    assert!(
+        format!("{e:#}").starts_with("decoder layer 0 produced NaN or infinite values"),
+        "{e:#}"
+    );
+}
+
+#[test]
 fn a_nan_final_norm_is_named_too() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(

@@ -83,6 +83,9 @@ impl Weights {
             "F8_E4M3" => values
                 .iter()
                 .map(|&v| {
+                    if v.is_nan() {
+                        return 0x7f;
+                    }
                     (0..=255u8)
                         .find(|&c| f8(c) == v && !(v == 0.0 && c != 0))
                         .unwrap_or_else(|| panic!("{v} is not a float8 E4M3 value"))

@@ -1,0 +1,89 @@
+//! Ctrl-C leaves nothing behind: `synth` removes its unfinished checkpoint, `run` the
+//! directory of the small model it synthesized; both exit 130.
+#![cfg(unix)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn start(dir: &Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+        .args(args)
+        .current_dir(dir)
+        // The embedded model's temporary directory goes here, where the test can see it.
+        .env("TMPDIR", dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `ready` holds (at most 300 s), then sends SIGINT and checks the exit.
+fn interrupt(child: Child, ready: impl Fn() -> bool) -> String {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < Duration::from_secs(300), "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    stderr
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn an_interrupted_synth_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // About 1 GB: still writing when the signal comes.
+    let args = [
+        "synth",
+        "big.safetensors",
+        "--size",
+        "custom",
+        "--layers",
+        "60",
+        "--hidden",
+        "1024",
+        "--intermediate",
+        "4096",
+    ];
+    let child = start(d, &args);
+    let writing = || {
+        std::fs::read_dir(d).unwrap().any(|e| {
+            let e = e.unwrap();
+            e.file_name().to_string_lossy().starts_with(".vibeoffload-")
+                && e.metadata().is_ok_and(|m| m.len() > 16 << 20)
+        })
+    };
+    let stderr = interrupt(child, writing);
+    assert!(stderr.contains("unfinished files removed"), "{stderr}");
+    assert!(entries(d).is_empty(), "left behind: {:?}", entries(d));
+}
+
+#[test]
+fn an_interrupted_run_removes_its_synthesized_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let child = start(
+        d,
+        &["run", "--gen-tokens", "100000", "--max-seq-len", "100100"],
+    );
+    // The embedded model is written into a directory of its own under TMPDIR.
+    let made = || !entries(d).is_empty();
+    interrupt(child, made);
+    assert!(entries(d).is_empty(), "left behind: {:?}", entries(d));
+}
