@@ -119,6 +119,19 @@ impl MappedFile {
         Ok((file, header))
     }
 
+    /// The reference reader's verdict on the header, for what ours does not check (gaps
+    /// between tensors, bytes after the last one); only the header is read, not the data.
+    fn check_with_reference(&self) -> Result<()> {
+        safetensors::SafeTensors::read_metadata(&self.mmap).map_err(|e| {
+            anyhow!(
+                "{} is not a valid safetensors file: {e}; the file is corrupt or was not \
+                 written by a safetensors writer",
+                self.path.display()
+            )
+        })?;
+        Ok(())
+    }
+
     fn check_unchanged(&self) -> Result<()> {
         let now = std::fs::metadata(&self.path).ok();
         let same =
@@ -389,6 +402,11 @@ impl ModelInfo {
                 _ => bail!("in {shown}: {e:#}"),
             }
         }
+        // Last, so that what our checks name (a missing tensor, a wrong shape) is said first.
+        checkpoint
+            .files
+            .iter()
+            .try_for_each(MappedFile::check_with_reference)?;
         Ok(ModelInfo {
             source: shown.to_string(),
             config,
@@ -416,6 +434,20 @@ mod tests {
             Ok(_) => panic!("{} opened", path.display()),
             Err(e) => format!("{e:#}"),
         }
+    }
+
+    #[test]
+    fn the_reference_reader_refuses_what_ours_lets_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = small_checkpoint(dir.path());
+        ModelInfo::open(&path).unwrap();
+        // Bytes after the last tensor: every tensor is intact, but no safetensors writer
+        // leaves them, and safetensors readers (candle's among them) refuse the file.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[0; 8]);
+        std::fs::write(&path, bytes).unwrap();
+        let e = error(&path);
+        assert!(e.contains("is not a valid safetensors file"), "{e}");
     }
 
     #[test]

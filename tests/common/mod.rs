@@ -24,11 +24,26 @@ impl Weights {
         }
     }
 
-    /// Writes the (edited) tensors back as a safetensors file.
+    /// Writes the (edited) tensors back as a safetensors file, back to back in data order
+    /// (bytes a replaced tensor left behind are dropped, as any safetensors writer would).
     pub fn save(&self, path: &Path) {
-        let header = serde_json::to_vec(&self.header).unwrap();
+        let mut names: Vec<&String> = self
+            .header
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .collect();
+        names.sort_by_key(|k| self.range(k).0.start);
+        let mut header = self.header.clone();
+        let mut data = Vec::with_capacity(self.data.len());
+        for name in names {
+            let (range, _) = self.range(name);
+            let start = data.len();
+            data.extend_from_slice(&self.data[range]);
+            header[name.as_str()]["data_offsets"] = serde_json::json!([start, data.len()]);
+        }
+        let header = serde_json::to_vec(&header).unwrap();
         let length = (header.len() as u64).to_le_bytes();
-        std::fs::write(path, [&length[..], &header, &self.data].concat()).unwrap();
+        std::fs::write(path, [&length[..], &header, &data].concat()).unwrap();
     }
 
     /// Appends a tensor of `dtype` ("F32", "F8_E4M3", ...) and `shape` holding `bytes`.
