@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli::{assert_no_temporary_files, fails, ok, vibeoffload};
+use common::cli::{assert_no_temporary_files, fails, interrupt, ok, vibeoffload};
 use std::path::Path;
 use std::process::Command;
 use vibeoffload::generate::GenerateReport;
@@ -179,29 +179,15 @@ fn an_interrupted_generation_keeps_a_valid_shorter_wav() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the temporary WAV holds at least two frames (44-byte header + 2 x 3200 x 2).
-    let started = std::time::Instant::now();
-    loop {
-        let grown = std::fs::read_dir(dir.path()).unwrap().any(|e| {
+    // Ready when the temporary WAV holds at least two frames (44-byte header + 2 x 3200 x 2).
+    let grown = || {
+        std::fs::read_dir(dir.path()).unwrap().any(|e| {
             let e = e.unwrap();
             e.file_name().to_string_lossy().starts_with('.')
                 && e.metadata().unwrap().len() >= 44 + 2 * 6400
-        });
-        if grown {
-            break;
-        }
-        assert!(started.elapsed().as_secs() < 300, "no audio after 300 s");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+        })
+    };
+    let stderr = interrupt(child, grown);
     assert!(stderr.contains("kept what was written"), "{stderr}");
     let wav = hound::WavReader::open(dir.path().join("cut.wav")).unwrap();
     let samples = wav.len();

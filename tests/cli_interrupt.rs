@@ -2,9 +2,11 @@
 //! directory of the small model it synthesized; both exit 130.
 #![cfg(unix)]
 
+mod common;
+
+use common::cli::interrupt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 fn start(dir: &Path, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
@@ -16,25 +18,6 @@ fn start(dir: &Path, args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// Waits until `ready` holds (at most 300 s), then sends SIGINT and checks the exit.
-fn interrupt(child: Child, ready: impl Fn() -> bool) -> String {
-    let started = Instant::now();
-    while !ready() {
-        assert!(started.elapsed() < Duration::from_secs(300), "never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    stderr
 }
 
 fn entries(dir: &Path) -> Vec<String> {

@@ -55,3 +55,21 @@ pub fn assert_no_temporary_files(dir: &Path) {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
+
+/// Waits until `ready` holds (at most 300 s), sends the child SIGINT (Ctrl-C), checks that it
+/// exits with 130, and returns its stderr.
+#[cfg(unix)]
+pub fn interrupt(child: std::process::Child, ready: impl Fn() -> bool) -> String {
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(started.elapsed().as_secs() < 300, "not ready after 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    stderr
+}
