@@ -143,7 +143,11 @@ fn flag_form_follows_the_originals_precedence() {
     );
     let text = ok(dir.path(), &["--print-table", "--no-offload"]);
     assert!(text.contains("Common GPUs"));
-    let help = ok(dir.path(), &["--help"]);
+    // Help is wrapped to the terminal: read it as one line.
+    let help = ok(dir.path(), &["--help"])
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     assert!(
         help.contains("`--print-table` (as `table`), then `--test-speed`"),
         "{help}"
