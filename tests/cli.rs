@@ -841,8 +841,8 @@ fn json_out_writes_the_report_and_prints_the_table() {
     assert_eq!(r.decode.expect("decode mode").generated_tokens, 2);
     assert_no_temporary_files(d);
     // With --json too, stdout and the file hold the same report.
-    let mut both = args.to_vec();
-    both.extend(["--input-ids", "1,2,3", "--json"]);
+    let mut both = args[..3].to_vec();
+    both.extend(["--json-out", "run.json", "--input-ids", "1,2,3", "--json"]);
     let printed: RunReport = serde_json::from_str(&ok(d, &both)).unwrap();
     let written: RunReport =
         serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();

@@ -79,3 +79,145 @@ fn help_fits_100_columns_groups_options_and_ends_with_examples() {
         }
     }
 }
+
+/// Each of these would change nothing the command does: refused (exit 2, one error line)
+/// before any work, naming the flags. Defaults never count: only flags given.
+#[test]
+fn flags_that_would_do_nothing_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let conflict = "cannot be used with";
+    let cases: &[(&[&str], &[&str])] = &[
+        // One forward pass on given ids: no random prompt, no generation, no timed runs.
+        (
+            &["run", "--input-ids", "1,2", "--seed", "3"],
+            &[conflict, "--seed"],
+        ),
+        (
+            &["run", "--input-ids", "1,2", "--gen-tokens", "3"],
+            &[conflict, "--gen-tokens"],
+        ),
+        (
+            &["run", "--input-ids", "1,2", "--runs", "3"],
+            &[conflict, "--runs"],
+        ),
+        (
+            &["run", "--input-ids", "1,2", "--prompt-len", "3"],
+            &[conflict, "--prompt-len"],
+        ),
+        // A fixed layer choice reads no budget.
+        (
+            &["run", "--num-gpu-layers", "2", "--vram", "8GiB"],
+            &[conflict, "--vram"],
+        ),
+        (
+            &["run", "--config", "minimal", "--vram", "8GiB"],
+            &[conflict, "--vram"],
+        ),
+        (
+            &["run", "--no-offload", "--vram", "8GiB"],
+            &[conflict, "--vram"],
+        ),
+        (
+            &[
+                "generate",
+                "--text",
+                "x",
+                "--num-gpu-layers",
+                "2",
+                "--target-utilization",
+                "0.5",
+            ],
+            &[conflict, "--target-utilization"],
+        ),
+        // Test-speed generates nothing; decode mode decodes once.
+        (
+            &["run", "--test-speed", "--gen-tokens", "8"],
+            &[conflict, "--gen-tokens"],
+        ),
+        (
+            &["--test-speed", "--gen-tokens", "8"],
+            &["--gen-tokens 8 would do nothing", "run"],
+        ),
+        (&["--gen-tokens", "8"], &["--gen-tokens 8 would do nothing"]),
+        (&["run", "--runs", "3"], &["required", "--test-speed"]),
+        // A threshold with nothing to hold to.
+        (
+            &["bench", "--threshold", "0.2"],
+            &["required", "--baseline"],
+        ),
+        // The CPU runs, and no GPU is read.
+        (
+            &["run", "--device", "cpu", "--gpu", "1"],
+            &["--gpu 1 would do nothing", "--device cpu"],
+        ),
+        (
+            &["bench", "--device", "cpu", "--gpu", "0"],
+            &["--gpu 0 would do nothing"],
+        ),
+        (
+            &["generate", "--text", "x", "--device", "cpu", "--gpu", "0"],
+            &["--gpu 0 would do nothing"],
+        ),
+        (
+            &["--test-speed", "--device", "cpu", "--gpu", "1"],
+            &["--gpu 1 would do nothing"],
+        ),
+    ];
+    for (args, words) in cases {
+        let o = common::cli::vibeoffload(d, args);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
+        // The error (after any note), before clap's usage line (its "required" errors list
+        // the flags on the lines below).
+        let at = o.stderr.find("error: ").unwrap_or(o.stderr.len());
+        let error = o.stderr[at..].split("\nUsage:").next().unwrap_or_default();
+        for w in *words {
+            assert!(error.contains(w), "{args:?}: {w:?} not in {:?}", o.stderr);
+        }
+    }
+    // The same flags where they do something still work.
+    let tiny = ["--prompt-len", "4", "-q", "--json"];
+    for args in [
+        &["run", "--input-ids", "1,2", "--num-gpu-layers", "2"][..],
+        &[
+            "run",
+            "--test-speed",
+            "--runs",
+            "2",
+            "--seed",
+            "3",
+            "--num-gpu-layers",
+            "2",
+        ],
+        &[
+            "run",
+            "--device",
+            "cpu",
+            "--vram",
+            "8GiB",
+            "--gen-tokens",
+            "2",
+        ],
+        &[
+            "run",
+            "--num-gpu-layers",
+            "2",
+            "--target-utilization",
+            "0.5",
+            "--gen-tokens",
+            "2",
+        ],
+    ] {
+        let args = [
+            args,
+            if args.contains(&"--input-ids") {
+                &tiny[2..]
+            } else {
+                &tiny
+            },
+        ]
+        .concat();
+        common::cli::ok(d, &args);
+    }
+}

@@ -153,13 +153,15 @@ pub struct CompletionsArgs {
 
 /// The original script's flag form. The engine and timing flags time the model, so they need
 /// --test-speed; --builtin and --offload-prediction-head only plan, so they refuse it.
+/// --gen-tokens is refused (test-speed generates nothing), so it is left out of the help.
 #[derive(Args, Debug)]
 #[command(group(
     ArgGroup::new("timing_flags")
-        .args(["device", "prefetch_depth", "no_prefetch", "no_pin", "prompt_len", "gen_tokens", "runs", "seed"])
+        .args(["device", "prefetch_depth", "no_prefetch", "no_pin", "prompt_len", "runs", "seed"])
         .multiple(true)
         .requires("test_speed")
 ))]
+#[command(mut_arg("gen_tokens", |a| a.hide(true)))]
 #[command(group(
     ArgGroup::new("planning_flags")
         .args(["builtin", "offload_prediction_head"])
@@ -185,12 +187,22 @@ pub struct LegacyArgs {
     pub output: JsonArg,
 }
 
+/// A fixed layer choice takes no budget: --vram would do nothing (--target-utilization stays:
+/// an out-of-memory error names the largest layer count that fits that share of free memory).
+/// Decode mode decodes once: --runs counts test-speed passes only.
 #[derive(Args, Debug)]
+#[command(group(
+    ArgGroup::new("fixed_choice")
+        .args(["num_gpu_layers", "config", "no_offload"])
+        .multiple(true)
+        .conflicts_with("vram")
+))]
+#[command(group(ArgGroup::new("passes").args(["runs"]).requires("test_speed")))]
 pub struct RunArgs {
     #[command(flatten, next_help_heading = CHOICE)]
     pub choice: ChoiceArgs,
     /// Time forward passes over 128 random tokens (the original's test) instead of decoding.
-    #[arg(long, help_heading = MODE)]
+    #[arg(long, conflicts_with = "gen_tokens", help_heading = MODE)]
     pub test_speed: bool,
     #[command(flatten, next_help_heading = MODEL)]
     pub checkpoint: CheckpointArgs,
@@ -204,12 +216,13 @@ pub struct RunArgs {
     pub engine: EngineArgs,
     #[command(flatten, next_help_heading = TIMING)]
     pub timing: TimingArgs,
-    /// Run one forward pass on these token ids (comma-separated) instead of timing.
+    /// Run one forward pass on these token ids (comma-separated) instead of timing: no random
+    /// prompt, no timed runs (the timing flags are refused).
     #[arg(
         long,
         value_delimiter = ',',
         value_name = "ID,ID,...",
-        conflicts_with = "test_speed",
+        conflicts_with_all = ["test_speed", "prompt_len", "gen_tokens", "runs", "seed"],
         help_heading = MODE
     )]
     pub input_ids: Option<Vec<u32>>,
@@ -220,7 +233,14 @@ pub struct RunArgs {
     pub output: ReportArgs,
 }
 
+/// A fixed layer choice takes no budget: --vram and --target-utilization would do nothing.
 #[derive(Args, Debug)]
+#[command(group(
+    ArgGroup::new("fixed_choice")
+        .args(["num_gpu_layers", "config", "no_offload"])
+        .multiple(true)
+        .conflicts_with_all(["vram", "target_utilization"])
+))]
 pub struct GenerateArgs {
     /// The script: one `Speaker N: text` line per turn (other lines go to speaker 1).
     #[arg(
@@ -328,7 +348,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE", help_heading = GATE)]
     pub baseline: Option<PathBuf>,
     /// Allowed slowdown against --baseline (0.10 = 10%).
-    #[arg(long, default_value_t = 0.10, help_heading = GATE)]
+    #[arg(long, default_value_t = 0.10, requires = "baseline", help_heading = GATE)]
     pub threshold: f64,
     #[command(flatten, next_help_heading = MODEL)]
     pub checkpoint: CheckpointArgs,
@@ -607,9 +627,17 @@ pub struct ScopeArgs {
 pub struct GpuArgs {
     /// The GPU whose free memory NVML reads and (with --device cuda or auto) that runs the
     /// model: an index as CUDA numbers them (after CUDA_VISIBLE_DEVICES), a UUID (GPU-8f3a...,
-    /// as `nvidia-smi -L` lists them) or a PCI bus id (0000:17:00.0).
-    #[arg(long, default_value = "0", value_name = "INDEX|UUID|PCI")]
-    pub gpu: GpuSelector,
+    /// as `nvidia-smi -L` lists them) or a PCI bus id (0000:17:00.0) [default: 0].
+    #[arg(long, value_name = "INDEX|UUID|PCI")]
+    pub gpu: Option<GpuSelector>,
+}
+
+impl GpuArgs {
+    /// `--gpu`, else the first GPU. (No default value in clap, so that settings can tell a
+    /// `--gpu` given from none: `--device cpu` refuses one.)
+    pub fn selector(&self) -> GpuSelector {
+        self.gpu.clone().unwrap_or(GpuSelector::Index(0))
+    }
 }
 
 /// Where the VRAM budget comes from.
@@ -646,9 +674,9 @@ pub struct TimingArgs {
     /// Prompt tokens in decode mode (and tokens per pass in test-speed mode).
     #[arg(long, default_value_t = Workload::DEFAULT.prompt_len, value_name = "TOKENS")]
     pub prompt_len: usize,
-    /// Tokens to generate in decode mode.
-    #[arg(long, default_value_t = Workload::DEFAULT.gen_tokens, value_name = "TOKENS")]
-    pub gen_tokens: usize,
+    /// Tokens to generate in decode mode [default: 32].
+    #[arg(long, value_name = "TOKENS")]
+    pub gen_tokens: Option<usize>,
     /// Timed passes in test-speed mode; `bench` also decodes this many times per layer count.
     #[arg(long, default_value_t = Workload::DEFAULT.runs)]
     pub runs: usize,

@@ -10,7 +10,7 @@ use super::progress::Progress;
 use super::settings::convert_precision;
 use super::settings::{
     every_fourth, fixed_choice, generate_request, legacy_checkpoint, load_options, model_info,
-    synth_spec, BenchSettings, Planning, RunSettings,
+    refuse_legacy_gen_tokens, synth_spec, BenchSettings, Planning, RunSettings,
 };
 use anyhow::Result;
 use clap::CommandFactory;
@@ -43,6 +43,7 @@ impl From<String> for Output {
 /// without one, `--test-speed` times the embedded model and the rest plans the built-in
 /// layout, saying where it looked.
 pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
+    refuse_legacy_gen_tokens(&a)?;
     if a.print_table {
         return table(TableArgs {
             layers: None,

@@ -102,7 +102,7 @@ impl BudgetSource {
             )));
         }
         Ok(BudgetSource {
-            gpu: g.gpu.clone(),
+            gpu: g.selector(),
             vram_bytes: a.vram.as_deref().map(parse_size).transpose()?,
             target_utilization: t,
         })
@@ -167,11 +167,13 @@ impl RunSettings {
         if a.dump.is_some() && a.input_ids.is_none() {
             bail!(UsageError::new("--dump needs --input-ids"));
         }
+        // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
+        refuse_unused_gpu(&a.engine, &a.gpu, false)?;
         let model = model_file(&a.checkpoint)?;
         let info = model.open()?;
         let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
         let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
-        let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
+        let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
         let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
             Some((choice, n)) => (choice, n, None),
             // Nothing to fit on the CPU: every layer stays "resident".
@@ -256,8 +258,12 @@ pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
     let info = model.open()?;
     let plan = plan_options(&a.planning.plan, Scope::Full, false)?;
     let budget = BudgetSource::resolve(&a.planning.gpu, &a.planning.budget)?;
-    let engine = engine_options(&a.engine, &plan, &a.planning.gpu.gpu)?;
-    let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
+    let fixed = fixed_choice(&info, &a.choice)?;
+    // Here auto reads the GPU's free memory even to run on the CPU, unless --vram is given.
+    let reads_gpu = fixed.is_none() && budget.vram_bytes.is_none();
+    refuse_unused_gpu(&a.engine, &a.planning.gpu, reads_gpu)?;
+    let engine = engine_options(&a.engine, &plan, &a.planning.gpu.selector())?;
+    let (choice, gpu_layers, budget) = match fixed {
         Some((choice, n)) => (choice, n, None),
         None => {
             let budget = budget.required()?;
@@ -293,6 +299,7 @@ impl BenchSettings {
                 "--threshold must be 0 or more (0.10 = 10%)"
             ));
         }
+        refuse_unused_gpu(&a.engine, &a.gpu, false)?;
         let baseline = a.baseline.as_deref().map(BenchReport::read).transpose()?;
         let model = model_file(&a.checkpoint)?;
         let layers = model.open()?.inventory.num_layers();
@@ -309,7 +316,7 @@ impl BenchSettings {
             // buffers.
             plan.max_seq_len = workload.cache_tokens() as u64;
         }
-        let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
+        let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
         progress::setting("layer counts", &layer_counts);
         show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
         Ok(BenchSettings {
@@ -365,6 +372,8 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
             "--max-frames and --force-frames must be at least 1"
         ));
     }
+    // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
+    refuse_unused_gpu(&a.engine, &a.gpu, false)?;
     let info = model.open()?;
     let plan = PlanOptions {
         scope: Scope::Full,
@@ -373,7 +382,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     };
     plan.validate()?;
     let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
-    let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
+    let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
     let gpu_layers = match fixed_choice(&info, &a.choice)? {
         Some((_, layers)) => layers,
         None if engine.device == DeviceChoice::Cpu && budget.vram_bytes.is_none() => {
@@ -448,6 +457,28 @@ fn plan_options(a: &PlanArgs, scope: Scope, offload_prediction_head: bool) -> Re
     Ok(options)
 }
 
+/// `--gpu` names the card that runs the model and whose free memory a plan reads: with
+/// `--device cpu` and no reading (`reads_gpu`), it would do nothing.
+fn refuse_unused_gpu(e: &EngineArgs, g: &GpuArgs, reads_gpu: bool) -> Result<()> {
+    match (&g.gpu, e.device) {
+        (Some(gpu), DeviceArg::Cpu) if !reads_gpu => bail!(UsageError::new(format!(
+            "--gpu {gpu} would do nothing: --device cpu runs on the CPU and reads no GPU; drop one of them"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The original's flag form only times forward passes (`--test-speed`), which generate
+/// nothing: `--gen-tokens` is refused there (clap cannot say "never", so it is checked here).
+pub fn refuse_legacy_gen_tokens(a: &LegacyArgs) -> Result<()> {
+    if let Some(n) = a.timing.gen_tokens {
+        bail!(UsageError::new(format!(
+            "--gen-tokens {n} would do nothing: the flag form's --test-speed times forward passes and generates nothing; `vibeoffload run --gen-tokens {n}` decodes"
+        )));
+    }
+    Ok(())
+}
+
 /// Engine options from the flags; the layer count is filled in later.
 fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: &GpuSelector) -> Result<EngineOptions> {
     let cuda = |gpu: &GpuSelector| -> Result<DeviceChoice> {
@@ -500,9 +531,10 @@ fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: &GpuSelector) -> Resu
 /// refuse (so nothing is allocated for an absurd one).
 fn workload(a: &TimingArgs) -> Result<Workload> {
     let max = memory::MAX_SEQ_LEN as usize;
+    let gen_tokens = a.gen_tokens.unwrap_or(Workload::DEFAULT.gen_tokens);
     for (flag, value, min) in [
         ("--prompt-len", a.prompt_len, 1),
-        ("--gen-tokens", a.gen_tokens, 0),
+        ("--gen-tokens", gen_tokens, 0),
     ] {
         if !(min..=max).contains(&value) {
             bail!(UsageError::new(format!(
@@ -517,7 +549,7 @@ fn workload(a: &TimingArgs) -> Result<Workload> {
     }
     Ok(Workload {
         prompt_len: a.prompt_len,
-        gen_tokens: a.gen_tokens,
+        gen_tokens,
         runs: a.runs,
         seed: a.seed,
     })
