@@ -221,3 +221,93 @@ fn flags_that_would_do_nothing_are_refused() {
         common::cli::ok(d, &args);
     }
 }
+
+/// Lengths the KV cache cannot hold exit 2 before the model is opened (a checkpoint that is
+/// not there proves it), naming the numbers; the largest that fit run.
+#[test]
+fn lengths_beyond_max_seq_len_are_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let absent = ["--model-path", "absent.safetensors"];
+    // A decode holds the prompt and every generated token but the last: 4 + 4 - 1 = 7.
+    let decode = [
+        "run",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "4",
+        "--max-seq-len",
+    ];
+    common::cli::fails(
+        d,
+        &[&decode[..], &["6"], &absent].concat(),
+        2,
+        &[
+            "--prompt-len 4",
+            "--gen-tokens 4",
+            "7 tokens",
+            "--max-seq-len 6",
+        ],
+    );
+    // Its warm-up takes the prompt and 2 tokens, however few are generated.
+    common::cli::fails(
+        d,
+        &[
+            "run",
+            "--prompt-len",
+            "4",
+            "--gen-tokens",
+            "1",
+            "--max-seq-len",
+            "5",
+        ],
+        2,
+        &["6 tokens", "--max-seq-len 5"],
+    );
+    // A test-speed pass holds the prompt alone.
+    let test_speed = [
+        "run",
+        "--test-speed",
+        "--prompt-len",
+        "5",
+        "--max-seq-len",
+        "4",
+    ];
+    for args in [&test_speed[..], &test_speed[1..]] {
+        common::cli::fails(
+            d,
+            &[args, &absent].concat(),
+            2,
+            &["--prompt-len 5", "--max-seq-len 4"],
+        );
+    }
+    common::cli::fails(
+        d,
+        &[
+            "bench",
+            "--prompt-len",
+            "4",
+            "--gen-tokens",
+            "4",
+            "--max-seq-len",
+            "6",
+        ],
+        2,
+        &["7 tokens", "--max-seq-len 6"],
+    );
+    let quick = ["--num-gpu-layers", "8", "-q", "--json"];
+    common::cli::ok(d, &[&decode[..], &["7"], &quick].concat());
+    common::cli::ok(
+        d,
+        &[
+            "run",
+            "--test-speed",
+            "--prompt-len",
+            "4",
+            "--max-seq-len",
+            "4",
+            "--runs",
+            "1",
+        ],
+    );
+}

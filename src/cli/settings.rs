@@ -169,9 +169,13 @@ impl RunSettings {
         }
         // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
         refuse_unused_gpu(&a.engine, &a.gpu, false)?;
+        let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
+        let workload = workload(&a.timing)?;
+        if a.input_ids.is_none() {
+            check_cache_room(&workload, !a.test_speed, plan.max_seq_len)?;
+        }
         let model = model_file(&a.checkpoint)?;
         let info = model.open()?;
-        let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
         let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
         let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
         let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
@@ -186,7 +190,6 @@ impl RunSettings {
                 (Choice::Auto, fit.gpu_layers, Some(budget))
             }
         };
-        let workload = workload(&a.timing)?;
         if let Some(ids) = &a.input_ids {
             let vocab = info.config.vocab_size;
             if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -255,8 +258,12 @@ pub const DEFAULT_MODEL_DIR: &str = "models/converted";
 /// The original's flag form with a checkpoint: load the whole model, as planned in the
 /// whole-model scope, and report.
 pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
-    let info = model.open()?;
     let plan = plan_options(&a.planning.plan, Scope::Full, false)?;
+    let test_speed = a.test_speed.then(|| workload(&a.timing)).transpose()?;
+    if let Some(w) = &test_speed {
+        check_cache_room(w, false, plan.max_seq_len)?;
+    }
+    let info = model.open()?;
     let budget = BudgetSource::resolve(&a.planning.gpu, &a.planning.budget)?;
     let fixed = fixed_choice(&info, &a.choice)?;
     // Here auto reads the GPU's free memory even to run on the CPU, unless --vram is given.
@@ -279,7 +286,7 @@ pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
         },
         choice,
         budget,
-        test_speed: a.test_speed.then(|| workload(&a.timing)).transpose()?,
+        test_speed,
     })
 }
 
@@ -316,6 +323,8 @@ impl BenchSettings {
             // buffers.
             plan.max_seq_len = workload.cache_tokens() as u64;
         }
+        // Each row decodes too.
+        check_cache_room(&workload, true, plan.max_seq_len)?;
         let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
         progress::setting("layer counts", &layer_counts);
         show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
@@ -553,6 +562,25 @@ fn workload(a: &TimingArgs) -> Result<Workload> {
         runs: a.runs,
         seed: a.seed,
     })
+}
+
+/// The KV cache must hold what the timed work puts in it, checked before anything is loaded
+/// (the engine would refuse only mid-run): a test-speed pass holds the prompt; a decode the
+/// prompt and every generated token but the last, and its warm-up the prompt and 2 tokens.
+fn check_cache_room(w: &Workload, decodes: bool, max_seq_len: u64) -> Result<()> {
+    let (p, g) = (w.prompt_len, w.gen_tokens);
+    if !decodes && p as u64 > max_seq_len {
+        bail!(UsageError::new(format!(
+            "--prompt-len {p} is more than --max-seq-len {max_seq_len}: a test-speed pass puts the whole prompt in the KV cache; raise --max-seq-len to {p} or shorten the prompt"
+        )));
+    }
+    let positions = w.decode_positions() as u64;
+    if decodes && positions > max_seq_len {
+        bail!(UsageError::new(format!(
+            "--prompt-len {p} with --gen-tokens {g} puts {positions} tokens in the KV cache (the prompt and every generated token but the last, at least 2 for the warm-up), more than --max-seq-len {max_seq_len}: raise --max-seq-len to {positions} or shorten them"
+        )));
+    }
+    Ok(())
 }
 
 /// What `synth` writes.

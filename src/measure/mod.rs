@@ -47,6 +47,13 @@ impl Workload {
     pub fn cache_tokens(&self) -> usize {
         self.prompt_len + self.gen_tokens.max(3) + QUEUED_STEPS
     }
+
+    /// The fewest KV positions [`decode`] needs: the prompt and every generated token but the
+    /// last (which is never fed back), and at least the prompt and 2 tokens of the warm-up.
+    /// The queued steps after the timed ones take only what room is left.
+    pub fn decode_positions(&self) -> usize {
+        self.prompt_len + self.gen_tokens.max(3) - 1
+    }
 }
 
 /// `n` token ids from a seeded generator, below `min(1000, vocab)` as the original draws them.
