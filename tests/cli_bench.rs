@@ -267,3 +267,66 @@ fn bench_files_from_before_runs_were_kept_still_compare() {
     );
     assert!(text.contains("no regression"), "{text}");
 }
+
+/// `--json-out` is rewritten whole after each layer count: a bench stopped in its second row
+/// (Ctrl-C here; a crash alike) leaves a valid report of the first.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_bench_keeps_the_rows_it_finished() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "bench",
+        "--layers",
+        "8,2",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--runs",
+        "1",
+        "--json-out",
+        "partial.json",
+        "-q",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+        .args(args)
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The file appears when the first row is done; the second takes a second or more.
+    let path = d.join("partial.json");
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "bench ended first");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no row in 5 min"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let partial = BenchReport::read(&path).unwrap();
+    let counts: Vec<usize> = partial.rows.iter().map(|r| r.gpu_layers).collect();
+    assert_eq!(counts, [8], "{stderr}");
+    assert!(partial.rows[0].decode_ms_per_token > 0.0);
+    assert!(partial.tool.starts_with("vibeoffload "), "{}", partial.tool);
+    common::cli::assert_no_temporary_files(d);
+
+    // Uninterrupted, the file ends with every row (the same schema).
+    ok(d, &args);
+    let whole = BenchReport::read(&path).unwrap();
+    assert_eq!(whole.rows.len(), 2);
+    assert_eq!(whole.schema, partial.schema);
+}

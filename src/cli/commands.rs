@@ -260,7 +260,17 @@ pub fn bench(a: BenchArgs) -> Result<Output> {
     let s = BenchSettings::resolve(&a)?;
     let rows = s.options.layer_counts.len() as u64;
     let mut bar = Progress::steps("bench", "rows", rows);
-    let report = measure::run_bench(&s.model, &s.options, |done, m| bar.step(done as u64, m));
+    // --json-out holds the rows measured so far, rewritten whole after each one.
+    let save = |partial: &BenchReport| match &a.output.json_out {
+        Some(path) => report::write_json(partial, path),
+        None => Ok(()),
+    };
+    let report = measure::run_bench(
+        &s.model,
+        &s.options,
+        |done, m| bar.step(done as u64, m),
+        save,
+    );
     bar.finish();
     let mut report = report?;
     if let Some(plot) = &a.plot {
