@@ -1,5 +1,6 @@
 //! The command line itself: help that fits a terminal, grouped under headings and ending with
-//! examples; flag combinations that would do nothing, refused.
+//! examples; flag combinations that would do nothing, and lengths the KV cache cannot hold,
+//! refused; `run`'s progress off a terminal.
 
 mod common;
 
@@ -310,4 +311,58 @@ fn lengths_beyond_max_seq_len_are_refused_before_loading() {
             "1",
         ],
     );
+}
+
+/// stderr is a pipe here: after the load, `run` counts the tokens it decodes (or the passes it
+/// times) in plain lines with an ETA; `-q` prints none.
+#[test]
+fn run_counts_decoded_tokens_and_timed_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let decode = [
+        "run",
+        "--num-gpu-layers",
+        "4",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "8",
+    ];
+    let o = common::cli::vibeoffload(d, &decode);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for line in [
+        "decode: 0/8 tokens done (0%)\n",
+        "decode: 4/8 tokens done (50%), eta ",
+        "decode: 8/8 tokens done (100%)\n",
+    ] {
+        assert!(o.stderr.contains(line), "{line:?} not in {}", o.stderr);
+    }
+    // The count follows the load.
+    let loaded = o
+        .stderr
+        .find("loading decoder layers: 8/8")
+        .unwrap_or(usize::MAX);
+    assert!(
+        loaded < o.stderr.find("decode: 0/8").unwrap(),
+        "{}",
+        o.stderr
+    );
+    let test_speed = [
+        "run",
+        "--num-gpu-layers",
+        "4",
+        "--prompt-len",
+        "4",
+        "--test-speed",
+    ];
+    let o = common::cli::vibeoffload(d, &[&test_speed[..], &["--runs", "3"]].concat());
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for line in [
+        "test-speed: 1/3 passes done (33%), eta ",
+        "test-speed: 3/3 passes done (100%)",
+    ] {
+        assert!(o.stderr.contains(line), "{line:?} not in {}", o.stderr);
+    }
+    let o = common::cli::vibeoffload(d, &[&decode[..], &["-q"]].concat());
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
 }

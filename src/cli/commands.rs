@@ -18,7 +18,7 @@ use serde::Serialize;
 use vibeoffload::checkpoint::synth;
 use vibeoffload::checkpoint::{self, convert, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{LoadPhase, LoadProgress};
-use vibeoffload::measure::{self, compare, BenchReport, ModelFile};
+use vibeoffload::measure::{self, compare, BenchReport, ModelFile, SessionProgress};
 use vibeoffload::plan::presets;
 use vibeoffload::report::{self, plot_bench, InspectReport, PlanReport, Render, TableReport};
 
@@ -169,10 +169,39 @@ pub fn convert(a: ConvertArgs) -> Result<Output> {
 
 pub fn run(a: RunArgs) -> Result<Output> {
     let s = RunSettings::resolve(&a)?;
-    let mut load = LoadDisplay::default();
-    let report = measure::run_session(&s.model, &s.options, |p| load.update(p));
-    load.finish();
+    let mut display = SessionDisplay::default();
+    let report = measure::run_session(&s.model, &s.options, |p| display.update(p));
+    display.finish();
     report_out(&report?, &a.output)
+}
+
+/// `run`'s progress on stderr: the load by phase, then the tokens decoded or the passes run,
+/// counted with an ETA.
+#[derive(Default)]
+struct SessionDisplay {
+    load: LoadDisplay,
+    timed: Option<Progress>,
+}
+
+impl SessionDisplay {
+    fn update(&mut self, p: SessionProgress) {
+        let (label, noun, done, total) = match p {
+            SessionProgress::Load(p) => return self.load.update(p),
+            SessionProgress::Decode { done, total } => ("decode", "tokens", done, total),
+            SessionProgress::TestSpeed { done, total } => ("test-speed", "passes", done, total),
+        };
+        self.load.finish();
+        self.timed
+            .get_or_insert_with(|| Progress::counter(label, noun))
+            .set(done as u64, total as u64);
+    }
+
+    fn finish(mut self) {
+        self.load.finish();
+        if let Some(display) = self.timed {
+            display.finish();
+        }
+    }
 }
 
 /// Load progress on stderr: one display per phase, counting bytes or layers where the phase

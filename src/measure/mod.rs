@@ -9,8 +9,12 @@ mod speed;
 
 pub use bench::{run_bench, BenchOptions, BenchReport, BenchRow};
 pub use compare::{compare, ComparedRow, Comparison, Regression};
-pub use session::{run_session, ForwardResult, Mode, RunReport, SessionOptions, VramUse};
-pub use speed::{decode, test_speed, Decode, TestSpeed, QUEUED_STEPS};
+pub use session::{
+    run_session, ForwardResult, Mode, RunReport, SessionOptions, SessionProgress, VramUse,
+};
+pub use speed::{
+    decode, decode_with, test_speed, test_speed_with, Decode, TestSpeed, QUEUED_STEPS,
+};
 
 use crate::checkpoint::synth::{self, SynthSpec};
 use crate::checkpoint::{CheckpointDtype, ModelInfo};
