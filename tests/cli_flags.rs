@@ -1,6 +1,6 @@
 //! The command line itself: help that fits a terminal, grouped under headings and ending with
 //! examples; flag combinations that would do nothing, and lengths the KV cache cannot hold,
-//! refused; `run`'s progress off a terminal.
+//! refused; `run`'s progress off a terminal; the tool's version in every JSON report.
 
 mod common;
 
@@ -365,4 +365,102 @@ fn run_counts_decoded_tokens_and_timed_passes() {
     }
     let o = common::cli::vibeoffload(d, &[&decode[..], &["-q"]].concat());
     assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+}
+
+/// Every JSON report names the tool that wrote it (version and commit), so a file found later
+/// says what made it.
+#[test]
+fn every_json_report_names_the_tool_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["f8", "bf16"] {
+        std::fs::create_dir(d.join(sub)).unwrap();
+    }
+    let tiny = ["--size", "custom", "--layers", "2", "-q", "--json"];
+    let timed = [
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--runs",
+        "1",
+        "-q",
+        "--json",
+    ];
+    let commands: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "synth",
+            [&["synth", "f8/m.safetensors"][..], &tiny].concat(),
+        ),
+        (
+            "synth bf16",
+            [
+                &["synth", "bf16/m.safetensors", "--dtype", "bf16"][..],
+                &tiny,
+            ]
+            .concat(),
+        ),
+        (
+            "convert",
+            vec![
+                "convert",
+                "--model-path",
+                "bf16/m.safetensors",
+                "--out",
+                "c.safetensors",
+            ],
+        ),
+        ("auto", vec!["auto", "--vram", "8GiB"]),
+        ("table", vec!["table"]),
+        ("inspect", vec!["inspect", "f8/m.safetensors"]),
+        (
+            "flag form, planned",
+            vec!["--num-gpu-layers", "8", "--vram", "8GiB"],
+        ),
+        (
+            "flag form, loaded",
+            vec!["--model-path", "f8/m.safetensors", "--num-gpu-layers", "1"],
+        ),
+        (
+            "run",
+            [&["run", "--num-gpu-layers", "4"][..], &timed].concat(),
+        ),
+        (
+            "bench",
+            [
+                &["bench", "--layers", "8", "--json-out", "b.json"][..],
+                &timed,
+            ]
+            .concat(),
+        ),
+        (
+            "bench compare",
+            vec!["bench", "compare", "b.json", "b.json"],
+        ),
+        (
+            "generate",
+            vec![
+                "generate",
+                "--text",
+                "Speaker 1: Hi.",
+                "--force-frames",
+                "2",
+                "--steps",
+                "1",
+            ],
+        ),
+    ];
+    for (what, mut args) in commands {
+        if !args.contains(&"--json") {
+            args.extend(["-q", "--json"]);
+        }
+        let json = common::cli::ok(d, &args);
+        let v: serde_json::Value =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{what}: {e}: {json}"));
+        let tool = v["tool"].as_str().unwrap_or_default();
+        assert!(
+            tool.starts_with("vibeoffload ") && tool.contains("(commit "),
+            "{what}: tool {tool:?} in {json}"
+        );
+    }
 }
