@@ -2,7 +2,8 @@
 # Sourced by the GPU scripts: unpacks the carried CUDA build (dist/pack/*.gz, from
 # scripts/build-cuda.sh --tests --pack) and sets $bin, $tests_dir, $out (the device tool's $OUT or
 # ./gpu-results), $model (a 7B float8 checkpoint, synthesized here once: never carried). Defines
-# fail (note a failure and go on), finish (exit 1 after any), run_gpu_tests and check_dumps.
+# fail (note a failure and go on), regression (note a bench slower than its baseline and go on),
+# finish (exit 1 after any failure, else 3 after a regression), run_gpu_tests and check_dumps.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-gpu-results}
@@ -37,11 +38,18 @@ if [[ ! -f $model/vibevoice7b_float8_e4m3fn.safetensors ]]; then
 fi
 
 failed=0
+regressed=0
 fail() { echo "FAIL: $*"; failed=1; }
+regression() { echo "REGRESSION: $*"; regressed=1; }
+# A failure outranks a regression: the figures of a broken run say little.
 finish() {
   if (( failed )); then
     echo "== FAILED"
     exit 1
+  fi
+  if (( regressed )); then
+    echo "== SLOWER THAN THE BASELINE"
+    exit 3
   fi
 }
 

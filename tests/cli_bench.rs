@@ -268,3 +268,135 @@ fn bench_files_from_before_runs_were_kept_still_compare() {
     );
     assert!(text.contains("no regression"), "{text}");
 }
+
+/// `--json-out` is rewritten whole after each layer count: a bench stopped in its second row
+/// (Ctrl-C here; a crash alike) leaves a valid report of the first.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_bench_keeps_the_rows_it_finished() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "bench",
+        "--layers",
+        "8,2",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--runs",
+        "1",
+        "--json-out",
+        "partial.json",
+        "-q",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+        .args(args)
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The file appears when the first row is done; the second takes a second or more.
+    let path = d.join("partial.json");
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "bench ended first");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no row in 5 min"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let partial = BenchReport::read(&path).unwrap();
+    let counts: Vec<usize> = partial.rows.iter().map(|r| r.gpu_layers).collect();
+    assert_eq!(counts, [8], "{stderr}");
+    assert!(partial.rows[0].decode_ms_per_token > 0.0);
+    assert!(partial.tool.starts_with("vibeoffload "), "{}", partial.tool);
+    common::cli::assert_no_temporary_files(d);
+
+    // Uninterrupted, the file ends with every row (the same schema).
+    ok(d, &args);
+    let whole = BenchReport::read(&path).unwrap();
+    assert_eq!(whole.rows.len(), 2);
+    assert_eq!(whole.schema, partial.schema);
+}
+
+/// The gate compares like with like: a baseline of another model is refused (exit 2), by
+/// `bench compare` and by `bench --baseline` alike; layer counts only one side measured are
+/// compared by neither, and named in the comparison (its JSON and its text).
+#[test]
+fn the_gate_refuses_another_model_and_names_layer_counts_one_side_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = measured(d);
+    write(d, "this.json", &r);
+    let mut other = r.clone();
+    other.model.config.intermediate_size *= 2;
+    other.model.layer_bytes *= 2;
+    other.model.source = "another model".into();
+    write(d, "other.json", &other);
+    fails(
+        d,
+        &["bench", "compare", "other.json", "this.json"],
+        2,
+        &[
+            "measured differently",
+            "model (embedded test model",
+            "against another model)",
+        ],
+    );
+    let bench = [
+        "bench",
+        "--layers",
+        "8",
+        "--prompt-len",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--runs",
+        "1",
+        "-q",
+        "--baseline",
+        "other.json",
+    ];
+    fails(d, &bench, 2, &["measured differently", "model"]);
+
+    // The baseline measured 8 and 4 layers, this report 8 and 2: only 8 is compared.
+    let row = |n: usize| {
+        let mut x = r.rows[0].clone();
+        x.gpu_layers = n;
+        x
+    };
+    let mut old = r.clone();
+    old.rows = vec![row(8), row(4)];
+    let mut new = r.clone();
+    new.rows = vec![row(8), row(2)];
+    write(d, "old.json", &old);
+    write(d, "new.json", &new);
+    let o = vibeoffload(d, &["bench", "compare", "old.json", "new.json", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let c: Comparison = serde_json::from_str(&o.stdout).unwrap();
+    let compared: Vec<usize> = c.rows.iter().map(|x| x.gpu_layers).collect();
+    assert_eq!(compared, [8]);
+    assert_eq!(c.missing_in_baseline, [2]);
+    assert_eq!(c.missing_here, [4]);
+    let text = ok(d, &["bench", "compare", "old.json", "new.json"]);
+    for line in [
+        "layer counts not in the baseline: [2]",
+        "layer counts in the baseline only: [4]",
+        "no regression",
+    ] {
+        assert!(text.contains(line), "{line:?} not in {text}");
+    }
+}

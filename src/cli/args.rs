@@ -8,6 +8,78 @@ use vibeoffload::gpu::GpuSelector;
 use vibeoffload::measure::Workload;
 use vibeoffload::plan::memory::DEFAULT_STREAM_SLOTS;
 
+/// Help is wrapped to the terminal, and to this many columns at most (also off a terminal).
+pub const HELP_WIDTH: usize = 100;
+
+// The headings options are grouped under in `--help`. Each flag names its heading: one left
+// out would take the heading of whatever group came before it.
+const MODE: &str = "Mode";
+const CHOICE: &str = "Layer choice";
+const MODEL: &str = "Model";
+const PLANNING: &str = "Planning";
+const BUDGET: &str = "GPU and VRAM budget";
+const ENGINE: &str = "Engine";
+const TIMING: &str = "Timing";
+const SPEECH: &str = "Speech";
+const SCRIPT: &str = "Script and voices";
+const CUSTOM: &str = "Custom size";
+const GATE: &str = "Baseline";
+const OUTPUT: &str = "Output";
+
+/// The examples that end each command's help.
+mod examples {
+    pub const TOP: &str = "\
+Examples:
+  vibeoffload table --vram 12GiB   # the VRAM each layer count needs, against 12 GiB
+  vibeoffload auto --model-path models/converted
+  vibeoffload run --num-gpu-layers 8 --model-path models/converted
+  vibeoffload --config consumer --test-speed   # the original script's flags
+  vibeoffload generate --text \"Speaker 1: Hello.\" --out hello.wav
+  vibeoffload COMMAND --help   # a command's options and examples";
+    pub const TABLE: &str = "\
+Examples:
+  vibeoffload table
+  vibeoffload table --vram 8GiB --layers 28,20,12,0
+  vibeoffload table --model-path models/converted --lm-only --json";
+    pub const AUTO: &str = "\
+Examples:
+  vibeoffload auto   # reads the free memory of GPU 0
+  vibeoffload auto --vram 12GiB --target-utilization 0.9
+  vibeoffload auto --script script.txt --voice alice.wav --voice bob.wav";
+    pub const INSPECT: &str = "\
+Examples:
+  vibeoffload inspect models/converted
+  vibeoffload inspect --builtin 1.5b --json";
+    pub const SYNTH: &str = "\
+Examples:
+  vibeoffload synth models/converted/vibevoice7b_float8_e4m3fn.safetensors
+  vibeoffload synth tiny.safetensors --size custom --layers 4 --hidden 128";
+    pub const CONVERT: &str = "\
+Examples:
+  vibeoffload convert --model-path VibeVoice-7B --out f8/vibevoice7b_float8_e4m3fn.safetensors
+  vibeoffload convert --model-path VibeVoice-7B --out scaled.safetensors --precision float8-scaled";
+    pub const RUN: &str = "\
+Examples:
+  vibeoffload run   # the embedded test model, decoding
+  vibeoffload run --model-path models/converted --num-gpu-layers 12
+  vibeoffload run --model-path models/converted --test-speed --json-out run.json
+  vibeoffload run --model-path models/converted --input-ids 151,9707,11 --dump out.safetensors";
+    pub const BENCH: &str = "\
+Examples:
+  vibeoffload bench --model-path models/converted --layers 28,12,0 --json-out bench.json
+  vibeoffload bench --model-path models/converted --baseline bench.json   # exit 3 if slower
+  vibeoffload bench compare old.json new.json";
+    pub const BENCH_COMPARE: &str = "\
+Examples:
+  vibeoffload bench compare old.json new.json
+  vibeoffload bench compare old.json new.json --threshold 0.05 --json";
+    pub const GENERATE: &str = "\
+Examples:
+  vibeoffload generate --text \"Speaker 1: Hello.\"   # random weights: noise, the pipeline shown
+  vibeoffload generate --model-path models/converted --script talk.txt --voice alice.wav
+  vibeoffload generate --model-path models/converted --script talk.txt --benchmark";
+}
+
 /// Run VibeVoice-7B's float8 language model on small GPUs by streaming decoder layers, and know
 /// the VRAM each choice needs before trying.
 ///
@@ -18,39 +90,54 @@ use vibeoffload::plan::memory::DEFAULT_STREAM_SLOTS;
 /// Exit status: 0 success, 1 failure (missing or bad checkpoint, no GPU reading where one is
 /// needed, nothing fits), 2 bad command line (unknown flag or preset, value out of range).
 #[derive(Parser, Debug)]
-#[command(name = "vibeoffload", version = crate::cli::VERSION, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "vibeoffload",
+    version = crate::cli::VERSION,
+    args_conflicts_with_subcommands = true,
+    // Help fits a terminal, and wraps at this width where there is none (a pipe, a file).
+    max_term_width = HELP_WIDTH,
+    after_help = examples::TOP
+)]
 pub struct Cli {
-    /// Print only the report and errors: no progress, no notes.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
-    pub quiet: bool,
-    /// Also print the resolved settings and how long each stage took (on stderr).
-    #[arg(short, long, global = true)]
-    pub verbose: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub legacy: LegacyArgs,
+    /// Print only the report and errors: no progress, no notes.
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = OUTPUT)]
+    pub quiet: bool,
+    /// Also print the resolved settings and how long each stage took (on stderr).
+    #[arg(short, long, global = true, help_heading = OUTPUT)]
+    pub verbose: bool,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// VRAM needed for each number of GPU layers, term by term, and what common GPUs can run.
+    #[command(after_help = examples::TABLE)]
     Table(TableArgs),
     /// Pick the largest layer count whose estimate fits this GPU (or --vram).
+    #[command(after_help = examples::AUTO)]
     Auto(AutoArgs),
     /// Show what a checkpoint holds: layers, parts, dtypes, float8 scales, configuration.
+    #[command(after_help = examples::INSPECT)]
     Inspect(InspectArgs),
     /// Write a checkpoint with seeded random weights in the exact VibeVoice layout.
+    #[command(after_help = examples::SYNTH)]
     Synth(SynthArgs),
     /// Convert a Hugging Face bf16 checkpoint (one file or shards) to one float8 file.
+    #[command(after_help = examples::CONVERT)]
     Convert(ConvertArgs),
     /// Load the language model with N layers resident, run timed generation, print transfer
     /// statistics. Without --model-path: a small model synthesized on the fly.
+    #[command(after_help = examples::RUN)]
     Run(RunArgs),
     /// Measure each layer count: prefill, decode, VRAM against the estimate, copy bandwidth.
+    #[command(after_help = examples::BENCH)]
     Bench(BenchArgs),
     /// Speak a script in the given voices into a WAV file. Without --model-path: a small model
     /// with random weights synthesized on the fly (the audio is noise; it shows the pipeline).
+    #[command(after_help = examples::GENERATE)]
     Generate(GenerateArgs),
     /// Print a shell completion script: `vibeoffload completions bash > /etc/bash_completion.d/vibeoffload`.
     Completions(CompletionsArgs),
@@ -66,13 +153,15 @@ pub struct CompletionsArgs {
 
 /// The original script's flag form. The engine and timing flags time the model, so they need
 /// --test-speed; --builtin and --offload-prediction-head only plan, so they refuse it.
+/// --gen-tokens is refused (test-speed generates nothing), so it is left out of the help.
 #[derive(Args, Debug)]
 #[command(group(
     ArgGroup::new("timing_flags")
-        .args(["device", "prefetch_depth", "no_prefetch", "no_pin", "prompt_len", "gen_tokens", "runs", "seed"])
+        .args(["device", "prefetch_depth", "no_prefetch", "no_pin", "prompt_len", "runs", "seed"])
         .multiple(true)
         .requires("test_speed")
 ))]
+#[command(mut_arg("gen_tokens", |a| a.hide(true)))]
 #[command(group(
     ArgGroup::new("planning_flags")
         .args(["builtin", "offload_prediction_head"])
@@ -81,58 +170,77 @@ pub struct CompletionsArgs {
 ))]
 pub struct LegacyArgs {
     /// Print the VRAM table and exit (same as `table`).
-    #[arg(long)]
+    #[arg(long, help_heading = MODE)]
     pub print_table: bool,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = CHOICE)]
     pub choice: ChoiceArgs,
     /// Load the model and time forward passes over 128 random tokens (same as `run --test-speed`).
-    #[arg(long)]
+    #[arg(long, help_heading = MODE)]
     pub test_speed: bool,
     #[command(flatten)]
     pub planning: PlanningArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = ENGINE)]
     pub engine: EngineArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = TIMING)]
     pub timing: TimingArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = OUTPUT)]
     pub output: JsonArg,
 }
 
+/// A fixed layer choice takes no budget: --vram would do nothing (--target-utilization stays:
+/// an out-of-memory error names the largest layer count that fits that share of free memory).
+/// Decode mode decodes once: --runs counts test-speed passes only.
 #[derive(Args, Debug)]
+#[command(group(
+    ArgGroup::new("fixed_choice")
+        .args(["num_gpu_layers", "config", "no_offload"])
+        .multiple(true)
+        .conflicts_with("vram")
+))]
+#[command(group(ArgGroup::new("passes").args(["runs"]).requires("test_speed")))]
 pub struct RunArgs {
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = CHOICE)]
     pub choice: ChoiceArgs,
     /// Time forward passes over 128 random tokens (the original's test) instead of decoding.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "gen_tokens", help_heading = MODE)]
     pub test_speed: bool,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = MODEL)]
     pub checkpoint: CheckpointArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = PLANNING)]
     pub plan: PlanArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = BUDGET)]
     pub gpu: GpuArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = BUDGET)]
     pub budget: BudgetArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = ENGINE)]
     pub engine: EngineArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = TIMING)]
     pub timing: TimingArgs,
-    /// Run one forward pass on these token ids (comma-separated) instead of timing.
+    /// Run one forward pass on these token ids (comma-separated) instead of timing: no random
+    /// prompt, no timed runs (the timing flags are refused).
     #[arg(
         long,
         value_delimiter = ',',
         value_name = "ID,ID,...",
-        conflicts_with = "test_speed"
+        conflicts_with_all = ["test_speed", "prompt_len", "gen_tokens", "runs", "seed"],
+        help_heading = MODE
     )]
     pub input_ids: Option<Vec<u32>>,
     /// With --input-ids: write the final hidden states and the last token's logits as safetensors.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = MODE)]
     pub dump: Option<PathBuf>,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = OUTPUT)]
     pub output: ReportArgs,
 }
 
+/// A fixed layer choice takes no budget: --vram and --target-utilization would do nothing.
 #[derive(Args, Debug)]
+#[command(group(
+    ArgGroup::new("fixed_choice")
+        .args(["num_gpu_layers", "config", "no_offload"])
+        .multiple(true)
+        .conflicts_with_all(["vram", "target_utilization"])
+))]
 pub struct GenerateArgs {
     /// The script: one `Speaker N: text` line per turn (other lines go to speaker 1).
     #[arg(
@@ -140,11 +248,12 @@ pub struct GenerateArgs {
         value_name = "FILE",
         visible_aliases = ["txt_path", "txt-path"],
         required_unless_present = "text",
-        conflicts_with = "text"
+        conflicts_with = "text",
+        help_heading = SCRIPT
     )]
     pub script: Option<PathBuf>,
     /// The script as text: `--text "Speaker 1: Hello."` (lines separated by newlines).
-    #[arg(long, value_name = "SCRIPT")]
+    #[arg(long, value_name = "SCRIPT", help_heading = SCRIPT)]
     pub text: Option<String>,
     /// A voice sample (WAV, any rate and depth), once per speaker in speaker order. Without
     /// any, the prompt has no voice section (as the original with no voice samples).
@@ -152,66 +261,67 @@ pub struct GenerateArgs {
         long = "voice",
         value_name = "WAV",
         visible_aliases = ["voice_files", "voice-files"],
-        num_args = 1..
+        num_args = 1..,
+        help_heading = SCRIPT
     )]
     pub voices: Vec<PathBuf>,
     /// The WAV file to write (24 kHz, 16-bit mono).
-    #[arg(long, value_name = "PATH", default_value = "speech.wav")]
+    #[arg(long, value_name = "PATH", default_value = "speech.wav", help_heading = OUTPUT)]
     pub out: PathBuf,
     /// Replace --out if it exists.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     pub force: bool,
     /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 1.3)]
+    #[arg(long, default_value_t = 1.3, help_heading = SPEECH)]
     pub cfg_scale: f64,
     /// Diffusion steps per frame.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000), help_heading = SPEECH)]
     pub steps: u64,
     /// Seed of the diffusion noise and the voice samples' latents.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = SPEECH)]
     pub seed: u64,
     /// Stop after this many frames (133 ms of audio each).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = SPEECH)]
     pub max_frames: Option<usize>,
     /// Produce exactly N frames whatever the language model chooses (a benchmark mode: random
     /// weights choose arbitrarily). The default for the embedded model is 24.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = SPEECH)]
     pub force_frames: Option<usize>,
     /// Voice latents: the acoustic encoder's Gaussian sample (as the original), or its mean
     /// (deterministic whatever the seed).
-    #[arg(long, value_enum, default_value_t = VoiceLatentsArg::Sample)]
+    #[arg(long, value_enum, default_value_t = VoiceLatentsArg::Sample, help_heading = SPEECH)]
     pub voice_latents: VoiceLatentsArg,
     /// Each frame's initial diffusion noise from this safetensors file (tensor `noise`,
     /// `[frames, latent]`), for runs compared exactly (with this tool or the original).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = SPEECH)]
     pub noise: Option<PathBuf>,
     /// Write every frame's latent, the conditions, the tokens and the audio to this
     /// safetensors file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = OUTPUT)]
     pub dump_latents: Option<PathBuf>,
     /// Run the guidance pass over the layers on its own, as the fork does (a benchmark of what
     /// sharing one weight stream saves; the audio is the same).
-    #[arg(long)]
+    #[arg(long, help_heading = SPEECH)]
     pub separate_cfg_passes: bool,
     /// Generate once per preset (high_end, mid_range, consumer, budget, minimal) and print a
     /// table of RTF, time per part and VRAM, as the fork's --benchmark does.
-    #[arg(long, conflicts_with_all = ["num_gpu_layers", "config", "no_offload"])]
+    #[arg(long, conflicts_with_all = ["num_gpu_layers", "config", "no_offload"], help_heading = MODE)]
     pub benchmark: bool,
     /// GPU slots that offloaded layers stream through. Each costs a layer of VRAM; with more,
     /// the next frame's first layers are copied while the speech components run.
-    #[arg(long, default_value_t = DEFAULT_STREAM_SLOTS)]
+    #[arg(long, default_value_t = DEFAULT_STREAM_SLOTS, help_heading = PLANNING)]
     pub slots: usize,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = CHOICE)]
     pub choice: ChoiceArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = MODEL)]
     pub checkpoint: CheckpointArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = BUDGET)]
     pub gpu: GpuArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = BUDGET)]
     pub budget: BudgetArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = ENGINE)]
     pub engine: EngineArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = OUTPUT)]
     pub output: ReportArgs,
 }
 
@@ -228,29 +338,29 @@ pub struct BenchArgs {
     #[command(subcommand)]
     pub compare: Option<BenchCommand>,
     /// Layer counts to measure, in order (default: all layers, then every 4 fewer, down to 0).
-    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...", help_heading = CHOICE)]
     pub layers: Option<Vec<usize>>,
     /// Draw ms/token and VRAM (estimate and measurement) against GPU layers into this SVG.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = OUTPUT)]
     pub plot: Option<PathBuf>,
     /// An earlier `bench --json`: exit 3 when a configuration got slower by more than
     /// --threshold (refused when measured on another device, model, batch or workload).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = GATE)]
     pub baseline: Option<PathBuf>,
     /// Allowed slowdown against --baseline (0.10 = 10%).
-    #[arg(long, default_value_t = 0.10)]
+    #[arg(long, default_value_t = 0.10, requires = "baseline", help_heading = GATE)]
     pub threshold: f64,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = MODEL)]
     pub checkpoint: CheckpointArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = PLANNING)]
     pub plan: PlanArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = ENGINE)]
     pub gpu: GpuArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = ENGINE)]
     pub engine: EngineArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = TIMING)]
     pub timing: TimingArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = OUTPUT)]
     pub output: ReportArgs,
 }
 
@@ -259,6 +369,7 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Compare two `bench --json` reports without rerunning: exit 3 when NEW is slower than
     /// OLD by more than --threshold at a layer count both measured.
+    #[command(after_help = examples::BENCH_COMPARE)]
     Compare(BenchCompareArgs),
 }
 
@@ -269,21 +380,21 @@ pub struct BenchCompareArgs {
     /// The report held against it.
     pub new: PathBuf,
     /// Allowed slowdown (0.10 = 10%).
-    #[arg(long, default_value_t = 0.10)]
+    #[arg(long, default_value_t = 0.10, help_heading = GATE)]
     pub threshold: f64,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     pub json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct TableArgs {
     /// Layer counts to show, comma-separated (default 28, 24, ..., 0 for 28 layers).
-    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...", help_heading = CHOICE)]
     pub layers: Option<Vec<usize>>,
     #[command(flatten)]
     pub planning: PlanningArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = OUTPUT)]
     pub output: JsonArg,
 }
 
@@ -291,7 +402,7 @@ pub struct TableArgs {
 pub struct AutoArgs {
     #[command(flatten)]
     pub planning: PlanningArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = OUTPUT)]
     pub output: JsonArg,
 }
 
@@ -300,9 +411,9 @@ pub struct InspectArgs {
     /// Checkpoint file or directory (same as --model-path); without either, the built-in layout.
     #[arg(conflicts_with_all = ["model_path", "builtin"])]
     pub path: Option<PathBuf>,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = MODEL)]
     pub model: ModelArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = OUTPUT)]
     pub output: JsonArg,
 }
 
@@ -311,50 +422,50 @@ pub struct SynthArgs {
     /// Where to write the checkpoint; config.json goes beside it.
     pub out: PathBuf,
     /// Model size; `custom` takes the dimension flags below (defaults: a tiny test model).
-    #[arg(long, value_enum, default_value_t = SizeArg::Builtin(BuiltinArg::Large7b))]
+    #[arg(long, value_enum, default_value_t = SizeArg::Builtin(BuiltinArg::Large7b), help_heading = MODEL)]
     pub size: SizeArg,
     /// Storage precision.
-    #[arg(long, value_enum, default_value_t = DtypeArg::Float8)]
+    #[arg(long, value_enum, default_value_t = DtypeArg::Float8, help_heading = MODEL)]
     pub dtype: DtypeArg,
     /// Float8 scales: none (every tensor F8_E4M3, as the fork writes), one per matrix, or one
     /// per output channel (linear weights F8_E4M3 + F32 scales, the rest BF16).
-    #[arg(long, value_enum, default_value_t = ScaleArg::None)]
+    #[arg(long, value_enum, default_value_t = ScaleArg::None, help_heading = MODEL)]
     pub scale: ScaleArg,
     /// Name of scale tensors.
-    #[arg(long, value_enum, default_value_t = ConventionArg::ScaleWeight)]
+    #[arg(long, value_enum, default_value_t = ConventionArg::ScaleWeight, help_heading = MODEL)]
     pub scale_convention: ConventionArg,
     /// Random seed: the same seed writes the same bytes.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = MODEL)]
     pub seed: u64,
     /// Replace existing files.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     pub force: bool,
     /// Decoder layers (custom).
-    #[arg(long)]
+    #[arg(long, help_heading = CUSTOM)]
     pub layers: Option<usize>,
     /// Hidden size (custom).
-    #[arg(long)]
+    #[arg(long, help_heading = CUSTOM)]
     pub hidden: Option<usize>,
     /// MLP width (custom).
-    #[arg(long)]
+    #[arg(long, help_heading = CUSTOM)]
     pub intermediate: Option<usize>,
     /// Attention heads (custom).
-    #[arg(long)]
+    #[arg(long, help_heading = CUSTOM)]
     pub heads: Option<usize>,
     /// Key/value heads (custom).
-    #[arg(long)]
+    #[arg(long, help_heading = CUSTOM)]
     pub kv_heads: Option<usize>,
     /// Head width (custom; default hidden / heads).
-    #[arg(long)]
+    #[arg(long, help_heading = CUSTOM)]
     pub head_dim: Option<usize>,
     /// Vocabulary (custom).
-    #[arg(long)]
+    #[arg(long, help_heading = CUSTOM)]
     pub vocab: Option<usize>,
     /// Tie the LM head to the embedding (custom).
-    #[arg(long)]
+    #[arg(long, help_heading = CUSTOM)]
     pub tie_embeddings: bool,
     /// Print JSON instead of a summary line.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     pub json: bool,
 }
 
@@ -363,24 +474,24 @@ pub struct ConvertArgs {
     /// The checkpoint to convert (bf16, f16 or f32): a file, a model.safetensors.index.json, or
     /// a directory holding vibevoice7b_bf16.safetensors, the index and its shards, or
     /// model.safetensors; its config.json is read from beside it.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = MODEL)]
     pub model_path: PathBuf,
     /// Where to write the float8 checkpoint; config.json goes beside it.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = OUTPUT)]
     pub out: PathBuf,
     /// float8: every tensor F8_E4M3 with no scales, as the fork writes it (out-of-range values
     /// saturate at ±448 where PyTorch makes NaN); float8-scaled: linear weights F8_E4M3 with one
     /// F32 scale per output channel, the rest BF16 (more accurate).
-    #[arg(long, value_enum, default_value_t = ConvertPrecisionArg::Float8)]
+    #[arg(long, value_enum, default_value_t = ConvertPrecisionArg::Float8, help_heading = MODEL)]
     pub precision: ConvertPrecisionArg,
     /// Name of the scale tensors (float8-scaled) [default: scale-weight].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = MODEL)]
     pub scale_convention: Option<ConventionArg>,
     /// Replace existing files.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     pub force: bool,
     /// Print JSON instead of a summary.
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     pub json: bool,
 }
 
@@ -412,17 +523,17 @@ pub struct ReportArgs {
 /// Everything a plan reads: the model, the planning options and the VRAM budget.
 #[derive(Args, Debug)]
 pub struct PlanningArgs {
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = MODEL)]
     pub model: ModelArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = PLANNING)]
     pub plan: PlanArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = PLANNING)]
     pub scope: ScopeArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = PLANNING)]
     pub script: ScriptArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = BUDGET)]
     pub gpu: GpuArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = BUDGET)]
     pub budget: BudgetArgs,
 }
 
@@ -462,10 +573,10 @@ pub struct CheckpointArgs {
 /// Which model to plan for: a checkpoint, else a built-in layout.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = MODEL)]
     pub checkpoint: CheckpointArgs,
     /// Built-in layout used when no --model-path is given [default: 7b].
-    #[arg(long, value_enum, value_name = "SIZE", conflicts_with = "model_path")]
+    #[arg(long, value_enum, value_name = "SIZE", conflicts_with = "model_path", help_heading = MODEL)]
     pub builtin: Option<BuiltinArg>,
 }
 
@@ -516,9 +627,17 @@ pub struct ScopeArgs {
 pub struct GpuArgs {
     /// The GPU whose free memory NVML reads and (with --device cuda or auto) that runs the
     /// model: an index as CUDA numbers them (after CUDA_VISIBLE_DEVICES), a UUID (GPU-8f3a...,
-    /// as `nvidia-smi -L` lists them) or a PCI bus id (0000:17:00.0).
-    #[arg(long, default_value = "0", value_name = "INDEX|UUID|PCI")]
-    pub gpu: GpuSelector,
+    /// as `nvidia-smi -L` lists them) or a PCI bus id (0000:17:00.0) [default: 0].
+    #[arg(long, value_name = "INDEX|UUID|PCI")]
+    pub gpu: Option<GpuSelector>,
+}
+
+impl GpuArgs {
+    /// `--gpu`, else the first GPU. (No default value in clap, so that settings can tell a
+    /// `--gpu` given from none: `--device cpu` refuses one.)
+    pub fn selector(&self) -> GpuSelector {
+        self.gpu.clone().unwrap_or(GpuSelector::Index(0))
+    }
 }
 
 /// Where the VRAM budget comes from.
@@ -555,9 +674,9 @@ pub struct TimingArgs {
     /// Prompt tokens in decode mode (and tokens per pass in test-speed mode).
     #[arg(long, default_value_t = Workload::DEFAULT.prompt_len, value_name = "TOKENS")]
     pub prompt_len: usize,
-    /// Tokens to generate in decode mode.
-    #[arg(long, default_value_t = Workload::DEFAULT.gen_tokens, value_name = "TOKENS")]
-    pub gen_tokens: usize,
+    /// Tokens to generate in decode mode [default: 32].
+    #[arg(long, value_name = "TOKENS")]
+    pub gen_tokens: Option<usize>,
     /// Timed passes in test-speed mode; `bench` also decodes this many times per layer count.
     #[arg(long, default_value_t = Workload::DEFAULT.runs)]
     pub runs: usize,

@@ -10,7 +10,7 @@ use super::progress::Progress;
 use super::settings::convert_precision;
 use super::settings::{
     every_fourth, fixed_choice, generate_request, legacy_checkpoint, load_options, model_info,
-    synth_spec, BenchSettings, Planning, RunSettings,
+    refuse_legacy_gen_tokens, synth_spec, BenchSettings, Planning, RunSettings,
 };
 use anyhow::Result;
 use clap::CommandFactory;
@@ -18,7 +18,7 @@ use serde::Serialize;
 use vibeoffload::checkpoint::synth;
 use vibeoffload::checkpoint::{self, convert, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{LoadPhase, LoadProgress};
-use vibeoffload::measure::{self, compare, BenchReport, ModelFile};
+use vibeoffload::measure::{self, compare, BenchReport, ModelFile, SessionProgress};
 use vibeoffload::plan::presets;
 use vibeoffload::report::{self, plot_bench, InspectReport, PlanReport, Render, TableReport};
 
@@ -43,6 +43,7 @@ impl From<String> for Output {
 /// without one, `--test-speed` times the embedded model and the rest plans the built-in
 /// layout, saying where it looked.
 pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
+    refuse_legacy_gen_tokens(&a)?;
     if a.print_table {
         return table(TableArgs {
             layers: None,
@@ -168,10 +169,39 @@ pub fn convert(a: ConvertArgs) -> Result<Output> {
 
 pub fn run(a: RunArgs) -> Result<Output> {
     let s = RunSettings::resolve(&a)?;
-    let mut load = LoadDisplay::default();
-    let report = measure::run_session(&s.model, &s.options, |p| load.update(p));
-    load.finish();
+    let mut display = SessionDisplay::default();
+    let report = measure::run_session(&s.model, &s.options, |p| display.update(p));
+    display.finish();
     report_out(&report?, &a.output)
+}
+
+/// `run`'s progress on stderr: the load by phase, then the tokens decoded or the passes run,
+/// counted with an ETA.
+#[derive(Default)]
+struct SessionDisplay {
+    load: LoadDisplay,
+    timed: Option<Progress>,
+}
+
+impl SessionDisplay {
+    fn update(&mut self, p: SessionProgress) {
+        let (label, noun, done, total) = match p {
+            SessionProgress::Load(p) => return self.load.update(p),
+            SessionProgress::Decode { done, total } => ("decode", "tokens", done, total),
+            SessionProgress::TestSpeed { done, total } => ("test-speed", "passes", done, total),
+        };
+        self.load.finish();
+        self.timed
+            .get_or_insert_with(|| Progress::counter(label, noun))
+            .set(done as u64, total as u64);
+    }
+
+    fn finish(mut self) {
+        self.load.finish();
+        if let Some(display) = self.timed {
+            display.finish();
+        }
+    }
 }
 
 /// Load progress on stderr: one display per phase, counting bytes or layers where the phase
@@ -259,7 +289,17 @@ pub fn bench(a: BenchArgs) -> Result<Output> {
     let s = BenchSettings::resolve(&a)?;
     let rows = s.options.layer_counts.len() as u64;
     let mut bar = Progress::steps("bench", "rows", rows);
-    let report = measure::run_bench(&s.model, &s.options, |done, m| bar.step(done as u64, m));
+    // --json-out holds the rows measured so far, rewritten whole after each one.
+    let save = |partial: &BenchReport| match &a.output.json_out {
+        Some(path) => report::write_json(partial, path),
+        None => Ok(()),
+    };
+    let report = measure::run_bench(
+        &s.model,
+        &s.options,
+        |done, m| bar.step(done as u64, m),
+        save,
+    );
     bar.finish();
     let mut report = report?;
     if let Some(plot) = &a.plot {

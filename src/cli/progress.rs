@@ -135,6 +135,15 @@ impl Progress {
         )
     }
 
+    /// Counts `noun` (tokens, passes) done of a total ([`Progress::set`]), with an ETA.
+    pub fn counter(label: impl Into<String>, noun: &'static str) -> Progress {
+        Progress::new(
+            label.into(),
+            Unit::Items(noun),
+            &format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {noun} eta {{eta}}"),
+        )
+    }
+
     /// Stages, each of which says how many `noun` of `total` are done ([`Progress::step`]).
     pub fn steps(label: impl Into<String>, noun: &'static str, total: u64) -> Progress {
         let mut p = Progress::new(

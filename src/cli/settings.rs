@@ -103,7 +103,7 @@ impl BudgetSource {
             )));
         }
         Ok(BudgetSource {
-            gpu: g.gpu.clone(),
+            gpu: g.selector(),
             vram_bytes: a.vram.as_deref().map(parse_size).transpose()?,
             target_utilization: t,
         })
@@ -168,11 +168,17 @@ impl RunSettings {
         if a.dump.is_some() && a.input_ids.is_none() {
             bail!(UsageError::new("--dump needs --input-ids"));
         }
+        // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
+        refuse_unused_gpu(&a.engine, &a.gpu, false)?;
+        let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
+        let workload = workload(&a.timing)?;
+        if a.input_ids.is_none() {
+            check_cache_room(&workload, !a.test_speed, plan.max_seq_len)?;
+        }
         let model = model_file(&a.checkpoint)?;
         let info = model.open()?;
-        let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
         let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
-        let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
+        let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
         let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
             Some((choice, n)) => (choice, n, None),
             // Nothing to fit on the CPU: every layer stays "resident".
@@ -185,7 +191,6 @@ impl RunSettings {
                 (Choice::Auto, fit.gpu_layers, Some(budget))
             }
         };
-        let workload = workload(&a.timing)?;
         if let Some(ids) = &a.input_ids {
             let vocab = info.config.vocab_size;
             if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -254,11 +259,19 @@ pub const DEFAULT_MODEL_DIR: &str = "models/converted";
 /// The original's flag form with a checkpoint: load the whole model, as planned in the
 /// whole-model scope, and report.
 pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
-    let info = model.open()?;
     let plan = plan_options(&a.planning.plan, Scope::Full, false)?;
+    let test_speed = a.test_speed.then(|| workload(&a.timing)).transpose()?;
+    if let Some(w) = &test_speed {
+        check_cache_room(w, false, plan.max_seq_len)?;
+    }
+    let info = model.open()?;
     let budget = BudgetSource::resolve(&a.planning.gpu, &a.planning.budget)?;
-    let engine = engine_options(&a.engine, &plan, &a.planning.gpu.gpu)?;
-    let (choice, gpu_layers, budget) = match fixed_choice(&info, &a.choice)? {
+    let fixed = fixed_choice(&info, &a.choice)?;
+    // Here auto reads the GPU's free memory even to run on the CPU, unless --vram is given.
+    let reads_gpu = fixed.is_none() && budget.vram_bytes.is_none();
+    refuse_unused_gpu(&a.engine, &a.planning.gpu, reads_gpu)?;
+    let engine = engine_options(&a.engine, &plan, &a.planning.gpu.selector())?;
+    let (choice, gpu_layers, budget) = match fixed {
         Some((choice, n)) => (choice, n, None),
         None => {
             let budget = budget.required()?;
@@ -274,7 +287,7 @@ pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
         },
         choice,
         budget,
-        test_speed: a.test_speed.then(|| workload(&a.timing)).transpose()?,
+        test_speed,
     })
 }
 
@@ -294,6 +307,7 @@ impl BenchSettings {
                 "--threshold must be 0 or more (0.10 = 10%)"
             ));
         }
+        refuse_unused_gpu(&a.engine, &a.gpu, false)?;
         let baseline = a.baseline.as_deref().map(BenchReport::read).transpose()?;
         // Outputs are checked now, not after the whole bench: none may replace an input.
         for path in [&a.plot, &a.output.json_out].into_iter().flatten() {
@@ -314,7 +328,9 @@ impl BenchSettings {
             // buffers.
             plan.max_seq_len = workload.cache_tokens() as u64;
         }
-        let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
+        // Each row decodes too.
+        check_cache_room(&workload, true, plan.max_seq_len)?;
+        let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
         progress::setting("layer counts", &layer_counts);
         show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
         Ok(BenchSettings {
@@ -374,6 +390,8 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
             "--max-frames and --force-frames must be at least 1"
         ));
     }
+    // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
+    refuse_unused_gpu(&a.engine, &a.gpu, false)?;
     let info = model.open()?;
     let plan = PlanOptions {
         scope: Scope::Full,
@@ -382,7 +400,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     };
     plan.validate()?;
     let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
-    let engine = engine_options(&a.engine, &plan, &a.gpu.gpu)?;
+    let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
     let gpu_layers = match fixed_choice(&info, &a.choice)? {
         Some((_, layers)) => layers,
         None if engine.device == DeviceChoice::Cpu && budget.vram_bytes.is_none() => {
@@ -457,6 +475,28 @@ fn plan_options(a: &PlanArgs, scope: Scope, offload_prediction_head: bool) -> Re
     Ok(options)
 }
 
+/// `--gpu` names the card that runs the model and whose free memory a plan reads: with
+/// `--device cpu` and no reading (`reads_gpu`), it would do nothing.
+fn refuse_unused_gpu(e: &EngineArgs, g: &GpuArgs, reads_gpu: bool) -> Result<()> {
+    match (&g.gpu, e.device) {
+        (Some(gpu), DeviceArg::Cpu) if !reads_gpu => bail!(UsageError::new(format!(
+            "--gpu {gpu} would do nothing: --device cpu runs on the CPU and reads no GPU; drop one of them"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The original's flag form only times forward passes (`--test-speed`), which generate
+/// nothing: `--gen-tokens` is refused there (clap cannot say "never", so it is checked here).
+pub fn refuse_legacy_gen_tokens(a: &LegacyArgs) -> Result<()> {
+    if let Some(n) = a.timing.gen_tokens {
+        bail!(UsageError::new(format!(
+            "--gen-tokens {n} would do nothing: the flag form's --test-speed times forward passes and generates nothing; `vibeoffload run --gen-tokens {n}` decodes"
+        )));
+    }
+    Ok(())
+}
+
 /// Engine options from the flags; the layer count is filled in later.
 fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: &GpuSelector) -> Result<EngineOptions> {
     let cuda = |gpu: &GpuSelector| -> Result<DeviceChoice> {
@@ -509,9 +549,10 @@ fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: &GpuSelector) -> Resu
 /// refuse (so nothing is allocated for an absurd one).
 fn workload(a: &TimingArgs) -> Result<Workload> {
     let max = memory::MAX_SEQ_LEN as usize;
+    let gen_tokens = a.gen_tokens.unwrap_or(Workload::DEFAULT.gen_tokens);
     for (flag, value, min) in [
         ("--prompt-len", a.prompt_len, 1),
-        ("--gen-tokens", a.gen_tokens, 0),
+        ("--gen-tokens", gen_tokens, 0),
     ] {
         if !(min..=max).contains(&value) {
             bail!(UsageError::new(format!(
@@ -526,10 +567,29 @@ fn workload(a: &TimingArgs) -> Result<Workload> {
     }
     Ok(Workload {
         prompt_len: a.prompt_len,
-        gen_tokens: a.gen_tokens,
+        gen_tokens,
         runs: a.runs,
         seed: a.seed,
     })
+}
+
+/// The KV cache must hold what the timed work puts in it, checked before anything is loaded
+/// (the engine would refuse only mid-run): a test-speed pass holds the prompt; a decode the
+/// prompt and every generated token but the last, and its warm-up the prompt and 2 tokens.
+fn check_cache_room(w: &Workload, decodes: bool, max_seq_len: u64) -> Result<()> {
+    let (p, g) = (w.prompt_len, w.gen_tokens);
+    if !decodes && p as u64 > max_seq_len {
+        bail!(UsageError::new(format!(
+            "--prompt-len {p} is more than --max-seq-len {max_seq_len}: a test-speed pass puts the whole prompt in the KV cache; raise --max-seq-len to {p} or shorten the prompt"
+        )));
+    }
+    let positions = w.decode_positions() as u64;
+    if decodes && positions > max_seq_len {
+        bail!(UsageError::new(format!(
+            "--prompt-len {p} with --gen-tokens {g} puts {positions} tokens in the KV cache (the prompt and every generated token but the last, at least 2 for the warm-up), more than --max-seq-len {max_seq_len}: raise --max-seq-len to {positions} or shorten them"
+        )));
+    }
+    Ok(())
 }
 
 /// What `synth` writes.

@@ -132,11 +132,14 @@ pub struct BenchOptions {
 
 /// Loads `model` once per layer count and measures test-speed (`runs` passes), decode (`runs`
 /// decodes), VRAM and copies; `progress` hears how many layer counts are done and what is
-/// being measured.
+/// being measured. After each layer count, `row_done` gets the report so far: a complete
+/// report of the rows measured (the CLI saves it, so that a long bench that is interrupted or
+/// fails keeps them); an error from it stops the bench.
 pub fn run_bench(
     model: &ModelFile,
     o: &BenchOptions,
     mut progress: impl FnMut(usize, String),
+    mut row_done: impl FnMut(&BenchReport) -> Result<()>,
 ) -> Result<BenchReport> {
     let probe = GpuProbe::of(o.engine.device);
     // Before anything touches the GPU: what other processes hold.
@@ -156,7 +159,19 @@ pub fn run_bench(
     let ids = random_ids(w.prompt_len, w.seed, vocab);
     let prompts = random_prompts(o.plan.batch as usize, w.prompt_len, w.seed, vocab);
     drop(first);
-    let mut rows = Vec::new();
+    let mut report = BenchReport {
+        schema: "vibeoffload.bench/1".into(),
+        tool: crate::TOOL.into(),
+        model: summary,
+        device,
+        pinned_gbps,
+        device_gbps,
+        prompt_len: w.prompt_len,
+        gen_tokens: w.gen_tokens,
+        batch: o.plan.batch as usize,
+        rows: Vec::new(),
+        comparison: None,
+    };
     for (done, &n) in o.layer_counts.iter().enumerate() {
         progress(done, format!("{n} GPU layers: loading"));
         let info = model.open()?;
@@ -187,7 +202,7 @@ pub fn run_bench(
         }
         drop(engine);
         let measured_peak_bytes = taken_bytes(baseline, peak);
-        rows.push(BenchRow {
+        report.rows.push(BenchRow {
             gpu_layers: n,
             load_ms,
             load_phases,
@@ -217,21 +232,11 @@ pub fn run_bench(
                 .map(|m| 100.0 * (estimate.total_bytes as f64 - m as f64) / m as f64),
             measured_peak_bytes,
         });
+        // The bounds of the rows so far (a resident row measured later refines them).
+        set_bounds(&mut report.rows, report.model.layers, pinned_gbps);
+        row_done(&report)?;
     }
-    set_bounds(&mut rows, summary.layers, pinned_gbps);
-    Ok(BenchReport {
-        schema: "vibeoffload.bench/1".into(),
-        tool: crate::TOOL.into(),
-        model: summary,
-        device,
-        pinned_gbps,
-        device_gbps,
-        prompt_len: w.prompt_len,
-        gen_tokens: w.gen_tokens,
-        batch: o.plan.batch as usize,
-        rows,
-        comparison: None,
-    })
+    Ok(report)
 }
 
 /// Fills in each row's lower bound of decode time and the ratio to it. With every layer
@@ -268,6 +273,61 @@ mod tests {
             assert_eq!(r.batch, 1);
             assert!(!r.rows.is_empty());
         }
+    }
+
+    #[test]
+    fn each_finished_row_is_handed_over_as_a_complete_report() {
+        use crate::checkpoint::CheckpointDtype;
+        let model = ModelFile::embedded(CheckpointDtype::Float8).unwrap();
+        let workload = Workload {
+            prompt_len: 4,
+            gen_tokens: 2,
+            runs: 1,
+            seed: 0,
+        };
+        let options = BenchOptions {
+            engine: EngineOptions::default(),
+            plan: PlanOptions {
+                scope: plan::Scope::LanguageModel,
+                max_seq_len: workload.cache_tokens() as u64,
+                ..PlanOptions::default()
+            },
+            layer_counts: vec![8, 2],
+            workload,
+        };
+        let mut seen = Vec::new();
+        let report = run_bench(
+            &model,
+            &options,
+            |_, _| {},
+            |partial| {
+                seen.push(partial.clone());
+                Ok(())
+            },
+        )
+        .unwrap();
+        let counts: Vec<Vec<usize>> = seen
+            .iter()
+            .map(|r| r.rows.iter().map(|x| x.gpu_layers).collect())
+            .collect();
+        assert_eq!(counts, [vec![8], vec![8, 2]]);
+        assert_eq!(seen[1], report, "the last one handed over is the report");
+        assert_eq!(seen[0].rows[0], report.rows[0]);
+
+        // An error from the callback (a report that cannot be saved) stops the bench there.
+        let mut measured = Vec::new();
+        let e = run_bench(
+            &model,
+            &options,
+            |_, what| measured.push(what),
+            |_| anyhow::bail!("disk full"),
+        )
+        .unwrap_err();
+        assert_eq!(format!("{e:#}"), "disk full");
+        assert!(
+            !measured.iter().any(|m| m.starts_with("2 GPU layers")),
+            "{measured:?}"
+        );
     }
 
     #[test]

@@ -87,13 +87,13 @@ impl Spread {
     }
 }
 
-/// Compares `new` with `old` (`threshold` 0.10 = 10% slower allowed) by the rule on
 /// The card a device label names, without where it sits (`GPU 0 NVIDIA H200 (PCI ...)` is
 /// `GPU 0 NVIDIA H200`): the same card in another slot or machine compares.
 fn card(device: &str) -> &str {
     device.split(" (PCI ").next().unwrap_or(device)
 }
 
+/// Compares `new` with `old` (`threshold` 0.10 = 10% slower allowed) by the rule on
 /// [`Comparison`]. Refused (a usage error) when they were measured on another device, model,
 /// batch or workload, or share no layer count: a comparison of nothing must not pass.
 pub fn compare(old: &BenchReport, new: &BenchReport, threshold: f64) -> Result<Comparison> {

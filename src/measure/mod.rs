@@ -9,8 +9,12 @@ mod speed;
 
 pub use bench::{run_bench, BenchOptions, BenchReport, BenchRow};
 pub use compare::{compare, ComparedRow, Comparison, Regression};
-pub use session::{run_session, ForwardResult, Mode, RunReport, SessionOptions, VramUse};
-pub use speed::{decode, test_speed, Decode, TestSpeed, QUEUED_STEPS};
+pub use session::{
+    run_session, ForwardResult, Mode, RunReport, SessionOptions, SessionProgress, VramUse,
+};
+pub use speed::{
+    decode, decode_with, test_speed, test_speed_with, Decode, TestSpeed, QUEUED_STEPS,
+};
 
 use crate::checkpoint::synth::{self, SynthSpec};
 use crate::checkpoint::{CheckpointDtype, ModelInfo};
@@ -46,6 +50,13 @@ impl Workload {
     /// the warm-up, and the queued steps after the timed ones.
     pub fn cache_tokens(&self) -> usize {
         self.prompt_len + self.gen_tokens.max(3) + QUEUED_STEPS
+    }
+
+    /// The fewest KV positions [`decode`] needs: the prompt and every generated token but the
+    /// last (which is never fed back), and at least the prompt and 2 tokens of the warm-up.
+    /// The queued steps after the timed ones take only what room is left.
+    pub fn decode_positions(&self) -> usize {
+        self.prompt_len + self.gen_tokens.max(3) - 1
     }
 }
 

@@ -112,11 +112,33 @@ pub struct RunReport {
     pub vram: VramUse,
 }
 
-/// Loads `model` as `o` says and runs its mode; `progress` is told how the load goes.
+/// How far a session is, for a progress display.
+#[derive(Clone, Debug)]
+pub enum SessionProgress {
+    /// Loading the model, phase by phase.
+    Load(crate::engine::LoadProgress),
+    /// `done` of `total` tokens of the timed decode generated (after its warm-up).
+    Decode {
+        /// Tokens generated.
+        done: usize,
+        /// Tokens to generate.
+        total: usize,
+    },
+    /// `done` of `total` timed test-speed passes run (after the warm-up pass).
+    TestSpeed {
+        /// Passes run.
+        done: usize,
+        /// Passes to run.
+        total: usize,
+    },
+}
+
+/// Loads `model` as `o` says and runs its mode; `progress` is told how the load goes, then
+/// how many tokens are decoded or passes run.
 pub fn run_session(
     model: &ModelFile,
     o: &SessionOptions,
-    progress: impl FnMut(crate::engine::LoadProgress),
+    mut progress: impl FnMut(SessionProgress),
 ) -> Result<RunReport> {
     let info = model.open()?;
     let gpu_layers = o.engine.gpu_layers;
@@ -133,7 +155,8 @@ pub fn run_session(
         None => None,
     };
     let hint = |e| oom_hint(e, &estimate, gpu_layers, largest_fit);
-    let (mut engine, load_ms) = load(info, &o.engine, progress).map_err(hint)?;
+    let (mut engine, load_ms) =
+        load(info, &o.engine, |p| progress(SessionProgress::Load(p))).map_err(hint)?;
 
     let sampler = probe.watch_peak();
     let vocab = engine.info().config.vocab_size;
@@ -161,11 +184,17 @@ pub fn run_session(
         }
         Mode::TestSpeed => {
             let ids = random_ids(w.prompt_len, w.seed, vocab);
-            test_speed = Some(speed::test_speed(&mut engine, &ids, 1, w.runs).map_err(hint)?);
+            let report = speed::test_speed_with(&mut engine, &ids, 1, w.runs, |done, total| {
+                progress(SessionProgress::TestSpeed { done, total })
+            });
+            test_speed = Some(report.map_err(hint)?);
         }
         Mode::Decode => {
             let prompts = random_prompts(o.plan.batch as usize, w.prompt_len, w.seed, vocab);
-            decode = Some(speed::decode(&mut engine, &prompts, w.gen_tokens).map_err(hint)?);
+            let report = speed::decode_with(&mut engine, &prompts, w.gen_tokens, |done, total| {
+                progress(SessionProgress::Decode { done, total })
+            });
+            decode = Some(report.map_err(hint)?);
         }
     }
     let peak = sampler.map(gpu::PeakSampler::finish);

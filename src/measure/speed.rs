@@ -80,6 +80,19 @@ pub fn test_speed(
     warmup: usize,
     runs: usize,
 ) -> Result<TestSpeed> {
+    test_speed_with(engine, ids, warmup, runs, |_, _| {})
+}
+
+/// [`test_speed`], telling `progress` how many of the timed passes are done, of how many: 0
+/// before the warm-up, then after each pass (outside the timed part).
+pub fn test_speed_with(
+    engine: &mut Engine,
+    ids: &[u32],
+    warmup: usize,
+    runs: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<TestSpeed> {
+    progress(0, runs);
     for _ in 0..warmup {
         engine.reset();
         engine.forward(ids)?;
@@ -87,12 +100,13 @@ pub fn test_speed(
     }
     engine.reset_stats()?;
     let mut runs_ms = Vec::with_capacity(runs);
-    for _ in 0..runs {
+    for done in 1..=runs {
         engine.reset();
         let started = Instant::now();
         engine.forward(ids)?;
         engine.synchronize()?;
         runs_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        progress(done, runs);
     }
     let transfer = engine.transfer_stats()?;
     let total: f64 = runs_ms.iter().sum();
@@ -123,6 +137,18 @@ pub fn test_speed(
 /// Prefills each prompt (all of one length), then generates `tokens` tokens greedily for each
 /// in lockstep. A short untimed warm-up (the prompts and two tokens) runs first.
 pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Result<Decode> {
+    decode_with(engine, prompts, tokens, |_, _| {})
+}
+
+/// [`decode`], telling `progress` how many tokens of the timed decode are generated, of how
+/// many: 0 before the warm-up, then after each step. It is called inside the timed part, so
+/// it must be cheap (a progress display that draws now and then is).
+pub fn decode_with(
+    engine: &mut Engine,
+    prompts: &[Vec<u32>],
+    tokens: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Decode> {
     let tokens = tokens.max(1);
     // The next ids, left on the device: queuing a step never waits for it.
     let queue_step = |engine: &mut Engine, batch: &[Vec<u32>]| -> Result<candle_core::Tensor> {
@@ -134,6 +160,7 @@ pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Resul
         engine.read_greedy(&queued)
     };
     let as_batch = |next: &[u32]| next.iter().map(|&t| vec![t]).collect::<Vec<_>>();
+    progress(0, tokens);
     engine.reset();
     let mut next = step(engine, prompts)?;
     for _ in 0..2 {
@@ -147,10 +174,12 @@ pub fn decode(engine: &mut Engine, prompts: &[Vec<u32>], tokens: usize) -> Resul
     let mut next = step(engine, prompts)?;
     let ttft_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut generated = vec![next[0]];
+    progress(1, tokens);
     let decode_started = Instant::now();
     while generated.len() < tokens {
         next = step(engine, &as_batch(&next))?;
         generated.push(next[0]);
+        progress(generated.len(), tokens);
     }
     let rest_ms = decode_started.elapsed().as_secs_f64() * 1e3;
     let ms_per_token = if tokens > 1 {
