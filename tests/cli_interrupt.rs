@@ -63,7 +63,7 @@ fn an_interrupted_run_removes_its_synthesized_model() {
     let d = dir.path();
     let child = start(
         d,
-        &["run", "--gen-tokens", "100000", "--max-seq-len", "100100"],
+        &["run", "--gen-tokens", "100000", "--max-seq-len", "200000"],
     );
     // The embedded model is written into a directory of its own under TMPDIR.
     let made = || !entries(d).is_empty();

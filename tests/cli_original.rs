@@ -63,6 +63,14 @@ fn num_gpu_layers_loads_the_whole_model_and_reports_it() {
     ] {
         assert!(text.contains(words), "{words:?} not in {text}");
     }
+    // With --vram, a fixed choice is loaded and the report says whether it fits.
+    for (vram, verdict) in [
+        ("8GiB", "is within the budget"),
+        ("1GiB", "is OVER the budget"),
+    ] {
+        let text = ok(dir.path(), &["--num-gpu-layers", "3", "--vram", vram]);
+        assert!(text.contains(verdict), "{vram}: {text}");
+    }
 }
 
 #[test]

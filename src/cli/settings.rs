@@ -272,7 +272,16 @@ pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
     refuse_unused_gpu(&a.engine, &a.planning.gpu, reads_gpu)?;
     let engine = engine_options(&a.engine, &plan, &a.planning.gpu.selector())?;
     let (choice, gpu_layers, budget) = match fixed {
-        Some((choice, n)) => (choice, n, None),
+        // A fixed choice is loaded whatever the budget; with --vram, the report says whether
+        // it fits, as the plan-only form does.
+        Some((choice, n)) => {
+            let stated = budget
+                .vram_bytes
+                .is_some()
+                .then(|| budget.required())
+                .transpose()?;
+            (choice, n, stated)
+        }
         None => {
             let budget = budget.required()?;
             let fit = budget.largest_fit(&info, &plan)?;

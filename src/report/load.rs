@@ -14,6 +14,17 @@ impl Render for LoadReport {
             out.push_str(&budget_line(b));
         }
         let e = &self.estimate;
+        if let Some(b) = &self.budget {
+            let verdict = match b.fits(e) {
+                true => "within",
+                false => "OVER",
+            };
+            out.push_str(&format!(
+                "the estimate, {} GiB, is {verdict} the budget of {} GiB\n",
+                gib(e.total_bytes),
+                gib(b.budget_bytes)
+            ));
+        }
         out.push_str(&format!(
             "loaded on {}: {} of {} decoder layers on the GPU, {} in host memory (choice: {})\n",
             self.device, e.gpu_layers, self.model.layers, e.offloaded_layers, self.choice

@@ -59,9 +59,16 @@ pub fn assert_no_temporary_files(dir: &Path) {
 /// Waits until `ready` holds (at most 300 s), sends the child SIGINT (Ctrl-C), checks that it
 /// exits with 130, and returns its stderr.
 #[cfg(unix)]
-pub fn interrupt(child: std::process::Child, ready: impl Fn() -> bool) -> String {
+pub fn interrupt(mut child: std::process::Child, ready: impl Fn() -> bool) -> String {
     let started = std::time::Instant::now();
     while !ready() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "exited ({status}) before it was ready: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         assert!(started.elapsed().as_secs() < 300, "not ready after 300 s");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
