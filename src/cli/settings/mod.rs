@@ -1,6 +1,12 @@
 //! The "high" argument layer: turns the parsed flags into the library's options once, making
 //! every check that needs more than one flag, or the model, here.
 
+mod generate;
+mod write;
+
+pub use generate::generate_request;
+pub use write::{convert_precision, synth_spec};
+
 use super::args::{
     BenchArgs, BudgetArgs, BuiltinArg, CheckpointArgs, ChoiceArgs, ConventionArg, DeviceArg,
     DtypeArg, EngineArgs, GenerateArgs, GpuArgs, LegacyArgs, ModelArgs, PlacementArg, PlanArgs,
@@ -366,88 +372,6 @@ fn show_run(engine_label: &str, engine: &EngineOptions, plan: &PlanOptions, w: &
     ));
 }
 
-/// `generate`: the checkpoint (or the embedded speech model) and the request.
-pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
-    let embedded = a.checkpoint.model_path.is_none();
-    let model = match &a.checkpoint.model_path {
-        Some(path) => ModelFile::at(checkpoint::resolve_path(path, a.checkpoint.dtype.into())),
-        None => ModelFile::embedded_speech(a.checkpoint.dtype.into())?,
-    };
-    let script = match (&a.script, &a.text) {
-        (Some(path), _) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read the script {}: {e}", path.display()))?;
-            vibeoffload::output::record_input(path);
-            prompt::script_from_text_file(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        (None, Some(text)) => text.clone(),
-        (None, None) => bail!(UsageError::new(
-            "give the script with --script FILE or --text"
-        )),
-    };
-    for path in [&a.output.json_out, &a.dump_latents].into_iter().flatten() {
-        vibeoffload::output::check_target(path)?;
-    }
-    if !(a.cfg_scale.is_finite() && a.cfg_scale >= 0.0) {
-        bail!(UsageError::new(
-            "--cfg-scale must be a number, 0 or more (the demos use 1.3)"
-        ));
-    }
-    if a.max_frames == Some(0) || a.force_frames == Some(0) {
-        bail!(UsageError::new(
-            "--max-frames and --force-frames must be at least 1"
-        ));
-    }
-    // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
-    refuse_unused_gpu(&a.engine, &a.gpu, false)?;
-    let info = model.open()?;
-    let plan = PlanOptions {
-        scope: Scope::Full,
-        stream_slots: a.slots,
-        ..PlanOptions::default()
-    };
-    plan.validate()?;
-    let budget = BudgetSource::resolve(&a.gpu, &a.budget)?;
-    let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
-    let gpu_layers = match fixed_choice(&info, &a.choice)? {
-        Some((_, layers)) => layers,
-        None if engine.device == DeviceChoice::Cpu && budget.vram_bytes.is_none() => {
-            info.inventory.num_layers()
-        }
-        None => budget.required()?.largest_fit(&info, &plan)?.gpu_layers,
-    };
-    let engine = EngineOptions {
-        gpu_layers,
-        ..engine
-    };
-    progress::setting("engine", &engine);
-    let request = Request {
-        script,
-        voices: a.voices.clone(),
-        out: a.out.clone(),
-        force: a.force,
-        engine,
-        cfg_scale: a.cfg_scale,
-        steps: a.steps as usize,
-        seed: a.seed,
-        max_frames: a.max_frames,
-        // Random weights choose arbitrarily: the embedded model's schedule is forced.
-        force_frames: a.force_frames.or(embedded.then_some(EMBEDDED_FRAMES)),
-        voice_latents: match a.voice_latents {
-            VoiceLatentsArg::Sample => VoiceLatents::Sample(a.seed),
-            VoiceLatentsArg::Mean => VoiceLatents::Mean,
-        },
-        separate_passes: a.separate_cfg_passes,
-        noise: a.noise.clone(),
-        dump_latents: a.dump_latents.clone(),
-    };
-    Ok((model, request))
-}
-
-/// Frames the embedded speech model produces by default (3.2 s of audio).
-const EMBEDDED_FRAMES: usize = 24;
-
 /// The model `--model-path` names, else the built-in layout.
 pub fn model_info(a: &ModelArgs) -> Result<ModelInfo> {
     let dtype = a.checkpoint.dtype.into();
@@ -601,77 +525,6 @@ fn check_cache_room(w: &Workload, decodes: bool, max_seq_len: u64) -> Result<()>
     Ok(())
 }
 
-/// What `synth` writes.
-pub fn synth_spec(a: &SynthArgs) -> Result<SynthSpec> {
-    let custom_flags = [
-        a.layers,
-        a.hidden,
-        a.intermediate,
-        a.heads,
-        a.kv_heads,
-        a.head_dim,
-        a.vocab,
-    ];
-    let (config, speech) = match a.size {
-        SizeArg::Builtin(_) if custom_flags.iter().any(Option::is_some) || a.tie_embeddings => {
-            bail!(UsageError::new(
-                "--layers, --hidden, --intermediate, --heads, --kv-heads, --head-dim, --vocab and --tie-embeddings need --size custom"
-            ))
-        }
-        SizeArg::Builtin(size) => {
-            let config = BuiltinModel::from(size).config();
-            let speech = SpeechConfig::real(config.hidden_size);
-            (config, speech)
-        }
-        SizeArg::Custom => {
-            let hidden = a.hidden.unwrap_or(64);
-            let heads = a.heads.unwrap_or(4);
-            let config = ModelConfig {
-                hidden_size: hidden,
-                intermediate_size: a.intermediate.unwrap_or(128),
-                num_attention_heads: heads,
-                num_key_value_heads: a.kv_heads.unwrap_or(2),
-                head_dim: a.head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
-                num_hidden_layers: a.layers.unwrap_or(2),
-                vocab_size: a.vocab.unwrap_or(256),
-                rope_theta: 1e6,
-                rms_norm_eps: 1e-6,
-                tie_word_embeddings: a.tie_embeddings,
-                max_position_embeddings: 32768,
-            };
-            config
-                .validate()
-                .map_err(|e| UsageError::new(format!("synth --size custom: {e:#}")))?;
-            let speech = SpeechConfig::small(config.hidden_size);
-            (config, speech)
-        }
-    };
-    let precision = match (a.dtype, a.scale) {
-        (DtypeArg::Bf16, ScaleArg::None) => Precision::BF16,
-        (DtypeArg::Bf16, _) => bail!(UsageError::new(
-            "--scale applies to float8 checkpoints; drop it or use --dtype float8"
-        )),
-        (DtypeArg::Float8, ScaleArg::None) => Precision::Float8Plain,
-        (DtypeArg::Float8, scale) => Precision::Float8Scaled(
-            match a.scale_convention {
-                ConventionArg::ScaleWeight => ScaleConvention::ScaleWeight,
-                ConventionArg::WeightScale => ScaleConvention::WeightScale,
-            },
-            if scale == ScaleArg::Scalar {
-                ScaleGranularity::Scalar
-            } else {
-                ScaleGranularity::PerChannel
-            },
-        ),
-    };
-    Ok(SynthSpec {
-        config,
-        speech,
-        precision,
-        seed: a.seed,
-    })
-}
-
 impl From<DtypeArg> for CheckpointDtype {
     fn from(d: DtypeArg) -> CheckpointDtype {
         match d {
@@ -733,24 +586,6 @@ fn parse_size(text: &str) -> Result<u64, UsageError> {
         return Err(bad("the size must be positive"));
     }
     Ok(bytes as u64)
-}
-
-/// The precision `convert` writes; a scale convention needs scales.
-pub fn convert_precision(a: &ConvertArgs) -> Result<Precision> {
-    let convention = match a.scale_convention.unwrap_or(ConventionArg::ScaleWeight) {
-        ConventionArg::ScaleWeight => ScaleConvention::ScaleWeight,
-        ConventionArg::WeightScale => ScaleConvention::WeightScale,
-    };
-    match (a.precision, a.scale_convention) {
-        (ConvertPrecisionArg::Float8, Some(_)) => bail!(UsageError::new(
-            "--scale-convention names scale tensors, which only --precision float8-scaled writes"
-        )),
-        (ConvertPrecisionArg::Float8, None) => Ok(Precision::Float8Plain),
-        (ConvertPrecisionArg::Float8Scaled, _) => Ok(Precision::Float8Scaled(
-            convention,
-            ScaleGranularity::PerChannel,
-        )),
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,12 @@
 //! Command-line arguments as typed (the "low" layer): clap structs that only check the shapes
 //! of values. [`super::settings`] turns them into the library's options.
 
+mod generate;
+mod write;
+
+pub use generate::{GenerateArgs, VoiceLatentsArg};
+pub use write::{ConventionArg, ConvertArgs, ConvertPrecisionArg, ScaleArg, SizeArg, SynthArgs};
+
 use clap::builder::PossibleValue;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -233,104 +239,6 @@ pub struct RunArgs {
     pub output: ReportArgs,
 }
 
-/// A fixed layer choice takes no budget: --vram and --target-utilization would do nothing.
-#[derive(Args, Debug)]
-#[command(group(
-    ArgGroup::new("fixed_choice")
-        .args(["num_gpu_layers", "config", "no_offload"])
-        .multiple(true)
-        .conflicts_with_all(["vram", "target_utilization"])
-))]
-pub struct GenerateArgs {
-    /// The script: one `Speaker N: text` line per turn (other lines go to speaker 1).
-    #[arg(
-        long,
-        value_name = "FILE",
-        visible_aliases = ["txt_path", "txt-path"],
-        required_unless_present = "text",
-        conflicts_with = "text",
-        help_heading = SCRIPT
-    )]
-    pub script: Option<PathBuf>,
-    /// The script as text: `--text "Speaker 1: Hello."` (lines separated by newlines).
-    #[arg(long, value_name = "SCRIPT", help_heading = SCRIPT)]
-    pub text: Option<String>,
-    /// A voice sample (WAV, any rate and depth), once per speaker in speaker order. Without
-    /// any, the prompt has no voice section (as the original with no voice samples).
-    #[arg(
-        long = "voice",
-        value_name = "WAV",
-        visible_aliases = ["voice_files", "voice-files"],
-        num_args = 1..,
-        help_heading = SCRIPT
-    )]
-    pub voices: Vec<PathBuf>,
-    /// The WAV file to write (24 kHz, 16-bit mono).
-    #[arg(long, value_name = "PATH", default_value = "speech.wav", help_heading = OUTPUT)]
-    pub out: PathBuf,
-    /// Replace --out if it exists.
-    #[arg(long, help_heading = OUTPUT)]
-    pub force: bool,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 1.3, help_heading = SPEECH)]
-    pub cfg_scale: f64,
-    /// Diffusion steps per frame.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000), help_heading = SPEECH)]
-    pub steps: u64,
-    /// Seed of the diffusion noise and the voice samples' latents.
-    #[arg(long, default_value_t = 0, help_heading = SPEECH)]
-    pub seed: u64,
-    /// Stop after this many frames (133 ms of audio each).
-    #[arg(long, value_name = "N", help_heading = SPEECH)]
-    pub max_frames: Option<usize>,
-    /// Produce exactly N frames whatever the language model chooses (a benchmark mode: random
-    /// weights choose arbitrarily). The default for the embedded model is 24.
-    #[arg(long, value_name = "N", help_heading = SPEECH)]
-    pub force_frames: Option<usize>,
-    /// Voice latents: the acoustic encoder's Gaussian sample (as the original), or its mean
-    /// (deterministic whatever the seed).
-    #[arg(long, value_enum, default_value_t = VoiceLatentsArg::Sample, help_heading = SPEECH)]
-    pub voice_latents: VoiceLatentsArg,
-    /// Each frame's initial diffusion noise from this safetensors file (tensor `noise`,
-    /// `[frames, latent]`), for runs compared exactly (with this tool or the original).
-    #[arg(long, value_name = "FILE", help_heading = SPEECH)]
-    pub noise: Option<PathBuf>,
-    /// Write every frame's latent, the conditions, the tokens and the audio to this
-    /// safetensors file.
-    #[arg(long, value_name = "FILE", help_heading = OUTPUT)]
-    pub dump_latents: Option<PathBuf>,
-    /// Run the guidance pass over the layers on its own, as the fork does (a benchmark of what
-    /// sharing one weight stream saves; the audio is the same).
-    #[arg(long, help_heading = SPEECH)]
-    pub separate_cfg_passes: bool,
-    /// Generate once per preset (high_end, mid_range, consumer, budget, minimal) and print a
-    /// table of RTF, time per part and VRAM, as the fork's --benchmark does.
-    #[arg(long, conflicts_with_all = ["num_gpu_layers", "config", "no_offload"], help_heading = MODE)]
-    pub benchmark: bool,
-    /// GPU slots that offloaded layers stream through. Each costs a layer of VRAM; with more,
-    /// the next frame's first layers are copied while the speech components run.
-    #[arg(long, default_value_t = DEFAULT_STREAM_SLOTS, help_heading = PLANNING)]
-    pub slots: usize,
-    #[command(flatten, next_help_heading = CHOICE)]
-    pub choice: ChoiceArgs,
-    #[command(flatten, next_help_heading = MODEL)]
-    pub checkpoint: CheckpointArgs,
-    #[command(flatten, next_help_heading = BUDGET)]
-    pub gpu: GpuArgs,
-    #[command(flatten, next_help_heading = BUDGET)]
-    pub budget: BudgetArgs,
-    #[command(flatten, next_help_heading = ENGINE)]
-    pub engine: EngineArgs,
-    #[command(flatten, next_help_heading = OUTPUT)]
-    pub output: ReportArgs,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VoiceLatentsArg {
-    Sample,
-    Mean,
-}
-
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
@@ -415,90 +323,6 @@ pub struct InspectArgs {
     pub model: ModelArgs,
     #[command(flatten, next_help_heading = OUTPUT)]
     pub output: JsonArg,
-}
-
-#[derive(Args, Debug)]
-pub struct SynthArgs {
-    /// Where to write the checkpoint; config.json goes beside it.
-    pub out: PathBuf,
-    /// Model size; `custom` takes the dimension flags below (defaults: a tiny test model).
-    #[arg(long, value_enum, default_value_t = SizeArg::Builtin(BuiltinArg::Large7b), help_heading = MODEL)]
-    pub size: SizeArg,
-    /// Storage precision.
-    #[arg(long, value_enum, default_value_t = DtypeArg::Float8, help_heading = MODEL)]
-    pub dtype: DtypeArg,
-    /// Float8 scales: none (every tensor F8_E4M3, as the fork writes), one per matrix, or one
-    /// per output channel (linear weights F8_E4M3 + F32 scales, the rest BF16).
-    #[arg(long, value_enum, default_value_t = ScaleArg::None, help_heading = MODEL)]
-    pub scale: ScaleArg,
-    /// Name of scale tensors.
-    #[arg(long, value_enum, default_value_t = ConventionArg::ScaleWeight, help_heading = MODEL)]
-    pub scale_convention: ConventionArg,
-    /// Random seed: the same seed writes the same bytes.
-    #[arg(long, default_value_t = 0, help_heading = MODEL)]
-    pub seed: u64,
-    /// Replace existing files.
-    #[arg(long, help_heading = OUTPUT)]
-    pub force: bool,
-    /// Decoder layers (custom).
-    #[arg(long, help_heading = CUSTOM)]
-    pub layers: Option<usize>,
-    /// Hidden size (custom).
-    #[arg(long, help_heading = CUSTOM)]
-    pub hidden: Option<usize>,
-    /// MLP width (custom).
-    #[arg(long, help_heading = CUSTOM)]
-    pub intermediate: Option<usize>,
-    /// Attention heads (custom).
-    #[arg(long, help_heading = CUSTOM)]
-    pub heads: Option<usize>,
-    /// Key/value heads (custom).
-    #[arg(long, help_heading = CUSTOM)]
-    pub kv_heads: Option<usize>,
-    /// Head width (custom; default hidden / heads).
-    #[arg(long, help_heading = CUSTOM)]
-    pub head_dim: Option<usize>,
-    /// Vocabulary (custom).
-    #[arg(long, help_heading = CUSTOM)]
-    pub vocab: Option<usize>,
-    /// Tie the LM head to the embedding (custom).
-    #[arg(long, help_heading = CUSTOM)]
-    pub tie_embeddings: bool,
-    /// Print JSON instead of a summary line.
-    #[arg(long, help_heading = OUTPUT)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct ConvertArgs {
-    /// The checkpoint to convert (bf16, f16 or f32): a file, a model.safetensors.index.json, or
-    /// a directory holding vibevoice7b_bf16.safetensors, the index and its shards, or
-    /// model.safetensors; its config.json is read from beside it.
-    #[arg(long, value_name = "PATH", help_heading = MODEL)]
-    pub model_path: PathBuf,
-    /// Where to write the float8 checkpoint; config.json goes beside it.
-    #[arg(long, value_name = "PATH", help_heading = OUTPUT)]
-    pub out: PathBuf,
-    /// float8: every tensor F8_E4M3 with no scales, as the fork writes it (out-of-range values
-    /// saturate at ±448 where PyTorch makes NaN); float8-scaled: linear weights F8_E4M3 with one
-    /// F32 scale per output channel, the rest BF16 (more accurate).
-    #[arg(long, value_enum, default_value_t = ConvertPrecisionArg::Float8, help_heading = MODEL)]
-    pub precision: ConvertPrecisionArg,
-    /// Name of the scale tensors (float8-scaled) [default: scale-weight].
-    #[arg(long, value_enum, help_heading = MODEL)]
-    pub scale_convention: Option<ConventionArg>,
-    /// Replace existing files.
-    #[arg(long, help_heading = OUTPUT)]
-    pub force: bool,
-    /// Print JSON instead of a summary.
-    #[arg(long, help_heading = OUTPUT)]
-    pub json: bool,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvertPrecisionArg {
-    Float8,
-    Float8Scaled,
 }
 
 /// `--json` for commands that print to stdout only.
@@ -711,41 +535,4 @@ pub enum PlacementArg {
     Last,
     First,
     Spread,
-}
-
-/// `synth --size`: a built-in size, or `custom` with the dimension flags.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SizeArg {
-    Builtin(BuiltinArg),
-    Custom,
-}
-
-impl ValueEnum for SizeArg {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[
-            SizeArg::Builtin(BuiltinArg::Large7b),
-            SizeArg::Builtin(BuiltinArg::Small1_5b),
-            SizeArg::Custom,
-        ]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        match self {
-            SizeArg::Builtin(b) => b.to_possible_value(),
-            SizeArg::Custom => Some(PossibleValue::new("custom")),
-        }
-    }
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScaleArg {
-    None,
-    Scalar,
-    Channel,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConventionArg {
-    ScaleWeight,
-    WeightScale,
 }
