@@ -4,7 +4,7 @@ use super::args::Cli;
 use super::args::ConvertArgs;
 use super::args::{
     AutoArgs, BenchArgs, BenchCompareArgs, GenerateArgs, InspectArgs, LegacyArgs, ReportArgs,
-    RunArgs, SynthArgs, TableArgs,
+    RunArgs, ScopeArgs, SynthArgs, TableArgs,
 };
 use super::progress::Progress;
 use super::settings::convert_precision;
@@ -15,6 +15,7 @@ use super::settings::{
 use anyhow::Result;
 use clap::CommandFactory;
 use serde::Serialize;
+use std::path::Path;
 use vibeoffload::checkpoint::synth;
 use vibeoffload::checkpoint::{self, convert, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{LoadPhase, LoadProgress};
@@ -61,29 +62,7 @@ pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
         load.finish();
         return text_or_json(&report?, a.output.json);
     }
-    let note =
-        match found {
-            true if scope.lm_only => {
-                format!(
-            "--lm-only: the language model alone is {}; without it the whole model is loaded",
-            if a.test_speed { "loaded and timed" } else { "planned" }
-        )
-            }
-            true => "--offload-prediction-head is planned only: the engine keeps the \
-                 prediction head on the GPU, so nothing was loaded"
-                .to_string(),
-            false => format!(
-                "no checkpoint at {}, so nothing was loaded{}; pass --model-path, or write one \
-             there with `vibeoffload synth {}` (random weights) or `vibeoffload convert`",
-                path.display(),
-                if a.test_speed {
-                    "; timing the embedded test model"
-                } else {
-                    "; this is the plan for the built-in layout"
-                },
-                path.display()
-            ),
-        };
+    let note = legacy_note(found, scope, a.test_speed, &path);
     super::progress::note(note);
     if found {
         a.planning.model.checkpoint.model_path = Some(path);
@@ -114,6 +93,36 @@ pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
         None => PlanReport::auto(&p.model, &p.options, p.budget.required()?)?,
     };
     text_or_json(&report, a.output.json)
+}
+
+/// What the flag form says when it does not load: where it looked, or why a checkpoint that
+/// is there was only planned.
+fn legacy_note(found: bool, scope: &ScopeArgs, test_speed: bool, path: &Path) -> String {
+    let shown = path.display();
+    match found {
+        true if scope.lm_only => {
+            let what = if test_speed {
+                "loaded and timed"
+            } else {
+                "planned"
+            };
+            format!("--lm-only: the language model alone is {what}; without it the whole model is loaded")
+        }
+        true => "--offload-prediction-head is planned only: the engine keeps the prediction head \
+                 on the GPU, so nothing was loaded"
+            .to_string(),
+        false => {
+            let instead = match test_speed {
+                true => "timing the embedded test model",
+                false => "this is the plan for the built-in layout",
+            };
+            format!(
+                "no checkpoint at {shown}, so nothing was loaded; {instead}; pass --model-path, \
+                 or write one there with `vibeoffload synth {shown}` (random weights) or \
+                 `vibeoffload convert`"
+            )
+        }
+    }
 }
 
 pub fn table(a: TableArgs) -> Result<Output> {
