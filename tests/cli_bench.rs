@@ -275,7 +275,6 @@ fn bench_files_from_before_runs_were_kept_still_compare() {
 #[test]
 fn an_interrupted_bench_keeps_the_rows_it_finished() {
     use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let args = [
@@ -292,7 +291,7 @@ fn an_interrupted_bench_keeps_the_rows_it_finished() {
         "partial.json",
         "-q",
     ];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
+    let child = Command::new(env!("CARGO_BIN_EXE_vibeoffload"))
         .args(args)
         .current_dir(d)
         .stdout(Stdio::null())
@@ -301,23 +300,7 @@ fn an_interrupted_bench_keeps_the_rows_it_finished() {
         .unwrap();
     // The file appears when the first row is done; the second takes a second or more.
     let path = d.join("partial.json");
-    let started = Instant::now();
-    while !path.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "bench ended first");
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no row in 5 min"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let stderr = common::cli::interrupt(child, || path.exists());
     let partial = BenchReport::read(&path).unwrap();
     let counts: Vec<usize> = partial.rows.iter().map(|r| r.gpu_layers).collect();
     assert_eq!(counts, [8], "{stderr}");

@@ -25,10 +25,15 @@ fn with_checkpoint() -> tempfile::TempDir {
     dir
 }
 
-fn load(dir: &Path, args: &[&str]) -> LoadReport {
+/// The command's `--json` report.
+fn report<T: serde::de::DeserializeOwned>(dir: &Path, args: &[&str]) -> T {
     let mut all = args.to_vec();
     all.push("--json");
     serde_json::from_str(&ok(dir, &all)).unwrap()
+}
+
+fn load(dir: &Path, args: &[&str]) -> LoadReport {
+    report(dir, args)
 }
 
 #[test]
@@ -78,42 +83,20 @@ fn auto_chooses_in_the_whole_model_scope_as_table_does() {
     let dir = with_checkpoint();
     let d = dir.path();
     // A budget that fits some layers but not all.
-    let all: PlanReport = serde_json::from_str(&ok(
-        d,
-        &[
-            "auto",
-            "--model-path",
-            CHECKPOINT,
-            "--vram",
-            "1TiB",
-            "--json",
-        ],
-    ))
-    .unwrap();
+    let all: PlanReport = report(d, &["auto", "--model-path", CHECKPOINT, "--vram", "1TiB"]);
     let n4 = load(d, &["--num-gpu-layers", "4"]).estimate.total_bytes;
     let vram = format!("{}B", (n4 as f64 / 0.8).ceil() as u64);
     let auto = load(d, &["--auto", "--vram", &vram]);
     assert_eq!(auto.estimate.gpu_layers, 4);
     assert!(auto.budget.is_some());
-    let plan: PlanReport = serde_json::from_str(&ok(
-        d,
-        &[
-            "auto",
-            "--model-path",
-            CHECKPOINT,
-            "--vram",
-            &vram,
-            "--json",
-        ],
-    ))
-    .unwrap();
+    let plan: PlanReport = report(d, &["auto", "--model-path", CHECKPOINT, "--vram", &vram]);
     assert_eq!(
         plan.estimate.gpu_layers, 4,
         "auto plans what the flag form loads"
     );
     assert_eq!(all.estimate.gpu_layers, 8);
     // `run` loads the language model alone, and chooses as `auto --lm-only` does.
-    let lm: PlanReport = serde_json::from_str(&ok(
+    let lm: PlanReport = report(
         d,
         &[
             "auto",
@@ -122,11 +105,9 @@ fn auto_chooses_in_the_whole_model_scope_as_table_does() {
             CHECKPOINT,
             "--vram",
             &vram,
-            "--json",
         ],
-    ))
-    .unwrap();
-    let run: RunReport = serde_json::from_str(&ok(
+    );
+    let run: RunReport = report(
         d,
         &[
             "run",
@@ -136,10 +117,8 @@ fn auto_chooses_in_the_whole_model_scope_as_table_does() {
             &vram,
             "--gen-tokens",
             "1",
-            "--json",
         ],
-    ))
-    .unwrap();
+    );
     assert_eq!(run.engine.gpu_layers, lm.estimate.gpu_layers);
     assert!(
         lm.estimate.gpu_layers > 4,
