@@ -207,8 +207,9 @@ fn visible_entry(i: u32) -> Result<Option<String>> {
     }
 }
 
-/// `, as CUDA_VISIBLE_DEVICES=... allows` when that variable is set.
-fn visible_devices_note() -> String {
+/// ` (CUDA_VISIBLE_DEVICES=...)` when that variable is set, else nothing: for messages about
+/// the GPUs CUDA shows.
+pub fn visible_devices_note() -> String {
     std::env::var("CUDA_VISIBLE_DEVICES")
         .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
         .unwrap_or_default()

@@ -4,6 +4,7 @@
 //! (`vibeoffload --num-gpu-layers 8`), whose load report this module also builds.
 
 use super::model::SpeechModel;
+use crate::checkpoint::header::TensorInfo;
 use crate::checkpoint::inventory::Part;
 use crate::checkpoint::summary::ModelSummary;
 use crate::checkpoint::ModelInfo;
@@ -48,11 +49,7 @@ pub fn load_model(
     progress(LoadProgress::start(LoadPhase::Speech));
     let info = engine.info();
     if let Some(checkpoint) = &info.checkpoint {
-        let speech =
-            info.inventory.tensors.iter().filter_map(|(t, part)| {
-                matches!(part, Part::Speech(_) | Part::Scalars).then_some(t)
-            });
-        checkpoint.page_in(speech, |done, total| {
+        checkpoint.page_in(speech_tensors(info), |done, total| {
             progress(LoadProgress {
                 phase: LoadPhase::Speech,
                 done,
@@ -210,12 +207,15 @@ pub fn load_report(
     })
 }
 
-/// Bytes of the speech components and scalars as stored.
-fn speech_stored_bytes(info: &ModelInfo) -> u64 {
+/// The tensors of the speech components and the speech scalars.
+fn speech_tensors(info: &ModelInfo) -> impl Iterator<Item = &TensorInfo> {
     info.inventory
         .tensors
         .iter()
-        .filter(|(_, part)| matches!(part, Part::Speech(_) | Part::Scalars))
-        .map(|(t, _)| t.size_bytes())
-        .sum()
+        .filter_map(|(t, part)| matches!(part, Part::Speech(_) | Part::Scalars).then_some(t))
+}
+
+/// Bytes of the speech components and scalars as stored.
+fn speech_stored_bytes(info: &ModelInfo) -> u64 {
+    speech_tensors(info).map(TensorInfo::size_bytes).sum()
 }

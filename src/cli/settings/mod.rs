@@ -440,20 +440,23 @@ fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: &GpuSelector) -> Resu
         progress::detail(format!("running on {}", found.label));
         Ok(DeviceChoice::Cuda(ordinal))
     };
+    // Whether CUDA shows this process no GPU (a build without CUDA never asks).
+    let none_visible = || cfg!(feature = "cuda") && gpu::cuda_devices().is_empty();
     let device = match e.device {
         DeviceArg::Cpu => DeviceChoice::Cpu,
         DeviceArg::Cuda if !cfg!(feature = "cuda") => bail!(UsageError::new(
             "--device cuda needs a build with CUDA: cargo build --release --features cuda (see scripts/build-cuda.sh)"
         )),
-        DeviceArg::Cuda if gpu::cuda_devices().is_empty() => bail!(
+        DeviceArg::Cuda if none_visible() => bail!(
             "--device cuda: CUDA shows this process no GPU{}",
-            std::env::var("CUDA_VISIBLE_DEVICES")
-                .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
-                .unwrap_or_else(|_| ": is the NVIDIA driver loaded?".into())
+            match gpu::visible_devices_note().as_str() {
+                "" => ": is the NVIDIA driver loaded?".to_string(),
+                note => note.to_string(),
+            }
         ),
         DeviceArg::Cuda => cuda(gpu)?,
         DeviceArg::Auto if !cfg!(feature = "cuda") => DeviceChoice::Cpu,
-        DeviceArg::Auto if gpu::cuda_devices().is_empty() => {
+        DeviceArg::Auto if none_visible() => {
             progress::note("this build runs on CUDA, but CUDA shows this process no GPU: running on the CPU");
             DeviceChoice::Cpu
         }
