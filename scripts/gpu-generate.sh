@@ -7,7 +7,8 @@
 #        demo voices and script in dist/voice)
 # Env: LAYER_COUNTS (default "28 8"), FRAMES (default 64), STEPS (default 10); SEPARATE=N also
 #      runs N with --separate-cfg-passes (the fork's two passes), to compare with the shared one;
-#      SLOTS="N:S ..." also runs N layers with S stream slots.
+#      SLOTS="N:S ..." also runs N layers with S stream slots; EAGER="N ..." also runs each N with
+#      --no-cuda-graphs (the speech components launched one by one), to compare with the graphs.
 source "$(dirname "$0")/gpu-env.sh"
 
 echo "== GPU tests (the speech benchmark on the 7B float8 checkpoint)"
@@ -29,6 +30,13 @@ if [[ -n ${SEPARATE:-} ]]; then
     --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-sep.wav" --force \
     --json-out "$out/generate-$SEPARATE-separate.json" || fail "generate N=$SEPARATE separate"
 fi
+for n in ${EAGER:-}; do
+  echo "-- generate, N=$n, without CUDA graphs"
+  "$bin" generate --device cuda --model-path "$model" --num-gpu-layers "$n" --no-cuda-graphs \
+    --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
+    --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-$n-eager.wav" --force \
+    --json-out "$out/generate-$n-eager.json" || fail "generate N=$n without graphs"
+done
 for pair in ${SLOTS:-}; do
   n=${pair%%:*} slots=${pair##*:}
   echo "-- generate, N=$n, $slots slots"

@@ -156,6 +156,7 @@ fn a_whole_generation_matches_the_original() {
         max_frames: None,
         forced: Some(forced.clone()),
         separate_passes: false,
+        graphs: true,
     };
     let mut samples = Vec::new();
     let outcome = generate::generate(
@@ -240,6 +241,7 @@ fn streamed_generation_is_bit_identical_to_resident() {
             max_frames: Some(6),
             forced: None,
             separate_passes,
+            graphs: true,
         };
         let mut samples = Vec::new();
         let outcome = generate::generate(

@@ -17,8 +17,8 @@ use vibeoffload::engine::ops::{ChannelNorm, ChannelResidual, DepthwiseMixer};
 use vibeoffload::engine::{bandwidths, DeviceChoice, Engine, EngineOptions};
 use vibeoffload::generate::{self, Noise, Options, SpeechModel, VoiceLatents};
 use vibeoffload::speech::{
-    sample_latent, CheckpointWeights, Decoder, DpmSolver, Encoder, PredictionHead, RandomWeights,
-    SafetensorsWeights, Scope, WeightSource,
+    sample_latent, CheckpointWeights, Decoder, DpmSolver, Encoder, FrameSampler, PredictionHead,
+    RandomWeights, SafetensorsWeights, Scope, WeightSource,
 };
 use vibeoffload::text::SpecialTokens;
 
@@ -55,9 +55,13 @@ fn relative(a: &[f32], b: &[f32]) -> f32 {
     worst / b.iter().map(|y| y.abs()).fold(0f32, f32::max)
 }
 
-/// One forced replay of the reference run on CUDA with `gpu_layers` resident and the speech
-/// components in `speech_dtype`: conditions, latents and audio.
-fn replay(gpu_layers: usize, speech_dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// What one replay of the reference run produced: conditions, latents, audio, and the frames
+/// each speech component ran as a CUDA graph.
+type Replayed = (Vec<f32>, Vec<f32>, Vec<f32>, generate::GraphRuns);
+
+/// One forced replay of the reference run on CUDA with `gpu_layers` resident, the speech
+/// components in `speech_dtype`, with or without CUDA graphs.
+fn replay_with(gpu_layers: usize, speech_dtype: DType, graphs: bool) -> Replayed {
     let run = candle_core::safetensors::load(fixture("tiny.generation.safetensors"), &Device::Cpu)
         .unwrap();
     let get = |k: &str| run.get(k).unwrap().clone();
@@ -113,6 +117,7 @@ fn replay(gpu_layers: usize, speech_dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f3
         max_frames: None,
         forced: Some(ids_of("tokens")),
         separate_passes: false,
+        graphs,
     };
     let mut samples = Vec::new();
     let outcome = generate::generate(
@@ -130,7 +135,51 @@ fn replay(gpu_layers: usize, speech_dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f3
     .unwrap();
     let conditions = host(&Tensor::stack(&outcome.conditions, 0).unwrap());
     let latents = host(&Tensor::stack(&outcome.latents, 0).unwrap());
-    (conditions, latents, samples)
+    (conditions, latents, samples, outcome.graph_runs)
+}
+
+/// [`replay_with`] with CUDA graphs, as `generate` runs: conditions, latents and audio.
+fn replay(gpu_layers: usize, speech_dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (conditions, latents, audio, _) = replay_with(gpu_layers, speech_dtype, true);
+    (conditions, latents, audio)
+}
+
+/// Each frame's speech components replayed as CUDA graphs give the bits they give launched
+/// one by one, across the reference run's decoder reset (forced D, D, E, S, D, D, EOS: the
+/// head's graph is captured at frame 1 and replayed to frame 3; each tokenizer's at frame 1,
+/// dropped at speech_end, run directly at frame 2 and captured again at frame 3).
+#[test]
+fn speech_components_replayed_as_cuda_graphs_give_the_same_bits() {
+    let device = Device::new_cuda(0).unwrap();
+    assert!(
+        vibeoffload::engine::replay::available(&device),
+        "this GPU cannot capture CUDA graphs (no stream-ordered allocation)"
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        let (c, l, a, runs) = replay_with(2, dtype, true);
+        let (c0, l0, a0, none) = replay_with(2, dtype, false);
+        let expected = generate::GraphRuns {
+            head: 3,
+            decoder: 2,
+            semantic: 2,
+        };
+        assert_eq!(runs, expected, "{dtype:?}: frames run as graphs");
+        assert_eq!(
+            none,
+            generate::GraphRuns::default(),
+            "{dtype:?}: graphs off"
+        );
+        assert!(
+            c == c0 && l == l0 && a == a0,
+            "{dtype:?}: graphs change the result"
+        );
+        // Streamed layers and graphs together, against resident without graphs.
+        let (_, ls, as_, _) = replay_with(1, dtype, true);
+        assert!(
+            ls == l0 && as_ == a0,
+            "{dtype:?}: streamed with graphs differs"
+        );
+    }
 }
 
 /// The language model runs in bf16 on the GPU (its conditions carry bf16 rounding); the
@@ -461,6 +510,34 @@ fn seven_b_speech_components_timed_against_their_weight_read() {
     let semantic_ms = time_ms(&device, 20, || {
         semantic.encode_chunk(&chunk, &mut sem_state).unwrap();
     });
+    // The same work replayed as CUDA graphs, as generate runs it (two calls first: one to
+    // load the kernels, one to capture).
+    let mut sampler = FrameSampler::new(&head, &solver, 1.3, true, DType::BF16, &device).unwrap();
+    let mut graph_state = decoder.stream_state();
+    let mut graph_sem_state = semantic.stream_state();
+    graph_state.use_graphs(true);
+    graph_sem_state.use_graphs(true);
+    for _ in 0..2 {
+        sampler.sample(&noise, &cond, &cond).unwrap();
+        decoder.decode_chunk(&latent, &mut graph_state).unwrap();
+        semantic.encode_chunk(&chunk, &mut graph_sem_state).unwrap();
+    }
+    let head_graph_ms = time_ms(&device, 20, || {
+        sampler.sample(&noise, &cond, &cond).unwrap();
+    });
+    let decoder_graph_ms = time_ms(&device, 20, || {
+        decoder.decode_chunk(&latent, &mut graph_state).unwrap();
+    });
+    let semantic_graph_ms = time_ms(&device, 20, || {
+        semantic.encode_chunk(&chunk, &mut graph_sem_state).unwrap();
+    });
+    assert!(
+        sampler.replayed() > 20 && graph_state.replayed() > 20 && graph_sem_state.replayed() > 20,
+        "the timed calls did not replay graphs"
+    );
+    println!(
+        "bench: as CUDA graphs: diffusion head {head_graph_ms:.2} ms, decoder frame {decoder_graph_ms:.2} ms, semantic-encoder frame {semantic_graph_ms:.2} ms"
+    );
     let weights = match &info {
         Some(i) => format!("{} (linear weights float8)", i.source),
         None => "random bf16 weights".to_string(),

@@ -9,6 +9,7 @@ mod load;
 pub mod matvec;
 pub mod model;
 pub mod ops;
+pub mod replay;
 pub mod streamer;
 pub mod watch;
 pub mod weights;

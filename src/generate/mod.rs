@@ -16,7 +16,7 @@ pub use session::{positions, prompt_tokens, run_generation, GenerateReport, Requ
 
 use crate::engine::{Engine, LaneId};
 use crate::rng::Rng;
-use crate::speech::{sample_latent_with, step_features};
+use crate::speech::FrameSampler;
 use crate::text::SpecialTokens;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -71,6 +71,10 @@ pub struct Options {
     /// Run the negative pass as its own pass over the layers, as the fork does (a benchmark
     /// of what sharing one weight stream saves); the results are the same.
     pub separate_passes: bool,
+    /// Replay each frame's speech components as CUDA graphs where the device allows it
+    /// ([`FrameSampler`], [`crate::speech::StreamState::use_graphs`]); the results are the
+    /// same bits.
+    pub graphs: bool,
 }
 
 /// Where the time of a generation went, in ms (the device is synchronised between parts).
@@ -88,6 +92,17 @@ pub struct Timings {
     pub semantic_ms: f64,
 }
 
+/// How many times each speech component ran as a replayed CUDA graph.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphRuns {
+    /// Frames the diffusion head sampled.
+    pub head: usize,
+    /// Frames the acoustic decoder decoded.
+    pub decoder: usize,
+    /// Frames the semantic encoder encoded.
+    pub semantic: usize,
+}
+
 /// What a generation produced.
 #[derive(Debug)]
 pub struct Outcome {
@@ -103,6 +118,8 @@ pub struct Outcome {
     pub samples: usize,
     /// Where the time went.
     pub timings: Timings,
+    /// Frames whose speech components ran as CUDA graphs.
+    pub graph_runs: GraphRuns,
 }
 
 /// The negative lane's input at step 0: speech_start (the original's negative prompt).
@@ -145,6 +162,8 @@ pub fn generate(
         .map_or(max_steps(prompt_len, context), Vec::len);
     let mut decoder_state = speech.acoustic_decoder.stream_state();
     let mut semantic_state = speech.semantic_encoder.stream_state();
+    decoder_state.use_graphs(options.graphs);
+    semantic_state.use_graphs(options.graphs);
     let mut out = Outcome {
         tokens: Vec::new(),
         logits: Vec::new(),
@@ -152,11 +171,12 @@ pub fn generate(
         latents: Vec::new(),
         samples: 0,
         timings: Timings::default(),
+        graph_runs: GraphRuns::default(),
     };
     let sync = |engine: &Engine| engine.synchronize();
     let valid = special.all();
 
-    let mut features: Option<Vec<Tensor>> = None;
+    let mut sampler: Option<FrameSampler> = None;
     let mut x_in = prompt.clone();
     for step in 0..max_steps {
         if options.max_frames.is_some_and(|m| out.latents.len() >= m) {
@@ -233,27 +253,21 @@ pub fn generate(
                 h_neg.to_dtype(speech.dtype())?,
             );
             let noise = noise.frame(frame, latent_size, &pos)?;
-            // The steps' timestep features are the same for every frame: computed once.
-            if features.is_none() {
-                features = Some(step_features(
+            if sampler.is_none() {
+                sampler = Some(FrameSampler::new(
                     &speech.head,
                     &solver,
-                    2,
+                    options.cfg_scale,
+                    options.graphs,
                     pos.dtype(),
                     pos.device(),
                 )?);
             }
-            let features = features.as_deref().expect("computed above");
-            let latent = sample_latent_with(
-                &speech.head,
-                &solver,
-                features,
-                &noise,
-                &pos,
-                &neg,
-                options.cfg_scale,
-            )
-            .with_context(|| format!("sampling frame {frame}"))?;
+            let latent = sampler
+                .as_mut()
+                .expect("made above")
+                .sample(&noise, &pos, &neg)
+                .with_context(|| format!("sampling frame {frame}"))?;
             sync(engine)?;
             out.timings.head_ms += ms(started);
 
@@ -289,6 +303,11 @@ pub fn generate(
         }
         x_in = next_in;
     }
+    out.graph_runs = GraphRuns {
+        head: sampler.as_ref().map_or(0, FrameSampler::replayed),
+        decoder: decoder_state.replayed(),
+        semantic: semantic_state.replayed(),
+    };
     Ok(out)
 }
 

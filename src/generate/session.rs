@@ -1,7 +1,9 @@
 //! The `generate` command as a library function: a script and voice samples in, a WAV file
 //! out, with a report of where the time went.
 
-use super::{generate, max_steps, prompt_embeddings, Noise, Options, Timings, VoiceLatents};
+use super::{
+    generate, max_steps, prompt_embeddings, GraphRuns, Noise, Options, Timings, VoiceLatents,
+};
 use super::{load_model, LoadedModel};
 use crate::audio::{self, SAMPLE_RATE};
 use crate::engine::{EngineOptions, LoadProgress, TransferStats};
@@ -47,6 +49,8 @@ pub struct Request {
     pub voice_latents: VoiceLatents,
     /// The guidance pass on its own pass over the layers (see [`Options::separate_passes`]).
     pub separate_passes: bool,
+    /// Replay each frame's speech components as CUDA graphs (see [`Options::graphs`]).
+    pub graphs: bool,
     /// Initial diffusion noise per frame from this safetensors file (`noise`, `[frames,
     /// latent]`) instead of the seeded generator.
     pub noise: Option<PathBuf>,
@@ -101,6 +105,9 @@ pub struct GenerateReport {
     /// waited for them.
     #[serde(default)]
     pub transfer: TransferStats,
+    /// Frames whose speech components ran as replayed CUDA graphs.
+    #[serde(default)]
+    pub graph_runs: GraphRuns,
 }
 
 /// KV positions a generation from a prompt of `prompt_tokens` needs with a model of
@@ -247,6 +254,7 @@ pub fn run_generation(
         max_frames: request.max_frames,
         forced,
         separate_passes: request.separate_passes,
+        graphs: request.graphs,
     };
     let mut written = 0usize;
     let keep_audio = request.dump_latents.is_some();
@@ -323,6 +331,7 @@ pub fn run_generation(
         max_seq_len,
         measured_bytes,
         transfer,
+        graph_runs: outcome.graph_runs,
     })
 }
 

@@ -39,6 +39,13 @@ impl Render for GenerateReport {
             per_frame(t.decoder_ms),
             per_frame(t.semantic_ms)
         ));
+        let g = &self.graph_runs;
+        if g.head + g.decoder + g.semantic > 0 {
+            out.push_str(&format!(
+                "CUDA graphs: replayed for {} frames of the diffusion head, {} of the decoder, {} of the semantic encoder (of {})\n",
+                g.head, g.decoder, g.semantic, self.frames
+            ));
+        }
         let x = &self.transfer;
         if x.total_transfers > 0 {
             out.push_str(&format!(

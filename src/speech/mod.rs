@@ -19,7 +19,9 @@ pub mod weights;
 pub use checkpoint::CheckpointWeights;
 pub use connector::Connector;
 pub use head::{timestep_embedding, PredictionHead};
-pub use sampler::{sample_latent, sample_latent_with, step_features, DpmSolver, SolverRun};
+pub use sampler::{
+    sample_latent, sample_latent_with, step_features, DpmSolver, FrameSampler, SolverRun,
+};
 pub use tokenizer::{gaussian_sample, Decoder, Encoder, StreamState};
 pub use weights::{RandomWeights, SafetensorsWeights, Scope, WeightSource};
 

@@ -8,6 +8,7 @@
 //! f32; sigmas and every step coefficient in f32.
 
 use super::head::PredictionHead;
+use crate::engine::replay::Replay;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -239,6 +240,86 @@ pub fn sample_latent_with(
         step += 1;
     }
     Ok(x)
+}
+
+/// [`sample_latent_with`] frame after frame for a batch of one: the steps' timestep features
+/// computed once, and with graphs on, a frame's whole sampling (every step's head pass and
+/// solver update) captured as one CUDA graph at the second frame and replayed after, where
+/// the device allows it. The results are the same bits either way.
+pub struct FrameSampler<'a> {
+    head: &'a PredictionHead,
+    solver: &'a DpmSolver,
+    features: Vec<Tensor>,
+    cfg_scale: f64,
+    graphs: bool,
+    /// Whether a frame has run directly (its kernels are loaded: capture may follow).
+    warm: bool,
+    replay: Option<Replay>,
+    replayed: usize,
+}
+
+impl<'a> FrameSampler<'a> {
+    /// A sampler whose frames run in `dtype` on `device`.
+    pub fn new(
+        head: &'a PredictionHead,
+        solver: &'a DpmSolver,
+        cfg_scale: f64,
+        graphs: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<FrameSampler<'a>> {
+        Ok(FrameSampler {
+            head,
+            solver,
+            features: step_features(head, solver, 2, dtype, device)?,
+            cfg_scale,
+            graphs,
+            warm: false,
+            replay: None,
+            replayed: 0,
+        })
+    }
+
+    /// Frames sampled by the CUDA graph so far.
+    pub fn replayed(&self) -> usize {
+        self.replayed
+    }
+
+    /// The latent `[1, latent]` of one frame from `noise` `[1, latent]` under `positive` and
+    /// `negative` `[1, hidden]` (see [`sample_latent`]).
+    pub fn sample(
+        &mut self,
+        noise: &Tensor,
+        positive: &Tensor,
+        negative: &Tensor,
+    ) -> Result<Tensor> {
+        let fed = [noise, positive, negative];
+        if let Some(replay) = self.replay.as_ref().filter(|r| r.fits(&fed)) {
+            self.replayed += 1;
+            return Ok(replay.run(&fed)?.remove(0));
+        }
+        let (head, solver, features, cfg) =
+            (self.head, self.solver, &self.features, self.cfg_scale);
+        let direct = |x: &[Tensor]| -> Result<Vec<Tensor>> {
+            Ok(vec![sample_latent_with(
+                head, solver, features, &x[0], &x[1], &x[2], cfg,
+            )?])
+        };
+        if self.graphs && self.warm && self.replay.is_none() {
+            match Replay::capture(&fed, fed.len(), direct)
+                .context("capturing a frame of the diffusion head as a CUDA graph")?
+            {
+                Some((replay, mut out)) => {
+                    self.replay = Some(replay);
+                    self.replayed += 1;
+                    return Ok(out.remove(0));
+                }
+                None => self.graphs = false,
+            }
+        }
+        self.warm = true;
+        Ok(direct(&[noise.clone(), positive.clone(), negative.clone()])?.remove(0))
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use super::nn::{apply, linear, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{ConvStack, TokenizerConfig, TOKENIZER_KERNEL};
 use crate::engine::ops::{ChannelNorm, ChannelResidual, DepthwiseMixer};
+use crate::engine::replay::Replay;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::slice::IterMut;
@@ -62,11 +63,16 @@ impl Block {
 
 /// The streaming caches of one encoder or decoder, one per convolution in application
 /// order. A fresh state (or one after [`StreamState::reset`]) starts from silence, as the
-/// original's zeroed cache at `speech_end` does.
+/// original's zeroed cache at `speech_end` does. With [`StreamState::use_graphs`], once every
+/// cache is filled, a chunk's work is captured as one CUDA graph and replayed for the chunks
+/// that follow (the caches then live in the graph's inputs, updated in place).
 pub struct StreamState {
     /// The module it belongs to, by weight prefix.
     owner: String,
     slots: Vec<Slot>,
+    graphs: bool,
+    replay: Option<Replay>,
+    replayed: usize,
 }
 
 impl StreamState {
@@ -74,23 +80,79 @@ impl StreamState {
         StreamState {
             owner: owner.to_string(),
             slots: (0..layers).map(|_| None).collect(),
+            graphs: false,
+            replay: None,
+            replayed: 0,
+        }
+    }
+
+    /// Chunks run by a CUDA graph so far (resets included).
+    pub fn replayed(&self) -> usize {
+        self.replayed
+    }
+
+    /// Replays chunks as a CUDA graph where the device allows it (see the type's doc); off by
+    /// default. The results are the same bits either way.
+    pub fn use_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.replay = None;
         }
     }
 
     /// Forgets everything streamed so far.
     pub fn reset(&mut self) {
         self.slots.iter_mut().for_each(|s| *s = None);
+        self.replay = None;
     }
 
-    /// The slots, in order, checked to belong to `module` with its `layers` convolutions.
-    fn walk(&mut self, module: &str, layers: usize) -> Result<IterMut<'_, Slot>> {
+    /// One chunk `x` of `module` (with `layers` convolutions): `run(x, slots)`, or its graph.
+    fn chunk(
+        &mut self,
+        module: &str,
+        layers: usize,
+        x: &Tensor,
+        run: impl Fn(&Tensor, IterMut<'_, Slot>) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         if self.owner != module || self.slots.len() != layers {
             bail!(
                 "{module}: this streaming state was made for another module ({})",
                 self.owner
             );
         }
-        Ok(self.slots.iter_mut())
+        if let Some(replay) = &self.replay {
+            if replay.fits(&[x]) {
+                self.replayed += 1;
+                return Ok(replay.run(&[x])?.remove(0));
+            }
+            // Another chunk length: run directly, on the caches the graph left.
+            self.replay = None;
+        } else if self.graphs && self.slots.iter().all(Option::is_some) {
+            let mut inputs = vec![x];
+            inputs.extend(self.slots.iter().flatten());
+            let captured = Replay::capture(&inputs, 1, |statics| {
+                let mut slots: Vec<Slot> = statics[1..].iter().cloned().map(Some).collect();
+                let out = run(&statics[0], slots.iter_mut())?;
+                for (cache, new) in statics[1..].iter().zip(slots) {
+                    let new =
+                        new.ok_or_else(|| anyhow!("{module}: a streaming cache was emptied"))?;
+                    cache.slice_set(&new.contiguous()?, 0, 0)?;
+                }
+                Ok(vec![out])
+            })
+            .with_context(|| format!("capturing a chunk of {module} as a CUDA graph"))?;
+            match captured {
+                Some((replay, mut out)) => {
+                    self.slots = replay.inputs()[1..].iter().cloned().map(Some).collect();
+                    self.replay = Some(replay);
+                    self.replayed += 1;
+                    return Ok(out.remove(0));
+                }
+                // The device cannot capture.
+                None => self.graphs = false,
+            }
+        }
+        run(x, self.slots.iter_mut())
     }
 }
 
@@ -209,8 +271,9 @@ impl Encoder {
                 self.hop
             );
         }
-        let slots = state.walk(&self.name, self.layers())?;
-        self.run(audio, Some(slots))
+        state.chunk(&self.name, self.layers(), audio, |x, slots| {
+            self.run(x, Some(slots))
+        })
     }
 
     fn run(&self, audio: &Tensor, mut slots: Option<IterMut<'_, Slot>>) -> Result<Tensor> {
@@ -307,8 +370,9 @@ impl Decoder {
     /// `[B, channels, T·hop]`, equal to the matching samples of [`Decoder::decode`] over every
     /// frame streamed since the last reset.
     pub fn decode_chunk(&self, latents: &Tensor, state: &mut StreamState) -> Result<Tensor> {
-        let slots = state.walk(&self.name, self.layers())?;
-        self.run(latents, Some(slots))
+        state.chunk(&self.name, self.layers(), latents, |x, slots| {
+            self.run(x, Some(slots))
+        })
     }
 
     fn run(&self, latents: &Tensor, mut slots: Option<IterMut<'_, Slot>>) -> Result<Tensor> {

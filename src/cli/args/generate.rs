@@ -72,6 +72,10 @@ pub struct GenerateArgs {
     /// sharing one weight stream saves; the audio is the same).
     #[arg(long, help_heading = SPEECH)]
     pub separate_cfg_passes: bool,
+    /// Launch the speech components' kernels one by one instead of replaying each frame's as
+    /// CUDA graphs (a benchmark of what the graphs save; the audio is the same).
+    #[arg(long, help_heading = SPEECH)]
+    pub no_cuda_graphs: bool,
     /// Generate once per preset (high_end, mid_range, consumer, budget, minimal) and print a
     /// table of RTF, time per part and VRAM, as the fork's --benchmark does.
     #[arg(long, conflicts_with_all = ["num_gpu_layers", "config", "no_offload"], help_heading = MODE)]

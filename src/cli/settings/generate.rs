@@ -37,6 +37,11 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     }
     // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
     refuse_unused_gpu(&a.engine, &a.gpu, false)?;
+    if a.no_cuda_graphs && a.engine.device == DeviceArg::Cpu {
+        bail!(UsageError::new(
+            "--no-cuda-graphs would do nothing: --device cpu launches no CUDA graphs; drop one of them"
+        ));
+    }
     let info = model.open()?;
     let plan = PlanOptions {
         scope: Scope::Full,
@@ -75,6 +80,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
             VoiceLatentsArg::Mean => VoiceLatents::Mean,
         },
         separate_passes: a.separate_cfg_passes,
+        graphs: !a.no_cuda_graphs,
         noise: a.noise.clone(),
         dump_latents: a.dump_latents.clone(),
     };

@@ -2,9 +2,10 @@
 //! compiled here by NVRTC at first use: dequantisation for any GPU, the decode path's for the
 //! device's architecture, the speech tokenizers' fused block ops for any GPU), their launchers
 //! (`ops`, `speech`, through the one launch style of `launch`), pinned host buffers and the
-//! streaming slots with their copy stream and events (`slots`), and the bandwidth and
-//! queued-time measurements `bench` reports (`timing`).
+//! streaming slots with their copy stream and events (`slots`), CUDA graphs (`graph`), and the
+//! bandwidth and queued-time measurements `bench` reports (`timing`).
 
+pub mod graph;
 mod launch;
 mod ops;
 mod slots;
