@@ -146,8 +146,9 @@ fn replay(gpu_layers: usize, speech_dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f3
 
 /// Each frame's speech components replayed as CUDA graphs give the bits they give launched
 /// one by one, across the reference run's decoder reset (forced D, D, E, S, D, D, EOS: the
-/// head's graph is captured at frame 1 and replayed to frame 3; each tokenizer's at frame 1,
-/// dropped at speech_end, run directly at frame 2 and captured again at frame 3).
+/// head's graph is captured at frame 0 and replayed to frame 3; each tokenizer's is captured
+/// at frame 1 (frame 0 fills its caches), dropped at speech_end, and captured again at frame
+/// 3).
 #[test]
 fn speech_components_replayed_as_cuda_graphs_give_the_same_bits() {
     let device = Device::new_cuda(0).unwrap();
@@ -159,7 +160,7 @@ fn speech_components_replayed_as_cuda_graphs_give_the_same_bits() {
         let (c, l, a, runs) = replay_with(2, dtype, true);
         let (c0, l0, a0, none) = replay_with(2, dtype, false);
         let expected = generate::GraphRuns {
-            head: 3,
+            head: 4,
             decoder: 2,
             semantic: 2,
         };
@@ -510,8 +511,8 @@ fn seven_b_speech_components_timed_against_their_weight_read() {
     let semantic_ms = time_ms(&device, 20, || {
         semantic.encode_chunk(&chunk, &mut sem_state).unwrap();
     });
-    // The same work replayed as CUDA graphs, as generate runs it (two calls first: one to
-    // load the kernels, one to capture).
+    // The same work replayed as CUDA graphs, as generate runs it (two calls first: the
+    // tokenizers fill their caches, then capture).
     let mut sampler = FrameSampler::new(&head, &solver, 1.3, true, DType::BF16, &device).unwrap();
     let mut graph_state = decoder.stream_state();
     let mut graph_sem_state = semantic.stream_state();

@@ -31,16 +31,27 @@ pub fn available(device: &Device) -> bool {
     }
 }
 
+/// Runs `work` with candle's small host-to-device uploads cached by content (on a CUDA
+/// device): the dims and strides that candle's kernels take for non-contiguous operands are
+/// uploaded from short-lived host memory, which a graph cannot replay, so the work runs once
+/// under this cache before its capture, which then reuses the cached copies.
+#[cfg(feature = "cuda")]
+fn with_cached_uploads<T>(dev: &candle_core::CudaDevice, work: impl FnOnce() -> T) -> T {
+    let _cached = dev.enable_cuda_graph_htod_cache();
+    work()
+}
+
 impl Replay {
     /// Captures `work` on static copies of `inputs` (the first `fed` of them fed by each run,
     /// the rest state that `work` must update in place) and runs it once on them: `Ok(None)`
     /// where the device cannot capture. `work` must queue device work only (no copy to the
-    /// host, no host-side value read) and must already have run once outside a capture, so
-    /// that its kernels are loaded.
+    /// host, no host-side value read). It runs once more beforehand, directly, on scratch
+    /// copies of the inputs (so the state is not advanced twice), to load its kernels and
+    /// cache its uploads.
     pub fn capture(
         inputs: &[&Tensor],
         fed: usize,
-        work: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
+        work: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
     ) -> Result<Option<(Replay, Vec<Tensor>)>> {
         let Some(first) = inputs.first() else {
             bail!("a captured replay needs at least one input");
@@ -48,27 +59,34 @@ impl Replay {
         if fed > inputs.len() || !available(first.device()) {
             return Ok(None);
         }
-        let statics = inputs
-            .iter()
-            .map(|t| {
-                let s = Tensor::zeros(t.shape(), t.dtype(), t.device())?;
-                s.slice_set(&t.contiguous()?, 0, 0)?;
-                Ok(s)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Self::capture_on(statics, fed, work)
+        let copies = || {
+            inputs
+                .iter()
+                .map(|t| {
+                    let s = Tensor::zeros(t.shape(), t.dtype(), t.device())?;
+                    s.slice_set(&t.contiguous()?, 0, 0)?;
+                    Ok(s)
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        Self::capture_on(copies()?, copies()?, fed, work)
     }
 
     #[cfg(feature = "cuda")]
     fn capture_on(
         inputs: Vec<Tensor>,
+        scratch: Vec<Tensor>,
         fed: usize,
-        work: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
+        work: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
     ) -> Result<Option<(Replay, Vec<Tensor>)>> {
         let Device::Cuda(dev) = inputs[0].device() else {
             return Ok(None);
         };
-        let (graph, outputs) = super::cuda::graph::capture(dev, || work(&inputs))?;
+        let (graph, outputs) = with_cached_uploads(dev, || {
+            work(&scratch)?;
+            drop(scratch);
+            super::cuda::graph::capture(dev, || work(&inputs))
+        })?;
         let replay = Replay {
             outputs,
             inputs,
@@ -83,8 +101,9 @@ impl Replay {
     #[cfg(not(feature = "cuda"))]
     fn capture_on(
         _inputs: Vec<Tensor>,
+        _scratch: Vec<Tensor>,
         _fed: usize,
-        _work: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
+        _work: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
     ) -> Result<Option<(Replay, Vec<Tensor>)>> {
         Ok(None)
     }

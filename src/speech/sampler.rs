@@ -244,7 +244,7 @@ pub fn sample_latent_with(
 
 /// [`sample_latent_with`] frame after frame for a batch of one: the steps' timestep features
 /// computed once, and with graphs on, a frame's whole sampling (every step's head pass and
-/// solver update) captured as one CUDA graph at the second frame and replayed after, where
+/// solver update) captured as one CUDA graph at the first frame and replayed after, where
 /// the device allows it. The results are the same bits either way.
 pub struct FrameSampler<'a> {
     head: &'a PredictionHead,
@@ -252,8 +252,6 @@ pub struct FrameSampler<'a> {
     features: Vec<Tensor>,
     cfg_scale: f64,
     graphs: bool,
-    /// Whether a frame has run directly (its kernels are loaded: capture may follow).
-    warm: bool,
     replay: Option<Replay>,
     replayed: usize,
 }
@@ -274,7 +272,6 @@ impl<'a> FrameSampler<'a> {
             features: step_features(head, solver, 2, dtype, device)?,
             cfg_scale,
             graphs,
-            warm: false,
             replay: None,
             replayed: 0,
         })
@@ -305,7 +302,7 @@ impl<'a> FrameSampler<'a> {
                 head, solver, features, &x[0], &x[1], &x[2], cfg,
             )?])
         };
-        if self.graphs && self.warm && self.replay.is_none() {
+        if self.graphs && self.replay.is_none() {
             match Replay::capture(&fed, fed.len(), direct)
                 .context("capturing a frame of the diffusion head as a CUDA graph")?
             {
@@ -317,7 +314,6 @@ impl<'a> FrameSampler<'a> {
                 None => self.graphs = false,
             }
         }
-        self.warm = true;
         Ok(direct(&[noise.clone(), positive.clone(), negative.clone()])?.remove(0))
     }
 }
