@@ -262,10 +262,16 @@ pub fn generate(a: GenerateArgs) -> Result<Output> {
         let runs = configurations.len() as u64 + 1;
         let mut bar = Progress::steps("generate --benchmark", "runs", runs);
         let mut done = 0;
-        let report = vibeoffload::generate::run_benchmark(&model, &request, &configurations, |m| {
-            bar.step(done, m);
-            done += 1;
-        });
+        let report = vibeoffload::generate::run_benchmark(
+            &model,
+            &request,
+            &configurations,
+            |m| {
+                bar.step(done, m);
+                done += 1;
+            },
+            |_| Ok(()),
+        );
         bar.finish();
         return report_out(&report?, &a.output);
     }
