@@ -1,9 +1,11 @@
 //! The "high" argument layer: turns the parsed flags into the library's options once, making
 //! every check that needs more than one flag, or the model, here.
 
+mod bench_speech;
 mod generate;
 mod write;
 
+pub use bench_speech::SpeechBenchSettings;
 pub use generate::generate_request;
 pub use write::{convert_precision, synth_spec};
 
@@ -160,6 +162,18 @@ pub fn fixed_choice(model: &ModelInfo, c: &ChoiceArgs) -> Result<Option<(Choice,
 /// `table`'s and `bench`'s default layer counts: all, then every 4 fewer, down to 0.
 pub fn every_fourth(num_layers: usize) -> Vec<usize> {
     (0..=num_layers).rev().step_by(4).collect()
+}
+
+/// `bench`'s layer counts: `--layers`, checked against the model, else [`every_fourth`].
+fn layer_counts(given: Option<&[usize]>, model: &ModelInfo) -> Result<Vec<usize>> {
+    let layers = model.inventory.num_layers();
+    let counts = given.map_or_else(|| every_fourth(layers), <[usize]>::to_vec);
+    if let Some(&n) = counts.iter().find(|&&n| n > layers) {
+        bail!(UsageError::new(format!(
+            "--layers {n} is more than the model's {layers} layers"
+        )));
+    }
+    Ok(counts)
 }
 
 /// `run`: the checkpoint to load and what to do with it.
@@ -329,13 +343,7 @@ impl BenchSettings {
             vibeoffload::output::check_target(path)?;
         }
         let model = model_file(&a.checkpoint)?;
-        let layers = model.open()?.inventory.num_layers();
-        let layer_counts = a.layers.clone().unwrap_or_else(|| every_fourth(layers));
-        if let Some(&n) = layer_counts.iter().find(|&&n| n > layers) {
-            bail!(UsageError::new(format!(
-                "--layers {n} is more than the model's {layers} layers"
-            )));
-        }
+        let layer_counts = layer_counts(a.layers.as_deref(), &model.open()?)?;
         let workload = workload(&a.timing)?;
         let mut plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
         if a.plan.max_seq_len.is_none() {
@@ -381,6 +389,18 @@ pub fn model_info(a: &ModelArgs) -> Result<ModelInfo> {
             a.builtin.unwrap_or(BuiltinArg::Large7b).into(),
             dtype,
         )),
+    }
+}
+
+/// The checkpoint `generate` and `bench --speech` load: `--model-path`, else the embedded
+/// speech model.
+fn speech_model_file(a: &CheckpointArgs) -> Result<ModelFile> {
+    match &a.model_path {
+        Some(path) => Ok(ModelFile::at(checkpoint::resolve_path(
+            path,
+            a.dtype.into(),
+        ))),
+        None => ModelFile::embedded_speech(a.dtype.into()),
     }
 }
 
