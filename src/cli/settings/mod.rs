@@ -1,11 +1,11 @@
 //! The "high" argument layer: turns the parsed flags into the library's options once, making
 //! every check that needs more than one flag, or the model, here.
 
-mod bench_speech;
+mod bench;
 mod generate;
 mod write;
 
-pub use bench_speech::SpeechBenchSettings;
+pub use bench::{BenchSettings, SpeechBenchSettings};
 pub use generate::generate_request;
 pub use write::{convert_precision, synth_spec};
 
@@ -164,18 +164,6 @@ pub fn every_fourth(num_layers: usize) -> Vec<usize> {
     (0..=num_layers).rev().step_by(4).collect()
 }
 
-/// `bench`'s layer counts: `--layers`, checked against the model, else [`every_fourth`].
-fn layer_counts(given: Option<&[usize]>, model: &ModelInfo) -> Result<Vec<usize>> {
-    let layers = model.inventory.num_layers();
-    let counts = given.map_or_else(|| every_fourth(layers), <[usize]>::to_vec);
-    if let Some(&n) = counts.iter().find(|&&n| n > layers) {
-        bail!(UsageError::new(format!(
-            "--layers {n} is more than the model's {layers} layers"
-        )));
-    }
-    Ok(counts)
-}
-
 /// `run`: the checkpoint to load and what to do with it.
 pub struct RunSettings {
     pub model: ModelFile,
@@ -318,56 +306,6 @@ pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
         budget,
         test_speed,
     })
-}
-
-/// `bench`: the checkpoint, what to measure, and the baseline to hold it to.
-pub struct BenchSettings {
-    pub model: ModelFile,
-    pub options: BenchOptions,
-    pub baseline: Option<BenchReport>,
-    pub threshold: f64,
-}
-
-impl BenchSettings {
-    /// Checks the flags, reads the baseline and picks the layer counts.
-    pub fn resolve(a: &BenchArgs) -> Result<BenchSettings> {
-        if a.threshold.is_nan() || a.threshold < 0.0 {
-            bail!(UsageError::new(
-                "--threshold must be 0 or more (0.10 = 10%)"
-            ));
-        }
-        refuse_unused_gpu(&a.engine, &a.gpu, false)?;
-        let baseline = a.baseline.as_deref().map(BenchReport::read).transpose()?;
-        // Outputs are checked now, not after the whole bench: none may replace an input.
-        for path in [&a.plot, &a.output.json_out].into_iter().flatten() {
-            vibeoffload::output::check_target(path)?;
-        }
-        let model = model_file(&a.checkpoint)?;
-        let layer_counts = layer_counts(a.layers.as_deref(), &model.open()?)?;
-        let workload = workload(&a.timing)?;
-        let mut plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
-        if a.plan.max_seq_len.is_none() {
-            // Just what the runs need, so the estimate and the measurement describe the same
-            // buffers.
-            plan.max_seq_len = workload.cache_tokens() as u64;
-        }
-        // Each row decodes too.
-        check_cache_room(&workload, true, plan.max_seq_len)?;
-        let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
-        progress::setting("layer counts", &layer_counts);
-        show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
-        Ok(BenchSettings {
-            options: BenchOptions {
-                engine,
-                plan,
-                layer_counts,
-                workload,
-            },
-            model,
-            baseline,
-            threshold: a.threshold,
-        })
-    }
 }
 
 /// `--verbose`: what `run` and `bench` time with.

@@ -1,8 +1,71 @@
-//! `bench --speech`'s settings: the checkpoint (or the embedded speech model), the request
-//! spoken at each layer count, and where its WAV goes.
+//! `bench`'s settings: the checkpoint, the layer counts and the workload or baseline of the
+//! language-model bench; and with `--speech`, the checkpoint (or the embedded speech model),
+//! the request spoken at each layer count, and where its WAV goes.
 
 use super::*;
 use vibeoffload::measure::SpeechBenchOptions;
+
+/// `bench`'s layer counts: `--layers`, checked against the model, else [`every_fourth`].
+fn layer_counts(given: Option<&[usize]>, model: &ModelInfo) -> Result<Vec<usize>> {
+    let layers = model.inventory.num_layers();
+    let counts = given.map_or_else(|| every_fourth(layers), <[usize]>::to_vec);
+    if let Some(&n) = counts.iter().find(|&&n| n > layers) {
+        bail!(UsageError::new(format!(
+            "--layers {n} is more than the model's {layers} layers"
+        )));
+    }
+    Ok(counts)
+}
+
+/// `bench`: the checkpoint, what to measure, and the baseline to hold it to.
+pub struct BenchSettings {
+    pub model: ModelFile,
+    pub options: BenchOptions,
+    pub baseline: Option<BenchReport>,
+    pub threshold: f64,
+}
+
+impl BenchSettings {
+    /// Checks the flags, reads the baseline and picks the layer counts.
+    pub fn resolve(a: &BenchArgs) -> Result<BenchSettings> {
+        if a.threshold.is_nan() || a.threshold < 0.0 {
+            bail!(UsageError::new(
+                "--threshold must be 0 or more (0.10 = 10%)"
+            ));
+        }
+        refuse_unused_gpu(&a.engine, &a.gpu, false)?;
+        let baseline = a.baseline.as_deref().map(BenchReport::read).transpose()?;
+        // Outputs are checked now, not after the whole bench: none may replace an input.
+        for path in [&a.plot, &a.output.json_out].into_iter().flatten() {
+            vibeoffload::output::check_target(path)?;
+        }
+        let model = model_file(&a.checkpoint)?;
+        let layer_counts = layer_counts(a.layers.as_deref(), &model.open()?)?;
+        let workload = workload(&a.timing)?;
+        let mut plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
+        if a.plan.max_seq_len.is_none() {
+            // Just what the runs need, so the estimate and the measurement describe the same
+            // buffers.
+            plan.max_seq_len = workload.cache_tokens() as u64;
+        }
+        // Each row decodes too.
+        check_cache_room(&workload, true, plan.max_seq_len)?;
+        let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
+        progress::setting("layer counts", &layer_counts);
+        show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
+        Ok(BenchSettings {
+            options: BenchOptions {
+                engine,
+                plan,
+                layer_counts,
+                workload,
+            },
+            model,
+            baseline,
+            threshold: a.threshold,
+        })
+    }
+}
 
 /// `bench --speech`: the checkpoint and what to speak at each layer count.
 pub struct SpeechBenchSettings {
