@@ -8,7 +8,9 @@
 # Env: LAYER_COUNTS (default "28 8"), FRAMES (default 64), STEPS (default 10); SEPARATE=N also
 #      runs N with --separate-cfg-passes (the fork's two passes), to compare with the shared one;
 #      SLOTS="N:S ..." also runs N layers with S stream slots; EAGER="N ..." also runs each N with
-#      --no-cuda-graphs (the speech components launched one by one), to compare with the graphs.
+#      --no-cuda-graphs (the speech components launched one by one), to compare with the graphs;
+#      BENCH_SPEECH=1 also runs `bench --speech` over LAYER_COUNTS (table, bench-speech.json and
+#      bench-speech.svg).
 source "$(dirname "$0")/gpu-env.sh"
 
 echo "== GPU tests (the speech benchmark on the 7B float8 checkpoint)"
@@ -45,4 +47,12 @@ for pair in ${SLOTS:-}; do
     --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-$n-$slots.wav" --force \
     --json-out "$out/generate-$n-slots$slots.json" || fail "generate N=$n slots=$slots"
 done
+if [[ -n ${BENCH_SPEECH:-} ]]; then
+  layers=${LAYER_COUNTS:-28 8}
+  echo "-- bench --speech, N=${layers// /,}"
+  "$bin" bench --speech --device cuda --model-path "$model" --layers "${layers// /,}" \
+    --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
+    --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" \
+    --json-out "$out/bench-speech.json" --plot "$out/bench-speech.svg" || fail "bench --speech"
+fi
 finish

@@ -11,6 +11,7 @@ use super::settings::convert_precision;
 use super::settings::{
     every_fourth, fixed_choice, generate_request, legacy_checkpoint, load_options, model_info,
     refuse_legacy_gen_tokens, synth_spec, BenchSettings, Planning, RunSettings,
+    SpeechBenchSettings,
 };
 use anyhow::Result;
 use clap::CommandFactory;
@@ -19,9 +20,13 @@ use std::path::Path;
 use vibeoffload::checkpoint::synth;
 use vibeoffload::checkpoint::{self, convert, CheckpointDtype, ModelInfo};
 use vibeoffload::engine::{LoadPhase, LoadProgress};
-use vibeoffload::measure::{self, compare, BenchReport, ModelFile, SessionProgress};
+use vibeoffload::measure::{
+    self, compare, BenchReport, ModelFile, SessionProgress, SpeechBenchReport,
+};
 use vibeoffload::plan::presets;
-use vibeoffload::report::{self, plot_bench, InspectReport, PlanReport, Render, TableReport};
+use vibeoffload::report::{
+    self, plot_bench, plot_speech_bench, InspectReport, PlanReport, Render, TableReport,
+};
 
 /// What a command leaves: text for stdout, and a failure to report after printing it.
 pub struct Output {
@@ -262,10 +267,16 @@ pub fn generate(a: GenerateArgs) -> Result<Output> {
         let runs = configurations.len() as u64 + 1;
         let mut bar = Progress::steps("generate --benchmark", "runs", runs);
         let mut done = 0;
-        let report = vibeoffload::generate::run_benchmark(&model, &request, &configurations, |m| {
-            bar.step(done, m);
-            done += 1;
-        });
+        let report = vibeoffload::generate::run_benchmark(
+            &model,
+            &request,
+            &configurations,
+            |m| {
+                bar.step(done, m);
+                done += 1;
+            },
+            |_| Ok(()),
+        );
         bar.finish();
         return report_out(&report?, &a.output);
     }
@@ -295,6 +306,9 @@ pub fn generate(a: GenerateArgs) -> Result<Output> {
 }
 
 pub fn bench(a: BenchArgs) -> Result<Output> {
+    if a.speech {
+        return bench_speech(&a);
+    }
     let s = BenchSettings::resolve(&a)?;
     let rows = s.options.layer_counts.len() as u64;
     let mut bar = Progress::steps("bench", "rows", rows);
@@ -323,6 +337,31 @@ pub fn bench(a: BenchArgs) -> Result<Output> {
     let mut out = report_out(&report, &a.output)?;
     out.failure = report.comparison.as_ref().and_then(|c| c.verdict().err());
     Ok(out)
+}
+
+/// `bench --speech`: the whole text-to-speech loop at each layer count, after a warm-up.
+fn bench_speech(a: &BenchArgs) -> Result<Output> {
+    let s = SpeechBenchSettings::resolve(a)?;
+    let runs = s.options.layer_counts.len() as u64 + 1;
+    let mut bar = Progress::steps("bench --speech", "runs", runs);
+    // --json-out holds the rows measured so far, rewritten whole after each one.
+    let save = |partial: &SpeechBenchReport| match &a.output.json_out {
+        Some(path) => report::write_json(partial, path),
+        None => Ok(()),
+    };
+    let report = measure::run_speech_bench(
+        &s.model,
+        &s.options,
+        |done, m| bar.step(done as u64, m),
+        save,
+    );
+    bar.finish();
+    let report = report?;
+    if let Some(plot) = &a.plot {
+        plot_speech_bench(&report, plot)
+            .map_err(|e| anyhow::anyhow!("cannot draw {}: {e:#}", plot.display()))?;
+    }
+    report_out(&report, &a.output)
 }
 
 /// `bench compare OLD NEW`: two earlier `bench --json` reports, compared without rerunning.

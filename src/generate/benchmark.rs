@@ -29,12 +29,14 @@ pub struct GenerateBenchmark {
 
 /// Generates `request` once per `(name, gpu_layers)` configuration, after a two-frame warm-up
 /// of the first (the first configuration in a process runs slow); each writes `request.out`
-/// over the previous one. `progress` hears which configuration runs.
+/// over the previous one. `progress` hears which configuration runs; after each configuration,
+/// `row_done` gets the rows so far (an error from it stops the benchmark there).
 pub fn run_benchmark(
     model: &ModelFile,
     request: &Request,
     configurations: &[(String, usize)],
     mut progress: impl FnMut(&str),
+    mut row_done: impl FnMut(&GenerateBenchmark) -> Result<()>,
 ) -> Result<GenerateBenchmark> {
     // The rows replace each other's file, never one that was there before without --force.
     if !request.force && request.out.exists() {
@@ -56,17 +58,18 @@ pub fn run_benchmark(
         warm_up.dump_latents = None;
         run_generation(model, &warm_up, |_| {}, |_| {})?;
     }
-    let mut rows = Vec::with_capacity(configurations.len());
+    let mut benchmark = GenerateBenchmark {
+        schema: "vibeoffload.generate-benchmark/1".into(),
+        tool: crate::TOOL.to_string(),
+        rows: Vec::with_capacity(configurations.len()),
+    };
     for (name, layers) in configurations {
         progress(&format!("{name}: {layers} layers on the GPU"));
-        rows.push(BenchmarkRow {
+        benchmark.rows.push(BenchmarkRow {
             configuration: name.clone(),
             report: run_generation(model, &with_layers(*layers), |_| {}, |_| {})?,
         });
+        row_done(&benchmark)?;
     }
-    Ok(GenerateBenchmark {
-        schema: "vibeoffload.generate-benchmark/1".into(),
-        tool: crate::TOOL.to_string(),
-        rows,
-    })
+    Ok(benchmark)
 }

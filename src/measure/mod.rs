@@ -1,10 +1,12 @@
-//! Timed use of an engine: the `run` command's session and the `bench` command's sweep over
-//! layer counts, both as library functions that return their reports, the timing loops they
-//! share, and the bench gate (a report against a baseline). Nothing here prints.
+//! Timed use of an engine: the `run` command's session and the `bench` command's sweeps over
+//! layer counts (the language model's, and `--speech`'s whole text-to-speech loop), as library
+//! functions that return their reports, the timing loops they share, and the bench gate (a
+//! report against a baseline). Nothing here prints.
 
 mod bench;
 mod compare;
 mod session;
+mod speech_bench;
 mod speed;
 
 pub use bench::{run_bench, BenchOptions, BenchReport, BenchRow};
@@ -12,6 +14,7 @@ pub use compare::{compare, ComparedRow, Comparison, Regression};
 pub use session::{
     run_session, ForwardResult, Mode, RunReport, SessionOptions, SessionProgress, VramUse,
 };
+pub use speech_bench::{run_speech_bench, SpeechBenchOptions, SpeechBenchReport, SpeechBenchRow};
 pub use speed::{
     decode, decode_with, test_speed, test_speed_with, Decode, TestSpeed, QUEUED_STEPS,
 };

@@ -1,9 +1,10 @@
 //! What the commands print: each command's text form (one file per command), the report
-//! types built from the planner's numbers (`table`, `auto`, `inspect`), the bench plot, and
+//! types built from the planner's numbers (`table`, `auto`, `inspect`), the bench plots, and
 //! JSON output. The types `run` and `bench` measure live in [`crate::measure`]; this module
 //! only renders them. Nothing here prints.
 
 mod bench;
+mod bench_speech;
 mod convert;
 mod generate;
 mod inspect;
@@ -16,7 +17,7 @@ mod table;
 
 pub use inspect::{GroupRow, InspectReport, LayerTensorRow};
 pub use plan::PlanReport;
-pub use plot::plot_bench;
+pub use plot::{plot_bench, plot_speech_bench};
 pub use table::{GpuClassRow, TableReport, TableRow};
 
 use crate::checkpoint::summary::ModelSummary;

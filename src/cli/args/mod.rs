@@ -1,9 +1,11 @@
 //! Command-line arguments as typed (the "low" layer): clap structs that only check the shapes
 //! of values. [`super::settings`] turns them into the library's options.
 
+mod bench_speech;
 mod generate;
 mod write;
 
+pub use bench_speech::SpeechBenchArgs;
 pub use generate::{GenerateArgs, VoiceLatentsArg};
 pub use write::{ConventionArg, ConvertArgs, ConvertPrecisionArg, ScaleArg, SizeArg, SynthArgs};
 
@@ -74,7 +76,8 @@ Examples:
 Examples:
   vibeoffload bench --model-path models/converted --layers 28,12,0 --json-out bench.json
   vibeoffload bench --model-path models/converted --baseline bench.json   # exit 3 if slower
-  vibeoffload bench compare old.json new.json";
+  vibeoffload bench compare old.json new.json
+  vibeoffload bench --speech --model-path models/converted --layers 28,8 --plot speech.svg";
     pub const BENCH_COMPARE: &str = "\
 Examples:
   vibeoffload bench compare old.json new.json
@@ -138,7 +141,8 @@ pub enum Command {
     /// statistics. Without --model-path: a small model synthesized on the fly.
     #[command(after_help = examples::RUN)]
     Run(RunArgs),
-    /// Measure each layer count: prefill, decode, VRAM against the estimate, copy bandwidth.
+    /// Measure each layer count: prefill, decode, VRAM against the estimate, copy bandwidth
+    /// (--speech: the whole text-to-speech loop, RTF and time per frame by part).
     #[command(after_help = examples::BENCH)]
     Bench(BenchArgs),
     /// Speak a script in the given voices into a WAV file. Without --model-path: a small model
@@ -245,10 +249,23 @@ pub struct BenchArgs {
     /// `bench compare OLD NEW`: two earlier reports instead of a new measurement.
     #[command(subcommand)]
     pub compare: Option<BenchCommand>,
+    /// Speak instead of decoding: the whole text-to-speech loop at each layer count on a forced
+    /// schedule of frames, with RTF, time per frame by part against its floor (the CFG pair's
+    /// copy floor plus the time outside the language model), and VRAM. --seed seeds the
+    /// diffusion noise. Without --model-path: the small embedded speech model.
+    #[arg(
+        long,
+        conflicts_with_all = ["baseline", "threshold", "max_seq_len", "batch", "prompt_len", "gen_tokens", "runs"],
+        help_heading = MODE
+    )]
+    pub speech: bool,
+    #[command(flatten)]
+    pub speech_args: SpeechBenchArgs,
     /// Layer counts to measure, in order (default: all layers, then every 4 fewer, down to 0).
     #[arg(long, value_delimiter = ',', value_name = "N,N,...", help_heading = CHOICE)]
     pub layers: Option<Vec<usize>>,
-    /// Draw ms/token and VRAM (estimate and measurement) against GPU layers into this SVG.
+    /// Draw ms/token (--speech: ms/frame) beside its bound and VRAM (estimate and measurement)
+    /// against GPU layers into this SVG.
     #[arg(long, value_name = "PATH", help_heading = OUTPUT)]
     pub plot: Option<PathBuf>,
     /// An earlier `bench --json`: exit 3 when a configuration got slower by more than

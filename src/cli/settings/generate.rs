@@ -5,10 +5,7 @@ use super::*;
 /// `generate`: the checkpoint (or the embedded speech model) and the request.
 pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     let embedded = a.checkpoint.model_path.is_none();
-    let model = match &a.checkpoint.model_path {
-        Some(path) => ModelFile::at(checkpoint::resolve_path(path, a.checkpoint.dtype.into())),
-        None => ModelFile::embedded_speech(a.checkpoint.dtype.into())?,
-    };
+    let model = speech_model_file(&a.checkpoint)?;
     let script = match (&a.script, &a.text) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)

@@ -1,9 +1,11 @@
 //! The "high" argument layer: turns the parsed flags into the library's options once, making
 //! every check that needs more than one flag, or the model, here.
 
+mod bench;
 mod generate;
 mod write;
 
+pub use bench::{BenchSettings, SpeechBenchSettings};
 pub use generate::generate_request;
 pub use write::{convert_precision, synth_spec};
 
@@ -306,62 +308,6 @@ pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
     })
 }
 
-/// `bench`: the checkpoint, what to measure, and the baseline to hold it to.
-pub struct BenchSettings {
-    pub model: ModelFile,
-    pub options: BenchOptions,
-    pub baseline: Option<BenchReport>,
-    pub threshold: f64,
-}
-
-impl BenchSettings {
-    /// Checks the flags, reads the baseline and picks the layer counts.
-    pub fn resolve(a: &BenchArgs) -> Result<BenchSettings> {
-        if a.threshold.is_nan() || a.threshold < 0.0 {
-            bail!(UsageError::new(
-                "--threshold must be 0 or more (0.10 = 10%)"
-            ));
-        }
-        refuse_unused_gpu(&a.engine, &a.gpu, false)?;
-        let baseline = a.baseline.as_deref().map(BenchReport::read).transpose()?;
-        // Outputs are checked now, not after the whole bench: none may replace an input.
-        for path in [&a.plot, &a.output.json_out].into_iter().flatten() {
-            vibeoffload::output::check_target(path)?;
-        }
-        let model = model_file(&a.checkpoint)?;
-        let layers = model.open()?.inventory.num_layers();
-        let layer_counts = a.layers.clone().unwrap_or_else(|| every_fourth(layers));
-        if let Some(&n) = layer_counts.iter().find(|&&n| n > layers) {
-            bail!(UsageError::new(format!(
-                "--layers {n} is more than the model's {layers} layers"
-            )));
-        }
-        let workload = workload(&a.timing)?;
-        let mut plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
-        if a.plan.max_seq_len.is_none() {
-            // Just what the runs need, so the estimate and the measurement describe the same
-            // buffers.
-            plan.max_seq_len = workload.cache_tokens() as u64;
-        }
-        // Each row decodes too.
-        check_cache_room(&workload, true, plan.max_seq_len)?;
-        let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
-        progress::setting("layer counts", &layer_counts);
-        show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
-        Ok(BenchSettings {
-            options: BenchOptions {
-                engine,
-                plan,
-                layer_counts,
-                workload,
-            },
-            model,
-            baseline,
-            threshold: a.threshold,
-        })
-    }
-}
-
 /// `--verbose`: what `run` and `bench` time with.
 fn show_run(engine_label: &str, engine: &EngineOptions, plan: &PlanOptions, w: &Workload) {
     progress::setting(engine_label, engine);
@@ -381,6 +327,18 @@ pub fn model_info(a: &ModelArgs) -> Result<ModelInfo> {
             a.builtin.unwrap_or(BuiltinArg::Large7b).into(),
             dtype,
         )),
+    }
+}
+
+/// The checkpoint `generate` and `bench --speech` load: `--model-path`, else the embedded
+/// speech model.
+fn speech_model_file(a: &CheckpointArgs) -> Result<ModelFile> {
+    match &a.model_path {
+        Some(path) => Ok(ModelFile::at(checkpoint::resolve_path(
+            path,
+            a.dtype.into(),
+        ))),
+        None => ModelFile::embedded_speech(a.dtype.into()),
     }
 }
 
