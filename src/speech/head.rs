@@ -5,6 +5,7 @@
 use super::nn::{apply, linear, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{DiffusionHeadConfig, FREQUENCY_EMBEDDING_SIZE};
+use crate::engine::ops::MATVEC_MAX_ROWS;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -62,10 +63,9 @@ impl HeadLayer {
         })
     }
 
-    /// `silu_c` is `SiLU(c)`, shared by every layer.
-    fn forward(&self, x: &Tensor, silu_c: &Tensor, eps: f64) -> Result<Tensor> {
+    /// `m` is this layer's modulation `[B, 3·hidden]` (see [`PredictionHead::modulations`]).
+    fn forward(&self, x: &Tensor, m: &Tensor, eps: f64) -> Result<Tensor> {
         let n = &self.name;
-        let m = apply(&self.modulation, silu_c, n, "adaLN_modulation.1")?;
         let chunks = m.chunk(3, D::Minus1)?;
         let (shift, scale, gate) = (&chunks[0], &chunks[1], &chunks[2]);
         let h = modulate(&last_dim_norm(x, &self.norm, eps)?, shift, scale)?;
@@ -172,19 +172,61 @@ impl PredictionHead {
     /// t_embedder(timesteps)` ([`PredictionHead::project_condition`],
     /// [`PredictionHead::timestep_features`]).
     pub fn forward_conditioned(&self, noisy: &Tensor, c: &Tensor) -> Result<Tensor> {
+        self.forward_modulated(noisy, &self.modulations(c)?, 0)
+    }
+
+    /// The adaLN modulations under conditions `c` `[R, hidden]`: `[R, 3·hidden]` for each
+    /// layer, then `[R, 2·hidden]` for the final layer. They depend on the condition alone, so
+    /// a frame computes those of all its steps at once, in groups of at most
+    /// [`MATVEC_MAX_ROWS`] rows (the fused matrix-vector product's batch, whose rows come out
+    /// as they would alone): the weights are read once per group instead of once per step.
+    pub fn modulations(&self, c: &Tensor) -> Result<Vec<Tensor>> {
         let n = &self.name;
-        let mut x = apply(&self.noisy_images_proj, noisy, n, "noisy_images_proj")?;
         let silu_c = c.silu()?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &silu_c, self.eps)?;
+        let rows = c.dim(0)?;
+        let linears: Vec<(&Linear, &str)> = self
+            .layers
+            .iter()
+            .map(|l| (&l.modulation, "adaLN_modulation.1"))
+            .chain([(&self.final_modulation, "final_layer.adaLN_modulation.1")])
+            .collect();
+        let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); linears.len()];
+        for start in (0..rows).step_by(MATVEC_MAX_ROWS) {
+            let group = silu_c.narrow(0, start, MATVEC_MAX_ROWS.min(rows - start))?;
+            for ((linear, what), out) in linears.iter().zip(&mut parts) {
+                out.push(apply(linear, &group, n, what)?);
+            }
         }
-        let m = apply(
-            &self.final_modulation,
-            &silu_c,
-            n,
-            "final_layer.adaLN_modulation.1",
-        )?;
-        let chunks = m.chunk(2, D::Minus1)?;
+        parts
+            .iter()
+            .map(|p| Ok(Tensor::cat(p, 0)?))
+            .collect::<Result<Vec<_>>>()
+    }
+
+    /// [`PredictionHead::forward_conditioned`] with the modulations made beforehand
+    /// ([`PredictionHead::modulations`]): those of rows `row..row + B` of each for `noisy`
+    /// `[B, latent]`.
+    pub fn forward_modulated(
+        &self,
+        noisy: &Tensor,
+        modulations: &[Tensor],
+        row: usize,
+    ) -> Result<Tensor> {
+        let n = &self.name;
+        if modulations.len() != self.layers.len() + 1 {
+            bail!(
+                "{n}: {} modulations for {} layers and the final one",
+                modulations.len(),
+                self.layers.len()
+            );
+        }
+        let batch = noisy.dim(0)?;
+        let rows = |m: &Tensor| m.narrow(0, row, batch);
+        let mut x = apply(&self.noisy_images_proj, noisy, n, "noisy_images_proj")?;
+        for (layer, m) in self.layers.iter().zip(modulations) {
+            x = layer.forward(&x, &rows(m)?, self.eps)?;
+        }
+        let chunks = rows(&modulations[self.layers.len()])?.chunk(2, D::Minus1)?;
         let normed = last_dim_norm(&x, &self.unit_weight, self.eps)?;
         let h = modulate(&normed, &chunks[0], &chunks[1])?;
         apply(&self.final_linear, &h, n, "final_layer.linear")

@@ -227,13 +227,19 @@ pub fn sample_latent_with(
     let condition = Tensor::cat(&[positive, negative], 0).context("stacking the conditions")?;
     // cond_proj does not depend on the step: once per frame, not once per step.
     let projected = head.project_condition(&condition)?;
+    // Every step's condition is known now: the modulations of all steps at once.
+    let conditions = features
+        .iter()
+        .map(|f| Ok((&projected + f)?))
+        .collect::<Result<Vec<_>>>()?;
+    let modulations = head.modulations(&Tensor::cat(&conditions, 0)?)?;
+    let rows = condition.dim(0)?;
     let mut x = noise.clone();
     let mut run = solver.start();
     let mut step = 0;
     while run.timestep().is_some() {
         let combined = Tensor::cat(&[&x, &x], 0)?;
-        let c = (&projected + &features[step])?;
-        let v = head.forward_conditioned(&combined, &c)?;
+        let v = head.forward_modulated(&combined, &modulations, step * rows)?;
         let (v_c, v_u) = (v.narrow(0, 0, batch)?, v.narrow(0, batch, batch)?);
         let guided = (&v_u + ((&v_c - &v_u)? * cfg_scale)?)?;
         x = run.step(&guided, &x)?;

@@ -46,8 +46,19 @@ __device__ void column_inv_rms(const Ext<T>& src, int b, int C, int col0, int nc
     for (int chunk = 0; chunk < ncols; chunk += cw) {
         float s = 0.f;
         if (row < rows && chunk + col < ncols) {
-            for (int c = row; c < C; c += rows) {
-                float v = src.at(b, c, col0 + chunk + col);
+            // Eight loads in flight before their squares are added, in the same order as
+            // one at a time: a short column over many channels is latency-bound otherwise.
+            const int e = col0 + chunk + col;
+            int c = row;
+            for (; c + 7 * rows < C; c += 8 * rows) {
+                float v[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) v[u] = src.at(b, c + u * rows, e);
+#pragma unroll
+                for (int u = 0; u < 8; u++) s += v[u] * v[u];
+            }
+            for (; c < C; c += rows) {
+                float v = src.at(b, c, e);
                 s += v * v;
             }
         }
