@@ -2,7 +2,7 @@
 //! configuration, as the fork's `--benchmark` table does.
 
 use super::session::{run_generation, GenerateReport, Request};
-use crate::measure::ModelFile;
+use crate::measure::{GpuProbe, ModelFile};
 use crate::UsageError;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -45,8 +45,13 @@ pub fn run_benchmark(
             request.out.display()
         )));
     }
+    // Read before the warm-up opens the device: every row then counts the CUDA context.
+    let vram_baseline = request
+        .vram_baseline
+        .or_else(|| GpuProbe::of(request.engine.device).used_bytes());
     let with_layers = |layers: usize| {
         let mut r = request.clone();
+        r.vram_baseline = vram_baseline;
         r.engine.gpu_layers = layers;
         r.force = true;
         r

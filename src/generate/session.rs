@@ -56,6 +56,11 @@ pub struct Request {
     pub noise: Option<PathBuf>,
     /// Write every frame's latent, the conditions, the tokens and the audio here (safetensors).
     pub dump_latents: Option<PathBuf>,
+    /// GPU memory in use (all processes) before this process first used the device; `None`:
+    /// read at the start of this run. Runs that follow others in one process (the benchmarks)
+    /// pass the reading taken before the first, so every row counts the CUDA context, as the
+    /// estimate does.
+    pub vram_baseline: Option<u64>,
 }
 
 /// What `generate` did.
@@ -205,7 +210,7 @@ pub fn run_generation(
     };
     let estimate_bytes = plan::estimate(&info, &plan, gpu_layers)?.total_bytes;
     let probe = GpuProbe::of(engine_options.device);
-    let used_before = probe.used_bytes();
+    let used_before = request.vram_baseline.or_else(|| probe.used_bytes());
     let peak = probe.watch_peak();
     let started = Instant::now();
     let LoadedModel {

@@ -174,6 +174,8 @@ pub fn run_speech_bench(
 ) -> Result<SpeechBenchReport> {
     let engine = &o.request.engine;
     let probe = GpuProbe::of(engine.device);
+    // Before the bandwidth test opens the device, so that every row counts the CUDA context.
+    let vram_baseline = probe.used_bytes();
     progress(0, "measuring host-to-device and device-memory bandwidth");
     let bandwidths = engine::bandwidths(engine.device)?;
     let info = model.open()?;
@@ -215,6 +217,7 @@ pub fn run_speech_bench(
     let request = Request {
         force_frames: Some(o.force_frames),
         max_frames: None,
+        vram_baseline,
         ..o.request.clone()
     };
     let count = o.layer_counts.len();

@@ -156,6 +156,7 @@ impl SpeechBenchSettings {
                     graphs: !s.no_cuda_graphs,
                     noise: None,
                     dump_latents: None,
+                    vram_baseline: None,
                 },
                 force_frames: s.force_frames,
                 layer_counts,

@@ -80,6 +80,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
         graphs: !a.no_cuda_graphs,
         noise: a.noise.clone(),
         dump_latents: a.dump_latents.clone(),
+        vram_baseline: None,
     };
     Ok((model, request))
 }
