@@ -426,6 +426,30 @@ fn fused_block_ops_on_cuda_match_their_cpu_implementation() {
     }
 }
 
+/// The sampler's guided step op on CUDA gives the CPU's bits (the same f32 operations, each
+/// rounded to the dtype where the op says), first and second order, f32 and bf16.
+#[test]
+fn the_guided_step_on_cuda_matches_its_cpu_implementation() {
+    let cuda = Device::new_cuda(0).unwrap();
+    let solver = DpmSolver::new(1000, 10).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let (mut on_cpu, mut on_gpu) = (solver.start(), solver.start());
+        let mut x = random(1, &[2, 64], dtype);
+        let mut x_gpu = x.to_device(&cuda).unwrap();
+        let mut seed = 2;
+        while on_cpu.timestep().is_some() {
+            let v = random(seed, &[4, 64], dtype);
+            seed += 1;
+            x = on_cpu.guided_step(&v, &x, 1.3).unwrap();
+            x_gpu = on_gpu
+                .guided_step(&v.to_device(&cuda).unwrap(), &x_gpu, 1.3)
+                .unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> { host(t).iter().map(|v| v.to_bits()).collect() };
+            assert_eq!(bits(&x), bits(&x_gpu), "{dtype:?}, step {}", seed - 2);
+        }
+    }
+}
+
 fn time_ms(device: &Device, reps: usize, mut f: impl FnMut()) -> f64 {
     f();
     device.synchronize().unwrap();

@@ -89,6 +89,22 @@ pub fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> 
     })
 }
 
+/// `silu(x @ gate^T) ⊙ (x @ up^T)` (a SwiGLU's first half) in one fused launch, the product
+/// formed in f32 and rounded once, where the fused path takes both weights for `x`; `None`
+/// otherwise (the caller then runs the unfused ops).
+pub fn swiglu(x: &Tensor, gate: &Linear, up: &Linear, resident: bool) -> Result<Option<Tensor>> {
+    for l in [gate, up] {
+        if !matvec::applies(x, &l.weight, l.scale.as_ref())? {
+            return Ok(None);
+        }
+    }
+    let fuse = Fuse {
+        gated: true,
+        ..Fuse::default()
+    };
+    Ok(Some(fused(x, &[gate, up], resident, fuse)?))
+}
+
 /// Whether every projection of layer `w` can take the fused decode path for `x`.
 fn fusable(w: &LayerWeights, x: &Tensor) -> Result<bool> {
     for l in [&w.q, &w.k, &w.v, &w.o, &w.gate, &w.up, &w.down] {

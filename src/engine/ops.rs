@@ -209,6 +209,30 @@ pub struct ChannelResidual {
     pub gamma: Tensor,
 }
 
+/// One classifier-free-guided DPM-Solver++ step of the diffusion sampler in one op (the
+/// sampler's ~20 small ops per step otherwise): from the head's v-predictions `v` `[2B, L]`
+/// (conditional rows, then unconditional), the sample `x` `[B, L]` and, for a second-order
+/// step, the previous step's data prediction `prev` `[B, L]` (all contiguous, one dtype),
+/// `[2, B, L]`: the next sample, then this step's data prediction. The guidance `v_u + cfg ·
+/// (v_c − v_u)` rounds to the dtype after each operation, as the original's tensor ops do (the
+/// scale in f32); the update runs in f32 as `speech::sampler::SolverRun::step` does, its data
+/// prediction and result rounded to the dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DpmStep {
+    /// Guidance scale.
+    pub cfg: f32,
+    /// α and σ·α of the step's sigma (`x0 = alpha·x − sigma·v`).
+    pub alpha: f32,
+    /// See [`DpmStep::alpha`].
+    pub sigma: f32,
+    /// The first-order update `a·x − b·x0`.
+    pub a: f32,
+    /// See [`DpmStep::a`].
+    pub b: f32,
+    /// Second order: `1/r0` and `b/2` (the update then subtracts `(x0 − prev)/r0 · b/2`).
+    pub second: Option<(f32, f32)>,
+}
+
 /// Output time steps per block of the speech kernels (the mixer's block normalises `k - 1`
 /// more)...
 pub const SPEECH_TILE_T: usize = 32;

@@ -2,7 +2,7 @@
 //! latent, its timestep and the language model's hidden state, the v-prediction. adaLN
 //! layers modulate a SwiGLU feed-forward by the condition `c = cond_proj(h) + t_emb(t)`.
 
-use super::nn::{apply, linear, Linear};
+use super::nn::{apply, linear, swiglu, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{DiffusionHeadConfig, FREQUENCY_EMBEDDING_SIZE};
 use crate::engine::ops::MATVEC_MAX_ROWS;
@@ -69,9 +69,14 @@ impl HeadLayer {
         let chunks = m.chunk(3, D::Minus1)?;
         let (shift, scale, gate) = (&chunks[0], &chunks[1], &chunks[2]);
         let h = modulate(&last_dim_norm(x, &self.norm, eps)?, shift, scale)?;
-        let g = apply(&self.gate_proj, &h, n, "ffn.gate_proj")?.silu()?;
-        let u = apply(&self.up_proj, &h, n, "ffn.up_proj")?;
-        let f = apply(&self.down_proj, &(g * u)?, n, "ffn.down_proj")?;
+        let gu = swiglu(
+            &self.gate_proj,
+            &self.up_proj,
+            &h,
+            n,
+            ("ffn.gate_proj", "ffn.up_proj"),
+        )?;
+        let f = apply(&self.down_proj, &gu, n, "ffn.down_proj")?;
         Ok((x + (gate * f)?)?)
     }
 }

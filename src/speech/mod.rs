@@ -10,6 +10,7 @@ mod checkpoint;
 pub mod connector;
 mod conv;
 mod fused;
+mod guided_step;
 pub mod head;
 mod nn;
 pub mod sampler;

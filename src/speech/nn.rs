@@ -48,6 +48,42 @@ pub(crate) fn apply(layer: &Linear, x: &Tensor, owner: &str, what: &str) -> Resu
         .with_context(|| format!("applying {owner}.{what} to {:?}", x.dims()))
 }
 
+/// `silu(gate(x)) ⊙ up(x)`: one fused launch where both are float8 without bias and the fused
+/// path takes them (the product rounded once, in f32), else three candle ops.
+pub(crate) fn swiglu(
+    gate: &Linear,
+    up: &Linear,
+    x: &Tensor,
+    owner: &str,
+    what: (&str, &str),
+) -> Result<Tensor> {
+    if let (
+        Linear::Stored {
+            weight: g,
+            bias: None,
+        },
+        Linear::Stored {
+            weight: u,
+            bias: None,
+        },
+    ) = (gate, up)
+    {
+        let fused = model::swiglu(x, g, u, true).with_context(|| {
+            format!(
+                "applying {owner}.{} and {} to {:?}",
+                what.0,
+                what.1,
+                x.dims()
+            )
+        })?;
+        if let Some(out) = fused {
+            return Ok(out);
+        }
+    }
+    let g = apply(gate, x, owner, what.0)?.silu()?;
+    Ok((g * apply(up, x, owner, what.1)?)?)
+}
+
 /// RMSNorm over the last dimension as the original computes it: `x * rsqrt(mean(x²) + eps)`
 /// in f32, cast back to `x`'s dtype, then times `weight` (when the norm has one).
 pub(crate) fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {

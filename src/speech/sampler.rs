@@ -8,6 +8,7 @@
 //! f32; sigmas and every step coefficient in f32.
 
 use super::head::PredictionHead;
+use crate::engine::ops::DpmStep;
 use crate::engine::replay::Replay;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -120,44 +121,77 @@ impl SolverRun<'_> {
         self.solver.timesteps.get(self.index).copied()
     }
 
-    /// One step: from the model's v-prediction `v` at `sample`, the next sample, in `v`'s
-    /// dtype. The update runs in f32; as in the original, the data prediction is kept in the
-    /// model's dtype and the result cast back to it.
-    pub fn step(&mut self, v: &Tensor, sample: &Tensor) -> Result<Tensor> {
+    /// The next step's coefficients (see [`DpmStep`]); the guidance scale is left at 1.
+    fn coefficients(&self) -> Result<DpmStep> {
         let i = self.index;
         let sigmas = &self.solver.sigmas;
         let steps = self.solver.timesteps.len();
         if i >= steps {
             bail!("diffusion sampler: all {steps} steps are done");
         }
+        let (alpha, sigma) = alpha_sigma(sigmas[i]);
+        let (alpha_t, sigma_t) = alpha_sigma(sigmas[i + 1]);
+        let lambda_s = lambda(alpha, sigma);
+        let h = lambda(alpha_t, sigma_t) - lambda_s;
+        let b = alpha_t * ((-h).exp() - 1.0);
+        // Order 1 at the first step and at the last (final sigma zero); else order 2.
+        let second = (self.previous_x0.is_some() && i + 1 < steps).then(|| {
+            let (alpha_p, sigma_p) = alpha_sigma(sigmas[i - 1]);
+            let r0 = (lambda_s - lambda(alpha_p, sigma_p)) / h;
+            (1.0 / r0, 0.5 * b)
+        });
+        Ok(DpmStep {
+            cfg: 1.0,
+            alpha,
+            sigma,
+            a: sigma_t / sigma,
+            b,
+            second,
+        })
+    }
+
+    /// One step: from the model's v-prediction `v` at `sample`, the next sample, in `v`'s
+    /// dtype. The update runs in f32; as in the original, the data prediction is kept in the
+    /// model's dtype and the result cast back to it.
+    pub fn step(&mut self, v: &Tensor, sample: &Tensor) -> Result<Tensor> {
+        let c = self.coefficients()?;
         let dtype = v.dtype();
         let sample = sample.to_dtype(DType::F32)?;
         let v32 = v.to_dtype(DType::F32)?;
-        let (alpha_s, sigma_s) = alpha_sigma(sigmas[i]);
-        let (alpha_t, sigma_t) = alpha_sigma(sigmas[i + 1]);
         // x0 = α_s·x − σ_s·v, stored in the model's dtype.
-        let x0 = (sample.affine(alpha_s as f64, 0.0)? - v32.affine(sigma_s as f64, 0.0)?)?
+        let x0 = (sample.affine(c.alpha as f64, 0.0)? - v32.affine(c.sigma as f64, 0.0)?)?
             .to_dtype(dtype)?;
         let x0_32 = x0.to_dtype(DType::F32)?;
-        let lambda_s = lambda(alpha_s, sigma_s);
-        let h = lambda(alpha_t, sigma_t) - lambda_s;
-        let a = sigma_t / sigma_s;
-        let b = alpha_t * ((-h).exp() - 1.0);
-        let first = (sample.affine(a as f64, 0.0)? - x0_32.affine(b as f64, 0.0)?)?;
-        // Order 1 at the first step and at the last (final sigma zero); else order 2.
-        let next = match &self.previous_x0 {
-            Some(previous) if i + 1 < steps => {
-                let (alpha_p, sigma_p) = alpha_sigma(sigmas[i - 1]);
-                let r0 = (lambda_s - lambda(alpha_p, sigma_p)) / h;
-                let d1 =
-                    (&x0_32 - previous.to_dtype(DType::F32)?)?.affine((1.0 / r0) as f64, 0.0)?;
-                (first - d1.affine((0.5 * b) as f64, 0.0)?)?
+        let first = (sample.affine(c.a as f64, 0.0)? - x0_32.affine(c.b as f64, 0.0)?)?;
+        let next = match (&self.previous_x0, c.second) {
+            (Some(previous), Some((r_inv, half_b))) => {
+                let d1 = (&x0_32 - previous.to_dtype(DType::F32)?)?.affine(r_inv as f64, 0.0)?;
+                (first - d1.affine(half_b as f64, 0.0)?)?
             }
             _ => first,
         };
         self.previous_x0 = Some(x0);
         self.index += 1;
         Ok(next.to_dtype(dtype)?)
+    }
+
+    /// [`SolverRun::step`] on the guided `v_u + cfg·(v_c − v_u)` of the head's `v` `[2B, L]`
+    /// (conditional rows, then unconditional), in one op ([`DpmStep`]; the guidance rounded to
+    /// `v`'s dtype after each operation, the scale in f32). `sample` is `[B, L]`.
+    pub fn guided_step(&mut self, v: &Tensor, sample: &Tensor, cfg_scale: f64) -> Result<Tensor> {
+        let op = DpmStep {
+            cfg: cfg_scale as f32,
+            ..self.coefficients()?
+        };
+        let sample = sample.contiguous()?;
+        let prev = match &self.previous_x0 {
+            Some(p) => p.contiguous()?,
+            None => sample.clone(),
+        };
+        let out = v.contiguous()?.apply_op3_no_bwd(&sample, &prev, &op)?;
+        self.previous_x0 = Some(out.get(1)?);
+        self.index += 1;
+        Ok(out.get(0)?)
     }
 }
 
@@ -216,7 +250,6 @@ pub fn sample_latent_with(
     negative: &Tensor,
     cfg_scale: f64,
 ) -> Result<Tensor> {
-    let batch = noise.dim(0)?;
     if features.len() != solver.timesteps().len() {
         bail!(
             "{} timestep features for {} steps",
@@ -240,9 +273,7 @@ pub fn sample_latent_with(
     while run.timestep().is_some() {
         let combined = Tensor::cat(&[&x, &x], 0)?;
         let v = head.forward_modulated(&combined, &modulations, step * rows)?;
-        let (v_c, v_u) = (v.narrow(0, 0, batch)?, v.narrow(0, batch, batch)?);
-        let guided = (&v_u + ((&v_c - &v_u)? * cfg_scale)?)?;
-        x = run.step(&guided, &x)?;
+        x = run.guided_step(&v, &x, cfg_scale)?;
         step += 1;
     }
     Ok(x)
@@ -368,6 +399,42 @@ mod tests {
                     *want == 0.0 && *got == 0.0 || err < 6e-6,
                     "N = {n}: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    /// Ten guided steps in one op each give the bits of the unfused guidance and step: in f32
+    /// at any scale, in bf16 at scale 1 (at other scales the unfused path rounds the scale
+    /// itself to bf16; the op keeps it in f32, as the original does).
+    #[test]
+    fn the_guided_step_op_equals_the_unfused_guidance_and_step() {
+        let dev = candle_core::Device::Cpu;
+        let solver = DpmSolver::new(1000, 10).unwrap();
+        let mut rng = crate::rng::Rng::new(5);
+        for (dtype, cfg) in [(DType::F32, 1.3), (DType::BF16, 1.0)] {
+            let mut draw = |rows: usize| {
+                Tensor::from_vec(rng.normals(rows * 16), (rows, 16), &dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap()
+            };
+            let (mut fused, mut unfused) = (solver.start(), solver.start());
+            let mut a = draw(1);
+            let mut b = a.clone();
+            while fused.timestep().is_some() {
+                let v = draw(2);
+                let (v_c, v_u) = (v.narrow(0, 0, 1).unwrap(), v.narrow(0, 1, 1).unwrap());
+                let guided = (&v_u + ((&v_c - &v_u).unwrap() * cfg).unwrap()).unwrap();
+                a = fused.guided_step(&v, &a, cfg).unwrap();
+                b = unfused.step(&guided, &b).unwrap();
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                    t.to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                assert_eq!(bits(&a), bits(&b), "{dtype:?} cfg {cfg}");
             }
         }
     }

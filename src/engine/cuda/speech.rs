@@ -1,12 +1,14 @@
 //! The launchers of the speech tokenizers' fused block ops ([`DepthwiseMixer`], [`ChannelNorm`],
-//! [`ChannelResidual`]; kernels in `kernels/speech.cu`), f32 or bf16, each one launch. Their
-//! `[B, C, T]` operands may have any strides (the mixer's result carries the next chunk's cache
-//! in extra columns, so the block's input is often a view).
+//! [`ChannelResidual`]) and of the sampler's guided step ([`DpmStep`]); kernels in
+//! `kernels/speech.cu`, f32 or bf16, each one launch. The block ops' `[B, C, T]` operands may
+//! have any strides (the mixer's result carries the next chunk's cache in extra columns, so the
+//! block's input is often a view).
 
 use super::launch::RawArgs;
 use super::{cuda_view, Module};
 use crate::engine::ops::{
-    ChannelNorm, ChannelResidual, DepthwiseMixer, SPEECH_THREADS, SPEECH_TILE_C, SPEECH_TILE_T,
+    ChannelNorm, ChannelResidual, DepthwiseMixer, DpmStep, SPEECH_THREADS, SPEECH_TILE_C,
+    SPEECH_TILE_T,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
@@ -230,5 +232,70 @@ pub fn channel_residual(
         DType::F32 => launch!(f32, "channel_residual_f32"),
         DType::BF16 => launch!(half::bf16, "channel_residual_bf16"),
         other => candle_core::bail!("channel residual: cannot add {other:?}"),
+    })
+}
+
+/// The CUDA side of [`DpmStep`] on `v` `[2B, L]`, `x` and `prev` `[B, L]` (contiguous, one
+/// dtype): `[2, B, L]`.
+pub fn dpm_step(
+    op: &DpmStep,
+    v: (&CudaStorage, &Layout),
+    x: (&CudaStorage, &Layout),
+    prev: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dtype = x.0.dtype();
+    let (batch, len) = op.check(dtype, v.1, x.1, prev.1)?;
+    if v.0.dtype() != dtype || prev.0.dtype() != dtype {
+        candle_core::bail!("dpm step: v, x and prev must share one dtype");
+    }
+    let dev = x.0.device().clone();
+    let stream = dev.cuda_stream();
+    let n = batch * len;
+    let offsets = |l: &Layout| {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dpm step: operands must be contiguous".into()))
+    };
+    let (second, (r_inv, half_b)) = match op.second {
+        Some(c) => (1, c),
+        None => (0, (0.0, 0.0)),
+    };
+    macro_rules! launch {
+        ($t:ty, $name:literal) => {{
+            let func = Module::Speech.func(&dev, $name)?;
+            let (va, vb) = offsets(v.1)?;
+            let (xa, xb) = offsets(x.1)?;
+            let (pa, pb) = offsets(prev.1)?;
+            let vs = v.0.as_cuda_slice::<$t>()?.slice(va..vb);
+            let xs = x.0.as_cuda_slice::<$t>()?.slice(xa..xb);
+            let ps = prev.0.as_cuda_slice::<$t>()?.slice(pa..pb);
+            // SAFETY: every output element is written by the thread of its index.
+            let out = unsafe { dev.alloc::<$t>(2 * n)? };
+            let mut args = RawArgs::default();
+            args.ptr(&vs, &stream)
+                .ptr(&xs, &stream)
+                .ptr(&ps, &stream)
+                .ptr(&out, &stream)
+                .i32(n as i32);
+            for value in [op.cfg, op.alpha, op.sigma, op.a, op.b] {
+                args.f32(value);
+            }
+            args.i32(second).f32(r_inv).f32(half_b);
+            let config = LaunchConfig {
+                grid_dim: (n.div_ceil(SPEECH_THREADS).min(1 << 16) as u32, 1, 1),
+                block_dim: (SPEECH_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // The arguments match the kernel's signature (speech.cu).
+            args.launch(&dev, &func, config, false)?;
+            (
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from((2, batch, len)),
+            )
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => launch!(f32, "dpm_step_f32"),
+        DType::BF16 => launch!(half::bf16, "dpm_step_bf16"),
+        other => candle_core::bail!("dpm step: cannot step {other:?}"),
     })
 }

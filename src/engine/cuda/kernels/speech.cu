@@ -149,6 +149,29 @@ __device__ void channel_residual(const T* x, long long xb, long long xc, long lo
     }
 }
 
+// One guided DPM-Solver++ step (engine::ops::DpmStep): v [2n] (conditional, then
+// unconditional), x and prev [n], out [2n] (the next sample, then the data prediction), all
+// contiguous; prev is read only when `second`. One thread per element, grid-stride.
+template <typename T>
+__device__ void dpm_step(const T* v, const T* x, const T* prev, T* out, int n, float cfg,
+                         float alpha, float sigma, float a, float b, int second, float r_inv,
+                         float half_b) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float vc = ld(v, i), vu = ld(v, (long long)n + i);
+        const float d = rnd(__fsub_rn(vc, vu), x);
+        const float g = rnd(__fadd_rn(vu, rnd(__fmul_rn(d, cfg), x)), x);
+        const float xs = ld(x, i);
+        const float x0 = rnd(__fsub_rn(__fmul_rn(xs, alpha), __fmul_rn(g, sigma)), x);
+        float next = __fsub_rn(__fmul_rn(xs, a), __fmul_rn(x0, b));
+        if (second) {
+            const float d1 = __fmul_rn(__fsub_rn(x0, ld(prev, i)), r_inv);
+            next = __fsub_rn(next, __fmul_rn(d1, half_b));
+        }
+        st(out, i, next);
+        st(out, (long long)n + i, x0);
+    }
+}
+
 #define SPEECH_KERNELS(NAME, T)                                                                   \
     extern "C" __global__ void dw_mixer_##NAME(                                                   \
         const T* x, long long xb, long long xc, long long xt, const T* cache, long long cb,       \
@@ -167,6 +190,12 @@ __device__ void channel_residual(const T* x, long long xb, long long xc, long lo
                                                        long long xt, const T* h, const T* gamma,  \
                                                        T* out, int B, int C, int len) {           \
         channel_residual(x, xb, xc, xt, h, gamma, out, B, C, len);                                \
+    }                                                                                             \
+    extern "C" __global__ void dpm_step_##NAME(const T* v, const T* x, const T* prev, T* out,     \
+                                               int n, float cfg, float alpha, float sigma,        \
+                                               float a, float b, int second, float r_inv,         \
+                                               float half_b) {                                    \
+        dpm_step(v, x, prev, out, n, cfg, alpha, sigma, a, b, second, r_inv, half_b);             \
     }
 
 SPEECH_KERNELS(f32, float)
