@@ -2,6 +2,7 @@
 //! configuration, as the fork's `--benchmark` table does.
 
 use super::session::{run_generation, GenerateReport, Request};
+use crate::engine::replay::release_cached_memory;
 use crate::measure::{GpuProbe, ModelFile};
 use crate::UsageError;
 use anyhow::{bail, Result};
@@ -62,6 +63,7 @@ pub fn run_benchmark(
         warm_up.max_frames = Some(2);
         warm_up.dump_latents = None;
         run_generation(model, &warm_up, |_| {}, |_| {})?;
+        release_cached_memory(request.engine.device)?;
     }
     let mut benchmark = GenerateBenchmark {
         schema: "vibeoffload.generate-benchmark/1".into(),
@@ -74,6 +76,8 @@ pub fn run_benchmark(
             configuration: name.clone(),
             report: run_generation(model, &with_layers(*layers), |_| {}, |_| {})?,
         });
+        // What the graphs and the allocator kept is not the next row's.
+        release_cached_memory(request.engine.device)?;
         row_done(&benchmark)?;
     }
     Ok(benchmark)

@@ -5,7 +5,7 @@
 //! addresses for the graph's lifetime; the results it leaves allocated are freed and made
 //! again by each launch (auto-free on launch), at the same addresses.
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaContext, CudaGraph};
 use candle_core::cuda_backend::CudaDevice;
 
 /// A captured graph, replayed on the stream it was captured from.
@@ -39,4 +39,20 @@ impl Captured {
     pub fn launch(&self) -> anyhow::Result<()> {
         Ok(self.0.launch()?)
     }
+}
+
+/// Gives the memory that graphs and the stream-ordered allocator keep for reuse, once nothing
+/// holds it, back to device `ordinal` (after the device finishes its work).
+pub fn release_cached_memory(ordinal: usize) -> anyhow::Result<()> {
+    let ctx = CudaContext::new(ordinal)?;
+    ctx.synchronize()?;
+    let device = ctx.cu_device();
+    // SAFETY: plain driver calls on a device whose primary context `ctx` keeps current.
+    unsafe {
+        sys::cuDeviceGraphMemTrim(device).result()?;
+        let mut pool = std::ptr::null_mut();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, device).result()?;
+        sys::cuMemPoolTrimTo(pool, 0).result()?;
+    }
+    Ok(())
 }
