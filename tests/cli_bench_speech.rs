@@ -131,6 +131,7 @@ fn bench_speech_refuses_flags_that_would_do_nothing() {
         &["bench", "--script", "s.txt"],
         &["bench", "--out", "o.wav"],
         &["bench", "--no-cuda-graphs"],
+        &["bench", "--offload-prediction-head"],
         &["bench", "--speech", "--force"],
     ] {
         fails(d, args, 2, &["required"]);
@@ -140,6 +141,18 @@ fn bench_speech_refuses_flags_that_would_do_nothing() {
         &["bench", "--speech", "--device", "cpu", "--no-cuda-graphs"],
         2,
         &["--no-cuda-graphs would do nothing"],
+    );
+    fails(
+        d,
+        &[
+            "bench",
+            "--speech",
+            "--device",
+            "cpu",
+            "--offload-prediction-head",
+        ],
+        2,
+        &["--offload-prediction-head would do nothing"],
     );
     fails(
         d,

@@ -460,3 +460,72 @@ fn a_prompt_as_long_as_the_models_context_is_refused() {
     ];
     fails(d, &table, 1, &words);
 }
+
+/// `--offload-prediction-head` runs the diffusion head on the CPU: the estimate leaves out
+/// exactly the head's bytes, the report says where it ran, and on the CPU the audio is the
+/// same; with `--device cpu` it would do nothing and is refused.
+#[test]
+fn an_offloaded_prediction_head_leaves_the_estimate_and_changes_no_audio_on_the_cpu() {
+    use vibeoffload::arch::vibevoice::Component;
+    use vibeoffload::checkpoint::inventory::Part;
+    use vibeoffload::checkpoint::CheckpointDtype;
+    use vibeoffload::measure::ModelFile;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let generate = |out: &str, offload: bool| -> GenerateReport {
+        let mut args = vec![
+            "generate",
+            "--text",
+            "Speaker 1: Hi.",
+            "--out",
+            out,
+            "--force-frames",
+            "2",
+            "--steps",
+            "2",
+            "--json",
+        ];
+        if offload {
+            args.push("--offload-prediction-head");
+        }
+        serde_json::from_str(&ok(d, &args)).unwrap()
+    };
+    let (together, offloaded) = (generate("a.wav", false), generate("b.wav", true));
+    assert!(offloaded.prediction_head_offloaded && !together.prediction_head_offloaded);
+    let info = ModelFile::embedded_speech(CheckpointDtype::Float8)
+        .unwrap()
+        .open()
+        .unwrap();
+    let head = info
+        .inventory
+        .part_bytes(Part::Speech(Component::PredictionHead));
+    assert!(head > 0);
+    assert_eq!(together.estimate_bytes - offloaded.estimate_bytes, head);
+    assert_eq!(offloaded.frames, 2);
+    assert_eq!(offloaded.graph_runs.head, 0, "no CUDA graph on the CPU");
+    // Without a GPU (the default device picks the CPU) both runs are the CPU's, in f32.
+    if together.device == "cpu" {
+        let read = |name: &str| std::fs::read(d.join(name)).unwrap();
+        assert!(
+            read("a.wav") == read("b.wav"),
+            "the offloaded head changed the audio"
+        );
+    }
+    fails(
+        d,
+        &[
+            "generate",
+            "--text",
+            "Speaker 1: Hi.",
+            "--out",
+            "c.wav",
+            "--device",
+            "cpu",
+            "--offload-prediction-head",
+        ],
+        2,
+        &["--offload-prediction-head would do nothing", "--device cpu"],
+    );
+    assert!(!d.join("c.wav").exists());
+}

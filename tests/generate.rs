@@ -327,3 +327,136 @@ fn float8_speech_weights_decoded_at_use_equal_decoded_at_load() {
     let (a, b) = (connect(&at_use), connect(&at_load));
     assert!(relative(&a, &b) <= 1e-5, "connector: {}", relative(&a, &b));
 }
+
+/// `--offload-prediction-head`'s path: the diffusion head loaded from a source of its own on
+/// the CPU in f32 (every head weight from it, none from the components' source), its
+/// conditions and noise moved there and its latent moved back. On the CPU in f32 the moves
+/// change nothing: the loop's tokens, latents and audio equal the head loaded with the rest,
+/// bit for bit. With the components in bf16, the head still runs in f32 and the latent comes
+/// back in bf16.
+#[test]
+fn an_offloaded_head_changes_no_bit_on_the_cpu() {
+    use std::cell::RefCell;
+    use vibeoffload::engine::weights::Linear;
+    use vibeoffload::speech::weights::StoredWeight;
+    use vibeoffload::speech::WeightSource;
+
+    /// A source that records the names asked of it.
+    struct Asked<'a>(&'a dyn WeightSource, RefCell<Vec<String>>);
+    impl Asked<'_> {
+        fn ask(&self, name: &str) {
+            self.1.borrow_mut().push(name.to_string());
+        }
+    }
+    impl WeightSource for Asked<'_> {
+        fn tensor(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+            self.ask(name);
+            self.0.tensor(name, shape)
+        }
+        fn stored_linear(&self, name: &str, shape: &[usize]) -> anyhow::Result<Option<Linear>> {
+            self.ask(name);
+            self.0.stored_linear(name, shape)
+        }
+        fn stored_float8(
+            &self,
+            name: &str,
+            shape: &[usize],
+        ) -> anyhow::Result<Option<StoredWeight>> {
+            self.ask(name);
+            self.0.stored_float8(name, shape)
+        }
+    }
+
+    let reference = Reference::load();
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_checkpoint(dir.path());
+    let info = ModelInfo::open(&path).unwrap();
+    let config = info.speech.clone().unwrap();
+    let cpu = Device::Cpu;
+    let weights = CheckpointWeights::new(&info, &cpu, DType::F32).unwrap();
+    let head_weights = CheckpointWeights::new(&info, &cpu, DType::F32).unwrap();
+    let (components, head) = (
+        Asked(&weights, RefCell::default()),
+        Asked(&head_weights, RefCell::default()),
+    );
+    let offloaded =
+        SpeechModel::load_with_head(&components, Some(&head), &config, 64, &cpu, DType::F32)
+            .unwrap();
+    let is_head = |name: &String| name.starts_with("model.prediction_head.");
+    let (components, head) = (components.1.into_inner(), head.1.into_inner());
+    assert!(!head.is_empty() && head.iter().all(is_head), "{head:?}");
+    assert!(!components.iter().any(is_head), "{components:?}");
+    assert!(offloaded.head_device().is_cpu());
+    let together = SpeechModel::load(&weights, &config, 64, &cpu, DType::F32).unwrap();
+
+    let run = |speech: &SpeechModel| {
+        let options = EngineOptions {
+            max_seq_len: 256,
+            ..EngineOptions::default()
+        };
+        let mut engine = Engine::load(ModelInfo::open(&path).unwrap(), &options, |_| {}).unwrap();
+        let voice = speech
+            .encode_voice(&reference.voice_audio(), VoiceLatents::Mean)
+            .unwrap();
+        let prompt = generate::prompt_embeddings(
+            &engine,
+            &reference.ids("input_ids"),
+            &reference.voice_mask(),
+            &[voice],
+        )
+        .unwrap();
+        let options = Options {
+            cfg_scale: 1.3,
+            steps: 5,
+            max_frames: None,
+            forced: Some(reference.ids("tokens")),
+            separate_passes: false,
+            graphs: true,
+        };
+        let mut samples = Vec::new();
+        let outcome = generate::generate(
+            &mut engine,
+            speech,
+            reference.special(),
+            &prompt,
+            &options,
+            &mut Noise::Seeded(vibeoffload::rng::Rng::new(3)),
+            &mut |chunk| {
+                samples.extend_from_slice(chunk);
+                Ok(())
+            },
+        )
+        .unwrap();
+        (outcome, samples)
+    };
+    let (a, audio_a) = run(&together);
+    let (b, audio_b) = run(&offloaded);
+    assert_eq!(a.tokens, b.tokens);
+    assert!(!a.latents.is_empty() && !audio_a.is_empty());
+    let bits = |latents: &[Tensor]| -> Vec<f32> {
+        Tensor::cat(latents, 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert!(
+        bits(&a.latents) == bits(&b.latents),
+        "latents differ with the head loaded on its own"
+    );
+    assert!(
+        audio_a == audio_b,
+        "audio differs with the head loaded on its own"
+    );
+
+    // Components in bf16, the head in f32: the latent comes back in the components' dtype.
+    let bf16 = CheckpointWeights::new(&info, &cpu, DType::BF16).unwrap();
+    let mixed =
+        SpeechModel::load_with_head(&bf16, Some(&head_weights), &config, 64, &cpu, DType::BF16)
+            .unwrap();
+    let (c, audio_c) = run(&mixed);
+    assert_eq!(c.tokens, a.tokens);
+    assert!(c.latents.iter().all(|l| l.dtype() == DType::BF16));
+    assert_eq!(audio_c.len(), audio_a.len());
+}

@@ -113,8 +113,8 @@ fn legacy_note(found: bool, scope: &ScopeArgs, test_speed: bool, path: &Path) ->
             };
             format!("--lm-only: the language model alone is {what}; without it the whole model is loaded")
         }
-        true => "--offload-prediction-head is planned only: the engine keeps the prediction head \
-                 on the GPU, so nothing was loaded"
+        true => "--offload-prediction-head is planned only here, so nothing was loaded; \
+                 `vibeoffload generate --offload-prediction-head` runs the diffusion head on the CPU"
             .to_string(),
         false => {
             let instead = match test_speed {

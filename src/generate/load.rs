@@ -4,6 +4,7 @@
 //! (`vibeoffload --num-gpu-layers 8`), whose load report this module also builds.
 
 use super::model::SpeechModel;
+use crate::arch::vibevoice::Component;
 use crate::checkpoint::header::TensorInfo;
 use crate::checkpoint::inventory::Part;
 use crate::checkpoint::summary::ModelSummary;
@@ -14,8 +15,9 @@ use crate::measure::{
 };
 use crate::plan::budget::{Budget, Choice};
 use crate::plan::{self, PlanOptions, Scope, VramEstimate};
-use crate::speech::CheckpointWeights;
+use crate::speech::{CheckpointWeights, WeightSource};
 use anyhow::{bail, Result};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -29,11 +31,13 @@ pub struct LoadedModel {
     pub timings: LoadTimings,
 }
 
-/// Loads `info`'s language model as `options` say, its CFG lane, and its speech components;
-/// `progress` hears each phase.
+/// Loads `info`'s language model as `options` say, its CFG lane, and its speech components,
+/// the diffusion head on the CPU in f32 when `offload_prediction_head`; `progress` hears each
+/// phase.
 pub fn load_model(
     info: ModelInfo,
     options: &EngineOptions,
+    offload_prediction_head: bool,
     mut progress: impl FnMut(LoadProgress),
 ) -> Result<LoadedModel> {
     let Some(config) = info.speech.clone() else {
@@ -58,8 +62,13 @@ pub fn load_model(
         });
     }
     let weights = CheckpointWeights::new(info, engine.device(), engine.dtype())?;
-    let speech = SpeechModel::load(
+    let cpu_head = match offload_prediction_head {
+        true => Some(CheckpointWeights::new(info, &Device::Cpu, DType::F32)?),
+        false => None,
+    };
+    let speech = SpeechModel::load_with_head(
         &weights,
+        cpu_head.as_ref().map(|w| w as &dyn WeightSource),
         &config,
         info.config.hidden_size,
         engine.device(),
@@ -81,8 +90,9 @@ pub fn load_model(
 pub struct Allocated {
     /// The engine's weights and slots.
     pub engine: DeviceBytes,
-    /// The speech components as stored in the checkpoint (what they hold on the device, less
-    /// their small vectors decoded to the compute dtype).
+    /// The speech components on the device as stored in the checkpoint (what they hold there,
+    /// less their small vectors decoded to the compute dtype; the diffusion head not counted
+    /// when it is offloaded to the CPU).
     pub speech_bytes: u64,
     /// Both lanes' KV caches, after a step filled them.
     pub kv_cache_bytes: u64,
@@ -163,7 +173,7 @@ pub fn load_report(
         mut engine,
         speech: _speech,
         timings,
-    } = load_model(info, &o.engine, progress)?;
+    } = load_model(info, &o.engine, o.plan.offload_prediction_head, progress)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     // One token on each lane: every layer's KV cache is allocated at its full length.
     let token = engine.embed_ids(&[0])?;
@@ -172,7 +182,7 @@ pub fn load_report(
     let loaded = probe.used_bytes();
     let allocated = Allocated {
         engine: engine.device_bytes(),
-        speech_bytes: speech_stored_bytes(engine.info()),
+        speech_bytes: speech_device_bytes(engine.info(), o.plan.offload_prediction_head),
         kv_cache_bytes: engine.kv_cache_bytes(),
     };
     let test_speed = match &o.test_speed {
@@ -215,7 +225,15 @@ fn speech_tensors(info: &ModelInfo) -> impl Iterator<Item = &TensorInfo> {
         .filter_map(|(t, part)| matches!(part, Part::Speech(_) | Part::Scalars).then_some(t))
 }
 
-/// Bytes of the speech components and scalars as stored.
-fn speech_stored_bytes(info: &ModelInfo) -> u64 {
-    speech_tensors(info).map(TensorInfo::size_bytes).sum()
+/// Bytes of the speech components and scalars as stored, less the diffusion head's when it
+/// is offloaded (the planner's terms: `plan::estimate` leaves it out the same way).
+fn speech_device_bytes(info: &ModelInfo, offload_prediction_head: bool) -> u64 {
+    let stored: u64 = speech_tensors(info).map(TensorInfo::size_bytes).sum();
+    let head = match offload_prediction_head {
+        true => info
+            .inventory
+            .part_bytes(Part::Speech(Component::PredictionHead)),
+        false => 0,
+    };
+    stored - head
 }

@@ -247,18 +247,18 @@ pub fn generate(
         if token == special.speech_diffusion {
             let frame = out.latents.len();
             let started = Instant::now();
-            // The speech components may run in another dtype than the language model.
-            let (pos, neg) = (
-                h_pos.to_dtype(speech.dtype())?,
-                h_neg.to_dtype(speech.dtype())?,
-            );
+            // The speech components may run in another dtype than the language model, and the
+            // head on the CPU (--offload-prediction-head): its inputs go where it runs, the
+            // latent comes back (CUDA graphs only where the head is on CUDA).
+            let condition = |h: &Tensor| speech.to_head(&h.to_dtype(speech.dtype())?);
+            let (pos, neg) = (condition(&h_pos)?, condition(&h_neg)?);
             let noise = noise.frame(frame, latent_size, &pos)?;
             if sampler.is_none() {
                 sampler = Some(FrameSampler::new(
                     &speech.head,
                     &solver,
                     options.cfg_scale,
-                    options.graphs,
+                    options.graphs && pos.device().is_cuda(),
                     pos.dtype(),
                     pos.device(),
                 )?);
@@ -267,6 +267,7 @@ pub fn generate(
                 .as_mut()
                 .expect("made above")
                 .sample(&noise, &pos, &neg)
+                .and_then(|latent| speech.from_head(&latent))
                 .with_context(|| format!("sampling frame {frame}"))?;
             sync(engine)?;
             out.timings.head_ms += ms(started);

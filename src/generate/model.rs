@@ -21,7 +21,8 @@ pub enum VoiceLatents {
     Sample(u64),
 }
 
-/// VibeVoice's speech components, on one device in one compute dtype.
+/// VibeVoice's speech components, on one device in one compute dtype; the diffusion head
+/// there too, or on the CPU in f32 (`--offload-prediction-head`, [`SpeechModel::load_with_head`]).
 pub struct SpeechModel {
     /// Their configuration.
     pub config: SpeechConfig,
@@ -35,7 +36,7 @@ pub struct SpeechModel {
     pub acoustic_connector: Connector,
     /// Semantic features to language-model inputs.
     pub semantic_connector: Connector,
-    /// The diffusion head.
+    /// The diffusion head, on [`SpeechModel::head_device`].
     pub head: PredictionHead,
     /// `features = (latent + bias) * scaling` into the connector, the inverse into the decoder.
     pub scaling: f64,
@@ -43,13 +44,29 @@ pub struct SpeechModel {
     pub bias: f64,
     device: Device,
     dtype: DType,
+    head_device: Device,
+    head_dtype: DType,
 }
 
 impl SpeechModel {
     /// Loads every component from `source` (checkpoint names) for a language model of width
-    /// `hidden_size`.
+    /// `hidden_size`, on `device` in `dtype` (what `source` hands out).
     pub fn load(
         source: &dyn WeightSource,
+        config: &SpeechConfig,
+        hidden_size: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<SpeechModel> {
+        Self::load_with_head(source, None, config, hidden_size, device, dtype)
+    }
+
+    /// [`SpeechModel::load`], with the diffusion head's weights from `cpu_head` when given: a
+    /// source handing them out on the CPU in f32, where the head then runs (the other
+    /// components stay on `device`; float8 linear weights stay float8 and are decoded at use).
+    pub fn load_with_head(
+        source: &dyn WeightSource,
+        cpu_head: Option<&dyn WeightSource>,
         config: &SpeechConfig,
         hidden_size: usize,
         device: &Device,
@@ -91,13 +108,40 @@ impl SpeechModel {
                 config.semantic.vae_dim,
                 hidden_size,
             )?,
-            head: PredictionHead::new(&config.head, &scope("model.prediction_head"))?,
+            head: PredictionHead::new(
+                &config.head,
+                &Scope::new(cpu_head.unwrap_or(source), "model.prediction_head"),
+            )?,
             scaling: scalar(SCALING)?,
             bias: scalar(BIAS)?,
             config: config.clone(),
             device: device.clone(),
             dtype,
+            head_device: match cpu_head {
+                Some(_) => Device::Cpu,
+                None => device.clone(),
+            },
+            head_dtype: match cpu_head {
+                Some(_) => DType::F32,
+                None => dtype,
+            },
         })
+    }
+
+    /// Where the diffusion head runs: the components' device, or the CPU when it was loaded
+    /// from a source of its own ([`SpeechModel::load_with_head`]).
+    pub fn head_device(&self) -> &Device {
+        &self.head_device
+    }
+
+    /// `t` (a frame's conditions or noise) where the head runs, in its dtype.
+    pub fn to_head(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_device(&self.head_device)?.to_dtype(self.head_dtype)?)
+    }
+
+    /// A latent the head sampled, back on the components' device in their dtype.
+    pub fn from_head(&self, latent: &Tensor) -> Result<Tensor> {
+        Ok(latent.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
     /// The compute dtype of the components.

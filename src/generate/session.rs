@@ -51,6 +51,9 @@ pub struct Request {
     pub separate_passes: bool,
     /// Replay each frame's speech components as CUDA graphs (see [`Options::graphs`]).
     pub graphs: bool,
+    /// Keep the diffusion head on the CPU in f32 (its weights in host memory, off the GPU):
+    /// each frame's conditions go there and its latent comes back.
+    pub offload_prediction_head: bool,
     /// Initial diffusion noise per frame from this safetensors file (`noise`, `[frames,
     /// latent]`) instead of the seeded generator.
     pub noise: Option<PathBuf>,
@@ -113,6 +116,10 @@ pub struct GenerateReport {
     /// Frames whose speech components ran as replayed CUDA graphs.
     #[serde(default)]
     pub graph_runs: GraphRuns,
+    /// Whether the diffusion head ran on the CPU (`--offload-prediction-head`), its weights
+    /// left out of the estimate and off the GPU.
+    #[serde(default)]
+    pub prediction_head_offloaded: bool,
 }
 
 /// KV positions a generation from a prompt of `prompt_tokens` needs with a model of
@@ -206,6 +213,7 @@ pub fn run_generation(
         max_seq_len: max_seq_len as u64,
         placement: engine_options.placement,
         stream_slots: engine_options.slots,
+        offload_prediction_head: request.offload_prediction_head,
         ..PlanOptions::default()
     };
     let estimate_bytes = plan::estimate(&info, &plan, gpu_layers)?.total_bytes;
@@ -215,7 +223,12 @@ pub fn run_generation(
     let started = Instant::now();
     let LoadedModel {
         mut engine, speech, ..
-    } = load_model(info, &engine_options, load_progress)?;
+    } = load_model(
+        info,
+        &engine_options,
+        request.offload_prediction_head,
+        load_progress,
+    )?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let device = probe.label();
 
@@ -337,6 +350,7 @@ pub fn run_generation(
         measured_bytes,
         transfer,
         graph_runs: outcome.graph_runs,
+        prediction_head_offloaded: request.offload_prediction_head,
     })
 }
 

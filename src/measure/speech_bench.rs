@@ -145,6 +145,9 @@ pub struct SpeechBenchReport {
     /// Whether the speech components were replayed as CUDA graphs where the device allows
     /// (`--no-cuda-graphs`: launched one by one).
     pub cuda_graphs: bool,
+    /// Whether the diffusion head ran on the CPU (`--offload-prediction-head`).
+    #[serde(default)]
+    pub prediction_head_offloaded: bool,
     /// One row per layer count.
     pub rows: Vec<SpeechBenchRow>,
 }
@@ -183,6 +186,7 @@ pub fn run_speech_bench(
         scope: Scope::Full,
         placement: engine.placement,
         stream_slots: engine.slots,
+        offload_prediction_head: o.request.offload_prediction_head,
         ..PlanOptions::default()
     };
     let bytes = o
@@ -211,6 +215,7 @@ pub fn run_speech_bench(
         seed: o.request.seed,
         slots: engine.slots,
         cuda_graphs: o.request.graphs,
+        prediction_head_offloaded: o.request.offload_prediction_head,
         rows: Vec::new(),
     };
     drop(info);
@@ -282,6 +287,7 @@ mod tests {
             measured_bytes: None,
             transfer: Default::default(),
             graph_runs: Default::default(),
+            prediction_head_offloaded: false,
         }
     }
 

@@ -30,6 +30,9 @@ impl Render for SpeechBenchReport {
         if !self.cuda_graphs {
             out.push_str("the speech components launched one by one (--no-cuda-graphs)\n");
         }
+        if self.prediction_head_offloaded {
+            out.push_str("the diffusion head on the CPU (--offload-prediction-head): its weights off the GPU and out of the estimate\n");
+        }
         let times = Columns::<SpeechBenchRow>::new()
             .right("GPU layers", |r| r.gpu_layers.to_string())
             .right("ms/frame", |r| format!("{:.2}", r.ms_per_frame))

@@ -31,8 +31,12 @@ impl Render for GenerateReport {
             "generation: {:.0} ms, real-time factor {rtf} (below 1 is faster than real time)\n",
             self.generation_ms
         ));
+        let head_where = match self.prediction_head_offloaded {
+            true => " (on the CPU)",
+            false => "",
+        };
         out.push_str(&format!(
-            "time: prefill {:.1} ms; per frame: language model (both passes) {} ms, diffusion head {} ms, decoder {} ms, semantic encoder and connectors {} ms\n",
+            "time: prefill {:.1} ms; per frame: language model (both passes) {} ms, diffusion head{head_where} {} ms, decoder {} ms, semantic encoder and connectors {} ms\n",
             t.prefill_ms,
             per_frame(t.lm_ms),
             per_frame(t.head_ms),
@@ -57,8 +61,12 @@ impl Render for GenerateReport {
                 x.overlap_pct
             ));
         }
+        let scope = match self.prediction_head_offloaded {
+            true => "whole model less the diffusion head",
+            false => "whole model",
+        };
         out.push_str(&format!(
-            "VRAM: estimate {} GiB (whole model, both KV caches at {} positions); measured {}\n",
+            "VRAM: estimate {} GiB ({scope}, both KV caches at {} positions); measured {}\n",
             gib(self.estimate_bytes),
             self.max_seq_len,
             self.measured_bytes
@@ -107,6 +115,9 @@ impl Render for GenerateBenchmark {
         out.push_str(&format!("{}\n", columns.table(&self.rows)));
         if self.rows.iter().any(|r| r.report.forced_frames) {
             out.push_str("frames forced by --force-frames (a benchmark mode)\n");
+        }
+        if self.rows.iter().any(|r| r.report.prediction_head_offloaded) {
+            out.push_str("diffusion head on the CPU (--offload-prediction-head)\n");
         }
         out
     }

@@ -19,6 +19,10 @@ pub struct SpeechBenchArgs {
     /// CUDA graphs (a benchmark of what the graphs save).
     #[arg(long, requires = "speech", help_heading = SPEECH)]
     pub no_cuda_graphs: bool,
+    /// Keep the diffusion (prediction) head off the GPU: it runs on the CPU in f32 (as
+    /// `generate --offload-prediction-head`).
+    #[arg(long, requires = "speech", help_heading = SPEECH)]
+    pub offload_prediction_head: bool,
     /// The script: one `Speaker N: text` line per turn [default: a short line for one
     /// speaker].
     #[arg(long, value_name = "FILE", requires = "speech", help_heading = SCRIPT)]

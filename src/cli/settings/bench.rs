@@ -2,6 +2,7 @@
 //! language-model bench; and with `--speech`, the checkpoint (or the embedded speech model),
 //! the request spoken at each layer count, and where its WAV goes.
 
+use super::generate::refuse_gpu_speech_flags;
 use super::*;
 use vibeoffload::measure::SpeechBenchOptions;
 
@@ -87,11 +88,7 @@ impl SpeechBenchSettings {
         for path in [&a.plot, &a.output.json_out, &s.out].into_iter().flatten() {
             vibeoffload::output::check_target(path)?;
         }
-        if s.no_cuda_graphs && a.engine.device == DeviceArg::Cpu {
-            bail!(UsageError::new(
-                "--no-cuda-graphs would do nothing: --device cpu launches no CUDA graphs; drop one of them"
-            ));
-        }
+        refuse_gpu_speech_flags(&a.engine, s.no_cuda_graphs, s.offload_prediction_head)?;
         if s.force_frames == 0 {
             bail!(UsageError::new(
                 "--force-frames 0 would speak nothing: use 1 or more"
@@ -124,7 +121,7 @@ impl SpeechBenchSettings {
             );
         }
         let layer_counts = layer_counts(a.layers.as_deref(), &info)?;
-        let plan = plan_options(&a.plan, Scope::Full, false)?;
+        let plan = plan_options(&a.plan, Scope::Full, s.offload_prediction_head)?;
         let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
         let (out, scratch) = match &s.out {
             Some(path) => (path.clone(), None),
@@ -154,6 +151,7 @@ impl SpeechBenchSettings {
                     voice_latents: VoiceLatents::Sample(seed),
                     separate_passes: false,
                     graphs: !s.no_cuda_graphs,
+                    offload_prediction_head: s.offload_prediction_head,
                     noise: None,
                     dump_latents: None,
                     vram_baseline: None,

@@ -34,15 +34,12 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     }
     // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
     refuse_unused_gpu(&a.engine, &a.gpu, false)?;
-    if a.no_cuda_graphs && a.engine.device == DeviceArg::Cpu {
-        bail!(UsageError::new(
-            "--no-cuda-graphs would do nothing: --device cpu launches no CUDA graphs; drop one of them"
-        ));
-    }
+    refuse_gpu_speech_flags(&a.engine, a.no_cuda_graphs, a.offload_prediction_head)?;
     let info = model.open()?;
     let plan = PlanOptions {
         scope: Scope::Full,
         stream_slots: a.slots,
+        offload_prediction_head: a.offload_prediction_head,
         ..PlanOptions::default()
     };
     plan.validate()?;
@@ -78,11 +75,35 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
         },
         separate_passes: a.separate_cfg_passes,
         graphs: !a.no_cuda_graphs,
+        offload_prediction_head: a.offload_prediction_head,
         noise: a.noise.clone(),
         dump_latents: a.dump_latents.clone(),
         vram_baseline: None,
     };
     Ok((model, request))
+}
+
+/// The speech flags that change only what runs on the GPU (`generate`'s and `bench
+/// --speech`'s) would do nothing with `--device cpu`: refused, saying why.
+pub(super) fn refuse_gpu_speech_flags(
+    e: &EngineArgs,
+    no_cuda_graphs: bool,
+    offload_prediction_head: bool,
+) -> Result<()> {
+    if e.device != DeviceArg::Cpu {
+        return Ok(());
+    }
+    if no_cuda_graphs {
+        bail!(UsageError::new(
+            "--no-cuda-graphs would do nothing: --device cpu launches no CUDA graphs; drop one of them"
+        ));
+    }
+    if offload_prediction_head {
+        bail!(UsageError::new(
+            "--offload-prediction-head would do nothing: --device cpu runs the diffusion head on the CPU already; drop one of them"
+        ));
+    }
+    Ok(())
 }
 
 /// Frames the embedded speech model produces by default (3.2 s of audio).
