@@ -9,6 +9,8 @@
 #      runs N with --separate-cfg-passes (the fork's two passes), to compare with the shared one;
 #      SLOTS="N:S ..." also runs N layers with S stream slots; EAGER="N ..." also runs each N with
 #      --no-cuda-graphs (the speech components launched one by one), to compare with the graphs;
+#      OFFLOAD_HEAD="N ..." also runs each N with --offload-prediction-head (the diffusion head
+#      on the CPU), to compare its time per frame and VRAM with the head on the GPU;
 #      BENCH_SPEECH=1 also runs `bench --speech` over LAYER_COUNTS (table, bench-speech.json and
 #      bench-speech.svg).
 source "$(dirname "$0")/gpu-env.sh"
@@ -38,6 +40,13 @@ for n in ${EAGER:-}; do
     --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
     --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-$n-eager.wav" --force \
     --json-out "$out/generate-$n-eager.json" || fail "generate N=$n without graphs"
+done
+for n in ${OFFLOAD_HEAD:-}; do
+  echo "-- generate, N=$n, the diffusion head on the CPU"
+  "$bin" generate --device cuda --model-path "$model" --num-gpu-layers "$n" --offload-prediction-head \
+    --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
+    --force-frames "${FRAMES:-64}" --steps "${STEPS:-10}" --out "/tmp/gen-$n-offload-head.wav" --force \
+    --json-out "$out/generate-$n-offload-head.json" || fail "generate N=$n --offload-prediction-head"
 done
 for pair in ${SLOTS:-}; do
   n=${pair%%:*} slots=${pair##*:}
