@@ -49,6 +49,7 @@ fn speak(dir: &Path, offload: bool) -> (GenerateReport, Dumped) {
         offload_prediction_head: offload,
         noise: None,
         dump_latents: Some(dump.clone()),
+        vram_baseline: None,
     };
     let report = run_generation(&model, &request, |_| {}, |_| {}).unwrap();
     let tensors = candle_core::safetensors::load(&dump, &Device::Cpu).unwrap();
