@@ -8,6 +8,7 @@ use super::dequant::{cpu_activations, cpu_storage, RawTensor};
 use super::ops::{FusedMatVec, MATVEC_MAX_ROWS};
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
 /// A CPU tensor's values as f32 (f32, bf16) and whether it was bf16.
 fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -16,6 +17,24 @@ fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
         candle_core::DType::F32 => t.to_vec1::<f32>(),
         _ => t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>(),
     }
+}
+
+/// `Σ lut[w_i]·x_i` of float8 codes `w` in eight interleaved partial sums, added in a fixed
+/// order at the end (the same bits on every run and thread count; independent chains the CPU
+/// overlaps). A table beats decoding the bits here: it also gives NaN for 0x7f/0xff.
+fn dot(w: &[u8], x: &[f32], lut: &[f32; 256]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
+    let (wt, xt) = (wc.remainder(), xc.remainder());
+    for (w8, x8) in wc.zip(xc) {
+        for i in 0..8 {
+            acc[i] += lut[w8[i] as usize] * x8[i];
+        }
+    }
+    for (i, (&c, &v)) in wt.iter().zip(xt).enumerate() {
+        acc[i] += lut[c as usize] * v;
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
 impl CustomOp1 for FusedMatVec {
@@ -41,25 +60,43 @@ impl CustomOp1 for FusedMatVec {
                 }
             }
         }
-        let lut: Vec<f32> = (0..=255u8).map(f8e4m3_to_f32).collect();
-        // Each segment's products, [rows, segment rows].
+        let lut: [f32; 256] = std::array::from_fn(|c| f8e4m3_to_f32(c as u8));
+        // Each segment's products, [rows, segment rows]: output features spread over the
+        // threads, each weight row read in place (no copy of the weight) for every row of x.
         let mut parts = Vec::with_capacity(self.segments.len());
         for seg in &self.segments {
-            let w = seg.bytes.flatten_all()?.to_vec1::<u8>()?;
-            let scale = seg.scale.as_ref().map(cpu_f32).transpose()?;
-            let mut y = vec![0f32; rows * seg.rows];
-            for r in 0..rows {
-                let xr = &xs[r * n_in..(r + 1) * n_in];
-                for o in 0..seg.rows {
-                    let wr = &w[o * n_in..(o + 1) * n_in];
-                    let acc: f32 = wr.iter().zip(xr).map(|(&c, &v)| lut[c as usize] * v).sum();
-                    let s = scale
-                        .as_ref()
-                        .map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[o] });
-                    y[r * seg.rows + o] = acc * s;
-                }
+            let (storage, layout) = seg.bytes.storage_and_layout();
+            let candle_core::Storage::Cpu(CpuStorage::U8(bytes)) = &*storage else {
+                candle_core::bail!("f8 matvec: the weight must be raw bytes on the CPU");
+            };
+            let Some((wa, wb)) = layout.contiguous_offsets() else {
+                candle_core::bail!("f8 matvec: the weight must be contiguous");
+            };
+            let w = &bytes[wa..wb];
+            if w.len() != seg.rows * n_in {
+                candle_core::bail!(
+                    "f8 matvec: a weight of {} bytes for [{}, {n_in}]",
+                    w.len(),
+                    seg.rows
+                );
             }
-            parts.push(y);
+            let scale = seg.scale.as_ref().map(cpu_f32).transpose()?;
+            let mut y = vec![0f32; seg.rows * rows];
+            // Feature-major while computing ([segment rows, rows]), then transposed.
+            y.par_chunks_mut(rows).enumerate().for_each(|(o, out)| {
+                let wr = &w[o * n_in..(o + 1) * n_in];
+                let s = scale
+                    .as_ref()
+                    .map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[o] });
+                for (r, v) in out.iter_mut().enumerate() {
+                    *v = dot(wr, &xs[r * n_in..(r + 1) * n_in], &lut) * s;
+                }
+            });
+            parts.push(
+                (0..rows * seg.rows)
+                    .map(|i| y[(i % seg.rows) * rows + i / seg.rows])
+                    .collect::<Vec<_>>(),
+            );
         }
         let n_out = self.out_features();
         let mut out = vec![0f32; rows * n_out];
