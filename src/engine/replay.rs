@@ -4,7 +4,7 @@
 //! in, launches the graph and copies the results out. Inputs past the fed ones are state the
 //! work updates in place (a streaming tokenizer's caches), kept between runs. The replayed
 //! kernels are the captured ones with the same arguments, so the results equal the work run
-//! directly, bit for bit (`tests/gpu_speech.rs` checks it).
+//! directly, bit for bit (`tests/gpu_speech/` checks it).
 
 use super::DeviceChoice;
 use anyhow::{bail, Result};
