@@ -6,6 +6,7 @@
 
 #![cfg(feature = "cuda")]
 
+use super::relative;
 use candle_core::{DType, Device};
 use std::path::Path;
 use vibeoffload::checkpoint::CheckpointDtype;
@@ -65,16 +66,6 @@ fn speak(dir: &Path, offload: bool) -> (GenerateReport, Dumped) {
         audio: tensors["audio"].to_vec1().unwrap(),
     };
     (report, dumped)
-}
-
-fn relative(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    worst / b.iter().map(|y| y.abs()).fold(0f32, f32::max)
 }
 
 #[test]

@@ -31,6 +31,15 @@ fn strided<'a, T: CudaDType>(
     Ok((view, [b, c, t], [sb, sc, st].map(|v| v as u64)))
 }
 
+/// The launch of a grid-stride kernel over `n` elements, one thread each up to 2^16 blocks.
+fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(SPEECH_THREADS).min(1 << 16) as u32, 1, 1),
+        block_dim: (SPEECH_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// `1 / channels` as the f32 candle's mean multiplies by.
 fn inv_count(channels: usize) -> f32 {
     (1.0 / channels as f64) as f32
@@ -215,11 +224,7 @@ pub fn channel_residual(
             for v in [batch, channels, len] {
                 args.i32(v as i32);
             }
-            let config = LaunchConfig {
-                grid_dim: (n.div_ceil(SPEECH_THREADS).min(1 << 16) as u32, 1, 1),
-                block_dim: (SPEECH_THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let config = grid_stride(n);
             // The arguments match the kernel's signature (speech.cu).
             args.launch(&dev, &func, config, false)?;
             (
@@ -280,11 +285,7 @@ pub fn dpm_step(
                 args.f32(value);
             }
             args.i32(second).f32(r_inv).f32(half_b);
-            let config = LaunchConfig {
-                grid_dim: (n.div_ceil(SPEECH_THREADS).min(1 << 16) as u32, 1, 1),
-                block_dim: (SPEECH_THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let config = grid_stride(n);
             // The arguments match the kernel's signature (speech.cu).
             args.launch(&dev, &func, config, false)?;
             (
