@@ -56,7 +56,7 @@ pub(crate) fn mix(op: &DepthwiseMixer, x: &Tensor, slot: Option<&mut Slot>) -> R
 }
 
 /// `v` rounded to bf16 when `bf16`, as storing it in the activation dtype would.
-fn round(v: f32, bf16: bool) -> f32 {
+pub(super) fn round(v: f32, bf16: bool) -> f32 {
     match bf16 {
         true => half::bf16::from_f32(v).to_f32(),
         false => v,

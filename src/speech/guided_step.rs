@@ -2,17 +2,10 @@
 //! reference (plain f32 arithmetic, rounding to the activation dtype where the unfused ops
 //! would) and candle glue; its CUDA kernel is in `engine/cuda/kernels/speech.cu`.
 
+use super::fused::round;
 use crate::engine::dequant::{cpu_activations, cpu_storage};
 use crate::engine::ops::DpmStep;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape};
-
-/// `v` rounded to bf16 when `bf16`, as storing it in the activation dtype would.
-fn round(v: f32, bf16: bool) -> f32 {
-    match bf16 {
-        true => half::bf16::from_f32(v).to_f32(),
-        false => v,
-    }
-}
 
 impl DpmStep {
     /// `(B, L)` of `x`, checked against `v` `[2B, L]` and `prev` `[B, L]`, all contiguous;
