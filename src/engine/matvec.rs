@@ -50,6 +50,11 @@ impl CustomOp1 for FusedMatVec {
         let n_in = self.in_features;
         let mut xs = all[xa..xb].to_vec();
         let rows = xs.len() / n_in;
+        // A value as the activation dtype stores it.
+        let round = |v: f32| match bf16 {
+            true => half::bf16::from_f32(v).to_f32(),
+            false => v,
+        };
         if let Some((weight, eps)) = &self.norm {
             let w = cpu_f32(weight)?;
             for row in xs.chunks_mut(n_in) {
@@ -57,6 +62,15 @@ impl CustomOp1 for FusedMatVec {
                 let inv = 1.0 / (mean + eps).sqrt();
                 for (v, w) in row.iter_mut().zip(&w) {
                     *v *= inv * w;
+                }
+            }
+            if let Some((scale1, shift)) = &self.modulation {
+                let (scale1, shift) = (cpu_f32(scale1)?, cpu_f32(shift)?);
+                if scale1.len() != xs.len() || shift.len() != xs.len() {
+                    candle_core::bail!("f8 matvec: the modulation must be [rows, in]");
+                }
+                for ((v, s), h) in xs.iter_mut().zip(&scale1).zip(&shift) {
+                    *v = round(round(round(*v) * s) + h);
                 }
             }
         }
@@ -119,6 +133,15 @@ impl CustomOp1 for FusedMatVec {
             let b = cpu_f32(b)?;
             for (i, o) in out.iter_mut().enumerate() {
                 *o += b[i % n_out];
+            }
+        }
+        if let Some(gate) = &self.gate {
+            let gate = cpu_f32(gate)?;
+            if gate.len() != out.len() {
+                candle_core::bail!("f8 matvec: the gate must be [rows, outputs]");
+            }
+            for (o, g) in out.iter_mut().zip(gate) {
+                *o = round(round(*o) * g);
             }
         }
         if let Some(res) = &self.residual {
@@ -313,5 +336,68 @@ mod tests {
         let normed = candle_nn::ops::rms_norm(&x, &norm, 1e-6).unwrap();
         let reference = normed.matmul(&dense(&w).t().unwrap()).unwrap();
         assert!(max_diff(&apply(&x, &op).unwrap(), &reference) < 1e-4);
+    }
+
+    #[test]
+    fn modulates_and_gates_as_the_unfused_bf16_ops_round() {
+        let (n_out, n_in, rows) = (16, 64, 2);
+        let w = weight(n_out, n_in, 9);
+        let bf16 = |t: Tensor| t.to_dtype(candle_core::DType::BF16).unwrap();
+        let ramp = |n: usize, f: f64, o: f64| {
+            bf16(
+                Tensor::arange(0f32, n as f32, &Device::Cpu)
+                    .unwrap()
+                    .affine(f, o)
+                    .unwrap(),
+            )
+        };
+        let x = ramp(rows * n_in, 0.05, -2.0).reshape((rows, n_in)).unwrap();
+        let norm = ramp(n_in, 0.01, 0.5);
+        // shift, 1 + scale and gate side by side, as the diffusion head keeps them.
+        let m = ramp(rows * 3 * n_in, 0.002, 0.4)
+            .reshape((rows, 3 * n_in))
+            .unwrap();
+        let (shift, scale1) = (
+            m.narrow(1, 0, n_in).unwrap(),
+            m.narrow(1, n_in, n_in).unwrap(),
+        );
+        let gate = m.narrow(1, 2 * n_in, n_out).unwrap();
+        let residual = ramp(rows * n_out, 0.3, -1.0)
+            .reshape((rows, n_out))
+            .unwrap();
+        let op = FusedMatVec {
+            norm: Some((norm.clone(), 1e-6)),
+            modulation: Some((scale1.clone(), shift.clone())),
+            gate: Some(gate.clone()),
+            residual: Some(residual.clone()),
+            ..FusedMatVec::new(
+                vec![Segment {
+                    bytes: w.bytes.clone(),
+                    rows: n_out,
+                    scale: None,
+                }],
+                n_in,
+            )
+        };
+        let fused = apply(&x, &op).unwrap();
+        // The norm as the fused path forms it (in f32, rounded once), then the unfused bf16
+        // ops, each rounding; the product in f32.
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let sum = f32(&x).sqr().unwrap().sum_keepdim(1).unwrap();
+        let inv = ((sum / n_in as f64).unwrap() + 1e-6)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let normed = f32(&x)
+            .broadcast_mul(&inv.broadcast_mul(&f32(&norm)).unwrap())
+            .unwrap();
+        let h = ((bf16(normed) * scale1).unwrap() + shift).unwrap();
+        let y = bf16(f32(&h).matmul(&dense(&w).t().unwrap()).unwrap());
+        let reference = (residual + (gate * y).unwrap()).unwrap();
+        assert_eq!(fused.dtype(), candle_core::DType::BF16);
+        let d = max_diff(&f32(&fused), &f32(&reference));
+        assert!(d < 1e-3, "{d}");
     }
 }

@@ -21,6 +21,8 @@ struct Fuse<'a> {
     residual: Option<&'a Tensor>,
     gated: bool,
     norm: Option<(&'a Tensor, f32)>,
+    modulation: Option<(&'a Tensor, &'a Tensor)>,
+    gate: Option<&'a Tensor>,
     watch: Option<(Tensor, u32)>,
 }
 
@@ -42,6 +44,8 @@ fn fused(x: &Tensor, linears: &[&Linear], resident: bool, fuse: Fuse<'_>) -> Res
         gated: fuse.gated,
         resident_weights: resident,
         norm: fuse.norm.map(|(w, eps)| (w.clone(), eps)),
+        modulation: fuse.modulation.map(|(a, b)| (a.clone(), b.clone())),
+        gate: fuse.gate.cloned(),
         watch: fuse.watch,
     };
     Ok(matvec::apply(x, &op)?)
@@ -77,12 +81,16 @@ fn fused_checked(
 /// `x @ W^T (+ b)`: by the fused path where it applies, else decoding W with its scale. The
 /// speech components use it too, so their float8 weights stay float8 on the device.
 pub fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> Result<Tensor> {
-    let y = if matvec::applies(x, &l.weight, l.scale.as_ref())? {
-        fused(x, &[l], resident, Fuse::default())?
-    } else {
-        let w = dequantize(&l.weight, l.scale.as_ref(), x.dtype())?;
-        x.broadcast_matmul(&w.t()?)?
-    };
+    if matvec::applies(x, &l.weight, l.scale.as_ref())? {
+        // The bias added in f32 before the one rounding of the output.
+        let fuse = Fuse {
+            bias,
+            ..Fuse::default()
+        };
+        return fused(x, &[l], resident, fuse);
+    }
+    let w = dequantize(&l.weight, l.scale.as_ref(), x.dtype())?;
+    let y = x.broadcast_matmul(&w.t()?)?;
     Ok(match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -93,16 +101,43 @@ pub fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> 
 /// formed in f32 and rounded once, where the fused path takes both weights for `x`; `None`
 /// otherwise (the caller then runs the unfused ops).
 pub fn swiglu(x: &Tensor, gate: &Linear, up: &Linear, resident: bool) -> Result<Option<Tensor>> {
-    for l in [gate, up] {
+    fused_adaln(x, &[gate, up], true, resident, AdaLn::default())
+}
+
+/// The adaLN work the diffusion head fuses around a float8 product (see [`ops::FusedMatVec`]).
+#[derive(Clone, Copy, Default)]
+pub struct AdaLn<'a> {
+    /// RMSNorm of the rows first (weight, epsilon), then the modulation `(1 + scale, shift)`
+    /// when given.
+    pub norm: Option<(&'a Tensor, f32, Option<(&'a Tensor, &'a Tensor)>)>,
+    /// `residual + gate ⊙ y` instead of `y`: `(residual, gate)`.
+    pub gated_residual: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// `x @ W^T` for one weight, or `silu(x @ W0^T) ⊙ (x @ W1^T)` for two when `gated`, with the
+/// adaLN work `around` fused in, where the fused path takes every weight for `x`; `None`
+/// otherwise (the caller then runs the unfused ops).
+pub fn fused_adaln(
+    x: &Tensor,
+    linears: &[&Linear],
+    gated: bool,
+    resident: bool,
+    around: AdaLn<'_>,
+) -> Result<Option<Tensor>> {
+    for l in linears {
         if !matvec::applies(x, &l.weight, l.scale.as_ref())? {
             return Ok(None);
         }
     }
     let fuse = Fuse {
-        gated: true,
+        gated,
+        norm: around.norm.map(|(w, eps, _)| (w, eps)),
+        modulation: around.norm.and_then(|(_, _, m)| m),
+        residual: around.gated_residual.map(|(r, _)| r),
+        gate: around.gated_residual.map(|(_, g)| g),
         ..Fuse::default()
     };
-    Ok(Some(fused(x, &[gate, up], resident, fuse)?))
+    Ok(Some(fused(x, linears, resident, fuse)?))
 }
 
 /// Whether every projection of layer `w` can take the fused decode path for `x`.

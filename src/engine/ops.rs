@@ -87,6 +87,15 @@ pub struct FusedMatVec {
     pub gated: bool,
     /// RMSNorm of each row of x first: its weight (`[in]`, the activation dtype) and epsilon.
     pub norm: Option<(Tensor, f32)>,
+    /// With `norm`, the adaLN modulation of the normalised rows, `(1 + scale, shift)`, each
+    /// `[rows, in]` (the activation dtype; one row stride for both): the normalised value
+    /// rounded to the activation dtype, times `1 + scale`, plus `shift`, each step rounded as
+    /// the unfused ops round it.
+    pub modulation: Option<(Tensor, Tensor)>,
+    /// With `residual`, `residual + gate ⊙ y` instead of `residual + y`: `y` and the product
+    /// rounded to the activation dtype first, as the unfused ops (`[rows, outputs]`, the
+    /// activation dtype; its rows may be strided).
+    pub gate: Option<Tensor>,
     /// The weights never change while the engine lives, so on the GPU the kernel may load
     /// them before the kernel before it has finished (programmatic dependent launch).
     pub resident_weights: bool,
@@ -105,6 +114,8 @@ impl FusedMatVec {
             residual: None,
             gated: false,
             norm: None,
+            modulation: None,
+            gate: None,
             resident_weights: false,
             watch: None,
         }

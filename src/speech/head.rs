@@ -2,9 +2,10 @@
 //! latent, its timestep and the language model's hidden state, the v-prediction. adaLN
 //! layers modulate a SwiGLU feed-forward by the condition `c = cond_proj(h) + t_emb(t)`.
 
-use super::nn::{apply, linear, swiglu, Linear};
+use super::nn::{apply, linear, stored_adaln, swiglu, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{DiffusionHeadConfig, FREQUENCY_EMBEDDING_SIZE};
+use crate::engine::model::AdaLn;
 use crate::engine::ops::MATVEC_MAX_ROWS;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -27,17 +28,29 @@ pub fn timestep_embedding(timesteps: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(timesteps.dtype())?)
 }
 
-/// `x·(1 + scale) + shift`.
 /// RMSNorm over the last dimension in one fused kernel (candle's): normalised and weighted in
 /// f32, rounded once to the activations' dtype where the original rounds the normalised value
-/// before the weight (at most one bf16 ulp apart; identical formula in f32). The head runs it
-/// five times per diffusion step, where the unfused form costs eight launches each.
+/// before the weight (at most one bf16 ulp apart; identical formula in f32). Where the weights
+/// are float8, the fused matrix-vector product does it instead (with the modulation).
 fn last_dim_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?)
 }
 
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    Ok(((x * (scale + 1.0)?)? + shift)?)
+/// `x·scale1 + shift`, where `scale1 = 1 + scale` is formed once per frame
+/// ([`PredictionHead::modulations`]) with the original's rounding.
+fn modulate(x: &Tensor, shift: &Tensor, scale1: &Tensor) -> Result<Tensor> {
+    Ok(((x * scale1)? + shift)?)
+}
+
+/// `[shift, scale, ...]` (chunks of `width`) with `scale` replaced by `1 + scale`.
+fn plus_one(m: &Tensor, width: usize) -> Result<Tensor> {
+    let scale1 = (m.narrow(D::Minus1, width, width)? + 1.0)?;
+    let rest = m.dim(D::Minus1)? - 2 * width;
+    let mut parts = vec![m.narrow(D::Minus1, 0, width)?, scale1];
+    if rest > 0 {
+        parts.push(m.narrow(D::Minus1, 2 * width, rest)?);
+    }
+    Ok(Tensor::cat(&parts, D::Minus1)?)
 }
 
 /// One adaLN layer: `x + gate ⊙ ffn(modulate(norm(x), shift, scale))`.
@@ -64,20 +77,35 @@ impl HeadLayer {
     }
 
     /// `m` is this layer's modulation `[B, 3·hidden]` (see [`PredictionHead::modulations`]).
+    /// Where the weights are float8, two fused launches: the norm and the modulation inside
+    /// the gate and up product, the gate and the residual inside the down product.
     fn forward(&self, x: &Tensor, m: &Tensor, eps: f64) -> Result<Tensor> {
         let n = &self.name;
         let chunks = m.chunk(3, D::Minus1)?;
-        let (shift, scale, gate) = (&chunks[0], &chunks[1], &chunks[2]);
-        let h = modulate(&last_dim_norm(x, &self.norm, eps)?, shift, scale)?;
-        let gu = swiglu(
-            &self.gate_proj,
-            &self.up_proj,
-            &h,
-            n,
-            ("ffn.gate_proj", "ffn.up_proj"),
-        )?;
-        let f = apply(&self.down_proj, &gu, n, "ffn.down_proj")?;
-        Ok((x + (gate * f)?)?)
+        let (shift, scale1, gate) = (&chunks[0], &chunks[1], &chunks[2]);
+        let adaln = AdaLn {
+            norm: Some((&self.norm, eps as f32, Some((scale1, shift)))),
+            ..AdaLn::default()
+        };
+        let gu = match stored_adaln(x, &[&self.gate_proj, &self.up_proj], true, adaln)? {
+            Some(gu) => gu,
+            None => {
+                let h = modulate(&last_dim_norm(x, &self.norm, eps)?, shift, scale1)?;
+                let what = ("ffn.gate_proj", "ffn.up_proj");
+                swiglu(&self.gate_proj, &self.up_proj, &h, n, what)?
+            }
+        };
+        let residual = AdaLn {
+            gated_residual: Some((x, gate)),
+            ..AdaLn::default()
+        };
+        match stored_adaln(&gu, &[&self.down_proj], false, residual)? {
+            Some(out) => Ok(out),
+            None => {
+                let f = apply(&self.down_proj, &gu, n, "ffn.down_proj")?;
+                Ok((x + (gate * f)?)?)
+            }
+        }
     }
 }
 
@@ -181,7 +209,7 @@ impl PredictionHead {
     }
 
     /// The adaLN modulations under conditions `c` `[R, hidden]`: `[R, 3·hidden]` for each
-    /// layer, then `[R, 2·hidden]` for the final layer. They depend on the condition alone, so
+    /// layer (shift, `1 + scale`, gate), then `[R, 2·hidden]` for the final layer. They depend on the condition alone, so
     /// a frame computes those of all its steps at once, in groups of at most
     /// [`MATVEC_MAX_ROWS`] rows (the fused matrix-vector product's batch, whose rows come out
     /// as they would alone): the weights are read once per group instead of once per step.
@@ -204,7 +232,7 @@ impl PredictionHead {
         }
         parts
             .iter()
-            .map(|p| Ok(Tensor::cat(p, 0)?))
+            .map(|p| plus_one(&Tensor::cat(p, 0)?, self.hidden))
             .collect::<Result<Vec<_>>>()
     }
 
@@ -232,6 +260,17 @@ impl PredictionHead {
             x = layer.forward(&x, &rows(m)?, self.eps)?;
         }
         let chunks = rows(&modulations[self.layers.len()])?.chunk(2, D::Minus1)?;
+        let adaln = AdaLn {
+            norm: Some((
+                &self.unit_weight,
+                self.eps as f32,
+                Some((&chunks[1], &chunks[0])),
+            )),
+            ..AdaLn::default()
+        };
+        if let Some(out) = stored_adaln(&x, &[&self.final_linear], false, adaln)? {
+            return Ok(out);
+        }
         let normed = last_dim_norm(&x, &self.unit_weight, self.eps)?;
         let h = modulate(&normed, &chunks[0], &chunks[1])?;
         apply(&self.final_linear, &h, n, "final_layer.linear")

@@ -84,6 +84,25 @@ pub(crate) fn swiglu(
     Ok((g * apply(up, x, owner, what.1)?)?)
 }
 
+/// `layers` (float8, without bias: one, or gate and up when `gated`) with the adaLN work
+/// `around` fused into one launch where the fused path takes them; `None` otherwise.
+pub(crate) fn stored_adaln(
+    x: &Tensor,
+    layers: &[&Linear],
+    gated: bool,
+    around: model::AdaLn<'_>,
+) -> Result<Option<Tensor>> {
+    let mut stored = Vec::with_capacity(layers.len());
+    for layer in layers {
+        match layer {
+            Linear::Stored { weight, bias: None } => stored.push(weight),
+            _ => return Ok(None),
+        }
+    }
+    model::fused_adaln(x, &stored, gated, true, around)
+        .with_context(|| format!("applying a fused adaLN product to {:?}", x.dims()))
+}
+
 /// RMSNorm over the last dimension as the original computes it: `x * rsqrt(mean(x²) + eps)`
 /// in f32, cast back to `x`'s dtype, then times `weight` (when the norm has one).
 pub(crate) fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {

@@ -78,6 +78,19 @@ impl RawArgs {
         config: LaunchConfig,
         overlap: bool,
     ) -> candle_core::Result<()> {
+        self.launch_clustered(dev, func, config, overlap, 1)
+    }
+
+    /// [`RawArgs::launch`] in clusters of `cluster` blocks along the grid's y (sm_90; 1 for
+    /// none), which must divide it.
+    pub(super) fn launch_clustered(
+        &mut self,
+        dev: &CudaDevice,
+        func: &CudaFunction,
+        config: LaunchConfig,
+        overlap: bool,
+        cluster: u32,
+    ) -> candle_core::Result<()> {
         let stream = dev.cuda_stream();
         let mut params: Vec<*mut std::ffi::c_void> = self
             .0
@@ -85,9 +98,21 @@ impl RawArgs {
             .map(|slot| slot.as_mut_ptr().cast())
             .collect();
         // SAFETY: zero is a valid bit pattern for this plain C struct.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut count = 0;
+        if overlap && has_pdl(dev) {
+            attrs[count].id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[count].value.programmaticStreamSerializationAllowed = 1;
+            count += 1;
+        }
+        if cluster > 1 {
+            attrs[count].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[count].value.clusterDim.x = 1;
+            attrs[count].value.clusterDim.y = cluster;
+            attrs[count].value.clusterDim.z = 1;
+            count += 1;
+        }
         let cfg = sys::CUlaunchConfig {
             gridDimX: config.grid_dim.0,
             gridDimY: config.grid_dim.1,
@@ -97,8 +122,8 @@ impl RawArgs {
             blockDimZ: config.block_dim.2,
             sharedMemBytes: config.shared_mem_bytes,
             hStream: stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(overlap && has_pdl(dev)),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: count as u32,
         };
         // SAFETY: `params` point at one value per kernel parameter, in order and of its size
         // (each caller matches its kernel's signature), alive until the launch is queued; the

@@ -11,8 +11,9 @@ use crate::engine::ops::{
 };
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::{CudaStorage, Layout, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{CudaStorage, Layout, Shape, Storage, Tensor};
 
 /// The CUDA side of [`Dequantize`].
 pub fn dequantize(
@@ -138,6 +139,9 @@ pub fn watch(x: &Tensor, word: &Tensor, tag: u32) -> Result<()> {
     Ok(())
 }
 
+/// Cached positions per block of decode attention, roughly: longer caches split over a cluster.
+const ATTENTION_SHARE: usize = 64;
+
 /// The CUDA side of [`DecodeAttention`]: bf16 q, K, V; K and V as `(offset, batch, head,
 /// position)` strides into their storage.
 pub fn decode_attention(
@@ -195,15 +199,23 @@ pub fn decode_attention(
         args.u64(s as u64);
     }
     let warps = ATTENTION_WARPS;
-    let config = LaunchConfig {
-        grid_dim: (op.heads as u32, batch as u32, 1),
-        block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: ((op.len + (warps + 1) * op.head_dim) * 4) as u32,
+    // Shares of the positions (one cluster of blocks per head, sm_90): about
+    // ATTENTION_SHARE each, a power of two up to the portable cluster size.
+    let split = match super::has_pdl(&dev) {
+        true => op.len.div_ceil(ATTENTION_SHARE).next_power_of_two().min(8),
+        false => 1,
     };
-    // The arguments match the kernel's signature (attention.cu); shared memory holds `len` scores, each
-    // warp's partial output and the query (at most 48 KiB, checked by engine::attention::applies).
-    // The kernel reads nothing before the previous kernel ends.
-    args.launch(&dev, &func, config, true)?;
+    let chunk = op.len.div_ceil(split);
+    let config = LaunchConfig {
+        grid_dim: (op.heads as u32, split as u32, batch as u32),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: ((chunk + (warps + 1 + usize::from(split > 1)) * op.head_dim) * 4) as u32,
+    };
+    // The arguments match the kernel's signature (attention.cu); shared memory holds a share's
+    // scores, each warp's partial output, the query and, split, the share's output (at most 48
+    // KiB: engine::attention::applies checks the unsplit size, and a split one is smaller). The
+    // kernel reads nothing before the previous kernel ends.
+    args.launch_clustered(&dev, &func, config, true, split as u32)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((batch, op.heads, 1, op.head_dim)),
@@ -249,6 +261,58 @@ pub fn store_kv(
     Ok(())
 }
 
+/// Blocks per SM the fused matvec aims to keep busy: a weight with fewer tiles than this
+/// many per SM splits each tile's inputs over a cluster of blocks.
+const MATVEC_BLOCKS_PER_SM: usize = 4;
+
+/// Into how many shares (a power of two, at most 8, the portable cluster size) the fused matvec
+/// splits the inputs of each of `tiles` tiles of `steps` steps: as many as keep the blocks
+/// within [`MATVEC_BLOCKS_PER_SM`] per SM and give every warp a step; 1 without clusters
+/// (before sm_90). It depends on the shapes alone, so a weight's sums always meet in one order.
+fn split_inputs(dev: &CudaDevice, tiles: usize, steps: usize) -> u32 {
+    if !super::has_pdl(dev) {
+        return 1;
+    }
+    let per_sm = std::env::var("VIBEOFFLOAD_MATVEC_BLOCKS_PER_SM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MATVEC_BLOCKS_PER_SM);
+    let target = super::multiprocessors(dev) * per_sm;
+    let mut split = 1;
+    while split < 8 && tiles * split * 2 <= target && steps >= split * 2 * MATVEC_WARPS {
+        split *= 2;
+    }
+    split as u32
+}
+
+/// A `[rows, cols]` operand whose rows may be strided (elements dense): its view from the first
+/// element and its row stride, checked to start and step on `align` elements.
+fn row_view<'a, T: CudaDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+    dims: [usize; 2],
+    align: usize,
+    what: &str,
+) -> candle_core::Result<(CudaView<'a, T>, u64)> {
+    let Storage::Cuda(s) = storage else {
+        candle_core::bail!("fused matvec: {what} is not on the GPU");
+    };
+    let stride = layout.stride();
+    let row_stride = if dims[0] == 1 { dims[1] } else { stride[0] };
+    if layout.dims() != dims
+        || stride[1] != 1
+        || !layout.start_offset().is_multiple_of(align)
+        || !row_stride.is_multiple_of(align)
+    {
+        candle_core::bail!(
+            "fused matvec: {what} {:?} (strides {stride:?}) for {dims:?}",
+            layout.dims()
+        );
+    }
+    let view = s.as_cuda_slice::<T>()?.slice(layout.start_offset()..);
+    Ok((view, row_stride as u64))
+}
+
 /// The CUDA side of [`FusedMatVec`]: bf16 activations, float8 weights, bf16 output.
 pub fn fused_matvec(
     op: &FusedMatVec,
@@ -280,6 +344,11 @@ pub fn fused_matvec(
     let residual = op.residual.as_ref().map(|t| t.storage_and_layout());
     let norm = op.norm.as_ref().map(|(t, _)| t.storage_and_layout());
     let watch = op.watch.as_ref().map(|(t, _)| t.storage_and_layout());
+    let modulation = op
+        .modulation
+        .as_ref()
+        .map(|(a, b)| (a.storage_and_layout(), b.storage_and_layout()));
+    let gate = op.gate.as_ref().map(|t| t.storage_and_layout());
     let w_views = weights
         .iter()
         .map(|(s, l)| cuda_view::<u8>(s, l))
@@ -292,6 +361,26 @@ pub fn fused_matvec(
     let r_view = optional_view::<half::bf16>(&residual)?;
     let n_view = optional_view::<half::bf16>(&norm)?;
     let watch_view = optional_view::<u32>(&watch)?;
+    let n_out = op.out_features();
+    // The kernel reads the modulation 16 bytes at a time.
+    let mod_views = match &modulation {
+        Some(((a, la), (b, lb))) => {
+            let (a, sa) = row_view::<half::bf16>(a, la, [rows, n_in], 8, "the modulation")?;
+            let (b, sb) = row_view::<half::bf16>(b, lb, [rows, n_in], 8, "the modulation")?;
+            if sa != sb || op.norm.is_none() {
+                candle_core::bail!("fused matvec: a modulation needs the norm and one row stride");
+            }
+            Some((a, b, sa))
+        }
+        None => None,
+    };
+    let gate_view = match &gate {
+        Some((g, lg)) if op.residual.is_some() => {
+            Some(row_view::<half::bf16>(g, lg, [rows, n_out], 1, "the gate")?)
+        }
+        Some(_) => candle_core::bail!("fused matvec: a gate needs the residual"),
+        None => None,
+    };
     let eps = op.norm.as_ref().map_or(0.0f32, |(_, e)| *e);
     // The kernel reads the norm weight 16 bytes at a time.
     if norm
@@ -312,7 +401,6 @@ pub fn fused_matvec(
             "fused matvec: shapes or offsets off the kernel's tiles (see engine::matvec::applies)"
         );
     }
-    let n_out = op.out_features();
     let name = match op.gated {
         true => "f8_matvec_mma_gated",
         false => "f8_matvec_mma",
@@ -351,20 +439,27 @@ pub fn fused_matvec(
     args.ptr_or(b_view.as_ref(), &xs, &stream).i32(has_bias);
     args.ptr_or(r_view.as_ref(), &xs, &stream).i32(has_res);
     // The kernel tells "no norm" and "no watch" by a null pointer.
-    args.ptr_or_null(n_view.as_ref(), &stream)
-        .f32(eps)
-        .ptr(&y, &stream);
+    args.ptr_or_null(n_view.as_ref(), &stream).f32(eps);
+    args.ptr_or_null(mod_views.as_ref().map(|m| &m.0), &stream)
+        .ptr_or_null(mod_views.as_ref().map(|m| &m.1), &stream)
+        .u64(mod_views.as_ref().map_or(0, |m| m.2));
+    args.ptr_or_null(gate_view.as_ref().map(|g| &g.0), &stream)
+        .u64(gate_view.as_ref().map_or(0, |g| g.1));
+    let tiles = n_out / TILE_ROWS;
+    let split = split_inputs(&dev, tiles, n_in / TILE_INPUTS);
+    args.i32(split as i32).ptr(&y, &stream);
     args.ptr_or_null(watch_view.as_ref(), &stream)
         .i32(op.watch.as_ref().map_or(0, |(_, tag)| *tag as i32));
-    // One block of MATVEC_WARPS warps per TILE_ROWS output features (matvec.cu).
+    // One block of MATVEC_WARPS warps per TILE_ROWS output features and share of the inputs,
+    // the shares of a tile in one cluster (matvec.cu).
     let config = LaunchConfig {
-        grid_dim: ((n_out / TILE_ROWS) as u32, 1, 1),
+        grid_dim: (tiles as u32, split, 1),
         block_dim: (32 * MATVEC_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // The arguments match the kernel's signature (matvec.cu). Resident weights may be read
     // before the previous kernel ends; a slot's may not.
-    args.launch(&dev, &func, config, op.resident_weights)?;
+    args.launch_clustered(&dev, &func, config, op.resident_weights, split)?;
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev),
         Shape::from((rows, n_out)),

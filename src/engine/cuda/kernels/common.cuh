@@ -1,7 +1,7 @@
-// What more than one kernel file uses: short integer names, bf16 and float8 E4M3 conversions
-// and programmatic dependent launch. The Rust side prepends this file to each program (NVRTC
-// has no include path for embedded sources); the .cu files include it only when compiled on
-// their own (nvcc --ptx in scripts/build-cuda.sh, editors).
+// What more than one kernel file uses: short integer names, bf16 and float8 E4M3 conversions,
+// programmatic dependent launch and thread block clusters. The Rust side prepends this file to
+// each program (NVRTC has no include path for embedded sources); the .cu files include it only
+// when compiled on their own (nvcc --ptx in scripts/build-cuda.sh, editors).
 #ifndef VIBEOFFLOAD_COMMON_CUH
 #define VIBEOFFLOAD_COMMON_CUH
 
@@ -42,6 +42,29 @@ __device__ __forceinline__ void pdl_launch_next() {
 __device__ __forceinline__ void pdl_wait_previous() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Thread block clusters (sm_90), where the blocks of one cluster split a reduction and the first
+// combines the others' partial results from their shared memory: a barrier over the cluster
+// (every thread of every block must pass it), and a float of another block's shared memory.
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
+                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// `*p` in the shared memory of the cluster's block `rank`.
+__device__ __forceinline__ float cluster_load(const float* p, u32 rank) {
+#if __CUDA_ARCH__ >= 900
+    u32 a = (u32)__cvta_generic_to_shared(p), d;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(d) : "memory");
+    return v;
+#else
+    return *p;
 #endif
 }
 

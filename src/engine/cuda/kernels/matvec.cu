@@ -7,7 +7,9 @@
 // features, each step multiplying a TILE_ROWS x TILE_INPUTS tile of float8 weights (decoded to
 // bf16 in registers) by up to MATVEC_MAX_ROWS rows of x (bf16) with `mma.sync` and f32
 // accumulation; the warps' sums meet in shared memory, where scale, bias, residual and the gate
-// are applied. Each weight byte is read once, with loads that bypass L1.
+// are applied. Where a weight has few tiles for the device, a tile's inputs are split over a
+// cluster of blocks (sm_90) whose sums meet in the first block's shared memory. Each weight
+// byte is read once, with loads that bypass L1.
 #ifndef VIBEOFFLOAD_COMMON_CUH  // NVRTC gets common.cuh prepended instead
 #include "common.cuh"
 #endif
@@ -20,7 +22,6 @@
 static_assert(TILE_ROWS == 16, "a tile is the m of one m16n8k16 product");
 static_assert(MATVEC_MAX_ROWS == 8, "rows of x are the n of one m16n8k16 product");
 static_assert(TILE_INPUTS == 64, "a step is 16 bytes for each of a lane group's 4 lanes");
-static_assert(MATVEC_WARPS >= MATVEC_MAX_ROWS, "warp r sums the squares of row r");
 static_assert(MATVEC_WARPS * 32 >= TILE_ROWS * MATVEC_MAX_ROWS, "one thread per output");
 
 // log2 of a power of two. Steps are counted with a shift: a signed n_in / TILE_INPUTS would add
@@ -93,12 +94,24 @@ __device__ __forceinline__ void load8(u32* w, const u16* p) {
         : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
 }
 
+// `v` rounded to bf16, as a float.
+__device__ __forceinline__ float rnd(float v) { return bf16f(to_bf16(v)); }
+
+// The adaLN modulation of a normalised row (see matvec): the unfused ops' `n * (1 + scale) +
+// shift` in bf16, each operation rounded.
+struct Modulation {
+    const u16* scale1;  // 1 + scale, [rows, n_in] with `stride` elements from row to row
+    const u16* shift;   // the same layout
+    long long stride;
+};
+
 // The lane's 16 x values of row g (zero beyond the rows) times X_SCALE as eight bf16x2, paired
 // as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
-// RMS-normalised (times `inv`, the row's 1/rms times X_SCALE, and the norm weight `nw`) in f32
-// first when `nw` is given; otherwise x's own bf16 values, scaled exactly.
+// RMS-normalised (times `inv`, the row's 1/rms, and the norm weight `nw`) in f32 and rounded to
+// bf16 first when `nw` is given, then modulated when `mod.scale1` is; otherwise x's own bf16
+// values, scaled exactly.
 __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
-                                       const u16* nw, float inv) {
+                                       const u16* nw, float inv, const Modulation& mod) {
     if (g < rows) {
         const u16* p = x + (long long)g * n_in + k;
         u32 w[8], n[8];
@@ -113,10 +126,25 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
                 v[2 * i] = bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu);
                 v[2 * i + 1] = bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16);
             }
+            if (mod.scale1) {
+                u32 a[8], b[8];
+                const long long at = (long long)g * mod.stride + k;
+                load8(a, mod.scale1 + at);
+                load8(a + 4, mod.scale1 + at + 8);
+                load8(b, mod.shift + at);
+                load8(b + 4, mod.shift + at + 8);
+                #pragma unroll
+                for (int i = 0; i < 16; i++) {
+                    u32 s = (i & 1) ? a[i / 2] >> 16 : a[i / 2] & 0xffffu;
+                    u32 h = (i & 1) ? b[i / 2] >> 16 : b[i / 2] & 0xffffu;
+                    v[i] = rnd(__fadd_rn(rnd(__fmul_rn(rnd(v[i]), bf16f(s))), bf16f(h)));
+                }
+            }
+            // Times 2^64, exact: rounding the product rounds the value.
             #pragma unroll
             for (int j = 0; j < 4; j++) {
-                xb[2 * j] = bf2(v[4 * j], v[4 * j + 2]);
-                xb[2 * j + 1] = bf2(v[4 * j + 1], v[4 * j + 3]);
+                xb[2 * j] = bf2(v[4 * j] * X_SCALE, v[4 * j + 2] * X_SCALE);
+                xb[2 * j + 1] = bf2(v[4 * j + 1] * X_SCALE, v[4 * j + 3] * X_SCALE);
             }
         } else {
             #pragma unroll
@@ -132,10 +160,14 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
 }
 
 // y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
-// for up to MATVEC_MAX_ROWS rows of x, RMS-normalised first with weight `nw` when it is given;
-// every segment's rows a multiple of TILE_ROWS, n_in a multiple of TILE_INPUTS, weights and x
-// 16-byte aligned. U steps of TILE_INPUTS inputs are loaded before any is multiplied (the first
-// before the norm's sums).
+// for up to MATVEC_MAX_ROWS rows of x, RMS-normalised first with weight `nw` when it is given
+// (and then modulated when `mod.scale1` is); with `gate`, the product is rounded, times
+// gate[r, o] rounded, and the residual added: x + gate * f as the unfused bf16 ops. Every
+// segment's rows a multiple of TILE_ROWS, n_in a multiple of TILE_INPUTS, weights and x 16-byte
+// aligned. Grid (tiles, split): the `split` blocks of a tile form one cluster (sm_90) and take
+// every split-th group of MATVEC_WARPS steps; U steps of TILE_INPUTS inputs are loaded before
+// any is multiplied (the first before the norm's sums). The sums meet in a fixed order (warps,
+// then blocks), so the same shapes give the same bits.
 // When `watch` is given, an output that is NaN or infinite lowers it to `tag` (atomicMin).
 template <bool GATED, int U>
 __device__ void matvec(
@@ -143,8 +175,12 @@ __device__ void matvec(
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
         const u16* bias, int has_bias, const u16* res, int has_res,
-        const u16* nw, float eps, u16* y, unsigned* watch, int tag) {
-    __shared__ float red[GATED ? 2 : 1][MATVEC_WARPS][TILE_ROWS][MATVEC_MAX_ROWS];
+        const u16* nw, float eps, Modulation mod, const u16* gate, long long gate_stride,
+        int split, u16* y, unsigned* watch, int tag) {
+    constexpr int PARTS = GATED ? 2 : 1;
+    __shared__ float red[PARTS][MATVEC_WARPS][TILE_ROWS][MATVEC_MAX_ROWS];
+    __shared__ float part[PARTS][TILE_ROWS][MATVEC_MAX_ROWS];
+    __shared__ float squares[MATVEC_WARPS][MATVEC_MAX_ROWS];
     __shared__ float inv_rms[MATVEC_MAX_ROWS];
     pdl_launch_next();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -162,11 +198,13 @@ __device__ void matvec(
     const u8* u1 = u0 + (long long)(TILE_ROWS / 2) * n_in;
     float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
     int steps = n_in >> log2i(TILE_INPUTS);
+    // This warp's steps: first, first + stride, ...
+    const int stride = MATVEC_WARPS * split, first = blockIdx.y * MATVEC_WARPS + warp;
     uint4 lo[U], hi[U], ulo[U], uhi[U];
     auto load = [&](int base) {
         #pragma unroll
         for (int i = 0; i < U; i++) {
-            int st = base + i * MATVEC_WARPS;
+            int st = base + i * stride;
             if (st < steps) {
                 lo[i] = load_stream(r0 + st * TILE_INPUTS);
                 hi[i] = load_stream(r1 + st * TILE_INPUTS);
@@ -177,38 +215,58 @@ __device__ void matvec(
             }
         }
     };
-    load(warp);
+    load(first);
     // Everything below reads what earlier kernels wrote.
     pdl_wait_previous();
     float inv = 1.f;
     if (nw) {
-        // Warp w sums the squares of row w while the first loads are in flight.
-        if (warp < rows) {
-            const u16* xr = x + (long long)warp * n_in;
-            float ss = 0.f;
-            for (int k = lane * 8; k < n_in; k += 256) {
-                u32 v[4];
-                load8(v, xr + k);
+        // Row by row, every thread sums the squares of 8-element pieces of the row (two in
+        // flight), while the first weight loads are in flight; the lanes' sums meet by
+        // shuffles, the warps' in order. Few registers: they would cost every launch occupancy.
+        #pragma unroll 1
+        for (int r = 0; r < rows; r++) {
+            const u16* xr = x + (long long)r * n_in;
+            const int next = blockDim.x * 8;
+            float t = 0.f;
+            for (int k = threadIdx.x * 8; k < n_in; k += 2 * next) {
+                u32 a[4], b[4];
+                const bool two = k + next < n_in;
+                load8(a, xr + k);
+                if (two) load8(b, xr + k + next);
                 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    float a = bf16f(v[j] & 0xffffu), b = bf16f(v[j] >> 16);
-                    ss += a * a + b * b;
+                    float lo = bf16f(a[j] & 0xffffu), hi = bf16f(a[j] >> 16);
+                    t += lo * lo + hi * hi;
+                }
+                if (two) {
+                    #pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        float lo = bf16f(b[j] & 0xffffu), hi = bf16f(b[j] >> 16);
+                        t += lo * lo + hi * hi;
+                    }
                 }
             }
-            for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-            if (lane == 0) inv_rms[warp] = rsqrtf(ss / (float)n_in + eps);
+            for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+            if (lane == 0) squares[warp][r] = t;
         }
         __syncthreads();
-        inv = g < rows ? inv_rms[g] * X_SCALE : 0.f;
+        if ((int)threadIdx.x < rows) {
+            float t = 0.f;
+            for (int i = 0; i < MATVEC_WARPS; i++) t += squares[i][threadIdx.x];
+            inv_rms[threadIdx.x] = rsqrtf(t / (float)n_in + eps);
+        }
+        __syncthreads();
+        inv = g < rows ? inv_rms[g] : 0.f;
     }
-    for (int base = warp; base < steps; base += MATVEC_WARPS * U) {
-        if (base != warp) load(base);
+    for (int base = first; base < steps; base += stride * U) {
+        if (base != first) load(base);
         #pragma unroll
         for (int i = 0; i < U; i++) {
-            int st = base + i * MATVEC_WARPS;
+            int st = base + i * stride;
             if (st < steps) {
                 u32 xb[8];
-                load_x(xb, x, g, rows, n_in, st * TILE_INPUTS + q * (TILE_INPUTS / 4), nw, inv);
+                load_x(xb, x, g, rows, n_in, st * TILE_INPUTS + q * (TILE_INPUTS / 4), nw, inv,
+                       mod);
                 tile(c, lo[i], hi[i], xb);
                 if (GATED) tile(cu, ulo[i], uhi[i], xb);
             }
@@ -219,21 +277,40 @@ __device__ void matvec(
     red[0][warp][g + TILE_ROWS / 2][2 * q] = c[2];
     red[0][warp][g + TILE_ROWS / 2][2 * q + 1] = c[3];
     if (GATED) {
-        red[GATED ? 1 : 0][warp][g][2 * q] = cu[0];
-        red[GATED ? 1 : 0][warp][g][2 * q + 1] = cu[1];
-        red[GATED ? 1 : 0][warp][g + TILE_ROWS / 2][2 * q] = cu[2];
-        red[GATED ? 1 : 0][warp][g + TILE_ROWS / 2][2 * q + 1] = cu[3];
+        red[PARTS - 1][warp][g][2 * q] = cu[0];
+        red[PARTS - 1][warp][g][2 * q + 1] = cu[1];
+        red[PARTS - 1][warp][g + TILE_ROWS / 2][2 * q] = cu[2];
+        red[PARTS - 1][warp][g + TILE_ROWS / 2][2 * q + 1] = cu[3];
     }
     __syncthreads();
-    if (threadIdx.x >= TILE_ROWS * MATVEC_MAX_ROWS) return;
-    int f = threadIdx.x / MATVEC_MAX_ROWS, r = threadIdx.x % MATVEC_MAX_ROWS;
-    if (r >= rows) return;
+    // Thread (f, r) of the first TILE_ROWS * MATVEC_MAX_ROWS: output feature f of row r.
+    const bool mine = threadIdx.x < TILE_ROWS * MATVEC_MAX_ROWS;
+    int f = (threadIdx.x / MATVEC_MAX_ROWS) % TILE_ROWS, r = threadIdx.x % MATVEC_MAX_ROWS;
     float acc = 0.f, accu = 0.f;
     #pragma unroll
     for (int i = 0; i < MATVEC_WARPS; i++) {
         acc += red[0][i][f][r];
-        if (GATED) accu += red[GATED ? 1 : 0][i][f][r];
+        if (GATED) accu += red[PARTS - 1][i][f][r];
     }
+    if (split > 1) {
+        // Every thread of every block of the cluster passes both barriers.
+        if (mine) {
+            part[0][f][r] = acc;
+            if (GATED) part[PARTS - 1][f][r] = accu;
+        }
+        cluster_sync();
+        if (blockIdx.y == 0 && mine) {
+            acc = accu = 0.f;
+            for (int b = 0; b < split; b++) {
+                acc += cluster_load(&part[0][f][r], b);
+                if (GATED) accu += cluster_load(&part[PARTS - 1][f][r], b);
+            }
+        }
+        // The others' shared memory stays until the first block has read it.
+        cluster_sync();
+        if (blockIdx.y != 0) return;
+    }
+    if (!mine || r >= rows) return;
     int o = o0 + f, n_out = GATED ? n0 : n0 + n1 + n2;
     float v;
     if (GATED) {
@@ -245,6 +322,7 @@ __device__ void matvec(
         v = acc * UNSCALE * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
         if (has_bias) v += bf16f(bias[o]);
     }
+    if (gate) v = rnd(__fmul_rn(rnd(v), bf16f(gate[(long long)r * gate_stride + o])));
     if (has_res) v += bf16f(res[(long long)r * n_out + o]);
     u16 out = to_bf16(v);
     y[(long long)r * n_out + o] = out;
@@ -258,9 +336,13 @@ extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32) NAME( \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
         const u16* bias, int has_bias, const u16* res, int has_res, \
-        const u16* nw, float eps, u16* y, unsigned* watch, int tag) { \
+        const u16* nw, float eps, const u16* mod_scale1, const u16* mod_shift, \
+        long long mod_stride, const u16* gate, long long gate_stride, int split, \
+        u16* y, unsigned* watch, int tag) { \
     matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
-                     bias, has_bias, res, has_res, nw, eps, y, watch, tag); }
+                     bias, has_bias, res, has_res, nw, eps, \
+                     Modulation{mod_scale1, mod_shift, mod_stride}, gate, gate_stride, split, \
+                     y, watch, tag); }
 
 MATVEC(f8_matvec_mma, false, 4)
 MATVEC(f8_matvec_mma_gated, true, 2)
