@@ -1,7 +1,8 @@
-// Decode attention: one new token's attention for one (head, batch) per block of ATT_WARPS warps
-// (engine::ops::ATTENTION_WARPS, passed as -DATT_WARPS): each warp takes every ATT_WARPS-th cached
-// position, each lane four (or eight) of the head's dimensions, with four positions' loads in
-// flight; scores and softmax in shared memory, the warps' partial sums of values meet there too.
+// Decode attention: one new token's attention for one (head, batch, share of the positions) per
+// block of ATT_WARPS warps (engine::ops::ATTENTION_WARPS, passed as -DATT_WARPS), the shares of a
+// head in one cluster (sm_90): each warp takes every ATT_WARPS-th cached position of its share,
+// each lane four (or eight) of the head's dimensions, with four positions' loads in flight;
+// scores and softmax in shared memory, the warps' partial sums of values meet there too.
 // K and V are read in place with their strides (rows dense, 8-byte aligned). Compiled for the
 // device's architecture (engine::cuda, module "decode").
 #ifndef VIBEOFFLOAD_COMMON_CUH  // NVRTC gets common.cuh prepended instead
@@ -56,7 +57,10 @@ __device__ __forceinline__ void load_rows(uint2 (*r)[2], const u16* base, long l
 }
 
 // The query is head h of a row `q_stride` elements per sequence, rotated at `pos` by `table`
-// (cosines, then sines, d per position) when `rope` is set.
+// (cosines, then sines, d per position) when `rope` is set. Grid (heads, split, batch): the
+// `split` blocks of a head form one cluster (sm_90), each taking one share of the positions
+// with its own maximum, sum of exponentials and weighted values; the first block combines them
+// in rank order, rescaled to the common maximum.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf16(
         const u16* q, long long q_stride, int rope, const u16* table, int pos,
         const u16* k, const u16* v, u16* out,
@@ -65,10 +69,14 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
     pdl_launch_next();
     pdl_wait_previous();
     extern __shared__ float sh[];
-    float* sc = sh;
-    float* red = sh + len;
+    __shared__ float stats[2];  // this share's maximum and sum of exponentials
+    const int split = gridDim.y, chunk = (len + split - 1) / split;
+    const int j_begin = blockIdx.y * chunk, j_end = min(len, j_begin + chunk);
+    float* sc = sh;  // scores of this share, from j_begin
+    float* red = sh + chunk;
     float* qs = red + ATT_WARPS * d;
-    int h = blockIdx.x, bi = blockIdx.y, kvh = h / group;
+    float* part = qs + d;  // this share's weighted values, unnormalised
+    int h = blockIdx.x, bi = blockIdx.z, kvh = h / group;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u16* qh = q + bi * q_stride + (long long)h * d;
     int half = d / 2;
@@ -92,23 +100,24 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
         qv[e] = i < d ? qs[i] : 0.f;
     }
     const u16* kbase = k + bi * kb + kvh * kh;
-    for (int j0 = warp; j0 < len; j0 += ATT_WARPS * 4) {
+    for (int j0 = j_begin + warp; j0 < j_end; j0 += ATT_WARPS * 4) {
         uint2 r[4][2];
-        load_rows(r, kbase, kt, j0, len, lane, d);
+        load_rows(r, kbase, kt, j0, j_end, lane, d);
         #pragma unroll
         for (int u = 0; u < 4; u++) {
             float s = dot4(qv, r[u][0]) + dot4(qv + 4, r[u][1]);
             for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
             int j = j0 + u * ATT_WARPS;
-            if (lane == 0 && j < len) sc[j] = s * scale;
+            if (lane == 0 && j < j_end) sc[j - j_begin] = s * scale;
         }
     }
     __syncthreads();
+    const int n = max(0, j_end - j_begin);
     float m = -3.402823466e38f;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sc[j]);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, sc[j]);
     m = block_reduce(m, red, true);
     float total = 0.f;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
         float e = __expf(sc[j] - m);
         sc[j] = e;
         total += e;
@@ -116,13 +125,13 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
     total = block_reduce(total, red, false);
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     const u16* vbase = v + bi * vb + kvh * vh;
-    for (int j0 = warp; j0 < len; j0 += ATT_WARPS * 4) {
+    for (int j0 = j_begin + warp; j0 < j_end; j0 += ATT_WARPS * 4) {
         uint2 r[4][2];
-        load_rows(r, vbase, vt, j0, len, lane, d);
+        load_rows(r, vbase, vt, j0, j_end, lane, d);
         #pragma unroll
         for (int u = 0; u < 4; u++) {
             int j = j0 + u * ATT_WARPS;
-            float p = j < len ? sc[j] : 0.f;
+            float p = j < j_end ? sc[j - j_begin] : 0.f;
             #pragma unroll
             for (int c = 0; c < 2; c++) {
                 acc[4 * c] += p * __int_as_float((int)(r[u][c].x << 16));
@@ -139,9 +148,38 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
     }
     __syncthreads();
     u16* o = out + ((long long)bi * heads + h) * d;
+    if (split == 1) {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float sum = 0.f;
+            for (int w = 0; w < ATT_WARPS; w++) sum += red[w * d + i];
+            o[i] = to_bf16(sum / total);
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float sum = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) sum += red[w * d + i];
-        o[i] = to_bf16(sum / total);
+        part[i] = sum;
     }
+    if (threadIdx.x == 0) {
+        stats[0] = m;
+        stats[1] = total;
+    }
+    // Every thread of every block of the cluster passes both barriers.
+    cluster_sync();
+    if (blockIdx.y == 0) {
+        float big = -3.402823466e38f;
+        for (int b = 0; b < split; b++) big = fmaxf(big, cluster_load(&stats[0], b));
+        float all = 0.f;
+        for (int b = 0; b < split; b++)
+            all += cluster_load(&stats[1], b) * __expf(cluster_load(&stats[0], b) - big);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float sum = 0.f;
+            for (int b = 0; b < split; b++)
+                sum += cluster_load(&part[i], b) * __expf(cluster_load(&stats[0], b) - big);
+            o[i] = to_bf16(sum / all);
+        }
+    }
+    // The others' shared memory stays until the first block has read it.
+    cluster_sync();
 }
