@@ -263,7 +263,7 @@ pub fn store_kv(
 
 /// Blocks per SM the fused matvec aims to keep busy: a weight with fewer tiles than this
 /// many per SM splits each tile's inputs over a cluster of blocks.
-const MATVEC_BLOCKS_PER_SM: usize = 4;
+const MATVEC_BLOCKS_PER_SM: usize = 0;
 
 /// Into how many shares (a power of two, at most 8, the portable cluster size) the fused matvec
 /// splits the inputs of each of `tiles` tiles of `steps` steps: as many as keep the blocks
