@@ -437,15 +437,22 @@ fn a_batch_decodes_each_sequence_as_if_alone() {
 }
 
 /// VibeVoice's positive and negative passes: two lanes of different lengths in one pass over
-/// the layers, each bit-identical to its sequence run alone, resident and streamed; a lane
-/// reset starts that lane over and leaves the other alone.
+/// the layers, each bit-identical to its sequence run alone, resident and streamed; their
+/// one-token steps go through every layer as one batch (float8) or lane by lane (bf16, which
+/// the fused path does not take); a lane reset starts that lane over and leaves the other
+/// alone.
 #[test]
 fn lanes_in_one_pass_equal_each_sequence_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model(dir.path(), Precision::Float8Plain, false);
     let long: &[u32] = &[5, 17, 99, 3, 150, 1, 2, 3, 4, 5, 6];
     let short: &[u32] = &[9, 8];
-    for gpu_layers in [LAYERS, 1] {
+    let precisions = [
+        Precision::Float8Plain,
+        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
+        Precision::BF16,
+    ];
+    for (precision, gpu_layers) in precisions.into_iter().flat_map(|p| [(p, LAYERS), (p, 1)]) {
+        let path = write_model(dir.path(), precision, false);
         let options = EngineOptions {
             gpu_layers,
             ..EngineOptions::default()
@@ -468,21 +475,16 @@ fn lanes_in_one_pass_equal_each_sequence_alone() {
         let out = engine
             .forward_lanes(&[(0, &e_long), (other, &e_short)])
             .unwrap();
-        assert!(
-            values(&out[0]) == long_h,
-            "long prefill, {gpu_layers} resident"
-        );
-        assert!(
-            values(&out[1]) == short_h,
-            "short prefill, {gpu_layers} resident"
-        );
+        let case = format!("{precision:?}, {gpu_layers} resident");
+        assert!(values(&out[0]) == long_h, "long prefill, {case}");
+        assert!(values(&out[1]) == short_h, "short prefill, {case}");
         let (a, b) = (
             engine.embed_ids(&[7]).unwrap(),
             engine.embed_ids(&[42]).unwrap(),
         );
         let out = engine.forward_lanes(&[(other, &b), (0, &a)]).unwrap();
-        assert!(values(&out[0]) == short_step, "short step");
-        assert!(values(&out[1]) == long_step, "long step");
+        assert!(values(&out[0]) == short_step, "short step, {case}");
+        assert!(values(&out[1]) == long_step, "long step, {case}");
         assert_eq!(
             (
                 engine.lane_position(0).unwrap(),
