@@ -356,6 +356,12 @@ fn a_nan_lm_head_is_named_on_both_of_its_paths() {
             format!("{e:#}").starts_with("the LM head produced NaN"),
             "{e:#}"
         );
+        // The few tokens' logits are watched too (row 3's scale is poisoned).
+        let e = engine.token_logits(&hidden, &[7, 3]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("the LM head produced NaN"),
+            "{e:#}"
+        );
     }
 }
 
@@ -497,6 +503,47 @@ fn lanes_in_one_pass_equal_each_sequence_alone() {
         let out = engine.forward_lanes(&[(other, &e_short)]).unwrap();
         assert!(values(&out[0]) == short_h, "short prefill after its reset");
         assert_eq!(engine.lane_position(0).unwrap(), 12);
+    }
+}
+
+/// The logits of a few tokens, from the LM head's rows of those tokens alone, are bit for bit
+/// the full logits' columns of them: float8 heads without a scale, with one scale and with
+/// one per row, tied or not (the gathered rows, zero-padded past one tile for 17 ids), and
+/// a bf16 head (every logit, then selected); for one row and for several.
+#[test]
+fn token_logits_equal_the_full_logits_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let scaled = |g| Precision::Float8Scaled(ScaleConvention::ScaleWeight, g);
+    let few: &[u32] = &[199, 3, 0, 150];
+    let many: Vec<u32> = (0..17).map(|i| (i * 37 + 5) % 200).collect();
+    for (precision, tied) in [
+        (Precision::Float8Plain, false),
+        (scaled(ScaleGranularity::Scalar), false),
+        (scaled(ScaleGranularity::PerChannel), false),
+        (scaled(ScaleGranularity::PerChannel), true),
+        (Precision::BF16, false),
+    ] {
+        let path = write_model(dir.path(), precision, tied);
+        let mut engine = load(&path, &EngineOptions::default());
+        let hidden = engine.forward(&[5, 17, 99, 3]).unwrap();
+        for rows in [hidden.get(3).unwrap(), hidden.narrow(0, 1, 3).unwrap()] {
+            let all = engine.logits(&rows).unwrap();
+            // Twice the same ids (the gathered rows reused), then others.
+            for ids in [few, few, &many[..]] {
+                let index = Tensor::new(ids, all.device()).unwrap();
+                let want = all.index_select(&index, all.rank() - 1).unwrap();
+                let got = engine.token_logits(&rows, ids).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert!(
+                    values(&got) == values(&want),
+                    "{precision:?}, tied {tied}, {:?} rows, {} ids",
+                    rows.dims(),
+                    ids.len()
+                );
+            }
+        }
+        let e = engine.token_logits(&hidden.get(0).unwrap(), &[200]);
+        assert!(format!("{:#}", e.unwrap_err()).contains("outside the LM head's 200 rows"));
     }
 }
 

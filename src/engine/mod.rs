@@ -11,6 +11,7 @@ pub mod model;
 pub mod ops;
 pub mod replay;
 pub mod streamer;
+mod token_logits;
 pub mod watch;
 pub mod weights;
 
@@ -84,6 +85,8 @@ pub struct Engine {
     dtype: DType,
     norm: Tensor,
     head: Linear,
+    /// The head's rows of the ids [`Engine::token_logits`] was last asked for.
+    head_rows: Option<token_logits::HeadRows>,
     embed: TensorInfo,
     /// The embedding's float8 scale, read from the file with its rows.
     embed_scale: Option<TensorInfo>,
