@@ -356,6 +356,12 @@ fn a_nan_lm_head_is_named_on_both_of_its_paths() {
             format!("{e:#}").starts_with("the LM head produced NaN"),
             "{e:#}"
         );
+        // The few tokens' logits are watched too (row 3's scale is poisoned).
+        let e = engine.token_logits(&hidden, &[7, 3]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("the LM head produced NaN"),
+            "{e:#}"
+        );
     }
 }
 
@@ -437,15 +443,22 @@ fn a_batch_decodes_each_sequence_as_if_alone() {
 }
 
 /// VibeVoice's positive and negative passes: two lanes of different lengths in one pass over
-/// the layers, each bit-identical to its sequence run alone, resident and streamed; a lane
-/// reset starts that lane over and leaves the other alone.
+/// the layers, each bit-identical to its sequence run alone, resident and streamed; their
+/// one-token steps go through every layer as one batch (float8) or lane by lane (bf16, which
+/// the fused path does not take); a lane reset starts that lane over and leaves the other
+/// alone.
 #[test]
 fn lanes_in_one_pass_equal_each_sequence_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model(dir.path(), Precision::Float8Plain, false);
     let long: &[u32] = &[5, 17, 99, 3, 150, 1, 2, 3, 4, 5, 6];
     let short: &[u32] = &[9, 8];
-    for gpu_layers in [LAYERS, 1] {
+    let precisions = [
+        Precision::Float8Plain,
+        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
+        Precision::BF16,
+    ];
+    for (precision, gpu_layers) in precisions.into_iter().flat_map(|p| [(p, LAYERS), (p, 1)]) {
+        let path = write_model(dir.path(), precision, false);
         let options = EngineOptions {
             gpu_layers,
             ..EngineOptions::default()
@@ -468,21 +481,16 @@ fn lanes_in_one_pass_equal_each_sequence_alone() {
         let out = engine
             .forward_lanes(&[(0, &e_long), (other, &e_short)])
             .unwrap();
-        assert!(
-            values(&out[0]) == long_h,
-            "long prefill, {gpu_layers} resident"
-        );
-        assert!(
-            values(&out[1]) == short_h,
-            "short prefill, {gpu_layers} resident"
-        );
+        let case = format!("{precision:?}, {gpu_layers} resident");
+        assert!(values(&out[0]) == long_h, "long prefill, {case}");
+        assert!(values(&out[1]) == short_h, "short prefill, {case}");
         let (a, b) = (
             engine.embed_ids(&[7]).unwrap(),
             engine.embed_ids(&[42]).unwrap(),
         );
         let out = engine.forward_lanes(&[(other, &b), (0, &a)]).unwrap();
-        assert!(values(&out[0]) == short_step, "short step");
-        assert!(values(&out[1]) == long_step, "long step");
+        assert!(values(&out[0]) == short_step, "short step, {case}");
+        assert!(values(&out[1]) == long_step, "long step, {case}");
         assert_eq!(
             (
                 engine.lane_position(0).unwrap(),
@@ -495,6 +503,47 @@ fn lanes_in_one_pass_equal_each_sequence_alone() {
         let out = engine.forward_lanes(&[(other, &e_short)]).unwrap();
         assert!(values(&out[0]) == short_h, "short prefill after its reset");
         assert_eq!(engine.lane_position(0).unwrap(), 12);
+    }
+}
+
+/// The logits of a few tokens, from the LM head's rows of those tokens alone, are bit for bit
+/// the full logits' columns of them: float8 heads without a scale, with one scale and with
+/// one per row, tied or not (the gathered rows, zero-padded past one tile for 17 ids), and
+/// a bf16 head (every logit, then selected); for one row and for several.
+#[test]
+fn token_logits_equal_the_full_logits_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let scaled = |g| Precision::Float8Scaled(ScaleConvention::ScaleWeight, g);
+    let few: &[u32] = &[199, 3, 0, 150];
+    let many: Vec<u32> = (0..17).map(|i| (i * 37 + 5) % 200).collect();
+    for (precision, tied) in [
+        (Precision::Float8Plain, false),
+        (scaled(ScaleGranularity::Scalar), false),
+        (scaled(ScaleGranularity::PerChannel), false),
+        (scaled(ScaleGranularity::PerChannel), true),
+        (Precision::BF16, false),
+    ] {
+        let path = write_model(dir.path(), precision, tied);
+        let mut engine = load(&path, &EngineOptions::default());
+        let hidden = engine.forward(&[5, 17, 99, 3]).unwrap();
+        for rows in [hidden.get(3).unwrap(), hidden.narrow(0, 1, 3).unwrap()] {
+            let all = engine.logits(&rows).unwrap();
+            // Twice the same ids (the gathered rows reused), then others.
+            for ids in [few, few, &many[..]] {
+                let index = Tensor::new(ids, all.device()).unwrap();
+                let want = all.index_select(&index, all.rank() - 1).unwrap();
+                let got = engine.token_logits(&rows, ids).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert!(
+                    values(&got) == values(&want),
+                    "{precision:?}, tied {tied}, {:?} rows, {} ids",
+                    rows.dims(),
+                    ids.len()
+                );
+            }
+        }
+        let e = engine.token_logits(&hidden.get(0).unwrap(), &[200]);
+        assert!(format!("{:#}", e.unwrap_err()).contains("outside the LM head's 200 rows"));
     }
 }
 

@@ -613,3 +613,31 @@ fn a_lane_pair_step_is_bit_identical_to_each_lane_alone_on_the_gpu() {
         );
     }
 }
+
+/// The logits of a few tokens from the LM head's gathered rows (zero-padded to whole tiles)
+/// on the GPU: the full logits' columns of them, bit for bit, with and without per-row
+/// scales.
+#[test]
+fn token_logits_equal_the_full_logits_columns_on_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let per_row =
+        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel);
+    let many: Vec<u32> = (0..17).map(|i| i * 29 % 512).collect();
+    for precision in [Precision::Float8Plain, per_row] {
+        let path = write_model(dir.path(), precision);
+        let mut engine = cuda_engine(&path, 6);
+        let hidden = engine.forward(&[5, 17, 99, 3]).unwrap();
+        let last = hidden.get(3).unwrap();
+        let all = engine.logits(&last).unwrap();
+        for ids in [&[511, 3, 0, 150][..], &many[..]] {
+            let index = Tensor::new(ids, all.device()).unwrap();
+            let want = all.index_select(&index, 0).unwrap();
+            let got = engine.token_logits(&last, ids).unwrap();
+            assert!(
+                bits(&got) == bits(&want),
+                "{precision:?}, {} ids",
+                ids.len()
+            );
+        }
+    }
+}

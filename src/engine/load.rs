@@ -314,6 +314,7 @@ impl Engine {
             dtype,
             norm,
             head,
+            head_rows: None,
             embed,
             embed_scale,
             rope,

@@ -11,6 +11,7 @@ pub mod model;
 pub mod ops;
 pub mod replay;
 pub mod streamer;
+mod token_logits;
 pub mod watch;
 pub mod weights;
 
@@ -84,6 +85,8 @@ pub struct Engine {
     dtype: DType,
     norm: Tensor,
     head: Linear,
+    /// The head's rows of the ids [`Engine::token_logits`] was last asked for.
+    head_rows: Option<token_logits::HeadRows>,
     embed: TensorInfo,
     /// The embedding's float8 scale, read from the file with its rows.
     embed_scale: Option<TensorInfo>,
@@ -262,14 +265,17 @@ impl Engine {
         mut inputs: Vec<(LaneId, Tensor, Option<Tensor>)>,
     ) -> Result<Vec<Tensor>> {
         let config = &self.info.config;
-        // One token of each of several lanes: their projections run as one batch.
+        // One token of each of several lanes: the lanes stay one batch `[lanes, 1, hidden]`
+        // from the first layer to the final norm, and their projections run as one.
         let stepping = inputs.len() > 1
             && inputs
                 .iter()
                 .all(|(_, x, _)| x.dims3().is_ok_and(|(b, t, _)| b == 1 && t == 1));
+        let xs: Vec<&Tensor> = inputs.iter().map(|(_, x, _)| x).collect();
+        let mut batched = stepping.then(|| Tensor::cat(&xs, 0)).transpose()?;
         for i in 0..config.num_hidden_layers {
             let weights = self.streamer.acquire(i)?;
-            if stepping {
+            if let Some(x) = &mut batched {
                 let mut lanes: Vec<Option<&mut Lane>> = self.lanes.iter_mut().map(Some).collect();
                 let mut caches = Vec::with_capacity(inputs.len());
                 let mut offsets = Vec::with_capacity(inputs.len());
@@ -278,42 +284,55 @@ impl Engine {
                     offsets.push(lane.position);
                     caches.push(&mut lane.caches[i]);
                 }
-                let xs: Vec<Tensor> = inputs.iter().map(|(_, x, _)| x.clone()).collect();
-                let out = model::decoder_layer_lanes(
+                *x = model::decoder_layer_lanes(
                     config,
                     &weights,
-                    &xs,
+                    x,
                     &self.rope,
                     &mut caches,
                     &offsets,
                     (&self.watch, i),
                 )
                 .with_context(|| format!("decoder layer {i}"))?;
-                for ((_, x, _), y) in inputs.iter_mut().zip(out) {
-                    *x = y;
-                }
-                drop(weights);
-                self.streamer.release(i)?;
-                continue;
-            }
-            for (lane, x, mask) in inputs.iter_mut() {
-                let lane = &mut self.lanes[*lane];
-                let at = model::At {
-                    offset: lane.position,
-                    mask: mask.as_ref(),
-                    watch: &self.watch,
-                    layer: i,
-                };
-                *x = model::decoder_layer(config, &weights, x, &self.rope, &mut lane.caches[i], at)
+            } else {
+                for (lane, x, mask) in inputs.iter_mut() {
+                    let lane = &mut self.lanes[*lane];
+                    let at = model::At {
+                        offset: lane.position,
+                        mask: mask.as_ref(),
+                        watch: &self.watch,
+                        layer: i,
+                    };
+                    *x = model::decoder_layer(
+                        config,
+                        &weights,
+                        x,
+                        &self.rope,
+                        &mut lane.caches[i],
+                        at,
+                    )
                     .with_context(|| format!("decoder layer {i}"))?;
+                }
             }
             drop(weights);
             self.streamer.release(i)?;
         }
+        let eps = config.rms_norm_eps;
         let mut outputs = Vec::with_capacity(inputs.len());
+        if let Some(x) = batched {
+            // The norm works row by row, so the batch normed at once splits into the lanes'
+            // own results.
+            let out = model::rms_norm(&x, &self.norm, eps)?;
+            self.watch.check(&out, Tag::FinalNorm)?;
+            for (k, (lane, _, _)) in inputs.iter().enumerate() {
+                self.lanes[*lane].position += 1;
+                outputs.push(out.narrow(0, k, 1)?);
+            }
+            return Ok(outputs);
+        }
         for (lane, x, _) in inputs {
             self.lanes[lane].position += x.dim(1)?;
-            let out = model::rms_norm(&x, &self.norm, config.rms_norm_eps)?;
+            let out = model::rms_norm(&x, &self.norm, eps)?;
             self.watch.check(&out, Tag::FinalNorm)?;
             outputs.push(out);
         }

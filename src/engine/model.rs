@@ -330,36 +330,43 @@ fn attend(
         .reshape((b, t, heads * hd))?)
 }
 
-/// One decoding step of several lanes through one decoder layer: `xs[i]` (`[1, 1, hidden]`)
-/// is lane i's token, after `offsets[i]` positions in `caches[i]`. The projections run as
-/// one batch (the layer's weights are read once for every lane); each lane attends over its
-/// own cache. A row's result does not depend on the other rows, so this equals running the
-/// lanes one by one, bit for bit. Where the fused path does not apply, it does just that.
+/// One decoding step of several lanes through one decoder layer: row i of `x`
+/// (`[lanes, 1, hidden]`) is lane i's token, after `offsets[i]` positions in `caches[i]`;
+/// returns the rows' outputs, batched the same way. The projections run as one batch (the
+/// layer's weights are read once for every lane); each lane attends over its own cache. A
+/// row's result does not depend on the other rows, so this equals running the lanes one by
+/// one, bit for bit. Where the fused path does not apply, it does just that.
 pub fn decoder_layer_lanes(
     config: &ModelConfig,
     w: &LayerWeights,
-    xs: &[Tensor],
+    x: &Tensor,
     rope: &Rope,
     caches: &mut [&mut KvCache],
     offsets: &[usize],
     (watch, layer): (&Watch, usize),
-) -> Result<Vec<Tensor>> {
-    let x = Tensor::cat(xs, 0)?;
-    if !fusable(w, &x)? {
-        let mut out = Vec::with_capacity(xs.len());
-        for ((x, cache), &offset) in xs.iter().zip(caches.iter_mut()).zip(offsets) {
+) -> Result<Tensor> {
+    if !fusable(w, x)? {
+        let mut out = Vec::with_capacity(caches.len());
+        for (i, (cache, &offset)) in caches.iter_mut().zip(offsets).enumerate() {
             let at = At {
                 offset,
                 mask: None,
                 watch,
                 layer,
             };
-            out.push(decoder_layer(config, w, x, rope, cache, at)?);
+            out.push(decoder_layer(
+                config,
+                w,
+                &x.narrow(0, i, 1)?,
+                rope,
+                cache,
+                at,
+            )?);
         }
-        return Ok(out);
+        return Ok(Tensor::cat(&out, 0)?);
     }
     let eps = config.rms_norm_eps as f32;
-    let qkv = fused_qkv(w, &x, eps)?;
+    let qkv = fused_qkv(w, x, eps)?;
     let attn = caches
         .iter_mut()
         .zip(offsets)
@@ -368,14 +375,13 @@ pub fn decoder_layer_lanes(
             attend(config, &qkv.narrow(0, i, 1)?, rope, cache, offset, None)
         })
         .collect::<Result<Vec<_>>>()?;
-    let out = fused_rest(
+    fused_rest(
         w,
-        &x,
+        x,
         &Tensor::cat(&attn, 0)?,
         eps,
         (watch, Tag::Layer(layer)),
-    )?;
-    (0..xs.len()).map(|i| Ok(out.narrow(0, i, 1)?)).collect()
+    )
 }
 
 /// `[b, kv_heads, T, d]` -> `[b, kv_heads * n_rep, T, d]`, each kv head repeated for its

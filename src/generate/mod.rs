@@ -208,10 +208,7 @@ pub fn generate(
         .with_context(|| format!("generation step {step}"))?;
         let last = |h: &Tensor| -> Result<Tensor> { Ok(h.narrow(0, h.dim(0)? - 1, 1)?) };
         let (h_pos, h_neg) = (last(&hidden[0])?, last(&hidden[1])?);
-        let logits = engine.logits(&h_pos.squeeze(0)?)?;
-        let picked: Vec<f32> = logits
-            .index_select(&Tensor::new(&valid, logits.device())?, 0)?
-            .to_vec1()?;
+        let picked: Vec<f32> = engine.token_logits(&h_pos.squeeze(0)?, &valid)?.to_vec1()?;
         let token = match &options.forced {
             Some(forced) => forced[step],
             None => choose(&valid, &picked),
