@@ -284,7 +284,7 @@ fn fused_float8_matvec_matches_the_cpu() {
 }
 
 #[test]
-fn fused_float8_matvec_fuses_the_adaln_work_and_splits_inputs_like_the_cpu() {
+fn fused_float8_matvec_fuses_the_speech_work_like_the_cpu() {
     use vibeoffload::engine::matvec;
     use vibeoffload::engine::ops::{FusedMatVec, Segment};
     let ramp = |n: usize, f: f32, device: &Device| {
@@ -294,15 +294,18 @@ fn fused_float8_matvec_fuses_the_adaln_work_and_splits_inputs_like_the_cpu() {
             .to_dtype(DType::BF16)
             .unwrap()
     };
-    // (output rows, inputs, gated, modulated, gated residual): the last has 4 tiles of 64
-    // steps, which the GPU splits over clusters of blocks (sm_90).
+    // (output rows, inputs, gated, modulated, gated residual, bias and GELU after a plain
+    // norm): the diffusion head's products and the tokenizers' one-step feed-forward; 8 rows
+    // of 4096 inputs need more than 48 KiB of shared memory for the normalised copy.
     let cases = [
-        (160, 512, true, true, false),
-        (64, 512, false, false, true),
-        (64, 4096, false, true, true),
+        (160, 512, true, true, false, false),
+        (64, 512, false, false, true, false),
+        (64, 4096, false, true, true, false),
+        (128, 512, false, false, false, true),
     ];
     for rows in [1, 2, 8] {
-        for (i, &(n_out, n_in, gated, modulated, gated_residual)) in cases.iter().enumerate() {
+        for (i, &(n_out, n_in, gated, modulated, gated_residual, gelu)) in cases.iter().enumerate()
+        {
             let run = |device: &Device| -> Vec<f32> {
                 let codes = |salt: usize| -> Vec<u8> {
                     (0..n_out * n_in)
@@ -332,6 +335,11 @@ fn fused_float8_matvec_fuses_the_adaln_work_and_splits_inputs_like_the_cpu() {
                         m.narrow(1, n_in, n_in).unwrap(),
                         m.narrow(1, 0, n_in).unwrap(),
                     ));
+                }
+                if gelu {
+                    op.norm = Some((ramp(n_in, 0.02, device), 1e-5));
+                    op.bias = Some(ramp(n_out, 0.1, device));
+                    op.gelu = true;
                 }
                 if gated_residual {
                     op.residual = Some(

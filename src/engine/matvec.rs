@@ -7,6 +7,7 @@
 use super::dequant::{cpu_activations, cpu_storage, RawTensor};
 use super::ops::{FusedMatVec, MATVEC_MAX_ROWS};
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
+use candle_core::cpu::erf::{erf_f32, erf_f64};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -35,6 +36,11 @@ fn dot(w: &[u8], x: &[f32], lut: &[f32; 256]) -> f32 {
         acc[i] += lut[c as usize] * v;
     }
     ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+/// GELU (erf) in f64, as candle computes it for bf16.
+fn gelu_f64(v: f64) -> f64 {
+    (erf_f64(v * std::f64::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
 }
 
 impl CustomOp1 for FusedMatVec {
@@ -133,6 +139,16 @@ impl CustomOp1 for FusedMatVec {
             let b = cpu_f32(b)?;
             for (i, o) in out.iter_mut().enumerate() {
                 *o += b[i % n_out];
+            }
+        }
+        if self.gelu {
+            // candle's gelu_erf on the stored value (in f64 for bf16, f32 for f32).
+            for o in out.iter_mut() {
+                let v = round(*o);
+                *o = match bf16 {
+                    true => half::bf16::from_f64(gelu_f64(v as f64)).to_f32(),
+                    false => (erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v,
+                };
             }
         }
         if let Some(gate) = &self.gate {
@@ -399,5 +415,48 @@ mod tests {
         assert_eq!(fused.dtype(), candle_core::DType::BF16);
         let d = max_diff(&f32(&fused), &f32(&reference));
         assert!(d < 1e-3, "{d}");
+    }
+
+    #[test]
+    fn applies_gelu_after_the_bias_as_candle_does() {
+        let (n_out, n_in) = (16, 64);
+        let w = weight(n_out, n_in, 4);
+        let x = Tensor::arange(0f32, (2 * n_in) as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.002, -0.1)
+            .unwrap()
+            .reshape((2, n_in))
+            .unwrap();
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            let x = x.to_dtype(dtype).unwrap();
+            let bias = Tensor::arange(0f32, n_out as f32, &Device::Cpu)
+                .unwrap()
+                .affine(0.5, -4.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let op = FusedMatVec {
+                bias: Some(bias),
+                ..FusedMatVec::new(
+                    vec![Segment {
+                        bytes: w.bytes.clone(),
+                        rows: n_out,
+                        scale: None,
+                    }],
+                    n_in,
+                )
+            };
+            let plain = apply(&x, &op).unwrap();
+            let gelu = apply(&x, &FusedMatVec { gelu: true, ..op }).unwrap();
+            let bits = |t: &Tensor| {
+                t.to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(bits(&gelu), bits(&plain.gelu_erf().unwrap()), "{dtype:?}");
+        }
     }
 }

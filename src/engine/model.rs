@@ -22,6 +22,7 @@ struct Fuse<'a> {
     gated: bool,
     norm: Option<(&'a Tensor, f32)>,
     modulation: Option<(&'a Tensor, &'a Tensor)>,
+    gelu: bool,
     gate: Option<&'a Tensor>,
     watch: Option<(Tensor, u32)>,
 }
@@ -45,6 +46,7 @@ fn fused(x: &Tensor, linears: &[&Linear], resident: bool, fuse: Fuse<'_>) -> Res
         resident_weights: resident,
         norm: fuse.norm.map(|(w, eps)| (w.clone(), eps)),
         modulation: fuse.modulation.map(|(a, b)| (a.clone(), b.clone())),
+        gelu: fuse.gelu,
         gate: fuse.gate.cloned(),
         watch: fuse.watch,
     };
@@ -101,28 +103,33 @@ pub fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> 
 /// formed in f32 and rounded once, where the fused path takes both weights for `x`; `None`
 /// otherwise (the caller then runs the unfused ops).
 pub fn swiglu(x: &Tensor, gate: &Linear, up: &Linear, resident: bool) -> Result<Option<Tensor>> {
-    fused_adaln(x, &[gate, up], true, resident, AdaLn::default())
+    fused_around(x, &[gate, up], true, resident, Around::default())
 }
 
-/// The adaLN work the diffusion head fuses around a float8 product (see [`ops::FusedMatVec`]).
+/// The work the speech components fuse around a float8 product (see [`ops::FusedMatVec`]).
 #[derive(Clone, Copy, Default)]
-pub struct AdaLn<'a> {
-    /// RMSNorm of the rows first (weight, epsilon), then the modulation `(1 + scale, shift)`
-    /// when given.
-    pub norm: Option<(&'a Tensor, f32, Option<(&'a Tensor, &'a Tensor)>)>,
+pub struct Around<'a> {
+    /// RMSNorm of the rows first: weight and epsilon.
+    pub norm: Option<(&'a Tensor, f32)>,
+    /// After the norm, the adaLN modulation `(1 + scale, shift)`.
+    pub modulation: Option<(&'a Tensor, &'a Tensor)>,
+    /// Added to each output row.
+    pub bias: Option<&'a Tensor>,
+    /// GELU (erf) of the output after the bias.
+    pub gelu: bool,
     /// `residual + gate ⊙ y` instead of `y`: `(residual, gate)`.
     pub gated_residual: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// `x @ W^T` for one weight, or `silu(x @ W0^T) ⊙ (x @ W1^T)` for two when `gated`, with the
-/// adaLN work `around` fused in, where the fused path takes every weight for `x`; `None`
-/// otherwise (the caller then runs the unfused ops).
-pub fn fused_adaln(
+/// work `around` fused in, where the fused path takes every weight for `x`; `None` otherwise
+/// (the caller then runs the unfused ops).
+pub fn fused_around(
     x: &Tensor,
     linears: &[&Linear],
     gated: bool,
     resident: bool,
-    around: AdaLn<'_>,
+    around: Around<'_>,
 ) -> Result<Option<Tensor>> {
     for l in linears {
         if !matvec::applies(x, &l.weight, l.scale.as_ref())? {
@@ -131,8 +138,10 @@ pub fn fused_adaln(
     }
     let fuse = Fuse {
         gated,
-        norm: around.norm.map(|(w, eps, _)| (w, eps)),
-        modulation: around.norm.and_then(|(_, _, m)| m),
+        norm: around.norm,
+        modulation: around.modulation,
+        bias: around.bias,
+        gelu: around.gelu,
         residual: around.gated_residual.map(|(r, _)| r),
         gate: around.gated_residual.map(|(_, g)| g),
         ..Fuse::default()

@@ -92,6 +92,9 @@ pub struct FusedMatVec {
     /// rounded to the activation dtype, times `1 + scale`, plus `shift`, each step rounded as
     /// the unfused ops round it.
     pub modulation: Option<(Tensor, Tensor)>,
+    /// GELU (erf) of each output after the bias, as candle's `gelu_erf` computes it on the
+    /// rounded value (the tokenizers' feed-forward).
+    pub gelu: bool,
     /// With `residual`, `residual + gate ⊙ y` instead of `residual + y`: `y` and the product
     /// rounded to the activation dtype first, as the unfused ops (`[rows, outputs]`, the
     /// activation dtype; its rows may be strided).
@@ -115,6 +118,7 @@ impl FusedMatVec {
             gated: false,
             norm: None,
             modulation: None,
+            gelu: false,
             gate: None,
             resident_weights: false,
             watch: None,

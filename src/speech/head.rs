@@ -2,10 +2,10 @@
 //! latent, its timestep and the language model's hidden state, the v-prediction. adaLN
 //! layers modulate a SwiGLU feed-forward by the condition `c = cond_proj(h) + t_emb(t)`.
 
-use super::nn::{apply, linear, stored_adaln, swiglu, Linear};
+use super::nn::{apply, fused_around, linear, swiglu, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{DiffusionHeadConfig, FREQUENCY_EMBEDDING_SIZE};
-use crate::engine::model::AdaLn;
+use crate::engine::model::Around;
 use crate::engine::ops::MATVEC_MAX_ROWS;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -83,11 +83,12 @@ impl HeadLayer {
         let n = &self.name;
         let chunks = m.chunk(3, D::Minus1)?;
         let (shift, scale1, gate) = (&chunks[0], &chunks[1], &chunks[2]);
-        let adaln = AdaLn {
-            norm: Some((&self.norm, eps as f32, Some((scale1, shift)))),
-            ..AdaLn::default()
+        let adaln = Around {
+            norm: Some((&self.norm, eps as f32)),
+            modulation: Some((scale1, shift)),
+            ..Around::default()
         };
-        let gu = match stored_adaln(x, &[&self.gate_proj, &self.up_proj], true, adaln)? {
+        let gu = match fused_around(x, &[&self.gate_proj, &self.up_proj], true, adaln)? {
             Some(gu) => gu,
             None => {
                 let h = modulate(&last_dim_norm(x, &self.norm, eps)?, shift, scale1)?;
@@ -95,11 +96,11 @@ impl HeadLayer {
                 swiglu(&self.gate_proj, &self.up_proj, &h, n, what)?
             }
         };
-        let residual = AdaLn {
+        let residual = Around {
             gated_residual: Some((x, gate)),
-            ..AdaLn::default()
+            ..Around::default()
         };
-        match stored_adaln(&gu, &[&self.down_proj], false, residual)? {
+        match fused_around(&gu, &[&self.down_proj], false, residual)? {
             Some(out) => Ok(out),
             None => {
                 let f = apply(&self.down_proj, &gu, n, "ffn.down_proj")?;
@@ -260,15 +261,12 @@ impl PredictionHead {
             x = layer.forward(&x, &rows(m)?, self.eps)?;
         }
         let chunks = rows(&modulations[self.layers.len()])?.chunk(2, D::Minus1)?;
-        let adaln = AdaLn {
-            norm: Some((
-                &self.unit_weight,
-                self.eps as f32,
-                Some((&chunks[1], &chunks[0])),
-            )),
-            ..AdaLn::default()
+        let adaln = Around {
+            norm: Some((&self.unit_weight, self.eps as f32)),
+            modulation: Some((&chunks[1], &chunks[0])),
+            ..Around::default()
         };
-        if let Some(out) = stored_adaln(&x, &[&self.final_linear], false, adaln)? {
+        if let Some(out) = fused_around(&x, &[&self.final_linear], false, adaln)? {
             return Ok(out);
         }
         let normed = last_dim_norm(&x, &self.unit_weight, self.eps)?;

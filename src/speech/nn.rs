@@ -84,23 +84,28 @@ pub(crate) fn swiglu(
     Ok((g * apply(up, x, owner, what.1)?)?)
 }
 
-/// `layers` (float8, without bias: one, or gate and up when `gated`) with the adaLN work
-/// `around` fused into one launch where the fused path takes them; `None` otherwise.
-pub(crate) fn stored_adaln(
+/// `layers` (float8: one, or gate and up without bias when `gated`) with the work `around`
+/// fused into one launch (a layer's bias included) where the fused path takes them; `None`
+/// otherwise.
+pub(crate) fn fused_around(
     x: &Tensor,
     layers: &[&Linear],
     gated: bool,
-    around: model::AdaLn<'_>,
+    around: model::Around<'_>,
 ) -> Result<Option<Tensor>> {
-    let mut stored = Vec::with_capacity(layers.len());
+    let (mut stored, mut bias) = (Vec::with_capacity(layers.len()), None);
     for layer in layers {
         match layer {
-            Linear::Stored { weight, bias: None } => stored.push(weight),
+            Linear::Stored { weight, bias: b } if b.is_none() || !gated => {
+                stored.push(weight);
+                bias = b.as_ref();
+            }
             _ => return Ok(None),
         }
     }
-    model::fused_adaln(x, &stored, gated, true, around)
-        .with_context(|| format!("applying a fused adaLN product to {:?}", x.dims()))
+    let around = model::Around { bias, ..around };
+    model::fused_around(x, &stored, gated, true, around)
+        .with_context(|| format!("applying a fused product to {:?}", x.dims()))
 }
 
 /// RMSNorm over the last dimension as the original computes it: `x * rsqrt(mean(x²) + eps)`

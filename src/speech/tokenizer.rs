@@ -5,9 +5,10 @@
 
 use super::conv::{CausalConv1d, CausalConvTranspose1d, Slot};
 use super::fused;
-use super::nn::{apply, linear, Linear};
+use super::nn::{apply, fused_around, linear, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{ConvStack, TokenizerConfig, TOKENIZER_KERNEL};
+use crate::engine::model::Around;
 use crate::engine::ops::{ChannelNorm, ChannelResidual, DepthwiseMixer};
 use crate::engine::replay::Replay;
 use anyhow::{anyhow, bail, Context, Result};
@@ -51,6 +52,9 @@ impl Block {
     fn run(&self, x: &Tensor, slot: Option<&mut Slot>) -> Result<Tensor> {
         let fail = |what: &str| format!("applying {}'s fused {what} to {:?}", self.name, x.dims());
         let x = fused::mix(&self.mixer, x, slot).with_context(|| fail("mixer"))?;
+        if let Some(out) = self.ffn_one_step(&x)? {
+            return Ok(out);
+        }
         let h = x
             .apply_op1_no_bwd(&self.ffn_norm)
             .with_context(|| fail("ffn_norm"))?;
@@ -58,6 +62,39 @@ impl Block {
         let h = apply(&self.linear2, &h, &self.name, "ffn.linear2")?;
         x.apply_op2_no_bwd(&h, &self.ffn_residual)
             .with_context(|| fail("ffn residual"))
+    }
+}
+
+impl Block {
+    /// The feed-forward half for one time step of one sequence (the deepest stages, streamed
+    /// frame by frame) in two fused launches where its linears are float8: the channel norm
+    /// and GELU inside the first product, the layer scale and the residual inside the second.
+    /// `None` for other shapes and weights (the unfused ops then run).
+    fn ffn_one_step(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (batch, channels, steps) = x.dims3()?;
+        let stored = matches!(
+            (&self.linear1, &self.linear2),
+            (Linear::Stored { .. }, Linear::Stored { .. })
+        );
+        if batch != 1 || steps != 1 || !stored {
+            return Ok(None);
+        }
+        let row = x.contiguous()?.reshape((1, channels))?;
+        let first = Around {
+            norm: Some((&self.ffn_norm.weight, self.ffn_norm.eps)),
+            gelu: true,
+            ..Around::default()
+        };
+        let Some(h) = fused_around(&row, &[&self.linear1], false, first)? else {
+            return Ok(None);
+        };
+        let gamma = self.ffn_residual.gamma.reshape((1, channels))?;
+        let second = Around {
+            gated_residual: Some((&row, &gamma)),
+            ..Around::default()
+        };
+        let out = fused_around(&h, &[&self.linear2], false, second)?;
+        out.map(|y| Ok(y.reshape((1, channels, 1))?)).transpose()
     }
 }
 

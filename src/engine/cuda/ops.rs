@@ -11,8 +11,8 @@ use crate::engine::ops::{
 };
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaView, LaunchConfig};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, Layout, Shape, Storage, Tensor};
 
 /// The CUDA side of [`Dequantize`].
@@ -261,30 +261,6 @@ pub fn store_kv(
     Ok(())
 }
 
-/// Blocks per SM the fused matvec aims to keep busy: a weight with fewer tiles than this
-/// many per SM splits each tile's inputs over a cluster of blocks.
-const MATVEC_BLOCKS_PER_SM: usize = 0;
-
-/// Into how many shares (a power of two, at most 8, the portable cluster size) the fused matvec
-/// splits the inputs of each of `tiles` tiles of `steps` steps: as many as keep the blocks
-/// within [`MATVEC_BLOCKS_PER_SM`] per SM and give every warp a step; 1 without clusters
-/// (before sm_90). It depends on the shapes alone, so a weight's sums always meet in one order.
-fn split_inputs(dev: &CudaDevice, tiles: usize, steps: usize) -> u32 {
-    if !super::has_pdl(dev) {
-        return 1;
-    }
-    let per_sm = std::env::var("VIBEOFFLOAD_MATVEC_BLOCKS_PER_SM")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(MATVEC_BLOCKS_PER_SM);
-    let target = super::multiprocessors(dev) * per_sm;
-    let mut split = 1;
-    while split < 8 && tiles * split * 2 <= target && steps >= split * 2 * MATVEC_WARPS {
-        split *= 2;
-    }
-    split as u32
-}
-
 /// A `[rows, cols]` operand whose rows may be strided (elements dense): its view from the first
 /// element and its row stride, checked to start and step on `align` elements.
 fn row_view<'a, T: CudaDType>(
@@ -443,23 +419,33 @@ pub fn fused_matvec(
     args.ptr_or_null(mod_views.as_ref().map(|m| &m.0), &stream)
         .ptr_or_null(mod_views.as_ref().map(|m| &m.1), &stream)
         .u64(mod_views.as_ref().map_or(0, |m| m.2));
+    args.i32(i32::from(op.gelu));
     args.ptr_or_null(gate_view.as_ref().map(|g| &g.0), &stream)
         .u64(gate_view.as_ref().map_or(0, |g| g.1));
-    let tiles = n_out / TILE_ROWS;
-    let split = split_inputs(&dev, tiles, n_in / TILE_INPUTS);
-    args.i32(split as i32).ptr(&y, &stream);
+    args.ptr(&y, &stream);
     args.ptr_or_null(watch_view.as_ref(), &stream)
         .i32(op.watch.as_ref().map_or(0, |(_, tag)| *tag as i32));
-    // One block of MATVEC_WARPS warps per TILE_ROWS output features and share of the inputs,
-    // the shares of a tile in one cluster (matvec.cu).
+    // With the norm, each block keeps its normalised copy of x in dynamic shared memory.
+    let shared = match op.norm {
+        Some(_) => rows * n_in * 2,
+        None => 0,
+    };
+    if shared > 48 << 10 {
+        func.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .w()?;
+    }
+    // One block of MATVEC_WARPS warps per TILE_ROWS output features (matvec.cu).
     let config = LaunchConfig {
-        grid_dim: (tiles as u32, split, 1),
+        grid_dim: ((n_out / TILE_ROWS) as u32, 1, 1),
         block_dim: (32 * MATVEC_WARPS as u32, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared as u32,
     };
     // The arguments match the kernel's signature (matvec.cu). Resident weights may be read
     // before the previous kernel ends; a slot's may not.
-    args.launch_clustered(&dev, &func, config, op.resident_weights, split)?;
+    args.launch(&dev, &func, config, op.resident_weights)?;
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev),
         Shape::from((rows, n_out)),

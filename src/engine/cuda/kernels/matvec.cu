@@ -7,9 +7,7 @@
 // features, each step multiplying a TILE_ROWS x TILE_INPUTS tile of float8 weights (decoded to
 // bf16 in registers) by up to MATVEC_MAX_ROWS rows of x (bf16) with `mma.sync` and f32
 // accumulation; the warps' sums meet in shared memory, where scale, bias, residual and the gate
-// are applied. Where a weight has few tiles for the device, a tile's inputs are split over a
-// cluster of blocks (sm_90) whose sums meet in the first block's shared memory. Each weight
-// byte is read once, with loads that bypass L1.
+// are applied. Each weight byte is read once, with loads that bypass L1.
 #ifndef VIBEOFFLOAD_COMMON_CUH  // NVRTC gets common.cuh prepended instead
 #include "common.cuh"
 #endif
@@ -105,53 +103,32 @@ struct Modulation {
     long long stride;
 };
 
+// Eight bf16 of shared memory.
+__device__ __forceinline__ void load8_shared(u32* w, const u16* p) {
+    const uint4 v = *(const uint4*)p;
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+}
+
 // The lane's 16 x values of row g (zero beyond the rows) times X_SCALE as eight bf16x2, paired
-// as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
-// RMS-normalised (times `inv`, the row's 1/rms, and the norm weight `nw`) in f32 and rounded to
-// bf16 first when `nw` is given, then modulated when `mod.scale1` is; otherwise x's own bf16
-// values, scaled exactly.
-__device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
-                                       const u16* nw, float inv, const Modulation& mod) {
+// as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1];
+// from `x` in global memory, or (SHARED) from the block's normalised copy of it. Exact: a bf16
+// times a power of two.
+template <bool SHARED>
+__device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k) {
     if (g < rows) {
         const u16* p = x + (long long)g * n_in + k;
-        u32 w[8], n[8];
-        load8(w, p);
-        load8(w + 4, p + 8);
-        if (nw) {
-            load8(n, nw + k);
-            load8(n + 4, nw + k + 8);
-            float v[16];
-            #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                v[2 * i] = bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu);
-                v[2 * i + 1] = bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16);
-            }
-            if (mod.scale1) {
-                u32 a[8], b[8];
-                const long long at = (long long)g * mod.stride + k;
-                load8(a, mod.scale1 + at);
-                load8(a + 4, mod.scale1 + at + 8);
-                load8(b, mod.shift + at);
-                load8(b + 4, mod.shift + at + 8);
-                #pragma unroll
-                for (int i = 0; i < 16; i++) {
-                    u32 s = (i & 1) ? a[i / 2] >> 16 : a[i / 2] & 0xffffu;
-                    u32 h = (i & 1) ? b[i / 2] >> 16 : b[i / 2] & 0xffffu;
-                    v[i] = rnd(__fadd_rn(rnd(__fmul_rn(rnd(v[i]), bf16f(s))), bf16f(h)));
-                }
-            }
-            // Times 2^64, exact: rounding the product rounds the value.
-            #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                xb[2 * j] = bf2(v[4 * j] * X_SCALE, v[4 * j + 2] * X_SCALE);
-                xb[2 * j + 1] = bf2(v[4 * j + 1] * X_SCALE, v[4 * j + 3] * X_SCALE);
-            }
+        u32 w[8];
+        if (SHARED) {
+            load8_shared(w, p);
+            load8_shared(w + 4, p + 8);
         } else {
-            #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                xb[2 * j] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410));
-                xb[2 * j + 1] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632));
-            }
+            load8(w, p);
+            load8(w + 4, p + 8);
+        }
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            xb[2 * j] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410));
+            xb[2 * j + 1] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632));
         }
     } else {
         #pragma unroll
@@ -159,15 +136,36 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
     }
 }
 
+// Eight elements of a normalised row as bf16: `raw` (bf16 pairs) times `inv` and the norm
+// weight `nw` in f32, rounded; then, with a modulation, times `s1` and plus `sh` (bf16 pairs),
+// each rounded as the unfused ops.
+__device__ __forceinline__ void normalise8(u32* raw, const u32* nw, float inv, const u32* s1,
+                                           const u32* sh) {
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float v[2];
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int shift = 16 * h;
+            v[h] = rnd(bf16f((raw[i] >> shift) & 0xffffu) * inv * bf16f((nw[i] >> shift) & 0xffffu));
+            if (s1) {
+                v[h] = rnd(__fmul_rn(v[h], bf16f((s1[i] >> shift) & 0xffffu)));
+                v[h] = rnd(__fadd_rn(v[h], bf16f((sh[i] >> shift) & 0xffffu)));
+            }
+        }
+        raw[i] = (u32)to_bf16(v[0]) | ((u32)to_bf16(v[1]) << 16);
+    }
+}
+
 // y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
-// for up to MATVEC_MAX_ROWS rows of x, RMS-normalised first with weight `nw` when it is given
-// (and then modulated when `mod.scale1` is); with `gate`, the product is rounded, times
-// gate[r, o] rounded, and the residual added: x + gate * f as the unfused bf16 ops. Every
-// segment's rows a multiple of TILE_ROWS, n_in a multiple of TILE_INPUTS, weights and x 16-byte
-// aligned. Grid (tiles, split): the `split` blocks of a tile form one cluster (sm_90) and take
-// every split-th group of MATVEC_WARPS steps; U steps of TILE_INPUTS inputs are loaded before
-// any is multiplied (the first before the norm's sums). The sums meet in a fixed order (warps,
-// then blocks), so the same shapes give the same bits.
+// for up to MATVEC_MAX_ROWS rows of x; every segment's rows a multiple of TILE_ROWS, n_in a
+// multiple of TILE_INPUTS, weights and x 16-byte aligned. U steps of TILE_INPUTS inputs are
+// loaded before any is multiplied (the first before the norm).
+// With `nw`, each block first RMS-normalises x into its dynamic shared memory (rows x n_in bf16:
+// the normalised value in f32 times the weight, rounded once), modulated when `mod.scale1` is
+// given, and multiplies that copy. With `gelu`, the output (after the bias) is rounded and
+// passed through GELU as candle's bf16 gelu_erf. With `gate`, the product is rounded, times
+// gate[r, o] rounded, and the residual added: x + gate * f as the unfused bf16 ops.
 // When `watch` is given, an output that is NaN or infinite lowers it to `tag` (atomicMin).
 template <bool GATED, int U>
 __device__ void matvec(
@@ -175,13 +173,14 @@ __device__ void matvec(
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
         const u16* bias, int has_bias, const u16* res, int has_res,
-        const u16* nw, float eps, Modulation mod, const u16* gate, long long gate_stride,
-        int split, u16* y, unsigned* watch, int tag) {
+        const u16* nw, float eps, Modulation mod, int gelu, const u16* gate,
+        long long gate_stride, u16* y, unsigned* watch, int tag) {
     constexpr int PARTS = GATED ? 2 : 1;
     __shared__ float red[PARTS][MATVEC_WARPS][TILE_ROWS][MATVEC_MAX_ROWS];
-    __shared__ float part[PARTS][TILE_ROWS][MATVEC_MAX_ROWS];
     __shared__ float squares[MATVEC_WARPS][MATVEC_MAX_ROWS];
     __shared__ float inv_rms[MATVEC_MAX_ROWS];
+    extern __shared__ uint4 normed_rows[];
+    u16* xn = (u16*)normed_rows;
     pdl_launch_next();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     int o0 = blockIdx.x * TILE_ROWS;
@@ -198,13 +197,11 @@ __device__ void matvec(
     const u8* u1 = u0 + (long long)(TILE_ROWS / 2) * n_in;
     float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
     int steps = n_in >> log2i(TILE_INPUTS);
-    // This warp's steps: first, first + stride, ...
-    const int stride = MATVEC_WARPS * split, first = blockIdx.y * MATVEC_WARPS + warp;
     uint4 lo[U], hi[U], ulo[U], uhi[U];
     auto load = [&](int base) {
         #pragma unroll
         for (int i = 0; i < U; i++) {
-            int st = base + i * stride;
+            int st = base + i * MATVEC_WARPS;
             if (st < steps) {
                 lo[i] = load_stream(r0 + st * TILE_INPUTS);
                 hi[i] = load_stream(r1 + st * TILE_INPUTS);
@@ -215,35 +212,38 @@ __device__ void matvec(
             }
         }
     };
-    load(first);
+    load(warp);
     // Everything below reads what earlier kernels wrote.
     pdl_wait_previous();
-    float inv = 1.f;
     if (nw) {
-        // Row by row, every thread sums the squares of 8-element pieces of the row (two in
-        // flight), while the first weight loads are in flight; the lanes' sums meet by
-        // shuffles, the warps' in order. Few registers: they would cost every launch occupancy.
+        // x into shared memory (four 16-byte loads in flight per thread), then each row's sum
+        // of squares from there: every thread's pieces, the lanes' sums by shuffles, the
+        // warps' in order.
+        const int pieces = rows * n_in / 8, row_pieces = n_in / 8;
+        for (int i0 = threadIdx.x; i0 < pieces; i0 += 4 * blockDim.x) {
+            u32 a[4][4];
+            #pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = i0 + u * blockDim.x;
+                if (i < pieces) load8(a[u], x + 8 * (long long)i);
+            }
+            #pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = i0 + u * blockDim.x;
+                if (i < pieces) *(uint4*)(xn + 8 * i) = make_uint4(a[u][0], a[u][1], a[u][2], a[u][3]);
+            }
+        }
+        __syncthreads();
         #pragma unroll 1
         for (int r = 0; r < rows; r++) {
-            const u16* xr = x + (long long)r * n_in;
-            const int next = blockDim.x * 8;
             float t = 0.f;
-            for (int k = threadIdx.x * 8; k < n_in; k += 2 * next) {
-                u32 a[4], b[4];
-                const bool two = k + next < n_in;
-                load8(a, xr + k);
-                if (two) load8(b, xr + k + next);
+            for (int i = threadIdx.x; i < row_pieces; i += blockDim.x) {
+                u32 a[4];
+                load8_shared(a, xn + (long long)r * n_in + 8 * i);
                 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    float lo = bf16f(a[j] & 0xffffu), hi = bf16f(a[j] >> 16);
-                    t += lo * lo + hi * hi;
-                }
-                if (two) {
-                    #pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        float lo = bf16f(b[j] & 0xffffu), hi = bf16f(b[j] >> 16);
-                        t += lo * lo + hi * hi;
-                    }
+                    float lo2 = bf16f(a[j] & 0xffffu), hi2 = bf16f(a[j] >> 16);
+                    t += lo2 * lo2 + hi2 * hi2;
                 }
             }
             for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
@@ -256,17 +256,30 @@ __device__ void matvec(
             inv_rms[threadIdx.x] = rsqrtf(t / (float)n_in + eps);
         }
         __syncthreads();
-        inv = g < rows ? inv_rms[g] : 0.f;
+        for (int i = threadIdx.x; i < pieces; i += blockDim.x) {
+            const int r = 8 * i / n_in, k = 8 * i - r * n_in;
+            u32 a[4], n[4], ms[4], mh[4];
+            load8_shared(a, xn + 8 * i);
+            load8(n, nw + k);
+            if (mod.scale1) {
+                load8(ms, mod.scale1 + (long long)r * mod.stride + k);
+                load8(mh, mod.shift + (long long)r * mod.stride + k);
+            }
+            normalise8(a, n, inv_rms[r], mod.scale1 ? ms : nullptr, mh);
+            *(uint4*)(xn + 8 * i) = make_uint4(a[0], a[1], a[2], a[3]);
+        }
+        __syncthreads();
     }
-    for (int base = first; base < steps; base += stride * U) {
-        if (base != first) load(base);
+    for (int base = warp; base < steps; base += MATVEC_WARPS * U) {
+        if (base != warp) load(base);
         #pragma unroll
         for (int i = 0; i < U; i++) {
-            int st = base + i * stride;
+            int st = base + i * MATVEC_WARPS;
             if (st < steps) {
                 u32 xb[8];
-                load_x(xb, x, g, rows, n_in, st * TILE_INPUTS + q * (TILE_INPUTS / 4), nw, inv,
-                       mod);
+                const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
+                if (nw) load_x<true>(xb, xn, g, rows, n_in, k);
+                else load_x<false>(xb, x, g, rows, n_in, k);
                 tile(c, lo[i], hi[i], xb);
                 if (GATED) tile(cu, ulo[i], uhi[i], xb);
             }
@@ -283,34 +296,15 @@ __device__ void matvec(
         red[PARTS - 1][warp][g + TILE_ROWS / 2][2 * q + 1] = cu[3];
     }
     __syncthreads();
-    // Thread (f, r) of the first TILE_ROWS * MATVEC_MAX_ROWS: output feature f of row r.
-    const bool mine = threadIdx.x < TILE_ROWS * MATVEC_MAX_ROWS;
-    int f = (threadIdx.x / MATVEC_MAX_ROWS) % TILE_ROWS, r = threadIdx.x % MATVEC_MAX_ROWS;
+    if (threadIdx.x >= TILE_ROWS * MATVEC_MAX_ROWS) return;
+    int f = threadIdx.x / MATVEC_MAX_ROWS, r = threadIdx.x % MATVEC_MAX_ROWS;
+    if (r >= rows) return;
     float acc = 0.f, accu = 0.f;
     #pragma unroll
     for (int i = 0; i < MATVEC_WARPS; i++) {
         acc += red[0][i][f][r];
         if (GATED) accu += red[PARTS - 1][i][f][r];
     }
-    if (split > 1) {
-        // Every thread of every block of the cluster passes both barriers.
-        if (mine) {
-            part[0][f][r] = acc;
-            if (GATED) part[PARTS - 1][f][r] = accu;
-        }
-        cluster_sync();
-        if (blockIdx.y == 0 && mine) {
-            acc = accu = 0.f;
-            for (int b = 0; b < split; b++) {
-                acc += cluster_load(&part[0][f][r], b);
-                if (GATED) accu += cluster_load(&part[PARTS - 1][f][r], b);
-            }
-        }
-        // The others' shared memory stays until the first block has read it.
-        cluster_sync();
-        if (blockIdx.y != 0) return;
-    }
-    if (!mine || r >= rows) return;
     int o = o0 + f, n_out = GATED ? n0 : n0 + n1 + n2;
     float v;
     if (GATED) {
@@ -321,6 +315,11 @@ __device__ void matvec(
     } else {
         v = acc * UNSCALE * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
         if (has_bias) v += bf16f(bias[o]);
+    }
+    // candle's bf16 gelu_erf: x times its normal CDF rounded, the product rounded.
+    if (gelu) {
+        v = rnd(v);
+        v = rnd(__fmul_rn(v, rnd(normcdff(v))));
     }
     if (gate) v = rnd(__fmul_rn(rnd(v), bf16f(gate[(long long)r * gate_stride + o])));
     if (has_res) v += bf16f(res[(long long)r * n_out + o]);
@@ -337,11 +336,11 @@ extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32) NAME( \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
         const u16* bias, int has_bias, const u16* res, int has_res, \
         const u16* nw, float eps, const u16* mod_scale1, const u16* mod_shift, \
-        long long mod_stride, const u16* gate, long long gate_stride, int split, \
+        long long mod_stride, int gelu, const u16* gate, long long gate_stride, \
         u16* y, unsigned* watch, int tag) { \
     matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
                      bias, has_bias, res, has_res, nw, eps, \
-                     Modulation{mod_scale1, mod_shift, mod_stride}, gate, gate_stride, split, \
+                     Modulation{mod_scale1, mod_shift, mod_stride}, gelu, gate, gate_stride, \
                      y, watch, tag); }
 
 MATVEC(f8_matvec_mma, false, 4)
