@@ -224,6 +224,15 @@ pub struct ChannelResidual {
     pub gamma: Tensor,
 }
 
+/// `x + bias` for `x` `[B, C, T]` (any strides) and `bias` `[C]` of its dtype, broadcast over
+/// batch and time: `[B, C, T]`, contiguous, each sum rounded once (candle's `broadcast_add` in
+/// one launch that reads strided inputs in place).
+#[derive(Clone, Debug)]
+pub struct ChannelBias {
+    /// `[C]`.
+    pub bias: Tensor,
+}
+
 /// One classifier-free-guided DPM-Solver++ step of the diffusion sampler in one op (the
 /// sampler's ~20 small ops per step otherwise): from the head's v-predictions `v` `[2B, L]`
 /// (conditional rows, then unconditional), the sample `x` `[B, L]` and, for a second-order

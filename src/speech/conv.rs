@@ -8,6 +8,7 @@
 //! tail `k - s` of its last outputs, which the next chunk's first outputs add to. Fed chunk
 //! by chunk (each a multiple of the stride), both give the whole-signal result.
 
+use super::fused::add_bias;
 use super::weights::{Scope, StoredWeight};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -45,7 +46,7 @@ pub(crate) type Slot = Option<Tensor>;
 pub(crate) struct CausalConv1d {
     /// `[out, in, k]`.
     weight: ConvWeight,
-    /// `[1, out, 1]`.
+    /// `[out]`.
     bias: Tensor,
     kernel: usize,
     stride: usize,
@@ -63,7 +64,7 @@ impl CausalConv1d {
     ) -> Result<CausalConv1d> {
         let inner = scope.sub("conv.conv");
         let weight = ConvWeight::load(&inner, "weight", &[out_channels, in_channels, kernel])?;
-        let bias = inner.get("bias", &[out_channels])?.reshape((1, (), 1))?;
+        let bias = inner.get("bias", &[out_channels])?;
         CausalConv1d::checked(CausalConv1d {
             weight,
             bias,
@@ -135,9 +136,9 @@ impl CausalConv1d {
     /// The convolution without padding, plus the bias.
     fn valid(&self, x: &Tensor) -> Result<Tensor> {
         let weight = self.weight.for_input(x)?;
-        x.conv1d(&weight, 0, self.stride, 1, 1)
-            .and_then(|y| y.broadcast_add(&self.bias))
-            .with_context(|| format!("applying {} to {:?}", self.name, x.dims()))
+        let fail = || format!("applying {} to {:?}", self.name, x.dims());
+        let y = x.conv1d(&weight, 0, self.stride, 1, 1).with_context(fail)?;
+        add_bias(&y, &self.bias).with_context(fail)
     }
 }
 
@@ -145,7 +146,7 @@ impl CausalConv1d {
 pub(crate) struct CausalConvTranspose1d {
     /// `[in, out, k]`, PyTorch's layout.
     weight: ConvWeight,
-    /// `[1, out, 1]`.
+    /// `[out]`.
     bias: Tensor,
     kernel: usize,
     stride: usize,
@@ -163,7 +164,7 @@ impl CausalConvTranspose1d {
     ) -> Result<CausalConvTranspose1d> {
         let inner = scope.sub("convtr.convtr");
         let weight = ConvWeight::load(&inner, "weight", &[in_channels, out_channels, kernel])?;
-        let bias = inner.get("bias", &[out_channels])?.reshape((1, (), 1))?;
+        let bias = inner.get("bias", &[out_channels])?;
         let name = inner.name().to_string();
         if stride == 0 || kernel <= stride {
             bail!("{name}: kernel {kernel} must exceed stride {stride}");
@@ -188,7 +189,7 @@ impl CausalConvTranspose1d {
     /// `k - s` of the full result trimmed).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let len = x.dim(2)? * self.stride;
-        Ok(self.full(x)?.narrow(2, 0, len)?.broadcast_add(&self.bias)?)
+        add_bias(&self.full(x)?.narrow(2, 0, len)?, &self.bias)
     }
 
     /// One streaming chunk: `L·s` outputs, the previous chunk's overlap tail added in.
@@ -202,7 +203,7 @@ impl CausalConvTranspose1d {
         }
         let len = x.dim(2)? * self.stride;
         *slot = Some(y.narrow(2, len, overlap)?.contiguous()?);
-        Ok(y.narrow(2, 0, len)?.broadcast_add(&self.bias)?)
+        add_bias(&y.narrow(2, 0, len)?, &self.bias)
     }
 
     /// Whole signal when `slot` is `None`, else one streaming chunk.

@@ -8,7 +8,7 @@
 use super::conv::Slot;
 use super::weights::Scope;
 use crate::engine::dequant::{cpu_activations, cpu_storage};
-use crate::engine::ops::{ChannelNorm, ChannelResidual, DepthwiseMixer};
+use crate::engine::ops::{ChannelBias, ChannelNorm, ChannelResidual, DepthwiseMixer};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use std::borrow::Cow;
@@ -325,6 +325,42 @@ impl CustomOp2 for ChannelResidual {
     }
 }
 
+/// `x + bias` along the channels of `x` `[B, C, T]` (any strides): one launch where candle's
+/// broadcast add reads strided operands element by element.
+pub(crate) fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let op = ChannelBias { bias: bias.clone() };
+    Ok(x.apply_op1_no_bwd(&op)?)
+}
+
+impl CustomOp1 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "vibeoffload-channel-bias"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let xs = Strided::new(x, lx, "channel bias: x")?;
+        let (bf16, [batch, channels, len]) = (xs.bf16, xs.dims);
+        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        let bias = weight(&self.bias, channels, dtype, "the bias")?;
+        let mut out = Vec::with_capacity(batch * channels * len);
+        for b in 0..batch {
+            for (c, bias) in bias.iter().enumerate() {
+                out.extend((0..len).map(|t| xs.at(b, c, t) + bias));
+            }
+        }
+        Ok((cpu_storage(out, bf16), Shape::from((batch, channels, len))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::engine::cuda::channel_bias(self, x, lx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +495,25 @@ mod tests {
             let want = rms_norm(&x.transpose(1, 2).unwrap(), Some(&op.weight), EPS).unwrap();
             let err = rel_err(&fused, &want);
             assert!(err <= bound(dtype), "{dtype:?}: rel err {err}");
+        }
+    }
+
+    #[test]
+    fn the_channel_bias_equals_candles_broadcast_add() {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = strided_input(7, (2, 5, 9), dtype);
+            let bias = random(8, &[5], dtype);
+            let want = x.broadcast_add(&bias.reshape((1, 5, 1)).unwrap()).unwrap();
+            let got = add_bias(&x, &bias).unwrap();
+            let bits = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(bits(&got), bits(&want), "{dtype:?}");
         }
     }
 

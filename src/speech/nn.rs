@@ -1,6 +1,7 @@
 //! The small layers every speech component shares: a linear layer loaded by name and the
 //! original's RMSNorm, which normalises in f32 and casts back before the affine weight.
 
+use super::fused::add_bias;
 use super::weights::Scope;
 use crate::engine::{model, weights};
 use anyhow::{Context, Result};
@@ -20,7 +21,21 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense(l) => Ok(l.forward(x)?),
-            Linear::Stored { weight, bias } => model::linear(x, weight, bias.as_ref(), true),
+            Linear::Stored { weight, bias } => {
+                let around = model::Around {
+                    bias: bias.as_ref(),
+                    ..model::Around::default()
+                };
+                if let Some(y) = model::fused_around(x, &[weight], false, true, around)? {
+                    return Ok(y);
+                }
+                let y = model::linear(x, weight, None, true)?;
+                let Some(bias) = bias else { return Ok(y) };
+                // Rows of [rows, out] as [rows, out, 1]: the bias along the second dimension.
+                let dims = y.dims().to_vec();
+                let rows = [y.elem_count() / y.dim(D::Minus1)?, y.dim(D::Minus1)?, 1];
+                Ok(add_bias(&y.reshape(rows.as_slice())?, bias)?.reshape(dims)?)
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use vibeoffload::arch::speech::SpeechConfig;
 use vibeoffload::checkpoint::ModelInfo;
-use vibeoffload::engine::ops::{ChannelNorm, ChannelResidual, DepthwiseMixer};
+use vibeoffload::engine::ops::{ChannelBias, ChannelNorm, ChannelResidual, DepthwiseMixer};
 use vibeoffload::engine::{DeviceChoice, Engine, EngineOptions};
 use vibeoffload::generate::{self, Noise, Options, SpeechModel, VoiceLatents};
 use vibeoffload::speech::{
@@ -317,7 +317,8 @@ fn random(seed: u64, dims: &[usize], dtype: DType) -> Tensor {
 
 /// The fused ops' CUDA kernels against their CPU implementation, f32 and bf16, on sizes off
 /// the kernels' tiles (32 steps, 64 channels), on strided inputs, and streamed: chunks of 1,
-/// 3 and 40 steps (shorter and longer than the cache) equal the whole signal exactly.
+/// 3 and 40 steps (shorter and longer than the cache) equal the whole signal exactly; the
+/// channel bias gives the CPU's bits.
 #[test]
 fn fused_block_ops_on_cuda_match_their_cpu_implementation() {
     let gpu = Device::new_cuda(0).unwrap();
@@ -417,6 +418,18 @@ fn fused_block_ops_on_cuda_match_their_cpu_implementation() {
                 &format!("channel residual [{batch}, {channels}, {len}]"),
                 &on(&x).apply_op2_no_bwd(&on(&h), &residual_gpu).unwrap(),
                 &x.apply_op2_no_bwd(&h, &residual).unwrap(),
+            );
+            // One sum each, rounded once: the CPU's bits.
+            let bias = ChannelBias {
+                bias: random(10, &[channels], dtype),
+            };
+            let bias_gpu = ChannelBias {
+                bias: on(&bias.bias),
+            };
+            assert!(
+                host(&on(&x).apply_op1_no_bwd(&bias_gpu).unwrap())
+                    == host(&x.apply_op1_no_bwd(&bias).unwrap()),
+                "channel bias [{batch}, {channels}, {len}] ({dtype:?})"
             );
         }
     }

@@ -14,7 +14,7 @@ mod timing;
 
 pub use ops::{decode_attention, dequantize, fused_matvec, store_kv, watch};
 pub use slots::{CudaSlots, PinnedBytes};
-pub use speech::{channel_norm, channel_residual, depthwise_mixer, dpm_step};
+pub use speech::{channel_bias, channel_norm, channel_residual, depthwise_mixer, dpm_step};
 pub use timing::{device_bandwidth_gbps, pinned_bandwidth_gbps, QueuedTimer};
 
 use super::ops::{ATTENTION_WARPS, MATVEC_MAX_ROWS, TILE_INPUTS, TILE_ROWS};

@@ -7,8 +7,8 @@
 use super::launch::RawArgs;
 use super::{cuda_view, Module};
 use crate::engine::ops::{
-    ChannelNorm, ChannelResidual, DepthwiseMixer, DpmStep, SPEECH_THREADS, SPEECH_TILE_C,
-    SPEECH_TILE_T,
+    ChannelBias, ChannelNorm, ChannelResidual, DepthwiseMixer, DpmStep, SPEECH_THREADS,
+    SPEECH_TILE_C, SPEECH_TILE_T,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
@@ -237,6 +237,53 @@ pub fn channel_residual(
         DType::F32 => launch!(f32, "channel_residual_f32"),
         DType::BF16 => launch!(half::bf16, "channel_residual_bf16"),
         other => candle_core::bail!("channel residual: cannot add {other:?}"),
+    })
+}
+
+/// The CUDA side of [`ChannelBias`].
+pub fn channel_bias(
+    op: &ChannelBias,
+    x: &CudaStorage,
+    lx: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dtype = x.dtype();
+    let dev = x.device().clone();
+    let (bias, lb) = op.bias.storage_and_layout();
+    let stream = dev.cuda_stream();
+    macro_rules! launch {
+        ($t:ty, $name:literal) => {{
+            let func = Module::Speech.func(&dev, $name)?;
+            let (xs, [batch, channels, len], x_strides) = strided::<$t>(x, lx, "channel bias: x")?;
+            if op.bias.dims() != [channels] || op.bias.dtype() != dtype {
+                candle_core::bail!(
+                    "channel bias: {dtype:?} x needs a [{channels}] bias of its dtype"
+                );
+            }
+            let b = cuda_view::<$t>(&bias, lb)?;
+            let n = batch * channels * len;
+            // SAFETY: every output element is written by the thread of its index.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let mut args = RawArgs::default();
+            args.ptr(&xs, &stream);
+            for s in x_strides {
+                args.u64(s);
+            }
+            args.ptr(&b, &stream).ptr(&out, &stream);
+            for v in [batch, channels, len] {
+                args.i32(v as i32);
+            }
+            // The arguments match the kernel's signature (speech.cu).
+            args.launch(&dev, &func, grid_stride(n), false)?;
+            (
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from((batch, channels, len)),
+            )
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => launch!(f32, "channel_bias_f32"),
+        DType::BF16 => launch!(half::bf16, "channel_bias_bf16"),
+        other => candle_core::bail!("channel bias: cannot add {other:?}"),
     })
 }
 

@@ -256,17 +256,29 @@ __device__ void matvec(
             inv_rms[threadIdx.x] = rsqrtf(t / (float)n_in + eps);
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < pieces; i += blockDim.x) {
-            const int r = 8 * i / n_in, k = 8 * i - r * n_in;
-            u32 a[4], n[4], ms[4], mh[4];
-            load8_shared(a, xn + 8 * i);
-            load8(n, nw + k);
-            if (mod.scale1) {
-                load8(ms, mod.scale1 + (long long)r * mod.stride + k);
-                load8(mh, mod.shift + (long long)r * mod.stride + k);
+        // Two pieces at a time, their weight and modulation loads in flight together.
+        for (int i0 = threadIdx.x; i0 < pieces; i0 += 2 * blockDim.x) {
+            u32 n[2][4], ms[2][4], mh[2][4];
+            #pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int i = i0 + u * blockDim.x;
+                if (i >= pieces) continue;
+                const int r = 8 * i / n_in, k = 8 * i - r * n_in;
+                load8(n[u], nw + k);
+                if (mod.scale1) {
+                    load8(ms[u], mod.scale1 + (long long)r * mod.stride + k);
+                    load8(mh[u], mod.shift + (long long)r * mod.stride + k);
+                }
             }
-            normalise8(a, n, inv_rms[r], mod.scale1 ? ms : nullptr, mh);
-            *(uint4*)(xn + 8 * i) = make_uint4(a[0], a[1], a[2], a[3]);
+            #pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int i = i0 + u * blockDim.x;
+                if (i >= pieces) continue;
+                u32 a[4];
+                load8_shared(a, xn + 8 * i);
+                normalise8(a, n[u], inv_rms[8 * i / n_in], mod.scale1 ? ms[u] : nullptr, mh[u]);
+                *(uint4*)(xn + 8 * i) = make_uint4(a[0], a[1], a[2], a[3]);
+            }
         }
         __syncthreads();
     }
@@ -330,7 +342,7 @@ __device__ void matvec(
 }
 
 #define MATVEC(NAME, GATED, U) \
-extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32) NAME( \
+extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, 4) NAME( \
         const u16* x, int rows, int n_in, \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \

@@ -149,6 +149,19 @@ __device__ void channel_residual(const T* x, long long xb, long long xc, long lo
     }
 }
 
+// out[b, c, t] = x[b, c, t] + bias[c]: x [B, C, T] with any strides, out contiguous; one thread
+// per output, grid-stride.
+template <typename T>
+__device__ void channel_bias(const T* x, long long xb, long long xc, long long xt, const T* bias,
+                             T* out, int B, int C, int len) {
+    const long long n = (long long)B * C * len;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int t = (int)(i % len), c = (int)(i / len % C), b = (int)(i / len / C);
+        st(out, i, __fadd_rn(ld(x, b * xb + c * xc + t * xt), ld(bias, c)));
+    }
+}
+
 // One guided DPM-Solver++ step (engine::ops::DpmStep): v [2n] (conditional, then
 // unconditional), x and prev [n], out [2n] (the next sample, then the data prediction), all
 // contiguous; prev is read only when `second`. One thread per element, grid-stride.
@@ -190,6 +203,11 @@ __device__ void dpm_step(const T* v, const T* x, const T* prev, T* out, int n, f
                                                        long long xt, const T* h, const T* gamma,  \
                                                        T* out, int B, int C, int len) {           \
         channel_residual(x, xb, xc, xt, h, gamma, out, B, C, len);                                \
+    }                                                                                             \
+    extern "C" __global__ void channel_bias_##NAME(const T* x, long long xb, long long xc,        \
+                                                   long long xt, const T* bias, T* out, int B,    \
+                                                   int C, int len) {                              \
+        channel_bias(x, xb, xc, xt, bias, out, B, C, len);                                        \
     }                                                                                             \
     extern "C" __global__ void dpm_step_##NAME(const T* v, const T* x, const T* prev, T* out,     \
                                                int n, float cfg, float alpha, float sigma,        \
