@@ -377,8 +377,11 @@ pub fn fused_matvec(
             "fused matvec: shapes or offsets off the kernel's tiles (see engine::matvec::applies)"
         );
     }
+    let tiles = n_out / TILE_ROWS;
     let name = match op.gated {
         true => "f8_matvec_mma_gated",
+        // A block or two per SM: the kernel with twice the loads in flight per warp.
+        false if tiles <= 2 * super::multiprocessors(&dev) => "f8_matvec_mma_deep",
         false => "f8_matvec_mma",
     };
     let func = Module::Decode.func(&dev, name)?;
@@ -439,7 +442,7 @@ pub fn fused_matvec(
     }
     // One block of MATVEC_WARPS warps per TILE_ROWS output features (matvec.cu).
     let config = LaunchConfig {
-        grid_dim: ((n_out / TILE_ROWS) as u32, 1, 1),
+        grid_dim: (tiles as u32, 1, 1),
         block_dim: (32 * MATVEC_WARPS as u32, 1, 1),
         shared_mem_bytes: shared as u32,
     };

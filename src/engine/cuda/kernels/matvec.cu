@@ -341,8 +341,8 @@ __device__ void matvec(
     if (watch && (out & 0x7f80u) == 0x7f80u) atomicMin(watch, (unsigned)tag);
 }
 
-#define MATVEC(NAME, GATED, U) \
-extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, 4) NAME( \
+#define MATVEC(NAME, GATED, U, BLOCKS) \
+extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
         const u16* x, int rows, int n_in, \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
@@ -355,6 +355,8 @@ extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, 4) NAME( \
                      Modulation{mod_scale1, mod_shift, mod_stride}, gelu, gate, gate_stride, \
                      y, watch, tag); }
 
-MATVEC(f8_matvec_mma, false, 4)
-MATVEC(f8_matvec_mma_gated, true, 2)
+MATVEC(f8_matvec_mma, false, 4, 3)
+MATVEC(f8_matvec_mma_gated, true, 2, 3)
+// For weights of few tiles (a block or two per SM): twice the loads in flight per warp.
+MATVEC(f8_matvec_mma_deep, false, 8, 2)
 #endif
