@@ -10,7 +10,7 @@
 #   --tests    also cargo test --release --features cuda --no-run ...          -> dist/tests/<kind>-<name>
 #              and run the CUDA module's unit tests, which need no GPU
 #   --clippy   also cargo clippy --features cuda --all-targets -- -D warnings (CI cannot)
-#   --pack     gzip the binary and the GPU test binaries into dist/pack (to carry under 64 MiB)
+#   --pack     xz the binary and the GPU test binaries into dist/pack (to carry under 64 MiB)
 #              (json-render-diagnostics: compile errors still show on stderr)
 # Env: CUDA_COMPUTE_CAP (default 90 = H100/H200; 80 gives PTX the driver can JIT for newer cards),
 #      VIBEOFFLOAD_CUDA_DIR (default <repo>/.cuda).
@@ -100,11 +100,12 @@ fi
 if (( pack )); then
   rm -rf "$dist/pack"
   mkdir -p "$dist/pack"
-  gzip -c "$dist/vibeoffload" > "$dist/pack/vibeoffload.gz"
+  # xz: about half of gzip's size, which leaves room under the 64 MiB a call carries.
+  xz -T2 -6 -c "$dist/vibeoffload" > "$dist/pack/vibeoffload.xz"
   # The GPU test binaries (tests/gpu*.rs), which carry no fixtures: the scripts run them from
   # the repository root, where they find tests/fixtures.
   for t in "$dist"/tests/test-gpu*; do
-    [[ -e $t ]] && gzip -c "$t" > "$dist/pack/$(basename "$t").gz"
+    [[ -e $t ]] && xz -T2 -6 -c "$t" > "$dist/pack/$(basename "$t").xz"
   done
   echo "[build-cuda] dist/pack: $(du -sh "$dist/pack" | cut -f1)" >&2
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sourced by the GPU scripts: unpacks the carried CUDA build (dist/pack/*.gz, from
+# Sourced by the GPU scripts: unpacks the carried CUDA build (dist/pack/*.xz, from
 # scripts/build-cuda.sh --tests --pack) and sets $bin, $tests_dir, $out (the device tool's $OUT or
 # ./gpu-results), $model (a 7B float8 checkpoint, synthesized here once: never carried). Defines
 # fail (note a failure and go on), regression (note a bench slower than its baseline and go on),
@@ -14,13 +14,13 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH
 bin=dist/vibeoffload
 if [[ -d dist/pack ]]; then
   mkdir -p /tmp/vibeoffload-dist/tests
-  for f in dist/pack/*.gz; do
-    name=$(basename "$f" .gz)
+  for f in dist/pack/*.xz; do
+    name=$(basename "$f" .xz)
     case $name in
       vibeoffload) target=/tmp/vibeoffload-dist/vibeoffload ;;
       *) target=/tmp/vibeoffload-dist/tests/$name ;;
     esac
-    gunzip -c "$f" > "$target"
+    xz -dc "$f" > "$target"
     chmod +x "$target"
   done
   bin=/tmp/vibeoffload-dist/vibeoffload
