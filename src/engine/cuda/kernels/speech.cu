@@ -34,52 +34,48 @@ struct Ext {
 };
 
 // inv[i] = 1 / sqrt(mean over c of src(b, c, col0 + i)^2 + eps) for i < ncols, as candle's
-// sum, affine (times `inv_c` = 1/C), affine (+ eps), sqrt and recip compute it. `part` holds
-// blockDim.x partial sums; the block is split into 32 channel rows of blockDim.x / 32 columns,
-// a split that does not depend on the tile, so that a column's squares add up in the same
-// order however a stream is chunked (streamed equals whole bit for bit).
+// sum, affine (times `inv_c` = 1/C), affine (+ eps), sqrt and recip compute it. Each column's
+// squares add up in one order whatever the tile (so that streamed equals whole bit for bit):
+// channel row r < 32 sums channels r, r + 32, ... in turn, then the 32 row sums add up in row
+// order. The block takes all (row, column) pairs at once, each thread a pair at a time with
+// sixteen loads in flight; `part` holds 32 * ncols partial sums.
 template <typename T>
 __device__ void column_inv_rms(const Ext<T>& src, int b, int C, int col0, int ncols, float inv_c,
                                float eps, float* inv, float* part) {
-    const int rows = 32, cw = blockDim.x / rows;
-    const int col = threadIdx.x % cw, row = threadIdx.x / cw;
-    for (int chunk = 0; chunk < ncols; chunk += cw) {
+    const int rows = 32;
+    for (int p = threadIdx.x; p < rows * ncols; p += blockDim.x) {
+        const int row = p / ncols, col = p - row * ncols, e = col0 + col;
         float s = 0.f;
-        if (row < rows && chunk + col < ncols) {
-            // Eight loads in flight before their squares are added, in the same order as
-            // one at a time: a short column over many channels is latency-bound otherwise.
-            const int e = col0 + chunk + col;
-            int c = row;
-            for (; c + 7 * rows < C; c += 8 * rows) {
-                float v[8];
+        int c = row;
+        for (; c + 15 * rows < C; c += 16 * rows) {
+            float v[16];
 #pragma unroll
-                for (int u = 0; u < 8; u++) v[u] = src.at(b, c + u * rows, e);
+            for (int u = 0; u < 16; u++) v[u] = src.at(b, c + u * rows, e);
 #pragma unroll
-                for (int u = 0; u < 8; u++) s += v[u] * v[u];
-            }
-            for (; c < C; c += rows) {
-                float v = src.at(b, c, e);
-                s += v * v;
-            }
+            for (int u = 0; u < 16; u++) s += v[u] * v[u];
         }
-        part[threadIdx.x] = s;
-        __syncthreads();
-        if (threadIdx.x < cw && chunk + (int)threadIdx.x < ncols) {
-            float total = 0.f;
-            for (int r = 0; r < rows; r++) total += part[r * cw + threadIdx.x];
-            float mean = __fmul_rn(total, inv_c);
-            float v = __fadd_rn(mean, eps);
-            inv[chunk + threadIdx.x] = (float)(1.0 / (double)sqrtf(v));
+        for (; c < C; c += rows) {
+            float v = src.at(b, c, e);
+            s += v * v;
         }
-        __syncthreads();
+        part[p] = s;
     }
+    __syncthreads();
+    for (int col = threadIdx.x; col < ncols; col += blockDim.x) {
+        float total = 0.f;
+        for (int r = 0; r < rows; r++) total += part[r * ncols + col];
+        float mean = __fmul_rn(total, inv_c);
+        float v = __fadd_rn(mean, eps);
+        inv[col] = (float)(1.0 / (double)sqrtf(v));
+    }
+    __syncthreads();
 }
 
 // y[b, c, t] = x + gamma[c] * (bias[c] + sum_j taps[c, j] * h(e = t + j)) for t < len, where
 // h(e) = rnd(rnd(ext(e) * inv(e)) * norm_w[c]) over the cache-extended input; with out_len =
 // len + ctx, columns len.. carry ext's last ctx columns (the next chunk's cache) as they are.
-// Grid (ceil(out_len / tile_t), ceil(C / tile_c), B); dynamic shared memory (tile_t + k - 1 +
-// blockDim.x) floats.
+// Grid (ceil(out_len / tile_t), ceil(C / tile_c), B); dynamic shared memory 33 (tile_t + k - 1)
+// floats.
 template <typename T>
 __device__ void dw_mixer(const T* x, long long xb, long long xc, long long xt, const T* cache,
                          long long cb, long long cc, long long ct, const T* norm_w,
@@ -117,7 +113,7 @@ __device__ void dw_mixer(const T* x, long long xb, long long xc, long long xt, c
 }
 
 // out[b, t, c] = rnd(rnd(x[b, c, t] * inv(t)) * w[c]): x [B, C, T] with any strides, out
-// contiguous. Grid (ceil(T / tile_t), 1, B); dynamic shared memory (tile_t + blockDim.x) floats.
+// contiguous. Grid (ceil(T / tile_t), 1, B); dynamic shared memory 33 tile_t floats.
 template <typename T>
 __device__ void channel_norm(const T* x, long long xb, long long xc, long long xt, const T* w,
                              T* out, int C, int len, float inv_c, float eps, int tile_t) {
