@@ -199,18 +199,6 @@ fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32), String> {
         .clone()
 }
 
-/// The streaming multiprocessors of the first device that asks (queried once; 1 if the query
-/// fails).
-fn multiprocessors(dev: &CudaDevice) -> usize {
-    static COUNT: OnceLock<usize> = OnceLock::new();
-    *COUNT.get_or_init(|| {
-        dev.cuda_stream()
-            .context()
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_or(1, |n| n.max(1) as usize)
-    })
-}
-
 /// Whether `dev` has the tensor-core instructions the fused matvec uses (sm_80 or newer).
 pub fn has_mma(dev: &CudaDevice) -> bool {
     compute_capability(dev).is_ok_and(|(major, _)| major >= 8)

@@ -377,12 +377,11 @@ pub fn fused_matvec(
             "fused matvec: shapes or offsets off the kernel's tiles (see engine::matvec::applies)"
         );
     }
-    let tiles = n_out / TILE_ROWS;
-    let name = match op.gated {
-        true => "f8_matvec_mma_gated",
-        // A block or two per SM: the kernel with twice the loads in flight per warp.
-        false if tiles <= 2 * super::multiprocessors(&dev) => "f8_matvec_mma_deep",
-        false => "f8_matvec_mma",
+    let name = match (op.gated, mod_views.is_some()) {
+        (true, true) => "f8_matvec_mma_gated_modulated",
+        (true, false) => "f8_matvec_mma_gated",
+        (false, true) => "f8_matvec_mma_modulated",
+        (false, false) => "f8_matvec_mma",
     };
     let func = Module::Decode.func(&dev, name)?;
     // SAFETY: every element of `y` is written by the block of its TILE_ROWS features.
@@ -428,8 +427,8 @@ pub fn fused_matvec(
     args.ptr(&y, &stream);
     args.ptr_or_null(watch_view.as_ref(), &stream)
         .i32(op.watch.as_ref().map_or(0, |(_, tag)| *tag as i32));
-    // With the norm, each block keeps its normalised copy of x in dynamic shared memory.
-    let shared = match op.norm {
+    // Modulated, each block keeps its normalised copy of x in dynamic shared memory.
+    let shared = match mod_views {
         Some(_) => rows * n_in * 2,
         None => 0,
     };
@@ -442,7 +441,7 @@ pub fn fused_matvec(
     }
     // One block of MATVEC_WARPS warps per TILE_ROWS output features (matvec.cu).
     let config = LaunchConfig {
-        grid_dim: (tiles as u32, 1, 1),
+        grid_dim: ((n_out / TILE_ROWS) as u32, 1, 1),
         block_dim: (32 * MATVEC_WARPS as u32, 1, 1),
         shared_mem_bytes: shared as u32,
     };

@@ -110,14 +110,16 @@ __device__ __forceinline__ void load8_shared(u32* w, const u16* p) {
 }
 
 // The lane's 16 x values of row g (zero beyond the rows) times X_SCALE as eight bf16x2, paired
-// as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1];
-// from `x` in global memory, or (SHARED) from the block's normalised copy of it. Exact: a bf16
-// times a power of two.
+// as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
+// SHARED: from the block's normalised copy of x in shared memory. Otherwise from x in global
+// memory, RMS-normalised (times `inv`, the row's 1/rms times X_SCALE, and the norm weight `nw`)
+// in f32 when `nw` is given, else x's own bf16 values, scaled exactly.
 template <bool SHARED>
-__device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k) {
+__device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
+                                       const u16* nw, float inv) {
     if (g < rows) {
         const u16* p = x + (long long)g * n_in + k;
-        u32 w[8];
+        u32 w[8], n[8];
         if (SHARED) {
             load8_shared(w, p);
             load8_shared(w + 4, p + 8);
@@ -125,10 +127,26 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
             load8(w, p);
             load8(w + 4, p + 8);
         }
-        #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            xb[2 * j] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410));
-            xb[2 * j + 1] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632));
+        if (!SHARED && nw) {
+            load8(n, nw + k);
+            load8(n + 4, nw + k + 8);
+            float v[16];
+            #pragma unroll
+            for (int i = 0; i < 8; i++) {
+                v[2 * i] = bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu);
+                v[2 * i + 1] = bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16);
+            }
+            #pragma unroll
+            for (int j = 0; j < 4; j++) {
+                xb[2 * j] = bf2(v[4 * j], v[4 * j + 2]);
+                xb[2 * j + 1] = bf2(v[4 * j + 1], v[4 * j + 3]);
+            }
+        } else {
+            #pragma unroll
+            for (int j = 0; j < 4; j++) {
+                xb[2 * j] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410));
+                xb[2 * j + 1] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632));
+            }
         }
     } else {
         #pragma unroll
@@ -136,9 +154,9 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
     }
 }
 
-// Eight elements of a normalised row as bf16: `raw` (bf16 pairs) times `inv` and the norm
-// weight `nw` in f32, rounded; then, with a modulation, times `s1` and plus `sh` (bf16 pairs),
-// each rounded as the unfused ops.
+// Eight elements of a normalised and modulated row as bf16: `raw` (bf16 pairs) times `inv` and
+// the norm weight `nw` in f32, rounded; times `s1`, rounded; plus `sh` (bf16 pairs), rounded, as
+// the unfused ops.
 __device__ __forceinline__ void normalise8(u32* raw, const u32* nw, float inv, const u32* s1,
                                            const u32* sh) {
     #pragma unroll
@@ -148,10 +166,8 @@ __device__ __forceinline__ void normalise8(u32* raw, const u32* nw, float inv, c
         for (int h = 0; h < 2; h++) {
             const int shift = 16 * h;
             v[h] = rnd(bf16f((raw[i] >> shift) & 0xffffu) * inv * bf16f((nw[i] >> shift) & 0xffffu));
-            if (s1) {
-                v[h] = rnd(__fmul_rn(v[h], bf16f((s1[i] >> shift) & 0xffffu)));
-                v[h] = rnd(__fadd_rn(v[h], bf16f((sh[i] >> shift) & 0xffffu)));
-            }
+            v[h] = rnd(__fmul_rn(v[h], bf16f((s1[i] >> shift) & 0xffffu)));
+            v[h] = rnd(__fadd_rn(v[h], bf16f((sh[i] >> shift) & 0xffffu)));
         }
         raw[i] = (u32)to_bf16(v[0]) | ((u32)to_bf16(v[1]) << 16);
     }
@@ -160,14 +176,18 @@ __device__ __forceinline__ void normalise8(u32* raw, const u32* nw, float inv, c
 // y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
 // for up to MATVEC_MAX_ROWS rows of x; every segment's rows a multiple of TILE_ROWS, n_in a
 // multiple of TILE_INPUTS, weights and x 16-byte aligned. U steps of TILE_INPUTS inputs are
-// loaded before any is multiplied (the first before the norm).
-// With `nw`, each block first RMS-normalises x into its dynamic shared memory (rows x n_in bf16:
-// the normalised value in f32 times the weight, rounded once), modulated when `mod.scale1` is
-// given, and multiplies that copy. With `gelu`, the output (after the bias) is rounded and
-// passed through GELU as candle's bf16 gelu_erf. With `gate`, the product is rounded, times
-// gate[r, o] rounded, and the residual added: x + gate * f as the unfused bf16 ops.
+// loaded before any is multiplied (the first before the norm's sums).
+// With `nw`, x is RMS-normalised first: warp r sums the squares of row r while the first loads
+// are in flight, and each step normalises its inputs in f32 (the decode path). MODULATED (which
+// needs `nw`): each block first writes its normalised and modulated copy of x to dynamic shared
+// memory (rows x n_in bf16; the normalised value rounded, times `mod.scale1`, plus `mod.shift`,
+// each rounded as the unfused ops) and multiplies that (the diffusion head: per-step loads of
+// four operands made each step several times slower).
+// With `gelu`, the output (after the bias) is rounded and passed through GELU as candle's bf16
+// gelu_erf. With `gate`, the product is rounded, times gate[r, o] rounded, and the residual
+// added: x + gate * f as the unfused bf16 ops.
 // When `watch` is given, an output that is NaN or infinite lowers it to `tag` (atomicMin).
-template <bool GATED, int U>
+template <bool GATED, int U, bool MODULATED>
 __device__ void matvec(
         const u16* x, int rows, int n_in,
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
@@ -215,7 +235,8 @@ __device__ void matvec(
     load(warp);
     // Everything below reads what earlier kernels wrote.
     pdl_wait_previous();
-    if (nw) {
+    float inv = 1.f;
+    if (MODULATED) {
         // x into shared memory (four 16-byte loads in flight per thread), then each row's sum
         // of squares from there: every thread's pieces, the lanes' sums by shuffles, the
         // warps' in order.
@@ -265,10 +286,8 @@ __device__ void matvec(
                 if (i >= pieces) continue;
                 const int r = 8 * i / n_in, k = 8 * i - r * n_in;
                 load8(n[u], nw + k);
-                if (mod.scale1) {
-                    load8(ms[u], mod.scale1 + (long long)r * mod.stride + k);
-                    load8(mh[u], mod.shift + (long long)r * mod.stride + k);
-                }
+                load8(ms[u], mod.scale1 + (long long)r * mod.stride + k);
+                load8(mh[u], mod.shift + (long long)r * mod.stride + k);
             }
             #pragma unroll
             for (int u = 0; u < 2; u++) {
@@ -276,11 +295,30 @@ __device__ void matvec(
                 if (i >= pieces) continue;
                 u32 a[4];
                 load8_shared(a, xn + 8 * i);
-                normalise8(a, n[u], inv_rms[8 * i / n_in], mod.scale1 ? ms[u] : nullptr, mh[u]);
+                normalise8(a, n[u], inv_rms[8 * i / n_in], ms[u], mh[u]);
                 *(uint4*)(xn + 8 * i) = make_uint4(a[0], a[1], a[2], a[3]);
             }
         }
         __syncthreads();
+    } else if (nw) {
+        // Warp w sums the squares of row w while the first loads are in flight.
+        if (warp < rows) {
+            const u16* xr = x + (long long)warp * n_in;
+            float ss = 0.f;
+            for (int k = lane * 8; k < n_in; k += 256) {
+                u32 v[4];
+                load8(v, xr + k);
+                #pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float a = bf16f(v[j] & 0xffffu), b = bf16f(v[j] >> 16);
+                    ss += a * a + b * b;
+                }
+            }
+            for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+            if (lane == 0) inv_rms[warp] = rsqrtf(ss / (float)n_in + eps);
+        }
+        __syncthreads();
+        inv = g < rows ? inv_rms[g] * X_SCALE : 0.f;
     }
     for (int base = warp; base < steps; base += MATVEC_WARPS * U) {
         if (base != warp) load(base);
@@ -290,8 +328,7 @@ __device__ void matvec(
             if (st < steps) {
                 u32 xb[8];
                 const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
-                if (nw) load_x<true>(xb, xn, g, rows, n_in, k);
-                else load_x<false>(xb, x, g, rows, n_in, k);
+                load_x<MODULATED>(xb, MODULATED ? xn : x, g, rows, n_in, k, nw, inv);
                 tile(c, lo[i], hi[i], xb);
                 if (GATED) tile(cu, ulo[i], uhi[i], xb);
             }
@@ -341,8 +378,8 @@ __device__ void matvec(
     if (watch && (out & 0x7f80u) == 0x7f80u) atomicMin(watch, (unsigned)tag);
 }
 
-#define MATVEC(NAME, GATED, U, BLOCKS) \
-extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
+#define MATVEC(NAME, GATED, U, MODULATED) \
+extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, 3) NAME( \
         const u16* x, int rows, int n_in, \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
@@ -350,13 +387,13 @@ extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
         const u16* nw, float eps, const u16* mod_scale1, const u16* mod_shift, \
         long long mod_stride, int gelu, const u16* gate, long long gate_stride, \
         u16* y, unsigned* watch, int tag) { \
-    matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
-                     bias, has_bias, res, has_res, nw, eps, \
-                     Modulation{mod_scale1, mod_shift, mod_stride}, gelu, gate, gate_stride, \
-                     y, watch, tag); }
+    matvec<GATED, U, MODULATED>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
+                                bias, has_bias, res, has_res, nw, eps, \
+                                Modulation{mod_scale1, mod_shift, mod_stride}, gelu, gate, \
+                                gate_stride, y, watch, tag); }
 
-MATVEC(f8_matvec_mma, false, 4, 3)
-MATVEC(f8_matvec_mma_gated, true, 2, 3)
-// For weights of few tiles (a block or two per SM): twice the loads in flight per warp.
-MATVEC(f8_matvec_mma_deep, false, 8, 2)
+MATVEC(f8_matvec_mma, false, 4, false)
+MATVEC(f8_matvec_mma_gated, true, 2, false)
+MATVEC(f8_matvec_mma_modulated, false, 4, true)
+MATVEC(f8_matvec_mma_gated_modulated, true, 2, true)
 #endif
