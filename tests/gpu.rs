@@ -211,6 +211,23 @@ fn gpu_and_cpu_agree_to_bf16_precision() {
     assert!(worst < 0.05, "worst relative difference {worst}");
 }
 
+/// `n` bf16 values of a saw tooth (97 steps of `f`, centred on zero), on `device`.
+fn ramp(n: usize, f: f32, device: &Device) -> Tensor {
+    let v: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * f).collect();
+    Tensor::from_slice(&v, n, device)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+}
+
+/// Largest `|a - b| / (1 + |a|)` of the CPU's `cpu` and the GPU's `gpu`.
+fn worst_relative(cpu: &[f32], gpu: &[f32]) -> f32 {
+    cpu.iter()
+        .zip(gpu)
+        .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+        .fold(0.0f32, f32::max)
+}
+
 #[test]
 fn fused_float8_matvec_matches_the_cpu() {
     use vibeoffload::engine::matvec;
@@ -220,13 +237,6 @@ fn fused_float8_matvec_matches_the_cpu() {
         (0..rows * n_in)
             .map(|i| ((i * 37 + salt) % 251) as u8 & 0xf7)
             .collect()
-    };
-    let ramp = |n: usize, f: f32, device: &Device| {
-        let v: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * f).collect();
-        Tensor::from_slice(&v, n, device)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap()
     };
     // (weights as (rows, salt), per-row scales, bias, residual, gated)
     type Case<'a> = (&'a [(usize, usize)], bool, bool, bool, bool);
@@ -270,11 +280,7 @@ fn fused_float8_matvec_matches_the_cpu() {
                 host_f32(&matvec::apply(&x, &op).unwrap())
             };
             let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
-            let worst = cpu
-                .iter()
-                .zip(&gpu)
-                .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
-                .fold(0.0f32, f32::max);
+            let worst = worst_relative(&cpu, &gpu);
             assert!(
                 worst < 1e-2,
                 "case {i}, {rows} rows: worst relative difference {worst}"
@@ -287,13 +293,6 @@ fn fused_float8_matvec_matches_the_cpu() {
 fn fused_float8_matvec_fuses_the_speech_work_like_the_cpu() {
     use vibeoffload::engine::matvec;
     use vibeoffload::engine::ops::{FusedMatVec, Segment};
-    let ramp = |n: usize, f: f32, device: &Device| {
-        let v: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * f).collect();
-        Tensor::from_slice(&v, n, device)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap()
-    };
     // (output rows, inputs, gated, modulated, gated residual, bias and GELU after a plain
     // norm): the diffusion head's products and the tokenizers' one-step feed-forward; 8 rows
     // of 4096 inputs need more than 48 KiB of shared memory for the normalised copy.
@@ -357,14 +356,10 @@ fn fused_float8_matvec_fuses_the_speech_work_like_the_cpu() {
                 host_f32(&matvec::apply(&x, &op).unwrap())
             };
             let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
-            let worst = cpu
-                .iter()
-                .zip(&gpu)
-                .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
-                .fold(0.0f32, f32::max);
+            let worst = worst_relative(&cpu, &gpu);
             // A normalised input a bf16 ulp apart (the GPU's rsqrt) moves an output by a
             // weight of up to 448 times that ulp: a few percent over 4096 inputs. A missing
-            // modulation, gate or share of the inputs moves it by tens of percent.
+            // modulation, gate, bias or GELU moves it by tens of percent.
             assert!(
                 worst < 5e-2,
                 "case {i}, {rows} rows: worst relative difference {worst}"

@@ -242,6 +242,25 @@ mod tests {
         dequantize(w, None, candle_core::DType::F32).unwrap()
     }
 
+    /// `w` alone, unscaled.
+    fn single(w: &RawTensor) -> Vec<Segment> {
+        vec![Segment {
+            bytes: w.bytes.clone(),
+            rows: w.shape[0],
+            scale: None,
+        }]
+    }
+
+    /// `[rows, n]` of `i * step + start` (f32).
+    fn ramp_rows(rows: usize, n: usize, step: f64, start: f64) -> Tensor {
+        Tensor::arange(0f32, (rows * n) as f32, &Device::Cpu)
+            .unwrap()
+            .affine(step, start)
+            .unwrap()
+            .reshape((rows, n))
+            .unwrap()
+    }
+
     /// Largest |a - b| / (1 + |b|): the float8 test weights reach 448, so products are large.
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let rel = ((a - b).unwrap().abs().unwrap() / (b.abs().unwrap() + 1.0).unwrap()).unwrap();
@@ -328,26 +347,14 @@ mod tests {
     fn normalises_rows_first_when_asked() {
         let (n_out, n_in) = (16, 64);
         let w = weight(n_out, n_in, 7);
-        let x = Tensor::arange(0f32, (2 * n_in) as f32, &Device::Cpu)
-            .unwrap()
-            .affine(0.05, -2.0)
-            .unwrap()
-            .reshape((2, n_in))
-            .unwrap();
+        let x = ramp_rows(2, n_in, 0.05, -2.0);
         let norm = Tensor::arange(0f32, n_in as f32, &Device::Cpu)
             .unwrap()
             .affine(0.01, 0.5)
             .unwrap();
         let op = FusedMatVec {
             norm: Some((norm.clone(), 1e-6)),
-            ..FusedMatVec::new(
-                vec![Segment {
-                    bytes: w.bytes.clone(),
-                    rows: n_out,
-                    scale: None,
-                }],
-                n_in,
-            )
+            ..FusedMatVec::new(single(&w), n_in)
         };
         let normed = candle_nn::ops::rms_norm(&x, &norm, 1e-6).unwrap();
         let reference = normed.matmul(&dense(&w).t().unwrap()).unwrap();
@@ -386,14 +393,7 @@ mod tests {
             modulation: Some((scale1.clone(), shift.clone())),
             gate: Some(gate.clone()),
             residual: Some(residual.clone()),
-            ..FusedMatVec::new(
-                vec![Segment {
-                    bytes: w.bytes.clone(),
-                    rows: n_out,
-                    scale: None,
-                }],
-                n_in,
-            )
+            ..FusedMatVec::new(single(&w), n_in)
         };
         let fused = apply(&x, &op).unwrap();
         // The norm as the fused path forms it (in f32, rounded once), then the unfused bf16
@@ -421,12 +421,7 @@ mod tests {
     fn applies_gelu_after_the_bias_as_candle_does() {
         let (n_out, n_in) = (16, 64);
         let w = weight(n_out, n_in, 4);
-        let x = Tensor::arange(0f32, (2 * n_in) as f32, &Device::Cpu)
-            .unwrap()
-            .affine(0.002, -0.1)
-            .unwrap()
-            .reshape((2, n_in))
-            .unwrap();
+        let x = ramp_rows(2, n_in, 0.002, -0.1);
         for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
             let x = x.to_dtype(dtype).unwrap();
             let bias = Tensor::arange(0f32, n_out as f32, &Device::Cpu)
@@ -437,14 +432,7 @@ mod tests {
                 .unwrap();
             let op = FusedMatVec {
                 bias: Some(bias),
-                ..FusedMatVec::new(
-                    vec![Segment {
-                        bytes: w.bytes.clone(),
-                        rows: n_out,
-                        scale: None,
-                    }],
-                    n_in,
-                )
+                ..FusedMatVec::new(single(&w), n_in)
             };
             let plain = apply(&x, &op).unwrap();
             let gelu = apply(&x, &FusedMatVec { gelu: true, ..op }).unwrap();

@@ -10,7 +10,11 @@
 
 use super::fused::add_bias;
 use super::weights::{Scope, StoredWeight};
+use crate::engine::dequant::{dequantize, RawTensor};
+use crate::engine::model::{fused_around, Around};
+use crate::engine::weights::Linear;
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use candle_core::Tensor;
 
 /// A convolution weight: decoded once at load, or kept in float8 as stored and decoded to the
@@ -46,6 +50,8 @@ pub(crate) type Slot = Option<Tensor>;
 pub(crate) struct CausalConv1d {
     /// `[out, in, k]`.
     weight: ConvWeight,
+    /// A float8 weight's bytes as the matrix `[out, in·k]`, for one output step.
+    matrix: Option<Linear>,
     /// `[out]`.
     bias: Tensor,
     kernel: usize,
@@ -65,8 +71,24 @@ impl CausalConv1d {
         let inner = scope.sub("conv.conv");
         let weight = ConvWeight::load(&inner, "weight", &[out_channels, in_channels, kernel])?;
         let bias = inner.get("bias", &[out_channels])?;
+        let matrix = match &weight {
+            ConvWeight::Stored(w) => Some(Linear {
+                weight: RawTensor {
+                    shape: vec![out_channels, in_channels * kernel],
+                    ..w.raw.clone()
+                },
+                scale: w.scale.clone(),
+                scale_f32: w
+                    .scale
+                    .as_ref()
+                    .map(|s| dequantize(s, None, DType::F32)?.flatten_all())
+                    .transpose()?,
+            }),
+            ConvWeight::Dense(_) => None,
+        };
         CausalConv1d::checked(CausalConv1d {
             weight,
+            matrix,
             bias,
             kernel,
             stride,
@@ -135,10 +157,37 @@ impl CausalConv1d {
 
     /// The convolution without padding, plus the bias.
     fn valid(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.one_step(x)? {
+            return Ok(y);
+        }
         let weight = self.weight.for_input(x)?;
         let fail = || format!("applying {} to {:?}", self.name, x.dims());
         let y = x.conv1d(&weight, 0, self.stride, 1, 1).with_context(fail)?;
         add_bias(&y, &self.bias).with_context(fail)
+    }
+}
+
+impl CausalConv1d {
+    /// One output step of one sequence (`x` `[1, in, k]`, a streamed frame of the deepest
+    /// layers) from a float8 weight: the fused matrix-vector product over the weight's bytes as
+    /// `[out, in·k]`, in the same (channel, tap) order as `x`, the bias inside; `None` for
+    /// other shapes and weights (no decoded copy of the weight, no im2col).
+    fn one_step(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (batch, channels, len) = x.dims3()?;
+        let Some(matrix) = &self.matrix else {
+            return Ok(None);
+        };
+        if batch != 1 || len != self.kernel {
+            return Ok(None);
+        }
+        let row = x.contiguous()?.reshape((1, channels * len))?;
+        let around = Around {
+            bias: Some(&self.bias),
+            ..Around::default()
+        };
+        let y = fused_around(&row, &[matrix], false, true, around)
+            .with_context(|| format!("applying {} to {:?}", self.name, x.dims()))?;
+        y.map(|y| Ok(y.reshape((1, (), 1))?)).transpose()
     }
 }
 
