@@ -83,16 +83,12 @@ fn fused_checked(
 /// `x @ W^T (+ b)`: by the fused path where it applies, else decoding W with its scale. The
 /// speech components use it too, so their float8 weights stay float8 on the device.
 pub fn linear(x: &Tensor, l: &Linear, bias: Option<&Tensor>, resident: bool) -> Result<Tensor> {
-    if matvec::applies(x, &l.weight, l.scale.as_ref())? {
-        // The bias added in f32 before the one rounding of the output.
-        let fuse = Fuse {
-            bias,
-            ..Fuse::default()
-        };
-        return fused(x, &[l], resident, fuse);
-    }
-    let w = dequantize(&l.weight, l.scale.as_ref(), x.dtype())?;
-    let y = x.broadcast_matmul(&w.t()?)?;
+    let y = if matvec::applies(x, &l.weight, l.scale.as_ref())? {
+        fused(x, &[l], resident, Fuse::default())?
+    } else {
+        let w = dequantize(&l.weight, l.scale.as_ref(), x.dtype())?;
+        x.broadcast_matmul(&w.t()?)?
+    };
     Ok(match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,

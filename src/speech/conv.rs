@@ -165,9 +165,7 @@ impl CausalConv1d {
         let y = x.conv1d(&weight, 0, self.stride, 1, 1).with_context(fail)?;
         add_bias(&y, &self.bias).with_context(fail)
     }
-}
 
-impl CausalConv1d {
     /// One output step of one sequence (`x` `[1, in, k]`, a streamed frame of the deepest
     /// layers) from a float8 weight: the fused matrix-vector product over the weight's bytes as
     /// `[out, in·k]`, in the same (channel, tap) order as `x`, the bias inside; `None` for

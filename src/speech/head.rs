@@ -210,10 +210,11 @@ impl PredictionHead {
     }
 
     /// The adaLN modulations under conditions `c` `[R, hidden]`: `[R, 3·hidden]` for each
-    /// layer (shift, `1 + scale`, gate), then `[R, 2·hidden]` for the final layer. They depend on the condition alone, so
-    /// a frame computes those of all its steps at once, in groups of at most
-    /// [`MATVEC_MAX_ROWS`] rows (the fused matrix-vector product's batch, whose rows come out
-    /// as they would alone): the weights are read once per group instead of once per step.
+    /// layer (shift, `1 + scale`, gate), then `[R, 2·hidden]` for the final layer (shift,
+    /// `1 + scale`). They depend on the condition alone, so a frame computes those of all its
+    /// steps at once, in groups of at most [`MATVEC_MAX_ROWS`] rows (the fused matrix-vector
+    /// product's batch, whose rows come out as they would alone): the weights are read once
+    /// per group instead of once per step.
     pub fn modulations(&self, c: &Tensor) -> Result<Vec<Tensor>> {
         let n = &self.name;
         let silu_c = c.silu()?;

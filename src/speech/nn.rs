@@ -108,6 +108,9 @@ pub(crate) fn fused_around(
     gated: bool,
     around: model::Around<'_>,
 ) -> Result<Option<Tensor>> {
+    if layers.len() != if gated { 2 } else { 1 } {
+        return Ok(None);
+    }
     let (mut stored, mut bias) = (Vec::with_capacity(layers.len()), None);
     for layer in layers {
         match layer {

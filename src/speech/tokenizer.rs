@@ -63,9 +63,7 @@ impl Block {
         x.apply_op2_no_bwd(&h, &self.ffn_residual)
             .with_context(|| fail("ffn residual"))
     }
-}
 
-impl Block {
     /// The feed-forward half for one time step of one sequence (the deepest stages, streamed
     /// frame by frame) in two fused launches where its linears are float8: the channel norm
     /// and GELU inside the first product, the layer scale and the residual inside the second.

@@ -432,6 +432,11 @@ pub fn fused_matvec(
         Some(_) => rows * n_in * 2,
         None => 0,
     };
+    if shared > 227 << 10 {
+        candle_core::bail!(
+            "fused matvec: {rows} x {n_in} modulated inputs exceed shared memory ({shared} bytes)"
+        );
+    }
     if shared > 48 << 10 {
         func.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

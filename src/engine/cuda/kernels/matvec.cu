@@ -20,6 +20,7 @@
 static_assert(TILE_ROWS == 16, "a tile is the m of one m16n8k16 product");
 static_assert(MATVEC_MAX_ROWS == 8, "rows of x are the n of one m16n8k16 product");
 static_assert(TILE_INPUTS == 64, "a step is 16 bytes for each of a lane group's 4 lanes");
+static_assert(MATVEC_WARPS >= MATVEC_MAX_ROWS, "warp r sums the squares of row r");
 static_assert(MATVEC_WARPS * 32 >= TILE_ROWS * MATVEC_MAX_ROWS, "one thread per output");
 
 // log2 of a power of two. Steps are counted with a shift: a signed n_in / TILE_INPUTS would add
@@ -165,9 +166,10 @@ __device__ __forceinline__ void normalise8(u32* raw, const u32* nw, float inv, c
         #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int shift = 16 * h;
-            v[h] = rnd(bf16f((raw[i] >> shift) & 0xffffu) * inv * bf16f((nw[i] >> shift) & 0xffffu));
-            v[h] = rnd(__fmul_rn(v[h], bf16f((s1[i] >> shift) & 0xffffu)));
-            v[h] = rnd(__fadd_rn(v[h], bf16f((sh[i] >> shift) & 0xffffu)));
+            auto half = [shift](u32 pair) { return bf16f((pair >> shift) & 0xffffu); };
+            v[h] = rnd(half(raw[i]) * inv * half(nw[i]));
+            v[h] = rnd(__fmul_rn(v[h], half(s1[i])));
+            v[h] = rnd(__fadd_rn(v[h], half(sh[i])));
         }
         raw[i] = (u32)to_bf16(v[0]) | ((u32)to_bf16(v[1]) << 16);
     }
@@ -251,7 +253,8 @@ __device__ void matvec(
             #pragma unroll
             for (int u = 0; u < 4; u++) {
                 const int i = i0 + u * blockDim.x;
-                if (i < pieces) *(uint4*)(xn + 8 * i) = make_uint4(a[u][0], a[u][1], a[u][2], a[u][3]);
+                if (i < pieces)
+                    *(uint4*)(xn + 8 * i) = make_uint4(a[u][0], a[u][1], a[u][2], a[u][3]);
             }
         }
         __syncthreads();
@@ -378,6 +381,8 @@ __device__ void matvec(
     if (watch && (out & 0x7f80u) == 0x7f80u) atomicMin(watch, (unsigned)tag);
 }
 
+// At most 85 registers, three blocks an SM: more (an earlier build's 120) halved the blocks and
+// slowed every product; fewer (64, four blocks) spilled and was slower too.
 #define MATVEC(NAME, GATED, U, MODULATED) \
 extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, 3) NAME( \
         const u16* x, int rows, int n_in, \
