@@ -22,11 +22,8 @@ impl Linear {
         match self {
             Linear::Dense(l) => Ok(l.forward(x)?),
             Linear::Stored { weight, bias } => {
-                let around = model::Around {
-                    bias: bias.as_ref(),
-                    ..model::Around::default()
-                };
-                if let Some(y) = model::fused_around(x, &[weight], false, true, around)? {
+                // The fused product takes the bias itself.
+                if let Some(y) = fused_around(x, &[self], false, model::Around::default())? {
                     return Ok(y);
                 }
                 let y = model::linear(x, weight, None, true)?;
