@@ -120,9 +120,15 @@ fn write_model(dir: &Path, precision: Precision) -> PathBuf {
 
 /// `path` loaded on GPU 0 with `gpu_layers` resident, the other options at their defaults.
 fn cuda_engine(path: &Path, gpu_layers: usize) -> Engine {
+    hybrid_engine(path, gpu_layers, 0)
+}
+
+/// An engine on the GPU whose host CPU computes `cpu_layers` of the offloaded layers.
+fn hybrid_engine(path: &Path, gpu_layers: usize, cpu_layers: usize) -> Engine {
     let options = EngineOptions {
         device: DeviceChoice::Cuda(0),
         gpu_layers,
+        cpu_layers,
         ..EngineOptions::default()
     };
     Engine::load(ModelInfo::open(path).unwrap(), &options, |_| {}).unwrap()
@@ -438,8 +444,9 @@ fn a_batch_decodes_each_sequence_as_if_alone_on_the_gpu() {
 
 /// Activations as large as real Qwen2 checkpoints carry (see common::make_massive): MLP
 /// intermediates ~1e5, a residual channel ~3e4, attention logits ~300, far past float16's
-/// range. Prefill (12 rows) and the fused decode path (1, 3 and 8 rows), all streamed and all
-/// resident, against the float64 reference.
+/// range. Prefill (12 rows) and the fused decode path (1, 3 and 8 rows), all streamed, all
+/// resident, and hybrid (layers computed by the host CPU in f32 between streamed and resident
+/// ones), against the float64 reference.
 #[test]
 fn massive_activations_match_a_float64_reference_on_the_gpu() {
     let dir = tempfile::tempdir().unwrap();
@@ -455,19 +462,22 @@ fn massive_activations_match_a_float64_reference_on_the_gpu() {
         peaks.mlp > 5e4 && peaks.residual > 1e4 && peaks.logit > 100.0,
         "{peaks:?}"
     );
-    for gpu_layers in [0, c.num_hidden_layers] {
-        let mut engine = cuda_engine(&path, gpu_layers);
+    let layers = c.num_hidden_layers;
+    for (gpu_layers, cpu_layers) in [(0, 0), (layers, 0), (1, 3), (0, layers)] {
+        let mut engine = hybrid_engine(&path, gpu_layers, cpu_layers);
         let mut got: Vec<Vec<f32>> = Vec::new();
         for (a, b) in [(0, 12), (12, 13), (13, 16), (16, 24)] {
             let h = host_f32(&engine.forward(&ids[a..b]).unwrap());
             got.extend(h.chunks(c.hidden_size).map(<[f32]>::to_vec));
         }
-        let worst = common::worst_row_error(&got, &want);
-        eprintln!("massive activations, {gpu_layers} resident: worst error {worst:e} ({peaks:?})");
-        assert!(
-            worst <= 3e-2,
-            "{gpu_layers} resident: worst error {worst:e}"
+        assert_eq!(
+            engine.transfer_stats().unwrap().cpu_compute_layers,
+            cpu_layers
         );
+        let worst = common::worst_row_error(&got, &want);
+        let case = format!("{gpu_layers} resident, {cpu_layers} on the host CPU");
+        eprintln!("massive activations, {case}: worst error {worst:e} ({peaks:?})");
+        assert!(worst <= 3e-2, "{case}: worst error {worst:e}");
     }
 }
 

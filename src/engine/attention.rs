@@ -6,6 +6,7 @@
 use super::dequant::{cpu_activations, cpu_storage};
 use super::ops::{DecodeAttention, ATTENTION_WARPS};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// The rotary pair `(i, i + d/2)` of `x` at a table row `cs` (cosines, then sines).
 fn rotate(x: &[f32], cs: &[f32], i: usize) -> (f32, f32) {
@@ -59,34 +60,34 @@ impl CustomOp3 for DecodeAttention {
             None => None,
         };
         let mut out = vec![0f32; b * self.heads * d];
-        for bi in 0..b {
-            for h in 0..self.heads {
-                let raw = &q[qa + bi * self.q_stride + h * d..][..d];
-                let mut qh = raw.to_vec();
-                if let Some(cs) = &row {
-                    for i in 0..d / 2 {
-                        (qh[i], qh[i + d / 2]) = rotate(raw, cs, i);
-                    }
-                }
-                let kvh = h / group;
-                let scores: Vec<f32> = (0..self.len)
-                    .map(|j| {
-                        let kr = &k[ko + bi * kb + kvh * kh + j * kt..][..d];
-                        qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f32 = exps.iter().sum();
-                let o = &mut out[(bi * self.heads + h) * d..][..d];
-                for (j, e) in exps.iter().enumerate() {
-                    let vr = &v[vo + bi * vb + kvh * vh + j * vt..][..d];
-                    for (acc, x) in o.iter_mut().zip(vr) {
-                        *acc += e / total * x;
-                    }
+        // A (sequence, head) pair per task: a host-computed layer of hybrid decoding attends
+        // over thousands of positions every step.
+        out.par_chunks_mut(d).enumerate().for_each(|(task, o)| {
+            let (bi, h) = (task / self.heads, task % self.heads);
+            let raw = &q[qa + bi * self.q_stride + h * d..][..d];
+            let mut qh = raw.to_vec();
+            if let Some(cs) = &row {
+                for i in 0..d / 2 {
+                    (qh[i], qh[i + d / 2]) = rotate(raw, cs, i);
                 }
             }
-        }
+            let kvh = h / group;
+            let scores: Vec<f32> = (0..self.len)
+                .map(|j| {
+                    let kr = &k[ko + bi * kb + kvh * kh + j * kt..][..d];
+                    qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f32 = exps.iter().sum();
+            for (j, e) in exps.iter().enumerate() {
+                let vr = &v[vo + bi * vb + kvh * vh + j * vt..][..d];
+                for (acc, x) in o.iter_mut().zip(vr) {
+                    *acc += e / total * x;
+                }
+            }
+        });
         let storage = cpu_storage(out, bf16);
         Ok((storage, Shape::from((b, self.heads, 1, d))))
     }

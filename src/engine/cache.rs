@@ -125,9 +125,17 @@ impl Lane {
         }
     }
 
-    /// Device bytes its caches hold.
-    pub fn bytes(&self) -> u64 {
-        self.caches.iter().map(KvCache::bytes).sum()
+    /// Bytes its caches hold on `device` (those of host-computed layers live elsewhere).
+    pub fn bytes_on(&self, device: &candle_core::Device) -> u64 {
+        self.caches
+            .iter()
+            .filter(|c| {
+                c.buffer
+                    .as_ref()
+                    .is_some_and(|b| b.device().same_device(device))
+            })
+            .map(KvCache::bytes)
+            .sum()
     }
 }
 

@@ -6,6 +6,7 @@
 use super::ops::{Dequantize, ScaleLayout};
 use crate::dtype::{f8e4m3_to_f32, DType};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// A tensor as stored in the checkpoint: its bytes in a U8 tensor on the compute device.
@@ -51,7 +52,8 @@ impl Dequantize {
             }
         };
         let (_, cols) = self.rows_cols();
-        let values = (0..n).map(|i| match (self.scale, scale) {
+        // In parallel: a host-computed layer's prefill decodes whole projections this way.
+        let values = (0..n).into_par_iter().map(|i| match (self.scale, scale) {
             (Some(layout), Some(s)) => value(i) * s[layout.index(i / cols, i % cols, cols)],
             _ => value(i),
         });

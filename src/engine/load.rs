@@ -202,7 +202,15 @@ impl Engine {
             };
             Ok(raw)
         };
+        if options.cpu_layers > num_layers - options.gpu_layers {
+            bail!(crate::UsageError::new(format!(
+                "--cpu-layers {} is more than the {} layers left offloaded",
+                options.cpu_layers,
+                num_layers - options.gpu_layers
+            )));
+        }
         let resident = options.placement.resident(num_layers, options.gpu_layers);
+        let on_host = crate::plan::host_computed(&resident, options.cpu_layers);
         let mut layers = Vec::with_capacity(num_layers);
         let mut host = Vec::new();
         let mut allocated = DeviceBytes::default();
@@ -219,6 +227,26 @@ impl Engine {
                 let weights = LayerWeights::new(&raw, &decoded, true)?;
                 layers.push(Residency::Resident(Box::new(weights)));
                 timings.upload_ms += ms_since(layer_started);
+            } else if on_host[i] {
+                // Computed by the CPU in f32: the bytes copied out of the mapped file into
+                // ordinary memory, the small tensors decoded there.
+                let mut raw = HashMap::new();
+                for &(rel, t) in &tensors {
+                    let data = checkpoint.data(t);
+                    let bytes = Tensor::from_slice(data, data.len(), &Device::Cpu)?;
+                    raw.insert(
+                        rel.to_string(),
+                        RawTensor {
+                            dtype: t.dtype,
+                            shape: dims(t),
+                            bytes,
+                        },
+                    );
+                }
+                let decoded = Decoded::new(&raw, DType::F32)?;
+                let weights = LayerWeights::new(&raw, &decoded, true)?;
+                layers.push(Residency::Host(Box::new(weights)));
+                timings.read_ms += ms_since(layer_started);
             } else {
                 let (offsets, size) = layout::packed_layout(tensors.iter().map(|(_, t)| *t));
                 let pin_started = Instant::now();
@@ -304,6 +332,14 @@ impl Engine {
             + head_scale.map_or(0, |s| s.size_bytes());
         let rope = Rope::new(&info.config, options.max_seq_len, dtype, &device)?;
         let watch = Watch::new(&device)?;
+        let host = (options.cpu_layers > 0)
+            .then(|| -> Result<super::HostCompute> {
+                Ok(super::HostCompute {
+                    rope: Rope::new(&info.config, options.max_seq_len, DType::F32, &Device::Cpu)?,
+                    watch: Watch::new(&Device::Cpu)?,
+                })
+            })
+            .transpose()?;
         device.synchronize()?;
         timings.non_layer_ms = ms_since(phase);
         timings.total_ms = ms_since(started);
@@ -318,6 +354,7 @@ impl Engine {
             embed,
             embed_scale,
             rope,
+            host,
             streamer,
             lanes: vec![Lane::new(&info.config, options.max_seq_len)],
             max_seq_len: options.max_seq_len,

@@ -5,6 +5,7 @@
 //! where its time goes.
 
 use super::dequant::{cpu_activations, cpu_storage, RawTensor};
+use super::f8dot::dot_rows;
 use super::ops::{FusedMatVec, MATVEC_MAX_ROWS};
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
 use candle_core::cpu::erf::{erf_f32, erf_f64};
@@ -18,24 +19,6 @@ fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
         candle_core::DType::F32 => t.to_vec1::<f32>(),
         _ => t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>(),
     }
-}
-
-/// `Σ lut[w_i]·x_i` of float8 codes `w` in eight interleaved partial sums, added in a fixed
-/// order at the end (the same bits on every run and thread count; independent chains the CPU
-/// overlaps). A table beats decoding the bits here: it also gives NaN for 0x7f/0xff.
-fn dot(w: &[u8], x: &[f32], lut: &[f32; 256]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
-    let (wt, xt) = (wc.remainder(), xc.remainder());
-    for (w8, x8) in wc.zip(xc) {
-        for i in 0..8 {
-            acc[i] += lut[w8[i] as usize] * x8[i];
-        }
-    }
-    for (i, (&c, &v)) in wt.iter().zip(xt).enumerate() {
-        acc[i] += lut[c as usize] * v;
-    }
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
 /// GELU (erf) in f64, as candle computes it for bf16.
@@ -102,14 +85,16 @@ impl CustomOp1 for FusedMatVec {
             }
             let scale = seg.scale.as_ref().map(cpu_f32).transpose()?;
             let mut y = vec![0f32; seg.rows * rows];
-            // Feature-major while computing ([segment rows, rows]), then transposed.
+            let x_rows: Vec<&[f32]> = xs.chunks(n_in).collect();
+            // Feature-major while computing ([segment rows, rows]), then transposed; each
+            // weight row decoded once for every row of x.
             y.par_chunks_mut(rows).enumerate().for_each(|(o, out)| {
-                let wr = &w[o * n_in..(o + 1) * n_in];
                 let s = scale
                     .as_ref()
                     .map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[o] });
-                for (r, v) in out.iter_mut().enumerate() {
-                    *v = dot(wr, &xs[r * n_in..(r + 1) * n_in], &lut) * s;
+                dot_rows(&w[o * n_in..(o + 1) * n_in], &x_rows, &lut, out);
+                for v in out.iter_mut() {
+                    *v *= s;
                 }
             });
             parts.push(

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod cache;
 pub mod dequant;
+mod f8dot;
 mod load;
 pub mod matvec;
 pub mod model;
@@ -62,6 +63,10 @@ pub struct EngineOptions {
     pub pin_memory: bool,
     /// Longest sequence the KV cache holds.
     pub max_seq_len: usize,
+    /// Offloaded layers the host CPU computes instead of streaming (hybrid decoding), spread
+    /// among them by `plan::host_computed`.
+    #[serde(default)]
+    pub cpu_layers: usize,
 }
 
 impl Default for EngineOptions {
@@ -74,6 +79,7 @@ impl Default for EngineOptions {
             prefetch_depth: memory::DEFAULT_STREAM_SLOTS - 1,
             pin_memory: true,
             max_seq_len: 4096,
+            cpu_layers: 0,
         }
     }
 }
@@ -91,6 +97,8 @@ pub struct Engine {
     /// The embedding's float8 scale, read from the file with its rows.
     embed_scale: Option<TensorInfo>,
     rope: Rope,
+    /// For the layers the host CPU computes (hybrid decoding), when there are any.
+    host: Option<HostCompute>,
     streamer: LayerStreamer,
     /// The sequences kept: lane 0 is the one `forward`, `forward_batch` and `queue_greedy`
     /// extend; more come from [`Engine::add_lane`].
@@ -101,6 +109,13 @@ pub struct Engine {
     watch: Watch,
     /// Inside [`Engine::time_queued`]: the watch is read after the timed work, not in it.
     watch_deferred: bool,
+}
+
+/// What the layers the host CPU computes use besides their weights: the rotary tables and a
+/// watch in f32 on the CPU.
+struct HostCompute {
+    rope: Rope,
+    watch: Watch,
 }
 
 /// Device bytes of the engine's weights and slots, by the planner's terms.
@@ -275,43 +290,50 @@ impl Engine {
         let mut batched = stepping.then(|| Tensor::cat(&xs, 0)).transpose()?;
         for i in 0..config.num_hidden_layers {
             let weights = self.streamer.acquire(i)?;
-            if let Some(x) = &mut batched {
-                let mut lanes: Vec<Option<&mut Lane>> = self.lanes.iter_mut().map(Some).collect();
-                let mut caches = Vec::with_capacity(inputs.len());
-                let mut offsets = Vec::with_capacity(inputs.len());
-                for (lane, _, _) in &inputs {
-                    let lane = lanes[*lane].take().expect("lanes are distinct");
-                    offsets.push(lane.position);
-                    caches.push(&mut lane.caches[i]);
-                }
-                *x = model::decoder_layer_lanes(
-                    config,
-                    &weights,
-                    x,
-                    &self.rope,
-                    &mut caches,
-                    &offsets,
-                    (&self.watch, i),
-                )
-                .with_context(|| format!("decoder layer {i}"))?;
-            } else {
-                for (lane, x, mask) in inputs.iter_mut() {
-                    let lane = &mut self.lanes[*lane];
-                    let at = model::At {
-                        offset: lane.position,
-                        mask: mask.as_ref(),
-                        watch: &self.watch,
-                        layer: i,
+            match (&self.host, self.streamer.on_host(i)) {
+                (Some(host), true) => {
+                    // Hybrid decoding: the hidden states go to the host, through the layer
+                    // in f32 there, and back; the streamer's copies run on meanwhile.
+                    let to_host = |x: &Tensor| x.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+                    let mut host_batched = batched.as_ref().map(to_host).transpose()?;
+                    let mut host_inputs = inputs
+                        .iter()
+                        .map(|(lane, x, mask)| {
+                            let mask = mask.as_ref().map(to_host).transpose()?;
+                            Ok((*lane, to_host(x)?, mask))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let at = (&host.rope, &host.watch);
+                    let stepped = match &mut host_batched {
+                        Some(x) => step_lanes(config, &weights, i, x, &inputs, &mut self.lanes, at),
+                        None => {
+                            step_each(config, &weights, i, &mut host_inputs, &mut self.lanes, at)
+                        }
                     };
-                    *x = model::decoder_layer(
-                        config,
-                        &weights,
-                        x,
-                        &self.rope,
-                        &mut lane.caches[i],
-                        at,
-                    )
-                    .with_context(|| format!("decoder layer {i}"))?;
+                    // The host watch was written synchronously: look at it now.
+                    let looked = match &mut self.host {
+                        Some(h) => h.watch.take(),
+                        None => Ok(()),
+                    };
+                    stepped.and(looked)?;
+                    let back = |x: &Tensor| x.to_dtype(self.dtype)?.to_device(&self.device);
+                    if let (Some(x), Some(h)) = (&mut batched, &host_batched) {
+                        *x = back(h)?;
+                    }
+                    if host_batched.is_none() {
+                        for ((_, x, _), (_, h, _)) in inputs.iter_mut().zip(&host_inputs) {
+                            *x = back(h)?;
+                        }
+                    }
+                }
+                _ => {
+                    let at = (&self.rope, &self.watch);
+                    match &mut batched {
+                        Some(x) => {
+                            step_lanes(config, &weights, i, x, &inputs, &mut self.lanes, at)?
+                        }
+                        None => step_each(config, &weights, i, &mut inputs, &mut self.lanes, at)?,
+                    }
                 }
             }
             drop(weights);
@@ -543,7 +565,7 @@ impl Engine {
 
     /// Device bytes the KV cache holds now (allocated at full length on first use).
     pub fn kv_cache_bytes(&self) -> u64 {
-        self.lanes.iter().map(Lane::bytes).sum()
+        self.lanes.iter().map(|l| l.bytes_on(&self.device)).sum()
     }
 
     /// Token embeddings stay in the mapped file: only the rows of `ids` go to the device.
@@ -581,6 +603,54 @@ impl Engine {
         let scale = self.embed_scale.as_ref().map(rows).transpose()?;
         Ok(dequantize(&embedding, scale.as_ref(), self.dtype)?.reshape((b, t, hidden))?)
     }
+}
+
+/// Layer `i` for one token of each of several lanes, batched as `x` (`[lanes, 1, hidden]`),
+/// the lanes named by `inputs`; `x` becomes the layer's output.
+fn step_lanes(
+    config: &crate::arch::config::ModelConfig,
+    weights: &weights::LayerWeights,
+    i: usize,
+    x: &mut Tensor,
+    inputs: &[(LaneId, Tensor, Option<Tensor>)],
+    lanes: &mut [Lane],
+    (rope, watch): (&Rope, &Watch),
+) -> Result<()> {
+    let mut free: Vec<Option<&mut Lane>> = lanes.iter_mut().map(Some).collect();
+    let mut caches = Vec::with_capacity(inputs.len());
+    let mut offsets = Vec::with_capacity(inputs.len());
+    for (lane, _, _) in inputs {
+        let lane = free[*lane].take().expect("lanes are distinct");
+        offsets.push(lane.position);
+        caches.push(&mut lane.caches[i]);
+    }
+    *x = model::decoder_layer_lanes(config, weights, x, rope, &mut caches, &offsets, (watch, i))
+        .with_context(|| format!("decoder layer {i}"))?;
+    Ok(())
+}
+
+/// Layer `i` for each lane's chunk in turn (any number of tokens, with its mask); each input
+/// becomes the layer's output.
+fn step_each(
+    config: &crate::arch::config::ModelConfig,
+    weights: &weights::LayerWeights,
+    i: usize,
+    inputs: &mut [(LaneId, Tensor, Option<Tensor>)],
+    lanes: &mut [Lane],
+    (rope, watch): (&Rope, &Watch),
+) -> Result<()> {
+    for (lane, x, mask) in inputs.iter_mut() {
+        let lane = &mut lanes[*lane];
+        let at = model::At {
+            offset: lane.position,
+            mask: mask.as_ref(),
+            watch,
+            layer: i,
+        };
+        *x = model::decoder_layer(config, weights, x, rope, &mut lane.caches[i], at)
+            .with_context(|| format!("decoder layer {i}"))?;
+    }
+    Ok(())
 }
 
 /// Writes hidden states and logits as safetensors to `path` (through a temporary file).

@@ -75,6 +75,8 @@ pub enum Residency {
     Resident(Box<LayerWeights>),
     /// In host memory: index into the host layers.
     Streamed(usize),
+    /// In host memory, computed there by the CPU (hybrid decoding): never copied.
+    Host(Box<LayerWeights>),
 }
 
 /// Timings of one copy, for the statistics.
@@ -106,6 +108,9 @@ pub struct TransferStats {
     pub gpu_layers: usize,
     /// Layers streamed from host memory.
     pub cpu_layers: usize,
+    /// Layers the host CPU computes (never copied).
+    #[serde(default)]
+    pub cpu_compute_layers: usize,
     /// Layer copies (host to device).
     pub total_transfers: u64,
     /// Bytes copied.
@@ -285,10 +290,15 @@ impl LayerStreamer {
         self.slots.upload(slot, host)
     }
 
+    /// Whether the host CPU computes layer `layer` (its weights are on the CPU).
+    pub fn on_host(&self, layer: usize) -> bool {
+        matches!(self.layers[layer], Residency::Host(_))
+    }
+
     /// The weights of decoder layer `layer`. Streamed layers must be asked for in order.
     pub fn acquire(&mut self, layer: usize) -> Result<LayerWeights> {
         let index = match &self.layers[layer] {
-            Residency::Resident(w) => return Ok((**w).clone()),
+            Residency::Resident(w) | Residency::Host(w) => return Ok((**w).clone()),
             Residency::Streamed(i) => *i,
         };
         let u = self.next_use;
@@ -376,9 +386,11 @@ impl LayerStreamer {
         let total_transfers = self.timings.len() as u64;
         let total_bytes: u64 = self.timings.iter().map(|t| t.bytes).sum();
         let total_ms: f64 = self.timings.iter().map(|t| t.copy_ms).sum();
+        let count = |f: fn(&Residency) -> bool| self.layers.iter().filter(|r| f(r)).count();
         Ok(TransferStats {
-            gpu_layers: self.layers.len() - self.host.len(),
+            gpu_layers: count(|r| matches!(r, Residency::Resident(_))),
             cpu_layers: self.host.len(),
+            cpu_compute_layers: count(|r| matches!(r, Residency::Host(_))),
             total_transfers,
             total_bytes,
             total_transfer_time_ms: total_ms,

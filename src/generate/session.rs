@@ -213,6 +213,7 @@ pub fn run_generation(
         max_seq_len: max_seq_len as u64,
         placement: engine_options.placement,
         stream_slots: engine_options.slots,
+        cpu_layers: engine_options.cpu_layers,
         offload_prediction_head: request.offload_prediction_head,
         ..PlanOptions::default()
     };

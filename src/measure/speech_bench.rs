@@ -186,6 +186,7 @@ pub fn run_speech_bench(
         scope: Scope::Full,
         placement: engine.placement,
         stream_slots: engine.slots,
+        cpu_layers: engine.cpu_layers,
         offload_prediction_head: o.request.offload_prediction_head,
         ..PlanOptions::default()
     };

@@ -46,6 +46,9 @@ pub const LM_HEAD_CHUNK_ROWS: u64 = 16384;
 pub const ACTIVATION_BYTES: u64 = 2;
 /// Bytes per cached key or value element (bf16).
 pub const KV_BYTES: u64 = 2;
+/// Bytes per cached key or value of a layer the host CPU computes (f32, which its attention
+/// reads in place).
+pub const HOST_KV_BYTES: u64 = 4;
 /// Bytes per decoded float8 scale (f32).
 pub const SCALE_BYTES: u64 = 4;
 /// Bytes per attention score and logit (f32, for a stable softmax).

@@ -60,6 +60,26 @@ impl Placement {
     }
 }
 
+/// For each layer, whether the host CPU computes it (hybrid decoding): `cpu_layers` of the
+/// layers `resident` leaves off the GPU, spread evenly among them, so that the copies of the
+/// streamed ones run while the CPU works and the copy engine never idles for long.
+pub fn host_computed(resident: &[bool], cpu_layers: usize) -> Vec<bool> {
+    let offloaded = resident.iter().filter(|&&r| !r).count();
+    let c = cpu_layers.min(offloaded);
+    let mut j = 0;
+    resident
+        .iter()
+        .map(|&r| {
+            if r {
+                return false;
+            }
+            let host = (j + 1) * c / offloaded > j * c / offloaded;
+            j += 1;
+            host
+        })
+        .collect()
+}
+
 /// Planning options other than the layer count.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlanOptions {
@@ -75,6 +95,10 @@ pub struct PlanOptions {
     pub placement: Placement,
     /// GPU slots that offloaded layers stream through.
     pub stream_slots: usize,
+    /// Offloaded layers the host CPU computes instead of streaming them (hybrid decoding):
+    /// their weights and KV caches stay in host memory.
+    #[serde(default)]
+    pub cpu_layers: usize,
 }
 
 impl Default for PlanOptions {
@@ -86,6 +110,7 @@ impl Default for PlanOptions {
             max_seq_len: 4096,
             placement: Placement::Last,
             stream_slots: memory::DEFAULT_STREAM_SLOTS,
+            cpu_layers: 0,
         }
     }
 }
@@ -122,8 +147,11 @@ impl PlanOptions {
 pub struct VramEstimate {
     /// Decoder layers resident on the GPU.
     pub gpu_layers: usize,
-    /// Decoder layers streamed from host memory.
+    /// Decoder layers kept in host memory: streamed, or computed by the CPU.
     pub offloaded_layers: usize,
+    /// Of those, the layers the host CPU computes (never copied; their caches in host memory).
+    #[serde(default)]
+    pub cpu_layers: usize,
     /// CUDA context, cuBLAS workspace, kernels.
     pub cuda_context_bytes: u64,
     /// Final norm, LM head (the embedding when tied), every layer's norm weights and biases
@@ -145,8 +173,11 @@ pub struct VramEstimate {
     pub margin_bytes: u64,
     /// Everything above.
     pub total_bytes: u64,
-    /// Page-locked host memory for the offloaded layers' packed copies.
+    /// Page-locked host memory for the streamed layers' packed copies.
     pub pinned_host_bytes: u64,
+    /// Ordinary host memory for the CPU-computed layers and their KV caches.
+    #[serde(default)]
+    pub host_compute_bytes: u64,
 }
 
 /// Estimates VRAM for keeping `gpu_layers` decoder layers resident.
@@ -163,13 +194,22 @@ pub fn estimate(
         )));
     }
     options.validate()?;
+    if options.cpu_layers > num_layers - gpu_layers {
+        bail!(UsageError::new(format!(
+            "--cpu-layers {} is more than the {} layers {gpu_layers} GPU layers leave offloaded; use 0 to {}",
+            options.cpu_layers,
+            num_layers - gpu_layers,
+            num_layers - gpu_layers
+        )));
+    }
     let resident = options.placement.resident(num_layers, gpu_layers);
+    let host = host_computed(&resident, options.cpu_layers);
     let resident_layers_bytes = (0..num_layers)
         .filter(|&i| resident[i])
         .map(|i| inventory.layer_bytes[i])
         .sum();
     let offloaded_packed: Vec<u64> = (0..num_layers)
-        .filter(|&i| !resident[i])
+        .filter(|&i| !resident[i] && !host[i])
         .map(|i| inventory.packed_layer_bytes[i])
         .collect();
     let (slots, slot_bytes) = memory::stream_slots(options.stream_slots, &offloaded_packed);
@@ -199,8 +239,20 @@ pub fn estimate(
 
     let config = &model.config;
     let sequences = options.sequences();
+    let device_layers = (num_layers - options.cpu_layers) as u64;
     let kv_cache_bytes =
-        memory::kv_cache_bytes(config, sequences, options.max_seq_len, num_layers as u64);
+        memory::kv_cache_bytes(config, sequences, options.max_seq_len, device_layers);
+    let host_kv_bytes = memory::kv_cache_bytes(
+        config,
+        sequences,
+        options.max_seq_len,
+        options.cpu_layers as u64,
+    ) / memory::KV_BYTES
+        * memory::HOST_KV_BYTES;
+    let host_layers_bytes: u64 = (0..num_layers)
+        .filter(|&i| host[i])
+        .map(|i| inventory.layer_bytes[i])
+        .sum();
     let step_tokens = options.max_seq_len.min(memory::PREFILL_CHUNK_TOKENS);
     let working = memory::working_memory(
         config,
@@ -224,6 +276,7 @@ pub fn estimate(
     Ok(VramEstimate {
         gpu_layers,
         offloaded_layers: num_layers - gpu_layers,
+        cpu_layers: options.cpu_layers,
         cuda_context_bytes: memory::CUDA_CONTEXT_BYTES,
         non_layer_weights_bytes,
         resident_layers_bytes,
@@ -234,6 +287,7 @@ pub fn estimate(
         margin_bytes: memory::MARGIN_BYTES,
         total_bytes,
         pinned_host_bytes: offloaded_packed.iter().sum(),
+        host_compute_bytes: host_layers_bytes.saturating_add(host_kv_bytes),
     })
 }
 
@@ -248,7 +302,11 @@ pub fn fit(
     options: &PlanOptions,
     budget_bytes: u64,
 ) -> Result<Option<VramEstimate>> {
-    let num_layers = model.inventory.num_layers();
+    // The CPU computes --cpu-layers of the layers left offloaded: at most this many resident.
+    let num_layers = model
+        .inventory
+        .num_layers()
+        .saturating_sub(options.cpu_layers);
     let all = estimate(model, options, num_layers)?;
     if all.total_bytes <= budget_bytes {
         return Ok(Some(all));
@@ -291,6 +349,77 @@ mod tests {
         assert_eq!(Placement::Last.resident(4, 1), [false, false, false, true]);
         assert_eq!(Placement::First.resident(4, 1), [true, false, false, false]);
         assert_eq!(Placement::Spread.resident(4, 2), [false, true, false, true]);
+    }
+
+    #[test]
+    fn host_layers_spread_among_the_offloaded_ones() {
+        let resident = Placement::Last.resident(8, 2);
+        let host = host_computed(&resident, 3);
+        assert_eq!(
+            host,
+            [false, true, false, true, false, true, false, false],
+            "every other offloaded layer, none resident"
+        );
+        assert_eq!(
+            host_computed(&resident, 6),
+            [true, true, true, true, true, true, false, false]
+        );
+        assert!(host_computed(&resident, 0).iter().all(|&h| !h));
+    }
+
+    #[test]
+    fn host_layers_leave_the_gpu_and_pinned_memory() {
+        let m = seven_b();
+        let o = PlanOptions::default();
+        let streamed = estimate(&m, &o, 8).unwrap();
+        let hybrid = estimate(
+            &m,
+            &PlanOptions {
+                cpu_layers: 12,
+                ..o.clone()
+            },
+            8,
+        )
+        .unwrap();
+        let packed = m.inventory.packed_layer_bytes[0];
+        assert_eq!(
+            streamed.pinned_host_bytes - hybrid.pinned_host_bytes,
+            12 * packed
+        );
+        assert_eq!(hybrid.kv_cache_bytes * 28, streamed.kv_cache_bytes * 16);
+        assert_eq!(hybrid.stream_buffers_bytes, streamed.stream_buffers_bytes);
+        assert_eq!(
+            hybrid.host_compute_bytes,
+            12 * m.inventory.layer_bytes[0] + 2 * streamed.kv_cache_bytes * 12 / 28
+        );
+        // Every offloaded layer on the host: nothing streams, no slots.
+        let all = estimate(
+            &m,
+            &PlanOptions {
+                cpu_layers: 20,
+                ..o.clone()
+            },
+            8,
+        )
+        .unwrap();
+        assert_eq!((all.stream_buffers_bytes, all.pinned_host_bytes), (0, 0));
+        let e = estimate(
+            &m,
+            &PlanOptions {
+                cpu_layers: 21,
+                ..o.clone()
+            },
+            8,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--cpu-layers 21 is more than the 20"),
+            "{e}"
+        );
+        // A fit leaves room for the host's layers.
+        let fit_all = fit(&m, &PlanOptions { cpu_layers: 4, ..o }, u64::MAX).unwrap();
+        assert_eq!(fit_all.map(|e| e.gpu_layers), Some(24));
     }
 
     #[test]

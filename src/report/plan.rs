@@ -121,8 +121,12 @@ impl Render for PlanReport {
             out.push_str(&budget_line(b));
         }
         let e = &self.estimate;
+        let host = match e.cpu_layers {
+            0 => String::new(),
+            n => format!(" (the CPU computes {n} of them)"),
+        };
         out.push_str(&format!(
-            "choice: {} of {} decoder layers on the GPU, {} streamed\n{}\n",
+            "choice: {} of {} decoder layers on the GPU, {} offloaded{host}\n{}\n",
             e.gpu_layers, self.model.layers, e.offloaded_layers, self.reason
         ));
         let w = &e.working;
@@ -139,6 +143,7 @@ impl Render for PlanReport {
             ("margin", e.margin_bytes),
             ("total VRAM", e.total_bytes),
             ("pinned host memory", e.pinned_host_bytes),
+            ("host memory of CPU layers", e.host_compute_bytes),
         ];
         let columns = Columns::<(&str, u64)>::new()
             .left("term", |&(name, _)| name.to_string())

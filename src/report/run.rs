@@ -63,12 +63,12 @@ impl RunReport {
     /// How the engine ran and where load time went, two lines.
     fn engine_lines(&self) -> String {
         let e = &self.engine;
-        let streamed = self.model.layers - e.gpu_layers;
+        let streamed = self.model.layers - e.gpu_layers - e.cpu_layers;
         let p = &self.load_phases;
         format!(
             "scope: the language model alone (`run` loads nothing else; `table` and `auto` plan \
              the whole model unless --lm-only)\n\
-             engine: {} on {}, {} layers resident ({} placement), {} streamed through {} slots, prefetch depth {}, {} host memory\n{}",
+             engine: {} on {}, {} layers resident ({} placement), {}{} streamed through {} slots, prefetch depth {}, {} host memory\n{}",
             match e.device {
                 DeviceChoice::Cpu => "f32",
                 DeviceChoice::Cuda(_) => "bf16",
@@ -76,6 +76,10 @@ impl RunReport {
             self.device,
             e.gpu_layers,
             e.placement,
+            match e.cpu_layers {
+                0 => String::new(),
+                n => format!("{n} computed by the CPU, "),
+            },
             streamed,
             e.slots.min(streamed),
             e.prefetch_depth,

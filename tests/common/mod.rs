@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test crate uses its own part
 
 pub mod cli;
+pub mod tiny;
 
 use std::path::Path;
 use vibeoffload::arch::config::ModelConfig;

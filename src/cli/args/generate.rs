@@ -84,6 +84,11 @@ pub struct GenerateArgs {
     /// the next frame's first layers are copied while the speech components run.
     #[arg(long, default_value_t = DEFAULT_STREAM_SLOTS, help_heading = PLANNING)]
     pub slots: usize,
+    /// Hybrid decoding: the host CPU computes N of the offloaded layers while the others
+    /// stream, so fewer bytes cross PCIe per frame (their weights and KV caches stay in host
+    /// memory).
+    #[arg(long, default_value_t = 0, value_name = "N", help_heading = PLANNING)]
+    pub cpu_layers: usize,
     /// Keep the diffusion (prediction) head off the GPU, saving its VRAM (about 0.67 GB for
     /// 7B in float8): it runs on the CPU in f32, its ten steps per frame far slower there.
     #[arg(long, help_heading = PLANNING)]

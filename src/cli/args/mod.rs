@@ -437,6 +437,11 @@ pub struct PlanArgs {
     /// GPU slots that offloaded layers stream through.
     #[arg(long, default_value_t = DEFAULT_STREAM_SLOTS)]
     pub slots: usize,
+    /// Hybrid decoding: the host CPU computes N of the offloaded layers while the others
+    /// stream, so fewer bytes cross PCIe per token (their weights and KV caches stay in host
+    /// memory).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub cpu_layers: usize,
 }
 
 /// Sizing a text-to-speech plan for a script, as `generate` would run it.

@@ -39,6 +39,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     let plan = PlanOptions {
         scope: Scope::Full,
         stream_slots: a.slots,
+        cpu_layers: a.cpu_layers,
         offload_prediction_head: a.offload_prediction_head,
         ..PlanOptions::default()
     };

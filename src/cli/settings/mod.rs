@@ -361,6 +361,7 @@ fn plan_options(a: &PlanArgs, scope: Scope, offload_prediction_head: bool) -> Re
         max_seq_len: a.max_seq_len.unwrap_or(PlanOptions::default().max_seq_len),
         placement: a.placement.into(),
         stream_slots: a.slots,
+        cpu_layers: a.cpu_layers,
     };
     options.validate()?;
     Ok(options)
@@ -436,6 +437,7 @@ fn engine_options(e: &EngineArgs, plan: &PlanOptions, gpu: &GpuSelector) -> Resu
         },
         pin_memory: !e.no_pin,
         max_seq_len: plan.max_seq_len as usize,
+        cpu_layers: plan.cpu_layers,
     })
 }
 
