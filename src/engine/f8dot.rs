@@ -5,6 +5,8 @@
 //! element `e` into sum `e % LANES`, and add the sums in one fixed order, so a result does not
 //! depend on the machine, the thread count or the path taken.
 
+use rayon::prelude::*;
+
 /// Partial sums per dot product: four AVX2 registers, enough independent additions to keep
 /// the adder busy.
 const LANES: usize = 32;
@@ -29,6 +31,55 @@ pub fn dot_rows(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
         }
         *o = reduce(&acc);
     }
+}
+
+/// `y[o * rows + r] = scale(o) · dot(w row o, xs[r])` for every row `o` of `w` (`[y.len() /
+/// rows, in]`), the output rows spread over the cores: a float8 product of a host-computed
+/// layer, feature-major.
+pub fn matvec(
+    w: &[u8],
+    xs: &[&[f32]],
+    lut: &[f32; 256],
+    scale: impl Fn(usize) -> f32 + Sync,
+    y: &mut [f32],
+) {
+    let rows = xs.len();
+    let n_in = xs.first().map_or(0, |x| x.len());
+    assert_eq!(w.len() * rows, y.len() * n_in, "f8 matvec: shapes disagree");
+    y.par_chunks_mut(rows).enumerate().for_each(|(o, out)| {
+        dot_rows(&w[o * n_in..(o + 1) * n_in], xs, lut, out);
+        let s = scale(o);
+        for v in out.iter_mut() {
+            *v *= s;
+        }
+    });
+}
+
+/// Weight bytes per second, in GB/s, that [`matvec`] reads on this host at `rows` rows: a
+/// matrix of `bytes` (as wide as a 7B layer's inputs) on every core, the best of a few passes
+/// after one to warm up. What hybrid decoding's split is planned with.
+pub fn measure_gbps(rows: usize, bytes: usize) -> f64 {
+    let n_in = 3584;
+    let n_out = (bytes / n_in).max(1);
+    let w: Vec<u8> = (0..n_out * n_in)
+        .map(|i| (i * 73 % 251) as u8 & 0x7e)
+        .collect();
+    let lut: [f32; 256] = std::array::from_fn(|c| crate::dtype::f8e4m3_to_f32(c as u8));
+    let x: Vec<Vec<f32>> = (0..rows.max(1))
+        .map(|r| vec![0.5 + r as f32; n_in])
+        .collect();
+    let xs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
+    let mut y = vec![0f32; n_out * xs.len()];
+    let mut best = f64::INFINITY;
+    for pass in 0..5 {
+        let started = std::time::Instant::now();
+        matvec(&w, &xs, &lut, |_| 1.0, &mut y);
+        if pass > 0 {
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+    }
+    std::hint::black_box(&y);
+    w.len() as f64 / (best * 1e9)
 }
 
 /// The partial sums added in one fixed order (halves, then quarters, ...).

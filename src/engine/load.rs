@@ -337,6 +337,16 @@ impl Engine {
                 Ok(super::HostCompute {
                     rope: Rope::new(&info.config, options.max_seq_len, DType::F32, &Device::Cpu)?,
                     watch: Watch::new(&Device::Cpu)?,
+                    #[cfg(feature = "cuda")]
+                    handoff: match &device {
+                        Device::Cuda(d) => Some(super::cuda::Handoff::new(
+                            d,
+                            memory::PREFILL_CHUNK_TOKENS as usize * info.config.hidden_size,
+                        )?),
+                        _ => None,
+                    },
+                    compute_ms: 0.0,
+                    handoff_ms: 0.0,
                 })
             })
             .transpose()?;

@@ -5,12 +5,11 @@
 //! where its time goes.
 
 use super::dequant::{cpu_activations, cpu_storage, RawTensor};
-use super::f8dot::dot_rows;
+use super::f8dot::matvec;
 use super::ops::{FusedMatVec, MATVEC_MAX_ROWS};
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
 use candle_core::cpu::erf::{erf_f32, erf_f64};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 /// A CPU tensor's values as f32 (f32, bf16) and whether it was bf16.
 fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -86,17 +85,13 @@ impl CustomOp1 for FusedMatVec {
             let scale = seg.scale.as_ref().map(cpu_f32).transpose()?;
             let mut y = vec![0f32; seg.rows * rows];
             let x_rows: Vec<&[f32]> = xs.chunks(n_in).collect();
-            // Feature-major while computing ([segment rows, rows]), then transposed; each
-            // weight row decoded once for every row of x.
-            y.par_chunks_mut(rows).enumerate().for_each(|(o, out)| {
-                let s = scale
+            // Feature-major while computing ([segment rows, rows]), then transposed.
+            let row_scale = |o: usize| {
+                scale
                     .as_ref()
-                    .map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[o] });
-                dot_rows(&w[o * n_in..(o + 1) * n_in], &x_rows, &lut, out);
-                for v in out.iter_mut() {
-                    *v *= s;
-                }
-            });
+                    .map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[o] })
+            };
+            matvec(w, &x_rows, &lut, row_scale, &mut y);
             parts.push(
                 (0..rows * seg.rows)
                     .map(|i| y[(i % seg.rows) * rows + i / seg.rows])

@@ -33,6 +33,7 @@ use streamer::LayerStreamer;
 use watch::{Tag, Watch};
 use weights::Linear;
 
+pub use f8dot::measure_gbps as host_f8_gbps;
 pub use load::{bandwidths, Bandwidths, LoadPhase, LoadProgress, LoadTimings};
 pub use streamer::TransferStats;
 
@@ -112,10 +113,41 @@ pub struct Engine {
 }
 
 /// What the layers the host CPU computes use besides their weights: the rotary tables and a
-/// watch in f32 on the CPU.
+/// watch in f32 on the CPU, the hidden states' way there and back, and where the time went.
 struct HostCompute {
     rope: Rope,
     watch: Watch,
+    /// The GPU's mapped hand-over buffer (a copy would queue behind the streamed layers').
+    #[cfg(feature = "cuda")]
+    handoff: Option<cuda::Handoff>,
+    /// Time in host-computed layers, hand-overs included, since the statistics were reset.
+    compute_ms: f64,
+    /// Of it, handing hidden states over (and waiting for the GPU's work before).
+    handoff_ms: f64,
+}
+
+impl HostCompute {
+    /// `x` as f32 on the CPU, once the device's queued work is done.
+    fn download(&mut self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(h) = &mut self.handoff {
+            if h.takes(x.elem_count()) {
+                return h.download(x);
+            }
+        }
+        Ok(x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    /// `x` back on `device` in `dtype`.
+    fn upload(&mut self, x: &Tensor, device: &Device, dtype: DType) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(h) = &mut self.handoff {
+            if h.takes(x.elem_count()) && dtype == DType::BF16 {
+                return h.upload(x);
+            }
+        }
+        Ok(x.to_dtype(dtype)?.to_device(device)?)
+    }
 }
 
 /// Device bytes of the engine's weights and slots, by the planner's terms.
@@ -279,7 +311,7 @@ impl Engine {
         &mut self,
         mut inputs: Vec<(LaneId, Tensor, Option<Tensor>)>,
     ) -> Result<Vec<Tensor>> {
-        let config = &self.info.config;
+        let config = &self.info.config.clone();
         // One token of each of several lanes: the lanes stay one batch `[lanes, 1, hidden]`
         // from the first layer to the final norm, and their projections run as one.
         let stepping = inputs.len() > 1
@@ -290,43 +322,9 @@ impl Engine {
         let mut batched = stepping.then(|| Tensor::cat(&xs, 0)).transpose()?;
         for i in 0..config.num_hidden_layers {
             let weights = self.streamer.acquire(i)?;
-            match (&self.host, self.streamer.on_host(i)) {
-                (Some(host), true) => {
-                    // Hybrid decoding: the hidden states go to the host, through the layer
-                    // in f32 there, and back; the streamer's copies run on meanwhile.
-                    let to_host = |x: &Tensor| x.to_device(&Device::Cpu)?.to_dtype(DType::F32);
-                    let mut host_batched = batched.as_ref().map(to_host).transpose()?;
-                    let mut host_inputs = inputs
-                        .iter()
-                        .map(|(lane, x, mask)| {
-                            let mask = mask.as_ref().map(to_host).transpose()?;
-                            Ok((*lane, to_host(x)?, mask))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    let at = (&host.rope, &host.watch);
-                    let stepped = match &mut host_batched {
-                        Some(x) => step_lanes(config, &weights, i, x, &inputs, &mut self.lanes, at),
-                        None => {
-                            step_each(config, &weights, i, &mut host_inputs, &mut self.lanes, at)
-                        }
-                    };
-                    // The host watch was written synchronously: look at it now.
-                    let looked = match &mut self.host {
-                        Some(h) => h.watch.take(),
-                        None => Ok(()),
-                    };
-                    stepped.and(looked)?;
-                    let back = |x: &Tensor| x.to_dtype(self.dtype)?.to_device(&self.device);
-                    if let (Some(x), Some(h)) = (&mut batched, &host_batched) {
-                        *x = back(h)?;
-                    }
-                    if host_batched.is_none() {
-                        for ((_, x, _), (_, h, _)) in inputs.iter_mut().zip(&host_inputs) {
-                            *x = back(h)?;
-                        }
-                    }
-                }
-                _ => {
+            match self.host.is_some() && self.streamer.on_host(i) {
+                true => self.host_layer(i, &weights, &mut batched, &mut inputs)?,
+                false => {
                     let at = (&self.rope, &self.watch);
                     match &mut batched {
                         Some(x) => {
@@ -359,6 +357,55 @@ impl Engine {
             outputs.push(out);
         }
         Ok(outputs)
+    }
+
+    /// Layer `i`, which the host CPU computes, for the lanes of a pass: the hidden states go
+    /// to the host, through the layer in f32 there, and back, while the streamer's copies run
+    /// on. Each lane's mask is rebuilt on the CPU.
+    fn host_layer(
+        &mut self,
+        i: usize,
+        weights: &weights::LayerWeights,
+        batched: &mut Option<Tensor>,
+        inputs: &mut [(LaneId, Tensor, Option<Tensor>)],
+    ) -> Result<()> {
+        let config = &self.info.config;
+        let host = self
+            .host
+            .as_mut()
+            .expect("host layers have their host state");
+        let started = std::time::Instant::now();
+        let mut host_batched = batched.as_ref().map(|x| host.download(x)).transpose()?;
+        let mut host_inputs = Vec::with_capacity(inputs.len());
+        if host_batched.is_none() {
+            for (lane, x, mask) in inputs.iter() {
+                let position = self.lanes[*lane].position;
+                let mask = match mask {
+                    Some(_) => Some(model::causal_mask(x.dim(1)?, position, &Device::Cpu)?),
+                    None => None,
+                };
+                host_inputs.push((*lane, host.download(x)?, mask));
+            }
+        }
+        let handed = started.elapsed();
+        let at = (&host.rope, &host.watch);
+        let stepped = match &mut host_batched {
+            Some(x) => step_lanes(config, weights, i, x, inputs, &mut self.lanes, at),
+            None => step_each(config, weights, i, &mut host_inputs, &mut self.lanes, at),
+        };
+        // The host watch was written as the layer ran: look at it now.
+        stepped.and(host.watch.take())?;
+        let computed = started.elapsed();
+        if let (Some(x), Some(h)) = (batched.as_mut(), &host_batched) {
+            *x = host.upload(h, &self.device, self.dtype)?;
+        }
+        for ((_, x, _), (_, h, _)) in inputs.iter_mut().zip(&host_inputs) {
+            *x = host.upload(h, &self.device, self.dtype)?;
+        }
+        let total = started.elapsed();
+        host.compute_ms += total.as_secs_f64() * 1e3;
+        host.handoff_ms += (handed + total - computed).as_secs_f64() * 1e3;
+        Ok(())
     }
 
     /// Adds an empty sequence lane and returns its id. Lanes run together in
@@ -522,13 +569,22 @@ impl Engine {
         }
     }
 
-    /// Transfer statistics so far.
+    /// Transfer statistics so far, with the time in host-computed layers.
     pub fn transfer_stats(&mut self) -> Result<TransferStats> {
-        self.streamer.stats()
+        let mut stats = self.streamer.stats()?;
+        if let Some(h) = &self.host {
+            stats.cpu_compute_ms = h.compute_ms;
+            stats.cpu_handoff_ms = h.handoff_ms;
+        }
+        Ok(stats)
     }
 
     /// Forgets the transfer statistics (after a warm-up).
     pub fn reset_stats(&mut self) -> Result<()> {
+        if let Some(h) = &mut self.host {
+            h.compute_ms = 0.0;
+            h.handoff_ms = 0.0;
+        }
         self.streamer.reset_stats()
     }
 

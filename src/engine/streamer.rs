@@ -111,6 +111,13 @@ pub struct TransferStats {
     /// Layers the host CPU computes (never copied).
     #[serde(default)]
     pub cpu_compute_layers: usize,
+    /// Time in host-computed layers, hand-overs included (the host waits for the GPU's
+    /// queued work at each).
+    #[serde(default)]
+    pub cpu_compute_ms: f64,
+    /// Of it, handing the hidden states over and back.
+    #[serde(default)]
+    pub cpu_handoff_ms: f64,
     /// Layer copies (host to device).
     pub total_transfers: u64,
     /// Bytes copied.
@@ -391,6 +398,8 @@ impl LayerStreamer {
             gpu_layers: count(|r| matches!(r, Residency::Resident(_))),
             cpu_layers: self.host.len(),
             cpu_compute_layers: count(|r| matches!(r, Residency::Host(_))),
+            cpu_compute_ms: 0.0,
+            cpu_handoff_ms: 0.0,
             total_transfers,
             total_bytes,
             total_transfer_time_ms: total_ms,

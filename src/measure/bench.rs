@@ -18,6 +18,13 @@ use serde::{Deserialize, Serialize};
 pub struct BenchRow {
     /// Decoder layers resident.
     pub gpu_layers: usize,
+    /// Offloaded layers the host CPU computed (hybrid decoding).
+    pub cpu_layers: usize,
+    /// Decode time per step that `plan::speed` predicted for this split from the rates
+    /// measured at the start (GPU only).
+    pub predicted_ms_per_token: Option<f64>,
+    /// Time per step in the host-computed layers, their hand-overs included.
+    pub cpu_compute_ms_per_token: Option<f64>,
     /// Load time.
     pub load_ms: f64,
     /// Where load time went.
@@ -88,6 +95,10 @@ pub struct BenchReport {
     pub pinned_gbps: Option<f64>,
     /// Device-memory bandwidth (device-to-device copies) measured at the start (GPU only).
     pub device_gbps: Option<f64>,
+    /// Weight bytes per second of the host CPU's float8 products at the bench's batch,
+    /// measured at the start with the device's bandwidths (GPU only).
+    #[serde(default)]
+    pub host_f8_gbps: Option<f64>,
     /// Prompt tokens (test-speed pass and decode prefill).
     pub prompt_len: usize,
     /// Tokens decoded per configuration.
@@ -126,6 +137,10 @@ pub struct BenchOptions {
     pub plan: PlanOptions,
     /// Layer counts, in the order measured.
     pub layer_counts: Vec<usize>,
+    /// Each layer count's CPU-computed layers chosen as `plan::speed` predicts fastest
+    /// (`--cpu-layers auto`), instead of `plan.cpu_layers` (at most the layers it leaves
+    /// offloaded).
+    pub auto_cpu_layers: bool,
     /// Prompt and generation lengths, timed passes.
     pub workload: Workload,
 }
@@ -152,6 +167,8 @@ pub fn run_bench(
     let bandwidths = engine::bandwidths(o.engine.device)?;
     let pinned_gbps = bandwidths.map(|b| b.pinned_gbps);
     let device_gbps = bandwidths.map(|b| b.device_gbps);
+    let rates = bandwidths.map(|b| super::decode_rates(&b, o.plan.batch as usize));
+    let depth = o.engine.prefetch_depth;
     let first = model.open()?;
     let summary = ModelSummary::of(&first);
     let w = &o.workload;
@@ -166,6 +183,7 @@ pub fn run_bench(
         device,
         pinned_gbps,
         device_gbps,
+        host_f8_gbps: rates.map(|r| r.cpu_gbps),
         prompt_len: w.prompt_len,
         gen_tokens: w.gen_tokens,
         batch: o.plan.batch as usize,
@@ -175,12 +193,26 @@ pub fn run_bench(
     for (done, &n) in o.layer_counts.iter().enumerate() {
         progress(done, format!("{n} GPU layers: loading"));
         let info = model.open()?;
-        let estimate = plan::estimate(&info, &o.plan, n)?;
+        let offloaded = info.inventory.num_layers().saturating_sub(n);
+        let cpu_layers = match (o.auto_cpu_layers, &rates) {
+            (true, Some(r)) => plan::speed::best_cpu_layers(&info, &o.plan, n, depth, r).0,
+            (true, None) => 0,
+            (false, _) => o.plan.cpu_layers.min(offloaded),
+        };
+        let row_plan = PlanOptions {
+            cpu_layers,
+            ..o.plan.clone()
+        };
+        let predicted_ms_per_token = rates
+            .as_ref()
+            .map(|r| plan::speed::predict(&info, &row_plan, n, depth, r));
+        let estimate = plan::estimate(&info, &row_plan, n)?;
         let weight_read_bytes = estimate.resident_layers_bytes
             + estimate.pinned_host_bytes
             + estimate.non_layer_weights_bytes;
         let options = EngineOptions {
             gpu_layers: n,
+            cpu_layers,
             ..o.engine.clone()
         };
         let (mut engine, load_ms) = load(info, &options, |_| {})?;
@@ -202,8 +234,12 @@ pub fn run_bench(
         }
         drop(engine);
         let measured_peak_bytes = taken_bytes(baseline, peak);
+        let steps = (w.gen_tokens.max(2) - 1) as f64;
         report.rows.push(BenchRow {
             gpu_layers: n,
+            cpu_layers,
+            predicted_ms_per_token,
+            cpu_compute_ms_per_token: (cpu_layers > 0).then(|| dec.transfer.cpu_compute_ms / steps),
             load_ms,
             load_phases,
             test_speed_ms: speed.avg_ms,
@@ -293,6 +329,7 @@ mod tests {
                 ..PlanOptions::default()
             },
             layer_counts: vec![8, 2],
+            auto_cpu_layers: false,
             workload,
         };
         let mut seen = Vec::new();

@@ -258,6 +258,7 @@ mod tests {
             device: "cpu".into(),
             pinned_gbps: None,
             device_gbps: None,
+            host_f8_gbps: None,
             prompt_len: 1,
             gen_tokens: 1,
             batch: 1,

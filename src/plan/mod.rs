@@ -5,6 +5,7 @@
 pub mod budget;
 pub mod memory;
 pub mod presets;
+pub mod speed;
 
 use crate::arch::vibevoice::Component;
 use crate::checkpoint::inventory::Part;

@@ -48,6 +48,30 @@ impl Render for BenchReport {
             "prefill (test-speed pass), VRAM and load time\n{}\n",
             prefill.table(&self.rows)
         ));
+        if self.rows.iter().any(|r| r.cpu_layers > 0) {
+            let hybrid = Columns::<BenchRow>::new()
+                .right("GPU layers", |r| r.gpu_layers.to_string())
+                .right("CPU layers", |r| r.cpu_layers.to_string())
+                .right("streamed", |r| {
+                    (self.model.layers - r.gpu_layers - r.cpu_layers).to_string()
+                })
+                .right("ms/token", |r| format!("{:.2}", r.decode_ms_per_token))
+                .right("predicted", |r| or_dash(r.predicted_ms_per_token, 2))
+                .right("error %", |r| {
+                    or_dash(
+                        r.predicted_ms_per_token
+                            .map(|p| 100.0 * (p / r.decode_ms_per_token - 1.0)),
+                        1,
+                    )
+                })
+                .right("CPU ms/token", |r| or_dash(r.cpu_compute_ms_per_token, 2));
+            out.push_str(&format!(
+                "hybrid decoding (host CPU float8 products: {})\n{}\n",
+                self.host_f8_gbps
+                    .map_or("not measured".into(), |g| format!("{g:.0} GB/s")),
+                hybrid.table(&self.rows)
+            ));
+        }
         if let Some(c) = &self.comparison {
             out.push_str(&c.render());
         }

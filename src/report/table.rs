@@ -66,8 +66,10 @@ impl TableReport {
         target_utilization: f64,
     ) -> Result<TableReport> {
         let num_layers = model.inventory.num_layers();
+        // Counts that leave fewer offloaded layers than the CPU is to compute are no choice.
         let rows = layer_counts
             .iter()
+            .filter(|&&n| n + options.cpu_layers <= num_layers)
             .map(|&n| {
                 let estimate = plan::estimate(model, options, n)?;
                 Ok(TableRow {

@@ -86,9 +86,10 @@ pub struct GenerateArgs {
     pub slots: usize,
     /// Hybrid decoding: the host CPU computes N of the offloaded layers while the others
     /// stream, so fewer bytes cross PCIe per frame (their weights and KV caches stay in host
-    /// memory).
-    #[arg(long, default_value_t = 0, value_name = "N", help_heading = PLANNING)]
-    pub cpu_layers: usize,
+    /// memory). `auto` measures this machine's PCIe, GPU and CPU and takes the split predicted
+    /// fastest for the CFG pair.
+    #[arg(long, default_value = "0", value_name = "N|auto", help_heading = PLANNING)]
+    pub cpu_layers: super::CpuLayersArg,
     /// Keep the diffusion (prediction) head off the GPU, saving its VRAM (about 0.67 GB for
     /// 7B in float8): it runs on the CPU in f32, its ten steps per frame far slower there.
     #[arg(long, help_heading = PLANNING)]

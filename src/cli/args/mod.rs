@@ -439,9 +439,31 @@ pub struct PlanArgs {
     pub slots: usize,
     /// Hybrid decoding: the host CPU computes N of the offloaded layers while the others
     /// stream, so fewer bytes cross PCIe per token (their weights and KV caches stay in host
-    /// memory).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub cpu_layers: usize,
+    /// memory). `auto` (run, generate, bench) measures this machine's PCIe, GPU and CPU and
+    /// takes the split predicted fastest.
+    #[arg(long, default_value = "0", value_name = "N|auto")]
+    pub cpu_layers: CpuLayersArg,
+}
+
+/// `--cpu-layers`: a count, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuLayersArg {
+    Count(usize),
+    Auto,
+}
+
+impl std::str::FromStr for CpuLayersArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(CpuLayersArg::Auto),
+            n => n
+                .parse()
+                .map(CpuLayersArg::Count)
+                .map_err(|_| format!("`{n}` is neither a layer count nor `auto`")),
+        }
+    }
 }
 
 /// Sizing a text-to-speech plan for a script, as `generate` would run it.

@@ -59,6 +59,7 @@ impl BenchSettings {
                 engine,
                 plan,
                 layer_counts,
+                auto_cpu_layers: a.plan.cpu_layers == CpuLayersArg::Auto,
                 workload,
             },
             model,
@@ -121,6 +122,7 @@ impl SpeechBenchSettings {
             );
         }
         let layer_counts = layer_counts(a.layers.as_deref(), &info)?;
+        refuse_auto_cpu_layers(&a.plan)?;
         let plan = plan_options(&a.plan, Scope::Full, s.offload_prediction_head)?;
         let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
         let (out, scratch) = match &s.out {

@@ -36,10 +36,13 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
     refuse_unused_gpu(&a.engine, &a.gpu, false)?;
     refuse_gpu_speech_flags(&a.engine, a.no_cuda_graphs, a.offload_prediction_head)?;
     let info = model.open()?;
-    let plan = PlanOptions {
+    let mut plan = PlanOptions {
         scope: Scope::Full,
         stream_slots: a.slots,
-        cpu_layers: a.cpu_layers,
+        cpu_layers: match a.cpu_layers {
+            CpuLayersArg::Count(n) => n,
+            CpuLayersArg::Auto => 0,
+        },
         offload_prediction_head: a.offload_prediction_head,
         ..PlanOptions::default()
     };
@@ -53,8 +56,11 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
         }
         None => budget.required()?.largest_fit(&info, &plan)?.gpu_layers,
     };
+    // The positive and negative passes decode as one batch of two.
+    plan.cpu_layers = resolve_cpu_layers(a.cpu_layers, &info, &plan, &engine, gpu_layers, 2)?;
     let engine = EngineOptions {
         gpu_layers,
+        cpu_layers: plan.cpu_layers,
         ..engine
     };
     progress::setting("engine", &engine);

@@ -10,9 +10,9 @@ pub use generate::generate_request;
 pub use write::{convert_precision, synth_spec};
 
 use super::args::{
-    BenchArgs, BudgetArgs, BuiltinArg, CheckpointArgs, ChoiceArgs, ConventionArg, DeviceArg,
-    DtypeArg, EngineArgs, GenerateArgs, GpuArgs, LegacyArgs, ModelArgs, PlacementArg, PlanArgs,
-    PlanningArgs, RunArgs, ScaleArg, SizeArg, SynthArgs, TimingArgs, VoiceLatentsArg,
+    BenchArgs, BudgetArgs, BuiltinArg, CheckpointArgs, ChoiceArgs, ConventionArg, CpuLayersArg,
+    DeviceArg, DtypeArg, EngineArgs, GenerateArgs, GpuArgs, LegacyArgs, ModelArgs, PlacementArg,
+    PlanArgs, PlanningArgs, RunArgs, ScaleArg, SizeArg, SynthArgs, TimingArgs, VoiceLatentsArg,
 };
 use super::args::{ConvertArgs, ConvertPrecisionArg};
 use super::progress;
@@ -28,7 +28,7 @@ use vibeoffload::generate::{LoadOptions, Request, VoiceLatents};
 use vibeoffload::gpu::GpuSelector;
 use vibeoffload::measure::{BenchOptions, BenchReport, Mode, ModelFile, SessionOptions, Workload};
 use vibeoffload::plan::budget::{Budget, Choice};
-use vibeoffload::plan::{memory, presets, Placement, PlanOptions, Scope};
+use vibeoffload::plan::{self, memory, presets, Placement, PlanOptions, Scope};
 use vibeoffload::text::prompt;
 use vibeoffload::{gpu, UsageError};
 
@@ -51,6 +51,7 @@ impl Planning {
             Scope::Full
         };
         let model = model_info(&a.model)?;
+        refuse_auto_cpu_layers(&a.plan)?;
         let mut options = plan_options(&a.plan, scope, a.scope.offload_prediction_head)?;
         if let Some(path) = &a.script.script {
             options.max_seq_len = script_positions(&model, path, &a.script.voices)?;
@@ -178,7 +179,7 @@ impl RunSettings {
         }
         // On the CPU, auto keeps every layer (or fits --vram): no GPU is read.
         refuse_unused_gpu(&a.engine, &a.gpu, false)?;
-        let plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
+        let mut plan = plan_options(&a.plan, Scope::LanguageModel, false)?;
         let workload = workload(&a.timing)?;
         if a.input_ids.is_none() {
             check_cache_room(&workload, !a.test_speed, plan.max_seq_len)?;
@@ -223,8 +224,12 @@ impl RunSettings {
             None => Mode::Decode,
         };
         progress::setting("layer choice", &choice);
+        let batch = plan.batch as usize;
+        plan.cpu_layers =
+            resolve_cpu_layers(a.plan.cpu_layers, &info, &plan, &engine, gpu_layers, batch)?;
         let engine = EngineOptions {
             gpu_layers,
+            cpu_layers: plan.cpu_layers,
             ..engine
         };
         show_run("engine", &engine, &plan, &workload);
@@ -267,6 +272,7 @@ pub const DEFAULT_MODEL_DIR: &str = "models/converted";
 /// The original's flag form with a checkpoint: load the whole model, as planned in the
 /// whole-model scope, and report.
 pub fn load_options(a: &LegacyArgs, model: &ModelFile) -> Result<LoadOptions> {
+    refuse_auto_cpu_layers(&a.planning.plan)?;
     let plan = plan_options(&a.planning.plan, Scope::Full, false)?;
     let test_speed = a.test_speed.then(|| workload(&a.timing)).transpose()?;
     if let Some(w) = &test_speed {
@@ -361,10 +367,51 @@ fn plan_options(a: &PlanArgs, scope: Scope, offload_prediction_head: bool) -> Re
         max_seq_len: a.max_seq_len.unwrap_or(PlanOptions::default().max_seq_len),
         placement: a.placement.into(),
         stream_slots: a.slots,
-        cpu_layers: a.cpu_layers,
+        cpu_layers: match a.cpu_layers {
+            CpuLayersArg::Count(n) => n,
+            // Resolved, by measuring, once the resident layers are known.
+            CpuLayersArg::Auto => 0,
+        },
     };
     options.validate()?;
     Ok(options)
+}
+
+/// `--cpu-layers auto` measures this machine, which a plan alone does not.
+fn refuse_auto_cpu_layers(a: &PlanArgs) -> Result<()> {
+    if a.cpu_layers == CpuLayersArg::Auto {
+        bail!(UsageError::new(
+            "--cpu-layers auto measures this machine's PCIe, GPU and CPU: run, generate and bench take it; give a count here"
+        ));
+    }
+    Ok(())
+}
+
+/// The CPU-computed layer count `arg` says for a run of `gpu_layers` resident layers: a count
+/// as given; `auto` the split predicted fastest from this machine's rates (measured now, at
+/// `batch` rows), 0 on the CPU, where the host computes every layer anyway.
+fn resolve_cpu_layers(
+    arg: CpuLayersArg,
+    info: &ModelInfo,
+    plan: &PlanOptions,
+    engine: &EngineOptions,
+    gpu_layers: usize,
+    batch: usize,
+) -> Result<usize> {
+    let CpuLayersArg::Count(n) = arg else {
+        let Some(bandwidths) = vibeoffload::engine::bandwidths(engine.device)? else {
+            return Ok(0);
+        };
+        let rates = vibeoffload::measure::decode_rates(&bandwidths, batch);
+        let depth = engine.prefetch_depth;
+        let (c, ms) = plan::speed::best_cpu_layers(info, plan, gpu_layers, depth, &rates);
+        progress::note(format!(
+            "--cpu-layers auto: {c} (predicted {ms:.1} ms per step; host float8 products {:.0} GB/s, pinned copies {:.0} GB/s)",
+            rates.cpu_gbps, rates.pinned_gbps
+        ));
+        return Ok(c);
+    };
+    Ok(n)
 }
 
 /// `--gpu` names the card that runs the model and whose free memory a plan reads: with

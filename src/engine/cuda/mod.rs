@@ -6,12 +6,14 @@
 //! bandwidth and queued-time measurements `bench` reports (`timing`).
 
 pub mod graph;
+mod handoff;
 mod launch;
 mod ops;
 mod slots;
 mod speech;
 mod timing;
 
+pub use handoff::Handoff;
 pub use ops::{decode_attention, dequantize, fused_matvec, store_kv, watch};
 pub use slots::{CudaSlots, PinnedBytes};
 pub use speech::{channel_bias, channel_norm, channel_residual, depthwise_mixer, dpm_step};
@@ -69,8 +71,9 @@ macro_rules! kernel_source {
 
 /// Decodes float8 E4M3, bf16, f16 or f32 bytes to f32 or bf16, times an optional scale
 /// (scalar, per row, or per row and column block), one thread per element; the watch kernels;
-/// and the kernel that holds a stream for [`QueuedTimer`].
-const DEQUANT_SOURCE: &str = kernel_source!("dequant.cu", "hold.cu");
+/// the kernel that holds a stream for [`QueuedTimer`]; and hybrid decoding's hand-over kernels
+/// ([`Handoff`]).
+const DEQUANT_SOURCE: &str = kernel_source!("dequant.cu", "hold.cu", "handoff.cu");
 
 /// The decode path's kernels, compiled for the device's architecture: the float8
 /// matrix-vector kernel on tensor cores (sm_80 and newer; `matvec.cu` says how it works),

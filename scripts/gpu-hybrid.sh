@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Hybrid decoding on the lent GPU machine (see scripts/gpu-env.sh for what it needs): the GPU
+# tests, then `bench` decode of the synthesized 7B at each resident-layer count and --cpu-layers
+# split given, a line per run (ms/token, the CPU's share, prediction where the build makes one),
+# all in one call so the splits are compared on one host.
+#
+# Usage: scripts/gpu-hybrid.sh
+# Env: SPLITS (default "8:0 8:8 8:10 8:12 8:14 0:0 0:14 0:16 0:18"; N:C = N resident layers, C on
+#      the CPU), BATCH2_SPLITS (default "8:0 8:12"; the CFG pair), GEN (tokens, default 16),
+#      SKIP_TESTS=1. The bench JSON go to $OUT/hybrid.tgz.
+source "$(dirname "$0")/gpu-env.sh"
+lscpu | grep -E "^Model name|^CPU\(s\)|^Thread|^NUMA node\(s\)" || :
+if [[ -z ${SKIP_TESTS:-} ]]; then run_gpu_tests; fi
+mkdir -p /tmp/hy
+measure() {
+  local batch=$1 spec=$2 n c json
+  n=${spec%%:*}
+  c=${spec##*:}
+  json=/tmp/hy/b$batch-n$n-c$c.json
+  "$bin" bench --device cuda --model-path "$model" --layers "$n" --cpu-layers "$c" --batch "$batch" \
+    --runs 2 --gen-tokens "${GEN:-16}" --json-out "$json" > /tmp/hy.log 2>&1 ||
+    { tail -3 /tmp/hy.log; fail "bench N=$n C=$c batch $batch"; return; }
+  python3 - "$json" "$n" "$c" "$batch" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+row = r['rows'][0]
+pred = row.get('predicted_ms_per_token')
+print(f"batch {sys.argv[4]}  N={sys.argv[2]:>2} C={sys.argv[3]:>2}: decode {row['decode_ms_per_token']:7.2f} ms/token"
+      f" (runs {', '.join(f'{x:.2f}' for x in row['decode_runs_ms_per_token'])}),"
+      f" copies {row['streamed_bytes_per_token'] / 1e9:.2f} GB/token at {row['achieved_gbps']:.1f} GB/s,"
+      f" ttft {row['ttft_ms']:.0f} ms, test-speed {row['test_speed_ms']:.0f} ms"
+      + (f", predicted {pred:.2f} ({100 * (pred / row['decode_ms_per_token'] - 1):+.1f}%)" if pred else ""))
+PY
+}
+for spec in ${SPLITS:-8:0 8:8 8:10 8:12 8:14 0:0 0:14 0:16 0:18}; do measure 1 "$spec"; done
+for spec in ${BATCH2_SPLITS:-8:0 8:12}; do measure 2 "$spec"; done
+tar czf "$out/hybrid.tgz" -C /tmp hy
+finish
