@@ -761,8 +761,9 @@ fn run_works_without_a_model_file() {
     );
     assert!(d.ms_per_token > 0.0 && d.ttft_ms > 0.0);
     assert_eq!((r.engine.gpu_layers, r.model.layers), (4, 8));
-    // 4 streamed layers through 2 slots: every layer of every timed pass is copied.
-    assert!(d.transfer.total_transfers >= 3 * 4, "{:?}", d.transfer);
+    // 4 streamed layers through 2 slots: every layer of both timed steps after the first
+    // token is copied (the prefill's copies are the time to first token's).
+    assert!(d.transfer.total_transfers >= 2 * 4, "{:?}", d.transfer);
     assert_eq!(d.transfer.per_layer.len(), 4);
 }
 

@@ -481,6 +481,34 @@ fn massive_activations_match_a_float64_reference_on_the_gpu() {
     }
 }
 
+/// A CPU-computed layer's prefill runs on the GPU: its hidden states equal a streamed layer's,
+/// bit for bit, for a first chunk and for one after it (earlier keys and values taken up from
+/// the host cache and the new ones written back); single-token steps run on the CPU.
+#[test]
+fn host_layers_prefill_as_streamed_ones_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain);
+    let ids: Vec<u32> = (0..20).map(|i| (i * 37 + 1) % 512).collect();
+    let mut streamed = hybrid_engine(&path, 1, 0);
+    let mut hybrid = hybrid_engine(&path, 1, 4);
+    for chunk in [&ids[..], &ids[3..15]] {
+        let want = bits(&streamed.forward(chunk).unwrap());
+        assert!(bits(&hybrid.forward(chunk).unwrap()) == want);
+    }
+    let step = host_f32(&hybrid.forward(&[7]).unwrap());
+    let want = host_f32(&streamed.forward(&[7]).unwrap());
+    let worst = step
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 0.05,
+        "a step through the CPU's layers: worst relative {worst}"
+    );
+    assert_eq!(hybrid.transfer_stats().unwrap().cpu_compute_layers, 4);
+}
+
 /// The fused kernel on inputs past float16's range (1e5 among small values), 1, 3 and 8 rows,
 /// plain and RMS-normalised, against the CPU.
 #[test]

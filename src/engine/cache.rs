@@ -203,6 +203,31 @@ impl KvCache {
         Ok((part(0)?, part(1)?))
     }
 
+    /// Keys and values of positions `from..to`, `[2, b, kv_heads, to - from, d]`, as stored.
+    pub fn positions(&self, from: usize, to: usize) -> Result<Tensor> {
+        match &self.buffer {
+            Some(b) => b.narrow(3, from, to - from)?.contiguous(),
+            None => candle_core::bail!("the KV cache holds no positions yet"),
+        }
+    }
+
+    /// Writes `rows` (`[2, b, kv_heads, t, d]` of keys and values, the buffer's dtype once it
+    /// has one) at position `at`, allocating the buffer on `rows`' device first if needed.
+    pub fn write_positions(&mut self, rows: &Tensor, at: usize) -> Result<()> {
+        let b = rows.dim(1)?;
+        let shape =
+            candle_core::Shape::from(&memory::kv_cache_shape(&self.config, b, self.max_len));
+        let buffer = match &self.buffer {
+            Some(buf) if buf.shape() == &shape => buf.clone(),
+            _ => {
+                let buf = Tensor::zeros(shape, rows.dtype(), rows.device())?;
+                self.buffer = Some(buf.clone());
+                buf
+            }
+        };
+        buffer.slice_set(&rows.to_dtype(buffer.dtype())?.contiguous()?, 3, at)
+    }
+
     /// Device bytes the buffer takes (0 before first use).
     pub fn bytes(&self) -> u64 {
         self.buffer

@@ -1,35 +1,103 @@
 //! The CPU's float8 dot products: one weight row (E4M3 codes) against a few activation rows,
 //! the weight decoded once for all of them. This is what a decoder layer computed on the host
-//! spends its time in (hybrid decode), so it is vectorised (AVX2 with F16C, chosen at run
-//! time) and gives the scalar path's bits: both add the products into [`LANES`] partial sums,
-//! element `e` into sum `e % LANES`, and add the sums in one fixed order, so a result does not
-//! depend on the machine, the thread count or the path taken.
+//! spends its time in (hybrid decode), so it is vectorised (AVX-512 or AVX2 with F16C, chosen
+//! at run time) and gives the scalar path's bits: every path adds the products into [`LANES`]
+//! partial sums, element `e` into sum `e % LANES`, and adds the sums in one fixed order, so a
+//! result does not depend on the machine, the thread count or the path taken.
 
 use rayon::prelude::*;
 
-/// Partial sums per dot product: four AVX2 registers, enough independent additions to keep
-/// the adder busy.
+/// Partial sums per dot product: two AVX-512 or four AVX2 registers, enough independent
+/// additions to keep the adders busy.
 const LANES: usize = 32;
 
-/// `out[r] = Σ_e value(w[e]) · xs[r][e]` for each row `r` of `xs` (each `w.len()` long).
-/// `lut` maps a code to its value (NaN for 0x7f and 0xff).
-pub fn dot_rows(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
-    assert!(xs.iter().all(|x| x.len() == w.len()) && out.len() == xs.len());
+/// How this CPU computes the dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Scalar,
     #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        for (x, o) in xs.chunks(MAX_SIMD_ROWS).zip(out.chunks_mut(MAX_SIMD_ROWS)) {
-            // SAFETY: the CPU has AVX2 and F16C (checked above); every row is `w.len()` long
-            // (the contract above), and no more rows than the path holds.
-            unsafe { avx2::dot_rows(w, x, lut, o) };
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Path {
+    /// The fastest path this CPU has.
+    fn detect() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") {
+                return Path::Avx512;
+            }
+            if has!("avx2") && has!("f16c") {
+                return Path::Avx2;
+            }
         }
-        return;
+        Path::Scalar
     }
-    for (x, o) in xs.iter().zip(out.iter_mut()) {
-        let mut acc = [0f32; LANES];
-        for (e, (&c, &v)) in w.iter().zip(x.iter()).enumerate() {
-            acc[e % LANES] += lut[c as usize] * v;
+
+    /// Every path this CPU has, the scalar one first (for tests).
+    #[cfg(test)]
+    fn available() -> Vec<Path> {
+        let mut paths = vec![Path::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("f16c") {
+                paths.push(Path::Avx2);
+            }
+            if has!("avx512f") && has!("avx512bw") {
+                paths.push(Path::Avx512);
+            }
         }
-        *o = reduce(&acc);
+        paths
+    }
+
+    /// `out[r] = Σ_e value(w[e]) · x[r][e]`, where the vectorised paths get each row scaled
+    /// by 256 (`scaled`, exact) and the scalar path the rows as they are (`plain`): the
+    /// vectorised paths decode a code to its value / 256, so the products are the same reals
+    /// and round alike.
+    fn dots(
+        self,
+        w: &[u8],
+        plain: &[&[f32]],
+        scaled: &[&[f32]],
+        lut: &[f32; 256],
+        out: &mut [f32],
+    ) {
+        match self {
+            Path::Scalar => {
+                for (x, o) in plain.iter().zip(out.iter_mut()) {
+                    let mut acc = [0f32; LANES];
+                    for (e, (&c, &v)) in w.iter().zip(x.iter()).enumerate() {
+                        acc[e % LANES] += lut[c as usize] * v;
+                    }
+                    *o = reduce(&acc);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => {
+                for (x, o) in scaled
+                    .chunks(MAX_SIMD_ROWS)
+                    .zip(out.chunks_mut(MAX_SIMD_ROWS))
+                {
+                    // SAFETY: `detect` found AVX2 and F16C; every row is `w.len()` long
+                    // (checked by `matvec`), and no more rows than the path holds.
+                    unsafe { avx2::dots(w, x, lut, o) };
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => {
+                for (x, o) in scaled
+                    .chunks(MAX_SIMD_ROWS)
+                    .zip(out.chunks_mut(MAX_SIMD_ROWS))
+                {
+                    // SAFETY: as above, for AVX-512 F and BW.
+                    unsafe { avx512::dots(w, x, lut, o) };
+                }
+            }
+        }
     }
 }
 
@@ -43,11 +111,36 @@ pub fn matvec(
     scale: impl Fn(usize) -> f32 + Sync,
     y: &mut [f32],
 ) {
+    matvec_on(Path::detect(), w, xs, lut, scale, y)
+}
+
+fn matvec_on(
+    path: Path,
+    w: &[u8],
+    xs: &[&[f32]],
+    lut: &[f32; 256],
+    scale: impl Fn(usize) -> f32 + Sync,
+    y: &mut [f32],
+) {
     let rows = xs.len();
     let n_in = xs.first().map_or(0, |x| x.len());
+    assert!(
+        xs.iter().all(|x| x.len() == n_in),
+        "f8 matvec: rows differ in length"
+    );
     assert_eq!(w.len() * rows, y.len() * n_in, "f8 matvec: shapes disagree");
+    // Scaled once per product, not once per weight row.
+    let scaled: Vec<Vec<f32>> = match path {
+        Path::Scalar => Vec::new(),
+        #[cfg(target_arch = "x86_64")]
+        _ => xs
+            .iter()
+            .map(|x| x.iter().map(|v| v * 256.0).collect())
+            .collect(),
+    };
+    let scaled: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
     y.par_chunks_mut(rows).enumerate().for_each(|(o, out)| {
-        dot_rows(&w[o * n_in..(o + 1) * n_in], xs, lut, out);
+        path.dots(&w[o * n_in..(o + 1) * n_in], xs, &scaled, lut, out);
         let s = scale(o);
         for v in out.iter_mut() {
             *v *= s;
@@ -55,31 +148,52 @@ pub fn matvec(
     });
 }
 
-/// Weight bytes per second, in GB/s, that [`matvec`] reads on this host at `rows` rows: a
-/// matrix of `bytes` (as wide as a 7B layer's inputs) on every core, the best of a few passes
-/// after one to warm up. What hybrid decoding's split is planned with.
-pub fn measure_gbps(rows: usize, bytes: usize) -> f64 {
-    let n_in = 3584;
-    let n_out = (bytes / n_in).max(1);
-    let w: Vec<u8> = (0..n_out * n_in)
-        .map(|i| (i * 73 % 251) as u8 & 0x7e)
-        .collect();
+/// Weight bytes per second, in GB/s, that [`matvec`] reads on this host at `rows` rows over
+/// the products of one decoder layer of `hidden` and `intermediate` widths (q/k/v as one,
+/// o, gate and up as one, down: a host-computed layer's four calls), on every core, the best
+/// of a few passes after one to warm up. What hybrid decoding's split is planned with.
+pub fn measure_gbps(rows: usize, hidden: usize, kv_width: usize, intermediate: usize) -> f64 {
+    let shapes = [
+        (hidden + 2 * kv_width, hidden),
+        (hidden, hidden),
+        (2 * intermediate, hidden),
+        (hidden, intermediate),
+    ];
     let lut: [f32; 256] = std::array::from_fn(|c| crate::dtype::f8e4m3_to_f32(c as u8));
-    let x: Vec<Vec<f32>> = (0..rows.max(1))
-        .map(|r| vec![0.5 + r as f32; n_in])
+    let weights: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(n_out, n_in)| {
+            (0..n_out * n_in)
+                .map(|i| (i * 73 % 251) as u8 & 0x7e)
+                .collect()
+        })
         .collect();
-    let xs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
-    let mut y = vec![0f32; n_out * xs.len()];
+    let inputs: Vec<Vec<Vec<f32>>> = shapes
+        .iter()
+        .map(|&(_, n_in)| {
+            (0..rows.max(1))
+                .map(|r| vec![0.5 + r as f32; n_in])
+                .collect()
+        })
+        .collect();
+    let mut outputs: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(n_out, _)| vec![0f32; n_out * rows.max(1)])
+        .collect();
+    let bytes: usize = weights.iter().map(Vec::len).sum();
     let mut best = f64::INFINITY;
-    for pass in 0..5 {
+    for pass in 0..6 {
         let started = std::time::Instant::now();
-        matvec(&w, &xs, &lut, |_| 1.0, &mut y);
+        for ((w, x), y) in weights.iter().zip(&inputs).zip(&mut outputs) {
+            let xs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
+            matvec(w, &xs, &lut, |_| 1.0, y);
+        }
         if pass > 0 {
             best = best.min(started.elapsed().as_secs_f64());
         }
     }
-    std::hint::black_box(&y);
-    w.len() as f64 / (best * 1e9)
+    std::hint::black_box(&outputs);
+    bytes as f64 / (best * 1e9)
 }
 
 /// The partial sums added in one fixed order (halves, then quarters, ...).
@@ -95,20 +209,10 @@ fn reduce(acc: &[f32; LANES]) -> f32 {
     v[0]
 }
 
-/// Rows the vectorised path takes at once (their sums stay in registers); more are taken in
+/// Rows the vectorised paths take at once (their sums stay in registers); more are taken in
 /// groups of this many.
 #[cfg(target_arch = "x86_64")]
 const MAX_SIMD_ROWS: usize = 4;
-
-/// Whether this CPU runs the vectorised path.
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -135,14 +239,12 @@ mod avx2 {
         )
     }
 
-    /// [`super::dot_rows`] for at most [`MAX_SIMD_ROWS`] rows. Each row is scaled by 256
-    /// first (exact), so the products are the scalar path's `value · x` to the bit.
+    /// The dot products of at most [`MAX_SIMD_ROWS`] rows scaled by 256 (see `Path::dots`).
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn dot_rows(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
+    pub(super) unsafe fn dots(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
         let n = w.len();
         let rows = xs.len();
         let full = n - n % LANES;
-        let k256 = _mm256_set1_ps(256.0);
         let mut acc = [[_mm256_setzero_ps(); LANES / 8]; MAX_SIMD_ROWS];
         let mut e = 0;
         while e < full {
@@ -150,7 +252,7 @@ mod avx2 {
             let (c, d) = decode16(w.as_ptr().add(e + 16));
             for r in 0..rows {
                 let x = xs[r].as_ptr().add(e);
-                let xv = |i: usize| _mm256_mul_ps(_mm256_loadu_ps(x.add(8 * i)), k256);
+                let xv = |i: usize| _mm256_loadu_ps(x.add(8 * i));
                 let s = &mut acc[r];
                 s[0] = _mm256_add_ps(s[0], _mm256_mul_ps(a, xv(0)));
                 s[1] = _mm256_add_ps(s[1], _mm256_mul_ps(b, xv(1)));
@@ -165,7 +267,61 @@ mod avx2 {
                 _mm256_storeu_ps(sums.as_mut_ptr().add(8 * i), *v);
             }
             for j in full..n {
-                sums[j % LANES] += lut[w[j] as usize] * xs[r][j];
+                sums[j % LANES] += lut[w[j] as usize] / 256.0 * xs[r][j];
+            }
+            out[r] = reduce(&sums);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{reduce, LANES, MAX_SIMD_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Thirty-two E4M3 codes as f32 values divided by 256, as `avx2::decode16` makes them:
+    /// `(c + (c & 0x80)) << 7` is the float16 with the code's sign, exponent and mantissa
+    /// (the sign bit carried from bit 14 to 15), NaN codes made a float16 NaN.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn decode32(p: *const u8) -> (__m512, __m512) {
+        let codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const __m256i));
+        let sign = _mm512_and_si512(codes, _mm512_set1_epi16(0x80));
+        let half = _mm512_slli_epi16(_mm512_add_epi16(codes, sign), 7);
+        let magnitude = _mm512_and_si512(codes, _mm512_set1_epi16(0x7f));
+        let nan = _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7f));
+        let half = _mm512_mask_blend_epi16(nan, half, _mm512_set1_epi16(0x7e00));
+        (
+            _mm512_cvtph_ps(_mm512_castsi512_si256(half)),
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1)),
+        )
+    }
+
+    /// The dot products of at most [`MAX_SIMD_ROWS`] rows scaled by 256 (see `Path::dots`).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn dots(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
+        let n = w.len();
+        let rows = xs.len();
+        let full = n - n % LANES;
+        let mut acc = [[_mm512_setzero_ps(); LANES / 16]; MAX_SIMD_ROWS];
+        let mut e = 0;
+        while e < full {
+            let (a, b) = decode32(w.as_ptr().add(e));
+            for r in 0..rows {
+                let x = xs[r].as_ptr().add(e);
+                let s = &mut acc[r];
+                s[0] = _mm512_add_ps(s[0], _mm512_mul_ps(a, _mm512_loadu_ps(x)));
+                s[1] = _mm512_add_ps(s[1], _mm512_mul_ps(b, _mm512_loadu_ps(x.add(16))));
+            }
+            e += LANES;
+        }
+        for r in 0..rows {
+            let mut sums = [0f32; LANES];
+            for (i, v) in acc[r].iter().enumerate() {
+                _mm512_storeu_ps(sums.as_mut_ptr().add(16 * i), *v);
+            }
+            for j in full..n {
+                sums[j % LANES] += lut[w[j] as usize] / 256.0 * xs[r][j];
             }
             out[r] = reduce(&sums);
         }
@@ -181,18 +337,18 @@ mod tests {
         std::array::from_fn(|c| f8e4m3_to_f32(c as u8))
     }
 
-    /// The scalar path, whatever the CPU.
-    fn scalar(w: &[u8], x: &[f32], lut: &[f32; 256]) -> f32 {
-        let mut acc = [0f32; LANES];
-        for (e, (&c, &v)) in w.iter().zip(x).enumerate() {
-            acc[e % LANES] += lut[c as usize] * v;
-        }
-        reduce(&acc)
+    /// One weight row against `xs` on `path`.
+    fn dots(path: Path, w: &[u8], xs: &[&[f32]]) -> Vec<f32> {
+        let mut out = vec![0f32; xs.len()];
+        matvec_on(path, w, xs, &lut(), |_| 1.0, &mut out);
+        out
     }
 
     #[test]
     fn every_path_gives_the_scalar_bits_and_the_exact_sum() {
         let lut = lut();
+        let paths = Path::available();
+        eprintln!("paths on this CPU: {paths:?}");
         // Every code but the NaNs, at lengths with and without a tail, with activations
         // beyond float16's range and below its smallest normal.
         for n in [1usize, 31, 32, 100, 3584 + 7] {
@@ -211,24 +367,19 @@ mod tests {
                     })
                     .collect();
                 let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
-                let mut out = vec![0f32; rows];
-                dot_rows(&w, &refs, &lut, &mut out);
-                for (x, got) in xs.iter().zip(&out) {
-                    assert_eq!(
-                        got.to_bits(),
-                        scalar(&w, x, &lut).to_bits(),
-                        "n {n} rows {rows}"
-                    );
-                    let exact: f64 = w
+                let want = dots(Path::Scalar, &w, &refs);
+                for &path in &paths {
+                    let got = dots(path, &w, &refs);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{path:?}, n {n}, rows {rows}");
+                }
+                for (x, got) in xs.iter().zip(&want) {
+                    let terms = w
                         .iter()
                         .zip(x)
-                        .map(|(&c, &v)| lut[c as usize] as f64 * v as f64)
-                        .sum();
-                    let scale: f64 = w
-                        .iter()
-                        .zip(x)
-                        .map(|(&c, &v)| (lut[c as usize] as f64 * v as f64).abs())
-                        .sum();
+                        .map(|(&c, &v)| lut[c as usize] as f64 * v as f64);
+                    let exact: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
                     assert!(
                         (*got as f64 - exact).abs() <= 1e-6 * scale.max(1e-30),
                         "n {n}"
@@ -239,16 +390,16 @@ mod tests {
     }
 
     #[test]
-    fn a_nan_code_makes_the_dot_nan() {
-        let lut = lut();
-        for code in [0x7fu8, 0xff] {
-            for at in [0usize, 17, 40] {
-                let mut w = vec![0x38u8; 41];
-                w[at] = code;
-                let x = vec![1f32; 41];
-                let mut out = [0f32];
-                dot_rows(&w, &[&x], &lut, &mut out);
-                assert!(out[0].is_nan(), "code {code:#x} at {at}");
+    fn a_nan_code_makes_the_dot_nan_on_every_path() {
+        for path in Path::available() {
+            for code in [0x7fu8, 0xff] {
+                for at in [0usize, 17, 40] {
+                    let mut w = vec![0x38u8; 41];
+                    w[at] = code;
+                    let x = vec![1f32; 41];
+                    let got = dots(path, &w, &[&x]);
+                    assert!(got[0].is_nan(), "{path:?}: code {code:#x} at {at}");
+                }
             }
         }
     }

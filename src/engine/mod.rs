@@ -369,6 +369,10 @@ impl Engine {
         batched: &mut Option<Tensor>,
         inputs: &mut [(LaneId, Tensor, Option<Tensor>)],
     ) -> Result<()> {
+        let long = |x: &Tensor| x.dim(1).is_ok_and(|t| t > ops::MATVEC_MAX_ROWS);
+        if batched.is_none() && self.on_gpu() && inputs.iter().any(|(_, x, _)| long(x)) {
+            return self.host_layer_prefill(i, weights, inputs);
+        }
         let config = &self.info.config;
         let host = self
             .host
@@ -405,6 +409,44 @@ impl Engine {
         let total = started.elapsed();
         host.compute_ms += total.as_secs_f64() * 1e3;
         host.handoff_ms += (handed + total - computed).as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    /// Layer `i`, which the host CPU computes when decoding, for a prefill on the GPU: many
+    /// tokens make it compute-bound, and the GPU does that in a fraction of the time its
+    /// weights take to upload (on the CPU it took ~0.35 s a 7B layer for 128 tokens). Each
+    /// lane's earlier keys and values go up with them, the new ones come back to its host
+    /// cache (f32, from the GPU's bf16). The results are a streamed layer's, bit for bit.
+    fn host_layer_prefill(
+        &mut self,
+        i: usize,
+        weights: &weights::LayerWeights,
+        inputs: &mut [(LaneId, Tensor, Option<Tensor>)],
+    ) -> Result<()> {
+        let config = &self.info.config;
+        let gpu = weights.to_device(&self.device, self.dtype)?;
+        for (lane, x, mask) in inputs.iter_mut() {
+            let t = x.dim(1)?;
+            let lane = &mut self.lanes[*lane];
+            let position = lane.position;
+            let mut scratch = cache::KvCache::new(config, position + t);
+            if position > 0 {
+                let earlier = lane.caches[i].positions(0, position)?;
+                let earlier = earlier.to_dtype(self.dtype)?.to_device(&self.device)?;
+                scratch.write_positions(&earlier, 0)?;
+            }
+            let at = model::At {
+                offset: position,
+                mask: mask.as_ref(),
+                watch: &self.watch,
+                layer: i,
+            };
+            *x = model::decoder_layer(config, &gpu, x, &self.rope, &mut scratch, at)
+                .with_context(|| format!("decoder layer {i} (prefill on the GPU)"))?;
+            let fresh = scratch.positions(position, position + t)?;
+            let fresh = fresh.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            lane.caches[i].write_positions(&fresh, position)?;
+        }
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use crate::arch::qwen2::LayerTensor;
 use crate::checkpoint::scales::scale_names;
 use crate::plan::memory;
 use anyhow::{anyhow, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
 /// A linear weight with its scale.
@@ -136,6 +136,47 @@ pub struct LayerWeights {
 }
 
 impl LayerWeights {
+    /// The same weights on `device`, the decoded vectors in `dtype` (a host-computed layer's
+    /// prefill runs on the GPU: decoded in f32 from the checkpoint's values, they convert
+    /// back exactly, as the GPU would have decoded them).
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<LayerWeights> {
+        let raw = |r: &RawTensor| -> Result<RawTensor> {
+            Ok(RawTensor {
+                dtype: r.dtype,
+                shape: r.shape.clone(),
+                bytes: r.bytes.to_device(device)?,
+            })
+        };
+        let linear = |l: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                weight: raw(&l.weight)?,
+                scale: l.scale.as_ref().map(raw).transpose()?,
+                scale_f32: l
+                    .scale_f32
+                    .as_ref()
+                    .map(|s| s.to_device(device))
+                    .transpose()?,
+            })
+        };
+        let vector = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+        Ok(LayerWeights {
+            q: linear(&self.q)?,
+            k: linear(&self.k)?,
+            v: linear(&self.v)?,
+            o: linear(&self.o)?,
+            gate: linear(&self.gate)?,
+            up: linear(&self.up)?,
+            down: linear(&self.down)?,
+            input_norm: vector(&self.input_norm)?,
+            post_norm: vector(&self.post_norm)?,
+            q_bias: vector(&self.q_bias)?,
+            k_bias: vector(&self.k_bias)?,
+            v_bias: vector(&self.v_bias)?,
+            qkv_bias: vector(&self.qkv_bias)?,
+            resident: false,
+        })
+    }
+
     /// A layer from its raw tensors by relative name (uploaded, or views into a slot) and
     /// what was decoded of it at load.
     pub fn new(

@@ -167,9 +167,9 @@ pub fn run_bench(
     let bandwidths = engine::bandwidths(o.engine.device)?;
     let pinned_gbps = bandwidths.map(|b| b.pinned_gbps);
     let device_gbps = bandwidths.map(|b| b.device_gbps);
-    let rates = bandwidths.map(|b| super::decode_rates(&b, o.plan.batch as usize));
     let depth = o.engine.prefetch_depth;
     let first = model.open()?;
+    let rates = bandwidths.map(|b| super::decode_rates(&b, &first.config, o.plan.batch as usize));
     let summary = ModelSummary::of(&first);
     let w = &o.workload;
     let vocab = first.config.vocab_size;

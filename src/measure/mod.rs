@@ -27,18 +27,25 @@ use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Bytes of the matrix the host's float8 products are measured on: a 7B layer's.
-const HOST_MEASURE_BYTES: usize = 233 << 20;
-
-/// The rates a hybrid split is predicted with on this machine, at `batch` rows: the measured
-/// pinned and device-memory bandwidths (the latter at the decode kernels' share of it) and the
-/// host's float8 products, measured now.
-pub fn decode_rates(b: &crate::engine::Bandwidths, batch: usize) -> crate::plan::speed::Rates {
+/// The rates a hybrid split of `model` is predicted with on this machine, at `batch` rows:
+/// the measured pinned and device-memory bandwidths (the latter at the decode kernels' share
+/// of it) and the host's float8 products over one of its layers' shapes, measured now.
+pub fn decode_rates(
+    b: &crate::engine::Bandwidths,
+    model: &crate::arch::config::ModelConfig,
+    batch: usize,
+) -> crate::plan::speed::Rates {
     use crate::plan::speed;
+    let kv_width = model.num_key_value_heads * model.head_dim;
     speed::Rates {
         pinned_gbps: b.pinned_gbps,
         gpu_gbps: b.device_gbps * speed::GPU_DECODE_EFFICIENCY,
-        cpu_gbps: crate::engine::host_f8_gbps(batch, HOST_MEASURE_BYTES),
+        cpu_gbps: crate::engine::host_f8_gbps(
+            batch,
+            model.hidden_size,
+            kv_width,
+            model.intermediate_size,
+        ),
         host_layer_overhead_ms: speed::HOST_LAYER_OVERHEAD_MS,
     }
 }

@@ -163,8 +163,12 @@ pub struct VramEstimate {
     pub resident_layers_bytes: u64,
     /// GPU slots that offloaded layers stream through.
     pub stream_buffers_bytes: u64,
-    /// Keys and values of every layer.
+    /// Keys and values of every layer the GPU computes.
     pub kv_cache_bytes: u64,
+    /// With CPU-computed layers: the upload of one of them, with one sequence's keys and
+    /// values, for a prefill, which runs on the GPU.
+    #[serde(default)]
+    pub host_prefill_bytes: u64,
     /// Dequantisation scratch, activations, attention scores and logits.
     #[serde(flatten)]
     pub working: memory::WorkingMemory,
@@ -254,6 +258,13 @@ pub fn estimate(
         .filter(|&i| host[i])
         .map(|i| inventory.layer_bytes[i])
         .sum();
+    let host_prefill_bytes = (0..num_layers)
+        .filter(|&i| host[i])
+        .map(|i| inventory.layer_bytes[i])
+        .max()
+        .map_or(0, |layer| {
+            layer + memory::kv_cache_bytes(config, 1, options.max_seq_len, 1)
+        });
     let step_tokens = options.max_seq_len.min(memory::PREFILL_CHUNK_TOKENS);
     let working = memory::working_memory(
         config,
@@ -269,6 +280,7 @@ pub fn estimate(
         resident_layers_bytes,
         stream_buffers_bytes,
         kv_cache_bytes,
+        host_prefill_bytes,
         working_bytes,
         memory::MARGIN_BYTES,
     ]
@@ -283,6 +295,7 @@ pub fn estimate(
         resident_layers_bytes,
         stream_buffers_bytes,
         kv_cache_bytes,
+        host_prefill_bytes,
         working,
         working_bytes,
         margin_bytes: memory::MARGIN_BYTES,

@@ -136,6 +136,7 @@ impl Render for PlanReport {
             ("resident layers", e.resident_layers_bytes),
             ("stream slots", e.stream_buffers_bytes),
             ("KV cache", e.kv_cache_bytes),
+            ("CPU layer's prefill upload", e.host_prefill_bytes),
             ("dequant scratch", w.dequant_scratch_bytes),
             ("activations", w.activations_bytes),
             ("attention scores", w.attention_scores_bytes),
