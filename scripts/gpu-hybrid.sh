@@ -7,7 +7,9 @@
 # Usage: scripts/gpu-hybrid.sh
 # Env: SPLITS (default "8:0 8:8 8:10 8:12 8:14 0:0 0:14 0:16 0:18"; N:C = N resident layers, C on
 #      the CPU), BATCH2_SPLITS (default "8:0 8:12"; the CFG pair), GEN (tokens, default 16),
-#      SKIP_TESTS=1. The bench JSON go to $OUT/hybrid.tgz.
+#      AUTO=1 (also `bench --cpu-layers auto` at N = 8 and 0, batch 1 and 2, and a 32-frame
+#      `generate --num-gpu-layers 8 --cpu-layers auto` of the demo script in dist/voice),
+#      SKIP_TESTS=1. The JSON go to $OUT/hybrid.tgz.
 source "$(dirname "$0")/gpu-env.sh"
 lscpu | grep -E "^Model name|^CPU\(s\)|^Thread|^NUMA node\(s\)" || :
 if [[ -z ${SKIP_TESTS:-} ]]; then run_gpu_tests; fi
@@ -33,6 +35,38 @@ print(f"batch {sys.argv[4]}  N={sys.argv[2]:>2} C={sys.argv[3]:>2}: decode {row[
 PY
 }
 for spec in ${SPLITS:-8:0 8:8 8:10 8:12 8:14 0:0 0:14 0:16 0:18}; do measure 1 "$spec"; done
+# Where a host layer's time goes (`run --json` keeps the whole transfer record).
+for spec in ${RUN_SPLITS:-}; do
+  n=${spec%%:*}
+  c=${spec##*:}
+  "$bin" run --device cuda --model-path "$model" --num-gpu-layers "$n" --cpu-layers "$c" \
+    --gen-tokens "${GEN:-16}" --json > "/tmp/hy/run-n$n-c$c.json" 2> /tmp/hy.log ||
+    { tail -3 /tmp/hy.log; fail "run N=$n C=$c"; continue; }
+  python3 - "/tmp/hy/run-n$n-c$c.json" "$n" "$c" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))['decode']
+t, steps = d['transfer'], d['generated_tokens'] - 1
+print(f"run N={sys.argv[2]} C={sys.argv[3]}: {d['ms_per_token']:.2f} ms/token; per step in host layers "
+      f"{t['cpu_compute_ms'] / steps:.2f} ms, of it hand-overs (with the wait for the GPU) "
+      f"{t['cpu_handoff_ms'] / steps:.2f} ms; copy wait {t['compute_wait_ms'] / steps:.2f} ms")
+PY
+done
 for spec in ${BATCH2_SPLITS:-8:0 8:12}; do measure 2 "$spec"; done
+if [[ -n ${AUTO:-} ]]; then
+  for batch in 1 2; do
+    echo "== bench --cpu-layers auto, batch $batch"
+    "$bin" bench --device cuda --model-path "$model" --layers 8,0 --cpu-layers auto --batch "$batch" \
+      --runs 2 --gen-tokens "${GEN:-16}" --json-out "/tmp/hy/auto-b$batch.json" > /tmp/hy.log 2>&1 ||
+      { tail -3 /tmp/hy.log; fail "bench --cpu-layers auto, batch $batch"; }
+    sed -n '/^hybrid decoding/,$p' /tmp/hy.log
+  done
+  echo "== generate, 8 GPU layers, --cpu-layers auto"
+  voice=dist/voice
+  "$bin" generate --device cuda --model-path "$model" --num-gpu-layers 8 --cpu-layers auto \
+    --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
+    --force-frames 32 --steps 10 --out /tmp/hy.wav --force --json-out /tmp/hy/generate.json > /tmp/gen.log 2>&1 ||
+    { tail -5 /tmp/gen.log; fail "generate --cpu-layers auto"; }
+  grep -E "cpu-layers auto|RTF|real-time" /tmp/gen.log | head -5 || :
+fi
 tar czf "$out/hybrid.tgz" -C /tmp hy
 finish

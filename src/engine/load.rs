@@ -484,6 +484,32 @@ pub struct Bandwidths {
     pub device_gbps: f64,
 }
 
+/// The host's float8 products over one layer of `config` at `rows` rows, in GB/s of weights
+/// (see `f8dot::measure_gbps`), measured while `device`'s copy engine streams pinned memory
+/// as hybrid decoding has it do (both read host memory); on the CPU, alone.
+pub fn host_f8_gbps(
+    device: DeviceChoice,
+    config: &crate::arch::config::ModelConfig,
+    rows: usize,
+) -> Result<f64> {
+    let kv_width = config.num_key_value_heads * config.head_dim;
+    let measure =
+        || super::f8dot::measure_gbps(rows, config.hidden_size, kv_width, config.intermediate_size);
+    match device {
+        DeviceChoice::Cpu => Ok(measure()),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(_) => {
+            let (Device::Cuda(d), _) = open_device(device)? else {
+                unreachable!("a CUDA choice opens a CUDA device");
+            };
+            // About half a second of copies: longer than the measurement.
+            super::cuda::while_copying(&d, 256 << 20, 100, measure)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => open_device(device).map(|_| measure()),
+    }
+}
+
 /// Both bandwidths on `device`, measured on one opening of it (`None` on the CPU).
 pub fn bandwidths(device: DeviceChoice) -> Result<Option<Bandwidths>> {
     match device {

@@ -33,8 +33,7 @@ use streamer::LayerStreamer;
 use watch::{Tag, Watch};
 use weights::Linear;
 
-pub use f8dot::measure_gbps as host_f8_gbps;
-pub use load::{bandwidths, Bandwidths, LoadPhase, LoadProgress, LoadTimings};
+pub use load::{bandwidths, host_f8_gbps, Bandwidths, LoadPhase, LoadProgress, LoadTimings};
 pub use streamer::TransferStats;
 
 /// Where the model runs.

@@ -169,7 +169,10 @@ pub fn run_bench(
     let device_gbps = bandwidths.map(|b| b.device_gbps);
     let depth = o.engine.prefetch_depth;
     let first = model.open()?;
-    let rates = bandwidths.map(|b| super::decode_rates(&b, &first.config, o.plan.batch as usize));
+    let batch = o.plan.batch as usize;
+    let rates = bandwidths
+        .map(|b| super::decode_rates(&b, o.engine.device, &first.config, batch))
+        .transpose()?;
     let summary = ModelSummary::of(&first);
     let w = &o.workload;
     let vocab = first.config.vocab_size;

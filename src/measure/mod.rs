@@ -27,27 +27,23 @@ use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The rates a hybrid split of `model` is predicted with on this machine, at `batch` rows:
-/// the measured pinned and device-memory bandwidths (the latter at the decode kernels' share
-/// of it) and the host's float8 products over one of its layers' shapes, measured now.
+/// The rates a hybrid split of `model` is predicted with on `device`, at `batch` rows: the
+/// measured pinned and device-memory bandwidths (the latter at the decode kernels' share of
+/// it) and the host's float8 products over one of its layers' shapes, measured now while the
+/// copy engine streams, as it does then.
 pub fn decode_rates(
     b: &crate::engine::Bandwidths,
+    device: DeviceChoice,
     model: &crate::arch::config::ModelConfig,
     batch: usize,
-) -> crate::plan::speed::Rates {
+) -> Result<crate::plan::speed::Rates> {
     use crate::plan::speed;
-    let kv_width = model.num_key_value_heads * model.head_dim;
-    speed::Rates {
+    Ok(speed::Rates {
         pinned_gbps: b.pinned_gbps,
         gpu_gbps: b.device_gbps * speed::GPU_DECODE_EFFICIENCY,
-        cpu_gbps: crate::engine::host_f8_gbps(
-            batch,
-            model.hidden_size,
-            kv_width,
-            model.intermediate_size,
-        ),
+        cpu_gbps: crate::engine::host_f8_gbps(device, model, batch)?,
         host_layer_overhead_ms: speed::HOST_LAYER_OVERHEAD_MS,
-    }
+    })
 }
 
 /// Prompt and generation lengths, timed passes, and the seed of the random prompts.

@@ -402,7 +402,8 @@ fn resolve_cpu_layers(
         let Some(bandwidths) = vibeoffload::engine::bandwidths(engine.device)? else {
             return Ok(0);
         };
-        let rates = vibeoffload::measure::decode_rates(&bandwidths, &info.config, batch);
+        let rates =
+            vibeoffload::measure::decode_rates(&bandwidths, engine.device, &info.config, batch)?;
         let depth = engine.prefetch_depth;
         let (c, ms) = plan::speed::best_cpu_layers(info, plan, gpu_layers, depth, &rates);
         progress::note(format!(

@@ -17,7 +17,7 @@ pub use handoff::Handoff;
 pub use ops::{decode_attention, dequantize, fused_matvec, store_kv, watch};
 pub use slots::{CudaSlots, PinnedBytes};
 pub use speech::{channel_bias, channel_norm, channel_residual, depthwise_mixer, dpm_step};
-pub use timing::{device_bandwidth_gbps, pinned_bandwidth_gbps, QueuedTimer};
+pub use timing::{device_bandwidth_gbps, pinned_bandwidth_gbps, while_copying, QueuedTimer};
 
 use super::ops::{ATTENTION_WARPS, MATVEC_MAX_ROWS, TILE_INPUTS, TILE_ROWS};
 use candle_core::cuda_backend::cudarc::driver::{

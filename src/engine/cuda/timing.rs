@@ -38,6 +38,29 @@ pub fn pinned_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
     Ok(5.0 * bytes as f64 / (ms * 1e6))
 }
 
+/// Runs `f` on the host while `dev`'s copy engine copies `bytes` of pinned memory to the
+/// device back to back `copies` times, as it does while hybrid decoding streams layers: the
+/// host's rates under that load (both read host memory).
+pub fn while_copying<T>(
+    dev: &CudaDevice,
+    bytes: usize,
+    copies: usize,
+    f: impl FnOnce() -> T,
+) -> Result<T> {
+    let stream = dev.cuda_stream().context().new_stream()?;
+    let host = PinnedBytes::new(dev, bytes)?;
+    let target = stream.alloc_zeros::<u8>(bytes)?;
+    let (ptr, _record) = target.device_ptr(&stream);
+    for _ in 0..copies {
+        // SAFETY: `target` holds `bytes` bytes; both buffers outlive the copies (the stream
+        // is synchronised below).
+        unsafe { result::memcpy_htod_async(ptr, host.as_slice(), stream.cu_stream()) }?;
+    }
+    let out = f();
+    stream.synchronize()?;
+    Ok(out)
+}
+
 /// Device-memory bandwidth in GB/s: bytes read plus bytes written by device-to-device copies
 /// of `bytes`.
 pub fn device_bandwidth_gbps(dev: &CudaDevice, bytes: usize) -> Result<f64> {
