@@ -101,35 +101,34 @@ impl Path {
     }
 }
 
-/// `y[o * rows + r] = scale(o) · dot(w row o, xs[r])` for every row `o` of `w` (`[y.len() /
-/// rows, in]`), the output rows spread over the cores: a float8 product of a host-computed
-/// layer, feature-major.
-pub fn matvec(
-    w: &[u8],
-    xs: &[&[f32]],
-    lut: &[f32; 256],
-    scale: impl Fn(usize) -> f32 + Sync,
-    y: &mut [f32],
-) {
-    matvec_on(Path::detect(), w, xs, lut, scale, y)
+/// One weight's product in a [`matvec`] call: its codes `[y.len() / rows, in]`, its scale
+/// (none, one value, or one per output row) and where its results go, feature-major
+/// (`y[o * rows + r]` for output row `o` and row `r` of x).
+pub struct Product<'a> {
+    /// The weight's codes.
+    pub w: &'a [u8],
+    /// Its scale.
+    pub scale: Option<&'a [f32]>,
+    /// Its results.
+    pub y: &'a mut [f32],
 }
 
-fn matvec_on(
-    path: Path,
-    w: &[u8],
-    xs: &[&[f32]],
-    lut: &[f32; 256],
-    scale: impl Fn(usize) -> f32 + Sync,
-    y: &mut [f32],
-) {
+/// `y[o * rows + r] = scale(o) · dot(w row o, xs[r])` for every product and every output row
+/// `o` of its weight, all the products' rows spread over the cores in one parallel pass (one
+/// start and join of the threads for q, k and v, or for gate and up): the float8 products of
+/// a host-computed layer.
+pub fn matvec(products: &mut [Product<'_>], xs: &[&[f32]], lut: &[f32; 256]) {
+    matvec_on(Path::detect(), products, xs, lut)
+}
+
+fn matvec_on(path: Path, products: &mut [Product<'_>], xs: &[&[f32]], lut: &[f32; 256]) {
     let rows = xs.len();
     let n_in = xs.first().map_or(0, |x| x.len());
     assert!(
         xs.iter().all(|x| x.len() == n_in),
         "f8 matvec: rows differ in length"
     );
-    assert_eq!(w.len() * rows, y.len() * n_in, "f8 matvec: shapes disagree");
-    // Scaled once per product, not once per weight row.
+    // Scaled once per call, not once per weight row.
     let scaled: Vec<Vec<f32>> = match path {
         Path::Scalar => Vec::new(),
         #[cfg(target_arch = "x86_64")]
@@ -146,31 +145,44 @@ fn matvec_on(
         Path::Avx512 if rows <= avx512::GROUP_ROWS => avx512::GROUP,
         _ => 1,
     };
+    let mut jobs = Vec::new();
+    for p in products.iter_mut() {
+        assert_eq!(
+            p.w.len() * rows,
+            p.y.len() * n_in,
+            "f8 matvec: shapes disagree"
+        );
+        let (w, scale) = (p.w, p.scale);
+        for (g, out) in p.y.chunks_mut(rows * group).enumerate() {
+            jobs.push((w, scale, g * group, out));
+        }
+    }
     pool().install(|| {
-        y.par_chunks_mut(rows * group)
-            .enumerate()
-            .for_each(|(g, out)| {
-                let first = g * group;
-                let count = out.len() / rows;
-                let w = &w[first * n_in..(first + count) * n_in];
-                match count == group && group > 1 {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the path was detected (AVX-512 F and BW); `w` holds `group` rows of
-                    // `n_in`, every x row is `n_in` long (checked above), `out` `group` x `rows`.
-                    true => unsafe { avx512::dots_group(w, n_in, &scaled, lut, out) },
-                    _ => {
-                        for (k, o) in out.chunks_mut(rows).enumerate() {
-                            path.dots(&w[k * n_in..(k + 1) * n_in], xs, &scaled, lut, o);
-                        }
+        jobs.into_par_iter().for_each(|(w, scale, first, out)| {
+            let count = out.len() / rows;
+            let w = &w[first * n_in..(first + count) * n_in];
+            match count == group && group > 1 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the path was detected (AVX-512 F and BW); `w` holds `group` rows of
+                // `n_in`, every x row is `n_in` long (checked above), `out` `group` x `rows`.
+                true => unsafe { avx512::dots_group(w, n_in, &scaled, lut, out) },
+                _ => {
+                    for (k, o) in out.chunks_mut(rows).enumerate() {
+                        path.dots(&w[k * n_in..(k + 1) * n_in], xs, &scaled, lut, o);
                     }
                 }
-                for (k, o) in out.chunks_mut(rows).enumerate() {
-                    let s = scale(first + k);
-                    for v in o.iter_mut() {
-                        *v *= s;
-                    }
+            }
+            for (k, o) in out.chunks_mut(rows).enumerate() {
+                let s = match scale {
+                    None => 1.0,
+                    Some([one]) => *one,
+                    Some(per_row) => per_row[first + k],
+                };
+                for v in o.iter_mut() {
+                    *v *= s;
                 }
-            })
+            }
+        })
     });
 }
 
@@ -228,7 +240,8 @@ pub fn measure_gbps(rows: usize, hidden: usize, kv_width: usize, intermediate: u
         let started = std::time::Instant::now();
         for ((w, x), y) in weights.iter().zip(&inputs).zip(&mut outputs) {
             let xs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
-            matvec(w, &xs, &lut, |_| 1.0, y);
+            let scale = None;
+            matvec(&mut [Product { w, scale, y }], &xs, &lut);
         }
         if pass > 0 {
             best = best.min(started.elapsed().as_secs_f64());
@@ -433,9 +446,18 @@ mod tests {
 
     /// One weight row against `xs` on `path`.
     fn dots(path: Path, w: &[u8], xs: &[&[f32]]) -> Vec<f32> {
-        let mut out = vec![0f32; xs.len()];
-        matvec_on(path, w, xs, &lut(), |_| 1.0, &mut out);
-        out
+        let mut y = vec![0f32; xs.len()];
+        matvec_on(
+            path,
+            &mut [Product {
+                w,
+                scale: None,
+                y: &mut y,
+            }],
+            xs,
+            &lut(),
+        );
+        y
     }
 
     #[test]
@@ -500,9 +522,40 @@ mod tests {
                     })
                     .collect();
                 let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+                let scale: Vec<f32> = (0..n_out).map(|o| 0.5 + o as f32).collect();
                 let run = |path| {
+                    // The matrix as one product with a scale per row, and again as two
+                    // products (rows split unevenly) in one call.
                     let mut y = vec![0f32; n_out * rows];
-                    matvec_on(path, &w, &refs, &lut, |o| 0.5 + o as f32, &mut y);
+                    matvec_on(
+                        path,
+                        &mut [Product {
+                            w: &w,
+                            scale: Some(&scale),
+                            y: &mut y,
+                        }],
+                        &refs,
+                        &lut,
+                    );
+                    let cut = n_out / 3;
+                    let (w1, w2) = w.split_at(cut * n_in);
+                    let (s1, s2) = scale.split_at(cut);
+                    let mut y1 = vec![0f32; cut * rows];
+                    let mut y2 = vec![0f32; (n_out - cut) * rows];
+                    let mut both = [
+                        Product {
+                            w: w1,
+                            scale: Some(s1),
+                            y: &mut y1,
+                        },
+                        Product {
+                            w: w2,
+                            scale: Some(s2),
+                            y: &mut y2,
+                        },
+                    ];
+                    matvec_on(path, &mut both, &refs, &lut);
+                    assert!([y1, y2].concat() == y, "{path:?}: two products in one call");
                     y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
                 let want = run(Path::Scalar);

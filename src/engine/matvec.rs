@@ -5,7 +5,7 @@
 //! where its time goes.
 
 use super::dequant::{cpu_activations, cpu_storage, RawTensor};
-use super::f8dot::matvec;
+use super::f8dot::{matvec, Product};
 use super::ops::{FusedMatVec, MATVEC_MAX_ROWS};
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
 use candle_core::cpu::erf::{erf_f32, erf_f64};
@@ -63,12 +63,33 @@ impl CustomOp1 for FusedMatVec {
             }
         }
         let lut: [f32; 256] = std::array::from_fn(|c| f8e4m3_to_f32(c as u8));
-        // Each segment's products, [rows, segment rows]: output features spread over the
-        // threads, each weight row read in place (no copy of the weight) for every row of x.
-        let mut parts = Vec::with_capacity(self.segments.len());
-        for seg in &self.segments {
-            let (storage, layout) = seg.bytes.storage_and_layout();
-            let candle_core::Storage::Cpu(CpuStorage::U8(bytes)) = &*storage else {
+        // Each segment's products, [segment rows, rows] (feature-major), all in one parallel
+        // pass over the output features, each weight row read in place (no copy of the
+        // weight) for every row of x; then transposed to [rows, segment rows].
+        let storages: Vec<_> = self
+            .segments
+            .iter()
+            .map(|s| s.bytes.storage_and_layout())
+            .collect();
+        let scales = self
+            .segments
+            .iter()
+            .map(|s| s.scale.as_ref().map(cpu_f32).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let mut ys: Vec<Vec<f32>> = self
+            .segments
+            .iter()
+            .map(|s| vec![0f32; s.rows * rows])
+            .collect();
+        let mut products = Vec::with_capacity(self.segments.len());
+        for (((seg, (storage, layout)), scale), y) in self
+            .segments
+            .iter()
+            .zip(&storages)
+            .zip(&scales)
+            .zip(&mut ys)
+        {
+            let candle_core::Storage::Cpu(CpuStorage::U8(bytes)) = &**storage else {
                 candle_core::bail!("f8 matvec: the weight must be raw bytes on the CPU");
             };
             let Some((wa, wb)) = layout.contiguous_offsets() else {
@@ -82,22 +103,25 @@ impl CustomOp1 for FusedMatVec {
                     seg.rows
                 );
             }
-            let scale = seg.scale.as_ref().map(cpu_f32).transpose()?;
-            let mut y = vec![0f32; seg.rows * rows];
-            let x_rows: Vec<&[f32]> = xs.chunks(n_in).collect();
-            // Feature-major while computing ([segment rows, rows]), then transposed.
-            let row_scale = |o: usize| {
-                scale
-                    .as_ref()
-                    .map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[o] })
-            };
-            matvec(w, &x_rows, &lut, row_scale, &mut y);
-            parts.push(
+            let scale = scale.as_deref();
+            if scale.is_some_and(|s| s.len() != 1 && s.len() != seg.rows) {
+                candle_core::bail!("f8 matvec: a scale must be one value or one per row");
+            }
+            products.push(Product { w, scale, y });
+        }
+        let x_rows: Vec<&[f32]> = xs.chunks(n_in).collect();
+        matvec(&mut products, &x_rows, &lut);
+        drop(products);
+        let parts: Vec<Vec<f32>> = self
+            .segments
+            .iter()
+            .zip(&ys)
+            .map(|(seg, y)| {
                 (0..rows * seg.rows)
                     .map(|i| y[(i % seg.rows) * rows + i / seg.rows])
-                    .collect::<Vec<_>>(),
-            );
-        }
+                    .collect()
+            })
+            .collect();
         let n_out = self.out_features();
         let mut out = vec![0f32; rows * n_out];
         if self.gated {
