@@ -17,9 +17,10 @@ pub const GPU_DECODE_EFFICIENCY: f64 = 0.55;
 /// What a host-computed layer costs beyond its float8 products' weight reads at the rate
 /// measured for them, ms: the hidden states' hand-over, norms, attention, the threads' start
 /// and join for each product, and whatever makes the products slower inside a decode step
-/// than measured alone. Measured on the lent H200's host (RESULTS.md, commit 7840ce4: a host
-/// layer took 4.8-5.2 ms, its products alone 3.1-3.9); other hosts may differ.
-pub const HOST_LAYER_OVERHEAD_MS: f64 = 1.5;
+/// than measured alone. Fitted on the lent H200's host (RESULTS.md, commit 41f42c0: 0.9 ms
+/// where the CPU alone bounds a step, more where it shares host memory with the copies);
+/// other hosts may differ.
+pub const HOST_LAYER_OVERHEAD_MS: f64 = 1.2;
 
 /// Where a layer is computed, and from where its weights come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
