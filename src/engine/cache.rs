@@ -179,16 +179,7 @@ impl KvCache {
                 pos + t
             );
         }
-        let shape =
-            candle_core::Shape::from(&memory::kv_cache_shape(&self.config, b, self.max_len));
-        let buffer = match &self.buffer {
-            Some(buf) if buf.shape() == &shape => buf.clone(),
-            _ => {
-                let buf = Tensor::zeros(shape, qkv.dtype(), qkv.device())?;
-                self.buffer = Some(buf.clone());
-                buf
-            }
-        };
+        let buffer = self.buffer_for(b, qkv)?;
         let op = StoreKv {
             heads,
             kv_heads,
@@ -203,6 +194,21 @@ impl KvCache {
         Ok((part(0)?, part(1)?))
     }
 
+    /// The buffer for `b` sequences, allocated at full length in `like`'s dtype and on its
+    /// device when there is none of that shape yet.
+    fn buffer_for(&mut self, b: usize, like: &Tensor) -> Result<Tensor> {
+        let shape =
+            candle_core::Shape::from(&memory::kv_cache_shape(&self.config, b, self.max_len));
+        Ok(match &self.buffer {
+            Some(buf) if buf.shape() == &shape => buf.clone(),
+            _ => {
+                let buf = Tensor::zeros(shape, like.dtype(), like.device())?;
+                self.buffer = Some(buf.clone());
+                buf
+            }
+        })
+    }
+
     /// Keys and values of positions `from..to`, `[2, b, kv_heads, to - from, d]`, as stored.
     pub fn positions(&self, from: usize, to: usize) -> Result<Tensor> {
         match &self.buffer {
@@ -214,17 +220,7 @@ impl KvCache {
     /// Writes `rows` (`[2, b, kv_heads, t, d]` of keys and values, the buffer's dtype once it
     /// has one) at position `at`, allocating the buffer on `rows`' device first if needed.
     pub fn write_positions(&mut self, rows: &Tensor, at: usize) -> Result<()> {
-        let b = rows.dim(1)?;
-        let shape =
-            candle_core::Shape::from(&memory::kv_cache_shape(&self.config, b, self.max_len));
-        let buffer = match &self.buffer {
-            Some(buf) if buf.shape() == &shape => buf.clone(),
-            _ => {
-                let buf = Tensor::zeros(shape, rows.dtype(), rows.device())?;
-                self.buffer = Some(buf.clone());
-                buf
-            }
-        };
+        let buffer = self.buffer_for(rows.dim(1)?, rows)?;
         buffer.slice_set(&rows.to_dtype(buffer.dtype())?.contiguous()?, 3, at)
     }
 

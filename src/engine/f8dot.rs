@@ -251,6 +251,17 @@ pub fn measure_gbps(rows: usize, hidden: usize, kv_width: usize, intermediate: u
     bytes as f64 / (best * 1e9)
 }
 
+/// A vectorised path's last step for one row: the elements past the last whole block
+/// (`from..`) added into their partial sums as the scalar path adds them (`x` scaled by 256,
+/// the code's value divided by 256: the same product), then the sums in their fixed order.
+#[cfg(target_arch = "x86_64")]
+fn finish(mut sums: [f32; LANES], w: &[u8], from: usize, x: &[f32], lut: &[f32; 256]) -> f32 {
+    for j in from..w.len() {
+        sums[j % LANES] += lut[w[j] as usize] / 256.0 * x[j];
+    }
+    reduce(&sums)
+}
+
 /// The partial sums added in one fixed order (halves, then quarters, ...).
 fn reduce(acc: &[f32; LANES]) -> f32 {
     let mut v = *acc;
@@ -271,7 +282,7 @@ const MAX_SIMD_ROWS: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{reduce, LANES, MAX_SIMD_ROWS};
+    use super::{finish, LANES, MAX_SIMD_ROWS};
     use std::arch::x86_64::*;
 
     /// Sixteen E4M3 codes as f32 values divided by 256: the code's bits moved into a
@@ -321,17 +332,14 @@ mod avx2 {
             for (i, v) in acc[r].iter().enumerate() {
                 _mm256_storeu_ps(sums.as_mut_ptr().add(8 * i), *v);
             }
-            for j in full..n {
-                sums[j % LANES] += lut[w[j] as usize] / 256.0 * xs[r][j];
-            }
-            out[r] = reduce(&sums);
+            out[r] = finish(sums, w, full, xs[r], lut);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{reduce, LANES, MAX_SIMD_ROWS};
+    use super::{finish, LANES, MAX_SIMD_ROWS};
     use std::arch::x86_64::*;
 
     /// Thirty-two E4M3 codes as f32 values divided by 256, as `avx2::decode16` makes them:
@@ -350,6 +358,17 @@ mod avx512 {
             _mm512_cvtph_ps(_mm512_castsi512_si256(half)),
             _mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1)),
         )
+    }
+
+    /// A row's two sum registers as its [`LANES`] partial sums.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn stored(acc: &[__m512; LANES / 16]) -> [f32; LANES] {
+        let mut sums = [0f32; LANES];
+        for (i, v) in acc.iter().enumerate() {
+            _mm512_storeu_ps(sums.as_mut_ptr().add(16 * i), *v);
+        }
+        sums
     }
 
     /// Weight rows [`dots_group`] takes at once.
@@ -392,14 +411,7 @@ mod avx512 {
         for k in 0..GROUP {
             let wk = &w[k * n..(k + 1) * n];
             for r in 0..rows {
-                let mut sums = [0f32; LANES];
-                for (i, v) in acc[k][r].iter().enumerate() {
-                    _mm512_storeu_ps(sums.as_mut_ptr().add(16 * i), *v);
-                }
-                for j in full..n {
-                    sums[j % LANES] += lut[wk[j] as usize] / 256.0 * xs[r][j];
-                }
-                out[k * rows + r] = reduce(&sums);
+                out[k * rows + r] = finish(stored(&acc[k][r]), wk, full, xs[r], lut);
             }
         }
     }
@@ -423,14 +435,7 @@ mod avx512 {
             e += LANES;
         }
         for r in 0..rows {
-            let mut sums = [0f32; LANES];
-            for (i, v) in acc[r].iter().enumerate() {
-                _mm512_storeu_ps(sums.as_mut_ptr().add(16 * i), *v);
-            }
-            for j in full..n {
-                sums[j % LANES] += lut[w[j] as usize] / 256.0 * xs[r][j];
-            }
-            out[r] = reduce(&sums);
+            out[r] = finish(stored(&acc[r]), w, full, xs[r], lut);
         }
     }
 }
