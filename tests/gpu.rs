@@ -509,6 +509,32 @@ fn host_layers_prefill_as_streamed_ones_do() {
     assert_eq!(hybrid.transfer_stats().unwrap().cpu_compute_layers, 4);
 }
 
+/// Two lanes of a few tokens each through CPU-computed layers (each lane handed over on its
+/// own, the second written into the hand-over buffer right after the first's kernel was
+/// queued) give what the same lanes give through streamed layers, within the GPU's rounding.
+#[test]
+fn lanes_of_a_few_tokens_cross_to_the_cpu_and_back_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), Precision::Float8Plain);
+    let run = |cpu_layers: usize| {
+        let mut engine = hybrid_engine(&path, 1, cpu_layers);
+        let other = engine.add_lane();
+        let (a, b) = (
+            engine.embed_ids(&[5, 17, 99]).unwrap(),
+            engine.embed_ids(&[9, 8]).unwrap(),
+        );
+        let out = engine.forward_lanes(&[(0, &a), (other, &b)]).unwrap();
+        out.iter().flat_map(host_f32).collect::<Vec<f32>>()
+    };
+    let (want, got) = (run(0), run(4));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 0.05, "worst relative difference {worst}");
+}
+
 /// The fused kernel on inputs past float16's range (1e5 among small values), 1, 3 and 8 rows,
 /// plain and RMS-normalised, against the CPU.
 #[test]

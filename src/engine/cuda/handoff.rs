@@ -1,8 +1,8 @@
 //! Hybrid decoding's hand-over of hidden states between the GPU and the host CPU, through one
-//! mapped pinned buffer that kernels read and write directly (`kernels/handoff.cu`). A copy
-//! (`Tensor::to_device`) would take the copy engine, which runs host-to-device copies in
-//! order: the hidden states coming back from a host-computed layer would wait behind the
-//! streamed layer being copied, up to a whole layer's copy time.
+//! mapped pinned buffer that kernels read and write directly (`kernels/handoff.cu`): no
+//! staging copy and no place in the copy engine's queue, which the streamed layers' copies
+//! keep busy. (It was built on the guess that a small copy waited behind a layer's; measured
+//! on the H200, ms/token did not move: RESULTS.md, 7d1e3dc.)
 
 use super::launch::RawArgs;
 use super::{cuda_view, Module};
@@ -19,11 +19,13 @@ pub struct Handoff {
     slice: PinnedHostSlice<f32>,
     ptr: *mut f32,
     dev: CudaDevice,
+    /// An upload's kernel may still be reading the buffer (none since the last wait).
+    reading: bool,
 }
 
 // SAFETY: the pointer is owned by `slice` (Send and Sync); it is written by the host only
-// through `&mut self`, after the stream's kernels that read it have finished (`to_host`
-// synchronises before handing values back, and every `to_device` follows a `to_host`).
+// through `&mut self`, once no kernel reads it: `download` synchronises the stream before
+// handing values back, and `upload` waits for the previous upload's kernel (`reading`).
 unsafe impl Send for Handoff {}
 unsafe impl Sync for Handoff {}
 
@@ -43,6 +45,7 @@ impl Handoff {
             slice,
             ptr,
             dev: dev.clone(),
+            reading: false,
         })
     }
 
@@ -93,6 +96,7 @@ impl Handoff {
             self.launch("handoff_to_host", &mut args, n)?;
         }
         stream.synchronize()?;
+        self.reading = false;
         // SAFETY: the kernel that wrote these `n` values has finished (synchronised above).
         let values = unsafe { std::slice::from_raw_parts(self.ptr, n) }.to_vec();
         Ok(Tensor::from_vec(values, x.shape(), &Device::Cpu)?)
@@ -103,10 +107,16 @@ impl Handoff {
         let values = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let n = values.len();
         self.check(n)?;
-        // SAFETY: the stream has no kernel reading the buffer now: the last `to_host`
-        // synchronised it, and a `to_device` comes only after one (the engine's order).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }.copy_from_slice(&values);
         let stream = self.dev.cuda_stream();
+        // Several lanes come back one after another: the last one's kernel must be done
+        // reading before the buffer is written again.
+        if self.reading {
+            stream.synchronize()?;
+        }
+        // SAFETY: no kernel reads the buffer now (the stream was synchronised since the last
+        // upload's kernel, here or by a download).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }.copy_from_slice(&values);
+        self.reading = true;
         // SAFETY: every element is written by the kernel below.
         let out = unsafe { self.dev.alloc::<half::bf16>(n)? };
         let mut args = RawArgs::default();
