@@ -98,3 +98,27 @@ fn bad_cpu_layer_counts_are_refused() {
         &["--cpu-layers 3 is more than the 2 layers"],
     );
 }
+
+#[test]
+fn a_speech_bench_row_computes_at_most_the_layers_it_leaves_offloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "bench",
+        "--speech",
+        "--device",
+        "cpu",
+        "--layers",
+        "4,1",
+        "--cpu-layers",
+        "2",
+        "--force-frames",
+        "1",
+        "--steps",
+        "1",
+        "--json",
+    ];
+    let report: serde_json::Value = serde_json::from_str(&ok(d, &args)).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{report}");
+}

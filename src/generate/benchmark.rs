@@ -50,10 +50,16 @@ pub fn run_benchmark(
     let vram_baseline = request
         .vram_baseline
         .or_else(|| GpuProbe::of(request.engine.device).used_bytes());
+    let num_layers = model.open()?.inventory.num_layers();
     let with_layers = |layers: usize| {
         let mut r = request.clone();
         r.vram_baseline = vram_baseline;
         r.engine.gpu_layers = layers;
+        // The CPU computes at most the layers a configuration leaves offloaded.
+        r.engine.cpu_layers = request
+            .engine
+            .cpu_layers
+            .min(num_layers.saturating_sub(layers));
         r.force = true;
         r
     };

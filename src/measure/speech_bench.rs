@@ -194,7 +194,12 @@ pub fn run_speech_bench(
         .layer_counts
         .iter()
         .map(|&n| {
-            let e = plan::estimate(&info, &plan, n)?;
+            let offloaded = info.inventory.num_layers().saturating_sub(n);
+            let row_plan = PlanOptions {
+                cpu_layers: plan.cpu_layers.min(offloaded),
+                ..plan.clone()
+            };
+            let e = plan::estimate(&info, &row_plan, n)?;
             Ok(FrameBytes {
                 streamed: e.pinned_host_bytes,
                 layers: e.resident_layers_bytes + e.pinned_host_bytes,

@@ -440,7 +440,8 @@ pub struct PlanArgs {
     /// Hybrid decoding: the host CPU computes N of the offloaded layers while the others
     /// stream, so fewer bytes cross PCIe per token (their weights and KV caches stay in host
     /// memory). `auto` (run, generate, bench) measures this machine's PCIe, GPU and CPU and
-    /// takes the split predicted fastest.
+    /// takes the split predicted fastest. A bench row that keeps more layers resident computes
+    /// at most those it leaves offloaded.
     #[arg(long, default_value = "0", value_name = "N|auto")]
     pub cpu_layers: CpuLayersArg,
 }
