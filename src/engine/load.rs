@@ -333,22 +333,7 @@ impl Engine {
         let rope = Rope::new(&info.config, options.max_seq_len, dtype, &device)?;
         let watch = Watch::new(&device)?;
         let host = (options.cpu_layers > 0)
-            .then(|| -> Result<super::HostCompute> {
-                Ok(super::HostCompute {
-                    rope: Rope::new(&info.config, options.max_seq_len, DType::F32, &Device::Cpu)?,
-                    watch: Watch::new(&Device::Cpu)?,
-                    #[cfg(feature = "cuda")]
-                    handoff: match &device {
-                        Device::Cuda(d) => Some(super::cuda::Handoff::new(
-                            d,
-                            memory::PREFILL_CHUNK_TOKENS as usize * info.config.hidden_size,
-                        )?),
-                        _ => None,
-                    },
-                    compute_ms: 0.0,
-                    handoff_ms: 0.0,
-                })
-            })
+            .then(|| super::host::HostCompute::new(&info.config, options.max_seq_len, &device))
             .transpose()?;
         device.synchronize()?;
         timings.non_layer_ms = ms_since(phase);

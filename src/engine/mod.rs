@@ -6,6 +6,8 @@ pub mod attention;
 pub mod cache;
 pub mod dequant;
 mod f8dot;
+mod host;
+mod lanes;
 mod load;
 pub mod matvec;
 pub mod model;
@@ -26,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use cache::Lane;
 use candle_core::{DType, Device, Tensor};
 use dequant::{dequantize, RawTensor};
+use lanes::{step_each, step_lanes};
 use model::Rope;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -98,7 +101,7 @@ pub struct Engine {
     embed_scale: Option<TensorInfo>,
     rope: Rope,
     /// For the layers the host CPU computes (hybrid decoding), when there are any.
-    host: Option<HostCompute>,
+    host: Option<host::HostCompute>,
     streamer: LayerStreamer,
     /// The sequences kept: lane 0 is the one `forward`, `forward_batch` and `queue_greedy`
     /// extend; more come from [`Engine::add_lane`].
@@ -109,44 +112,6 @@ pub struct Engine {
     watch: Watch,
     /// Inside [`Engine::time_queued`]: the watch is read after the timed work, not in it.
     watch_deferred: bool,
-}
-
-/// What the layers the host CPU computes use besides their weights: the rotary tables and a
-/// watch in f32 on the CPU, the hidden states' way there and back, and where the time went.
-struct HostCompute {
-    rope: Rope,
-    watch: Watch,
-    /// The GPU's mapped hand-over buffer (a copy would queue behind the streamed layers').
-    #[cfg(feature = "cuda")]
-    handoff: Option<cuda::Handoff>,
-    /// Time in host-computed layers, hand-overs included, since the statistics were reset.
-    compute_ms: f64,
-    /// Of it, handing hidden states over (and waiting for the GPU's work before).
-    handoff_ms: f64,
-}
-
-impl HostCompute {
-    /// `x` as f32 on the CPU, once the device's queued work is done.
-    fn download(&mut self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Some(h) = &mut self.handoff {
-            if h.takes(x.elem_count()) {
-                return h.download(x);
-            }
-        }
-        Ok(x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
-    }
-
-    /// `x` back on `device` in `dtype`.
-    fn upload(&mut self, x: &Tensor, device: &Device, dtype: DType) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Some(h) = &mut self.handoff {
-            if h.takes(x.elem_count()) && dtype == DType::BF16 {
-                return h.upload(x);
-            }
-        }
-        Ok(x.to_dtype(dtype)?.to_device(device)?)
-    }
 }
 
 /// Device bytes of the engine's weights and slots, by the planner's terms.
@@ -271,24 +236,6 @@ impl Engine {
         self.check_room(0, t)
     }
 
-    fn check_room(&self, lane: LaneId, t: usize) -> Result<()> {
-        let position = self.lane(lane)?.position;
-        if position + t > self.max_seq_len {
-            bail!(
-                "the sequence would reach {} tokens, beyond --max-seq-len {}",
-                position + t,
-                self.max_seq_len
-            );
-        }
-        Ok(())
-    }
-
-    fn lane(&self, lane: LaneId) -> Result<&Lane> {
-        self.lanes
-            .get(lane)
-            .ok_or_else(|| anyhow::anyhow!("no sequence lane {lane}"))
-    }
-
     /// One chunk's inputs on the device: embeddings `[b, t, hidden]` and, for more than one
     /// token, the causal mask (built once for every layer).
     fn upload_chunk(&self, batch: &[&[u32]]) -> Result<(Tensor, Option<Tensor>)> {
@@ -356,188 +303,6 @@ impl Engine {
             outputs.push(out);
         }
         Ok(outputs)
-    }
-
-    /// Layer `i`, which the host CPU computes, for the lanes of a pass: the hidden states go
-    /// to the host, through the layer in f32 there, and back, while the streamer's copies run
-    /// on. Each lane's mask is rebuilt on the CPU.
-    fn host_layer(
-        &mut self,
-        i: usize,
-        weights: &weights::LayerWeights,
-        batched: &mut Option<Tensor>,
-        inputs: &mut [(LaneId, Tensor, Option<Tensor>)],
-    ) -> Result<()> {
-        let long = |x: &Tensor| x.dim(1).is_ok_and(|t| t > ops::MATVEC_MAX_ROWS);
-        if batched.is_none() && self.on_gpu() && inputs.iter().any(|(_, x, _)| long(x)) {
-            return self.host_layer_prefill(i, weights, inputs);
-        }
-        let config = &self.info.config;
-        let host = self
-            .host
-            .as_mut()
-            .expect("host layers have their host state");
-        let started = std::time::Instant::now();
-        let mut host_batched = batched.as_ref().map(|x| host.download(x)).transpose()?;
-        let mut host_inputs = Vec::with_capacity(inputs.len());
-        if host_batched.is_none() {
-            for (lane, x, mask) in inputs.iter() {
-                let position = self.lanes[*lane].position;
-                let mask = match mask {
-                    Some(_) => Some(model::causal_mask(x.dim(1)?, position, &Device::Cpu)?),
-                    None => None,
-                };
-                host_inputs.push((*lane, host.download(x)?, mask));
-            }
-        }
-        let handed = started.elapsed();
-        let at = (&host.rope, &host.watch);
-        let stepped = match &mut host_batched {
-            Some(x) => step_lanes(config, weights, i, x, inputs, &mut self.lanes, at),
-            None => step_each(config, weights, i, &mut host_inputs, &mut self.lanes, at),
-        };
-        // The host watch was written as the layer ran: look at it now.
-        stepped.and(host.watch.take())?;
-        let computed = started.elapsed();
-        if let (Some(x), Some(h)) = (batched.as_mut(), &host_batched) {
-            *x = host.upload(h, &self.device, self.dtype)?;
-        }
-        for ((_, x, _), (_, h, _)) in inputs.iter_mut().zip(&host_inputs) {
-            *x = host.upload(h, &self.device, self.dtype)?;
-        }
-        let total = started.elapsed();
-        host.compute_ms += total.as_secs_f64() * 1e3;
-        host.handoff_ms += (handed + total - computed).as_secs_f64() * 1e3;
-        Ok(())
-    }
-
-    /// Layer `i`, which the host CPU computes when decoding, for a prefill on the GPU: many
-    /// tokens make it compute-bound, and the GPU does that in a fraction of the time its
-    /// weights take to upload (on the CPU it took ~0.35 s a 7B layer for 128 tokens). Each
-    /// lane's earlier keys and values go up with them, the new ones come back to its host
-    /// cache (f32, from the GPU's bf16). The results are a streamed layer's, bit for bit.
-    fn host_layer_prefill(
-        &mut self,
-        i: usize,
-        weights: &weights::LayerWeights,
-        inputs: &mut [(LaneId, Tensor, Option<Tensor>)],
-    ) -> Result<()> {
-        let config = &self.info.config;
-        let gpu = weights.to_device(&self.device, self.dtype)?;
-        for (lane, x, mask) in inputs.iter_mut() {
-            let t = x.dim(1)?;
-            let lane = &mut self.lanes[*lane];
-            let position = lane.position;
-            let mut scratch = cache::KvCache::new(config, position + t);
-            if position > 0 {
-                let earlier = lane.caches[i].positions(0, position)?;
-                let earlier = earlier.to_dtype(self.dtype)?.to_device(&self.device)?;
-                scratch.write_positions(&earlier, 0)?;
-            }
-            let at = model::At {
-                offset: position,
-                mask: mask.as_ref(),
-                watch: &self.watch,
-                layer: i,
-            };
-            *x = model::decoder_layer(config, &gpu, x, &self.rope, &mut scratch, at)
-                .with_context(|| format!("decoder layer {i} (prefill on the GPU)"))?;
-            let fresh = scratch.positions(position, position + t)?;
-            let fresh = fresh.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            lane.caches[i].write_positions(&fresh, position)?;
-        }
-        Ok(())
-    }
-
-    /// Adds an empty sequence lane and returns its id. Lanes run together in
-    /// [`Engine::forward_lanes`], sharing every weight copy.
-    pub fn add_lane(&mut self) -> LaneId {
-        self.lanes
-            .push(Lane::new(&self.info.config, self.max_seq_len));
-        self.lanes.len() - 1
-    }
-
-    /// Empties one lane's cache (its next token is at position 0).
-    pub fn reset_lane(&mut self, lane: LaneId) -> Result<()> {
-        self.lane(lane)?;
-        self.lanes[lane].position = 0;
-        Ok(())
-    }
-
-    /// Forgets a lane's positions from `position` on (a pass computed speculatively and not
-    /// kept: the cache is positional, so the next pass overwrites them).
-    pub fn truncate_lane(&mut self, lane: LaneId, position: usize) -> Result<()> {
-        let held = self.lane(lane)?.position;
-        if position > held {
-            bail!("lane {lane} holds {held} positions, it cannot be cut to {position}");
-        }
-        self.lanes[lane].position = position;
-        Ok(())
-    }
-
-    /// Positions a lane holds.
-    pub fn lane_position(&self, lane: LaneId) -> Result<usize> {
-        Ok(self.lane(lane)?.position)
-    }
-
-    /// Token embeddings `[ids.len(), hidden]` in the compute dtype, on the device: the input
-    /// [`Engine::forward_lanes`] takes for text tokens.
-    pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
-        if ids.is_empty() {
-            bail!("no input tokens");
-        }
-        Ok(self.embed(&[ids])?.squeeze(0)?)
-    }
-
-    /// Runs input embeddings (`[tokens, hidden]`, any number of tokens) through the model,
-    /// each after the tokens already in its lane, all lanes in one pass over the layers (a
-    /// streamed layer is copied once and serves every lane). Returns each lane's final-normed
-    /// hidden states `[tokens, hidden]`, in order; fails, naming the layer, on NaN or infinity.
-    pub fn forward_lanes(&mut self, inputs: &[(LaneId, &Tensor)]) -> Result<Vec<Tensor>> {
-        let hidden = self.info.config.hidden_size;
-        let mut lengths = Vec::with_capacity(inputs.len());
-        for (i, (lane, x)) in inputs.iter().enumerate() {
-            let (t, width) = x.dims2()?;
-            lengths.push(t);
-            if t == 0 || width != hidden {
-                bail!("lane input {i} is [{t}, {width}], not [tokens, {hidden}]");
-            }
-            if inputs[..i].iter().any(|(l, _)| l == lane) {
-                bail!("lane {lane} appears twice in one pass");
-            }
-            self.check_room(*lane, t)?;
-        }
-        // Chunked like prompts (plan::memory::PREFILL_CHUNK_TOKENS): a lane whose input is
-        // used up sits out the remaining chunks.
-        let chunk = memory::PREFILL_CHUNK_TOKENS as usize;
-        let longest = lengths.iter().copied().max().unwrap_or(0);
-        let mut pieces: Vec<Vec<Tensor>> = vec![Vec::new(); inputs.len()];
-        for start in (0..longest).step_by(chunk) {
-            let mut chunk_inputs = Vec::new();
-            let mut owners = Vec::new();
-            for (k, ((lane, x), &t)) in inputs.iter().zip(&lengths).enumerate() {
-                if start >= t {
-                    continue;
-                }
-                let n = chunk.min(t - start);
-                let position = self.lanes[*lane].position;
-                let mask = (n > 1)
-                    .then(|| model::causal_mask(n, position, &self.device))
-                    .transpose()?;
-                let piece = x.narrow(0, start, n)?.to_dtype(self.dtype)?.unsqueeze(0)?;
-                chunk_inputs.push((*lane, piece, mask));
-                owners.push(k);
-            }
-            let outputs = self.forward_chunk_lanes(chunk_inputs)?;
-            for (k, out) in owners.into_iter().zip(outputs) {
-                pieces[k].push(out.squeeze(0)?);
-            }
-        }
-        self.take_watch()?;
-        pieces
-            .into_iter()
-            .map(|p| Ok(Tensor::cat(&p, 0)?))
-            .collect()
     }
 
     /// Logits (f32) for final-normed hidden states: `[vocab]` for `[hidden]`, `[rows, vocab]`
@@ -700,54 +465,6 @@ impl Engine {
         let scale = self.embed_scale.as_ref().map(rows).transpose()?;
         Ok(dequantize(&embedding, scale.as_ref(), self.dtype)?.reshape((b, t, hidden))?)
     }
-}
-
-/// Layer `i` for one token of each of several lanes, batched as `x` (`[lanes, 1, hidden]`),
-/// the lanes named by `inputs`; `x` becomes the layer's output.
-fn step_lanes(
-    config: &crate::arch::config::ModelConfig,
-    weights: &weights::LayerWeights,
-    i: usize,
-    x: &mut Tensor,
-    inputs: &[(LaneId, Tensor, Option<Tensor>)],
-    lanes: &mut [Lane],
-    (rope, watch): (&Rope, &Watch),
-) -> Result<()> {
-    let mut free: Vec<Option<&mut Lane>> = lanes.iter_mut().map(Some).collect();
-    let mut caches = Vec::with_capacity(inputs.len());
-    let mut offsets = Vec::with_capacity(inputs.len());
-    for (lane, _, _) in inputs {
-        let lane = free[*lane].take().expect("lanes are distinct");
-        offsets.push(lane.position);
-        caches.push(&mut lane.caches[i]);
-    }
-    *x = model::decoder_layer_lanes(config, weights, x, rope, &mut caches, &offsets, (watch, i))
-        .with_context(|| format!("decoder layer {i}"))?;
-    Ok(())
-}
-
-/// Layer `i` for each lane's chunk in turn (any number of tokens, with its mask); each input
-/// becomes the layer's output.
-fn step_each(
-    config: &crate::arch::config::ModelConfig,
-    weights: &weights::LayerWeights,
-    i: usize,
-    inputs: &mut [(LaneId, Tensor, Option<Tensor>)],
-    lanes: &mut [Lane],
-    (rope, watch): (&Rope, &Watch),
-) -> Result<()> {
-    for (lane, x, mask) in inputs.iter_mut() {
-        let lane = &mut lanes[*lane];
-        let at = model::At {
-            offset: lane.position,
-            mask: mask.as_ref(),
-            watch,
-            layer: i,
-        };
-        *x = model::decoder_layer(config, weights, x, rope, &mut lane.caches[i], at)
-            .with_context(|| format!("decoder layer {i}"))?;
-    }
-    Ok(())
 }
 
 /// Writes hidden states and logits as safetensors to `path` (through a temporary file).
