@@ -8,7 +8,7 @@ use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranulari
 use vibeoffload::engine::{DeviceChoice, EngineOptions};
 use vibeoffload::plan::Placement;
 
-use common::tiny::{config, load, trace, values, write_model, LAYERS};
+use common::tiny::{config, load, trace, values, write_model, LAYERS, PRECISIONS};
 
 #[test]
 fn streamed_layers_are_bit_identical_to_resident_ones() {
@@ -94,11 +94,7 @@ fn sequences_beyond_max_seq_len_are_refused() {
 #[test]
 fn hidden_states_match_a_float64_reference() {
     let dir = tempfile::tempdir().unwrap();
-    for precision in [
-        Precision::Float8Plain,
-        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
-        Precision::BF16,
-    ] {
+    for precision in PRECISIONS {
         let path = write_model(dir.path(), precision, false);
         let c = config(false);
         // 12 prompt tokens take the dequantise-and-multiply path, the 13th the fused decode path.
@@ -393,12 +389,7 @@ fn lanes_in_one_pass_equal_each_sequence_alone() {
     let dir = tempfile::tempdir().unwrap();
     let long: &[u32] = &[5, 17, 99, 3, 150, 1, 2, 3, 4, 5, 6];
     let short: &[u32] = &[9, 8];
-    let precisions = [
-        Precision::Float8Plain,
-        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
-        Precision::BF16,
-    ];
-    for (precision, gpu_layers) in precisions.into_iter().flat_map(|p| [(p, LAYERS), (p, 1)]) {
+    for (precision, gpu_layers) in PRECISIONS.into_iter().flat_map(|p| [(p, LAYERS), (p, 1)]) {
         let path = write_model(dir.path(), precision, false);
         let options = EngineOptions {
             gpu_layers,

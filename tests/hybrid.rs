@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::tiny::{load, trace, values, write_model, LAYERS};
-use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
+use common::tiny::{load, trace, values, write_model, LAYERS, PRECISIONS};
+use vibeoffload::checkpoint::layout::Precision;
 use vibeoffload::checkpoint::ModelInfo;
 use vibeoffload::engine::{DeviceChoice, Engine, EngineOptions};
 use vibeoffload::plan::Placement;
@@ -14,11 +14,7 @@ use vibeoffload::plan::Placement;
 #[test]
 fn host_computed_layers_change_no_bit_and_are_never_copied() {
     let dir = tempfile::tempdir().unwrap();
-    for precision in [
-        Precision::Float8Plain,
-        Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
-        Precision::BF16,
-    ] {
+    for precision in PRECISIONS {
         let path = write_model(dir.path(), precision, false);
         let resident = EngineOptions {
             gpu_layers: LAYERS,

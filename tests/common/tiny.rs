@@ -5,12 +5,20 @@ use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 use vibeoffload::arch::config::ModelConfig;
 use vibeoffload::arch::speech::SpeechConfig;
-use vibeoffload::checkpoint::layout::Precision;
+use vibeoffload::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
 use vibeoffload::checkpoint::synth::{self, SynthSpec};
 use vibeoffload::checkpoint::ModelInfo;
 use vibeoffload::engine::{Engine, EngineOptions};
 
 pub const LAYERS: usize = 4;
+
+/// The precisions the engine tests cover: plain float8, float8 with a scale per output
+/// channel, bf16.
+pub const PRECISIONS: [Precision; 3] = [
+    Precision::Float8Plain,
+    Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel),
+    Precision::BF16,
+];
 
 pub fn config(tied: bool) -> ModelConfig {
     ModelConfig {
