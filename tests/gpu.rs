@@ -497,11 +497,7 @@ fn host_layers_prefill_as_streamed_ones_do() {
     }
     let step = host_f32(&hybrid.forward(&[7]).unwrap());
     let want = host_f32(&streamed.forward(&[7]).unwrap());
-    let worst = step
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-        .fold(0.0f32, f32::max);
+    let worst = worst_relative(&want, &step);
     assert!(
         worst < 0.05,
         "a step through the CPU's layers: worst relative {worst}"
@@ -527,11 +523,7 @@ fn lanes_of_a_few_tokens_cross_to_the_cpu_and_back_in_turn() {
         out.iter().flat_map(host_f32).collect::<Vec<f32>>()
     };
     let (want, got) = (run(0), run(4));
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-        .fold(0.0f32, f32::max);
+    let worst = worst_relative(&want, &got);
     assert!(worst < 0.05, "worst relative difference {worst}");
 }
 
