@@ -9,18 +9,31 @@
 #      the CPU), BATCH2_SPLITS (default "8:0 8:12"; the CFG pair), GEN (tokens, default 16),
 #      AUTO=1 (also `bench --cpu-layers auto` at N = 8 and 0, batch 1 and 2, and a 32-frame
 #      `generate --num-gpu-layers 8 --cpu-layers auto` of the demo script in dist/voice),
+#      CALIBRATE=1 (first `bench --calibrate`; the benches and `generate` after it predict and
+#      split from that calibration, so their predictions are checks it was not fitted on),
 #      SKIP_TESTS=1. The JSON go to $OUT/hybrid.tgz.
 source "$(dirname "$0")/gpu-env.sh"
 lscpu | grep -E "^Model name|^CPU\(s\)|^Thread|^NUMA node\(s\)" || :
 if [[ -z ${SKIP_TESTS:-} ]]; then run_gpu_tests; fi
 mkdir -p /tmp/hy
+cal=()
+if [[ -n ${CALIBRATE:-} ]]; then
+  echo "== bench --calibrate"
+  "$bin" bench --calibrate --device cuda --model-path "$model" --runs 2 --gen-tokens "${GEN:-16}" \
+    --calibration /tmp/hy/calibration.json > /tmp/hy.log 2>&1 ||
+    { tail -5 /tmp/hy.log; fail "bench --calibrate"; }
+  cat /tmp/hy.log
+  cal=(--calibration /tmp/hy/calibration.json)
+  "$bin" table --lm-only --layers 28,20,12,8,4,0 --cpu-layers auto "${cal[@]}" 2>&1 | grep -E "^│|^CPU|^  " ||
+    fail "table --cpu-layers auto from the calibration"
+fi
 measure() {
   local batch=$1 spec=$2 n c json
   n=${spec%%:*}
   c=${spec##*:}
   json=/tmp/hy/b$batch-n$n-c$c.json
   "$bin" bench --device cuda --model-path "$model" --layers "$n" --cpu-layers "$c" --batch "$batch" \
-    --runs 2 --gen-tokens "${GEN:-16}" --json-out "$json" > /tmp/hy.log 2>&1 ||
+    --runs 2 --gen-tokens "${GEN:-16}" --json-out "$json" "${cal[@]}" > /tmp/hy.log 2>&1 ||
     { tail -3 /tmp/hy.log; fail "bench N=$n C=$c batch $batch"; return; }
   python3 - "$json" "$n" "$c" "$batch" <<'PY'
 import json, sys
@@ -56,7 +69,8 @@ if [[ -n ${AUTO:-} ]]; then
   for batch in 1 2; do
     echo "== bench --cpu-layers auto, batch $batch"
     "$bin" bench --device cuda --model-path "$model" --layers 8,0 --cpu-layers auto --batch "$batch" \
-      --runs 2 --gen-tokens "${GEN:-16}" --json-out "/tmp/hy/auto-b$batch.json" > /tmp/hy.log 2>&1 ||
+      --runs 2 --gen-tokens "${GEN:-16}" --json-out "/tmp/hy/auto-b$batch.json" "${cal[@]}" \
+      > /tmp/hy.log 2>&1 ||
       { tail -3 /tmp/hy.log; fail "bench --cpu-layers auto, batch $batch"; }
     sed -n '/^hybrid decoding/,$p' /tmp/hy.log
   done
@@ -64,7 +78,8 @@ if [[ -n ${AUTO:-} ]]; then
   voice=dist/voice
   "$bin" generate --device cuda --model-path "$model" --num-gpu-layers 8 --cpu-layers auto \
     --script "$voice/2p_short.txt" --voice "$voice/en-Alice_woman.wav" --voice "$voice/en-Frank_man.wav" \
-    --force-frames 32 --steps 10 --out /tmp/hy.wav --force --json-out /tmp/hy/generate.json > /tmp/gen.log 2>&1 ||
+    --force-frames 32 --steps 10 --out /tmp/hy.wav --force --json-out /tmp/hy/generate.json \
+    "${cal[@]}" > /tmp/gen.log 2>&1 ||
     { tail -5 /tmp/gen.log; fail "generate --cpu-layers auto"; }
   grep -E "cpu-layers auto|RTF|real-time" /tmp/gen.log | head -5 || :
 fi

@@ -62,9 +62,10 @@ fn bad_cpu_layer_counts_are_refused() {
         2,
         &["`some` is neither a layer count nor `auto`"],
     );
+    // `auto` plans VRAM alone (`table` takes `auto` from a calibration: tests/cli_calibration.rs).
     fails(
         d,
-        &["table", "--cpu-layers", "auto"],
+        &["auto", "--cpu-layers", "auto", "--vram", "8GiB"],
         2,
         &[
             "--cpu-layers auto measures this machine",

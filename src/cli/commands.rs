@@ -7,7 +7,7 @@ use super::args::{
     RunArgs, ScopeArgs, SynthArgs, TableArgs,
 };
 use super::progress::Progress;
-use super::settings::convert_precision;
+use super::settings::{calibration, convert_precision, refuse_auto_cpu_layers};
 use super::settings::{
     every_fourth, fixed_choice, generate_request, legacy_checkpoint, load_options, model_info,
     refuse_legacy_gen_tokens, synth_spec, BenchSettings, Planning, RunSettings,
@@ -25,7 +25,8 @@ use vibeoffload::measure::{
 };
 use vibeoffload::plan::presets;
 use vibeoffload::report::{
-    self, plot_bench, plot_speech_bench, InspectReport, PlanReport, Render, TableReport,
+    self, plot_bench, plot_speech_bench, CalibrationReport, InspectReport, PlanReport, Render,
+    TableReport,
 };
 
 /// What a command leaves: text for stdout, and a failure to report after printing it.
@@ -54,6 +55,7 @@ pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
         return table(TableArgs {
             layers: None,
             planning: a.planning,
+            calibration: Default::default(),
             output: a.output,
         });
     }
@@ -78,6 +80,7 @@ pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
             test_speed: true,
             checkpoint: a.planning.model.checkpoint,
             plan: a.planning.plan,
+            calibration: Default::default(),
             gpu: a.planning.gpu,
             budget: a.planning.budget,
             engine: a.engine,
@@ -90,6 +93,7 @@ pub fn legacy(mut a: LegacyArgs) -> Result<Output> {
             },
         });
     }
+    refuse_auto_cpu_layers(&a.planning.plan)?;
     let p = Planning::resolve(&a.planning)?;
     let report = match fixed_choice(&p.model, &a.choice)? {
         Some((choice, layers)) => {
@@ -135,17 +139,29 @@ pub fn table(a: TableArgs) -> Result<Output> {
     let layers = a
         .layers
         .unwrap_or_else(|| every_fourth(p.model.inventory.num_layers()));
+    let budget = p.budget.optional();
+    let predicted = calibration::table_prediction(
+        a.calibration.calibration.as_deref(),
+        budget
+            .as_ref()
+            .and_then(|b| b.gpu.as_ref())
+            .map(|g| g.name.clone()),
+        &p.options,
+        p.auto_cpu_layers,
+    )?;
     let report = TableReport::build(
         &p.model,
         &p.options,
         &layers,
-        p.budget.optional(),
+        budget,
         p.budget.target_utilization,
+        predicted,
     )?;
     text_or_json(&report, a.output.json)
 }
 
 pub fn auto(a: AutoArgs) -> Result<Output> {
+    refuse_auto_cpu_layers(&a.planning.plan)?;
     let p = Planning::resolve(&a.planning)?;
     let report = PlanReport::auto(&p.model, &p.options, p.budget.required()?)?;
     text_or_json(&report, a.output.json)
@@ -309,6 +325,9 @@ pub fn bench(a: BenchArgs) -> Result<Output> {
     if a.speech {
         return bench_speech(&a);
     }
+    if a.calibrate {
+        return bench_calibrate(&a);
+    }
     let s = BenchSettings::resolve(&a)?;
     let rows = s.options.layer_counts.len() as u64;
     let mut bar = Progress::steps("bench", "rows", rows);
@@ -337,6 +356,22 @@ pub fn bench(a: BenchArgs) -> Result<Output> {
     let mut out = report_out(&report, &a.output)?;
     out.failure = report.comparison.as_ref().and_then(|c| c.verdict().err());
     Ok(out)
+}
+
+/// `bench --calibrate`: this machine's rates, stored where the predictions find them.
+fn bench_calibrate(a: &BenchArgs) -> Result<Output> {
+    let path = calibration::target(a.calibration.calibration.as_deref())?;
+    let s = BenchSettings::resolve(a)?;
+    measure::calibrate::check_device(s.options.engine.device)?;
+    let mut bar = Progress::spinner("bench --calibrate");
+    let measured = measure::calibrate::calibrate(&s.model, &s.options, |m| bar.status(m));
+    bar.finish();
+    let report = CalibrationReport {
+        path,
+        calibration: measured?,
+    };
+    measure::calibrate::write(&report.calibration, &report.path)?;
+    report_out(&report, &a.output)
 }
 
 /// `bench --speech`: the whole text-to-speech loop at each layer count, after a warm-up.

@@ -7,6 +7,7 @@ use super::{load, random_ids, random_prompts, speed, taken_bytes, GpuProbe, Mode
 use crate::checkpoint::summary::ModelSummary;
 use crate::engine::{self, EngineOptions, LoadTimings};
 use crate::gpu;
+use crate::plan::calibration::Calibration;
 use crate::plan::{self, PlanOptions};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -95,8 +96,8 @@ pub struct BenchReport {
     pub pinned_gbps: Option<f64>,
     /// Device-memory bandwidth (device-to-device copies) measured at the start (GPU only).
     pub device_gbps: Option<f64>,
-    /// Weight bytes per second of the host CPU's float8 products at the bench's batch,
-    /// measured at the start with the device's bandwidths (GPU only).
+    /// Weight bytes per second of the host CPU's float8 products at the bench's batch:
+    /// measured at the start with the device's bandwidths, or the calibration's (GPU only).
     #[serde(default)]
     pub host_f8_gbps: Option<f64>,
     /// Prompt tokens (test-speed pass and decode prefill).
@@ -106,6 +107,10 @@ pub struct BenchReport {
     /// Sequences decoded together (1 in files written before batches).
     #[serde(default = "one")]
     pub batch: usize,
+    /// Whether the rows' predictions (and `--cpu-layers auto`) used this machine's
+    /// calibration, not rates measured at the start with the built-in constants.
+    #[serde(default)]
+    pub calibrated: bool,
     /// One row per layer count.
     pub rows: Vec<BenchRow>,
     /// Against `--baseline`, when one was given.
@@ -141,6 +146,8 @@ pub struct BenchOptions {
     /// (`--cpu-layers auto`), instead of `plan.cpu_layers` (at most the layers it leaves
     /// offloaded).
     pub auto_cpu_layers: bool,
+    /// This machine's calibration, which predictions use where it has the bench's batch.
+    pub calibration: Option<Calibration>,
     /// Prompt and generation lengths, timed passes.
     pub workload: Workload,
 }
@@ -170,9 +177,13 @@ pub fn run_bench(
     let depth = o.engine.prefetch_depth;
     let first = model.open()?;
     let batch = o.plan.batch as usize;
-    let rates = bandwidths
-        .map(|b| super::decode_rates(&b, o.engine.device, &first.config, batch))
-        .transpose()?;
+    let calibrated = o.calibration.as_ref().and_then(|c| c.rates(batch));
+    let rates = match (calibrated, bandwidths) {
+        (Some(r), Some(_)) => Some(r),
+        (_, b) => b
+            .map(|b| super::decode_rates(&b, o.engine.device, &first.config, batch))
+            .transpose()?,
+    };
     let summary = ModelSummary::of(&first);
     let w = &o.workload;
     let vocab = first.config.vocab_size;
@@ -187,6 +198,7 @@ pub fn run_bench(
         pinned_gbps,
         device_gbps,
         host_f8_gbps: rates.map(|r| r.cpu_gbps),
+        calibrated: calibrated.is_some() && bandwidths.is_some(),
         prompt_len: w.prompt_len,
         gen_tokens: w.gen_tokens,
         batch: o.plan.batch as usize,
@@ -333,6 +345,7 @@ mod tests {
             },
             layer_counts: vec![8, 2],
             auto_cpu_layers: false,
+            calibration: None,
             workload,
         };
         let mut seen = Vec::new();

@@ -259,6 +259,7 @@ mod tests {
             pinned_gbps: None,
             device_gbps: None,
             host_f8_gbps: None,
+            calibrated: false,
             prompt_len: 1,
             gen_tokens: 1,
             batch: 1,

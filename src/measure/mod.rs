@@ -4,6 +4,7 @@
 //! report against a baseline). Nothing here prints.
 
 mod bench;
+pub mod calibrate;
 mod compare;
 mod session;
 mod speech_bench;
@@ -197,6 +198,11 @@ impl GpuProbe {
     /// `cpu`, or the GPU's CUDA index, name and PCI bus id.
     pub(crate) fn label(&self) -> String {
         self.label.clone()
+    }
+
+    /// The GPU's name, as NVML reports it.
+    pub(crate) fn name(&self) -> Option<String> {
+        self.index.and_then(|i| gpu::query(i).ok()).map(|g| g.name)
     }
 
     /// Memory nobody holds on the GPU now.

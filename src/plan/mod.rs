@@ -3,6 +3,7 @@
 //! out; NVML readings are an input, never a call made here.
 
 pub mod budget;
+pub mod calibration;
 pub mod memory;
 pub mod presets;
 pub mod speed;

@@ -66,9 +66,13 @@ impl Render for BenchReport {
                 })
                 .right("CPU ms/token", |r| or_dash(r.cpu_compute_ms_per_token, 2));
             out.push_str(&format!(
-                "hybrid decoding (host CPU float8 products: {})\n{}\n",
+                "hybrid decoding (host CPU float8 products: {}; predicted from {})\n{}\n",
                 self.host_f8_gbps
                     .map_or("not measured".into(), |g| format!("{g:.0} GB/s")),
+                match self.calibrated {
+                    true => "this machine's calibration",
+                    false => "rates measured at the start and built-in constants",
+                },
                 hybrid.table(&self.rows)
             ));
         }

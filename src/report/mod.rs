@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_speech;
+mod calibration;
 mod convert;
 mod generate;
 mod inspect;
@@ -15,10 +16,11 @@ mod run;
 mod synth;
 mod table;
 
+pub use calibration::CalibrationReport;
 pub use inspect::{GroupRow, InspectReport, LayerTensorRow};
 pub use plan::PlanReport;
 pub use plot::{plot_bench, plot_speech_bench};
-pub use table::{GpuClassRow, TableReport, TableRow};
+pub use table::{GpuClassRow, Predicted, TableReport, TableRow};
 
 use crate::checkpoint::summary::ModelSummary;
 use crate::plan::budget::Budget;
@@ -153,6 +155,22 @@ impl<'a, R> Columns<'a, R> {
     }
 }
 
+/// `unix_s` (seconds since the Unix epoch) as a UTC date, `2026-11-28`.
+fn utc_date(unix_s: u64) -> String {
+    // Days to a civil date (the proleptic Gregorian calendar), after Howard Hinnant's
+    // `civil_from_days`: eras of 400 years, years starting in March.
+    let z = (unix_s / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 /// `value` with `digits` decimals, or `-` when there is none.
 fn or_dash(value: Option<f64>, digits: usize) -> String {
     value.map_or("-".into(), |v| format!("{v:.digits$}"))
@@ -215,4 +233,16 @@ fn budget_line(b: &Budget) -> String {
         gib(b.free_bytes),
         gib(b.budget_bytes)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_are_utc_days() {
+        assert_eq!(super::utc_date(0), "1970-01-01");
+        // 2024 is a leap year; the day after its 29 February.
+        assert_eq!(super::utc_date(1_709_251_199), "2024-02-29");
+        assert_eq!(super::utc_date(1_709_251_200), "2024-03-01");
+        assert_eq!(super::utc_date(1_795_824_000), "2026-11-28");
+    }
 }

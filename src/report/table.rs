@@ -4,7 +4,9 @@ use super::{budget_line, model_line, Columns, Render};
 use crate::checkpoint::summary::ModelSummary;
 use crate::checkpoint::ModelInfo;
 use crate::plan::budget::Budget;
-use crate::plan::{self, presets, PlanOptions, VramEstimate};
+use crate::plan::calibration::Machine;
+use crate::plan::speed::{self, Rates};
+use crate::plan::{self, presets, PlanOptions, Scope, VramEstimate};
 use crate::units::gib;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -19,6 +21,26 @@ pub struct TableRow {
     pub estimate: VramEstimate,
     /// Whether it fits the budget, when there is one.
     pub fits: Option<bool>,
+    /// Predicted ms per decode step on the calibrated machine, when a calibration was found.
+    #[serde(default)]
+    pub predicted_ms_per_token: Option<f64>,
+}
+
+/// Where `table`'s predicted speeds come from: a calibration's rates at the plan's batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Predicted {
+    /// The machine the calibration was measured on.
+    pub machine: Machine,
+    /// When, seconds since the Unix epoch.
+    pub measured_unix_s: u64,
+    /// Its rates at `batch`.
+    pub rates: Rates,
+    /// Rows decoded together: the plan's batch, or the CFG pair's 2 for full VibeVoice.
+    pub batch: usize,
+    /// Copies issued this many layers ahead, as the engine does by default.
+    pub prefetch_depth: usize,
+    /// Each row takes the split predicted fastest (`--cpu-layers auto`).
+    pub auto_cpu_layers: bool,
 }
 
 /// Which layer count a card of a common size can run.
@@ -54,27 +76,43 @@ pub struct TableReport {
     pub rows: Vec<TableRow>,
     /// Common GPU sizes at the same target utilization.
     pub gpu_classes: Vec<GpuClassRow>,
+    /// The rates behind the rows' predicted speeds, when a calibration was found.
+    #[serde(default)]
+    pub predicted: Option<Predicted>,
 }
 
 impl TableReport {
-    /// Estimates each of `layer_counts`; `target_utilization` also applies to the GPU classes.
+    /// Estimates each of `layer_counts`, and predicts its speed where `predicted` gives the
+    /// rates (each count with its fastest split where it says so); `target_utilization` also
+    /// applies to the GPU classes.
     pub fn build(
         model: &ModelInfo,
         options: &PlanOptions,
         layer_counts: &[usize],
         budget: Option<Budget>,
         target_utilization: f64,
+        predicted: Option<Predicted>,
     ) -> Result<TableReport> {
         let num_layers = model.inventory.num_layers();
+        let auto = predicted.as_ref().is_some_and(|p| p.auto_cpu_layers);
         // Counts that leave fewer offloaded layers than the CPU is to compute are no choice.
         let rows = layer_counts
             .iter()
-            .filter(|&&n| n + options.cpu_layers <= num_layers)
+            .filter(|&&n| auto || n + options.cpu_layers <= num_layers)
             .map(|&n| {
-                let estimate = plan::estimate(model, options, n)?;
+                let mut options = options.clone();
+                if let Some(p) = predicted.as_ref().filter(|p| p.auto_cpu_layers) {
+                    let depth = p.prefetch_depth;
+                    options.cpu_layers =
+                        speed::best_cpu_layers(model, &options, n, depth, &p.rates).0;
+                }
+                let estimate = plan::estimate(model, &options, n)?;
                 Ok(TableRow {
                     presets: presets::names_for(n, num_layers),
                     fits: budget.as_ref().map(|b| b.fits(&estimate)),
+                    predicted_ms_per_token: predicted
+                        .as_ref()
+                        .map(|p| speed::predict(model, &options, n, p.prefetch_depth, &p.rates)),
                     estimate,
                 })
             })
@@ -103,6 +141,7 @@ impl TableReport {
             budget,
             rows,
             gpu_classes,
+            predicted,
         })
     }
 }
@@ -129,6 +168,15 @@ impl Render for TableReport {
                 None => String::new(),
             });
         }
+        if self.predicted.as_ref().is_some_and(|p| p.auto_cpu_layers) {
+            columns = columns.right("CPU", |r| r.estimate.cpu_layers.to_string());
+        }
+        if self.predicted.is_some() {
+            columns = columns.right("ms", |r| {
+                r.predicted_ms_per_token
+                    .map_or(String::new(), |ms| format!("{ms:.1}"))
+            });
+        }
         let first = self.rows.first().map(|r| &r.estimate);
         out.push_str(&format!(
             "VRAM estimate in GiB, by N decoder layers kept on the GPU (weights: the other \
@@ -144,6 +192,25 @@ impl Render for TableReport {
         }
         if let Some(b) = &self.budget {
             out.push_str(&budget_line(b));
+        }
+        if let Some(p) = &self.predicted {
+            let cpu = match p.auto_cpu_layers {
+                true => "CPU: the layers the host CPU computes, the split predicted fastest; ",
+                false => "",
+            };
+            out.push_str(&format!(
+                "{cpu}ms: a decode step of {} rows{} predicted from the calibration of {} \
+                 measured {} (pinned copies {:.0} GB/s, host float8 products {:.0} GB/s)\n",
+                p.batch,
+                match self.options.scope {
+                    Scope::Full => " (the CFG pair: one a frame)",
+                    Scope::LanguageModel => "",
+                },
+                p.machine,
+                super::utc_date(p.measured_unix_s),
+                p.rates.pinned_gbps,
+                p.rates.cpu_gbps,
+            ));
         }
         let classes = Columns::<GpuClassRow>::new()
             .left("card", |c| format!("{} GB", c.vram_gib))

@@ -90,6 +90,8 @@ pub struct GenerateArgs {
     /// fastest for the CFG pair.
     #[arg(long, default_value = "0", value_name = "N|auto", help_heading = PLANNING)]
     pub cpu_layers: super::CpuLayersArg,
+    #[command(flatten, next_help_heading = PLANNING)]
+    pub calibration: super::CalibrationArg,
     /// Keep the diffusion (prediction) head off the GPU, saving its VRAM (about 0.67 GB for
     /// 7B in float8): it runs on the CPU in f32, its ten steps per frame far slower there.
     #[arg(long, help_heading = PLANNING)]

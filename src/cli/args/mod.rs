@@ -218,6 +218,8 @@ pub struct RunArgs {
     pub checkpoint: CheckpointArgs,
     #[command(flatten, next_help_heading = PLANNING)]
     pub plan: PlanArgs,
+    #[command(flatten, next_help_heading = PLANNING)]
+    pub calibration: CalibrationArg,
     #[command(flatten, next_help_heading = BUDGET)]
     pub gpu: GpuArgs,
     #[command(flatten, next_help_heading = BUDGET)]
@@ -261,6 +263,17 @@ pub struct BenchArgs {
     pub speech: bool,
     #[command(flatten)]
     pub speech_args: SpeechBenchArgs,
+    /// Measure this machine for the predictions (`table`'s ms/token, `--cpu-layers auto`):
+    /// PCIe and device-memory bandwidth, the host CPU's float8 rate, and decodes of the model
+    /// at a few splits (all layers resident where they fit; nothing resident with some layers
+    /// on the CPU, at batch 1 and 2) that fit the rest. Stored in --calibration FILE, else in
+    /// the user's cache directory, where later commands on this machine find it. Needs a GPU.
+    #[arg(
+        long,
+        conflicts_with_all = ["speech", "layers", "plot", "baseline", "cpu_layers", "batch"],
+        help_heading = MODE
+    )]
+    pub calibrate: bool,
     /// Layer counts to measure, in order (default: all layers, then every 4 fewer, down to 0).
     #[arg(long, value_delimiter = ',', value_name = "N,N,...", help_heading = CHOICE)]
     pub layers: Option<Vec<usize>>,
@@ -279,6 +292,8 @@ pub struct BenchArgs {
     pub checkpoint: CheckpointArgs,
     #[command(flatten, next_help_heading = PLANNING)]
     pub plan: PlanArgs,
+    #[command(flatten, next_help_heading = PLANNING)]
+    pub calibration: CalibrationArg,
     #[command(flatten, next_help_heading = ENGINE)]
     pub gpu: GpuArgs,
     #[command(flatten, next_help_heading = ENGINE)]
@@ -319,6 +334,8 @@ pub struct TableArgs {
     pub layers: Option<Vec<usize>>,
     #[command(flatten)]
     pub planning: PlanningArgs,
+    #[command(flatten, next_help_heading = PLANNING)]
+    pub calibration: CalibrationArg,
     #[command(flatten, next_help_heading = OUTPUT)]
     pub output: JsonArg,
 }
@@ -444,6 +461,16 @@ pub struct PlanArgs {
     /// at most those it leaves offloaded.
     #[arg(long, default_value = "0", value_name = "N|auto")]
     pub cpu_layers: CpuLayersArg,
+}
+
+/// `--calibration`: the stored rates that predictions of speed use.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CalibrationArg {
+    /// The calibration `bench --calibrate` wrote, that predicted ms per token and `--cpu-layers
+    /// auto` use [default: the one stored for this machine in the user's cache directory,
+    /// ~/.cache/vibeoffload/calibration.json on Linux; without one, `auto` measures at start].
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
 }
 
 /// `--cpu-layers`: a count, or `auto`.

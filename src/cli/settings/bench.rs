@@ -52,6 +52,12 @@ impl BenchSettings {
         // Each row decodes too.
         check_cache_room(&workload, true, plan.max_seq_len)?;
         let engine = engine_options(&a.engine, &plan, &a.gpu.selector())?;
+        let here = vibeoffload::measure::calibrate::this_machine(engine.device);
+        let calibration = match a.calibrate {
+            // Measuring it anew: the stored one is not read.
+            true => None,
+            false => super::calibration::find(a.calibration.calibration.as_deref(), &here)?,
+        };
         progress::setting("layer counts", &layer_counts);
         show_run("engine (gpu_layers: each row's)", &engine, &plan, &workload);
         Ok(BenchSettings {
@@ -60,6 +66,7 @@ impl BenchSettings {
                 plan,
                 layer_counts,
                 auto_cpu_layers: a.plan.cpu_layers == CpuLayersArg::Auto,
+                calibration,
                 workload,
             },
             model,

@@ -57,7 +57,15 @@ pub fn generate_request(a: &GenerateArgs) -> Result<(ModelFile, Request)> {
         None => budget.required()?.largest_fit(&info, &plan)?.gpu_layers,
     };
     // The positive and negative passes decode as one batch of two.
-    plan.cpu_layers = resolve_cpu_layers(a.cpu_layers, &info, &plan, &engine, gpu_layers, 2)?;
+    plan.cpu_layers = resolve_cpu_layers(
+        a.cpu_layers,
+        a.calibration.calibration.as_deref(),
+        &info,
+        &plan,
+        &engine,
+        gpu_layers,
+        2,
+    )?;
     let engine = EngineOptions {
         gpu_layers,
         cpu_layers: plan.cpu_layers,

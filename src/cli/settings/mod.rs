@@ -2,6 +2,7 @@
 //! every check that needs more than one flag, or the model, here.
 
 mod bench;
+pub mod calibration;
 mod generate;
 mod write;
 
@@ -40,10 +41,13 @@ pub struct Planning {
     pub options: PlanOptions,
     /// Where the VRAM budget comes from.
     pub budget: BudgetSource,
+    /// `--cpu-layers auto`: `options.cpu_layers` is 0, the split is each layer count's own.
+    pub auto_cpu_layers: bool,
 }
 
 impl Planning {
-    /// Loads the model and checks the planning flags.
+    /// Loads the model and checks the planning flags (`--cpu-layers auto` is left to the
+    /// command: `table` predicts it from a calibration, the others refuse it).
     pub fn resolve(a: &PlanningArgs) -> Result<Planning> {
         let scope = if a.scope.lm_only {
             Scope::LanguageModel
@@ -51,7 +55,6 @@ impl Planning {
             Scope::Full
         };
         let model = model_info(&a.model)?;
-        refuse_auto_cpu_layers(&a.plan)?;
         let mut options = plan_options(&a.plan, scope, a.scope.offload_prediction_head)?;
         if let Some(path) = &a.script.script {
             options.max_seq_len = script_positions(&model, path, &a.script.voices)?;
@@ -63,6 +66,7 @@ impl Planning {
             model,
             options,
             budget: BudgetSource::resolve(&a.gpu, &a.budget)?,
+            auto_cpu_layers: a.plan.cpu_layers == CpuLayersArg::Auto,
         })
     }
 }
@@ -225,8 +229,15 @@ impl RunSettings {
         };
         progress::setting("layer choice", &choice);
         let batch = plan.batch as usize;
-        plan.cpu_layers =
-            resolve_cpu_layers(a.plan.cpu_layers, &info, &plan, &engine, gpu_layers, batch)?;
+        plan.cpu_layers = resolve_cpu_layers(
+            a.plan.cpu_layers,
+            a.calibration.calibration.as_deref(),
+            &info,
+            &plan,
+            &engine,
+            gpu_layers,
+            batch,
+        )?;
         let engine = EngineOptions {
             gpu_layers,
             cpu_layers: plan.cpu_layers,
@@ -377,21 +388,24 @@ fn plan_options(a: &PlanArgs, scope: Scope, offload_prediction_head: bool) -> Re
     Ok(options)
 }
 
-/// `--cpu-layers auto` measures this machine, which a plan alone does not.
-fn refuse_auto_cpu_layers(a: &PlanArgs) -> Result<()> {
+/// `--cpu-layers auto` measures this machine (or predicts from its calibration, as `table`
+/// does), which a plan alone does not.
+pub fn refuse_auto_cpu_layers(a: &PlanArgs) -> Result<()> {
     if a.cpu_layers == CpuLayersArg::Auto {
         bail!(UsageError::new(
-            "--cpu-layers auto measures this machine's PCIe, GPU and CPU: run, generate and bench take it; give a count here"
+            "--cpu-layers auto measures this machine's PCIe, GPU and CPU: run, generate, bench and table (from a calibration) take it; give a count here"
         ));
     }
     Ok(())
 }
 
 /// The CPU-computed layer count `arg` says for a run of `gpu_layers` resident layers: a count
-/// as given; `auto` the split predicted fastest from this machine's rates (measured now, at
-/// `batch` rows), 0 on the CPU, where the host computes every layer anyway.
+/// as given; `auto` the split predicted fastest at `batch` rows from this machine's
+/// calibration (`calibration`, else the stored one), else from rates measured now; 0 on the
+/// CPU, where the host computes every layer anyway.
 fn resolve_cpu_layers(
     arg: CpuLayersArg,
+    calibration: Option<&Path>,
     info: &ModelInfo,
     plan: &PlanOptions,
     engine: &EngineOptions,
@@ -399,15 +413,30 @@ fn resolve_cpu_layers(
     batch: usize,
 ) -> Result<usize> {
     let CpuLayersArg::Count(n) = arg else {
-        let Some(bandwidths) = vibeoffload::engine::bandwidths(engine.device)? else {
+        let here = vibeoffload::measure::calibrate::this_machine(engine.device);
+        let stored = calibration::find(calibration, &here)?.and_then(|c| c.rates(batch));
+        if engine.device == DeviceChoice::Cpu {
             return Ok(0);
+        }
+        let (rates, from) = match stored {
+            Some(rates) => (rates, "this machine's calibration"),
+            None => {
+                let Some(bandwidths) = vibeoffload::engine::bandwidths(engine.device)? else {
+                    return Ok(0);
+                };
+                let rates = vibeoffload::measure::decode_rates(
+                    &bandwidths,
+                    engine.device,
+                    &info.config,
+                    batch,
+                )?;
+                (rates, "rates measured now")
+            }
         };
-        let rates =
-            vibeoffload::measure::decode_rates(&bandwidths, engine.device, &info.config, batch)?;
         let depth = engine.prefetch_depth;
         let (c, ms) = plan::speed::best_cpu_layers(info, plan, gpu_layers, depth, &rates);
         progress::note(format!(
-            "--cpu-layers auto: {c} (predicted {ms:.1} ms per step; host float8 products {:.0} GB/s, pinned copies {:.0} GB/s)",
+            "--cpu-layers auto: {c} (predicted {ms:.1} ms per step from {from}: host float8 products {:.0} GB/s, pinned copies {:.0} GB/s)",
             rates.cpu_gbps, rates.pinned_gbps
         ));
         return Ok(c);
