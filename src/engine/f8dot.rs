@@ -2,8 +2,9 @@
 //! the weight decoded once for all of them. This is what a decoder layer computed on the host
 //! spends its time in (hybrid decode), so it is vectorised (AVX-512 or AVX2 with F16C, chosen
 //! at run time) and gives the scalar path's bits: every path adds the products into [`LANES`]
-//! partial sums, element `e` into sum `e % LANES`, and adds the sums in one fixed order, so a
-//! result does not depend on the machine, the thread count or the path taken.
+//! partial sums, element `e` into sum `e % LANES` with a fused multiply-add (one rounding), and
+//! adds the sums in one fixed order, so a result does not depend on the machine, the thread
+//! count or the path taken.
 
 use rayon::prelude::*;
 
@@ -30,7 +31,7 @@ impl Path {
             if has!("avx512f") && has!("avx512bw") {
                 return Path::Avx512;
             }
-            if has!("avx2") && has!("f16c") {
+            if has!("avx2") && has!("f16c") && has!("fma") {
                 return Path::Avx2;
             }
         }
@@ -44,7 +45,7 @@ impl Path {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("f16c") {
+            if has!("avx2") && has!("f16c") && has!("fma") {
                 paths.push(Path::Avx2);
             }
             if has!("avx512f") && has!("avx512bw") {
@@ -71,7 +72,7 @@ impl Path {
                 for (x, o) in plain.iter().zip(out.iter_mut()) {
                     let mut acc = [0f32; LANES];
                     for (e, (&c, &v)) in w.iter().zip(x.iter()).enumerate() {
-                        acc[e % LANES] += lut[c as usize] * v;
+                        acc[e % LANES] = lut[c as usize].mul_add(v, acc[e % LANES]);
                     }
                     *o = reduce(&acc);
                 }
@@ -82,7 +83,7 @@ impl Path {
                     .chunks(MAX_SIMD_ROWS)
                     .zip(out.chunks_mut(MAX_SIMD_ROWS))
                 {
-                    // SAFETY: `detect` found AVX2 and F16C; every row is `w.len()` long
+                    // SAFETY: `detect` found AVX2, F16C and FMA; every row is `w.len()` long
                     // (checked by `matvec`), and no more rows than the path holds.
                     unsafe { avx2::dots(w, x, lut, o) };
                 }
@@ -189,8 +190,9 @@ fn matvec_on(path: Path, products: &mut [Product<'_>], xs: &[&[f32]], lut: &[f32
 /// The threads the products run on: one fewer than the cores, so that the thread that waits
 /// for them, the GPU driver's and the system's do not delay a product's slowest share (the
 /// research note measured 73 GB/s on 16 threads of the lent H200 host's 16 cores, 65-101 on
-/// 15).
-fn pool() -> &'static rayon::ThreadPool {
+/// 15). A host-computed layer runs on them whole (`engine::host`), so that its attention and
+/// other parallel steps wake no second set of threads.
+pub(super) fn pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -257,7 +259,7 @@ pub fn measure_gbps(rows: usize, hidden: usize, kv_width: usize, intermediate: u
 #[cfg(target_arch = "x86_64")]
 fn finish(mut sums: [f32; LANES], w: &[u8], from: usize, x: &[f32], lut: &[f32; 256]) -> f32 {
     for j in from..w.len() {
-        sums[j % LANES] += lut[w[j] as usize] / 256.0 * x[j];
+        sums[j % LANES] = (lut[w[j] as usize] / 256.0).mul_add(x[j], sums[j % LANES]);
     }
     reduce(&sums)
 }
@@ -275,6 +277,14 @@ fn reduce(acc: &[f32; LANES]) -> f32 {
     v[0]
 }
 
+/// An E4M3 code sign-extended to 16 bits and shifted up by 7, masked with this, is the
+/// float16 of its value divided by 256: the sign (copied into bits 14 and 15 by the
+/// extension) kept in bit 15 only, exponent and mantissa in the float16's (its exponent bias
+/// is 8 more), subnormals included. NaN codes become 1.875 / 256: the vectorised paths watch
+/// for them and compute such a row as the scalar path does.
+#[cfg(target_arch = "x86_64")]
+const HALF_BITS: i16 = 0xbf80u16 as i16;
+
 /// Rows the vectorised paths take at once (their sums stay in registers); more are taken in
 /// groups of this many.
 #[cfg(target_arch = "x86_64")]
@@ -285,20 +295,18 @@ mod avx2 {
     use super::{finish, LANES, MAX_SIMD_ROWS};
     use std::arch::x86_64::*;
 
-    /// Sixteen E4M3 codes as f32 values divided by 256: the code's bits moved into a
-    /// float16's (sign to bit 15, exponent and mantissa shifted up by 7; the exponent bias
-    /// differs by 8, hence 1/256, subnormals included), NaN codes made a float16 NaN.
+    /// Sixteen E4M3 codes as f32 values divided by 256 (see [`super::HALF_BITS`]), and into
+    /// `nan` the running maximum of the codes or'ed with 0x80 (0xff once a NaN code was seen,
+    /// which this decodes as a number).
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn decode16(p: *const u8) -> (__m256, __m256) {
-        let codes = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
-        let magnitude = _mm256_and_si256(codes, _mm256_set1_epi16(0x7f));
-        let sign = _mm256_slli_epi16(_mm256_and_si256(codes, _mm256_set1_epi16(0x80)), 8);
-        let nan = _mm256_and_si256(
-            _mm256_cmpeq_epi16(magnitude, _mm256_set1_epi16(0x7f)),
-            _mm256_set1_epi16(0x7c00),
+    unsafe fn decode16(p: *const u8, nan: &mut __m128i) -> (__m256, __m256) {
+        let bytes = _mm_loadu_si128(p as *const __m128i);
+        *nan = _mm_max_epu8(*nan, _mm_or_si128(bytes, _mm_set1_epi8(-0x80)));
+        let half = _mm256_and_si256(
+            _mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+            _mm256_set1_epi16(super::HALF_BITS),
         );
-        let half = _mm256_or_si256(_mm256_or_si256(sign, _mm256_slli_epi16(magnitude, 7)), nan);
         (
             _mm256_cvtph_ps(_mm256_castsi256_si128(half)),
             _mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)),
@@ -306,33 +314,38 @@ mod avx2 {
     }
 
     /// The dot products of at most [`MAX_SIMD_ROWS`] rows scaled by 256 (see `Path::dots`).
-    #[target_feature(enable = "avx2,f16c")]
+    #[target_feature(enable = "avx2,f16c,fma")]
     pub(super) unsafe fn dots(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
         let n = w.len();
         let rows = xs.len();
         let full = n - n % LANES;
         let mut acc = [[_mm256_setzero_ps(); LANES / 8]; MAX_SIMD_ROWS];
+        let mut nan = _mm_setzero_si128();
         let mut e = 0;
         while e < full {
-            let (a, b) = decode16(w.as_ptr().add(e));
-            let (c, d) = decode16(w.as_ptr().add(e + 16));
+            let (a, b) = decode16(w.as_ptr().add(e), &mut nan);
+            let (c, d) = decode16(w.as_ptr().add(e + 16), &mut nan);
             for r in 0..rows {
                 let x = xs[r].as_ptr().add(e);
                 let xv = |i: usize| _mm256_loadu_ps(x.add(8 * i));
                 let s = &mut acc[r];
-                s[0] = _mm256_add_ps(s[0], _mm256_mul_ps(a, xv(0)));
-                s[1] = _mm256_add_ps(s[1], _mm256_mul_ps(b, xv(1)));
-                s[2] = _mm256_add_ps(s[2], _mm256_mul_ps(c, xv(2)));
-                s[3] = _mm256_add_ps(s[3], _mm256_mul_ps(d, xv(3)));
+                s[0] = _mm256_fmadd_ps(a, xv(0), s[0]);
+                s[1] = _mm256_fmadd_ps(b, xv(1), s[1]);
+                s[2] = _mm256_fmadd_ps(c, xv(2), s[2]);
+                s[3] = _mm256_fmadd_ps(d, xv(3), s[3]);
             }
             e += LANES;
         }
+        let nan = _mm_movemask_epi8(_mm_cmpeq_epi8(nan, _mm_set1_epi8(-1))) != 0;
         for r in 0..rows {
             let mut sums = [0f32; LANES];
             for (i, v) in acc[r].iter().enumerate() {
                 _mm256_storeu_ps(sums.as_mut_ptr().add(8 * i), *v);
             }
-            out[r] = finish(sums, w, full, xs[r], lut);
+            out[r] = match nan {
+                false => finish(sums, w, full, xs[r], lut),
+                true => finish([0.0; LANES], w, 0, xs[r], lut),
+            };
         }
     }
 }
@@ -342,22 +355,28 @@ mod avx512 {
     use super::{finish, LANES, MAX_SIMD_ROWS};
     use std::arch::x86_64::*;
 
-    /// Thirty-two E4M3 codes as f32 values divided by 256, as `avx2::decode16` makes them:
-    /// `(c + (c & 0x80)) << 7` is the float16 with the code's sign, exponent and mantissa
-    /// (the sign bit carried from bit 14 to 15), NaN codes made a float16 NaN.
+    /// Thirty-two E4M3 codes as f32 values divided by 256, as `avx2::decode16` makes them,
+    /// the running maximum of the codes or'ed with 0x80 into `nan`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn decode32(p: *const u8) -> (__m512, __m512) {
-        let codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const __m256i));
-        let sign = _mm512_and_si512(codes, _mm512_set1_epi16(0x80));
-        let half = _mm512_slli_epi16(_mm512_add_epi16(codes, sign), 7);
-        let magnitude = _mm512_and_si512(codes, _mm512_set1_epi16(0x7f));
-        let nan = _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7f));
-        let half = _mm512_mask_blend_epi16(nan, half, _mm512_set1_epi16(0x7e00));
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn decode32(p: *const u8, nan: &mut __m256i) -> (__m512, __m512) {
+        let bytes = _mm256_loadu_si256(p as *const __m256i);
+        *nan = _mm256_max_epu8(*nan, _mm256_or_si256(bytes, _mm256_set1_epi8(-0x80)));
+        let half = _mm512_and_si512(
+            _mm512_slli_epi16(_mm512_cvtepi8_epi16(bytes), 7),
+            _mm512_set1_epi16(super::HALF_BITS),
+        );
         (
             _mm512_cvtph_ps(_mm512_castsi512_si256(half)),
             _mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1)),
         )
+    }
+
+    /// Whether [`decode32`]'s running maximum saw a NaN code.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn saw_nan(nan: __m256i) -> bool {
+        _mm256_movemask_epi8(_mm256_cmpeq_epi8(nan, _mm256_set1_epi8(-1))) != 0
     }
 
     /// A row's two sum registers as its [`LANES`] partial sums.
@@ -380,7 +399,7 @@ mod avx512 {
     /// The dot products of [`GROUP`] consecutive weight rows of `n` codes (`w`) with at most
     /// [`GROUP_ROWS`] rows scaled by 256, into `out` (`[GROUP, rows]`): each row's sums added
     /// as [`dots`] adds them, the x loads shared by the weight rows.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
     pub(super) unsafe fn dots_group(
         w: &[u8],
         n: usize,
@@ -391,51 +410,61 @@ mod avx512 {
         let rows = xs.len();
         let full = n - n % LANES;
         let mut acc = [[[_mm512_setzero_ps(); LANES / 16]; GROUP_ROWS]; GROUP];
+        let mut nan = [_mm256_setzero_si256(); GROUP];
         let mut e = 0;
         while e < full {
             let mut decoded = [(_mm512_setzero_ps(), _mm512_setzero_ps()); GROUP];
             for (k, d) in decoded.iter_mut().enumerate() {
-                *d = decode32(w.as_ptr().add(k * n + e));
+                *d = decode32(w.as_ptr().add(k * n + e), &mut nan[k]);
             }
             for r in 0..rows {
                 let x = xs[r].as_ptr().add(e);
                 let (x0, x1) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
                 for k in 0..GROUP {
                     let s = &mut acc[k][r];
-                    s[0] = _mm512_add_ps(s[0], _mm512_mul_ps(decoded[k].0, x0));
-                    s[1] = _mm512_add_ps(s[1], _mm512_mul_ps(decoded[k].1, x1));
+                    s[0] = _mm512_fmadd_ps(decoded[k].0, x0, s[0]);
+                    s[1] = _mm512_fmadd_ps(decoded[k].1, x1, s[1]);
                 }
             }
             e += LANES;
         }
         for k in 0..GROUP {
             let wk = &w[k * n..(k + 1) * n];
+            let nan = saw_nan(nan[k]);
             for r in 0..rows {
-                out[k * rows + r] = finish(stored(&acc[k][r]), wk, full, xs[r], lut);
+                out[k * rows + r] = match nan {
+                    false => finish(stored(&acc[k][r]), wk, full, xs[r], lut),
+                    true => finish([0.0; LANES], wk, 0, xs[r], lut),
+                };
             }
         }
     }
 
     /// The dot products of at most [`MAX_SIMD_ROWS`] rows scaled by 256 (see `Path::dots`).
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
     pub(super) unsafe fn dots(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
         let n = w.len();
         let rows = xs.len();
         let full = n - n % LANES;
         let mut acc = [[_mm512_setzero_ps(); LANES / 16]; MAX_SIMD_ROWS];
+        let mut nan = _mm256_setzero_si256();
         let mut e = 0;
         while e < full {
-            let (a, b) = decode32(w.as_ptr().add(e));
+            let (a, b) = decode32(w.as_ptr().add(e), &mut nan);
             for r in 0..rows {
                 let x = xs[r].as_ptr().add(e);
                 let s = &mut acc[r];
-                s[0] = _mm512_add_ps(s[0], _mm512_mul_ps(a, _mm512_loadu_ps(x)));
-                s[1] = _mm512_add_ps(s[1], _mm512_mul_ps(b, _mm512_loadu_ps(x.add(16))));
+                s[0] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x), s[0]);
+                s[1] = _mm512_fmadd_ps(b, _mm512_loadu_ps(x.add(16)), s[1]);
             }
             e += LANES;
         }
+        let nan = saw_nan(nan);
         for r in 0..rows {
-            out[r] = finish(stored(&acc[r]), w, full, xs[r], lut);
+            out[r] = match nan {
+                false => finish(stored(&acc[r]), w, full, xs[r], lut),
+                true => finish([0.0; LANES], w, 0, xs[r], lut),
+            };
         }
     }
 }
@@ -582,6 +611,37 @@ mod tests {
                     let got = dots(path, &w, &[&x]);
                     assert!(got[0].is_nan(), "{path:?}: code {code:#x} at {at}");
                 }
+            }
+        }
+        // In a matrix, a row with a NaN code among rows without: every row the scalar
+        // path's bits, whether its weight rows are taken in groups or alone.
+        let (n_out, n_in) = (9usize, 70usize);
+        let mut w: Vec<u8> = (0..n_out * n_in).map(|i| (i * 37 % 120) as u8).collect();
+        w[5 * n_in + 3] = 0xff;
+        let x: Vec<f32> = (0..n_in).map(|i| (i as f32 * 0.3).sin()).collect();
+        let lut = lut();
+        let run = |path, rows: usize| {
+            let xs = vec![x.as_slice(); rows];
+            let mut y = vec![0f32; n_out * rows];
+            let scale = None;
+            matvec_on(
+                path,
+                &mut [Product {
+                    w: &w,
+                    scale,
+                    y: &mut y,
+                }],
+                &xs,
+                &lut,
+            );
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        for rows in [1, 3] {
+            let want = run(Path::Scalar, rows);
+            assert!(f32::from_bits(want[5 * rows]).is_nan());
+            assert!(!f32::from_bits(want[4 * rows]).is_nan());
+            for path in Path::available() {
+                assert_eq!(run(path, rows), want, "{path:?}, {rows} rows");
             }
         }
     }
