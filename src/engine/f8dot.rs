@@ -316,10 +316,23 @@ mod avx2 {
     /// The dot products of at most [`MAX_SIMD_ROWS`] rows scaled by 256 (see `Path::dots`).
     #[target_feature(enable = "avx2,f16c,fma")]
     pub(super) unsafe fn dots(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
+        match xs.len() {
+            1 => dots_of::<1>(w, xs, lut, out),
+            2 => dots_of::<2>(w, xs, lut, out),
+            3 => dots_of::<3>(w, xs, lut, out),
+            4 => dots_of::<4>(w, xs, lut, out),
+            rows => unreachable!("at most {MAX_SIMD_ROWS} rows, not {rows}"),
+        }
+    }
+
+    /// [`dots`] for `R` rows, known when compiled, so that the sums stay in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c,fma")]
+    unsafe fn dots_of<const R: usize>(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
         let n = w.len();
-        let rows = xs.len();
+        let rows = R;
         let full = n - n % LANES;
-        let mut acc = [[_mm256_setzero_ps(); LANES / 8]; MAX_SIMD_ROWS];
+        let mut acc = [[_mm256_setzero_ps(); LANES / 8]; R];
         let mut nan = _mm_setzero_si128();
         let mut e = 0;
         while e < full {
@@ -407,23 +420,41 @@ mod avx512 {
         lut: &[f32; 256],
         out: &mut [f32],
     ) {
-        let rows = xs.len();
+        match xs.len() {
+            1 => dots_group_of::<1>(w, n, xs, lut, out),
+            2 => dots_group_of::<2>(w, n, xs, lut, out),
+            rows => unreachable!("dots_group takes 1 or 2 rows, not {rows}"),
+        }
+    }
+
+    /// [`dots_group`] for `R` rows, known when compiled: its 2 x GROUP x R sums are
+    /// registers (with the row count known only at run time, LLVM kept some on the stack,
+    /// a load and a store around every addition).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn dots_group_of<const R: usize>(
+        w: &[u8],
+        n: usize,
+        xs: &[&[f32]],
+        lut: &[f32; 256],
+        out: &mut [f32],
+    ) {
         let full = n - n % LANES;
-        let mut acc = [[[_mm512_setzero_ps(); LANES / 16]; GROUP_ROWS]; GROUP];
+        let mut acc = [[[_mm512_setzero_ps(); LANES / 16]; R]; GROUP];
         let mut nan = [_mm256_setzero_si256(); GROUP];
         let mut e = 0;
         while e < full {
-            let mut decoded = [(_mm512_setzero_ps(), _mm512_setzero_ps()); GROUP];
-            for (k, d) in decoded.iter_mut().enumerate() {
-                *d = decode32(w.as_ptr().add(k * n + e), &mut nan[k]);
+            let mut x = [(_mm512_setzero_ps(), _mm512_setzero_ps()); R];
+            for (r, v) in x.iter_mut().enumerate() {
+                let p = xs[r].as_ptr().add(e);
+                *v = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
             }
-            for r in 0..rows {
-                let x = xs[r].as_ptr().add(e);
-                let (x0, x1) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
-                for k in 0..GROUP {
+            for k in 0..GROUP {
+                let (a, b) = decode32(w.as_ptr().add(k * n + e), &mut nan[k]);
+                for r in 0..R {
                     let s = &mut acc[k][r];
-                    s[0] = _mm512_fmadd_ps(decoded[k].0, x0, s[0]);
-                    s[1] = _mm512_fmadd_ps(decoded[k].1, x1, s[1]);
+                    s[0] = _mm512_fmadd_ps(a, x[r].0, s[0]);
+                    s[1] = _mm512_fmadd_ps(b, x[r].1, s[1]);
                 }
             }
             e += LANES;
@@ -431,8 +462,8 @@ mod avx512 {
         for k in 0..GROUP {
             let wk = &w[k * n..(k + 1) * n];
             let nan = saw_nan(nan[k]);
-            for r in 0..rows {
-                out[k * rows + r] = match nan {
+            for r in 0..R {
+                out[k * R + r] = match nan {
                     false => finish(stored(&acc[k][r]), wk, full, xs[r], lut),
                     true => finish([0.0; LANES], wk, 0, xs[r], lut),
                 };
@@ -443,10 +474,23 @@ mod avx512 {
     /// The dot products of at most [`MAX_SIMD_ROWS`] rows scaled by 256 (see `Path::dots`).
     #[target_feature(enable = "avx512f,avx512bw,avx2")]
     pub(super) unsafe fn dots(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
+        match xs.len() {
+            1 => dots_of::<1>(w, xs, lut, out),
+            2 => dots_of::<2>(w, xs, lut, out),
+            3 => dots_of::<3>(w, xs, lut, out),
+            4 => dots_of::<4>(w, xs, lut, out),
+            rows => unreachable!("at most {MAX_SIMD_ROWS} rows, not {rows}"),
+        }
+    }
+
+    /// [`dots`] for `R` rows, known when compiled, so that the sums stay in registers.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn dots_of<const R: usize>(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
         let n = w.len();
-        let rows = xs.len();
+        let rows = R;
         let full = n - n % LANES;
-        let mut acc = [[_mm512_setzero_ps(); LANES / 16]; MAX_SIMD_ROWS];
+        let mut acc = [[_mm512_setzero_ps(); LANES / 16]; R];
         let mut nan = _mm256_setzero_si256();
         let mut e = 0;
         while e < full {
