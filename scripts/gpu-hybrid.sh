@@ -19,7 +19,7 @@ mkdir -p /tmp/hy
 cal=()
 if [[ -n ${CALIBRATE:-} ]]; then
   echo "== bench --calibrate"
-  "$bin" bench --calibrate --device cuda --model-path "$model" --runs 2 --gen-tokens "${GEN:-16}" \
+  "$bin" bench --calibrate --device cuda --model-path "$model" --gen-tokens "${GEN:-16}" \
     --calibration /tmp/hy/calibration.json > /tmp/hy.log 2>&1 ||
     { tail -5 /tmp/hy.log; fail "bench --calibrate"; }
   cat /tmp/hy.log
