@@ -285,6 +285,21 @@ fn reduce(acc: &[f32; LANES]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 const HALF_BITS: i16 = 0xbf80u16 as i16;
 
+/// `$f::<R>(args)` for `$rows` rows (1 to [`MAX_SIMD_ROWS`]) as the constant `R`: the
+/// vectorised paths' sums stay in registers only where their count is known when compiled.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($f:ident, $rows:expr, $($arg:expr),*) => {
+        match $rows {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            rows => unreachable!("at most {MAX_SIMD_ROWS} rows, not {rows}"),
+        }
+    };
+}
+
 /// Rows the vectorised paths take at once (their sums stay in registers); more are taken in
 /// groups of this many.
 #[cfg(target_arch = "x86_64")]
@@ -316,13 +331,7 @@ mod avx2 {
     /// The dot products of at most [`MAX_SIMD_ROWS`] rows scaled by 256 (see `Path::dots`).
     #[target_feature(enable = "avx2,f16c,fma")]
     pub(super) unsafe fn dots(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
-        match xs.len() {
-            1 => dots_of::<1>(w, xs, lut, out),
-            2 => dots_of::<2>(w, xs, lut, out),
-            3 => dots_of::<3>(w, xs, lut, out),
-            4 => dots_of::<4>(w, xs, lut, out),
-            rows => unreachable!("at most {MAX_SIMD_ROWS} rows, not {rows}"),
-        }
+        by_rows!(dots_of, xs.len(), w, xs, lut, out)
     }
 
     /// [`dots`] for `R` rows, known when compiled, so that the sums stay in registers.
@@ -474,13 +483,7 @@ mod avx512 {
     /// The dot products of at most [`MAX_SIMD_ROWS`] rows scaled by 256 (see `Path::dots`).
     #[target_feature(enable = "avx512f,avx512bw,avx2")]
     pub(super) unsafe fn dots(w: &[u8], xs: &[&[f32]], lut: &[f32; 256], out: &mut [f32]) {
-        match xs.len() {
-            1 => dots_of::<1>(w, xs, lut, out),
-            2 => dots_of::<2>(w, xs, lut, out),
-            3 => dots_of::<3>(w, xs, lut, out),
-            4 => dots_of::<4>(w, xs, lut, out),
-            rows => unreachable!("at most {MAX_SIMD_ROWS} rows, not {rows}"),
-        }
+        by_rows!(dots_of, xs.len(), w, xs, lut, out)
     }
 
     /// [`dots`] for `R` rows, known when compiled, so that the sums stay in registers.
