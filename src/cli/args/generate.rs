@@ -86,8 +86,8 @@ pub struct GenerateArgs {
     pub slots: usize,
     /// Hybrid decoding: the host CPU computes N of the offloaded layers while the others
     /// stream, so fewer bytes cross PCIe per frame (their weights and KV caches stay in host
-    /// memory). `auto` measures this machine's PCIe, GPU and CPU and takes the split predicted
-    /// fastest for the CFG pair.
+    /// memory). `auto` takes the split predicted fastest for the CFG pair, from this machine's
+    /// calibration (`bench --calibrate`) or else its PCIe, GPU and CPU measured at start.
     #[arg(long, default_value = "0", value_name = "N|auto", help_heading = PLANNING)]
     pub cpu_layers: super::CpuLayersArg,
     #[command(flatten, next_help_heading = PLANNING)]

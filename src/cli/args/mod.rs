@@ -456,9 +456,10 @@ pub struct PlanArgs {
     pub slots: usize,
     /// Hybrid decoding: the host CPU computes N of the offloaded layers while the others
     /// stream, so fewer bytes cross PCIe per token (their weights and KV caches stay in host
-    /// memory). `auto` (run, generate, bench) measures this machine's PCIe, GPU and CPU and
-    /// takes the split predicted fastest. A bench row that keeps more layers resident computes
-    /// at most those it leaves offloaded.
+    /// memory). `auto` takes the split predicted fastest from this machine's calibration
+    /// (`bench --calibrate`; `table` needs one), else (run, generate, bench) from its PCIe,
+    /// GPU and CPU measured at start. A bench row that keeps more layers resident computes at
+    /// most those it leaves offloaded.
     #[arg(long, default_value = "0", value_name = "N|auto")]
     pub cpu_layers: CpuLayersArg,
 }
