@@ -179,6 +179,16 @@ fn bad_calibrations_and_requests_get_one_line() {
         1,
         &["none was found", "bench --calibrate"],
     );
+    let mut nan = calibration(elsewhere(), 60.0);
+    nan.batches[1].host_layer_overhead_ms = -1.0;
+    let text = serde_json::to_string(&nan).unwrap();
+    std::fs::write(d.join("negative.json"), text).unwrap();
+    fails(
+        d,
+        &["table", "--calibration", "negative.json"],
+        1,
+        &["host_layer_overhead_ms is -1, not a positive number"],
+    );
     let mut only_one = calibration(elsewhere(), 60.0);
     only_one.batches.truncate(1);
     store(&d.join("one.json"), &only_one);

@@ -59,6 +59,12 @@ pub fn read(path: &Path) -> Result<Calibration> {
             c.schema
         );
     }
+    if let Some(what) = c.invalid() {
+        bail!(
+            "{}: {what}; run `vibeoffload bench --calibrate` again",
+            path.display()
+        );
+    }
     Ok(c)
 }
 
@@ -233,7 +239,7 @@ pub fn calibrate(
             fitted,
         });
     }
-    Ok(Calibration {
+    let c = Calibration {
         schema: SCHEMA.into(),
         tool: crate::TOOL.into(),
         measured_unix_s: std::time::SystemTime::now()
@@ -247,7 +253,13 @@ pub fn calibrate(
         gpu_decode_efficiency_measured: fits,
         batches,
         checks,
-    })
+    };
+    match c.invalid() {
+        Some(what) => {
+            bail!("the calibration measured no usable rates ({what}); nothing was stored")
+        }
+        None => Ok(c),
+    }
 }
 
 #[cfg(test)]

@@ -126,6 +126,29 @@ impl Calibration {
             })
     }
 
+    /// Which rate, if any, is no positive finite number (an overhead may be 0, an efficiency
+    /// at most 1): a file edited by hand, or from a broken measurement, would predict NaN.
+    pub fn invalid(&self) -> Option<String> {
+        let mut rates = vec![
+            ("pinned_gbps", self.pinned_gbps, false),
+            ("device_gbps", self.device_gbps, false),
+        ];
+        for b in &self.batches {
+            rates.push(("cpu_gbps", b.cpu_gbps, false));
+            rates.push(("host_layer_overhead_ms", b.host_layer_overhead_ms, true));
+        }
+        let efficiency = self.gpu_decode_efficiency;
+        if !(efficiency > 0.0 && efficiency <= 1.0) {
+            return Some(format!(
+                "gpu_decode_efficiency is {efficiency}, not in (0, 1]"
+            ));
+        }
+        rates
+            .into_iter()
+            .find(|&(_, v, zero_ok)| !(v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0))))
+            .map(|(name, v, _)| format!("{name} is {v}, not a positive number"))
+    }
+
     /// The batches it holds, for messages (`1, 2`).
     pub fn batch_list(&self) -> String {
         let b: Vec<String> = self.batches.iter().map(|b| b.batch.to_string()).collect();
