@@ -94,6 +94,27 @@ impl<'a> Strided<'a> {
         let [sb, sc, st] = self.strides;
         self.values[self.offset + b * sb + c * sc + t * st]
     }
+
+    /// A per-channel vector's values, checked to be `[channels]` of x's dtype.
+    fn channel_vector(&self, t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
+        let dtype = if self.bf16 { DType::BF16 } else { DType::F32 };
+        weight(t, self.dims[1], dtype, what)
+    }
+
+    /// `f(b, c, t, x)` at every position, as a `[batch, channels, time]` tensor of x's dtype.
+    fn map(&self, f: impl Fn(usize, usize, usize, f32) -> f32) -> (CpuStorage, Shape) {
+        let [batch, channels, len] = self.dims;
+        let mut out = Vec::with_capacity(batch * channels * len);
+        for b in 0..batch {
+            for c in 0..channels {
+                out.extend((0..len).map(|t| f(b, c, t, self.at(b, c, t))));
+            }
+        }
+        (
+            cpu_storage(out, self.bf16),
+            Shape::from((batch, channels, len)),
+        )
+    }
 }
 
 /// A weight's values as f32, checked to be `[len]` of `dtype`.
@@ -166,9 +187,9 @@ impl DepthwiseMixer {
             .map(|(s, l)| Strided::new(s, l, "depthwise mixer: cache"))
             .transpose()?;
         let ctx = k - 1;
-        let norm = weight(&self.norm, channels, dtype, "the norm weight")?;
-        let bias = weight(&self.bias, channels, dtype, "the bias")?;
-        let gamma = weight(&self.gamma, channels, dtype, "gamma")?;
+        let norm = xs.channel_vector(&self.norm, "the norm weight")?;
+        let bias = xs.channel_vector(&self.bias, "the bias")?;
+        let gamma = xs.channel_vector(&self.gamma, "gamma")?;
         let taps: Vec<f32> = self.taps.flatten_all()?.to_vec1()?;
         let bf16 = xs.bf16;
         let out_len = len + if self.stream { ctx } else { 0 };
@@ -256,8 +277,7 @@ impl CustomOp1 for ChannelNorm {
     fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let xs = Strided::new(x, lx, "channel norm: x")?;
         let (bf16, [batch, channels, len]) = (xs.bf16, xs.dims);
-        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-        let w = weight(&self.weight, channels, dtype, "the norm weight")?;
+        let w = xs.channel_vector(&self.weight, "the norm weight")?;
         let mut out = Vec::with_capacity(batch * len * channels);
         for b in 0..batch {
             for t in 0..len {
@@ -292,8 +312,7 @@ impl CustomOp2 for ChannelResidual {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let xs = Strided::new(x, lx, "channel residual: x")?;
         let (bf16, [batch, channels, len]) = (xs.bf16, xs.dims);
-        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-        let gamma = weight(&self.gamma, channels, dtype, "gamma")?;
+        let gamma = xs.channel_vector(&self.gamma, "gamma")?;
         let (hv, h_bf16) = cpu_activations(h)?;
         let Some((start, _)) = lh.contiguous_offsets().filter(|_| h_bf16 == bf16) else {
             candle_core::bail!("channel residual: h must be contiguous, of x's dtype");
@@ -301,16 +320,10 @@ impl CustomOp2 for ChannelResidual {
         if lh.dims() != [batch, len, channels] {
             candle_core::bail!("channel residual: h {:?} for x {:?}", lh.dims(), xs.dims);
         }
-        let mut out = Vec::with_capacity(batch * channels * len);
-        for b in 0..batch {
-            for c in 0..channels {
-                out.extend((0..len).map(|t| {
-                    let h = hv[start + (b * len + t) * channels + c];
-                    xs.at(b, c, t) + round(h * gamma[c], bf16)
-                }));
-            }
-        }
-        Ok((cpu_storage(out, bf16), Shape::from((batch, channels, len))))
+        Ok(xs.map(|b, c, t, x| {
+            let h = hv[start + (b * len + t) * channels + c];
+            x + round(h * gamma[c], bf16)
+        }))
     }
 
     #[cfg(feature = "cuda")]
@@ -339,16 +352,8 @@ impl CustomOp1 for ChannelBias {
 
     fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let xs = Strided::new(x, lx, "channel bias: x")?;
-        let (bf16, [batch, channels, len]) = (xs.bf16, xs.dims);
-        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-        let bias = weight(&self.bias, channels, dtype, "the bias")?;
-        let mut out = Vec::with_capacity(batch * channels * len);
-        for b in 0..batch {
-            for (c, bias) in bias.iter().enumerate() {
-                out.extend((0..len).map(|t| xs.at(b, c, t) + bias));
-            }
-        }
-        Ok((cpu_storage(out, bf16), Shape::from((batch, channels, len))))
+        let bias = xs.channel_vector(&self.bias, "the bias")?;
+        Ok(xs.map(|_, c, _, x| x + bias[c]))
     }
 
     #[cfg(feature = "cuda")]
