@@ -1,10 +1,10 @@
 //! The CPU's float8 dot products: one weight row (E4M3 codes) against a few activation rows,
 //! the weight decoded once for all of them. This is what a decoder layer computed on the host
-//! spends its time in (hybrid decode), so it is vectorised (AVX-512, or AVX2 with F16C and FMA, chosen
-//! at run time) and gives the scalar path's bits: every path adds the products into [`LANES`]
-//! partial sums, element `e` into sum `e % LANES` with a fused multiply-add (one rounding), and
-//! adds the sums in one fixed order, so a result does not depend on the machine, the thread
-//! count or the path taken.
+//! spends its time in (hybrid decode), so it is vectorised (AVX-512, or AVX2 with F16C and
+//! FMA, chosen at run time) and gives the scalar path's bits: every path adds the products
+//! into [`LANES`] partial sums, element `e` into sum `e % LANES` with a fused multiply-add (one
+//! rounding), and adds the sums in one fixed order, so a result does not depend on the
+//! machine, the thread count or the path taken.
 
 use rayon::prelude::*;
 
