@@ -112,14 +112,16 @@ pub fn fit_overhead(
     0.5 * (low + high)
 }
 
-/// The split a calibration fits on, and the one it checks with: the split predicted fastest
-/// with nothing resident (at least one host layer), and one three layers away from it (fewer
-/// where there are enough, so that one of the two leans on the copies and one on the CPU).
+/// The split a calibration fits on, and the one it checks with. A host layer's overhead shows
+/// only where the host's layers are the slower side (at a balanced split any excess over the
+/// copies would be charged to the host), so the fit takes two host layers more than the split
+/// predicted fastest with nothing resident, and the check four fewer than the fit, where the
+/// copies are the slower side (more where there are too few layers below).
 pub fn splits(best: usize, num_layers: usize) -> (usize, usize) {
-    let fit = best.clamp(1, num_layers.max(1));
-    let check = match fit >= 4 {
-        true => fit - 3,
-        false => (fit + 3).min(num_layers),
+    let fit = (best + 2).clamp(1, num_layers.max(1));
+    let check = match fit >= 5 {
+        true => fit - 4,
+        false => (fit + 4).min(num_layers),
     };
     (fit, check)
 }
@@ -296,10 +298,10 @@ mod tests {
     }
 
     #[test]
-    fn the_check_split_lies_three_layers_from_the_fitted_one() {
-        assert_eq!(splits(14, 28), (14, 11));
-        assert_eq!(splits(0, 28), (1, 4));
-        assert_eq!(splits(2, 4), (2, 4));
-        assert_eq!(splits(40, 28), (28, 25));
+    fn the_fit_leans_on_the_host_and_the_check_on_the_copies() {
+        assert_eq!(splits(12, 28), (14, 10));
+        assert_eq!(splits(0, 28), (2, 6));
+        assert_eq!(splits(2, 4), (4, 4));
+        assert_eq!(splits(40, 28), (28, 24));
     }
 }
