@@ -11,7 +11,9 @@
 #      `generate --num-gpu-layers 8 --cpu-layers auto` of the demo script in dist/voice),
 #      CALIBRATE=1 (first `bench --calibrate`; the benches and `generate` after it predict and
 #      split from that calibration, so their predictions are checks it was not fitted on),
-#      SKIP_TESTS=1. The JSON go to $OUT/hybrid.tgz.
+#      RUNS (decodes per bench, default 5: the median, as the calibration takes, so that its
+#      predictions are checked against the same statistic), SKIP_TESTS=1. The JSON go to
+#      $OUT/hybrid.tgz.
 source "$(dirname "$0")/gpu-env.sh"
 lscpu | grep -E "^Model name|^CPU\(s\)|^Thread|^NUMA node\(s\)" || :
 if [[ -z ${SKIP_TESTS:-} ]]; then run_gpu_tests; fi
@@ -33,7 +35,7 @@ measure() {
   c=${spec##*:}
   json=/tmp/hy/b$batch-n$n-c$c.json
   "$bin" bench --device cuda --model-path "$model" --layers "$n" --cpu-layers "$c" --batch "$batch" \
-    --runs 2 --gen-tokens "${GEN:-16}" --json-out "$json" "${cal[@]}" > /tmp/hy.log 2>&1 ||
+    --runs "${RUNS:-5}" --gen-tokens "${GEN:-16}" --json-out "$json" "${cal[@]}" > /tmp/hy.log 2>&1 ||
     { tail -3 /tmp/hy.log; fail "bench N=$n C=$c batch $batch"; return; }
   python3 - "$json" "$n" "$c" "$batch" <<'PY'
 import json, sys
@@ -70,7 +72,7 @@ if [[ -n ${AUTO:-} ]]; then
   for batch in 1 2; do
     echo "== bench --cpu-layers auto, batch $batch"
     "$bin" bench --device cuda --model-path "$model" --layers 8,0 --cpu-layers auto --batch "$batch" \
-      --runs 2 --gen-tokens "${GEN:-16}" --json-out "/tmp/hy/auto-b$batch.json" "${cal[@]}" \
+      --runs "${RUNS:-5}" --gen-tokens "${GEN:-16}" --json-out "/tmp/hy/auto-b$batch.json" "${cal[@]}" \
       > /tmp/hy.log 2>&1 ||
       { tail -3 /tmp/hy.log; fail "bench --cpu-layers auto, batch $batch"; }
     sed -n '/^hybrid decoding/,$p' /tmp/hy.log
