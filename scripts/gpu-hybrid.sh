@@ -47,6 +47,8 @@ print(f"batch {sys.argv[4]}  N={sys.argv[2]:>2} C={sys.argv[3]:>2}: decode {row[
       f" copies {row['streamed_bytes_per_token'] / 1e9:.2f} GB/token at {row['achieved_gbps']:.1f} GB/s,"
       f" ttft {row['ttft_ms']:.0f} ms, test-speed {row['test_speed_ms']:.0f} ms"
       + (f", CPU {row['cpu_compute_ms_per_token']:.2f} ms/token" if row.get('cpu_compute_ms_per_token') else "")
+      + (f" (hand-offs {row['cpu_handoff_ms_per_token']:.2f}, products {row['cpu_products_ms_per_token']:.2f})"
+         if row.get('cpu_products_ms_per_token') is not None else "")
       + (f", predicted {pred:.2f} ({100 * (pred / row['decode_ms_per_token'] - 1):+.1f}%)" if pred else ""))
 PY
 }

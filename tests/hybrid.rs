@@ -51,6 +51,13 @@ fn host_computed_layers_change_no_bit_and_are_never_copied() {
                         stats.per_layer.iter().all(|row| row.transfers > 0);
                     assert!(every_streamed_layer_copied, "{case}: {stats:?}");
                     assert_eq!(stats.per_layer.len(), streamed, "{case}");
+                    // The float8 products are timed, and within the host layers' time.
+                    let float8 = !matches!(precision, Precision::BF16);
+                    assert_eq!(stats.cpu_products_ms > 0.0, float8, "{case}: {stats:?}");
+                    assert!(
+                        stats.cpu_products_ms <= stats.cpu_compute_ms,
+                        "{case}: {stats:?}"
+                    );
                     if streamed == 0 {
                         assert_eq!(stats.total_transfers, 0, "{case}");
                     }

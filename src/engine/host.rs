@@ -25,6 +25,8 @@ pub(super) struct HostCompute {
     pub(super) compute_ms: f64,
     /// Of it, handing hidden states over (and waiting for the GPU's work before).
     pub(super) handoff_ms: f64,
+    /// Of it, the float8 products.
+    pub(super) products_ms: f64,
 }
 
 impl HostCompute {
@@ -50,6 +52,7 @@ impl HostCompute {
             },
             compute_ms: 0.0,
             handoff_ms: 0.0,
+            products_ms: 0.0,
         })
     }
 
@@ -114,11 +117,17 @@ impl Engine {
         let lanes = &mut self.lanes;
         // On the products' threads, so that the attention's parallel loops (rayon's global
         // pool otherwise) do not wake a second set of threads as many as the cores: measured
-        // on the lent H200 host, 0.3 ms a layer.
-        let stepped = super::f8dot::pool().install(|| match &mut host_batched {
-            Some(x) => step_lanes(config, weights, i, x, inputs, lanes, at),
-            None => step_each(config, weights, i, &mut host_inputs, lanes, at),
+        // on the lent H200 host, 0.3 ms a layer. The products are timed on the thread that
+        // calls them.
+        let (stepped, products_ns) = super::f8dot::pool().install(|| {
+            let before = super::f8dot::products_ns();
+            let stepped = match &mut host_batched {
+                Some(x) => step_lanes(config, weights, i, x, inputs, lanes, at),
+                None => step_each(config, weights, i, &mut host_inputs, lanes, at),
+            };
+            (stepped, super::f8dot::products_ns() - before)
         });
+        host.products_ms += products_ns as f64 * 1e-6;
         // The host watch was written as the layer ran: look at it now.
         stepped.and(host.watch.take())?;
         let computed = started.elapsed();

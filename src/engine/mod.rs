@@ -381,6 +381,7 @@ impl Engine {
         if let Some(h) = &self.host {
             stats.cpu_compute_ms = h.compute_ms;
             stats.cpu_handoff_ms = h.handoff_ms;
+            stats.cpu_products_ms = h.products_ms;
         }
         Ok(stats)
     }
@@ -390,6 +391,7 @@ impl Engine {
         if let Some(h) = &mut self.host {
             h.compute_ms = 0.0;
             h.handoff_ms = 0.0;
+            h.products_ms = 0.0;
         }
         self.streamer.reset_stats()
     }

@@ -118,6 +118,10 @@ pub struct TransferStats {
     /// Of it, handing the hidden states over and back.
     #[serde(default)]
     pub cpu_handoff_ms: f64,
+    /// Of it, the float8 products (wall time); the rest is norms, attention and the threads'
+    /// starts.
+    #[serde(default)]
+    pub cpu_products_ms: f64,
     /// Layer copies (host to device).
     pub total_transfers: u64,
     /// Bytes copied.
@@ -400,6 +404,7 @@ impl LayerStreamer {
             cpu_compute_layers: count(|r| matches!(r, Residency::Host(_))),
             cpu_compute_ms: 0.0,
             cpu_handoff_ms: 0.0,
+            cpu_products_ms: 0.0,
             total_transfers,
             total_bytes,
             total_transfer_time_ms: total_ms,

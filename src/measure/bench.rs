@@ -26,6 +26,12 @@ pub struct BenchRow {
     pub predicted_ms_per_token: Option<f64>,
     /// Time per step in the host-computed layers, their hand-overs included.
     pub cpu_compute_ms_per_token: Option<f64>,
+    /// Of it, handing the hidden states over and back (waiting for the GPU's work included).
+    #[serde(default)]
+    pub cpu_handoff_ms_per_token: Option<f64>,
+    /// Of it, the host layers' float8 products.
+    #[serde(default)]
+    pub cpu_products_ms_per_token: Option<f64>,
     /// Load time.
     pub load_ms: f64,
     /// Where load time went.
@@ -255,6 +261,9 @@ pub fn run_bench(
             cpu_layers,
             predicted_ms_per_token,
             cpu_compute_ms_per_token: (cpu_layers > 0).then(|| dec.transfer.cpu_compute_ms / steps),
+            cpu_handoff_ms_per_token: (cpu_layers > 0).then(|| dec.transfer.cpu_handoff_ms / steps),
+            cpu_products_ms_per_token: (cpu_layers > 0)
+                .then(|| dec.transfer.cpu_products_ms / steps),
             load_ms,
             load_phases,
             test_speed_ms: speed.avg_ms,

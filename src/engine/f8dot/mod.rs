@@ -119,7 +119,22 @@ pub struct Product<'a> {
 /// start and join of the threads for q, k and v, or for gate and up): the float8 products of
 /// a host-computed layer.
 pub fn matvec(products: &mut [Product<'_>], xs: &[&[f32]], lut: &[f32; 256]) {
-    matvec_on(Path::detect(), products, xs, lut)
+    let started = std::time::Instant::now();
+    matvec_on(Path::detect(), products, xs, lut);
+    let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    PRODUCTS_NS.with(|ns| ns.set(ns.get().saturating_add(spent)));
+}
+
+thread_local! {
+    /// Wall time this thread has spent in [`matvec`] calls, in nanoseconds.
+    static PRODUCTS_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Wall time the calling thread has spent in [`matvec`] calls, in nanoseconds: the difference
+/// of two readings around a host layer is the time its float8 products took (hybrid decoding's
+/// report splits a host layer's time with it).
+pub fn products_ns() -> u64 {
+    PRODUCTS_NS.with(std::cell::Cell::get)
 }
 
 fn matvec_on(path: Path, products: &mut [Product<'_>], xs: &[&[f32]], lut: &[f32; 256]) {
