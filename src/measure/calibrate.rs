@@ -115,15 +115,11 @@ pub fn fit_overhead(
 /// The split a calibration fits on, and the one it checks with. A host layer's overhead shows
 /// only where the host's layers are the slower side (at a balanced split any excess over the
 /// copies would be charged to the host), so the fit takes two host layers more than the split
-/// predicted fastest with nothing resident, and the check four fewer than the fit, where the
-/// copies are the slower side (more where there are too few layers below).
+/// predicted fastest with nothing resident, and the check four fewer than the fit (none for a
+/// model of few layers: streaming alone), where the copies are the slower side.
 pub fn splits(best: usize, num_layers: usize) -> (usize, usize) {
     let fit = (best + 2).clamp(1, num_layers.max(1));
-    let check = match fit >= 5 {
-        true => fit - 4,
-        false => (fit + 4).min(num_layers),
-    };
-    (fit, check)
+    (fit, fit.saturating_sub(4))
 }
 
 /// Refuses the CPU: a calibration measures PCIe copies and the GPU.
@@ -300,8 +296,8 @@ mod tests {
     #[test]
     fn the_fit_leans_on_the_host_and_the_check_on_the_copies() {
         assert_eq!(splits(12, 28), (14, 10));
-        assert_eq!(splits(0, 28), (2, 6));
-        assert_eq!(splits(2, 4), (4, 4));
+        assert_eq!(splits(0, 28), (2, 0));
+        assert_eq!(splits(2, 4), (4, 0));
         assert_eq!(splits(40, 28), (28, 24));
     }
 }
