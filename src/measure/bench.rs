@@ -256,14 +256,15 @@ pub fn run_bench(
         drop(engine);
         let measured_peak_bytes = taken_bytes(baseline, peak);
         let steps = (w.gen_tokens.max(2) - 1) as f64;
+        // A host-layer time per step, where the host computes layers.
+        let host_per_step = |ms: f64| (cpu_layers > 0).then(|| ms / steps);
         report.rows.push(BenchRow {
             gpu_layers: n,
             cpu_layers,
             predicted_ms_per_token,
-            cpu_compute_ms_per_token: (cpu_layers > 0).then(|| dec.transfer.cpu_compute_ms / steps),
-            cpu_handoff_ms_per_token: (cpu_layers > 0).then(|| dec.transfer.cpu_handoff_ms / steps),
-            cpu_products_ms_per_token: (cpu_layers > 0)
-                .then(|| dec.transfer.cpu_products_ms / steps),
+            cpu_compute_ms_per_token: host_per_step(dec.transfer.cpu_compute_ms),
+            cpu_handoff_ms_per_token: host_per_step(dec.transfer.cpu_handoff_ms),
+            cpu_products_ms_per_token: host_per_step(dec.transfer.cpu_products_ms),
             load_ms,
             load_phases,
             test_speed_ms: speed.avg_ms,
