@@ -110,7 +110,8 @@ impl CustomOp1 for FusedMatVec {
             products.push(Product { w, scale, y });
         }
         let x_rows: Vec<&[f32]> = xs.chunks(n_in).collect();
-        matvec(&mut products, &x_rows, &lut);
+        // Gated, the pass leaves silu(gate) * up in the first product.
+        matvec(&mut products, &x_rows, &lut, self.gated);
         drop(products);
         // Each product as [rows, segment rows]: `ys` is feature-major, which for one row (a
         // decode step, and every host layer's product at batch 1) is that order already (the
@@ -131,10 +132,7 @@ impl CustomOp1 for FusedMatVec {
         let n_out = self.out_features();
         let mut out = vec![0f32; rows * n_out];
         if self.gated {
-            for (i, o) in out.iter_mut().enumerate() {
-                let g = parts[0][i];
-                *o = g / (1.0 + (-g).exp()) * parts[1][i];
-            }
+            out.copy_from_slice(&parts[0]);
         } else {
             let mut col = 0;
             for (seg, part) in self.segments.iter().zip(&parts) {
