@@ -121,68 +121,58 @@ mod x86 {
 /// Partial sums of [`dot`] (a power of two).
 const DOT_LANES: usize = 16;
 
-/// One head's attention: `o += softmax(q K^T · scale) V` over `len` positions, key `j` at
-/// `keys.0[j * keys.1..]`, value `j` likewise. Compiled for the widest vectors the CPU has
-/// (the same operations in the same order at every width, so the same bits).
-fn attend_head(
-    q: &[f32],
-    keys: (&[f32], usize),
-    values: (&[f32], usize),
+/// One head's query and its keys and values: key `j` at `keys.0[j * keys.1..]`, value `j`
+/// likewise, `len` positions; scores scaled by `scale`.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    q: &'a [f32],
+    keys: (&'a [f32], usize),
+    values: (&'a [f32], usize),
     len: usize,
     scale: f32,
-    o: &mut [f32],
-) {
+}
+
+/// `o += softmax(q K^T · scale) V` for one head. Compiled for the widest vectors the CPU has
+/// (the same operations in the same order at every width, so the same bits).
+fn attend_head(head: Head<'_>, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") {
             // SAFETY: the CPU has AVX-512 F.
-            return unsafe { attend_head_avx512(q, keys, values, len, scale, o) };
+            return unsafe { attend_head_avx512(head, o) };
         }
         if has!("avx2") {
             // SAFETY: the CPU has AVX2.
-            return unsafe { attend_head_avx2(q, keys, values, len, scale, o) };
+            return unsafe { attend_head_avx2(head, o) };
         }
     }
-    attend_head_body(q, keys, values, len, scale, o)
+    attend_head_body(head, o)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn attend_head_avx512(
-    q: &[f32],
-    keys: (&[f32], usize),
-    values: (&[f32], usize),
-    len: usize,
-    scale: f32,
-    o: &mut [f32],
-) {
-    attend_head_body(q, keys, values, len, scale, o)
+/// An entry point of [`attend_head_body`] compiled with a target feature.
+macro_rules! attend_head_with {
+    ($name:ident, $feature:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(head: Head<'_>, o: &mut [f32]) {
+            attend_head_body(head, o)
+        }
+    };
 }
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_head_avx2(
-    q: &[f32],
-    keys: (&[f32], usize),
-    values: (&[f32], usize),
-    len: usize,
-    scale: f32,
-    o: &mut [f32],
-) {
-    attend_head_body(q, keys, values, len, scale, o)
-}
+attend_head_with!(attend_head_avx512, "avx512f");
+attend_head_with!(attend_head_avx2, "avx2");
 
 /// [`attend_head`]'s work, inlined into each entry point.
 #[inline(always)]
-fn attend_head_body(
-    q: &[f32],
-    (k, kt): (&[f32], usize),
-    (v, vt): (&[f32], usize),
-    len: usize,
-    scale: f32,
-    o: &mut [f32],
-) {
+fn attend_head_body(head: Head<'_>, o: &mut [f32]) {
+    let Head {
+        q,
+        keys: (k, kt),
+        values: (v, vt),
+        len,
+        scale,
+    } = head;
     let d = q.len();
     // Loops, not iterator adapters: a closure is compiled on its own, without the entry
     // point's vector width.
@@ -260,7 +250,14 @@ impl CustomOp3 for DecodeAttention {
             let kvh = h / group;
             let keys = &k[ko + bi * kb + kvh * kh..];
             let values = &v[vo + bi * vb + kvh * vh..];
-            attend_head(&qh, (keys, kt), (values, vt), self.len, scale, o);
+            let head = Head {
+                q: &qh,
+                keys: (keys, kt),
+                values: (values, vt),
+                len: self.len,
+                scale,
+            };
+            attend_head(head, o);
         });
         let storage = cpu_storage(out, bf16);
         Ok((storage, Shape::from((b, self.heads, 1, d))))
