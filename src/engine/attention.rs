@@ -16,9 +16,9 @@ fn rotate(x: &[f32], cs: &[f32], i: usize) -> (f32, f32) {
 }
 
 /// `a · b` as [`DOT_LANES`] interleaved partial sums (a product, then a sum, in each),
-/// added pairwise (lane i and i + 8, then i + 4, ...), then the tail one by one: one running
-/// sum made each score a chain of dependent additions (~1 ms a 7B host layer at 2,048
-/// positions on the lent GPU hosts). The vector paths compute exactly this.
+/// added pairwise (lane i and i + 8, then i + 4, ...), then the tail one by one. One running
+/// sum made each score a chain of dependent additions (the attention of a 7B host layer took
+/// ~1 ms at 2,048 positions on the lent GPU hosts). The vector paths compute exactly this.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let whole = a.len() - a.len() % DOT_LANES;
