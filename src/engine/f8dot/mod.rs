@@ -78,24 +78,19 @@ impl Path {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Path::Avx2 => {
+            simd => {
+                let dots: Dots = match simd {
+                    Path::Avx512 => avx512::dots,
+                    _ => avx2::dots,
+                };
                 for (x, o) in scaled
                     .chunks(MAX_SIMD_ROWS)
                     .zip(out.chunks_mut(MAX_SIMD_ROWS))
                 {
-                    // SAFETY: `detect` found AVX2, F16C and FMA; every row is `w.len()` long
-                    // (checked by `matvec`), and no more rows than the path holds.
-                    unsafe { avx2::dots(w, x, lut, o) };
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512 => {
-                for (x, o) in scaled
-                    .chunks(MAX_SIMD_ROWS)
-                    .zip(out.chunks_mut(MAX_SIMD_ROWS))
-                {
-                    // SAFETY: as above, for AVX-512 F and BW.
-                    unsafe { avx512::dots(w, x, lut, o) };
+                    // SAFETY: `detect` found the path's features (AVX2, F16C and FMA, or
+                    // AVX-512 F and BW); every row is `w.len()` long (checked by `matvec`),
+                    // and no more rows than the path holds.
+                    unsafe { dots(w, x, lut, o) };
                 }
             }
         }
@@ -338,7 +333,7 @@ fn reduce(acc: &[f32; LANES]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
-use x86::{avx2, avx512, MAX_SIMD_ROWS};
+use x86::{avx2, avx512, Dots, MAX_SIMD_ROWS};
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,9 @@ macro_rules! by_rows {
     };
 }
 
+/// A vectorised path's `dots`: at most [`MAX_SIMD_ROWS`] rows' products with one weight row.
+pub(super) type Dots = unsafe fn(&[u8], &[&[f32]], &[f32; 256], &mut [f32]);
+
 /// Rows the vectorised paths take at once (their sums stay in registers); more are taken in
 /// groups of this many.
 pub(super) const MAX_SIMD_ROWS: usize = 4;
