@@ -46,7 +46,7 @@ echo "[build-cuda] CUDA_ROOT=$CUDA_ROOT CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP" >&2
 
 # The launch geometry the engine compiles its kernels with (engine::cuda::kernel_defines builds
 # the same -D options from the Rust constants; its unit test fails when the two differ).
-kernel_defines=(-DMATVEC_WARPS=8 -DTILE_ROWS=16 -DTILE_INPUTS=64 -DMATVEC_MAX_ROWS=8 -DATT_WARPS=16)
+kernel_defines=(-DMATVEC_WARPS=8 -DTILE_ROWS=16 -DTILE_INPUTS=64 -DMATVEC_MAX_ROWS=8 -DATT_WARPS=16 -DGEMM_BM=128 -DGEMM_BN=128 -DGEMM_BK=64 -DGEMM_STAGES=3 -DPREFILL_HEAD_DIM=128)
 kernels=src/engine/cuda/kernels
 for arch in 80 89 90; do
   for f in "$kernels"/*.cu; do

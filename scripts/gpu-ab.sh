@@ -37,7 +37,8 @@ b = json.load(open(sys.argv[1]))['rows'][0]
 g = json.load(open(sys.argv[2]))
 t, f = g['timings'], g['frames']
 print(f"{sys.argv[3]:5} {g['tool'].split('(')[-1].rstrip(')')}: decode {b['decode_ms_per_token']:.3f} ms/token, "
-      f"test-speed {b['test_speed_ms']:.2f} ms | RTF {g['real_time_factor']:.4f}; per frame LM pair "
+      f"test-speed {b['test_speed_ms']:.2f} ms | RTF {g['real_time_factor']:.4f}, prefill "
+      f"{t['prefill_ms']:.1f} ms; per frame LM pair "
       f"{t['lm_ms'] / f:.2f}, head {t['head_ms'] / f:.2f}, decoder {t['decoder_ms'] / f:.2f}, "
       f"semantic {t['semantic_ms'] / f:.2f} ms")
 PY

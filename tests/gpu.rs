@@ -93,9 +93,10 @@ fn config() -> ModelConfig {
     ModelConfig {
         hidden_size: 256,
         intermediate_size: 512,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 64,
+        // The 7B's head width, which the GPU's prefill attention is written for.
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 128,
         num_hidden_layers: 6,
         vocab_size: 512,
         rope_theta: 1e6,
@@ -226,6 +227,14 @@ fn ramp(n: usize, f: f32, device: &Device) -> Tensor {
         .unwrap()
 }
 
+/// Largest `|a - b|` of the CPU's `cpu` and the GPU's `gpu`.
+fn worst_absolute(cpu: &[f32], gpu: &[f32]) -> f32 {
+    cpu.iter()
+        .zip(gpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
+}
+
 /// Largest `|a - b| / (1 + |a|)` of the CPU's `cpu` and the GPU's `gpu`.
 fn worst_relative(cpu: &[f32], gpu: &[f32]) -> f32 {
     cpu.iter()
@@ -253,7 +262,9 @@ fn fused_float8_matvec_matches_the_cpu() {
         (&[(304, 1), (64, 2), (48, 3)], true, true, false, false),
         (&[(160, 5), (160, 6)], true, false, false, true),
     ];
-    for rows in [1, 3, 8] {
+    // Up to 8 rows the matvec; more the matrix product, its tiles partly past the rows,
+    // the outputs and the segments' ends, its inputs split (9 and 300 rows) or not.
+    for rows in [1, 3, 8, 9, 130, 300] {
         for (i, &(weights, scaled, bias, residual, gated)) in cases.iter().enumerate() {
             let run = |device: &Device| -> Vec<f32> {
                 let segments = weights
@@ -308,7 +319,8 @@ fn fused_float8_matvec_fuses_the_speech_work_like_the_cpu() {
         (64, 4096, false, true, true, false),
         (128, 512, false, false, false, true),
     ];
-    for rows in [1, 2, 8] {
+    // More than 8 rows: the matrix product, its norm and modulation in a pass of their own.
+    for rows in [1, 2, 8, 20, 130] {
         for (i, &(n_out, n_in, gated, modulated, gated_residual, gelu)) in cases.iter().enumerate()
         {
             let run = |device: &Device| -> Vec<f32> {
@@ -374,21 +386,56 @@ fn fused_float8_matvec_fuses_the_speech_work_like_the_cpu() {
     }
 }
 
+/// `n` bf16 values `sin(i f - 0.3)`, on `device`.
+fn sin_ramp(n: usize, f: f64, device: &Device) -> Tensor {
+    Tensor::arange(0f32, n as f32, device)
+        .and_then(|t| t.affine(f, -0.3))
+        .and_then(|t| t.sin())
+        .and_then(|t| t.to_dtype(DType::BF16))
+        .unwrap()
+}
+
+/// A prefill pass on tensor cores (100 queries after 37 cached positions, two sequences, 7B
+/// heads) against the CPU's causal attention over the same cache views.
+#[test]
+fn prefill_attention_matches_the_cpu() {
+    use vibeoffload::engine::attention;
+    let (b, t, heads, kv, d, max, pos) = (2, 100, 28, 4, 128, 200, 37);
+    let run = |device: &Device| -> Vec<f32> {
+        let ramp = |n: usize, f: f64| sin_ramp(n, f, device);
+        let qkv = ramp(b * t * (heads + 2 * kv) * d, 0.37)
+            .reshape((b, t, (heads + 2 * kv) * d))
+            .unwrap();
+        let table = ramp(max * d, 0.05).reshape((max, d)).unwrap();
+        let cache = |f| {
+            ramp(b * kv * max * d, f)
+                .reshape((b, kv, max, d))
+                .unwrap()
+                .narrow(2, 0, pos + t)
+                .unwrap()
+        };
+        let out = attention::attend_qkv(
+            &qkv,
+            &cache(0.11),
+            &cache(0.23),
+            (heads, kv, d),
+            &table,
+            pos,
+        );
+        host_f32(&out.unwrap())
+    };
+    let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
+    assert_eq!(cpu.len(), b * t * heads * d);
+    let worst = worst_absolute(&cpu, &gpu);
+    assert!(worst < 2e-2, "worst absolute difference {worst}");
+}
+
 #[test]
 fn decode_attention_matches_the_cpu() {
     use vibeoffload::engine::attention;
     let (b, heads, kv, d, max, len) = (1, 28, 4, 128, 300, 257);
     let run = |device: &Device| -> Vec<f32> {
-        let ramp = |n: usize, f: f64| {
-            Tensor::arange(0f32, n as f32, device)
-                .unwrap()
-                .affine(f, -0.3)
-                .unwrap()
-                .sin()
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap()
-        };
+        let ramp = |n: usize, f: f64| sin_ramp(n, f, device);
         let q = ramp(b * heads * d, 0.37).reshape((b, heads, 1, d)).unwrap();
         let k = ramp(b * kv * max * d, 0.11)
             .reshape((b, kv, max, d))
@@ -403,11 +450,7 @@ fn decode_attention_matches_the_cpu() {
         host_f32(&attention::attend(&q, &k, &v, kv).unwrap())
     };
     let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
-    let worst = cpu
-        .iter()
-        .zip(&gpu)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = worst_absolute(&cpu, &gpu);
     assert!(worst < 2e-2, "worst absolute difference {worst}");
 }
 
@@ -527,8 +570,8 @@ fn lanes_of_a_few_tokens_cross_to_the_cpu_and_back_in_turn() {
     assert!(worst < 0.05, "worst relative difference {worst}");
 }
 
-/// The fused kernel on inputs past float16's range (1e5 among small values), 1, 3 and 8 rows,
-/// plain and RMS-normalised, against the CPU.
+/// The fused kernels on inputs past float16's range (1e5 among small values), 1, 3 and 8 rows
+/// (the matvec) and 40 and 200 (the matrix product), plain and RMS-normalised, against the CPU.
 #[test]
 fn fused_float8_matvec_takes_inputs_beyond_float16() {
     use vibeoffload::engine::matvec;
@@ -537,7 +580,7 @@ fn fused_float8_matvec_takes_inputs_beyond_float16() {
     let codes: Vec<u8> = (0..n_out * n_in)
         .map(|i| ((i * 37 + 5) % 251) as u8 & 0xf7)
         .collect();
-    for rows in [1, 3, 8] {
+    for rows in [1, 3, 8, 40, 200] {
         for normed in [false, true] {
             let run = |device: &Device| -> Vec<f32> {
                 let x: Vec<f32> = (0..rows * n_in)
@@ -608,9 +651,9 @@ fn a_layer_that_makes_nan_is_named_on_the_gpu() {
     }
 }
 
-/// Every float8 code through the tensor-core matvec, one code per output row (all of the
-/// row's weights, x all ones), so a code decoded wrongly, a subnormal flushed to zero
-/// included, shows as its own wrong output.
+/// Every float8 code through the tensor-core matvec (1 row of x) and matrix product (16 rows),
+/// one code per output feature (all of its weights, x all ones), so a code decoded wrongly, a
+/// subnormal flushed to zero included, shows as its own wrong output.
 #[test]
 fn fused_float8_matvec_decodes_every_code() {
     use vibeoffload::engine::matvec;
@@ -619,7 +662,7 @@ fn fused_float8_matvec_decodes_every_code() {
     // NaN codes (0x7f, 0xff) read as 480 on the tensor-core path: left out.
     let code = |row: usize| if row & 0x7f == 0x7f { 0 } else { row as u8 };
     let codes: Vec<u8> = (0..256 * n_in).map(|i| code(i / n_in)).collect();
-    let run = |device: &Device| -> Vec<f32> {
+    let run = |device: &Device, rows: usize| -> Vec<f32> {
         let op = FusedMatVec::new(
             vec![Segment {
                 bytes: Tensor::from_slice(&codes, codes.len(), device).unwrap(),
@@ -628,16 +671,20 @@ fn fused_float8_matvec_decodes_every_code() {
             }],
             n_in,
         );
-        let x = Tensor::ones((1, n_in), DType::BF16, device).unwrap();
+        let x = Tensor::ones((rows, n_in), DType::BF16, device).unwrap();
         host_f32(&matvec::apply(&x, &op).unwrap())
     };
-    let (cpu, gpu) = (run(&Device::Cpu), run(&cuda()));
-    for (row, (a, b)) in cpu.iter().zip(&gpu).enumerate() {
-        assert!(
-            (a - b).abs() <= a.abs() / 128.0,
-            "code {row:#04x}: CPU {a}, GPU {b}"
-        );
-        assert_eq!(*a == 0.0, code(row) & 0x7f == 0, "code {row:#04x}: {a}");
+    let cpu = run(&Device::Cpu, 1);
+    for rows in [1, 16] {
+        let gpu = run(&cuda(), rows);
+        for (i, b) in gpu.iter().enumerate() {
+            let (row, a) = (i % 256, cpu[i % 256]);
+            assert!(
+                (a - b).abs() <= a.abs() / 128.0,
+                "{rows} rows, code {row:#04x}: CPU {a}, GPU {b}"
+            );
+            assert_eq!(a == 0.0, code(row) & 0x7f == 0, "code {row:#04x}: {a}");
+        }
     }
 }
 

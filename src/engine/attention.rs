@@ -222,29 +222,35 @@ impl CustomOp3 for DecodeAttention {
         };
         let (ko, kb, kh, kt) = strides(lk)?;
         let (vo, vb, vh, vt) = strides(lv)?;
-        let (d, b) = (self.head_dim, lq.dims()[0]);
+        let (d, t) = (self.head_dim, self.tokens);
+        let b = lq.dims()[0];
         let group = self.heads / self.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        // The one row of the rotary table this position needs (copying the whole table, as
+        if t > 1 && self.rope.is_none() {
+            candle_core::bail!("attention: {t} queries need their positions (the rotary table)");
+        }
+        // The rows of the rotary table these positions need (copying the whole table, as
         // long as the longest sequence, made each step's cost grow with --max-seq-len).
-        let row = match &self.rope {
-            Some((t, pos)) => Some(
-                t.get(*pos)?
+        let rows = match &self.rope {
+            Some((table, pos)) => Some(
+                table
+                    .narrow(0, *pos, t)?
                     .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?,
+                    .to_vec2::<f32>()?,
             ),
             None => None,
         };
-        let mut out = vec![0f32; b * self.heads * d];
-        // A (sequence, head) pair per task: a host-computed layer of hybrid decoding attends
+        let mut out = vec![0f32; b * t * self.heads * d];
+        // A (query, head) pair per task: a host-computed layer of hybrid decoding attends
         // over thousands of positions every step.
         out.par_chunks_mut(d).enumerate().for_each(|(task, o)| {
-            let (bi, h) = (task / self.heads, task % self.heads);
-            let raw = &q[qa + bi * self.q_stride + h * d..][..d];
+            let (row, h) = (task / self.heads, task % self.heads);
+            let (bi, i) = (row / t, row % t);
+            let raw = &q[qa + row * self.q_stride + h * d..][..d];
             let mut qh = raw.to_vec();
-            if let Some(cs) = &row {
-                for i in 0..d / 2 {
-                    (qh[i], qh[i + d / 2]) = rotate(raw, cs, i);
+            if let Some(rows) = &rows {
+                for e in 0..d / 2 {
+                    (qh[e], qh[e + d / 2]) = rotate(raw, &rows[i], e);
                 }
             }
             let kvh = h / group;
@@ -254,13 +260,17 @@ impl CustomOp3 for DecodeAttention {
                 q: &qh,
                 keys: (keys, kt),
                 values: (values, vt),
-                len: self.len,
+                len: self.len - (t - 1 - i),
                 scale,
             };
             attend_head(head, o);
         });
         let storage = cpu_storage(out, bf16);
-        Ok((storage, Shape::from((b, self.heads, 1, d))))
+        let shape = match t {
+            1 => Shape::from((b, self.heads, 1, d)),
+            _ => Shape::from((b, t, self.heads, d)),
+        };
+        Ok((storage, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -287,10 +297,27 @@ pub fn applies(tokens: usize, len: usize, head_dim: usize) -> bool {
     tokens == 1 && head_dim <= 256 && head_dim.is_multiple_of(4) && shared <= 48 << 10
 }
 
+/// Whether [`attend_qkv`] takes a prefill pass of `tokens` > 1 on `device`: on the GPU, with
+/// tensor cores (sm_80 or newer) and a head width of 128 (`prefill_attention.cu`). Elsewhere
+/// the pass runs candle's ops with a mask.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn prefill_applies(device: &candle_core::Device, tokens: usize, head_dim: usize) -> bool {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            tokens > 1
+                && head_dim == crate::plan::memory::PREFILL_HEAD_DIM
+                && super::cuda::has_mma(d)
+        }
+        _ => false,
+    }
+}
+
 /// Attention output `[b, heads, 1, d]` for `q` `[b, heads, 1, d]` and cache views `k`, `v`.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, kv_heads: usize) -> Result<Tensor> {
     let (_, heads, _, d) = q.dims4()?;
     let op = DecodeAttention {
+        tokens: 1,
         heads,
         kv_heads,
         len: k.dim(2)?,
@@ -301,8 +328,10 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, kv_heads: usize) -> Result<Ten
     q.contiguous()?.apply_op3_no_bwd(k, v, &op)
 }
 
-/// Attention output `[b, heads, 1, d]` for the queries in a q/k/v row `qkv` `[b, 1, (heads +
-/// 2 x kv_heads) x d]`, rotated at `pos` by `rope_table` here, and cache views `k`, `v`.
+/// Attention output for the queries in q/k/v rows `qkv` `[b, t, (heads + 2 x kv_heads) x d]`,
+/// rotated at `pos` (the first row's position) by `rope_table` here, and cache views `k`, `v`
+/// (the rows' keys stored): `[b, heads, 1, d]` for one token, `[b, t, heads, d]` (causal) for
+/// more.
 pub fn attend_qkv(
     qkv: &Tensor,
     k: &Tensor,
@@ -312,6 +341,7 @@ pub fn attend_qkv(
     pos: usize,
 ) -> Result<Tensor> {
     let op = DecodeAttention {
+        tokens: qkv.dim(1)?,
         heads,
         kv_heads,
         len: k.dim(2)?,
@@ -381,6 +411,47 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_of_several_queries_attends_causally() {
+        use crate::engine::cache::tests::{config, qkv_and_rope};
+        let (b, t, heads, kv, d, max, pos) = (2, 5, 4, 2, 8, 12, 3);
+        let (qkv, table, cos, sin) = qkv_and_rope((b, t, heads, kv, d, max));
+        let mut cache = crate::engine::cache::KvCache::new(&config(heads, kv, d), max);
+        let (early, ..) = qkv_and_rope((b, pos, heads, kv, d, max));
+        cache.store(&early, &table, 0).unwrap();
+        let (k, v) = cache.store(&qkv, &table, pos).unwrap();
+        let fused = attend_qkv(&qkv, &k, &v, (heads, kv, d), &table, pos).unwrap();
+        assert_eq!(fused.dims(), [b, t, heads, d]);
+        // candle's rotation, the keys repeated for each query group, the causal mask.
+        let q = qkv
+            .narrow(2, 0, heads * d)
+            .and_then(|x| x.reshape((b, t, heads, d)))
+            .and_then(|x| x.transpose(1, 2))
+            .and_then(|x| x.contiguous())
+            .unwrap();
+        let q = candle_nn::rotary_emb::rope(
+            &q,
+            &cos.narrow(0, pos, t).unwrap(),
+            &sin.narrow(0, pos, t).unwrap(),
+        )
+        .unwrap();
+        let len = pos + t;
+        let rep = |x: &Tensor| {
+            x.unsqueeze(2)
+                .and_then(|x| x.expand((b, kv, heads / kv, len, d)))
+                .and_then(|x| x.reshape((b, heads, len, d)))
+                .unwrap()
+        };
+        let mask = crate::engine::model::causal_mask(t, pos, &Device::Cpu).unwrap();
+        let scores = (q.matmul(&rep(&k).t().unwrap()).unwrap() / (d as f64).sqrt())
+            .and_then(|s| s.broadcast_add(&mask))
+            .unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let reference = probs.matmul(&rep(&v)).unwrap().transpose(1, 2).unwrap();
+        let diff = crate::engine::cache::tests::max_diff(&fused, &reference);
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
     fn rotates_queries_taken_from_the_qkv_row() {
         let (b, heads, kv, d, max, pos) = (2, 4, 2, 8, 10, 5);
         let (qkv, table, cos, sin) =
@@ -405,16 +476,7 @@ mod tests {
         )
         .unwrap();
         let reference = attend(&q, &k, &v, kv).unwrap();
-        let diff = (fused - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::engine::cache::tests::max_diff(&fused, &reference);
         assert!(diff < 1e-6, "{diff}");
     }
 

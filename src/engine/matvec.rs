@@ -187,32 +187,35 @@ impl CustomOp1 for FusedMatVec {
     }
 }
 
-/// Whether `x @ w^T` takes the fused path: float8 weights, a scale that is none, one value or
-/// one per output row, and at most [`MATVEC_MAX_ROWS`] rows; on the GPU also tensor cores
-/// (sm_80 or newer) and a weight of whole tiles ([`super::ops::TILE_ROWS`] x
-/// [`super::ops::TILE_INPUTS`]).
+/// Whether `x @ w^T` takes the fused path: float8 weights and a scale that is none, one value
+/// or one per output row; on the CPU at most [`MATVEC_MAX_ROWS`] rows of `x`; on the GPU, with
+/// tensor cores (sm_80 or newer) and a weight of whole tiles ([`super::ops::TILE_ROWS`] x
+/// [`super::ops::TILE_INPUTS`]), any number, more rows taking the matrix product where the
+/// weight has at least [`crate::plan::memory::GEMM_MIN_WEIGHT`] elements.
 pub fn applies(x: &Tensor, w: &RawTensor, scale: Option<&RawTensor>) -> Result<bool> {
     let rows = x.elem_count() / x.dim(D::Minus1)?;
     let simple_scale = scale.is_none_or(|s| {
         let n: usize = s.shape.iter().product();
         n == 1 || n == w.shape[0]
     });
-    let fits =
-        w.dtype == Stored::F8E4M3 && w.shape.len() == 2 && rows <= MATVEC_MAX_ROWS && simple_scale;
-    Ok(fits && device_takes(x.device(), &w.shape))
+    let fits = w.dtype == Stored::F8E4M3 && w.shape.len() == 2 && simple_scale;
+    Ok(fits && device_takes(x.device(), &w.shape, rows))
 }
 
-/// Whether `device` runs the fused kernel for a weight of `shape` (`[out, in]`).
+/// Whether `device` runs the fused kernels for a weight of `shape` (`[out, in]`) and `rows`
+/// rows of x.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn device_takes(device: &candle_core::Device, shape: &[usize]) -> bool {
+fn device_takes(device: &candle_core::Device, shape: &[usize], rows: usize) -> bool {
     match device {
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(d) => {
             super::cuda::has_mma(d)
                 && shape[0].is_multiple_of(super::ops::TILE_ROWS)
                 && shape[1].is_multiple_of(super::ops::TILE_INPUTS)
+                && (rows <= MATVEC_MAX_ROWS
+                    || (shape[0] * shape[1]) as u64 >= crate::plan::memory::GEMM_MIN_WEIGHT)
         }
-        _ => true,
+        _ => rows <= MATVEC_MAX_ROWS,
     }
 }
 

@@ -305,7 +305,7 @@ fn attend(
         config.head_dim,
     );
     let (k, v) = cache.store(qkv, &rope.table, offset)?;
-    if attention::applies(t, k.dim(2)?, hd) {
+    if attention::applies(t, k.dim(2)?, hd) || attention::prefill_applies(qkv.device(), t, hd) {
         let dims = (heads, kv_heads, hd);
         return Ok(
             attention::attend_qkv(qkv, &k, &v, dims, &rope.table, offset)?.reshape((

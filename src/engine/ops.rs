@@ -49,8 +49,21 @@ pub struct Dequantize {
     pub scale: Option<ScaleLayout>,
 }
 
-/// Most rows of `x` the fused path takes; more rows (prefill) decode `W` once and multiply.
+/// Most rows of `x` the matrix-vector kernel takes; on the GPU more rows (prefill) take the
+/// matrix product (`GEMM_*`), on the CPU they decode `W` once and multiply.
 pub const MATVEC_MAX_ROWS: usize = 8;
+
+/// The GPU's matrix product for more rows (`gemm.cu`): a block's tile of rows of `x`...
+pub const GEMM_BM: usize = 128;
+
+/// ...by output features...
+pub const GEMM_BN: usize = 128;
+
+/// ...taken this many input features at a time...
+pub const GEMM_BK: usize = 64;
+
+/// ...that many steps ahead (cp.async stages in shared memory).
+pub const GEMM_STAGES: usize = 3;
 
 /// On the GPU, each weight's rows come in tiles of this many (one block each)...
 pub const TILE_ROWS: usize = 16;
@@ -135,11 +148,16 @@ impl FusedMatVec {
     }
 }
 
-/// `softmax(q K^T / sqrt(d)) V` for one query per sequence, its heads side by side
-/// (`q_stride` elements apart from one sequence to the next), against `k`, `v` `[b, kv_heads,
-/// len, d]` (any strides, as the cache's views have); the result is `[b, heads, 1, d]`.
+/// `softmax(q K^T / sqrt(d)) V` for `tokens` queries per sequence, their heads side by side
+/// (`q_stride` elements apart from one query row to the next), against `k`, `v` `[b, kv_heads,
+/// len, d]` (any strides, as the cache's views have). One token (decoding) gives `[b, heads, 1,
+/// d]`; more (a prefill pass, its keys already stored) attend causally, query `i` at position
+/// `pos + i` seeing keys `0..=pos + i` of the last `tokens` of `len`, and give `[b, tokens,
+/// heads, d]`.
 #[derive(Clone, Debug)]
 pub struct DecodeAttention {
+    /// Queries per sequence.
+    pub tokens: usize,
     /// Query heads.
     pub heads: usize,
     /// Key/value heads.
@@ -148,10 +166,10 @@ pub struct DecodeAttention {
     pub len: usize,
     /// Head width.
     pub head_dim: usize,
-    /// Elements from one sequence's query to the next.
+    /// Elements from one query row to the next.
     pub q_stride: usize,
     /// Rotates the queries first: the rotary table `[max_len, d]` (cosines, then sines) and
-    /// the query's position.
+    /// the first query's position (needed for more than one token).
     pub rope: Option<(Tensor, usize)>,
 }
 

@@ -4,9 +4,11 @@
 //!
 //! Calibration: the constants in the "calibration" block are the only numbers not derived
 //! from the model. Checked against NVML's peak on an NVIDIA H200 (driver 580, CUDA 13.0) on
-//! 2026-11-27 at commit 69d9bed, 7B float8, N = 0..28: the estimates sit 35-133 MiB (0.5-7.2%)
-//! above the measurements at batch 1 and 143-185 MiB at batch 4, inside the 256 MiB allowance,
-//! so the constants stand; RESULTS.md has the runs.
+//! 2026-11-27 at commit 69d9bed, 7B float8, N = 0..28: the estimates sat 35-133 MiB (0.5-7.2%)
+//! above the measurements at batch 1 and 143-185 MiB at batch 4. On 2026-11-28, once prefill
+//! multiplied float8 weights without bf16 copies, `bench`'s peaks at N = 28, 8 and 0 fell by
+//! 160-224 MiB and the estimates sat 147-158 MiB above them (2.1-9.1%): the margin went from 256
+//! to 160 MiB, leaving them 51-62 MiB above (0.8-3.6%); RESULTS.md has the runs.
 
 use crate::arch::config::ModelConfig;
 use crate::arch::Role;
@@ -24,7 +26,7 @@ const MIB: u64 = 1 << 20;
 /// the model allocates anything (checked on an H200, 2026-11-27: see the module note).
 pub const CUDA_CONTEXT_BYTES: u64 = 600 * MIB;
 /// Headroom for allocator rounding and fragmentation (checked with the context above).
-pub const MARGIN_BYTES: u64 = 256 * MIB;
+pub const MARGIN_BYTES: u64 = 160 * MIB;
 
 // ---- engine constants -----------------------------------------------------------------------
 
@@ -40,8 +42,22 @@ pub const DEFAULT_STREAM_SLOTS: usize = 2;
 /// Longest run of prompt tokens one forward pass processes; longer prompts are prefilled in
 /// chunks of this size, which bounds the attention scores' memory.
 pub const PREFILL_CHUNK_TOKENS: u64 = 512;
-/// Rows of a float8 LM head decoded at a time.
+/// Rows of a float8 LM head decoded at a time (where it is decoded: see [`GEMM_MIN_WEIGHT`]).
 pub const LM_HEAD_CHUNK_ROWS: u64 = 16384;
+/// The smallest float8 weight (elements) whose product with a prefill's many rows the GPU
+/// computes from the float8 bytes (engine `gemm.cu`); smaller ones are decoded to a bf16 copy
+/// for cuBLAS. The product's point is the copy it saves, which is small for small weights,
+/// while its 128 x 128 tiles fit their long thin shapes badly: the speech tokenizers' shallow
+/// feed-forward layers (64-256 channels, 400-3,200 steps a frame, weights of 16-262 Ki
+/// elements) took 13-30 us each in it on the lent H200 against ~7 us decoded and in cuBLAS.
+pub const GEMM_MIN_WEIGHT: u64 = 1 << 20;
+/// Most slices a float8 product's inputs are split into (split-K, for products of few tiles)...
+pub const PRODUCT_MAX_SLICES: u64 = 8;
+/// ...and the most their f32 partial sums may take: the engine splits less rather than more.
+pub const PRODUCT_SCRATCH_BYTES: u64 = 24 * MIB;
+/// The head width the GPU's prefill attention is written for (engine `prefill_attention.cu`),
+/// which keeps each block's scores on chip: no scores in device memory for it.
+pub const PREFILL_HEAD_DIM: usize = 128;
 /// Bytes per activation element (bf16).
 pub const ACTIVATION_BYTES: u64 = 2;
 /// Bytes per cached key or value element (bf16).
@@ -113,11 +129,17 @@ pub fn kv_cache_bytes(config: &ModelConfig, sequences: u64, max_seq_len: u64, la
         })
 }
 
-/// Device memory a forward pass needs beyond weights and cache.
+/// Device memory a forward pass needs beyond weights and cache, on a GPU with tensor cores
+/// (sm_80 and newer, which the engine's float8 kernels need; an older GPU decodes every
+/// matrix for a prefill and keeps the attention scores in memory, beyond this estimate).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkingMemory {
-    /// The largest float8 matrix decoded to bf16 at once (0 for bf16 checkpoints).
+    /// The largest float8 matrix decoded to bf16 at once (0 for bf16 checkpoints and where
+    /// every float8 matrix is at least [`GEMM_MIN_WEIGHT`] elements).
     pub dequant_scratch_bytes: u64,
+    /// The float8 products' split-K partial sums (f32), at most [`PRODUCT_SCRATCH_BYTES`].
+    #[serde(default)]
+    pub product_scratch_bytes: u64,
     /// Residual stream, projections and MLP intermediates of the tokens in flight.
     pub activations_bytes: u64,
     /// Attention scores and probabilities.
@@ -130,6 +152,7 @@ impl WorkingMemory {
     /// Sum of the terms.
     pub fn total_bytes(&self) -> u64 {
         self.dequant_scratch_bytes
+            + self.product_scratch_bytes
             + self.activations_bytes
             + self.attention_scores_bytes
             + self.logits_bytes
@@ -152,9 +175,18 @@ pub fn working_memory(
     // copies (2(q + 2kv)); gate, up and their product (3i).
     let activations_bytes =
         tokens * (4 * w.hidden + 2 * (w.q + 2 * w.kv) + 3 * w.intermediate) * ACTIVATION_BYTES;
-    // Scores and softmax probabilities.
-    let attention_scores_bytes =
-        2 * sequences * config.num_attention_heads as u64 * step_tokens * kv_len * SCORE_BYTES;
+    // Scores and softmax probabilities, unless the GPU's prefill attention keeps them on chip.
+    let attention_scores_bytes = match config.head_dim == PREFILL_HEAD_DIM {
+        true => 0,
+        false => {
+            2 * sequences * config.num_attention_heads as u64 * step_tokens * kv_len * SCORE_BYTES
+        }
+    };
+    // Split-K partial sums of the widest product that splits (q/k/v side by side, o, down;
+    // gate/up never split) for a step's rows.
+    let widest = (w.q + 2 * w.kv).max(w.hidden);
+    let product_scratch_bytes =
+        (PRODUCT_MAX_SLICES * tokens * widest * SCORE_BYTES).min(PRODUCT_SCRATCH_BYTES);
     let logits_bytes = if with_logits {
         sequences * config.vocab_size as u64 * SCORE_BYTES
     } else {
@@ -162,18 +194,23 @@ pub fn working_memory(
     };
     WorkingMemory {
         dequant_scratch_bytes: dequant_scratch_bytes(config, inventory),
+        product_scratch_bytes,
         activations_bytes,
         attention_scores_bytes,
         logits_bytes,
     }
 }
 
-/// The largest float8 matrix the engine decodes to bf16 at once: a decoder-layer projection,
-/// or a chunk of [`LM_HEAD_CHUNK_ROWS`] rows of the LM head.
+/// The largest float8 matrix the engine decodes to bf16 at once for a prefill: a
+/// decoder-layer projection, or a chunk of [`LM_HEAD_CHUNK_ROWS`] rows of the LM head, of
+/// those below [`GEMM_MIN_WEIGHT`] elements (the others are multiplied as float8).
 pub fn dequant_scratch_bytes(config: &ModelConfig, inventory: &Inventory) -> u64 {
+    let decoded = |t: &&TensorInfo| {
+        t.dtype == DType::F8E4M3 && t.shape.len() == 2 && t.numel() < GEMM_MIN_WEIGHT
+    };
     let layer_max = inventory
         .part_tensors(Part::Layer(0))
-        .filter(|t| t.dtype == DType::F8E4M3 && t.shape.len() == 2)
+        .filter(decoded)
         .map(TensorInfo::numel)
         .max()
         .unwrap_or(0);
@@ -182,7 +219,7 @@ pub fn dequant_scratch_bytes(config: &ModelConfig, inventory: &Inventory) -> u64
     } else {
         inventory.part_tensors(Part::LmHead).next()
     };
-    let head_chunk = head.filter(|t| t.dtype == DType::F8E4M3).map_or(0, |_| {
+    let head_chunk = head.filter(decoded).map_or(0, |_| {
         LM_HEAD_CHUNK_ROWS.min(config.vocab_size as u64) * config.hidden_size as u64
     });
     layer_max.max(head_chunk) * ACTIVATION_BYTES

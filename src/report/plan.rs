@@ -138,6 +138,7 @@ impl Render for PlanReport {
             ("KV cache", e.kv_cache_bytes),
             ("CPU layer's prefill upload", e.host_prefill_bytes),
             ("dequant scratch", w.dequant_scratch_bytes),
+            ("product scratch", w.product_scratch_bytes),
             ("activations", w.activations_bytes),
             ("attention scores", w.attention_scores_bytes),
             ("logits", w.logits_bytes),

@@ -9,17 +9,23 @@ pub mod graph;
 mod handoff;
 mod launch;
 mod ops;
+mod product;
 mod slots;
 mod speech;
 mod timing;
 
 pub use handoff::Handoff;
-pub use ops::{decode_attention, dequantize, fused_matvec, store_kv, watch};
+pub use ops::{decode_attention, dequantize, store_kv, watch};
+pub use product::fused_matvec;
 pub use slots::{CudaSlots, PinnedBytes};
 pub use speech::{channel_bias, channel_norm, channel_residual, depthwise_mixer, dpm_step};
 pub use timing::{device_bandwidth_gbps, pinned_bandwidth_gbps, while_copying, QueuedTimer};
 
-use super::ops::{ATTENTION_WARPS, MATVEC_MAX_ROWS, TILE_INPUTS, TILE_ROWS};
+use super::ops::{
+    ATTENTION_WARPS, GEMM_BK, GEMM_BM, GEMM_BN, GEMM_STAGES, MATVEC_MAX_ROWS, TILE_INPUTS,
+    TILE_ROWS,
+};
+use crate::plan::memory::PREFILL_HEAD_DIM;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaEvent, CudaFunction, CudaStream, CudaView,
 };
@@ -51,6 +57,11 @@ fn kernel_defines() -> Vec<String> {
         ("TILE_INPUTS", TILE_INPUTS),
         ("MATVEC_MAX_ROWS", MATVEC_MAX_ROWS),
         ("ATT_WARPS", ATTENTION_WARPS),
+        ("GEMM_BM", GEMM_BM),
+        ("GEMM_BN", GEMM_BN),
+        ("GEMM_BK", GEMM_BK),
+        ("GEMM_STAGES", GEMM_STAGES),
+        ("PREFILL_HEAD_DIM", PREFILL_HEAD_DIM),
     ]
     .map(|(name, value)| format!("-D{name}={value}"))
     .into()
@@ -75,10 +86,10 @@ macro_rules! kernel_source {
 /// ([`Handoff`]).
 const DEQUANT_SOURCE: &str = kernel_source!("dequant.cu", "hold.cu", "handoff.cu");
 
-/// The decode path's kernels, compiled for the device's architecture: the float8
-/// matrix-vector kernel on tensor cores (sm_80 and newer; `matvec.cu` says how it works),
-/// decode attention and the KV store; their launches overlap on sm_90 (programmatic dependent
-/// launch).
+/// The float8 products and the decode path's kernels, compiled for the device's
+/// architecture: the matrix-vector kernel on tensor cores (sm_80 and newer; `matvec.cu` says
+/// how it works) and the matrix product for more rows (`gemm.cu`), decode and prefill attention
+/// and the KV store; the decode launches overlap on sm_90 (programmatic dependent launch).
 ///
 /// Range. Qwen2-family checkpoints carry activations far beyond float16's 65,504 (MLP
 /// intermediates near 1e5, residual channels near 3e4, large attention logits), so no value on
@@ -96,14 +107,22 @@ const DEQUANT_SOURCE: &str = kernel_source!("dequant.cu", "hold.cu", "handoff.cu
 /// - decode attention: q . k, the scores, their softmax (max subtracted first) and the
 ///   weighted sum of values in f32, from bf16 q, K and V; the output rounded to bf16;
 /// - the KV store rotates keys in f32 and stores bf16; the residual stream is bf16;
-/// - prefill (more than 8 rows) decodes weights to bf16 (times their f32 scale, rounded to
-///   bf16) and multiplies with cuBLAS in bf16 with f32 accumulation; its attention scores come
-///   out of that product in bf16 (f32's range, 2^-8 relative precision, as the original's
-///   eager attention) and their softmax runs in f32; RMSNorm (candle) sums in f32.
+/// - the matrix product (more than 8 rows) holds weights and products as the matvec does;
+///   its RMSNorm runs first, in f32, rounded to bf16 as the matvec's; its split-K partial
+///   sums are f32;
+/// - prefill attention: queries rotated in f32 and rounded to bf16, scores in f32 (tensor
+///   cores), their softmax in f32 (running maximum subtracted first), the probabilities rounded
+///   to bf16 for the product with V, summed in f32.
 ///
 /// The CPU path computes in f32 throughout. A value that does become NaN or infinite is
 /// caught by the engine's watch (see `Watch`), never passed on as a result.
-const DECODE_SOURCE: &str = kernel_source!("matvec.cu", "attention.cu", "kv_store.cu");
+const DECODE_SOURCE: &str = kernel_source!(
+    "matvec.cu",
+    "gemm.cu",
+    "attention.cu",
+    "prefill_attention.cu",
+    "kv_store.cu"
+);
 
 /// The speech tokenizers' fused block kernels (any GPU): a block's mixer half, its channel
 /// RMSNorm and its scaled residual, in f32 or bf16 (`speech.cu` says how each rounds).
@@ -212,6 +231,16 @@ fn has_pdl(dev: &CudaDevice) -> bool {
     compute_capability(dev).is_ok_and(|(major, _)| major >= 9)
 }
 
+/// Multiprocessors of the first device that asks (queried once; 1 if the query fails).
+fn sm_count(dev: &CudaDevice) -> usize {
+    static SMS: OnceLock<usize> = OnceLock::new();
+    *SMS.get_or_init(|| {
+        let ctx = dev.cuda_stream().context().clone();
+        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(1, |n| n.max(1) as usize)
+    })
+}
+
 /// A tensor's CUDA slice, offset by its layout (which must be contiguous).
 fn cuda_view<'a, T: CudaDType>(
     storage: &'a Storage,
@@ -269,7 +298,17 @@ mod tests {
         }
         for arch in ["compute_80", "compute_89", "compute_90"] {
             let ptx = Module::Decode.compile(Some(arch.to_string())).unwrap();
-            assert!(ptx.contains(".entry f8_matvec_mma_gated"), "{arch}");
+            for kernel in [
+                "f8_matvec_mma_gated",
+                "f8_gemm_gated",
+                "f8_gemm_reduce",
+                "prefill_attention_bf16",
+            ] {
+                assert!(
+                    ptx.contains(&format!(".entry {kernel}")),
+                    "{kernel}, {arch}"
+                );
+            }
         }
     }
 }

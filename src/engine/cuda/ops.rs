@@ -1,19 +1,17 @@
-//! The launchers: the CUDA side of each of the engine's custom ops (dequantisation, the fused
-//! matvec, decode attention, the KV store) and of the watch, which check their operands and
-//! pick and launch a kernel.
+//! The launchers: the CUDA side of the engine's custom ops (dequantisation, decode attention,
+//! the KV store; the fused product's is in `product`) and of the watch, which check their
+//! operands and pick and launch a kernel.
 
 use super::launch::RawArgs;
-use super::{cuda_view, optional_view, Module, MATVEC_WARPS};
+use super::{cuda_view, optional_view, Module};
 use crate::dtype::DType as StoredDType;
-use crate::engine::ops::{
-    DecodeAttention, Dequantize, FusedMatVec, StoreKv, ATTENTION_WARPS, MATVEC_MAX_ROWS,
-    TILE_INPUTS, TILE_ROWS,
-};
+use crate::engine::ops::{DecodeAttention, Dequantize, StoreKv, ATTENTION_WARPS};
+use crate::plan::memory::PREFILL_HEAD_DIM;
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaView, LaunchConfig};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CudaStorage, Layout, Shape, Storage, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{sys, LaunchConfig};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, Layout, Shape, Tensor};
 
 /// The CUDA side of [`Dequantize`].
 pub fn dequantize(
@@ -153,6 +151,9 @@ pub fn decode_attention(
     v: &CudaStorage,
     (vo, vb, vh, vt): (usize, usize, usize, usize),
 ) -> candle_core::Result<(CudaStorage, Shape)> {
+    if op.tokens > 1 {
+        return prefill_attention(op, q, lq, k, (ko, kb, kh, kt), v, (vo, vb, vh, vt));
+    }
     let dev = q.device().clone();
     let (qa, qb) = lq
         .contiguous_offsets()
@@ -222,6 +223,81 @@ pub fn decode_attention(
     ))
 }
 
+/// Queries per block of prefill attention (`prefill_attention.cu`), and the keys it takes at once.
+const PREFILL_ROWS: usize = 64;
+
+/// [`decode_attention`] for a prefill pass (`op.tokens` > 1, causal): bf16 q/k/v rows, head
+/// width [`PREFILL_HEAD_DIM`], one block of 4 warps per 64 queries of a head of a sequence.
+fn prefill_attention(
+    op: &DecodeAttention,
+    q: &CudaStorage,
+    lq: &Layout,
+    k: &CudaStorage,
+    (ko, kb, kh, kt): (usize, usize, usize, usize),
+    v: &CudaStorage,
+    (vo, vb, vh, vt): (usize, usize, usize, usize),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = q.device().clone();
+    let (Some((qa, qb)), Some((table, pos))) = (lq.contiguous_offsets(), op.rope.as_ref()) else {
+        candle_core::bail!("prefill attention: q must be contiguous and the positions given");
+    };
+    let aligned = [ko, kb, kh, kt, vo, vb, vh, vt, qa, op.q_stride]
+        .iter()
+        .all(|s| s.is_multiple_of(8));
+    if op.head_dim != PREFILL_HEAD_DIM || !aligned || op.len < op.tokens {
+        candle_core::bail!("prefill attention: head width 128 and 16-byte rows only");
+    }
+    let batch = lq.dims()[0];
+    let qs = q.as_cuda_slice::<half::bf16>()?.slice(qa..qb);
+    let ks = k.as_cuda_slice::<half::bf16>()?.slice(ko..);
+    let vs = v.as_cuda_slice::<half::bf16>()?.slice(vo..);
+    let (table_storage, table_layout) = table.storage_and_layout();
+    let table_view = super::cuda_view::<half::bf16>(&table_storage, table_layout)?;
+    let func = Module::Decode.func(&dev, "prefill_attention_bf16")?;
+    let n = batch * op.tokens * op.heads * op.head_dim;
+    // SAFETY: each query row's heads are written by the block of its rows and head.
+    let out = unsafe { dev.alloc::<half::bf16>(n)? };
+    // Queries, keys and values of a block's tiles: rows of 128 bf16 padded by 8.
+    let shared = 3 * PREFILL_ROWS * (PREFILL_HEAD_DIM + 8) * 2;
+    func.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared as i32,
+    )
+    .w()?;
+    // The first query's position: the pass's keys are the last `tokens` of `len`.
+    if *pos != op.len - op.tokens {
+        candle_core::bail!("prefill attention: the pass must end the cached positions");
+    }
+    let stream = dev.cuda_stream();
+    let mut args = RawArgs::default();
+    args.ptr(&qs, &stream).u64(op.q_stride as u64);
+    args.ptr(&table_view, &stream)
+        .i32(*pos as i32)
+        .i32(op.tokens as i32);
+    args.ptr(&ks, &stream).ptr(&vs, &stream).ptr(&out, &stream);
+    args.i32(op.heads as i32)
+        .i32((op.heads / op.kv_heads) as i32)
+        .f32(1.0 / (op.head_dim as f32).sqrt());
+    for s in [kb, kh, kt, vb, vh, vt] {
+        args.u64(s as u64);
+    }
+    let config = LaunchConfig {
+        grid_dim: (
+            op.tokens.div_ceil(PREFILL_ROWS) as u32,
+            op.heads as u32,
+            batch as u32,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // The arguments match the kernel's signature (prefill_attention.cu).
+    args.launch(&dev, &func, config, false)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((batch, op.tokens, op.heads, op.head_dim)),
+    ))
+}
+
 /// The CUDA side of [`StoreKv`]: bf16 q/k/v rows, rotary table and cache.
 pub fn store_kv(
     op: &StoreKv,
@@ -259,202 +335,4 @@ pub fn store_kv(
     // kernel reads and writes nothing before the previous kernel ends.
     args.launch(&dev, &func, config, true)?;
     Ok(())
-}
-
-/// A `[rows, cols]` operand whose rows may be strided (elements dense): its view from the first
-/// element and its row stride, checked to start and step on `align` elements.
-fn row_view<'a, T: CudaDType>(
-    storage: &'a Storage,
-    layout: &Layout,
-    dims: [usize; 2],
-    align: usize,
-    what: &str,
-) -> candle_core::Result<(CudaView<'a, T>, u64)> {
-    let Storage::Cuda(s) = storage else {
-        candle_core::bail!("fused matvec: {what} is not on the GPU");
-    };
-    let stride = layout.stride();
-    let row_stride = if dims[0] == 1 { dims[1] } else { stride[0] };
-    if layout.dims() != dims
-        || stride[1] != 1
-        || !layout.start_offset().is_multiple_of(align)
-        || !row_stride.is_multiple_of(align)
-    {
-        candle_core::bail!(
-            "fused matvec: {what} {:?} (strides {stride:?}) for {dims:?}",
-            layout.dims()
-        );
-    }
-    let view = s.as_cuda_slice::<T>()?.slice(layout.start_offset()..);
-    Ok((view, row_stride as u64))
-}
-
-/// The CUDA side of [`FusedMatVec`]: bf16 activations, float8 weights, bf16 output.
-pub fn fused_matvec(
-    op: &FusedMatVec,
-    x: &CudaStorage,
-    lx: &Layout,
-) -> candle_core::Result<(CudaStorage, Shape)> {
-    let dev = x.device().clone();
-    let (xa, xb) = lx
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused matvec: x must be contiguous".into()))?;
-    let xs = x.as_cuda_slice::<half::bf16>()?.slice(xa..xb);
-    let n_in = op.in_features;
-    let rows = (xb - xa) / n_in;
-    if rows > MATVEC_MAX_ROWS || op.segments.is_empty() || op.segments.len() > 3 {
-        candle_core::bail!("fused matvec: {rows} rows, {} weights", op.segments.len());
-    }
-    // Every operand's storage stays locked (read) until the launch is queued.
-    let weights: Vec<_> = op
-        .segments
-        .iter()
-        .map(|s| s.bytes.storage_and_layout())
-        .collect();
-    let scales: Vec<_> = op
-        .segments
-        .iter()
-        .map(|s| s.scale.as_ref().map(|t| t.storage_and_layout()))
-        .collect();
-    let bias = op.bias.as_ref().map(|t| t.storage_and_layout());
-    let residual = op.residual.as_ref().map(|t| t.storage_and_layout());
-    let norm = op.norm.as_ref().map(|(t, _)| t.storage_and_layout());
-    let watch = op.watch.as_ref().map(|(t, _)| t.storage_and_layout());
-    let modulation = op
-        .modulation
-        .as_ref()
-        .map(|(a, b)| (a.storage_and_layout(), b.storage_and_layout()));
-    let gate = op.gate.as_ref().map(|t| t.storage_and_layout());
-    let w_views = weights
-        .iter()
-        .map(|(s, l)| cuda_view::<u8>(s, l))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let s_views = scales
-        .iter()
-        .map(optional_view::<f32>)
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let b_view = optional_view::<half::bf16>(&bias)?;
-    let r_view = optional_view::<half::bf16>(&residual)?;
-    let n_view = optional_view::<half::bf16>(&norm)?;
-    let watch_view = optional_view::<u32>(&watch)?;
-    let n_out = op.out_features();
-    // The kernel reads the modulation 16 bytes at a time.
-    let mod_views = match &modulation {
-        Some(((a, la), (b, lb))) => {
-            let (a, sa) = row_view::<half::bf16>(a, la, [rows, n_in], 8, "the modulation")?;
-            let (b, sb) = row_view::<half::bf16>(b, lb, [rows, n_in], 8, "the modulation")?;
-            if sa != sb || op.norm.is_none() {
-                candle_core::bail!("fused matvec: a modulation needs the norm and one row stride");
-            }
-            Some((a, b, sa))
-        }
-        None => None,
-    };
-    let gate_view = match &gate {
-        Some((g, lg)) if op.residual.is_some() => {
-            Some(row_view::<half::bf16>(g, lg, [rows, n_out], 1, "the gate")?)
-        }
-        Some(_) => candle_core::bail!("fused matvec: a gate needs the residual"),
-        None => None,
-    };
-    let eps = op.norm.as_ref().map_or(0.0f32, |(_, e)| *e);
-    // The kernel reads the norm weight 16 bytes at a time.
-    if norm
-        .as_ref()
-        .is_some_and(|(_, l)| !l.start_offset().is_multiple_of(8))
-    {
-        candle_core::bail!("fused matvec: the norm weight must start on 16 bytes");
-    }
-
-    let aligned = xa.is_multiple_of(8)
-        && n_in.is_multiple_of(TILE_INPUTS)
-        && op.segments.iter().all(|s| s.rows.is_multiple_of(TILE_ROWS))
-        && weights
-            .iter()
-            .all(|(_, l)| l.start_offset().is_multiple_of(16));
-    if !aligned {
-        candle_core::bail!(
-            "fused matvec: shapes or offsets off the kernel's tiles (see engine::matvec::applies)"
-        );
-    }
-    let name = match (op.gated, mod_views.is_some()) {
-        (true, true) => "f8_matvec_mma_gated_modulated",
-        (true, false) => "f8_matvec_mma_gated",
-        (false, true) => "f8_matvec_mma_modulated",
-        (false, false) => "f8_matvec_mma",
-    };
-    let func = Module::Decode.func(&dev, name)?;
-    // SAFETY: every element of `y` is written by the block of its TILE_ROWS features.
-    let y = unsafe { dev.alloc::<half::bf16>(rows * n_out)? };
-    let mut n = [0i32; 3];
-    let mut modes = [0i32; 3];
-    for (i, seg) in op.segments.iter().enumerate() {
-        n[i] = seg.rows as i32;
-        modes[i] = match seg.scale.as_ref().map(|s| s.elem_count()) {
-            None => 0,
-            Some(1) => 1,
-            Some(_) => 2,
-        };
-    }
-    let (rows_arg, in_arg) = (rows as i32, n_in as i32);
-    let (has_bias, has_res) = (i32::from(b_view.is_some()), i32::from(r_view.is_some()));
-    let stream = dev.cuda_stream();
-    let mut args = RawArgs::default();
-    args.ptr(&xs, &stream).i32(rows_arg).i32(in_arg);
-    // Absent weights, scales, bias and residual are never read; x stands in for their pointers.
-    for i in 0..3 {
-        args.ptr_or(w_views.get(i), &xs, &stream);
-    }
-    for v in n {
-        args.i32(v);
-    }
-    for i in 0..3 {
-        args.ptr_or(s_views.get(i).and_then(Option::as_ref), &xs, &stream);
-    }
-    for m in modes {
-        args.i32(m);
-    }
-    args.ptr_or(b_view.as_ref(), &xs, &stream).i32(has_bias);
-    args.ptr_or(r_view.as_ref(), &xs, &stream).i32(has_res);
-    // The kernel tells "no norm" and "no watch" by a null pointer.
-    args.ptr_or_null(n_view.as_ref(), &stream).f32(eps);
-    args.ptr_or_null(mod_views.as_ref().map(|m| &m.0), &stream)
-        .ptr_or_null(mod_views.as_ref().map(|m| &m.1), &stream)
-        .u64(mod_views.as_ref().map_or(0, |m| m.2));
-    args.i32(i32::from(op.gelu));
-    args.ptr_or_null(gate_view.as_ref().map(|g| &g.0), &stream)
-        .u64(gate_view.as_ref().map_or(0, |g| g.1));
-    args.ptr(&y, &stream);
-    args.ptr_or_null(watch_view.as_ref(), &stream)
-        .i32(op.watch.as_ref().map_or(0, |(_, tag)| *tag as i32));
-    // Modulated, each block keeps its normalised copy of x in dynamic shared memory.
-    let shared = match mod_views {
-        Some(_) => rows * n_in * 2,
-        None => 0,
-    };
-    if shared > 227 << 10 {
-        candle_core::bail!(
-            "fused matvec: {rows} x {n_in} modulated inputs exceed shared memory ({shared} bytes)"
-        );
-    }
-    if shared > 48 << 10 {
-        func.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shared as i32,
-        )
-        .w()?;
-    }
-    // One block of MATVEC_WARPS warps per TILE_ROWS output features (matvec.cu).
-    let config = LaunchConfig {
-        grid_dim: ((n_out / TILE_ROWS) as u32, 1, 1),
-        block_dim: (32 * MATVEC_WARPS as u32, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
-    // The arguments match the kernel's signature (matvec.cu). Resident weights may be read
-    // before the previous kernel ends; a slot's may not.
-    args.launch(&dev, &func, config, op.resident_weights)?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev),
-        Shape::from((rows, n_out)),
-    ))
 }

@@ -175,6 +175,64 @@ __device__ __forceinline__ void normalise8(u32* raw, const u32* nw, float inv, c
     }
 }
 
+// Where a product's outputs go and what is done to them first (see finish).
+struct Outputs {
+    const float* s0;  // the segments' scales: none (mode 0), one value (1) or one per row (2)
+    const float* s1;
+    const float* s2;
+    int m0, m1, m2;
+    int n0, n1, n_out;  // the first two segments' rows; outputs per row of y
+    const u16* bias;
+    int has_bias;
+    const u16* res;
+    int has_res;
+    int gelu;
+    const u16* gate;
+    long long gate_stride;
+    u16* y;
+    unsigned* watch;
+    int tag;
+};
+
+// Output o of row r of a product from its f32 sum `acc` at 2^-56 of its value (and, GATED,
+// the up projection's `accu`): times 2^56 and its segment's scale; silu(gate) * up when
+// GATED, else plus the bias; GELU, the gate and the residual as described at matvec. The value
+// before its rounding to bf16 (`store`). Only loads: a caller finishing many outputs computes
+// them all before it stores any, so that the loads are not held behind possibly aliasing stores.
+template <bool GATED>
+__device__ __forceinline__ float finish(const Outputs& p, float acc, float accu, int r, int o) {
+    float v;
+    if (GATED) {
+        float sg = UNSCALE * (p.m0 == 0 ? 1.f : p.s0[p.m0 == 1 ? 0 : o]);
+        float su = UNSCALE * (p.m1 == 0 ? 1.f : p.s1[p.m1 == 1 ? 0 : o]);
+        float gv = acc * sg;
+        v = gv / (1.f + __expf(-gv)) * (accu * su);
+    } else {
+        const float* s = p.s0;
+        int m = p.m0, local = o;
+        if (o >= p.n0 + p.n1) { s = p.s2; m = p.m2; local = o - p.n0 - p.n1; }
+        else if (o >= p.n0) { s = p.s1; m = p.m1; local = o - p.n0; }
+        v = acc * UNSCALE * (m == 0 ? 1.f : s[m == 1 ? 0 : local]);
+        if (p.has_bias) v += bf16f(p.bias[o]);
+    }
+    // candle's bf16 gelu_erf: x times its normal CDF rounded, the product rounded.
+    if (p.gelu) {
+        v = rnd(v);
+        v = rnd(__fmul_rn(v, rnd(normcdff(v))));
+    }
+    if (p.gate) v = rnd(__fmul_rn(rnd(v), bf16f(p.gate[(long long)r * p.gate_stride + o])));
+    if (p.has_res) v += bf16f(p.res[(long long)r * p.n_out + o]);
+    return v;
+}
+
+// `v` (from `finish`) stored as output o of row r in bf16; the watch lowered to the tag when it
+// is NaN or infinite (also a finite f32 that rounds to a bf16 infinity).
+__device__ __forceinline__ void store(const Outputs& p, int r, int o, float v) {
+    u16 out = to_bf16(v);
+    p.y[(long long)r * p.n_out + o] = out;
+    if (p.watch && (out & 0x7f80u) == 0x7f80u) atomicMin(p.watch, (unsigned)p.tag);
+}
+
 // y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
 // for up to MATVEC_MAX_ROWS rows of x; every segment's rows a multiple of TILE_ROWS, n_in a
 // multiple of TILE_INPUTS, weights and x 16-byte aligned. U steps of TILE_INPUTS inputs are
@@ -208,11 +266,10 @@ __device__ void matvec(
     int o0 = blockIdx.x * TILE_ROWS;
     const u8* w;
     const u8* wu = w1;
-    const float* s = s0;
-    int m = m0, local = o0;
+    int local = o0;
     if (GATED || o0 < n0) { w = w0; }
-    else if (o0 < n0 + n1) { w = w1; s = s1; m = m1; local = o0 - n0; }
-    else { w = w2; s = s2; m = m2; local = o0 - n0 - n1; }
+    else if (o0 < n0 + n1) { w = w1; local = o0 - n0; }
+    else { w = w2; local = o0 - n0 - n1; }
     const u8* r0 = w + (long long)(local + g) * n_in + q * (TILE_INPUTS / 4);
     const u8* r1 = r0 + (long long)(TILE_ROWS / 2) * n_in;
     const u8* u0 = wu + (long long)(local + g) * n_in + q * (TILE_INPUTS / 4);
@@ -357,28 +414,9 @@ __device__ void matvec(
         acc += red[0][i][f][r];
         if (GATED) accu += red[PARTS - 1][i][f][r];
     }
-    int o = o0 + f, n_out = GATED ? n0 : n0 + n1 + n2;
-    float v;
-    if (GATED) {
-        float sg = UNSCALE * (m0 == 0 ? 1.f : s0[m0 == 1 ? 0 : o]);
-        float su = UNSCALE * (m1 == 0 ? 1.f : s1[m1 == 1 ? 0 : o]);
-        float gv = acc * sg;
-        v = gv / (1.f + __expf(-gv)) * (accu * su);
-    } else {
-        v = acc * UNSCALE * (m == 0 ? 1.f : s[m == 1 ? 0 : local + f]);
-        if (has_bias) v += bf16f(bias[o]);
-    }
-    // candle's bf16 gelu_erf: x times its normal CDF rounded, the product rounded.
-    if (gelu) {
-        v = rnd(v);
-        v = rnd(__fmul_rn(v, rnd(normcdff(v))));
-    }
-    if (gate) v = rnd(__fmul_rn(rnd(v), bf16f(gate[(long long)r * gate_stride + o])));
-    if (has_res) v += bf16f(res[(long long)r * n_out + o]);
-    u16 out = to_bf16(v);
-    y[(long long)r * n_out + o] = out;
-    // NaN or infinity (also a finite f32 that rounds to a bf16 infinity).
-    if (watch && (out & 0x7f80u) == 0x7f80u) atomicMin(watch, (unsigned)tag);
+    const Outputs p{s0, s1, s2, m0, m1, m2, n0, n1, GATED ? n0 : n0 + n1 + n2, bias, has_bias,
+                    res, has_res, gelu, gate, gate_stride, y, watch, tag};
+    store(p, r, o0 + f, finish<GATED>(p, acc, accu, r, o0 + f));
 }
 
 // At most 85 registers, three blocks an SM: more (an earlier build's 120) halved the blocks and
