@@ -285,7 +285,7 @@ impl CustomOp3 for DecodeAttention {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ko, kb, kh, kt) = strides(lk)?;
         let (vo, vb, vh, vt) = strides(lv)?;
-        super::cuda::decode_attention(self, q, lq, k, (ko, kb, kh, kt), v, (vo, vb, vh, vt))
+        super::cuda::decode_attention(self, (q, lq), (k, (ko, kb, kh, kt)), (v, (vo, vb, vh, vt)))
     }
 }
 

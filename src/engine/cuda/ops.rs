@@ -140,19 +140,18 @@ pub fn watch(x: &Tensor, word: &Tensor, tag: u32) -> Result<()> {
 /// Cached positions per block of decode attention, roughly: longer caches split over a cluster.
 const ATTENTION_SHARE: usize = 64;
 
-/// The CUDA side of [`DecodeAttention`]: bf16 q, K, V; K and V as `(offset, batch, head,
-/// position)` strides into their storage.
+/// A K or V cache operand: its storage and `(offset, batch, head, position)` strides into it.
+pub type CacheView<'a> = (&'a CudaStorage, (usize, usize, usize, usize));
+
+/// The CUDA side of [`DecodeAttention`]: bf16 q, K, V.
 pub fn decode_attention(
     op: &DecodeAttention,
-    q: &CudaStorage,
-    lq: &Layout,
-    k: &CudaStorage,
-    (ko, kb, kh, kt): (usize, usize, usize, usize),
-    v: &CudaStorage,
-    (vo, vb, vh, vt): (usize, usize, usize, usize),
+    (q, lq): (&CudaStorage, &Layout),
+    (k, (ko, kb, kh, kt)): CacheView<'_>,
+    (v, (vo, vb, vh, vt)): CacheView<'_>,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     if op.tokens > 1 {
-        return prefill_attention(op, q, lq, k, (ko, kb, kh, kt), v, (vo, vb, vh, vt));
+        return prefill_attention(op, (q, lq), (k, (ko, kb, kh, kt)), (v, (vo, vb, vh, vt)));
     }
     let dev = q.device().clone();
     let (qa, qb) = lq
@@ -230,12 +229,9 @@ const PREFILL_ROWS: usize = 64;
 /// width [`PREFILL_HEAD_DIM`], one block of 4 warps per 64 queries of a head of a sequence.
 fn prefill_attention(
     op: &DecodeAttention,
-    q: &CudaStorage,
-    lq: &Layout,
-    k: &CudaStorage,
-    (ko, kb, kh, kt): (usize, usize, usize, usize),
-    v: &CudaStorage,
-    (vo, vb, vh, vt): (usize, usize, usize, usize),
+    (q, lq): (&CudaStorage, &Layout),
+    (k, (ko, kb, kh, kt)): CacheView<'_>,
+    (v, (vo, vb, vh, vt)): CacheView<'_>,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = q.device().clone();
     let (Some((qa, qb)), Some((table, pos))) = (lq.contiguous_offsets(), op.rope.as_ref()) else {
@@ -244,15 +240,19 @@ fn prefill_attention(
     let aligned = [ko, kb, kh, kt, vo, vb, vh, vt, qa, op.q_stride]
         .iter()
         .all(|s| s.is_multiple_of(8));
-    if op.head_dim != PREFILL_HEAD_DIM || !aligned || op.len < op.tokens {
+    if op.head_dim != PREFILL_HEAD_DIM || !aligned {
         candle_core::bail!("prefill attention: head width 128 and 16-byte rows only");
+    }
+    // The pass's keys are the last `tokens` of `len`, the first query at their first position.
+    if op.len.checked_sub(op.tokens) != Some(*pos) {
+        candle_core::bail!("prefill attention: the pass must end the cached positions");
     }
     let batch = lq.dims()[0];
     let qs = q.as_cuda_slice::<half::bf16>()?.slice(qa..qb);
     let ks = k.as_cuda_slice::<half::bf16>()?.slice(ko..);
     let vs = v.as_cuda_slice::<half::bf16>()?.slice(vo..);
     let (table_storage, table_layout) = table.storage_and_layout();
-    let table_view = super::cuda_view::<half::bf16>(&table_storage, table_layout)?;
+    let table_view = cuda_view::<half::bf16>(&table_storage, table_layout)?;
     let func = Module::Decode.func(&dev, "prefill_attention_bf16")?;
     let n = batch * op.tokens * op.heads * op.head_dim;
     // SAFETY: each query row's heads are written by the block of its rows and head.
@@ -264,10 +264,6 @@ fn prefill_attention(
         shared as i32,
     )
     .w()?;
-    // The first query's position: the pass's keys are the last `tokens` of `len`.
-    if *pos != op.len - op.tokens {
-        candle_core::bail!("prefill attention: the pass must end the cached positions");
-    }
     let stream = dev.cuda_stream();
     let mut args = RawArgs::default();
     args.ptr(&qs, &stream).u64(op.q_stride as u64);
