@@ -237,15 +237,49 @@ mod tests {
         assert_eq!(kv_cache_bytes(&c, 1, 4096, 28), 224 * MIB);
     }
 
-    #[test]
-    fn decoded_vectors_count_scales_in_f32_and_qkv_biases_twice() {
-        use crate::checkpoint::layout::{self, Precision, ScaleConvention, ScaleGranularity};
-        let c = BuiltinModel::Small1_5b.config();
-        let precision =
-            Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel);
+    /// The built-in layout of `model` at `precision`, as an inventory.
+    fn inventory(
+        model: BuiltinModel,
+        precision: crate::checkpoint::layout::Precision,
+    ) -> (ModelConfig, Inventory) {
+        use crate::checkpoint::layout;
+        let c = model.config();
         let speech = crate::arch::speech::SpeechConfig::small(c.hidden_size);
         let specs = layout::vibevoice(&c, &speech, precision);
-        let inventory = Inventory::new(layout::tensor_infos(specs)).unwrap();
+        (c, Inventory::new(layout::tensor_infos(specs)).unwrap())
+    }
+
+    #[test]
+    fn a_prefill_decodes_only_small_float8_matrices_and_keeps_no_scores_at_head_width_128() {
+        use crate::checkpoint::layout::Precision;
+        // 7B float8: every projection and the LM head is at least 2^20 elements, so none is
+        // decoded; a 512-token chunk's split-K sums are capped, 16 tokens' are 8 slices of
+        // q/k/v's 4,608 outputs.
+        let (c, inv) = inventory(BuiltinModel::Large7b, Precision::Float8Plain);
+        let chunk = working_memory(&c, &inv, 1, 512, 4096, true);
+        assert_eq!(chunk.dequant_scratch_bytes, 0);
+        assert_eq!(chunk.attention_scores_bytes, 0);
+        assert_eq!(chunk.product_scratch_bytes, PRODUCT_SCRATCH_BYTES);
+        let short = working_memory(&c, &inv, 1, 16, 4096, true);
+        assert_eq!(short.product_scratch_bytes, 8 * 16 * 4608 * 4);
+        // 1.5B float8: k and v (256 x 1,536) stay below the product's threshold.
+        let (c, inv) = inventory(BuiltinModel::Small1_5b, Precision::Float8Plain);
+        let w = working_memory(&c, &inv, 1, 512, 4096, true);
+        assert_eq!(w.dequant_scratch_bytes, 256 * 1536 * ACTIVATION_BYTES);
+        // bf16 weights are never decoded; a head width other than 128 keeps its scores.
+        let (c, inv) = inventory(BuiltinModel::Large7b, Precision::BF16);
+        assert_eq!(dequant_scratch_bytes(&c, &inv), 0);
+        let narrow = ModelConfig { head_dim: 64, ..c };
+        let w = working_memory(&narrow, &inv, 1, 512, 4096, true);
+        assert_eq!(w.attention_scores_bytes, 2 * 28 * 512 * 4096 * SCORE_BYTES);
+    }
+
+    #[test]
+    fn decoded_vectors_count_scales_in_f32_and_qkv_biases_twice() {
+        use crate::checkpoint::layout::{Precision, ScaleConvention, ScaleGranularity};
+        let precision =
+            Precision::Float8Scaled(ScaleConvention::ScaleWeight, ScaleGranularity::PerChannel);
+        let (_, inventory) = inventory(BuiltinModel::Small1_5b, precision);
         // Per layer: two norms of 1536 and the q/k/v biases (1536 + 256 + 256, held twice) in
         // bf16; per-channel scales for q, k, v, o, gate, up, down in f32.
         let norms = 2 * 1536 * 2;
