@@ -127,6 +127,10 @@ pub fn fused_matvec(
     if rows == 0 || op.segments.is_empty() || op.segments.len() > 3 {
         candle_core::bail!("fused matvec: {rows} rows, {} weights", op.segments.len());
     }
+    // Gated, both kernels read the second weight's rows as the first's.
+    if op.gated && (op.segments.len() != 2 || op.segments[0].rows != op.segments[1].rows) {
+        candle_core::bail!("fused matvec: a gated product takes two weights of equal rows");
+    }
     // Every operand's storage stays locked (read) until the launch is queued.
     let weights: Vec<_> = op
         .segments
