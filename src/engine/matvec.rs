@@ -8,6 +8,7 @@ use super::dequant::{cpu_activations, cpu_storage, RawTensor};
 use super::f8dot::{matvec, Product};
 use super::ops::{FusedMatVec, MATVEC_MAX_ROWS};
 use crate::dtype::{f8e4m3_to_f32, DType as Stored};
+use crate::plan::memory;
 use candle_core::cpu::erf::{erf_f32, erf_f64};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
@@ -191,29 +192,45 @@ impl CustomOp1 for FusedMatVec {
 /// or one per output row; on the CPU at most [`MATVEC_MAX_ROWS`] rows of `x`; on the GPU, with
 /// tensor cores (sm_80 or newer) and a weight of whole tiles ([`super::ops::TILE_ROWS`] x
 /// [`super::ops::TILE_INPUTS`]), any number, more rows taking the matrix product where the
-/// weight has at least [`crate::plan::memory::GEMM_MIN_WEIGHT`] elements.
+/// weight has at least [`memory::GEMM_MIN_WEIGHT`] elements.
 pub fn applies(x: &Tensor, w: &RawTensor, scale: Option<&RawTensor>) -> Result<bool> {
+    takes(x, w, scale, memory::GEMM_MIN_WEIGHT)
+}
+
+/// [`applies`] for a decoder layer's projections, which take the matrix product whatever
+/// their size: the fused layer (q/k/v in one launch, the norms and residuals inside) saves
+/// more than a small weight's decoded copy would.
+pub fn applies_in_layer(x: &Tensor, w: &RawTensor, scale: Option<&RawTensor>) -> Result<bool> {
+    takes(x, w, scale, 0)
+}
+
+/// [`applies`] with the matrix product taking weights of at least `min_weight` elements.
+fn takes(x: &Tensor, w: &RawTensor, scale: Option<&RawTensor>, min_weight: u64) -> Result<bool> {
     let rows = x.elem_count() / x.dim(D::Minus1)?;
     let simple_scale = scale.is_none_or(|s| {
         let n: usize = s.shape.iter().product();
         n == 1 || n == w.shape[0]
     });
     let fits = w.dtype == Stored::F8E4M3 && w.shape.len() == 2 && simple_scale;
-    Ok(fits && device_takes(x.device(), &w.shape, rows))
+    Ok(fits && device_takes(x.device(), &w.shape, rows, min_weight))
 }
 
 /// Whether `device` runs the fused kernels for a weight of `shape` (`[out, in]`) and `rows`
-/// rows of x.
+/// rows of x, the matrix product taking weights of at least `min_weight` elements.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn device_takes(device: &candle_core::Device, shape: &[usize], rows: usize) -> bool {
+fn device_takes(
+    device: &candle_core::Device,
+    shape: &[usize],
+    rows: usize,
+    min_weight: u64,
+) -> bool {
     match device {
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(d) => {
             super::cuda::has_mma(d)
                 && shape[0].is_multiple_of(super::ops::TILE_ROWS)
                 && shape[1].is_multiple_of(super::ops::TILE_INPUTS)
-                && (rows <= MATVEC_MAX_ROWS
-                    || (shape[0] * shape[1]) as u64 >= crate::plan::memory::GEMM_MIN_WEIGHT)
+                && (rows <= MATVEC_MAX_ROWS || (shape[0] * shape[1]) as u64 >= min_weight)
         }
         _ => rows <= MATVEC_MAX_ROWS,
     }

@@ -148,7 +148,7 @@ pub fn fused_around(
 /// Whether every projection of layer `w` can take the fused decode path for `x`.
 fn fusable(w: &LayerWeights, x: &Tensor) -> Result<bool> {
     for l in [&w.q, &w.k, &w.v, &w.o, &w.gate, &w.up, &w.down] {
-        if !matvec::applies(x, &l.weight, l.scale.as_ref())? {
+        if !matvec::applies_in_layer(x, &l.weight, l.scale.as_ref())? {
             return Ok(false);
         }
     }

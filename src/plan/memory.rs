@@ -46,7 +46,8 @@ pub const PREFILL_CHUNK_TOKENS: u64 = 512;
 pub const LM_HEAD_CHUNK_ROWS: u64 = 16384;
 /// The smallest float8 weight (elements) whose product with a prefill's many rows the GPU
 /// computes from the float8 bytes (engine `gemm.cu`); smaller ones are decoded to a bf16 copy
-/// for cuBLAS. The product's point is the copy it saves, which is small for small weights,
+/// for cuBLAS, except a decoder layer's projections, which always take the product (its fused
+/// layer saves more than a small copy costs). The product's point is the copy it saves, which is small for small weights,
 /// while its 128 x 128 tiles fit their long thin shapes badly: the speech tokenizers' shallow
 /// feed-forward layers (64-256 channels, 400-3,200 steps a frame, weights of 16-262 Ki
 /// elements) took 13-30 us each in it on the lent H200 against ~7 us decoded and in cuBLAS.
@@ -134,8 +135,8 @@ pub fn kv_cache_bytes(config: &ModelConfig, sequences: u64, max_seq_len: u64, la
 /// matrix for a prefill and keeps the attention scores in memory, beyond this estimate).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkingMemory {
-    /// The largest float8 matrix decoded to bf16 at once (0 for bf16 checkpoints and where
-    /// every float8 matrix is at least [`GEMM_MIN_WEIGHT`] elements).
+    /// The largest float8 matrix decoded to bf16 at once (0 for bf16 checkpoints and for LM
+    /// heads of at least [`GEMM_MIN_WEIGHT`] elements).
     pub dequant_scratch_bytes: u64,
     /// The float8 products' split-K partial sums (f32), at most [`PRODUCT_SCRATCH_BYTES`].
     #[serde(default)]
@@ -201,28 +202,19 @@ pub fn working_memory(
     }
 }
 
-/// The largest float8 matrix the engine decodes to bf16 at once for a prefill: a
-/// decoder-layer projection, or a chunk of [`LM_HEAD_CHUNK_ROWS`] rows of the LM head, of
-/// those below [`GEMM_MIN_WEIGHT`] elements (the others are multiplied as float8).
+/// The largest float8 matrix the engine decodes to bf16 at once for a prefill: a chunk of
+/// [`LM_HEAD_CHUNK_ROWS`] rows of an LM head below [`GEMM_MIN_WEIGHT`] elements (larger ones,
+/// and every decoder-layer projection, are multiplied as float8).
 pub fn dequant_scratch_bytes(config: &ModelConfig, inventory: &Inventory) -> u64 {
-    let decoded = |t: &&TensorInfo| {
-        t.dtype == DType::F8E4M3 && t.shape.len() == 2 && t.numel() < GEMM_MIN_WEIGHT
-    };
-    let layer_max = inventory
-        .part_tensors(Part::Layer(0))
-        .filter(decoded)
-        .map(TensorInfo::numel)
-        .max()
-        .unwrap_or(0);
     let head = if config.tie_word_embeddings {
         inventory.part_tensors(Part::Embeddings).next()
     } else {
         inventory.part_tensors(Part::LmHead).next()
     };
-    let head_chunk = head.filter(decoded).map_or(0, |_| {
+    let decoded = |t: &&TensorInfo| t.dtype == DType::F8E4M3 && t.numel() < GEMM_MIN_WEIGHT;
+    head.filter(decoded).map_or(0, |_| {
         LM_HEAD_CHUNK_ROWS.min(config.vocab_size as u64) * config.hidden_size as u64
-    });
-    layer_max.max(head_chunk) * ACTIVATION_BYTES
+    }) * ACTIVATION_BYTES
 }
 
 #[cfg(test)]
@@ -237,23 +229,31 @@ mod tests {
         assert_eq!(kv_cache_bytes(&c, 1, 4096, 28), 224 * MIB);
     }
 
-    /// The built-in layout of `model` at `precision`, as an inventory.
+    /// The VibeVoice layout of `config` at `precision`, as an inventory.
+    fn inventory_of(
+        config: &ModelConfig,
+        precision: crate::checkpoint::layout::Precision,
+    ) -> Inventory {
+        use crate::checkpoint::layout;
+        let speech = crate::arch::speech::SpeechConfig::small(config.hidden_size);
+        let specs = layout::vibevoice(config, &speech, precision);
+        Inventory::new(layout::tensor_infos(specs)).unwrap()
+    }
+
+    /// The built-in `model`'s configuration and inventory at `precision`.
     fn inventory(
         model: BuiltinModel,
         precision: crate::checkpoint::layout::Precision,
     ) -> (ModelConfig, Inventory) {
-        use crate::checkpoint::layout;
         let c = model.config();
-        let speech = crate::arch::speech::SpeechConfig::small(c.hidden_size);
-        let specs = layout::vibevoice(&c, &speech, precision);
-        (c, Inventory::new(layout::tensor_infos(specs)).unwrap())
+        let inv = inventory_of(&c, precision);
+        (c, inv)
     }
 
     #[test]
-    fn a_prefill_decodes_only_small_float8_matrices_and_keeps_no_scores_at_head_width_128() {
+    fn a_prefill_decodes_only_a_small_head_and_keeps_no_scores_at_head_width_128() {
         use crate::checkpoint::layout::Precision;
-        // 7B float8: every projection and the LM head is at least 2^20 elements, so none is
-        // decoded; a 512-token chunk's split-K sums are capped, 16 tokens' are 8 slices of
+        // 7B float8: the LM head is at least 2^20 elements, so nothing is decoded; a 512-token chunk's split-K sums are capped, 16 tokens' are 8 slices of
         // q/k/v's 4,608 outputs.
         let (c, inv) = inventory(BuiltinModel::Large7b, Precision::Float8Plain);
         let chunk = working_memory(&c, &inv, 1, 512, 4096, true);
@@ -262,10 +262,27 @@ mod tests {
         assert_eq!(chunk.product_scratch_bytes, PRODUCT_SCRATCH_BYTES);
         let short = working_memory(&c, &inv, 1, 16, 4096, true);
         assert_eq!(short.product_scratch_bytes, 8 * 16 * 4608 * 4);
-        // 1.5B float8: k and v (256 x 1,536) stay below the product's threshold.
+        // 1.5B float8: k and v (256 x 1,536) are below the product's threshold, but a decoder
+        // layer's projections take it whatever their size.
         let (c, inv) = inventory(BuiltinModel::Small1_5b, Precision::Float8Plain);
-        let w = working_memory(&c, &inv, 1, 512, 4096, true);
-        assert_eq!(w.dequant_scratch_bytes, 256 * 1536 * ACTIVATION_BYTES);
+        assert_eq!(dequant_scratch_bytes(&c, &inv), 0);
+        // A small model's LM head (512 x 256) is decoded.
+        let small = ModelConfig {
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 128,
+            num_hidden_layers: 2,
+            vocab_size: 512,
+            tie_word_embeddings: false,
+            ..c
+        };
+        let inv = inventory_of(&small, Precision::Float8Plain);
+        assert_eq!(
+            dequant_scratch_bytes(&small, &inv),
+            512 * 256 * ACTIVATION_BYTES
+        );
         // bf16 weights are never decoded; a head width other than 128 keeps its scores.
         let (c, inv) = inventory(BuiltinModel::Large7b, Precision::BF16);
         assert_eq!(dequant_scratch_bytes(&c, &inv), 0);
