@@ -145,7 +145,8 @@ pub fn fused_around(
     Ok(Some(fused(x, linears, resident, fuse)?))
 }
 
-/// Whether every projection of layer `w` can take the fused decode path for `x`.
+/// Whether every projection of layer `w` can take the fused path for `x` (the matvec for a few
+/// rows; on the GPU the matrix product for more).
 fn fusable(w: &LayerWeights, x: &Tensor) -> Result<bool> {
     for l in [&w.q, &w.k, &w.v, &w.o, &w.gate, &w.up, &w.down] {
         if !matvec::applies_in_layer(x, &l.weight, l.scale.as_ref())? {
@@ -227,7 +228,8 @@ pub fn decoder_layer(
     let (offset, mask, tag) = (at.offset, at.mask, Tag::Layer(at.layer));
     let eps = config.rms_norm_eps as f32;
     let resident = w.resident;
-    // Decoding a few rows: every projection in a handful of fused launches, the norms inside.
+    // Every projection in a handful of fused launches, the norms inside: a few rows (decoding)
+    // anywhere, any number (prefill) on the GPU.
     if fusable(w, x)? {
         let qkv = fused_qkv(w, x, eps)?;
         let attn = attend(config, &qkv, rope, cache, offset, mask)?;
