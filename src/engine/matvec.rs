@@ -1,8 +1,9 @@
-//! The decode path: `y = x W^T` for float8 `W` and a few rows of `x`, reading each weight byte
-//! once instead of first writing a bf16 copy of `W`, with the work around it fused in: several
+//! The fused float8 products: `y = x W^T` for float8 `W`, reading each weight byte as stored
+//! instead of first writing a bf16 copy of `W`, with the work around it fused in: several
 //! weights side by side (q, k, v), a bias, a residual to add, or the MLP's `silu(gate) * up`.
-//! Decoding one token is bound by reading weights and by the number of launches, so this is
-//! where its time goes.
+//! A few rows of `x` (decoding, bound by reading weights and by the number of launches) take
+//! the matrix-vector kernel, on the CPU or the GPU; more (prefill) take the GPU's matrix
+//! product. This is the CPU reference and the candle glue; the kernels are under `cuda`.
 
 use super::dequant::{cpu_activations, cpu_storage, RawTensor};
 use super::f8dot::{matvec, Product};
