@@ -54,8 +54,10 @@ pub const LM_HEAD_CHUNK_ROWS: u64 = 16384;
 pub const GEMM_MIN_WEIGHT: u64 = 1 << 20;
 /// Most slices a float8 product's inputs are split into (split-K, for products of few tiles)...
 pub const PRODUCT_MAX_SLICES: u64 = 8;
-/// ...and the most their f32 partial sums may take: the engine splits less rather than more.
+/// ...and the most their partial sums may take: the engine splits less rather than more.
 pub const PRODUCT_SCRATCH_BYTES: u64 = 24 * MIB;
+/// Bytes per partial sum of a split product (f32).
+pub const PARTIAL_SUM_BYTES: u64 = 4;
 /// The head width the GPU's prefill attention is written for (engine `prefill_attention.cu`),
 /// which keeps each block's scores on chip: no scores in device memory for it.
 pub const PREFILL_HEAD_DIM: usize = 128;
@@ -187,7 +189,7 @@ pub fn working_memory(
     // gate/up never split) for a step's rows.
     let widest = (w.q + 2 * w.kv).max(w.hidden);
     let product_scratch_bytes =
-        (PRODUCT_MAX_SLICES * tokens * widest * SCORE_BYTES).min(PRODUCT_SCRATCH_BYTES);
+        (PRODUCT_MAX_SLICES * tokens * widest * PARTIAL_SUM_BYTES).min(PRODUCT_SCRATCH_BYTES);
     let logits_bytes = if with_logits {
         sequences * config.vocab_size as u64 * SCORE_BYTES
     } else {

@@ -94,6 +94,18 @@ impl Operands<'_> {
             .i32(i32::from(self.residual.is_some()));
     }
 
+    /// Pushes the norm weight and epsilon, then the modulation's `1 + scale`, shift and row
+    /// stride, as the matvec and the product's normalising pass take them; the kernels tell
+    /// "no norm" and "no modulation" by a null pointer.
+    fn push_norm(&self, op: &FusedMatVec, args: &mut RawArgs, dev: &CudaDevice) {
+        let stream = dev.cuda_stream();
+        let eps = op.norm.as_ref().map_or(0.0f32, |(_, e)| *e);
+        args.ptr_or_null(self.norm.as_ref(), &stream).f32(eps);
+        args.ptr_or_null(self.modulation.as_ref().map(|m| &m.0), &stream)
+            .ptr_or_null(self.modulation.as_ref().map(|m| &m.1), &stream)
+            .u64(self.modulation.as_ref().map_or(0, |m| m.2));
+    }
+
     /// Pushes GELU, the gate, `y` and the watch, the kernels' last common parameters.
     fn push_outputs<T>(
         &self,
@@ -243,12 +255,7 @@ fn matvec(
         args.ptr_or(ops.weights.get(i), &ops.x, &stream);
     }
     ops.push_segments(op, &mut args, dev);
-    // The kernel tells "no norm" and "no modulation" by a null pointer.
-    let eps = op.norm.as_ref().map_or(0.0f32, |(_, e)| *e);
-    args.ptr_or_null(ops.norm.as_ref(), &stream).f32(eps);
-    args.ptr_or_null(ops.modulation.as_ref().map(|m| &m.0), &stream)
-        .ptr_or_null(ops.modulation.as_ref().map(|m| &m.1), &stream)
-        .u64(ops.modulation.as_ref().map_or(0, |m| m.2));
+    ops.push_norm(op, &mut args, dev);
     ops.push_outputs(op, y, &mut args, dev);
     // Modulated, each block keeps its normalised copy of x in dynamic shared memory.
     let shared = match ops.modulation {
@@ -285,7 +292,9 @@ fn matvec(
 fn k_slices(tiles: usize, steps: usize, sms: usize, outputs: usize) -> usize {
     let places = 2 * sms.max(1);
     let cost = |s: usize| (tiles * s).div_ceil(places) as f64 / s as f64;
-    let fits = |s: &usize| (*s * outputs * 4) as u64 <= memory::PRODUCT_SCRATCH_BYTES;
+    let fits = |s: &usize| {
+        (*s * outputs) as u64 * memory::PARTIAL_SUM_BYTES <= memory::PRODUCT_SCRATCH_BYTES
+    };
     let most = (memory::PRODUCT_MAX_SLICES as usize).min(steps / 4).max(1);
     (1..=most)
         .filter(|s| *s == 1 || fits(s))
@@ -310,19 +319,13 @@ fn gemm(
     let (rows, n_in, n_out) = (ops.rows, op.in_features, op.out_features());
     let stream = dev.cuda_stream();
     let normalised = match &ops.norm {
-        Some(nw) => {
+        Some(_) => {
             let func = Module::Decode.func(dev, "gemm_normalise")?;
             // SAFETY: each block writes its row in full.
             let out = unsafe { dev.alloc::<half::bf16>(rows * n_in)? };
-            let eps = op.norm.as_ref().map_or(0.0f32, |(_, e)| *e);
             let mut args = RawArgs::default();
-            args.ptr(&ops.x, &stream)
-                .i32(n_in as i32)
-                .ptr(nw, &stream)
-                .f32(eps);
-            args.ptr_or_null(ops.modulation.as_ref().map(|m| &m.0), &stream)
-                .ptr_or_null(ops.modulation.as_ref().map(|m| &m.1), &stream)
-                .u64(ops.modulation.as_ref().map_or(0, |m| m.2));
+            args.ptr(&ops.x, &stream).i32(n_in as i32);
+            ops.push_norm(op, &mut args, dev);
             args.ptr(&out, &stream);
             let config = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
