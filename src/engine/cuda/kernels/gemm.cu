@@ -252,6 +252,8 @@ extern "C" __global__ void gemm_normalise(const u16* x, int n_in, const u16* nw,
                                           const u16* mod_scale1, const u16* mod_shift,
                                           long long mod_stride, u16* out) {
     __shared__ float sums[32];
+    // The product that follows may start loading its weights (it waits for these rows).
+    pdl_launch_next();
     const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u16* row = x + (long long)r * n_in;
     float ss = 0.f;

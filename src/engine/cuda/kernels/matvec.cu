@@ -96,39 +96,18 @@ __device__ __forceinline__ void load8(u32* w, const u16* p) {
 // `v` rounded to bf16, as a float.
 __device__ __forceinline__ float rnd(float v) { return bf16f(to_bf16(v)); }
 
-// The adaLN modulation of a normalised row (see matvec): the unfused ops' `n * (1 + scale) +
-// shift` in bf16, each operation rounded.
-struct Modulation {
-    const u16* scale1;  // 1 + scale, [rows, n_in] with `stride` elements from row to row
-    const u16* shift;   // the same layout
-    long long stride;
-};
-
-// Eight bf16 of shared memory.
-__device__ __forceinline__ void load8_shared(u32* w, const u16* p) {
-    const uint4 v = *(const uint4*)p;
-    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-}
-
 // The lane's 16 x values of row g (zero beyond the rows) times X_SCALE as eight bf16x2, paired
 // as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
-// SHARED: from the block's normalised copy of x in shared memory. Otherwise from x in global
-// memory, RMS-normalised (times `inv`, the row's 1/rms times X_SCALE, and the norm weight `nw`)
-// in f32 when `nw` is given, else x's own bf16 values, scaled exactly.
-template <bool SHARED>
+// RMS-normalised (times `inv`, the row's 1/rms times X_SCALE, and the norm weight `nw`) in f32
+// when `nw` is given, else x's own bf16 values, scaled exactly.
 __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
                                        const u16* nw, float inv) {
     if (g < rows) {
         const u16* p = x + (long long)g * n_in + k;
         u32 w[8], n[8];
-        if (SHARED) {
-            load8_shared(w, p);
-            load8_shared(w + 4, p + 8);
-        } else {
-            load8(w, p);
-            load8(w + 4, p + 8);
-        }
-        if (!SHARED && nw) {
+        load8(w, p);
+        load8(w + 4, p + 8);
+        if (nw) {
             load8(n, nw + k);
             load8(n + 4, nw + k + 8);
             float v[16];
@@ -238,29 +217,24 @@ __device__ __forceinline__ void store(const Outputs& p, int r, int o, float v) {
 // multiple of TILE_INPUTS, weights and x 16-byte aligned. U steps of TILE_INPUTS inputs are
 // loaded before any is multiplied (the first before the norm's sums).
 // With `nw`, x is RMS-normalised first: warp r sums the squares of row r while the first loads
-// are in flight, and each step normalises its inputs in f32 (the decode path). MODULATED (which
-// needs `nw`): each block first writes its normalised and modulated copy of x to dynamic shared
-// memory (rows x n_in bf16; the normalised value rounded, times `mod.scale1`, plus `mod.shift`,
-// each rounded as the unfused ops) and multiplies that (the diffusion head: per-step loads of
-// four operands made each step several times slower).
+// are in flight, and each step normalises its inputs in f32 (the decode path). (Rows under an
+// adaLN modulation are normalised and modulated by `gemm_normalise` first, and come without
+// `nw`: engine::cuda::product.)
 // With `gelu`, the output (after the bias) is rounded and passed through GELU as candle's bf16
 // gelu_erf. With `gate`, the product is rounded, times gate[r, o] rounded, and the residual
 // added: x + gate * f as the unfused bf16 ops.
 // When `watch` is given, an output that is NaN or infinite lowers it to `tag` (atomicMin).
-template <bool GATED, int U, bool MODULATED>
+template <bool GATED, int U>
 __device__ void matvec(
         const u16* x, int rows, int n_in,
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2,
         const u16* bias, int has_bias, const u16* res, int has_res,
-        const u16* nw, float eps, Modulation mod, int gelu, const u16* gate,
+        const u16* nw, float eps, int gelu, const u16* gate,
         long long gate_stride, u16* y, unsigned* watch, int tag) {
     constexpr int PARTS = GATED ? 2 : 1;
     __shared__ float red[PARTS][MATVEC_WARPS][TILE_ROWS][MATVEC_MAX_ROWS];
-    __shared__ float squares[MATVEC_WARPS][MATVEC_MAX_ROWS];
     __shared__ float inv_rms[MATVEC_MAX_ROWS];
-    extern __shared__ uint4 normed_rows[];
-    u16* xn = (u16*)normed_rows;
     pdl_launch_next();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     int o0 = blockIdx.x * TILE_ROWS;
@@ -295,72 +269,7 @@ __device__ void matvec(
     // Everything below reads what earlier kernels wrote.
     pdl_wait_previous();
     float inv = 1.f;
-    if (MODULATED) {
-        // x into shared memory (four 16-byte loads in flight per thread), then each row's sum
-        // of squares from there: every thread's pieces, the lanes' sums by shuffles, the
-        // warps' in order.
-        const int pieces = rows * n_in / 8, row_pieces = n_in / 8;
-        for (int i0 = threadIdx.x; i0 < pieces; i0 += 4 * blockDim.x) {
-            u32 a[4][4];
-            #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = i0 + u * blockDim.x;
-                if (i < pieces) load8(a[u], x + 8 * (long long)i);
-            }
-            #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = i0 + u * blockDim.x;
-                if (i < pieces)
-                    *(uint4*)(xn + 8 * i) = make_uint4(a[u][0], a[u][1], a[u][2], a[u][3]);
-            }
-        }
-        __syncthreads();
-        #pragma unroll 1
-        for (int r = 0; r < rows; r++) {
-            float t = 0.f;
-            for (int i = threadIdx.x; i < row_pieces; i += blockDim.x) {
-                u32 a[4];
-                load8_shared(a, xn + (long long)r * n_in + 8 * i);
-                #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    float lo2 = bf16f(a[j] & 0xffffu), hi2 = bf16f(a[j] >> 16);
-                    t += lo2 * lo2 + hi2 * hi2;
-                }
-            }
-            for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
-            if (lane == 0) squares[warp][r] = t;
-        }
-        __syncthreads();
-        if ((int)threadIdx.x < rows) {
-            float t = 0.f;
-            for (int i = 0; i < MATVEC_WARPS; i++) t += squares[i][threadIdx.x];
-            inv_rms[threadIdx.x] = rsqrtf(t / (float)n_in + eps);
-        }
-        __syncthreads();
-        // Two pieces at a time, their weight and modulation loads in flight together.
-        for (int i0 = threadIdx.x; i0 < pieces; i0 += 2 * blockDim.x) {
-            u32 n[2][4], ms[2][4], mh[2][4];
-            #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int i = i0 + u * blockDim.x;
-                if (i >= pieces) continue;
-                const int r = 8 * i / n_in, k = 8 * i - r * n_in;
-                load8(n[u], nw + k);
-                load8(ms[u], mod.scale1 + (long long)r * mod.stride + k);
-                load8(mh[u], mod.shift + (long long)r * mod.stride + k);
-            }
-            #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int i = i0 + u * blockDim.x;
-                if (i >= pieces) continue;
-                u32 a[4];
-                load8_shared(a, xn + 8 * i);
-                normalise8(a, n[u], inv_rms[8 * i / n_in], ms[u], mh[u]);
-                *(uint4*)(xn + 8 * i) = make_uint4(a[0], a[1], a[2], a[3]);
-            }
-        }
-        __syncthreads();
-    } else if (nw) {
+    if (nw) {
         // Warp w sums the squares of row w while the first loads are in flight.
         if (warp < rows) {
             const u16* xr = x + (long long)warp * n_in;
@@ -388,7 +297,7 @@ __device__ void matvec(
             if (st < steps) {
                 u32 xb[8];
                 const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
-                load_x<MODULATED>(xb, MODULATED ? xn : x, g, rows, n_in, k, nw, inv);
+                load_x(xb, x, g, rows, n_in, k, nw, inv);
                 tile(c, lo[i], hi[i], xb);
                 if (GATED) tile(cu, ulo[i], uhi[i], xb);
             }
@@ -421,22 +330,17 @@ __device__ void matvec(
 
 // At most 85 registers, three blocks an SM: more (an earlier build's 120) halved the blocks and
 // slowed every product; fewer (64, four blocks) spilled and was slower too.
-#define MATVEC(NAME, GATED, U, MODULATED) \
+#define MATVEC(NAME, GATED, U) \
 extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, 3) NAME( \
         const u16* x, int rows, int n_in, \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
         const u16* bias, int has_bias, const u16* res, int has_res, \
-        const u16* nw, float eps, const u16* mod_scale1, const u16* mod_shift, \
-        long long mod_stride, int gelu, const u16* gate, long long gate_stride, \
+        const u16* nw, float eps, int gelu, const u16* gate, long long gate_stride, \
         u16* y, unsigned* watch, int tag) { \
-    matvec<GATED, U, MODULATED>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
-                                bias, has_bias, res, has_res, nw, eps, \
-                                Modulation{mod_scale1, mod_shift, mod_stride}, gelu, gate, \
-                                gate_stride, y, watch, tag); }
+    matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, bias, \
+                     has_bias, res, has_res, nw, eps, gelu, gate, gate_stride, y, watch, tag); }
 
-MATVEC(f8_matvec_mma, false, 4, false)
-MATVEC(f8_matvec_mma_gated, true, 2, false)
-MATVEC(f8_matvec_mma_modulated, false, 4, true)
-MATVEC(f8_matvec_mma_gated_modulated, true, 2, true)
+MATVEC(f8_matvec_mma, false, 4)
+MATVEC(f8_matvec_mma_gated, true, 2)
 #endif
