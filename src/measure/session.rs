@@ -263,7 +263,7 @@ mod tests {
         let oom = anyhow::anyhow!("cannot upload model.language_model.layers.3.mlp.up_proj.weight (67895296 bytes) to the device: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
         let text = format!("{:#}", oom_hint(oom, &estimate, 28, Some(12)));
         assert!(text.contains("mlp.up_proj.weight"), "{text}");
-        assert!(text.contains("28 GPU layers estimated 9.55 GiB"), "{text}");
+        assert!(text.contains("28 GPU layers estimated 9.69 GiB"), "{text}");
         assert!(text.contains("try --num-gpu-layers 12"), "{text}");
         let other = oom_hint(anyhow::anyhow!("no such file"), &estimate, 28, Some(12));
         assert_eq!(format!("{other:#}"), "no such file");

@@ -11,6 +11,7 @@
 //! to 160 MiB, leaving them 51-62 MiB above (0.8-3.6%); RESULTS.md has the runs.
 
 use crate::arch::config::ModelConfig;
+use crate::arch::speech::TokenizerConfig;
 use crate::arch::Role;
 use crate::checkpoint::header::TensorInfo;
 use crate::checkpoint::inventory::{Inventory, Part};
@@ -27,6 +28,12 @@ const MIB: u64 = 1 << 20;
 pub const CUDA_CONTEXT_BYTES: u64 = 600 * MIB;
 /// Headroom for allocator rounding and fragmentation (checked with the context above).
 pub const MARGIN_BYTES: u64 = 160 * MIB;
+/// Full scope: what the speech components add to the context. They alone call cuBLAS (the
+/// language model's products are the engine's own kernels), whose kernels and workspace are
+/// the likely part. Calibration: on the lent H200 (2026-11-28), with every modelled term in
+/// place, `generate`'s NVML peaks sat 50-73 MiB above its estimates at N = 28, 8 and 0 (with
+/// either voice length, with and without CUDA graphs), where `bench`'s sit 51-62 MiB below.
+pub const SPEECH_CONTEXT_BYTES: u64 = 128 * MIB;
 
 // ---- engine constants -----------------------------------------------------------------------
 
@@ -61,6 +68,15 @@ pub const PARTIAL_SUM_BYTES: u64 = 4;
 /// The head width the GPU's prefill attention is written for (engine `prefill_attention.cu`),
 /// which keeps each block's scores on chip: no scores in device memory for it.
 pub const PREFILL_HEAD_DIM: usize = 128;
+/// Frames of a voice prompt the acoustic encoder takes at a time (engine: `generate`'s voice
+/// encoding, `Encoder::encode_in_pieces`): 102,400 samples (4.3 s) for the real model, which
+/// bounds the encoding's working memory whatever the voice's length.
+pub const VOICE_PIECE_FRAMES: u64 = 32;
+/// The acoustic encoder's peak working memory, in units of its widest feed-forward
+/// intermediate (`4 C x T` activations). Calibration: on the lent H200 (2026-11-28, 3f4882a)
+/// the peak of `generate` grew by 1,222 bytes a sample of the longest voice, encoded whole:
+/// 4.8 intermediates of the first stages' 128 channels.
+pub const ENCODER_PEAK_INTERMEDIATES: u64 = 5;
 /// Bytes per activation element (bf16).
 pub const ACTIVATION_BYTES: u64 = 2;
 /// Bytes per cached key or value element (bf16).
@@ -149,17 +165,62 @@ pub struct WorkingMemory {
     pub attention_scores_bytes: u64,
     /// Last-position logits.
     pub logits_bytes: u64,
+    /// Full scope: the speech components' own working memory, at its largest while a voice
+    /// prompt is encoded ([`voice_encoding_bytes`]). It is never in use during a language-model
+    /// step, so it counts only where it exceeds the sum of the terms above.
+    #[serde(default)]
+    pub speech_bytes: u64,
 }
 
 impl WorkingMemory {
-    /// Sum of the terms.
+    /// The language model's terms summed, or the speech components' where larger.
     pub fn total_bytes(&self) -> u64 {
-        self.dequant_scratch_bytes
+        let language_model = self.dequant_scratch_bytes
             + self.product_scratch_bytes
             + self.activations_bytes
             + self.attention_scores_bytes
-            + self.logits_bytes
+            + self.logits_bytes;
+        language_model.max(self.speech_bytes)
     }
+}
+
+/// Device bytes of the tokenizers' float8 weights of fewer than [`GEMM_MIN_WEIGHT`] elements
+/// decoded once at load beside their float8 bytes (engine `speech::conv` and `speech::nn`):
+/// every weight of two or more dimensions in the acoustic encoder and decoder and the
+/// semantic encoder but the depthwise mixers'.
+pub fn decoded_tokenizer_bytes(inventory: &Inventory) -> u64 {
+    use crate::arch::vibevoice::Component;
+    [
+        Component::AcousticEncoder,
+        Component::AcousticDecoder,
+        Component::SemanticEncoder,
+    ]
+    .into_iter()
+    .flat_map(|c| inventory.part_tensors(Part::Speech(c)))
+    .filter(|t| {
+        t.dtype == DType::F8E4M3
+            && t.shape.len() >= 2
+            && t.numel() < GEMM_MIN_WEIGHT
+            && !t.name.contains(".mixer.")
+    })
+    .map(|t| t.numel() * ACTIVATION_BYTES)
+    .sum()
+}
+
+/// Device memory the acoustic encoder takes beyond its weights to encode a voice prompt: one
+/// piece of [`VOICE_PIECE_FRAMES`] frames, [`ENCODER_PEAK_INTERMEDIATES`] times the widest
+/// stage's feed-forward intermediate.
+pub fn voice_encoding_bytes(tokenizer: &TokenizerConfig) -> u64 {
+    let stack = &tokenizer.encoder;
+    let mut steps = VOICE_PIECE_FRAMES * stack.hop() as u64;
+    let mut widest = 0;
+    for stage in 0..stack.depths.len() {
+        if stage > 0 {
+            steps = steps.div_ceil(stack.ratios[stage - 1] as u64);
+        }
+        widest = widest.max(4 * stack.encoder_width(stage) as u64 * steps);
+    }
+    ENCODER_PEAK_INTERMEDIATES * widest * ACTIVATION_BYTES
 }
 
 /// Working memory of one forward step over `step_tokens` new tokens of each of `sequences`
@@ -201,6 +262,7 @@ pub fn working_memory(
         activations_bytes,
         attention_scores_bytes,
         logits_bytes,
+        speech_bytes: 0,
     }
 }
 
@@ -291,6 +353,58 @@ mod tests {
         let narrow = ModelConfig { head_dim: 64, ..c };
         let w = working_memory(&narrow, &inv, 1, 512, 4096, true);
         assert_eq!(w.attention_scores_bytes, 2 * 28 * 512 * 4096 * SCORE_BYTES);
+    }
+
+    #[test]
+    fn a_voice_piece_is_five_of_the_first_stages_intermediates() {
+        // The real acoustic encoder: 32, 64 and 128 channels at 102,400, 51,200 and 25,600
+        // steps hold 128 x 102,400 activations in each of their feed-forward intermediates.
+        let speech = crate::arch::speech::SpeechConfig::real(3584);
+        let piece = VOICE_PIECE_FRAMES * 3200;
+        assert_eq!(
+            voice_encoding_bytes(&speech.acoustic),
+            5 * 4 * 32 * piece * ACTIVATION_BYTES
+        );
+        // Counted where it exceeds the language model's terms, not on top of them.
+        let w = WorkingMemory {
+            activations_bytes: 100,
+            speech_bytes: 70,
+            ..WorkingMemory::default()
+        };
+        assert_eq!(w.total_bytes(), 100);
+        assert_eq!(
+            WorkingMemory {
+                speech_bytes: 170,
+                ..w
+            }
+            .total_bytes(),
+            170
+        );
+    }
+
+    #[test]
+    fn small_tokenizer_weights_are_counted_decoded_but_mixers_and_large_ones_not() {
+        use crate::checkpoint::layout::{self, Precision};
+        let tokenizers = |precision| {
+            let c = BuiltinModel::Large7b.config();
+            let speech = crate::arch::speech::SpeechConfig::real(c.hidden_size);
+            let specs = layout::vibevoice(&c, &speech, precision);
+            decoded_tokenizer_bytes(&Inventory::new(layout::tensor_infos(specs)).unwrap())
+        };
+        // Each encoder: the feed-forward linears of the 32- to 256-channel stages (3 blocks of
+        // 8 C^2), the convolutions below 2^20 (stem 224, strided 8,192 + 32,768 + 262,144) and
+        // the acoustic head (64 x 2,048 x 7 = 917,504; the semantic one's 128 channels are
+        // not small); the decoder the same linears and stem, transposed 262,144 + 32,768 +
+        // 8,192 and head 224. The 512-channel linears are 2^20: not small.
+        let linears = 3 * 8 * (32 * 32 + 64 * 64 + 128 * 128 + 256 * 256);
+        let convs = 224 + 8_192 + 32_768 + 262_144;
+        let acoustic = linears + convs + 917_504;
+        let elements = 2 * acoustic + (linears + convs);
+        assert_eq!(
+            tokenizers(Precision::Float8Plain),
+            elements * ACTIVATION_BYTES
+        );
+        assert_eq!(tokenizers(Precision::BF16), 0);
     }
 
     #[test]

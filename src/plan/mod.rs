@@ -154,11 +154,12 @@ pub struct VramEstimate {
     /// Of those, the layers the host CPU computes (never copied; their caches in host memory).
     #[serde(default)]
     pub cpu_layers: usize,
-    /// CUDA context, cuBLAS workspace, kernels.
+    /// CUDA context, cuBLAS workspace, kernels (in full scope with what the speech
+    /// components add: [`memory::SPEECH_CONTEXT_BYTES`]).
     pub cuda_context_bytes: u64,
     /// Final norm, LM head (the embedding when tied), every layer's norm weights and biases
-    /// decoded to bf16 and, in full scope, the other VibeVoice parts; the embedding itself stays
-    /// in host memory.
+    /// decoded to bf16 and, in full scope, the other VibeVoice parts (the tokenizers' small
+    /// float8 weights also decoded to bf16); the embedding itself stays in host memory.
     pub non_layer_weights_bytes: u64,
     /// The resident decoder layers.
     pub resident_layers_bytes: u64,
@@ -173,7 +174,7 @@ pub struct VramEstimate {
     /// Dequantisation scratch, activations, attention scores and logits.
     #[serde(flatten)]
     pub working: memory::WorkingMemory,
-    /// Sum of the working-memory terms.
+    /// The working memory ([`memory::WorkingMemory::total_bytes`]).
     pub working_bytes: u64,
     /// Headroom for allocator rounding.
     pub margin_bytes: u64,
@@ -240,8 +241,13 @@ pub fn estimate(
         );
         parts.extend([Part::Scalars, Part::Other]);
     }
+    let decoded_tokenizer_bytes = match options.scope {
+        Scope::Full => memory::decoded_tokenizer_bytes(inventory),
+        Scope::LanguageModel => 0,
+    };
     let non_layer_weights_bytes = parts.iter().map(|&p| inventory.part_bytes(p)).sum::<u64>()
-        + memory::decoded_vector_bytes(inventory);
+        + memory::decoded_vector_bytes(inventory)
+        + decoded_tokenizer_bytes;
 
     let config = &model.config;
     let sequences = options.sequences();
@@ -267,7 +273,7 @@ pub fn estimate(
             layer + memory::kv_cache_bytes(config, 1, options.max_seq_len, 1)
         });
     let step_tokens = options.max_seq_len.min(memory::PREFILL_CHUNK_TOKENS);
-    let working = memory::working_memory(
+    let mut working = memory::working_memory(
         config,
         inventory,
         sequences,
@@ -275,7 +281,15 @@ pub fn estimate(
         options.max_seq_len,
         true,
     );
+    if let (Scope::Full, Some(speech)) = (options.scope, &model.speech) {
+        working.speech_bytes = memory::voice_encoding_bytes(&speech.acoustic);
+    }
     let working_bytes = working.total_bytes();
+    let cuda_context_bytes = memory::CUDA_CONTEXT_BYTES
+        + match options.scope {
+            Scope::Full => memory::SPEECH_CONTEXT_BYTES,
+            Scope::LanguageModel => 0,
+        };
     let total_bytes = [
         non_layer_weights_bytes,
         resident_layers_bytes,
@@ -286,12 +300,12 @@ pub fn estimate(
         memory::MARGIN_BYTES,
     ]
     .into_iter()
-    .fold(memory::CUDA_CONTEXT_BYTES, u64::saturating_add);
+    .fold(cuda_context_bytes, u64::saturating_add);
     Ok(VramEstimate {
         gpu_layers,
         offloaded_layers: num_layers - gpu_layers,
         cpu_layers: options.cpu_layers,
-        cuda_context_bytes: memory::CUDA_CONTEXT_BYTES,
+        cuda_context_bytes,
         non_layer_weights_bytes,
         resident_layers_bytes,
         stream_buffers_bytes,

@@ -142,6 +142,7 @@ impl Render for PlanReport {
             ("activations", w.activations_bytes),
             ("attention scores", w.attention_scores_bytes),
             ("logits", w.logits_bytes),
+            ("speech working memory (if larger)", w.speech_bytes),
             ("margin", e.margin_bytes),
             ("total VRAM", e.total_bytes),
             ("pinned host memory", e.pinned_host_bytes),
