@@ -168,9 +168,10 @@ impl SpeechModel {
         }
         let audio = Tensor::from_slice(samples, (1, 1, samples.len()), &self.device)?
             .to_dtype(self.dtype)?;
+        let frames = crate::plan::memory::VOICE_PIECE_FRAMES as usize;
         let mean = self
             .acoustic_encoder
-            .encode(&audio)
+            .encode_in_pieces(&audio, frames)
             .context("encoding a voice sample")?;
         let latent = match latents {
             VoiceLatents::Mean => mean,

@@ -3,7 +3,9 @@
 
 use super::fused::add_bias;
 use super::weights::Scope;
+use crate::engine::dequant::dequantize;
 use crate::engine::{model, weights};
+use crate::plan::memory::GEMM_MIN_WEIGHT;
 use anyhow::{Context, Result};
 use candle_core::{DType, Module, Tensor, D};
 
@@ -14,6 +16,9 @@ pub(crate) enum Linear {
     Stored {
         weight: weights::Linear,
         bias: Option<Tensor>,
+        /// The weight decoded once at load ([`Linear::decoded_if_small`]), for the products
+        /// the fused path does not take; `None`: decoded at each of them.
+        decoded: Option<Tensor>,
     },
 }
 
@@ -21,12 +26,20 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense(l) => Ok(l.forward(x)?),
-            Linear::Stored { weight, bias } => {
+            Linear::Stored {
+                weight,
+                bias,
+                decoded,
+            } => {
                 // The fused product takes the bias itself.
                 if let Some(y) = fused_around(x, &[self], false, model::Around::default())? {
                     return Ok(y);
                 }
-                let y = model::linear(x, weight, None, true)?;
+                // The ops model::linear runs on the weight it decodes: the same bits.
+                let y = match decoded.as_ref().filter(|w| w.dtype() == x.dtype()) {
+                    Some(w) => x.broadcast_matmul(&w.t()?)?,
+                    None => model::linear(x, weight, None, true)?,
+                };
                 let Some(bias) = bias else { return Ok(y) };
                 // Rows of [rows, out] as [rows, out, 1]: the bias along the second dimension.
                 let dims = y.dims().to_vec();
@@ -34,6 +47,31 @@ impl Linear {
                 Ok(add_bias(&y.reshape(rows.as_slice())?, bias)?.reshape(dims)?)
             }
         }
+    }
+}
+
+impl Linear {
+    /// This layer with a float8 weight below [`GEMM_MIN_WEIGHT`] elements also decoded to
+    /// `dtype` once, now: the tokenizers' shallow feed-forward layers, which run on many steps
+    /// (beyond the fused matrix-vector product) and would otherwise decode their weights at
+    /// every frame (62 launches a frame on the 7B). The VRAM plan counts the copies
+    /// (`plan::memory::decoded_tokenizer_bytes`).
+    pub(crate) fn decoded_if_small(self, dtype: DType) -> Result<Linear> {
+        Ok(match self {
+            Linear::Stored {
+                weight,
+                bias,
+                decoded: None,
+            } if (weight.weight.shape.iter().product::<usize>() as u64) < GEMM_MIN_WEIGHT => {
+                let w = dequantize(&weight.weight, weight.scale.as_ref(), dtype)?;
+                Linear::Stored {
+                    weight,
+                    bias,
+                    decoded: Some(w),
+                }
+            }
+            other => other,
+        })
     }
 }
 
@@ -45,7 +83,11 @@ pub(crate) fn linear(scope: &Scope, in_dim: usize, out_dim: usize, bias: bool) -
         None
     };
     Ok(match scope.stored_linear("weight", &[out_dim, in_dim])? {
-        Some(weight) => Linear::Stored { weight, bias },
+        Some(weight) => Linear::Stored {
+            weight,
+            bias,
+            decoded: None,
+        },
         None => Linear::Dense(candle_nn::Linear::new(
             scope.get("weight", &[out_dim, in_dim])?,
             bias,
@@ -73,10 +115,12 @@ pub(crate) fn swiglu(
         Linear::Stored {
             weight: g,
             bias: None,
+            ..
         },
         Linear::Stored {
             weight: u,
             bias: None,
+            ..
         },
     ) = (gate, up)
     {
@@ -111,7 +155,9 @@ pub(crate) fn fused_around(
     let (mut stored, mut bias) = (Vec::with_capacity(layers.len()), None);
     for layer in layers {
         match layer {
-            Linear::Stored { weight, bias: b } if b.is_none() || !gated => {
+            Linear::Stored {
+                weight, bias: b, ..
+            } if b.is_none() || !gated => {
                 stored.push(weight);
                 bias = b.as_ref();
             }

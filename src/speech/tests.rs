@@ -94,6 +94,23 @@ fn streaming_encode_equals_whole_signal_encode() {
 }
 
 #[test]
+fn encoding_in_pieces_equals_whole_signal_encode() {
+    let weights = RandomWeights::new(7, DType::F32, &Device::Cpu);
+    let encoder = Encoder::new(&small_tokenizer(), &Scope::new(&weights, "enc")).unwrap();
+    // Whole frames, a partial last frame, and a signal shorter than one piece.
+    for (len, frames) in [(6 * 6, 2), (6 * 7 + 4, 2), (6 * 7 + 1, 3), (11, 4)] {
+        let audio = random_tensor(8 + len as u64, &[2, 1, len]);
+        let whole = encoder.encode(&audio).unwrap();
+        let pieces = encoder.encode_in_pieces(&audio, frames).unwrap();
+        let err = rel_err(&pieces, &whole);
+        assert!(
+            err < 1e-6,
+            "{len} samples in {frames}-frame pieces: rel err {err}"
+        );
+    }
+}
+
+#[test]
 fn the_encoder_is_causal_and_pads_partial_frames() {
     let weights = RandomWeights::new(5, DType::F32, &Device::Cpu);
     let encoder = Encoder::new(&small_tokenizer(), &Scope::new(&weights, "enc")).unwrap();
@@ -267,4 +284,83 @@ fn bf16_runs_every_component_close_to_f32() {
     // Loose: in bf16 the head sees 1000, 800, 600, ... for 999, 799, 599, ... (as in the
     // original), so the sample moves by several percent, not by rounding alone.
     assert!(rel_err(&x16.to_dtype(DType::F32).unwrap(), &x32) < 2e-1);
+}
+
+/// Random weights whose matrices and kernels are float8 as stored (codes of magnitude below 2,
+/// no scale), as a plain float8 checkpoint's; `tensor` hands out the same values decoded.
+struct Float8Random {
+    vectors: RandomWeights,
+    float8: bool,
+}
+
+impl Float8Random {
+    fn codes(name: &str, shape: &[usize]) -> crate::engine::dequant::RawTensor {
+        let n: usize = shape.iter().product();
+        let codes: Vec<u8> = Rng::for_name(9, name)
+            .uniforms(n)
+            .iter()
+            .map(|u| {
+                let r = ((u + 1.0) * 127.5) as u8;
+                (r & 0x80) | (r & 0x3f)
+            })
+            .collect();
+        crate::engine::dequant::RawTensor {
+            dtype: crate::dtype::DType::F8E4M3,
+            shape: shape.to_vec(),
+            bytes: Tensor::from_vec(codes, n, &Device::Cpu).unwrap(),
+        }
+    }
+}
+
+impl WeightSource for Float8Random {
+    fn tensor(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+        match shape.len() {
+            1 => self.vectors.tensor(name, shape),
+            _ => Ok(crate::engine::dequant::dequantize(
+                &Self::codes(name, shape),
+                None,
+                DType::F32,
+            )?
+            .reshape(shape)?),
+        }
+    }
+
+    fn stored_float8(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> anyhow::Result<Option<super::weights::StoredWeight>> {
+        Ok(
+            (self.float8 && shape.len() > 1).then(|| super::weights::StoredWeight {
+                raw: Self::codes(name, shape),
+                scale: None,
+            }),
+        )
+    }
+}
+
+#[test]
+fn a_large_float8_transposed_convolution_equals_its_decoded_weight() {
+    use super::conv::CausalConvTranspose1d;
+    // 1024 x 64 x 16 = 2^20 elements: held transposed as a [1024, 1024] matrix.
+    let load = |float8| {
+        let source = Float8Random {
+            vectors: RandomWeights::new(2, DType::F32, &Device::Cpu),
+            float8,
+        };
+        CausalConvTranspose1d::new(&Scope::new(&source, "up"), 1024, 64, 16, 8).unwrap()
+    };
+    let (stored, decoded) = (load(true), load(false));
+    // One step takes the matrix-vector product; three steps decode the matrix back.
+    for steps in [1, 3] {
+        let x = random_tensor(steps as u64, &[1, 1024, steps]);
+        let want = decoded.run(&x, None).unwrap();
+        let got = stored.run(&x, None).unwrap();
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "{steps} steps: rel err {err}");
+        let (mut a, mut b) = (None, None);
+        let got = stored.run(&x, Some(&mut a)).unwrap();
+        let want = decoded.run(&x, Some(&mut b)).unwrap();
+        assert!(rel_err(&got, &want) < 1e-5 && rel_err(&a.unwrap(), &b.unwrap()) < 1e-5);
+    }
 }

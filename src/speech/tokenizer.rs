@@ -33,14 +33,17 @@ struct Block {
 impl Block {
     fn new(scope: &Scope, dim: usize, eps: f64) -> Result<Block> {
         let ffn = scope.sub("ffn");
+        let mixer = fused::load_mixer(scope, dim, TOKENIZER_KERNEL, eps)?;
+        let norm = scope.get("ffn_norm.weight", &[dim])?;
+        let dtype = norm.dtype();
         Ok(Block {
-            mixer: fused::load_mixer(scope, dim, TOKENIZER_KERNEL, eps)?,
+            mixer,
             ffn_norm: ChannelNorm {
-                weight: scope.get("ffn_norm.weight", &[dim])?,
+                weight: norm,
                 eps: eps as f32,
             },
-            linear1: linear(&ffn.sub("linear1"), dim, 4 * dim, true)?,
-            linear2: linear(&ffn.sub("linear2"), 4 * dim, dim, true)?,
+            linear1: linear(&ffn.sub("linear1"), dim, 4 * dim, true)?.decoded_if_small(dtype)?,
+            linear2: linear(&ffn.sub("linear2"), 4 * dim, dim, true)?.decoded_if_small(dtype)?,
             ffn_residual: ChannelResidual {
                 gamma: scope.get("ffn_gamma", &[dim])?,
             },
@@ -309,6 +312,27 @@ impl Encoder {
         state.chunk(&self.name, self.layers(), audio, |x, slots| {
             self.run(x, Some(slots))
         })
+    }
+
+    /// [`Encoder::encode`] in pieces of at most `frames` frames streamed one after the other,
+    /// so that its working memory is bounded by the piece, not the signal (voice prompts of any
+    /// length); the last piece may end with a partial frame, padded as the whole signal's end
+    /// is. The same values as [`Encoder::encode`], up to the products' summation order.
+    pub fn encode_in_pieces(&self, audio: &Tensor, frames: usize) -> Result<Tensor> {
+        let len = audio.dim(2)?;
+        let piece = frames.max(1) * self.hop;
+        let mut state = self.stream_state();
+        let mut out = Vec::with_capacity(len.div_ceil(piece));
+        for at in (0..len).step_by(piece) {
+            let x = audio.narrow(2, at, piece.min(len - at))?;
+            out.push(state.chunk(&self.name, self.layers(), &x, |x, slots| {
+                self.run(x, Some(slots))
+            })?);
+        }
+        match out.len() {
+            0 => self.encode(audio),
+            _ => Ok(Tensor::cat(&out, 1)?),
+        }
     }
 
     fn run(&self, audio: &Tensor, mut slots: Option<IterMut<'_, Slot>>) -> Result<Tensor> {
