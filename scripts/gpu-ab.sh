@@ -10,19 +10,26 @@
 #   git worktree add ../base COMMIT && (cd ../base && CUDA_ROOT=$PWD/../main/.cuda/root \
 #     CUDA_COMPUTE_CAP=90 cargo build --release --features cuda --target-dir ../main/target/cuda)
 #   mkdir -p dist/base && xz -T2 -c target/cuda/release/vibeoffload > dist/base/vibeoffload.xz
-# Env: ROUNDS (default "1 2 3"), FRAMES (default 64), SKIP_TESTS=1; the runs' JSON go to
+# Env: ROUNDS (default "1 2 3"), FRAMES (default 64), SKIP_TESTS=1; ALT="NAME ..." also runs
+#      dist/alt/NAME.xz (other builds of this tree) in each round; the runs' JSON go to
 #      $OUT/ab.tgz.
 source "$(dirname "$0")/gpu-env.sh"
 export VIBEOFFLOAD_7B=$model/vibevoice7b_float8_e4m3fn.safetensors
 if [[ -z ${SKIP_TESTS:-} ]]; then run_gpu_tests; fi
 [[ -f dist/base/vibeoffload.xz ]] || { echo "no baseline: dist/base/vibeoffload.xz"; exit 1; }
 xz -dc dist/base/vibeoffload.xz > /tmp/base-vibeoffload && chmod +x /tmp/base-vibeoffload
+for name in ${ALT:-}; do
+  xz -dc "dist/alt/$name.xz" > "/tmp/alt-$name" && chmod +x "/tmp/alt-$name"
+done
 voice=dist/voice
 mkdir -p /tmp/ab
 for round in ${ROUNDS:-1 2 3}; do
-  for which in base new; do
-    b=$bin
-    [[ $which == base ]] && b=/tmp/base-vibeoffload
+  for which in base new ${ALT:-}; do
+    case $which in
+      base) b=/tmp/base-vibeoffload ;;
+      new) b=$bin ;;
+      *) b=/tmp/alt-$which ;;
+    esac
     "$b" bench --device cuda --model-path "$model" --layers 28 \
       --json-out "/tmp/ab/bench-$which-$round.json" > /tmp/bench.log 2>&1 ||
       { tail -3 /tmp/bench.log; fail "bench ($which, round $round)"; continue; }
@@ -36,7 +43,7 @@ import json, sys
 b = json.load(open(sys.argv[1]))['rows'][0]
 g = json.load(open(sys.argv[2]))
 t, f = g['timings'], g['frames']
-print(f"{sys.argv[3]:5} {g['tool'].split('(')[-1].rstrip(')')}: decode {b['decode_ms_per_token']:.3f} ms/token, "
+print(f"{sys.argv[3]:8} {g['tool'].split('(')[-1].rstrip(')')}: decode {b['decode_ms_per_token']:.3f} ms/token, "
       f"test-speed {b['test_speed_ms']:.2f} ms | RTF {g['real_time_factor']:.4f}, prefill "
       f"{t['prefill_ms']:.1f} ms; per frame LM pair "
       f"{t['lm_ms'] / f:.2f}, head {t['head_ms'] / f:.2f}, decoder {t['decoder_ms'] / f:.2f}, "
