@@ -54,7 +54,7 @@ impl Linear {
     /// This layer with a float8 weight below [`GEMM_MIN_WEIGHT`] elements also decoded to
     /// `dtype` once, now: the tokenizers' shallow feed-forward layers, which run on many steps
     /// (beyond the fused matrix-vector product) and would otherwise decode their weights at
-    /// every frame (62 launches a frame on the 7B). The VRAM plan counts the copies
+    /// every frame (60 of the 62 decodes a frame on the 7B). The VRAM plan counts the copies
     /// (`plan::memory::decoded_tokenizer_bytes`).
     pub(crate) fn decoded_if_small(self, dtype: DType) -> Result<Linear> {
         Ok(match self {

@@ -98,17 +98,30 @@ __device__ void dw_mixer(const T* x, long long xb, long long xc, long long xt, c
             st(out, o, ext.at(b, c, t));
             continue;
         }
-        const float w = ld(norm_w, c);
+        const float w = ld(norm_w, c), bc = ld(bias, c), gc = ld(gamma, c);
+        const float res = ext.at(b, c, t + ctx);
+        // Tap j's product added in order, as the unfused convolution adds them.
         float acc = 0.f;
-        for (int j = 0; j < k; j++) {
-            const int e = t + j;
-            const float h = rnd(__fmul_rn(rnd(__fmul_rn(ext.at(b, c, e), inv[e - o0]), x), w), x);
-            const float p = __fmul_rn(h, taps[(long long)c * k + j]);
+        auto tap = [&](int j, float v, float weight) {
+            const float h = rnd(__fmul_rn(rnd(__fmul_rn(v, inv[t + j - o0]), x), w), x);
+            const float p = __fmul_rn(h, weight);
             acc = j == 0 ? p : __fadd_rn(acc, p);
+        };
+        if (k == 7) {  // the tokenizers' kernel: every input and tap loaded before any is used
+            float in[7], tp[7];
+#pragma unroll
+            for (int j = 0; j < 7; j++) {
+                in[j] = ext.at(b, c, t + j);
+                tp[j] = taps[(long long)c * 7 + j];
+            }
+#pragma unroll
+            for (int j = 0; j < 7; j++) tap(j, in[j], tp[j]);
+        } else {
+            for (int j = 0; j < k; j++) tap(j, ext.at(b, c, t + j), taps[(long long)c * k + j]);
         }
-        float y = rnd(__fadd_rn(rnd(acc, x), ld(bias, c)), x);
-        y = rnd(__fmul_rn(y, ld(gamma, c)), x);
-        st(out, o, __fadd_rn(ext.at(b, c, t + ctx), y));
+        float y = rnd(__fadd_rn(rnd(acc, x), bc), x);
+        y = rnd(__fmul_rn(y, gc), x);
+        st(out, o, __fadd_rn(res, y));
     }
 }
 
