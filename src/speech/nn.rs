@@ -48,9 +48,7 @@ impl Linear {
             }
         }
     }
-}
 
-impl Linear {
     /// This layer with a float8 weight below [`GEMM_MIN_WEIGHT`] elements also decoded to
     /// `dtype` once, now: the tokenizers' shallow feed-forward layers, which run on many steps
     /// (beyond the fused matrix-vector product) and would otherwise decode their weights at
