@@ -12,7 +12,7 @@
 #   mkdir -p dist/base && xz -T2 -c target/cuda/release/vibeoffload > dist/base/vibeoffload.xz
 # Env: ROUNDS (default "1 2 3"), FRAMES (default 64), SKIP_TESTS=1; ALT="NAME ..." also runs
 #      dist/alt/NAME.xz (other builds of this tree) in each round; the runs' JSON go to
-#      $OUT/ab.tgz.
+#      $OUT/ab.tgz, and a last line per build gives its means over the rounds.
 source "$(dirname "$0")/gpu-env.sh"
 export VIBEOFFLOAD_7B=$model/vibevoice7b_float8_e4m3fn.safetensors
 if [[ -z ${SKIP_TESTS:-} ]]; then run_gpu_tests; fi
@@ -51,5 +51,23 @@ print(f"{sys.argv[3]:8} {g['tool'].split('(')[-1].rstrip(')')}: decode {b['decod
 PY
   done
 done
+# Each build's means over the rounds, and the ratio of its RTF to the baseline's.
+python3 - /tmp/ab base new ${ALT:-} <<'PY' || fail "summary"
+import glob, json, statistics, sys
+d, builds = sys.argv[1], sys.argv[2:]
+rtf = {}
+for w in builds:
+    gens = [json.load(open(f)) for f in sorted(glob.glob(f"{d}/generate-{w}-*.json"))]
+    benches = [json.load(open(f))['rows'][0] for f in sorted(glob.glob(f"{d}/bench-{w}-*.json"))]
+    if not gens or not benches:
+        continue
+    mean = lambda xs: statistics.fmean(xs)
+    rtf[w] = mean([g['real_time_factor'] for g in gens])
+    part = lambda k: mean([g['timings'][k] / g['frames'] for g in gens])
+    ratio = f" ({rtf[w] / rtf['base']:.3f}x base)" if 'base' in rtf and w != 'base' else ""
+    print(f"mean {w:8} ({len(gens)} rounds): decode {mean([b['decode_ms_per_token'] for b in benches]):.3f} ms/token, "
+          f"test-speed {mean([b['test_speed_ms'] for b in benches]):.2f} ms | RTF {rtf[w]:.4f}{ratio}; per frame LM pair "
+          f"{part('lm_ms'):.2f}, head {part('head_ms'):.2f}, decoder {part('decoder_ms'):.2f}, semantic {part('semantic_ms'):.2f} ms")
+PY
 tar czf "$out/ab.tgz" -C /tmp ab
 finish
