@@ -94,6 +94,28 @@ impl Operands<'_> {
             .i32(i32::from(self.residual.is_some()));
     }
 
+    /// Pushes x (or `normalised`, its rows normalised beforehand), its rows and inputs, the
+    /// three weights (x standing in for absent ones, never read) and the segments: both
+    /// kernels' first parameters.
+    fn push_inputs(
+        &self,
+        op: &FusedMatVec,
+        normalised: Option<&CudaSlice<half::bf16>>,
+        args: &mut RawArgs,
+        dev: &CudaDevice,
+    ) {
+        let stream = dev.cuda_stream();
+        match normalised {
+            Some(xn) => args.ptr(xn, &stream),
+            None => args.ptr(&self.x, &stream),
+        };
+        args.i32(self.rows as i32).i32(op.in_features as i32);
+        for i in 0..3 {
+            args.ptr_or(self.weights.get(i), &self.x, &stream);
+        }
+        self.push_segments(op, args, dev);
+    }
+
     /// Pushes the norm weight and epsilon, as the matvec and the normalising pass take them;
     /// the kernels tell "no norm" by a null pointer.
     fn push_norm(&self, op: &FusedMatVec, args: &mut RawArgs, dev: &CudaDevice) {
@@ -273,23 +295,12 @@ fn matvec(
         false => "f8_matvec_mma",
     };
     let func = Module::Decode.func(dev, name)?;
-    let (rows, n_in) = (ops.rows, op.in_features);
-    let stream = dev.cuda_stream();
     let modulated = match ops.modulation {
         Some(_) => Some(normalise(op, ops, dev)?),
         None => None,
     };
     let mut args = RawArgs::default();
-    match &modulated {
-        Some(xn) => args.ptr(xn, &stream),
-        None => args.ptr(&ops.x, &stream),
-    };
-    args.i32(rows as i32).i32(n_in as i32);
-    // Absent weights are never read; x stands in for their pointers.
-    for i in 0..3 {
-        args.ptr_or(ops.weights.get(i), &ops.x, &stream);
-    }
-    ops.push_segments(op, &mut args, dev);
+    ops.push_inputs(op, modulated.as_ref(), &mut args, dev);
     match modulated {
         // Normalised already: no norm.
         Some(_) => {
@@ -376,15 +387,7 @@ fn gemm(
     )
     .w()?;
     let mut args = RawArgs::default();
-    match &normalised {
-        Some(xn) => args.ptr(xn, &stream),
-        None => args.ptr(&ops.x, &stream),
-    };
-    args.i32(rows as i32).i32(n_in as i32);
-    for i in 0..3 {
-        args.ptr_or(ops.weights.get(i), &ops.x, &stream);
-    }
-    ops.push_segments(op, &mut args, dev);
+    ops.push_inputs(op, normalised.as_ref(), &mut args, dev);
     ops.push_outputs(op, y, &mut args, dev);
     args.ptr_or_null(partial.as_ref(), &stream)
         .i32(per_slice as i32);
