@@ -284,21 +284,27 @@ fn normalise(
 /// modulated op's rows (the diffusion head's) are normalised and modulated by a launch of their
 /// own first: done in every block of the product, as the kernel once did, that made the head's
 /// gate/up 38.5 us where its weights take ~25, and the head 0.36 ms a frame slower on the H200.
+/// A product without a norm in at most two tiles a multiprocessor (down, o, the head's down)
+/// takes the kernel that loads x with the weights (`X_AHEAD`, two blocks an SM, the same bits):
+/// down 32.6 -> 23.6 us and o 8.5 -> 6.6 us on the H200 (`docs/mvprobe`).
 fn matvec(
     op: &FusedMatVec,
     ops: &Operands<'_>,
     y: &CudaSlice<half::bf16>,
     dev: &CudaDevice,
 ) -> candle_core::Result<()> {
-    let name = match op.gated {
-        true => "f8_matvec_mma_gated",
-        false => "f8_matvec_mma",
-    };
-    let func = Module::Decode.func(dev, name)?;
     let modulated = match ops.modulation {
         Some(_) => Some(normalise(op, ops, dev)?),
         None => None,
     };
+    let normed = ops.norm.is_some() && modulated.is_none();
+    let tiles = op.out_features() / TILE_ROWS;
+    let name = match op.gated {
+        true => "f8_matvec_mma_gated",
+        false if !normed && tiles <= 2 * sm_count(dev) => "f8_matvec_mma_x_ahead",
+        false => "f8_matvec_mma",
+    };
+    let func = Module::Decode.func(dev, name)?;
     let mut args = RawArgs::default();
     ops.push_inputs(op, modulated.as_ref(), &mut args, dev);
     match modulated {
@@ -310,7 +316,7 @@ fn matvec(
     }
     ops.push_outputs(op, y, &mut args, dev);
     let config = LaunchConfig {
-        grid_dim: ((op.out_features() / TILE_ROWS) as u32, 1, 1),
+        grid_dim: (tiles as u32, 1, 1),
         block_dim: (32 * MATVEC_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -93,6 +93,23 @@ __device__ __forceinline__ void load8(u32* w, const u16* p) {
         : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
 }
 
+// load8 as a volatile load: issued where it is written, with the weight loads of its round,
+// not moved down to its first use.
+__device__ __forceinline__ void load8v(u32* w, const u16* p) {
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+
+// Sixteen bf16 x values (`w`, eight pairs in order) times X_SCALE, paired as `tile` pairs the
+// weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1]; zeros when not `has`.
+__device__ __forceinline__ void scale_xw(u32* xb, const u32* w, bool has) {
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        xb[2 * j] = has ? scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410)) : 0u;
+        xb[2 * j + 1] = has ? scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632)) : 0u;
+    }
+}
+
 // `v` rounded to bf16, as a float.
 __device__ __forceinline__ float rnd(float v) { return bf16f(to_bf16(v)); }
 
@@ -122,11 +139,7 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
                 xb[2 * j + 1] = bf2(v[4 * j + 1], v[4 * j + 3]);
             }
         } else {
-            #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                xb[2 * j] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410));
-                xb[2 * j + 1] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632));
-            }
+            scale_xw(xb, w, true);
         }
     } else {
         #pragma unroll
@@ -215,7 +228,9 @@ __device__ __forceinline__ void store(const Outputs& p, int r, int o, float v) {
 // y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
 // for up to MATVEC_MAX_ROWS rows of x; every segment's rows a multiple of TILE_ROWS, n_in a
 // multiple of TILE_INPUTS, weights and x 16-byte aligned. U steps of TILE_INPUTS inputs are
-// loaded before any is multiplied (the first before the norm's sums).
+// loaded before any is multiplied (the first before the norm's sums). With X_AHEAD (no norm
+// only), the U steps' x words are loaded with their weights too, so that a round waits for one
+// round trip rather than one more per step: the same sums in the same order, more registers.
 // With `nw`, x is RMS-normalised first: warp r sums the squares of row r while the first loads
 // are in flight, and each step normalises its inputs in f32 (the decode path). (Rows under an
 // adaLN modulation are normalised and modulated by `gemm_normalise` first, and come without
@@ -224,7 +239,7 @@ __device__ __forceinline__ void store(const Outputs& p, int r, int o, float v) {
 // gelu_erf. With `gate`, the product is rounded, times gate[r, o] rounded, and the residual
 // added: x + gate * f as the unfused bf16 ops.
 // When `watch` is given, an output that is NaN or infinite lowers it to `tag` (atomicMin).
-template <bool GATED, int U>
+template <bool GATED, int U, bool X_AHEAD>
 __device__ void matvec(
         const u16* x, int rows, int n_in,
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
@@ -251,6 +266,19 @@ __device__ void matvec(
     float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
     int steps = n_in >> log2i(TILE_INPUTS);
     uint4 lo[U], hi[U], ulo[U], uhi[U];
+    // X_AHEAD: this lane's x words of each of the round's steps (row g, zero past the rows).
+    u32 xw[X_AHEAD ? U : 1][8];
+    const u16* xg = x + (long long)min(g, rows - 1) * n_in + q * (TILE_INPUTS / 4);
+    auto load_xw = [&](int base) {
+        #pragma unroll
+        for (int i = 0; i < (X_AHEAD ? U : 0); i++) {
+            int st = base + i * MATVEC_WARPS;
+            if (st < steps && g < rows) {
+                load8v(xw[i], xg + st * TILE_INPUTS);
+                load8v(xw[i] + 4, xg + st * TILE_INPUTS + 8);
+            }
+        }
+    };
     auto load = [&](int base) {
         #pragma unroll
         for (int i = 0; i < U; i++) {
@@ -289,15 +317,23 @@ __device__ void matvec(
         __syncthreads();
         inv = g < rows ? inv_rms[g] * X_SCALE : 0.f;
     }
+    load_xw(warp);
     for (int base = warp; base < steps; base += MATVEC_WARPS * U) {
-        if (base != warp) load(base);
+        if (base != warp) {
+            load(base);
+            load_xw(base);
+        }
         #pragma unroll
         for (int i = 0; i < U; i++) {
             int st = base + i * MATVEC_WARPS;
             if (st < steps) {
                 u32 xb[8];
-                const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
-                load_x(xb, x, g, rows, n_in, k, nw, inv);
+                if (X_AHEAD) {
+                    scale_xw(xb, xw[X_AHEAD ? i : 0], g < rows);
+                } else {
+                    const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
+                    load_x(xb, x, g, rows, n_in, k, nw, inv);
+                }
                 tile(c, lo[i], hi[i], xb);
                 if (GATED) tile(cu, ulo[i], uhi[i], xb);
             }
@@ -329,18 +365,22 @@ __device__ void matvec(
 }
 
 // At most 85 registers, three blocks an SM: more (an earlier build's 120) halved the blocks and
-// slowed every product; fewer (64, four blocks) spilled and was slower too.
-#define MATVEC(NAME, GATED, U) \
-extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, 3) NAME( \
+// slowed every product; fewer (64, four blocks) spilled and was slower too. The X_AHEAD kernel
+// is for products of at most two tiles an SM (down, o; engine::cuda::product), which never
+// have a third block an SM to lose: up to 128 registers, two blocks an SM.
+#define MATVEC(NAME, GATED, U, X_AHEAD, BLOCKS) \
+extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
         const u16* x, int rows, int n_in, \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
         const float* s0, const float* s1, const float* s2, int m0, int m1, int m2, \
         const u16* bias, int has_bias, const u16* res, int has_res, \
         const u16* nw, float eps, int gelu, const u16* gate, long long gate_stride, \
         u16* y, unsigned* watch, int tag) { \
-    matvec<GATED, U>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, bias, \
-                     has_bias, res, has_res, nw, eps, gelu, gate, gate_stride, y, watch, tag); }
+    matvec<GATED, U, X_AHEAD>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
+                              bias, has_bias, res, has_res, nw, eps, gelu, gate, gate_stride, y, \
+                              watch, tag); }
 
-MATVEC(f8_matvec_mma, false, 4)
-MATVEC(f8_matvec_mma_gated, true, 2)
+MATVEC(f8_matvec_mma, false, 4, false, 3)
+MATVEC(f8_matvec_mma_gated, true, 2, false, 3)
+MATVEC(f8_matvec_mma_x_ahead, false, 4, true, 2)
 #endif
