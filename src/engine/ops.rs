@@ -279,7 +279,7 @@ pub struct DpmStep {
 /// more)...
 pub const SPEECH_TILE_T: usize = 32;
 
-/// ...and channels per block of the mixer's.
+/// ...and channels per block of the mixer's and the channel norm's.
 pub const SPEECH_TILE_C: usize = 64;
 
 /// Threads per block of the speech kernels.

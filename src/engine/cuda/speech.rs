@@ -154,9 +154,14 @@ pub fn channel_norm(
             args.i32(channels as i32).i32(len as i32);
             args.f32(inv_count(channels))
                 .f32(op.eps)
-                .i32(SPEECH_TILE_T as i32);
+                .i32(SPEECH_TILE_T as i32)
+                .i32(SPEECH_TILE_C as i32);
             let config = LaunchConfig {
-                grid_dim: (len.div_ceil(SPEECH_TILE_T) as u32, 1, batch as u32),
+                grid_dim: (
+                    len.div_ceil(SPEECH_TILE_T) as u32,
+                    channels.div_ceil(SPEECH_TILE_C) as u32,
+                    batch as u32,
+                ),
                 block_dim,
                 shared_mem_bytes,
             };

@@ -126,22 +126,41 @@ __device__ void dw_mixer(const T* x, long long xb, long long xc, long long xt, c
 }
 
 // out[b, t, c] = rnd(rnd(x[b, c, t] * inv(t)) * w[c]): x [B, C, T] with any strides, out
-// contiguous. Grid (ceil(T / tile_t), 1, B); dynamic shared memory 33 tile_t floats.
+// contiguous. Grid (ceil(T / tile_t), ceil(C / tile_c), B): each block its time steps' sums over
+// every channel (in the one order, so the bits do not depend on the tiles) and its tile_c
+// channels' outputs, four a thread at a time with their loads first; dynamic shared memory 33
+// tile_t floats.
 template <typename T>
 __device__ void channel_norm(const T* x, long long xb, long long xc, long long xt, const T* w,
-                             T* out, int C, int len, float inv_c, float eps, int tile_t) {
+                             T* out, int C, int len, float inv_c, float eps, int tile_t,
+                             int tile_c) {
     extern __shared__ float smem[];
     float* inv = smem;
     float* part = smem + tile_t;
     const Ext<T> ext = {x, xb, xc, xt, nullptr, 0, 0, 0, 0};
-    const int t0 = blockIdx.x * tile_t, b = blockIdx.z;
-    const int nt = min(tile_t, len - t0);
+    const int t0 = blockIdx.x * tile_t, c0 = blockIdx.y * tile_c, b = blockIdx.z;
+    const int nt = min(tile_t, len - t0), nch = min(tile_c, C - c0), n = nt * nch;
     column_inv_rms(ext, b, C, t0, nt, inv_c, eps, inv, part);
-    for (int i = threadIdx.x; i < nt * C; i += blockDim.x) {
-        const int c = i % C, t = t0 + i / C;
-        const float v = rnd(__fmul_rn(ext.at(b, c, t), inv[t - t0]), x);
-        st(out, ((long long)b * len + t) * C + c, __fmul_rn(v, ld(w, c)));
+    auto put = [&](int i, float v, float wc) {
+        const int c = c0 + i % nch, t = t0 + i / nch;
+        const float r = rnd(__fmul_rn(v, inv[t - t0]), x);
+        st(out, ((long long)b * len + t) * C + c, __fmul_rn(r, wc));
+    };
+    constexpr int U = 4;
+    const int step = U * blockDim.x;
+    int i0 = threadIdx.x;
+    for (; i0 + (U - 1) * (int)blockDim.x < n; i0 += step) {
+        float v[U], wc[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u * blockDim.x;
+            v[u] = ext.at(b, c0 + i % nch, t0 + i / nch);
+            wc[u] = ld(w, c0 + i % nch);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) put(i0 + u * blockDim.x, v[u], wc[u]);
     }
+    for (int i = i0; i < n; i += blockDim.x) put(i, ext.at(b, c0 + i % nch, t0 + i / nch), ld(w, c0 + i % nch));
 }
 
 // out[b, c, t] = x[b, c, t] + rnd(gamma[c] * h[b, t, c]): x [B, C, T] with any strides, h
@@ -203,10 +222,10 @@ __device__ void dpm_step(const T* v, const T* x, const T* prev, T* out, int n, f
         dw_mixer(x, xb, xc, xt, cache, cb, cc, ct, norm_w, taps, bias, gamma, out, C, len, k,     \
                  out_len, inv_c, eps, tile_t, tile_c);                                            \
     }                                                                                             \
-    extern "C" __global__ void channel_norm_##NAME(const T* x, long long xb, long long xc,        \
-                                                   long long xt, const T* w, T* out, int C,       \
-                                                   int len, float inv_c, float eps, int tile_t) { \
-        channel_norm(x, xb, xc, xt, w, out, C, len, inv_c, eps, tile_t);                          \
+    extern "C" __global__ void channel_norm_##NAME(                                               \
+        const T* x, long long xb, long long xc, long long xt, const T* w, T* out, int C, int len, \
+        float inv_c, float eps, int tile_t, int tile_c) {                                         \
+        channel_norm(x, xb, xc, xt, w, out, C, len, inv_c, eps, tile_t, tile_c);                  \
     }                                                                                             \
     extern "C" __global__ void channel_residual_##NAME(const T* x, long long xb, long long xc,    \
                                                        long long xt, const T* h, const T* gamma,  \
