@@ -284,9 +284,11 @@ fn normalise(
 /// modulated op's rows (the diffusion head's) are normalised and modulated by a launch of their
 /// own first: done in every block of the product, as the kernel once did, that made the head's
 /// gate/up 38.5 us where its weights take ~25, and the head 0.36 ms a frame slower on the H200.
-/// A product without a norm in at most two tiles a multiprocessor (down, o, the head's down)
-/// takes the kernel that loads x with the weights (`X_AHEAD`, two blocks an SM, the same bits):
-/// down 32.6 -> 23.6 us and o 8.5 -> 6.6 us on the H200 (`docs/mvprobe`).
+/// A product in few tiles takes a kernel that loads x with the weights (`X_AHEAD`, the same
+/// bits): without a norm, in at most two tiles a multiprocessor (down, o, the head's down), four
+/// steps a round at two blocks an SM (down 32.6 -> 22 us, o 8.5 -> 6.3 on the H200); with one,
+/// in at most three (q/k/v), two steps at three blocks (11.7 -> 10.7 us; `docs/mvprobe`). A
+/// gated product runs as many blocks as fit at once (three an SM), each looping over its tiles.
 fn matvec(
     op: &FusedMatVec,
     ops: &Operands<'_>,
@@ -299,10 +301,12 @@ fn matvec(
     };
     let normed = ops.norm.is_some() && modulated.is_none();
     let tiles = op.out_features() / TILE_ROWS;
-    let name = match op.gated {
-        true => "f8_matvec_mma_gated",
-        false if !normed && tiles <= 2 * sm_count(dev) => "f8_matvec_mma_x_ahead",
-        false => "f8_matvec_mma",
+    let sms = sm_count(dev);
+    let name = match (op.gated, normed) {
+        (true, _) => "f8_matvec_mma_gated",
+        (false, false) if tiles <= 2 * sms => "f8_matvec_mma_x_ahead",
+        (false, true) if tiles <= MATVEC_BLOCKS_PER_SM * sms => "f8_matvec_mma_x_ahead_normed",
+        (false, _) => "f8_matvec_mma",
     };
     let func = Module::Decode.func(dev, name)?;
     let mut args = RawArgs::default();
@@ -315,8 +319,12 @@ fn matvec(
         None => ops.push_norm(op, &mut args, dev),
     }
     ops.push_outputs(op, y, &mut args, dev);
+    let blocks = match op.gated {
+        true => tiles.min(MATVEC_BLOCKS_PER_SM * sms),
+        false => tiles,
+    };
     let config = LaunchConfig {
-        grid_dim: (tiles as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (32 * MATVEC_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -324,6 +332,9 @@ fn matvec(
     // before the previous kernel ends; a slot's may not.
     args.launch(dev, &func, config, op.resident_weights)
 }
+
+/// Blocks an SM of the matvec kernels but the X_PLAIN one (their launch bound, `matvec.cu`).
+const MATVEC_BLOCKS_PER_SM: usize = 3;
 
 /// Slices of the input features (split-K) for a product of `tiles` output tiles over `steps`
 /// k-steps on `sms` multiprocessors of two blocks each: the count that finishes soonest

@@ -100,23 +100,42 @@ __device__ __forceinline__ void load8v(u32* w, const u16* p) {
                  : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
 }
 
-// Sixteen bf16 x values (`w`, eight pairs in order) times X_SCALE, paired as `tile` pairs the
-// weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1]; zeros when not `has`.
-__device__ __forceinline__ void scale_xw(u32* xb, const u32* w, bool has) {
-    #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        xb[2 * j] = has ? scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410)) : 0u;
-        xb[2 * j + 1] = has ? scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632)) : 0u;
-    }
-}
-
 // `v` rounded to bf16, as a float.
 __device__ __forceinline__ float rnd(float v) { return bf16f(to_bf16(v)); }
 
-// The lane's 16 x values of row g (zero beyond the rows) times X_SCALE as eight bf16x2, paired
-// as `tile` pairs the weights: elements (4j, 4j + 2) in xb[2j], (4j + 1, 4j + 3) in xb[2j + 1].
-// RMS-normalised (times `inv`, the row's 1/rms times X_SCALE, and the norm weight `nw`) in f32
-// when `nw` is given, else x's own bf16 values, scaled exactly.
+// The lane's 16 x values (`w`, eight bf16 pairs in order) as the product's operand: eight
+// bf16x2 times X_SCALE, paired as `tile` pairs the weights (elements (4j, 4j + 2) in xb[2j],
+// (4j + 1, 4j + 3) in xb[2j + 1]); RMS-normalised in f32 (times `inv`, the row's 1/rms times
+// X_SCALE, and the norm weight's values `n`) when `normed`, else x's own values, scaled
+// exactly; zeros when not `has` (a lane past the rows).
+__device__ __forceinline__ void x_operand(u32* xb, const u32* w, const u32* n, bool has,
+                                          bool normed, float inv) {
+    if (!has) {
+        #pragma unroll
+        for (int i = 0; i < 8; i++) xb[i] = 0u;
+    } else if (normed) {
+        float v[16];
+        #pragma unroll
+        for (int i = 0; i < 8; i++) {
+            v[2 * i] = bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu);
+            v[2 * i + 1] = bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16);
+        }
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            xb[2 * j] = bf2(v[4 * j], v[4 * j + 2]);
+            xb[2 * j + 1] = bf2(v[4 * j + 1], v[4 * j + 3]);
+        }
+    } else {
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            xb[2 * j] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x5410));
+            xb[2 * j + 1] = scale_x(__byte_perm(w[2 * j], w[2 * j + 1], 0x7632));
+        }
+    }
+}
+
+// x_operand of the lane's 16 x values of row g at input k, loaded here (and the norm weight's
+// when `nw` is given).
 __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, int n_in, int k,
                                        const u16* nw, float inv) {
     if (g < rows) {
@@ -127,23 +146,12 @@ __device__ __forceinline__ void load_x(u32* xb, const u16* x, int g, int rows, i
         if (nw) {
             load8(n, nw + k);
             load8(n + 4, nw + k + 8);
-            float v[16];
-            #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                v[2 * i] = bf16f(w[i] & 0xffffu) * inv * bf16f(n[i] & 0xffffu);
-                v[2 * i + 1] = bf16f(w[i] >> 16) * inv * bf16f(n[i] >> 16);
-            }
-            #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                xb[2 * j] = bf2(v[4 * j], v[4 * j + 2]);
-                xb[2 * j + 1] = bf2(v[4 * j + 1], v[4 * j + 3]);
-            }
+            x_operand(xb, w, n, true, true, inv);
         } else {
-            scale_xw(xb, w, true);
+            x_operand(xb, w, w, true, false, inv);
         }
     } else {
-        #pragma unroll
-        for (int i = 0; i < 8; i++) xb[i] = 0u;
+        x_operand(xb, nullptr, nullptr, false, false, inv);
     }
 }
 
@@ -225,12 +233,19 @@ __device__ __forceinline__ void store(const Outputs& p, int r, int o, float v) {
     if (p.watch && (out & 0x7f80u) == 0x7f80u) atomicMin(p.watch, (unsigned)p.tag);
 }
 
+// What a round loads ahead with its weights (matvec's X_AHEAD): nothing, x's words (a product
+// without a norm), or x's and the norm weight's (with one).
+#define X_NONE 0
+#define X_PLAIN 1
+#define X_NORMED 2
+
 // y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
 // for up to MATVEC_MAX_ROWS rows of x; every segment's rows a multiple of TILE_ROWS, n_in a
 // multiple of TILE_INPUTS, weights and x 16-byte aligned. U steps of TILE_INPUTS inputs are
-// loaded before any is multiplied (the first before the norm's sums). With X_AHEAD (no norm
-// only), the U steps' x words are loaded with their weights too, so that a round waits for one
-// round trip rather than one more per step: the same sums in the same order, more registers.
+// loaded before any is multiplied (the first before the norm's sums). With X_AHEAD, the U
+// steps' x words (X_PLAIN: `nw` must be null; X_NORMED: it must not, and its words come too)
+// are loaded with their weights, so that a round waits for one round trip rather than one more
+// per step: the same sums in the same order, more registers.
 // With `nw`, x is RMS-normalised first: warp r sums the squares of row r while the first loads
 // are in flight, and each step normalises its inputs in f32 (the decode path). (Rows under an
 // adaLN modulation are normalised and modulated by `gemm_normalise` first, and come without
@@ -239,7 +254,10 @@ __device__ __forceinline__ void store(const Outputs& p, int r, int o, float v) {
 // gelu_erf. With `gate`, the product is rounded, times gate[r, o] rounded, and the residual
 // added: x + gate * f as the unfused bf16 ops.
 // When `watch` is given, an output that is NaN or infinite lowers it to `tag` (atomicMin).
-template <bool GATED, int U, bool X_AHEAD>
+// A block takes tiles blockIdx.x, + gridDim.x, ...: a grid smaller than the tiles (the gated
+// kernel's, three blocks an SM) keeps each block's norm and lets the next tile's first weights
+// load while a tile's sums meet (LM gate/up 42.2 -> 38.4 us on the H200, `docs/mvprobe`).
+template <bool GATED, int U, int X_AHEAD>
 __device__ void matvec(
         const u16* x, int rows, int n_in,
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
@@ -251,24 +269,28 @@ __device__ void matvec(
     __shared__ float red[PARTS][MATVEC_WARPS][TILE_ROWS][MATVEC_MAX_ROWS];
     __shared__ float inv_rms[MATVEC_MAX_ROWS];
     pdl_launch_next();
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    int o0 = blockIdx.x * TILE_ROWS;
-    const u8* w;
-    const u8* wu = w1;
-    int local = o0;
-    if (GATED || o0 < n0) { w = w0; }
-    else if (o0 < n0 + n1) { w = w1; local = o0 - n0; }
-    else { w = w2; local = o0 - n0 - n1; }
-    const u8* r0 = w + (long long)(local + g) * n_in + q * (TILE_INPUTS / 4);
-    const u8* r1 = r0 + (long long)(TILE_ROWS / 2) * n_in;
-    const u8* u0 = wu + (long long)(local + g) * n_in + q * (TILE_INPUTS / 4);
-    const u8* u1 = u0 + (long long)(TILE_ROWS / 2) * n_in;
-    float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
-    int steps = n_in >> log2i(TILE_INPUTS);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int tiles = (GATED ? n0 : n0 + n1 + n2) / TILE_ROWS;
+    const int steps = n_in >> log2i(TILE_INPUTS);
+    // This lane's weight rows in tile t (r0, r1; u0, u1 the up projection's when GATED).
+    const u8 *r0, *r1, *u0, *u1;
+    auto at = [&](int t) {
+        int o0 = t * TILE_ROWS, local = o0;
+        const u8* w;
+        if (GATED || o0 < n0) { w = w0; }
+        else if (o0 < n0 + n1) { w = w1; local = o0 - n0; }
+        else { w = w2; local = o0 - n0 - n1; }
+        r0 = w + (long long)(local + g) * n_in + q * (TILE_INPUTS / 4);
+        r1 = r0 + (long long)(TILE_ROWS / 2) * n_in;
+        u0 = w1 + (long long)(local + g) * n_in + q * (TILE_INPUTS / 4);
+        u1 = u0 + (long long)(TILE_ROWS / 2) * n_in;
+    };
     uint4 lo[U], hi[U], ulo[U], uhi[U];
-    // X_AHEAD: this lane's x words of each of the round's steps (row g, zero past the rows).
-    u32 xw[X_AHEAD ? U : 1][8];
+    // X_AHEAD: this lane's x words of each of the round's steps (row g; none past the rows)
+    // and the norm weight's.
+    u32 xw[X_AHEAD ? U : 1][8], nv[X_AHEAD == X_NORMED ? U : 1][8];
     const u16* xg = x + (long long)min(g, rows - 1) * n_in + q * (TILE_INPUTS / 4);
+    const u16* ng = nw + q * (TILE_INPUTS / 4);
     auto load_xw = [&](int base) {
         #pragma unroll
         for (int i = 0; i < (X_AHEAD ? U : 0); i++) {
@@ -276,6 +298,10 @@ __device__ void matvec(
             if (st < steps && g < rows) {
                 load8v(xw[i], xg + st * TILE_INPUTS);
                 load8v(xw[i] + 4, xg + st * TILE_INPUTS + 8);
+                if (X_AHEAD == X_NORMED) {
+                    load8v(nv[X_AHEAD == X_NORMED ? i : 0], ng + st * TILE_INPUTS);
+                    load8v(nv[X_AHEAD == X_NORMED ? i : 0] + 4, ng + st * TILE_INPUTS + 8);
+                }
             }
         }
     };
@@ -293,6 +319,8 @@ __device__ void matvec(
             }
         }
     };
+    int t = blockIdx.x;
+    at(t);
     load(warp);
     // Everything below reads what earlier kernels wrote.
     pdl_wait_previous();
@@ -317,57 +345,72 @@ __device__ void matvec(
         __syncthreads();
         inv = g < rows ? inv_rms[g] * X_SCALE : 0.f;
     }
-    load_xw(warp);
-    for (int base = warp; base < steps; base += MATVEC_WARPS * U) {
-        if (base != warp) {
-            load(base);
-            load_xw(base);
-        }
-        #pragma unroll
-        for (int i = 0; i < U; i++) {
-            int st = base + i * MATVEC_WARPS;
-            if (st < steps) {
-                u32 xb[8];
-                if (X_AHEAD) {
-                    scale_xw(xb, xw[X_AHEAD ? i : 0], g < rows);
-                } else {
-                    const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
-                    load_x(xb, x, g, rows, n_in, k, nw, inv);
-                }
-                tile(c, lo[i], hi[i], xb);
-                if (GATED) tile(cu, ulo[i], uhi[i], xb);
-            }
-        }
-    }
-    red[0][warp][g][2 * q] = c[0];
-    red[0][warp][g][2 * q + 1] = c[1];
-    red[0][warp][g + TILE_ROWS / 2][2 * q] = c[2];
-    red[0][warp][g + TILE_ROWS / 2][2 * q + 1] = c[3];
-    if (GATED) {
-        red[PARTS - 1][warp][g][2 * q] = cu[0];
-        red[PARTS - 1][warp][g][2 * q + 1] = cu[1];
-        red[PARTS - 1][warp][g + TILE_ROWS / 2][2 * q] = cu[2];
-        red[PARTS - 1][warp][g + TILE_ROWS / 2][2 * q + 1] = cu[3];
-    }
-    __syncthreads();
-    if (threadIdx.x >= TILE_ROWS * MATVEC_MAX_ROWS) return;
-    int f = threadIdx.x / MATVEC_MAX_ROWS, r = threadIdx.x % MATVEC_MAX_ROWS;
-    if (r >= rows) return;
-    float acc = 0.f, accu = 0.f;
-    #pragma unroll
-    for (int i = 0; i < MATVEC_WARPS; i++) {
-        acc += red[0][i][f][r];
-        if (GATED) accu += red[PARTS - 1][i][f][r];
-    }
     const Outputs p{s0, s1, s2, m0, m1, m2, n0, n1, GATED ? n0 : n0 + n1 + n2, bias, has_bias,
                     res, has_res, gelu, gate, gate_stride, y, watch, tag};
-    store(p, r, o0 + f, finish<GATED>(p, acc, accu, r, o0 + f));
+    // Tiles blockIdx.x, + gridDim.x, ...: one where the grid covers them all.
+    for (; t < tiles; t += gridDim.x) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+        load_xw(warp);
+        for (int base = warp; base < steps; base += MATVEC_WARPS * U) {
+            if (base != warp) {
+                load(base);
+                load_xw(base);
+            }
+            #pragma unroll
+            for (int i = 0; i < U; i++) {
+                int st = base + i * MATVEC_WARPS;
+                if (st < steps) {
+                    u32 xb[8];
+                    if (X_AHEAD) {
+                        x_operand(xb, xw[X_AHEAD ? i : 0], nv[X_AHEAD == X_NORMED ? i : 0], g < rows,
+                                  X_AHEAD == X_NORMED, inv);
+                    } else {
+                        const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
+                        load_x(xb, x, g, rows, n_in, k, nw, inv);
+                    }
+                    tile(c, lo[i], hi[i], xb);
+                    if (GATED) tile(cu, ulo[i], uhi[i], xb);
+                }
+            }
+        }
+        // The next tile's first round loads while this one's sums meet.
+        const bool more = t + (int)gridDim.x < tiles;
+        if (more) {
+            at(t + gridDim.x);
+            load(warp);
+        }
+        red[0][warp][g][2 * q] = c[0];
+        red[0][warp][g][2 * q + 1] = c[1];
+        red[0][warp][g + TILE_ROWS / 2][2 * q] = c[2];
+        red[0][warp][g + TILE_ROWS / 2][2 * q + 1] = c[3];
+        if (GATED) {
+            red[PARTS - 1][warp][g][2 * q] = cu[0];
+            red[PARTS - 1][warp][g][2 * q + 1] = cu[1];
+            red[PARTS - 1][warp][g + TILE_ROWS / 2][2 * q] = cu[2];
+            red[PARTS - 1][warp][g + TILE_ROWS / 2][2 * q + 1] = cu[3];
+        }
+        __syncthreads();
+        const int f = threadIdx.x / MATVEC_MAX_ROWS, r = threadIdx.x % MATVEC_MAX_ROWS;
+        if (threadIdx.x < TILE_ROWS * MATVEC_MAX_ROWS && r < rows) {
+            float acc = 0.f, accu = 0.f;
+            #pragma unroll
+            for (int i = 0; i < MATVEC_WARPS; i++) {
+                acc += red[0][i][f][r];
+                if (GATED) accu += red[PARTS - 1][i][f][r];
+            }
+            const int o = t * TILE_ROWS + f;
+            store(p, r, o, finish<GATED>(p, acc, accu, r, o));
+        }
+        // `red` is written again only after every sum of it is read.
+        if (more) __syncthreads();
+    }
 }
 
 // At most 85 registers, three blocks an SM: more (an earlier build's 120) halved the blocks and
 // slowed every product; fewer (64, four blocks) spilled and was slower too. The X_AHEAD kernel
-// is for products of at most two tiles an SM (down, o; engine::cuda::product), which never
-// have a third block an SM to lose: up to 128 registers, two blocks an SM.
+// of four steps a round is for products without a norm of at most two tiles an SM (down, o;
+// engine::cuda::product), which never have a third block an SM to lose: up to 128 registers,
+// two blocks an SM; that of two steps a round, for normed ones of at most three (q/k/v).
 #define MATVEC(NAME, GATED, U, X_AHEAD, BLOCKS) \
 extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
         const u16* x, int rows, int n_in, \
@@ -380,7 +423,8 @@ extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
                               bias, has_bias, res, has_res, nw, eps, gelu, gate, gate_stride, y, \
                               watch, tag); }
 
-MATVEC(f8_matvec_mma, false, 4, false, 3)
-MATVEC(f8_matvec_mma_gated, true, 2, false, 3)
-MATVEC(f8_matvec_mma_x_ahead, false, 4, true, 2)
+MATVEC(f8_matvec_mma, false, 4, X_NONE, 3)
+MATVEC(f8_matvec_mma_gated, true, 2, X_NONE, 3)
+MATVEC(f8_matvec_mma_x_ahead, false, 4, X_PLAIN, 2)
+MATVEC(f8_matvec_mma_x_ahead_normed, false, 2, X_NORMED, 3)
 #endif
