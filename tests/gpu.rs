@@ -454,6 +454,69 @@ fn decode_attention_matches_the_cpu() {
     assert!(worst < 2e-2, "worst absolute difference {worst}");
 }
 
+/// A decode step's store-and-attend op for two lanes, one long enough to split its positions
+/// over a cluster of blocks and one not, gives the bits of the key store and then the
+/// attention, lane by lane: the outputs and the caches.
+#[test]
+fn a_step_stores_and_attends_with_the_bits_of_the_two_ops() {
+    use vibeoffload::engine::attention;
+    use vibeoffload::engine::ops::{StepAttention, StoreKv};
+    let gpu = cuda();
+    let (heads, kv, d, max) = (28, 4, 128, 400);
+    let width = (heads + 2 * kv) * d;
+    let positions = [300usize, 5];
+    let qkv = sin_ramp(2 * width, 0.37, &gpu)
+        .reshape((2, 1, width))
+        .unwrap();
+    let table = sin_ramp(max * d, 0.05, &gpu).reshape((max, d)).unwrap();
+    let caches: Vec<Tensor> = (0..2)
+        .map(|i| {
+            sin_ramp(2 * kv * max * d, 0.11 + 0.07 * i as f64, &gpu)
+                .reshape((2, 1, kv, max, d))
+                .unwrap()
+        })
+        .collect();
+    let mut apart = Vec::new();
+    for (i, &pos) in positions.iter().enumerate() {
+        let cache = caches[i].copy().unwrap();
+        let row = qkv.narrow(0, i, 1).unwrap().contiguous().unwrap();
+        let store = StoreKv {
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+            batch: 1,
+            tokens: 1,
+            pos,
+            max_len: max,
+        };
+        cache.inplace_op3(&row, &table, &store).unwrap();
+        let part = |j: usize| cache.get(j).unwrap().narrow(2, 0, pos + 1).unwrap();
+        let out = attention::attend_qkv(&row, &part(0), &part(1), (heads, kv, d), &table, pos);
+        apart.push((bits(&out.unwrap()), bits(&cache)));
+    }
+    let lanes: Vec<(Tensor, usize)> = caches
+        .iter()
+        .zip(positions)
+        .map(|(c, p)| (c.copy().unwrap(), p))
+        .collect();
+    let op = StepAttention {
+        heads,
+        kv_heads: kv,
+        head_dim: d,
+        q_stride: width,
+        lanes: lanes.clone(),
+        table,
+    };
+    let out = qkv.apply_op1_no_bwd(&op).unwrap();
+    for (i, (attended, stored)) in apart.iter().enumerate() {
+        assert!(
+            bits(&out.get(i).unwrap()) == *attended,
+            "lane {i}'s attention"
+        );
+        assert!(bits(&lanes[i].0) == *stored, "lane {i}'s cache");
+    }
+}
+
 #[test]
 fn a_batch_decodes_each_sequence_as_if_alone_on_the_gpu() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,8 +4,8 @@
 //! trips through memory).
 
 use super::dequant::{cpu_activations, cpu_storage};
-use super::ops::{DecodeAttention, ATTENTION_WARPS};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use super::ops::{DecodeAttention, StepAttention, ATTENTION_WARPS};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The rotary pair `(i, i + d/2)` of `x` at a table row `cs` (cosines, then sines).
@@ -287,6 +287,34 @@ impl CustomOp3 for DecodeAttention {
         let (vo, vb, vh, vt) = strides(lv)?;
         super::cuda::decode_attention(self, (q, lq), (k, (ko, kb, kh, kt)), (v, (vo, vb, vh, vt)))
     }
+}
+
+impl CustomOp1 for StepAttention {
+    fn name(&self) -> &'static str {
+        "vibeoffload-step-attention"
+    }
+
+    /// The GPU's op only: on the CPU the engine stores and attends apart
+    /// (`model::attend_lanes`).
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("step attention runs on the GPU only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::step_attention(self, (qkv, layout))
+    }
+}
+
+/// Whether [`StepAttention`] takes a step over `len` positions (the new one included): as
+/// [`applies`], with room for the new key in shared memory too.
+pub fn step_applies(len: usize, head_dim: usize) -> bool {
+    let shared = (len + (ATTENTION_WARPS + 1) * head_dim).next_multiple_of(2) * 4 + 2 * head_dim;
+    applies(1, len, head_dim) && shared <= 48 << 10
 }
 
 /// Whether [`attend`] takes this shape: `tokens` = one new token, a head width of at most 256 in steps of

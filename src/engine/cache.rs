@@ -194,6 +194,20 @@ impl KvCache {
         Ok((part(0)?, part(1)?))
     }
 
+    /// The buffer (one sequence, `[2, 1, kv_heads, max_len, d]`, allocated like `like` if
+    /// there is none) for a decode step whose new token is at `pos`, which it must hold: the
+    /// store and the attention then run as one op ([`super::ops::StepAttention`]).
+    pub fn step_buffer(&mut self, like: &Tensor, pos: usize) -> Result<Tensor> {
+        if pos >= self.max_len {
+            candle_core::bail!(
+                "the KV cache holds {} positions, not {}",
+                self.max_len,
+                pos + 1
+            );
+        }
+        self.buffer_for(1, like)
+    }
+
     /// The buffer for `b` sequences, allocated at full length in `like`'s dtype and on its
     /// device when there is none of that shape yet.
     fn buffer_for(&mut self, b: usize, like: &Tensor) -> Result<Tensor> {

@@ -6,7 +6,7 @@ use super::attention;
 use super::cache::KvCache;
 use super::dequant::{dequantize, RawTensor};
 use super::matvec;
-use super::ops;
+use super::ops::{self, StepAttention};
 use super::watch::{Tag, Watch};
 use super::weights::{LayerWeights, Linear};
 use crate::arch::config::ModelConfig;
@@ -232,7 +232,10 @@ pub fn decoder_layer(
     // anywhere, any number (prefill) on the GPU.
     if fusable(w, x)? {
         let qkv = fused_qkv(w, x, eps)?;
-        let attn = attend(config, &qkv, rope, cache, offset, mask)?;
+        let attn = match qkv.dims3()? {
+            (1, 1, _) => attend_lanes(config, &qkv, rope, &mut [cache], &[offset])?,
+            _ => attend(config, &qkv, rope, cache, offset, mask)?,
+        };
         return fused_rest(w, x, &attn, eps, (at.watch, tag));
     }
     let normed = candle_nn::ops::rms_norm(x, &w.input_norm, eps)?;
@@ -374,6 +377,48 @@ pub fn decoder_layer_lanes(
     }
     let eps = config.rms_norm_eps as f32;
     let qkv = fused_qkv(w, x, eps)?;
+    let attn = attend_lanes(config, &qkv, rope, caches, offsets)?;
+    fused_rest(w, x, &attn, eps, (watch, Tag::Layer(layer)))
+}
+
+/// One decode step's attention for lanes whose fused q/k/v rows are `qkv` (`[lanes, 1,
+/// q_k_v]`; row i after `offsets[i]` positions in `caches[i]`): `[lanes, 1, heads * head_dim]`.
+/// On the GPU one op stores each lane's key and value and attends ([`StepAttention`]: a launch
+/// a lane, the outputs in one buffer), with the bits of [`attend`] lane by lane, which it does
+/// elsewhere.
+fn attend_lanes(
+    config: &ModelConfig,
+    qkv: &Tensor,
+    rope: &Rope,
+    caches: &mut [&mut KvCache],
+    offsets: &[usize],
+) -> Result<Tensor> {
+    let (heads, kv_heads, hd) = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
+    let on_gpu = qkv.device().is_cuda() && qkv.dtype() == DType::BF16;
+    if on_gpu && offsets.iter().all(|&o| attention::step_applies(o + 1, hd)) {
+        let lanes = caches
+            .iter_mut()
+            .zip(offsets)
+            .map(|(cache, &pos)| Ok((cache.step_buffer(qkv, pos)?, pos)))
+            .collect::<Result<Vec<_>>>()?;
+        let n = lanes.len();
+        let op = StepAttention {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            q_stride: (heads + 2 * kv_heads) * hd,
+            lanes,
+            table: rope.table.clone(),
+        };
+        return Ok(qkv
+            .contiguous()?
+            .apply_op1_no_bwd(&op)?
+            .reshape((n, 1, heads * hd))?);
+    }
     let attn = caches
         .iter_mut()
         .zip(offsets)
@@ -382,13 +427,7 @@ pub fn decoder_layer_lanes(
             attend(config, &qkv.narrow(0, i, 1)?, rope, cache, offset, None)
         })
         .collect::<Result<Vec<_>>>()?;
-    fused_rest(
-        w,
-        x,
-        &Tensor::cat(&attn, 0)?,
-        eps,
-        (watch, Tag::Layer(layer)),
-    )
+    Ok(Tensor::cat(&attn, 0)?)
 }
 
 /// `[b, kv_heads, T, d]` -> `[b, kv_heads * n_rep, T, d]`, each kv head repeated for its

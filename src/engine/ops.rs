@@ -176,6 +176,28 @@ pub struct DecodeAttention {
 /// Warps per (head, sequence) in the GPU kernel.
 pub const ATTENTION_WARPS: usize = 16;
 
+/// One decode step's attention for several sequences (lanes) on the GPU, applied to their
+/// fused q/k/v rows `[lanes, 1, q_stride]`: each lane's new key (rotated) and value stored in
+/// its cache at its position, and its query attended over the cache, in one launch a lane
+/// (not a store, an attention and a copy to join the lanes' outputs); gives `[lanes, heads, 1,
+/// head_dim]` with the bits of [`StoreKv`] then [`DecodeAttention`].
+#[derive(Clone, Debug)]
+pub struct StepAttention {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Elements of one q/k/v row.
+    pub q_stride: usize,
+    /// Each lane's cache buffer `[2, 1, kv_heads, max_len, head_dim]` and its new token's
+    /// position.
+    pub lanes: Vec<(Tensor, usize)>,
+    /// The rotary table `[max_len, head_dim]` (cosines, then sines).
+    pub table: Tensor,
+}
+
 /// Stores `t` new positions' keys (rotated) and values from a q/k/v row `[b, t, (heads + 2 x
 /// kv_heads) x head_dim]` into the cache buffer at `pos`; the second operand is the rotary
 /// table `[max_len, head_dim]` (cosines, then sines).

@@ -15,7 +15,7 @@ mod speech;
 mod timing;
 
 pub use handoff::Handoff;
-pub use ops::{decode_attention, dequantize, store_kv, watch};
+pub use ops::{decode_attention, dequantize, step_attention, store_kv, watch};
 pub use product::fused_matvec;
 pub use slots::{CudaSlots, PinnedBytes};
 pub use speech::{channel_bias, channel_norm, channel_residual, depthwise_mixer, dpm_step};

@@ -5,12 +5,12 @@
 use super::launch::RawArgs;
 use super::{cuda_view, optional_view, Module};
 use crate::dtype::DType as StoredDType;
-use crate::engine::ops::{DecodeAttention, Dequantize, StoreKv, ATTENTION_WARPS};
+use crate::engine::ops::{DecodeAttention, Dequantize, StepAttention, StoreKv, ATTENTION_WARPS};
 use crate::plan::memory::PREFILL_HEAD_DIM;
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{sys, LaunchConfig};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaView, LaunchConfig};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Shape, Tensor};
 
 /// The CUDA side of [`Dequantize`].
@@ -158,67 +158,161 @@ pub fn decode_attention(
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("decode attention: q must be contiguous".into()))?;
     let batch = lq.dims()[0];
-    let qs = q.as_cuda_slice::<half::bf16>()?.slice(qa..qb);
-    let ks = k.as_cuda_slice::<half::bf16>()?.slice(ko..);
-    let vs = v.as_cuda_slice::<half::bf16>()?.slice(vo..);
-    let table = op.rope.as_ref().map(|(t, _)| t.storage_and_layout());
-    let table_view = optional_view::<half::bf16>(&table)?;
-    let func = Module::Decode.func(&dev, "decode_attention_bf16")?;
-    let n = batch * op.heads * op.head_dim;
-    // SAFETY: each block writes its head's `head_dim` outputs.
-    let out = unsafe { dev.alloc::<half::bf16>(n)? };
-    let (heads, group, len, d) = (
-        op.heads as i32,
-        (op.heads / op.kv_heads) as i32,
-        op.len as i32,
-        op.head_dim as i32,
-    );
-    let scale = 1.0f32 / (op.head_dim as f32).sqrt();
-    let strides = [kb, kh, kt, vb, vh, vt].map(|s| s as i64);
-    let (rope, pos) = (
-        i32::from(op.rope.is_some()),
-        op.rope.as_ref().map_or(0, |(_, p)| *p as i32),
-    );
     let aligned = [ko, kb, kh, kt, vo, vb, vh, vt, op.head_dim]
         .iter()
         .all(|s| s.is_multiple_of(4));
     if !aligned {
         candle_core::bail!("decode attention: K/V rows must start on 8 bytes");
     }
-    let stream = dev.cuda_stream();
-    let mut args = RawArgs::default();
-    args.ptr(&qs, &stream).u64(op.q_stride as u64).i32(rope);
-    // Without rotation the table is never read; q stands in for its pointer.
-    args.ptr_or(table_view.as_ref(), &qs, &stream)
-        .i32(pos)
-        .ptr(&ks, &stream)
-        .ptr(&vs, &stream)
-        .ptr(&out, &stream);
-    args.i32(heads).i32(group).i32(len).i32(d).f32(scale);
-    for s in strides {
-        args.u64(s as u64);
-    }
-    let warps = ATTENTION_WARPS;
-    // Shares of the positions (one cluster of blocks per head, sm_90): about
-    // ATTENTION_SHARE each, a power of two up to the portable cluster size.
-    let split = match super::has_pdl(&dev) {
-        true => op.len.div_ceil(ATTENTION_SHARE).next_power_of_two().min(8),
-        false => 1,
+    let table = op.rope.as_ref().map(|(t, _)| t.storage_and_layout());
+    let table_view = optional_view::<half::bf16>(&table)?;
+    // SAFETY: each block writes its head's `head_dim` outputs.
+    let out = unsafe { dev.alloc::<half::bf16>(batch * op.heads * op.head_dim)? };
+    let launch = DecodeLaunch {
+        q: q.as_cuda_slice::<half::bf16>()?.slice(qa..qb),
+        q_stride: op.q_stride,
+        rope: table_view.map(|t| (t, op.rope.as_ref().map_or(0, |(_, p)| *p))),
+        k: k.as_cuda_slice::<half::bf16>()?.slice(ko..),
+        v: v.as_cuda_slice::<half::bf16>()?.slice(vo..),
+        strides: [kb, kh, kt, vb, vh, vt],
+        out: out.slice(..),
+        dims: (batch, op.heads, op.kv_heads, op.head_dim),
+        len: op.len,
+        store: false,
     };
-    let chunk = op.len.div_ceil(split);
-    let config = LaunchConfig {
-        grid_dim: (op.heads as u32, split as u32, batch as u32),
-        block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: ((chunk + (warps + 1 + usize::from(split > 1)) * op.head_dim) * 4) as u32,
-    };
-    // The arguments match the kernel's signature (attention.cu); shared memory holds a share's
-    // scores, each warp's partial output, the query and, split, the share's output (at most 48
-    // KiB: engine::attention::applies checks the unsplit size, and a split one is smaller). The
-    // kernel reads nothing before the previous kernel ends.
-    args.launch_clustered(&dev, &func, config, true, split as u32)?;
+    launch_decode(&dev, &launch)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((batch, op.heads, 1, op.head_dim)),
+    ))
+}
+
+/// One launch of `decode_attention_bf16` (`attention.cu`): one new token a sequence.
+struct DecodeLaunch<'a> {
+    /// Query rows (the fused q/k/v projection's when `store`), `q_stride` elements apart.
+    q: CudaView<'a, half::bf16>,
+    q_stride: usize,
+    /// The rotary table and the token's position.
+    rope: Option<(CudaView<'a, half::bf16>, usize)>,
+    k: CudaView<'a, half::bf16>,
+    v: CudaView<'a, half::bf16>,
+    /// K's, then V's (batch, head, position) strides.
+    strides: [usize; 6],
+    out: CudaView<'a, half::bf16>,
+    /// Sequences, query heads, key/value heads, head width.
+    dims: (usize, usize, usize, usize),
+    /// Positions attended over (the new one included).
+    len: usize,
+    /// The new token's key (rotated) and value taken from `q`'s row and written to the cache
+    /// at its position, in the same launch.
+    store: bool,
+}
+
+fn launch_decode(dev: &CudaDevice, l: &DecodeLaunch<'_>) -> candle_core::Result<()> {
+    let (batch, heads, kv_heads, d) = l.dims;
+    let func = Module::Decode.func(dev, "decode_attention_bf16")?;
+    let scale = 1.0f32 / (d as f32).sqrt();
+    let stream = dev.cuda_stream();
+    let mut args = RawArgs::default();
+    args.ptr(&l.q, &stream)
+        .u64(l.q_stride as u64)
+        .i32(i32::from(l.rope.is_some()));
+    // Without rotation the table is never read; q stands in for its pointer.
+    args.ptr_or(l.rope.as_ref().map(|(t, _)| t), &l.q, &stream)
+        .i32(l.rope.as_ref().map_or(0, |(_, p)| *p as i32))
+        .ptr(&l.k, &stream)
+        .ptr(&l.v, &stream)
+        .ptr(&l.out, &stream);
+    args.i32(heads as i32)
+        .i32((heads / kv_heads) as i32)
+        .i32(l.len as i32)
+        .i32(d as i32)
+        .f32(scale);
+    for s in l.strides {
+        args.u64(s as u64);
+    }
+    args.i32(i32::from(l.store));
+    let warps = ATTENTION_WARPS;
+    // Shares of the positions (one cluster of blocks per head, sm_90): about
+    // ATTENTION_SHARE each, a power of two up to the portable cluster size.
+    let split = match super::has_pdl(dev) {
+        true => l.len.div_ceil(ATTENTION_SHARE).next_power_of_two().min(8),
+        false => 1,
+    };
+    let config = LaunchConfig {
+        grid_dim: (heads as u32, split as u32, batch as u32),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: decode_shared_bytes(l.len, split, d, l.store) as u32,
+    };
+    // The arguments match the kernel's signature (attention.cu); shared memory at most 48 KiB
+    // (engine::attention::applies checks the unsplit size, and a split one is smaller). The
+    // kernel reads nothing before the previous kernel ends.
+    args.launch_clustered(dev, &func, config, true, split as u32)
+}
+
+/// Shared memory of a decode attention block (`attention.cu`): a share's scores, each warp's
+/// partial output, the query and, split, the share's output, in floats (rounded up to two);
+/// storing, the new key (bf16).
+pub fn decode_shared_bytes(len: usize, split: usize, head_dim: usize, store: bool) -> usize {
+    let floats = len.div_ceil(split) + (ATTENTION_WARPS + 1 + usize::from(split > 1)) * head_dim;
+    floats.next_multiple_of(2) * 4 + usize::from(store) * head_dim * 2
+}
+
+/// The CUDA side of [`StepAttention`]: for each lane, its new key and value stored and its
+/// query attended, one launch a lane, the outputs `[lanes, heads, 1, d]` in one buffer (no
+/// copies to join them).
+pub fn step_attention(
+    op: &StepAttention,
+    (qkv, lq): (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = qkv.device().clone();
+    let (qa, qb) = lq.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("step attention: q/k/v must be contiguous".into())
+    })?;
+    let lanes = op.lanes.len();
+    let (heads, kv_heads, d) = (op.heads, op.kv_heads, op.head_dim);
+    if lq.dims() != [lanes, 1, op.q_stride] {
+        candle_core::bail!("step attention: q/k/v {:?} for {lanes} lanes", lq.dims());
+    }
+    let qs = qkv.as_cuda_slice::<half::bf16>()?.slice(qa..qb);
+    let (table, lt) = op.table.storage_and_layout();
+    let table_view = cuda_view::<half::bf16>(&table, lt)?;
+    // SAFETY: each lane's launch writes every output of its `heads * d`.
+    let out = unsafe { dev.alloc::<half::bf16>(lanes * heads * d)? };
+    for (i, (cache, pos)) in op.lanes.iter().enumerate() {
+        let (storage, layout) = cache.storage_and_layout();
+        let candle_core::Storage::Cuda(storage) = &*storage else {
+            candle_core::bail!("step attention: a KV cache is not on the GPU");
+        };
+        let max_len = layout.dims()[3];
+        if layout.dims() != [2, 1, kv_heads, max_len, d] || *pos >= max_len {
+            candle_core::bail!("step attention: cache {:?} at {pos}", layout.dims());
+        }
+        let start = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("step attention: a cache is strided".into()))?
+            .0;
+        let buffer = storage.as_cuda_slice::<half::bf16>()?;
+        let values = kv_heads * max_len * d;
+        // The kernel writes the new position's key and value through these views: the cache
+        // is the engine's own buffer, and nothing reads it but the kernels queued after.
+        let launch = DecodeLaunch {
+            q: qs.slice(i * op.q_stride..),
+            q_stride: op.q_stride,
+            rope: Some((table_view.slice(..), *pos)),
+            k: buffer.slice(start..),
+            v: buffer.slice(start + values..),
+            strides: [values, max_len * d, d, values, max_len * d, d],
+            out: out.slice(i * heads * d..),
+            dims: (1, heads, kv_heads, d),
+            len: pos + 1,
+            store: true,
+        };
+        launch_decode(&dev, &launch)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((lanes, heads, 1, d)),
     ))
 }
 

@@ -288,7 +288,7 @@ fn normalise(
 /// bits): without a norm, in at most two tiles a multiprocessor (down, o, the head's down), four
 /// steps a round at two blocks an SM (down 32.6 -> 22 us, o 8.5 -> 6.3 on the H200); with one,
 /// in at most three (q/k/v), two steps at three blocks (11.7 -> 10.7 us; `docs/mvprobe`). A
-/// gated product runs as many blocks as fit at once (three an SM), each looping over its tiles.
+/// gated product of many tiles runs as many blocks as fit at once, each looping over its tiles.
 fn matvec(
     op: &FusedMatVec,
     ops: &Operands<'_>,
@@ -319,8 +319,12 @@ fn matvec(
         None => ops.push_norm(op, &mut args, dev),
     }
     ops.push_outputs(op, y, &mut args, dev);
-    let blocks = match op.gated {
-        true => tiles.min(MATVEC_BLOCKS_PER_SM * sms),
+    // Gated, the blocks that fit at once loop over the tiles where each gets two or more
+    // (LM gate/up: 1184 tiles, 38.4 against 42.2 us); with fewer, a block a tile (the head's
+    // gate/up: 672 tiles, 22.7 against 23.0 us; docs/mvprobe on the H200).
+    let slots = MATVEC_BLOCKS_PER_SM * sms;
+    let blocks = match op.gated && tiles >= 2 * slots {
+        true => slots,
         false => tiles,
     };
     let config = LaunchConfig {

@@ -43,14 +43,16 @@ __device__ __forceinline__ float dot4(const float* a, uint2 b) {
          + a[2] * __int_as_float((int)(b.y << 16)) + a[3] * __int_as_float((int)(b.y & 0xffff0000u));
 }
 
-// This lane's 8 elements of 4 cached rows, positions j0 + u * ATT_WARPS (zeros past `len`):
-// the loads of one step of the K loop and of the V loop.
+// This lane's 8 elements of 4 cached rows, positions j0 + u * ATT_WARPS (zeros past `len`;
+// position `fresh` from `fresh_row`, not the cache): the loads of one step of the K loop and of
+// the V loop.
 __device__ __forceinline__ void load_rows(uint2 (*r)[2], const u16* base, long long stride, int j0,
-                                          int len, int lane, int d) {
+                                          int len, int lane, int d, int fresh,
+                                          const u16* fresh_row) {
     #pragma unroll
     for (int u = 0; u < 4; u++) {
         int j = j0 + u * ATT_WARPS;
-        const u16* row = base + (long long)j * stride;
+        const u16* row = j == fresh ? fresh_row : base + (long long)j * stride;
         r[u][0] = load4(row, lane * 4, d, j < len);
         r[u][1] = load4(row, 128 + lane * 4, d, j < len);
     }
@@ -61,11 +63,16 @@ __device__ __forceinline__ void load_rows(uint2 (*r)[2], const u16* base, long l
 // `split` blocks of a head form one cluster (sm_90), each taking one share of the positions
 // with its own maximum, sum of exponentials and weighted values; the first block combines them
 // in rank order, rescaled to the common maximum.
+// With `store` (a decode step: `rope` set, len = pos + 1), the row is the fused q/k/v
+// projection's, and the new token's key (rotated as store_kv rotates it) and value are taken
+// from it, not the cache, and written to the cache at `pos` by the first block of its kv group:
+// the store and the attention in one launch, with the bits of store_kv then attention.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf16(
         const u16* q, long long q_stride, int rope, const u16* table, int pos,
-        const u16* k, const u16* v, u16* out,
+        u16* k, u16* v, u16* out,
         int heads, int group, int len, int d, float scale,
-        long long kb, long long kh, long long kt, long long vb, long long vh, long long vt) {
+        long long kb, long long kh, long long kt, long long vb, long long vh, long long vt,
+        int store) {
     pdl_launch_next();
     pdl_wait_previous();
     extern __shared__ float sh[];
@@ -76,10 +83,25 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
     float* red = sh + chunk;
     float* qs = red + ATT_WARPS * d;
     float* part = qs + d;  // this share's weighted values, unnormalised
+    // store: the new key as the cache holds it, on 8 bytes (load_rows reads 4 elements at once).
+    u16* kn = (u16*)(sh + ((chunk + (ATT_WARPS + 1 + (split > 1 ? 1 : 0)) * d + 1) & ~1));
     int h = blockIdx.x, bi = blockIdx.z, kvh = h / group;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u16* qh = q + bi * q_stride + (long long)h * d;
     int half = d / 2;
+    const u16* vn = nullptr;
+    const int fresh = store ? pos : -1;
+    if (store) {
+        const u16* kr = q + bi * q_stride + (long long)(heads + kvh) * d;
+        vn = q + bi * q_stride + (long long)(heads + heads / group + kvh) * d;
+        const u16* cs = table + (long long)pos * d;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float c = bf16f(cs[i]), s = bf16f(cs[half + i]);
+            float x1 = bf16f(kr[i]), x2 = bf16f(kr[i + half]);
+            kn[i] = to_bf16(x1 * c - x2 * s);
+            kn[i + half] = to_bf16(x2 * c + x1 * s);
+        }
+    }
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float x1 = bf16f(qh[i]), x2 = bf16f(qh[i + half]);
         if (rope) {
@@ -93,6 +115,14 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
         }
     }
     __syncthreads();
+    if (store && h % group == 0 && blockIdx.y == 0) {
+        u16* kc = k + bi * kb + kvh * kh + (long long)pos * kt;
+        u16* vc = v + bi * vb + kvh * vh + (long long)pos * vt;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            kc[i] = kn[i];
+            vc[i] = vn[i];
+        }
+    }
     float qv[8];
     #pragma unroll
     for (int e = 0; e < 8; e++) {
@@ -102,7 +132,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
     const u16* kbase = k + bi * kb + kvh * kh;
     for (int j0 = j_begin + warp; j0 < j_end; j0 += ATT_WARPS * 4) {
         uint2 r[4][2];
-        load_rows(r, kbase, kt, j0, j_end, lane, d);
+        load_rows(r, kbase, kt, j0, j_end, lane, d, fresh, kn);
         #pragma unroll
         for (int u = 0; u < 4; u++) {
             float s = dot4(qv, r[u][0]) + dot4(qv + 4, r[u][1]);
@@ -127,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_bf
     const u16* vbase = v + bi * vb + kvh * vh;
     for (int j0 = j_begin + warp; j0 < j_end; j0 += ATT_WARPS * 4) {
         uint2 r[4][2];
-        load_rows(r, vbase, vt, j0, j_end, lane, d);
+        load_rows(r, vbase, vt, j0, j_end, lane, d, fresh, vn);
         #pragma unroll
         for (int u = 0; u < 4; u++) {
             int j = j0 + u * ATT_WARPS;
