@@ -1,6 +1,5 @@
 // Probe: the float8 matvec kernels of matvec.cu (one block a tile, X_AHEAD, the gated kernel at
-// three blocks an SM looping over tiles) and the persistent bulk-copy ring of smv.cu (tried, slower)
-// on the 7B's decode shapes, each launch timed over weights far larger than L2, and a 28-layer chain
+// three blocks an SM looping over tiles) on the 7B's decode shapes, each launch timed over weights far larger than L2, and a 28-layer chain
 // of q/k/v, o, gate/up and down with programmatic dependent launch as the engine runs it.
 // Build: build.sh here; carry dist/probe and run dist/probe/probe on the GPU. Exits 1 on a mismatch.
 #include <cstdio>
@@ -12,10 +11,6 @@
 #include <cuda_runtime.h>
 #include "../../src/engine/cuda/kernels/common.cuh"
 #include "matvec_host.cu"  // matvec.cu with its arch guard open to the host pass (run.sh)
-#include "smv.cu"
-
-SMV(smv_g3_1k, true, 3, 1024)
-SMV(smv_n6_1k, false, 6, 1024)
 
 #define CK(e) do { cudaError_t err_ = (e); if (err_ != cudaSuccess) { \
     fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #e, cudaGetErrorString(err_)); exit(1); } } while (0)
@@ -45,12 +40,8 @@ static float hbf(u16 b) { unsigned u = (unsigned)b << 16; float f; memcpy(&f, &u
 static int sms;
 static float* scale1;
 static u16* normw;
-static float* part;
-static unsigned* count;
 
-struct Buf { u8* w; };
-
-// One launch of a kernel of matvec's signature (plus smv's four), PDL allowed.
+// One launch of a kernel of matvec's signature, PDL allowed.
 static void launch(const void* fn, dim3 grid, dim3 block, size_t smem, void** args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid; cfg.blockDim = block; cfg.dynamicSmemBytes = smem; cfg.stream = 0;
@@ -61,16 +52,13 @@ static void launch(const void* fn, dim3 grid, dim3 block, size_t smem, void** ar
     CK(cudaLaunchKernelExC(&cfg, fn, args));
 }
 
-// norm: 0 takes either, 1 only shapes with a norm, -1 only shapes without.
-struct Kern { const char* name; const void* fn; bool smv; bool gated; int stages, sb; int norm = 0; int gs = 0; };
-
-static size_t ring_bytes(const Kern& k) {
-    return (size_t)k.stages * (k.gated ? 32 : 16) * (k.sb + 64);
-}
+// norm: 0 takes either, 1 only shapes with a norm, -1 only shapes without; loop: blocks an SM
+// that loop over the tiles (0: a block a tile).
+struct Kern { const char* name; const void* fn; bool gated; int norm; int loop; };
 
 // Launch kernel k for shape s on weights w, input x, output y, residual res.
 static void run(const Kern& k, const Shape& s, const u8* w, const u16* x, u16* y, const u16* res,
-                int rows, int tu) {
+                int rows) {
     const u8* w0 = w;
     const u8* w1 = w + (long long)s.n0 * s.n_in;
     const u8* w2 = w1 + (long long)s.n1 * s.n_in;
@@ -83,28 +71,11 @@ static void run(const Kern& k, const Shape& s, const u8* w, const u16* x, u16* y
     float eps = 1e-6f; int gelu = 0; const u16* gate = nullptr; long long gate_stride = 0;
     unsigned* watch = nullptr; int tag = 0;
     int tiles = (s.gated ? s.n0 : s.n0 + s.n1 + s.n2) / 16;
-    int steps = s.n_in / 64;
-    int chunks = 1, chunk_steps = steps;
-    if (k.smv) {
-        chunks = (tu * sms + tiles - 1) / tiles;
-        if (chunks < 1) chunks = 1;
-        if (chunks > steps / 8) chunks = steps / 8 > 0 ? steps / 8 : 1;
-        chunk_steps = (steps + chunks - 1) / chunks;
-        chunks = (steps + chunk_steps - 1) / chunk_steps;
-    }
     void* args[] = {&x, &rows, &n_in, &w0, &w1, &w2, &n0, &n1, &n2, &s0, &s1, &s2, &m0, &m1, &m2,
                     &bias, &has_bias, &res, &has_res, &nw, &eps, &gelu, &gate, &gate_stride, &y,
-                    &watch, &tag, &chunks, &chunk_steps, &part, &count};
-    if (k.smv) {
-        long long units = (long long)tiles * chunks;
-        int grid = sms;
-        if (units < grid) grid = (int)units;
-        launch(k.fn, dim3(grid), dim3(288), ring_bytes(k), args);
-    } else if (k.gs) {
-        launch(k.fn, dim3(tiles < k.gs * sms ? tiles : k.gs * sms), dim3(256), 0, args);
-    } else {
-        launch(k.fn, dim3(tiles), dim3(256), 0, args);
-    }
+                    &watch, &tag};
+    int blocks = k.loop && tiles > k.loop * sms ? k.loop * sms : tiles;
+    launch(k.fn, dim3(blocks), dim3(256), 0, args);
 }
 
 int main(int argc, char** argv) {
@@ -116,17 +87,13 @@ int main(int argc, char** argv) {
     printf("device %s, %d SMs, L2 %d MB\n", prop.name, sms, prop.l2CacheSize >> 20);
 
     Kern kerns[] = {
-        {"matvec", (const void*)f8_matvec_mma, false, false, 0, 0},
-        {"matvec_gated", (const void*)f8_matvec_mma_gated, false, true, 0, 0},
-        {"smv_n6_1k", (const void*)smv_n6_1k, true, false, 6, 1024},
-        {"smv_g3_1k", (const void*)smv_g3_1k, true, true, 3, 1024},
-        {"x_ahead", (const void*)f8_matvec_mma_x_ahead, false, false, 0, 0, -1},
-        {"x_ahead_normed", (const void*)f8_matvec_mma_x_ahead_normed, false, false, 0, 0, 1},
-        {"gated_3_an_sm", (const void*)f8_matvec_mma_gated, false, true, 0, 0, 0, 3},
+        {"matvec", (const void*)f8_matvec_mma, false, 0, 0},
+        {"matvec_gated", (const void*)f8_matvec_mma_gated, true, 0, 0},
+        {"x_ahead", (const void*)f8_matvec_mma_x_ahead, false, -1, 0},
+        {"x_ahead_normed", (const void*)f8_matvec_mma_x_ahead_normed, false, 1, 0},
+        {"gated_3_an_sm", (const void*)f8_matvec_mma_gated, true, 0, 3},
     };
     const int NK = sizeof(kerns) / sizeof(kerns[0]);
-    for (auto& k : kerns)
-        if (k.smv) CK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)ring_bytes(k)));
 
     Shape shapes[] = {
         {"qkv", 3584, 512, 512, 3584, false, true, false},
@@ -141,9 +108,6 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(scale1, &one, 4, cudaMemcpyHostToDevice));
     CK(cudaMalloc(&normw, 19000 * 2));
     fill_x<<<64, 256>>>(normw, 19000, 77);
-    CK(cudaMalloc(&part, 8 << 20));
-    CK(cudaMalloc(&count, 64 << 10));
-    CK(cudaMemset(count, 0, 64 << 10));
     u16 *x, *y, *y2, *res;
     CK(cudaMalloc(&x, 8 * 19000 * 2));
     CK(cudaMalloc(&y, 8 * 40000 * 2));
@@ -180,14 +144,13 @@ int main(int argc, char** argv) {
         for (int i = 0; i < NK; i++) if (std::string(argv[3]) == kerns[i].name) ki = i;
         if (si < 0 || ki < 0) { fprintf(stderr, "unknown shape or kernel\n"); return 2; }
         std::vector<u8*>& ws = si < 4 ? lw[si] : hw[si - 4];
-        for (int i = 0; i < 20; i++) run(kerns[ki], shapes[si], ws[i % ws.size()], x, y, res, rows, 8);
+        for (int i = 0; i < 20; i++) run(kerns[ki], shapes[si], ws[i % ws.size()], x, y, res, rows);
         CK(cudaDeviceSynchronize());
         return 0;
     }
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
     int bad = 0;
-    int tus[] = {8};
     for (int rows = 1; rows <= 2; rows++) {
         printf("\n== rows %d: one product at a time (us a launch, GB/s), weights cycled over %d copies\n", rows, L);
         for (int si = 0; si < 6; si++) {
@@ -196,51 +159,48 @@ int main(int argc, char** argv) {
             size_t bytes = (size_t)(s.n0 + s.n1 + s.n2) * s.n_in;
             int n_out = s.gated ? s.n0 : s.n0 + s.n1 + s.n2;
             // Reference output.
-            run(s.gated ? kerns[1] : kerns[0], s, ws[0], x, y, res, rows, 0);
+            run(s.gated ? kerns[1] : kerns[0], s, ws[0], x, y, res, rows);
             CK(cudaDeviceSynchronize());
             std::vector<u16> ref(rows * n_out), got(rows * n_out);
             CK(cudaMemcpy(ref.data(), y, rows * n_out * 2, cudaMemcpyDeviceToHost));
             for (auto& k : kerns) {
                 if (k.gated != s.gated) continue;
                 if ((k.norm == 1 && !s.norm) || (k.norm == -1 && s.norm)) continue;
-                for (int tu : tus) {
-                    if (!k.smv && tu != tus[0]) continue;
-                    CK(cudaMemset(y2, 0xff, rows * n_out * 2));
-                    run(k, s, ws[0], x, y2, res, rows, tu);
-                    CK(cudaDeviceSynchronize());
-                    CK(cudaMemcpy(got.data(), y2, rows * n_out * 2, cudaMemcpyDeviceToHost));
-                    double maxd = 0, maxr = 0; int same = 0;
-                    for (size_t i = 0; i < got.size(); i++) {
-                        float a = hbf(ref[i]), b = hbf(got[i]);
-                        if (ref[i] == got[i]) same++;
-                        double d = fabs(a - b); if (!(d <= 1e30)) d = 1e30;
-                        if (d > maxd) maxd = d;
-                        if (fabs(a) > maxr) maxr = fabs(a);
-                    }
-                    bool ok = maxd <= 0.02 * maxr;
-                    if (!ok) bad++;
-                    for (int i = 0; i < 3; i++) run(k, s, ws[i % ws.size()], x, y2, res, rows, tu);
-                    const int reps = 112;
-                    CK(cudaEventRecord(e0));
-                    for (int i = 0; i < reps; i++) run(k, s, ws[i % ws.size()], x, y2, res, rows, tu);
-                    CK(cudaEventRecord(e1));
-                    CK(cudaEventSynchronize(e1));
-                    float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
-                    double us = ms * 1000 / reps;
-                    printf("%-10s %-13s tu %2d  %8.2f us  %7.0f GB/s  same %5.1f%%  maxdiff %.3g of %.3g %s\n",
-                           s.name, k.name, k.smv ? tu : 0, us, bytes / us / 1e3,
-                           100.0 * same / got.size(), maxd, maxr, ok ? "" : "MISMATCH");
+                CK(cudaMemset(y2, 0xff, rows * n_out * 2));
+                run(k, s, ws[0], x, y2, res, rows);
+                CK(cudaDeviceSynchronize());
+                CK(cudaMemcpy(got.data(), y2, rows * n_out * 2, cudaMemcpyDeviceToHost));
+                double maxd = 0, maxr = 0; int same = 0;
+                for (size_t i = 0; i < got.size(); i++) {
+                    float a = hbf(ref[i]), b = hbf(got[i]);
+                    if (ref[i] == got[i]) same++;
+                    double d = fabs(a - b); if (!(d <= 1e30)) d = 1e30;
+                    if (d > maxd) maxd = d;
+                    if (fabs(a) > maxr) maxr = fabs(a);
                 }
+                bool ok = maxd <= 0.02 * maxr;
+                if (!ok) bad++;
+                for (int i = 0; i < 3; i++) run(k, s, ws[i % ws.size()], x, y2, res, rows);
+                const int reps = 112;
+                CK(cudaEventRecord(e0));
+                for (int i = 0; i < reps; i++) run(k, s, ws[i % ws.size()], x, y2, res, rows);
+                CK(cudaEventRecord(e1));
+                CK(cudaEventSynchronize(e1));
+                float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
+                double us = ms * 1000 / reps;
+                printf("%-10s %-15s %8.2f us  %7.0f GB/s  same %5.1f%%  maxdiff %.3g of %.3g %s\n",
+                       s.name, k.name, us, bytes / us / 1e3,
+                       100.0 * same / got.size(), maxd, maxr, ok ? "" : "MISMATCH");
             }
         }
         // The chain: 28 layers of q/k/v (norm), o (+res), gate/up (norm), down (+res).
         printf("\n== rows %d: 28-layer chain (q/k/v, o, gate/up, down), ms a pass\n", rows);
-        struct Mix { const char* name; int qkv, o, gu, dn, tu; };
+        struct Mix { const char* name; int qkv, o, gu, dn; };
         Mix mixes[] = {
-            {"one block a tile", 0, 0, 1, 0, 0},
-            {"x_ahead o+down", 0, 4, 1, 4, 0},
-            {"x_ahead o+down, qkv normed", 5, 4, 1, 4, 0},
-            {"as engine::cuda::product", 5, 4, 6, 4, 0},
+            {"one block a tile", 0, 0, 1, 0},
+            {"x_ahead o+down", 0, 2, 1, 2},
+            {"x_ahead o+down, qkv normed", 3, 2, 1, 2},
+            {"as engine::cuda::product", 3, 2, 4, 2},
         };
         u16 *h, *h2, *qkvo, *gu;
         CK(cudaMalloc(&h, 8 * 3584 * 2)); CK(cudaMalloc(&h2, 8 * 3584 * 2));
@@ -251,10 +211,10 @@ int main(int argc, char** argv) {
             for (auto& m : mixes) {
                 auto pass = [&]() {
                     for (int l = 0; l < L; l++) {
-                        run(kerns[m.qkv], shapes[0], lw[0][l], h, qkvo, nullptr, rows, m.tu);
-                        run(kerns[m.o], shapes[1], lw[1][l], qkvo, h2, h, rows, m.tu);
-                        run(kerns[m.gu], shapes[2], lw[2][l], h2, gu, nullptr, rows, m.tu);
-                        run(kerns[m.dn], shapes[3], lw[3][l], gu, h, h2, rows, m.tu);
+                        run(kerns[m.qkv], shapes[0], lw[0][l], h, qkvo, nullptr, rows);
+                        run(kerns[m.o], shapes[1], lw[1][l], qkvo, h2, h, rows);
+                        run(kerns[m.gu], shapes[2], lw[2][l], h2, gu, nullptr, rows);
+                        run(kerns[m.dn], shapes[3], lw[3][l], gu, h, h2, rows);
                     }
                 };
                 pass();
