@@ -454,6 +454,52 @@ fn decode_attention_matches_the_cpu() {
     assert!(worst < 2e-2, "worst absolute difference {worst}");
 }
 
+/// A plain product of 20 rows (the wide kernel: three groups of eight rows a weight decode)
+/// gives every row the bits it has in a product of eight rows or fewer, with and without a
+/// bias, a residual and per-row scales: the head's modulations of a frame's steps at once
+/// equal those of its steps in groups.
+#[test]
+fn a_wide_product_gives_each_row_the_bits_of_a_narrow_one() {
+    use vibeoffload::engine::matvec;
+    use vibeoffload::engine::ops::{FusedMatVec, Segment};
+    let gpu = cuda();
+    let (rows, n_in) = (20, 1024);
+    for (n_out, scaled, bias, residual) in [(3584, false, false, false), (464, true, true, true)] {
+        let codes: Vec<u8> = (0..n_out * n_in)
+            .map(|i| ((i * 37 + 11) % 251) as u8 & 0xf7)
+            .collect();
+        let segments = vec![Segment {
+            bytes: Tensor::from_vec(codes, n_out * n_in, &gpu).unwrap(),
+            rows: n_out,
+            scale: scaled.then(|| {
+                Tensor::arange(0f32, n_out as f32, &gpu)
+                    .unwrap()
+                    .affine(0.01, 0.5)
+                    .unwrap()
+            }),
+        }];
+        let mut op = FusedMatVec::new(segments, n_in);
+        op.bias = bias.then(|| ramp(n_out, 0.1, &gpu));
+        let x = ramp(rows * n_in, 0.01, &gpu).reshape((rows, n_in)).unwrap();
+        let res = ramp(rows * n_out, 0.2, &gpu)
+            .reshape((rows, n_out))
+            .unwrap();
+        op.residual = residual.then(|| res.clone());
+        let wide = bits(&matvec::apply(&x, &op).unwrap());
+        let mut narrow = Vec::new();
+        for start in (0..rows).step_by(8) {
+            let n = 8.min(rows - start);
+            op.residual = residual.then(|| res.narrow(0, start, n).unwrap());
+            let part = matvec::apply(&x.narrow(0, start, n).unwrap(), &op).unwrap();
+            narrow.extend(bits(&part));
+        }
+        assert!(
+            wide == narrow,
+            "{n_out} outputs: a wide row differs from its narrow one"
+        );
+    }
+}
+
 /// A decode step's store-and-attend op for two lanes, one long enough to split its positions
 /// over a cluster of blocks and one not, gives the bits of the key store and then the
 /// attention, lane by lane: the outputs and the caches.

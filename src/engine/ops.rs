@@ -53,6 +53,12 @@ pub struct Dequantize {
 /// matrix product (`GEMM_*`), on the CPU they decode `W` once and multiply.
 pub const MATVEC_MAX_ROWS: usize = 8;
 
+/// Most rows of `x` the GPU's wide matrix-vector kernel takes (three groups of
+/// [`MATVEC_MAX_ROWS`], the weights decoded once for all): products without a norm, gate, GELU
+/// or gating, such as the diffusion head's adaLN modulations of a frame's steps at once. Each
+/// row comes out with the bits it has in a group of its own.
+pub const MATVEC_WIDE_ROWS: usize = 24;
+
 /// The GPU's matrix product for more rows (`gemm.cu`): a block's tile of rows of `x`...
 pub const GEMM_BM: usize = 128;
 

@@ -6,7 +6,7 @@ use super::nn::{apply, fused_around, linear, swiglu, Linear};
 use super::weights::Scope;
 use crate::arch::speech::{DiffusionHeadConfig, FREQUENCY_EMBEDDING_SIZE};
 use crate::engine::model::Around;
-use crate::engine::ops::MATVEC_MAX_ROWS;
+use crate::engine::ops::{MATVEC_MAX_ROWS, MATVEC_WIDE_ROWS};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -212,9 +212,10 @@ impl PredictionHead {
     /// The adaLN modulations under conditions `c` `[R, hidden]`: `[R, 3·hidden]` for each
     /// layer (shift, `1 + scale`, gate), then `[R, 2·hidden]` for the final layer (shift,
     /// `1 + scale`). They depend on the condition alone, so a frame computes those of all its
-    /// steps at once, in groups of at most [`MATVEC_MAX_ROWS`] rows (the fused matrix-vector
-    /// product's batch, whose rows come out as they would alone): the weights are read once
-    /// per group instead of once per step.
+    /// steps at once, in groups of at most [`MATVEC_MAX_ROWS`] rows on the CPU and
+    /// [`MATVEC_WIDE_ROWS`] on the GPU (the fused matrix-vector product's batches, whose rows
+    /// come out as they would alone): the weights are read once per group instead of once per
+    /// step (a frame's 20 rows: once, where three groups of eight read them three times).
     pub fn modulations(&self, c: &Tensor) -> Result<Vec<Tensor>> {
         let n = &self.name;
         let silu_c = c.silu()?;
@@ -226,8 +227,12 @@ impl PredictionHead {
             .chain([(&self.final_modulation, "final_layer.adaLN_modulation.1")])
             .collect();
         let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); linears.len()];
-        for start in (0..rows).step_by(MATVEC_MAX_ROWS) {
-            let group = silu_c.narrow(0, start, MATVEC_MAX_ROWS.min(rows - start))?;
+        let per_group = match c.device().is_cuda() {
+            true => MATVEC_WIDE_ROWS,
+            false => MATVEC_MAX_ROWS,
+        };
+        for start in (0..rows).step_by(per_group) {
+            let group = silu_c.narrow(0, start, per_group.min(rows - start))?;
             for ((linear, what), out) in linears.iter().zip(&mut parts) {
                 out.push(apply(linear, &group, n, what)?);
             }

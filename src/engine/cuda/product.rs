@@ -1,12 +1,14 @@
 //! The CUDA side of [`FusedMatVec`]: bf16 rows times float8 weights, the work around the
-//! product fused in. Up to [`MATVEC_MAX_ROWS`] rows (decoding) take the matrix-vector kernel
+//! product fused in. Up to [`MATVEC_MAX_ROWS`] rows (decoding), or [`MATVEC_WIDE_ROWS`] of a
+//! product with nothing but a bias or residual around it, take the matrix-vector kernels
 //! (`matvec.cu`); more (prefill, the tokenizers' longer signals) take the W8A16 matrix
 //! product (`gemm.cu`), which never writes a bf16 copy of the weights.
 
 use super::launch::RawArgs;
 use super::{cuda_view, optional_view, sm_count, Module, MATVEC_WARPS};
 use crate::engine::ops::{
-    FusedMatVec, GEMM_BK, GEMM_BM, GEMM_BN, GEMM_STAGES, MATVEC_MAX_ROWS, TILE_INPUTS, TILE_ROWS,
+    FusedMatVec, GEMM_BK, GEMM_BM, GEMM_BN, GEMM_STAGES, MATVEC_MAX_ROWS, MATVEC_WIDE_ROWS,
+    TILE_INPUTS, TILE_ROWS,
 };
 use crate::plan::memory;
 use candle_core::backend::BackendStorage;
@@ -240,7 +242,8 @@ pub fn fused_matvec(
     // SAFETY: every element of `y` is written by the kernel (the matvec: the block of its
     // TILE_ROWS features; the product: the block of its tile, or the reduction).
     let y = unsafe { dev.alloc::<half::bf16>(rows * n_out)? };
-    match rows <= MATVEC_MAX_ROWS {
+    let plain = !op.gated && op.norm.is_none() && op.gate.is_none() && !op.gelu;
+    match rows <= MATVEC_MAX_ROWS || (plain && rows <= MATVEC_WIDE_ROWS) {
         true => matvec(op, &operands, &y, &dev)?,
         false => gemm(op, &operands, &y, &dev)?,
     }
@@ -289,6 +292,8 @@ fn normalise(
 /// steps a round at two blocks an SM (down 32.6 -> 22 us, o 8.5 -> 6.3 on the H200); with one,
 /// in at most three (q/k/v), two steps at three blocks (11.7 -> 10.7 us; `docs/mvprobe`). A
 /// gated product of many tiles runs as many blocks as fit at once, each looping over its tiles.
+/// Up to [`MATVEC_WIDE_ROWS`] rows of a plain product take the wide kernel (three groups of
+/// eight rows a weight decode).
 fn matvec(
     op: &FusedMatVec,
     ops: &Operands<'_>,
@@ -303,6 +308,7 @@ fn matvec(
     let tiles = op.out_features() / TILE_ROWS;
     let sms = sm_count(dev);
     let name = match (op.gated, normed) {
+        _ if ops.rows > MATVEC_MAX_ROWS => "f8_matvec_mma_wide",
         (true, _) => "f8_matvec_mma_gated",
         (false, false) if tiles <= 2 * sms => "f8_matvec_mma_x_ahead",
         (false, true) if tiles <= MATVEC_BLOCKS_PER_SM * sms => "f8_matvec_mma_x_ahead_normed",

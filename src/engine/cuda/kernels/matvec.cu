@@ -88,6 +88,19 @@ __device__ __forceinline__ void tile(float* c, uint4 lo, uint4 hi, const u32* xb
         mma(c, f8_even(a[j]), f8_even(b[j]), f8_odd(a[j]), f8_odd(b[j]), xb[2 * j], xb[2 * j + 1]);
 }
 
+// `tile` for NF groups of eight rows of x at once: the weights decoded once, each group's
+// products in `tile`'s order (each row's sums as in a launch of its own).
+template <int NF>
+__device__ __forceinline__ void tile_rows(float (*c)[4], uint4 lo, uint4 hi, u32 (*xb)[8]) {
+    u32 a[4] = {lo.x, lo.y, lo.z, lo.w}, b[4] = {hi.x, hi.y, hi.z, hi.w};
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const u32 a0 = f8_even(a[j]), a1 = f8_even(b[j]), a2 = f8_odd(a[j]), a3 = f8_odd(b[j]);
+        #pragma unroll
+        for (int f = 0; f < NF; f++) mma(c[f], a0, a1, a2, a3, xb[f][2 * j], xb[f][2 * j + 1]);
+    }
+}
+
 __device__ __forceinline__ void load8(u32* w, const u16* p) {
     asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
@@ -257,7 +270,7 @@ __device__ __forceinline__ void store(const Outputs& p, int r, int o, float v) {
 // A block takes tiles blockIdx.x, + gridDim.x, ...: a grid smaller than the tiles (the gated
 // kernel's, three blocks an SM) keeps each block's norm and lets the next tile's first weights
 // load while a tile's sums meet (LM gate/up 42.2 -> 38.4 us on the H200, `docs/mvprobe`).
-template <bool GATED, int U, int X_AHEAD>
+template <bool GATED, int U, int X_AHEAD, int NF>
 __device__ void matvec(
         const u16* x, int rows, int n_in,
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2,
@@ -265,8 +278,9 @@ __device__ void matvec(
         const u16* bias, int has_bias, const u16* res, int has_res,
         const u16* nw, float eps, int gelu, const u16* gate,
         long long gate_stride, u16* y, unsigned* watch, int tag) {
-    constexpr int PARTS = GATED ? 2 : 1;
-    __shared__ float red[PARTS][MATVEC_WARPS][TILE_ROWS][MATVEC_MAX_ROWS];
+    static_assert(NF == 1 || (!GATED && X_AHEAD == X_NONE), "wide: plain products only");
+    constexpr int PARTS = GATED ? 2 : 1, ROWS = NF * MATVEC_MAX_ROWS;
+    __shared__ float red[PARTS][MATVEC_WARPS][TILE_ROWS][ROWS];
     __shared__ float inv_rms[MATVEC_MAX_ROWS];
     pdl_launch_next();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -349,7 +363,9 @@ __device__ void matvec(
                     res, has_res, gelu, gate, gate_stride, y, watch, tag};
     // Tiles blockIdx.x, + gridDim.x, ...: one where the grid covers them all.
     for (; t < tiles; t += gridDim.x) {
-        float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+        float c[NF][4], cu[4] = {0.f, 0.f, 0.f, 0.f};
+        #pragma unroll
+        for (int f = 0; f < NF; f++) c[f][0] = c[f][1] = c[f][2] = c[f][3] = 0.f;
         load_xw(warp);
         for (int base = warp; base < steps; base += MATVEC_WARPS * U) {
             if (base != warp) {
@@ -359,7 +375,15 @@ __device__ void matvec(
             #pragma unroll
             for (int i = 0; i < U; i++) {
                 int st = base + i * MATVEC_WARPS;
-                if (st < steps) {
+                if (st < steps && NF > 1) {
+                    // Groups of eight rows of x, without a norm (the wide kernel's).
+                    u32 xb[NF][8];
+                    const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
+                    #pragma unroll
+                    for (int f = 0; f < NF; f++)
+                        load_x(xb[f], x, g + f * MATVEC_MAX_ROWS, rows, n_in, k, nullptr, inv);
+                    tile_rows<NF>(c, lo[i], hi[i], xb);
+                } else if (st < steps) {
                     u32 xb[8];
                     if (X_AHEAD) {
                         x_operand(xb, xw[X_AHEAD ? i : 0], nv[X_AHEAD == X_NORMED ? i : 0], g < rows,
@@ -368,7 +392,7 @@ __device__ void matvec(
                         const int k = st * TILE_INPUTS + q * (TILE_INPUTS / 4);
                         load_x(xb, x, g, rows, n_in, k, nw, inv);
                     }
-                    tile(c, lo[i], hi[i], xb);
+                    tile(c[0], lo[i], hi[i], xb);
                     if (GATED) tile(cu, ulo[i], uhi[i], xb);
                 }
             }
@@ -379,10 +403,14 @@ __device__ void matvec(
             at(t + gridDim.x);
             load(warp);
         }
-        red[0][warp][g][2 * q] = c[0];
-        red[0][warp][g][2 * q + 1] = c[1];
-        red[0][warp][g + TILE_ROWS / 2][2 * q] = c[2];
-        red[0][warp][g + TILE_ROWS / 2][2 * q + 1] = c[3];
+        #pragma unroll
+        for (int f = 0; f < NF; f++) {
+            const int r0 = f * MATVEC_MAX_ROWS + 2 * q;
+            red[0][warp][g][r0] = c[f][0];
+            red[0][warp][g][r0 + 1] = c[f][1];
+            red[0][warp][g + TILE_ROWS / 2][r0] = c[f][2];
+            red[0][warp][g + TILE_ROWS / 2][r0 + 1] = c[f][3];
+        }
         if (GATED) {
             red[PARTS - 1][warp][g][2 * q] = cu[0];
             red[PARTS - 1][warp][g][2 * q + 1] = cu[1];
@@ -390,8 +418,9 @@ __device__ void matvec(
             red[PARTS - 1][warp][g + TILE_ROWS / 2][2 * q + 1] = cu[3];
         }
         __syncthreads();
-        const int f = threadIdx.x / MATVEC_MAX_ROWS, r = threadIdx.x % MATVEC_MAX_ROWS;
-        if (threadIdx.x < TILE_ROWS * MATVEC_MAX_ROWS && r < rows) {
+        for (int e = threadIdx.x; e < TILE_ROWS * ROWS; e += blockDim.x) {
+            const int f = e / ROWS, r = e % ROWS;
+            if (r >= rows) continue;
             float acc = 0.f, accu = 0.f;
             #pragma unroll
             for (int i = 0; i < MATVEC_WARPS; i++) {
@@ -411,7 +440,7 @@ __device__ void matvec(
 // of four steps a round is for products without a norm of at most two tiles an SM (down, o;
 // engine::cuda::product), which never have a third block an SM to lose: up to 128 registers,
 // two blocks an SM; that of two steps a round, for normed ones of at most three (q/k/v).
-#define MATVEC(NAME, GATED, U, X_AHEAD, BLOCKS) \
+#define MATVEC(NAME, GATED, U, X_AHEAD, NF, BLOCKS) \
 extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
         const u16* x, int rows, int n_in, \
         const u8* w0, const u8* w1, const u8* w2, int n0, int n1, int n2, \
@@ -419,12 +448,13 @@ extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
         const u16* bias, int has_bias, const u16* res, int has_res, \
         const u16* nw, float eps, int gelu, const u16* gate, long long gate_stride, \
         u16* y, unsigned* watch, int tag) { \
-    matvec<GATED, U, X_AHEAD>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
+    matvec<GATED, U, X_AHEAD, NF>(x, rows, n_in, w0, w1, w2, n0, n1, n2, s0, s1, s2, m0, m1, m2, \
                               bias, has_bias, res, has_res, nw, eps, gelu, gate, gate_stride, y, \
                               watch, tag); }
 
-MATVEC(f8_matvec_mma, false, 4, X_NONE, 3)
-MATVEC(f8_matvec_mma_gated, true, 2, X_NONE, 3)
-MATVEC(f8_matvec_mma_x_ahead, false, 4, X_PLAIN, 2)
-MATVEC(f8_matvec_mma_x_ahead_normed, false, 2, X_NORMED, 3)
+MATVEC(f8_matvec_mma, false, 4, X_NONE, 1, 3)
+MATVEC(f8_matvec_mma_gated, true, 2, X_NONE, 1, 3)
+MATVEC(f8_matvec_mma_x_ahead, false, 4, X_PLAIN, 1, 2)
+MATVEC(f8_matvec_mma_x_ahead_normed, false, 2, X_NORMED, 1, 3)
+MATVEC(f8_matvec_mma_wide, false, 4, X_NONE, 3, 2)
 #endif
