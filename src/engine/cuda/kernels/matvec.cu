@@ -253,8 +253,9 @@ __device__ __forceinline__ void store(const Outputs& p, int r, int o, float v) {
 #define X_NORMED 2
 
 // y = [x W0^T | x W1^T | x W2^T] (+ bias) (+ residual), or silu(x W0^T) * (x W1^T) when GATED,
-// for up to MATVEC_MAX_ROWS rows of x; every segment's rows a multiple of TILE_ROWS, n_in a
-// multiple of TILE_INPUTS, weights and x 16-byte aligned. U steps of TILE_INPUTS inputs are
+// for up to NF groups of MATVEC_MAX_ROWS rows of x (NF > 1: no norm, gate, GELU or gating);
+// every segment's rows a multiple of TILE_ROWS, n_in a multiple of TILE_INPUTS, weights and x
+// 16-byte aligned. U steps of TILE_INPUTS inputs are
 // loaded before any is multiplied (the first before the norm's sums). With X_AHEAD, the U
 // steps' x words (X_PLAIN: `nw` must be null; X_NORMED: it must not, and its words come too)
 // are loaded with their weights, so that a round waits for one round trip rather than one more
@@ -439,7 +440,9 @@ __device__ void matvec(
 // slowed every product; fewer (64, four blocks) spilled and was slower too. The X_AHEAD kernel
 // of four steps a round is for products without a norm of at most two tiles an SM (down, o;
 // engine::cuda::product), which never have a third block an SM to lose: up to 128 registers,
-// two blocks an SM; that of two steps a round, for normed ones of at most three (q/k/v).
+// two blocks an SM; that of two steps a round, for normed ones of at most three (q/k/v). The
+// wide kernel takes up to three groups of eight rows of a plain product (the head's adaLN
+// modulations of a frame's 20 rows), two blocks an SM.
 #define MATVEC(NAME, GATED, U, X_AHEAD, NF, BLOCKS) \
 extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32, BLOCKS) NAME( \
         const u16* x, int rows, int n_in, \
