@@ -313,15 +313,23 @@ impl CustomOp1 for StepAttention {
 /// Whether [`StepAttention`] takes a step over `len` positions (the new one included): as
 /// [`applies`], with room for the new key in shared memory too.
 pub fn step_applies(len: usize, head_dim: usize) -> bool {
-    let shared = (len + (ATTENTION_WARPS + 1) * head_dim).next_multiple_of(2) * 4 + 2 * head_dim;
-    applies(1, len, head_dim) && shared <= 48 << 10
+    applies(1, len, head_dim) && decode_shared_bytes(len, 1, head_dim, true) <= 48 << 10
+}
+
+/// Shared memory of a decode attention block on the GPU (`attention.cu`) over `len` positions
+/// in `split` shares: a share's scores, each warp's partial output, the query and, split, the
+/// share's output, in floats (rounded up to two); storing ([`StepAttention`]), the new key
+/// (bf16).
+pub fn decode_shared_bytes(len: usize, split: usize, head_dim: usize, store: bool) -> usize {
+    let floats = len.div_ceil(split) + (ATTENTION_WARPS + 1 + usize::from(split > 1)) * head_dim;
+    floats.next_multiple_of(2) * 4 + usize::from(store) * head_dim * 2
 }
 
 /// Whether [`attend`] takes this shape: `tokens` = one new token, a head width of at most 256 in steps of
 /// 4 and a cache short enough for its scores, the rotated query and the warps' partial outputs
 /// to fit in 48 KiB of shared memory.
 pub fn applies(tokens: usize, len: usize, head_dim: usize) -> bool {
-    let shared = (len + (ATTENTION_WARPS + 1) * head_dim) * 4;
+    let shared = decode_shared_bytes(len, 1, head_dim, false);
     tokens == 1 && head_dim <= 256 && head_dim.is_multiple_of(4) && shared <= 48 << 10
 }
 

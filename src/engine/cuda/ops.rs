@@ -5,6 +5,7 @@
 use super::launch::RawArgs;
 use super::{cuda_view, optional_view, Module};
 use crate::dtype::DType as StoredDType;
+use crate::engine::attention;
 use crate::engine::ops::{DecodeAttention, Dequantize, StepAttention, StoreKv, ATTENTION_WARPS};
 use crate::plan::memory::PREFILL_HEAD_DIM;
 use anyhow::Result;
@@ -242,20 +243,12 @@ fn launch_decode(dev: &CudaDevice, l: &DecodeLaunch<'_>) -> candle_core::Result<
     let config = LaunchConfig {
         grid_dim: (heads as u32, split as u32, batch as u32),
         block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: decode_shared_bytes(l.len, split, d, l.store) as u32,
+        shared_mem_bytes: attention::decode_shared_bytes(l.len, split, d, l.store) as u32,
     };
     // The arguments match the kernel's signature (attention.cu); shared memory at most 48 KiB
     // (engine::attention::applies checks the unsplit size, and a split one is smaller). The
     // kernel reads nothing before the previous kernel ends.
     args.launch_clustered(dev, &func, config, true, split as u32)
-}
-
-/// Shared memory of a decode attention block (`attention.cu`): a share's scores, each warp's
-/// partial output, the query and, split, the share's output, in floats (rounded up to two);
-/// storing, the new key (bf16).
-pub fn decode_shared_bytes(len: usize, split: usize, head_dim: usize, store: bool) -> usize {
-    let floats = len.div_ceil(split) + (ATTENTION_WARPS + 1 + usize::from(split > 1)) * head_dim;
-    floats.next_multiple_of(2) * 4 + usize::from(store) * head_dim * 2
 }
 
 /// The CUDA side of [`StepAttention`]: for each lane, its new key and value stored and its
